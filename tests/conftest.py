@@ -26,3 +26,11 @@ def real_fixtures() -> Path:
     if not (path / "RG1_J2KI.dcm").exists():
         pytest.fail(f"real fixtures not found at {path}; set MEDVL_FIXTURES to the folder holding RG1_J2KI.dcm")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tmp_path_factory) -> Path:
+    """A 48-image, 64 px prepared dataset with template reports (see tests/toydata.py)."""
+    from tests.toydata import make_tiny_prepared
+
+    return make_tiny_prepared(tmp_path_factory.mktemp("tiny_prepared"))
