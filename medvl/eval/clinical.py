@@ -1,0 +1,108 @@
+"""Clinical efficacy (CE) of generated reports: CheXpert labels of generated vs reference reports.
+
+Both reports are labelled by medvl's labeler (:func:`medvl.text.labeler.label_report`). Convention
+(R2Gen's): a label counts as positive only when the labeler says 1; uncertain (-1), negative (0) and
+blank (not mentioned) are all negative. Then
+
+- ``ce.micro.precision|recall|f1``: pooled counts over all 14 labels (No Finding included);
+- ``ce.macro.f1``: mean per-label F1 over the labels with at least one positive reference (test support);
+- ``ce.micro5.precision|recall|f1``: pooled over CheXbert's 5 (Atelectasis, Cardiomegaly,
+  Consolidation, Edema, Pleural Effusion);
+- ``ce.per_label.<name>.precision|recall|f1|support`` with CheXpert's own label names.
+
+F1 is ``2 TP / (2 TP + FP + FN)``; it is NaN (null in JSON) only when a label has neither positive
+references nor positive predictions. Precision with no positive prediction is 0; recall with no
+positive reference is NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from medvl.text.chexpert import CHEXPERT_5, CHEXPERT_LABELS
+
+CE_CONVENTION = (
+    "labeler: medvl.text.labeler.label_report on generated and reference reports; R2Gen convention: "
+    "positive = 1, uncertain (-1) / negative (0) / blank = negative; micro over the 14 CheXpert labels "
+    "(No Finding included); macro F1 over labels with >= 1 positive reference; micro5 over Atelectasis, "
+    "Cardiomegaly, Consolidation, Edema, Pleural Effusion"
+)
+
+
+def positives(labels: np.ndarray) -> np.ndarray:
+    """(N, L) labels with 1 / 0 / -1 / NaN -> (N, L) bool, True where the label is 1."""
+    return np.nan_to_num(np.asarray(labels, dtype=np.float64), nan=0.0) == 1.0
+
+
+def _prf(tp: float, fp: float, fn: float) -> tuple[float, float, float]:
+    precision = tp / (tp + fp) if tp + fp > 0 else 0.0
+    recall = tp / (tp + fn) if tp + fn > 0 else math.nan
+    f1 = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) > 0 else math.nan
+    return precision, recall, f1
+
+
+def ce_metrics(reference: np.ndarray, generated: np.ndarray,
+               label_names: Sequence[str] = CHEXPERT_LABELS) -> dict[str, float]:
+    """reference, generated: (N, L) label arrays (1 / 0 / -1 / NaN) in ``label_names`` order -> ``ce.*`` keys."""
+    ref, gen = positives(reference), positives(generated)
+    if ref.shape != gen.shape or ref.ndim != 2 or ref.shape[1] != len(label_names):
+        raise ValueError(f"label arrays must both be (N, {len(label_names)}), got {ref.shape} and {gen.shape}")
+    tp = (ref & gen).sum(0).astype(float)
+    fp = (~ref & gen).sum(0).astype(float)
+    fn = (ref & ~gen).sum(0).astype(float)
+    out: dict[str, float] = {}
+    p, r, f = _prf(tp.sum(), fp.sum(), fn.sum())
+    out.update({"ce.micro.precision": p, "ce.micro.recall": r, "ce.micro.f1": f})
+    five = [list(label_names).index(n) for n in CHEXPERT_5 if n in label_names]
+    p, r, f = _prf(tp[five].sum(), fp[five].sum(), fn[five].sum())
+    out.update({"ce.micro5.precision": p, "ce.micro5.recall": r, "ce.micro5.f1": f})
+    f1s = []
+    for j, name in enumerate(label_names):
+        p, r, f = _prf(tp[j], fp[j], fn[j])
+        support = tp[j] + fn[j]
+        out.update({f"ce.per_label.{name}.precision": p, f"ce.per_label.{name}.recall": r,
+                    f"ce.per_label.{name}.f1": f, f"ce.per_label.{name}.support": float(support)})
+        if support > 0:
+            f1s.append(f)
+    out["ce.macro.f1"] = float(np.mean(f1s)) if f1s else math.nan
+    return out
+
+
+def _as_label_row(result: Any) -> np.ndarray:
+    """One labeler result (mapping name -> value, a 14-sequence, or an object with ``labels``) -> (14,)."""
+    if hasattr(result, "labels") and not isinstance(result, Mapping):
+        result = result.labels
+    if hasattr(result, "to_dict") and not isinstance(result, Mapping):
+        result = result.to_dict()
+    row = np.full(len(CHEXPERT_LABELS), np.nan)
+    if isinstance(result, Mapping):
+        values = [result.get(name) for name in CHEXPERT_LABELS]
+    else:
+        values = list(np.asarray(result, dtype=object).reshape(-1))
+        if len(values) != len(CHEXPERT_LABELS):
+            raise ValueError(f"labeler returned {len(values)} values, expected {len(CHEXPERT_LABELS)}")
+    for j, v in enumerate(values):
+        if v is None or v == "":
+            continue
+        v = float(v)
+        if not math.isnan(v):
+            row[j] = v
+    return row
+
+
+def label_reports(texts: Sequence[str]) -> np.ndarray:
+    """CheXpert labels of each report: (N, 14) float, 1 / 0 / -1, NaN blank (repeated texts labelled once)."""
+    from medvl.text.labeler import label_report
+
+    cache: dict[str, np.ndarray] = {}
+    rows = []
+    for text in texts:
+        if text not in cache:
+            cache[text] = _as_label_row(label_report(text)) if text.strip() else np.full(len(CHEXPERT_LABELS),
+                                                                                          np.nan)
+        rows.append(cache[text])
+    return np.stack(rows) if rows else np.zeros((0, len(CHEXPERT_LABELS)))

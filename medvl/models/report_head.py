@@ -1,0 +1,440 @@
+"""The report-generation head: a GPT-2 decoder over AdaMatch patches, memory responses and keyword hints.
+
+Conditioning sequence the decoder cross-attends to (all projected to the decoder width ``E``)::
+
+    [ patch tokens   (P)  LN(AdaMatch patch feature) -> Linear -> (+ box embedding)
+      memory tokens  (P)  SharedMemory.respond(patch token in memory space)     (model.use_memory)
+      keyword tokens (K)  embedding of the image's top-K AdaMatch keywords
+                          + Linear([box, score])                               (model.use_keywords) ]
+
+each with a learned source-type embedding. Word embeddings query the same memory: a forward hook on
+GPT-2's token embedding adds ``word_out(memory.respond(word_in(embedding)))`` to every token
+embedding, so ``generate()`` keeps its KV cache (each decoding step embeds only its new token, and the
+hook answers for that token alone).
+
+The decoder is a Hugging Face ``GPT2LMHeadModel`` with ``add_cross_attention=True``: greedy and beam
+search (length penalty, n-gram blocking) come from ``generate()`` with its cache. Text is tokenised by
+a word-level tokenizer trained on the training reports (lowercase, words and punctuation marks as
+tokens) and saved with the run.
+
+Run layout written by :func:`save_report_head` (the stage adds ``adamatch/``)::
+
+    decoder/                  GPT-2 weights (safetensors) and config, save_pretrained
+    tokenizer/                PreTrainedTokenizerFast, save_pretrained
+    memory/                   the shared memory (SharedMemory.save), when model.use_memory
+    report_head.safetensors   projections, keyword embeddings (and AdaMatch when fine-tuned)
+    report_head.json          head config, keyword vocabulary, image size, AdaMatch width
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from medvl.config import from_dict, to_dict
+from medvl.errors import ConfigError, RunError
+from medvl.models.memory import MemoryConfig, SharedMemory
+
+PAD, BOS, EOS, UNK = "[PAD]", "[BOS]", "[EOS]", "[UNK]"
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # ids 0, 1, 2, 3
+
+HEAD_WEIGHTS = "report_head.safetensors"
+HEAD_META = "report_head.json"
+DECODER_DIR = "decoder"
+TOKENIZER_DIR = "tokenizer"
+MEMORY_DIR = "memory"
+
+# Source-type ids of the conditioning tokens.
+_PATCH, _MEMORY, _KEYWORD = 0, 1, 2
+
+
+@dataclass
+class ReportHeadConfig:
+    """``model:`` section of the report stage config."""
+
+    n_embd: int = 256  # decoder width E
+    n_layer: int = 3
+    n_head: int = 8
+    max_length: int = 100  # tokens per report, BOS and EOS included (longer reports are truncated)
+    dropout: float = 0.1
+    use_memory: bool = True  # ablation switch: no memory tokens, no word-memory queries
+    use_keywords: bool = True  # ablation switch: no keyword-hint tokens
+    num_keywords: int = 8  # top-K AdaMatch keywords per image given as hints
+    finetune_adamatch: bool = False  # False: AdaMatch frozen (features computed once per image)
+    tokenizer_min_freq: int = 2
+    tokenizer_max_vocab: int = 4000
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+    def validate(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        if self.max_length < 3:
+            raise ConfigError(f"model.max_length must be at least 3 (BOS, a word, EOS), got {self.max_length}")
+        if self.num_keywords < 1 and self.use_keywords:
+            raise ConfigError("model.num_keywords must be positive when model.use_keywords is true")
+
+
+# --------------------------------------------------------------------------------------------- tokenizer
+
+
+def build_report_tokenizer(texts: Sequence[str], *, min_freq: int = 2, max_vocab: int = 4000
+                           ) -> PreTrainedTokenizerFast:
+    """Train a word-level tokenizer on report texts.
+
+    Normalisation: NFKC, lowercase. Pre-tokenisation: runs of word characters and runs of punctuation
+    (``tokenizers``' ``Whitespace``), so "effusion." is ``effusion``, ``.``. Words seen fewer than
+    ``min_freq`` times map to ``[UNK]``. Ids 0-3 are ``[PAD] [BOS] [EOS] [UNK]``.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise ValueError("cannot build a report tokenizer from no report text")
+    tok = Tokenizer(models.WordLevel(unk_token=UNK))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(vocab_size=max_vocab, min_frequency=min_freq,
+                                        special_tokens=list(SPECIAL_TOKENS))
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS,
+                                   unk_token=UNK)
+
+
+_SPACE_BEFORE = re.compile(r"\s+([.,;:!?%)])")
+_SPACE_AFTER = re.compile(r"([(])\s+")
+_SENTENCE_START = re.compile(r"(^|[.!?]\s+)([a-z])")
+
+
+def detokenize(tokens: Sequence[str]) -> str:
+    """Word-level tokens -> readable report text (punctuation attached, sentences capitalised)."""
+    words = [t for t in tokens if t not in SPECIAL_TOKENS]
+    text = " ".join(words)
+    text = _SPACE_BEFORE.sub(r"\1", text)
+    text = _SPACE_AFTER.sub(r"\1", text)
+    text = re.sub(r"\s*-\s*", "-", text)
+    text = re.sub(r"(\d)\. (\d)", r"\1.\2", text)  # "3 . 5 cm" -> "3.5 cm"
+    return _SENTENCE_START.sub(lambda m: m.group(1) + m.group(2).upper(), text).strip()
+
+
+def encode_reports(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str], max_length: int
+                   ) -> dict[str, torch.Tensor]:
+    """Reports -> ``input_ids`` (B, T) = [BOS] words [EOS] [PAD]..., ``attention_mask`` (B, T), ``labels``
+    (B, T) with -100 on padding. Reports longer than ``max_length`` are cut (and then carry no EOS)."""
+    enc = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    seqs = [([bos] + ids + [eos])[:max_length] for ids in enc]
+    length = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), length), pad, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    attention_mask = (torch.arange(length)[None, :] < torch.tensor([len(s) for s in seqs])[:, None]).long()
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# ------------------------------------------------------------------------------------------- keywords
+
+
+@dataclass
+class KeywordHints:
+    """The top-K keywords of each image as tensors: ``ids`` (B, K) long (0 = none), ``scores`` (B, K),
+    ``boxes`` (B, K, 4) normalised x0, y0, x1, y1; ``words`` the same as strings (for explanations)."""
+
+    ids: torch.Tensor
+    scores: torch.Tensor
+    boxes: torch.Tensor
+    words: list[list[str]]
+
+    def to(self, device: torch.device | str) -> KeywordHints:
+        return KeywordHints(self.ids.to(device), self.scores.to(device), self.boxes.to(device), self.words)
+
+
+def _keyword_word(k: Any) -> str:
+    return k if isinstance(k, str) else str(k.word)
+
+
+def keyword_hints(keywords: Sequence[Sequence[Any]], vocabulary: Sequence[str], top_k: int) -> KeywordHints:
+    """AdaMatch's per-image keyword lists (objects with ``word``, ``score``, ``box``) -> :class:`KeywordHints`.
+
+    Words outside ``vocabulary`` (the keyword vocabulary the head was trained with) are dropped.
+    """
+    index = {w: i + 1 for i, w in enumerate(vocabulary)}
+    b = len(keywords)
+    ids = torch.zeros(b, top_k, dtype=torch.long)
+    scores = torch.zeros(b, top_k)
+    boxes = torch.zeros(b, top_k, 4)
+    words: list[list[str]] = []
+    for i, kws in enumerate(keywords):
+        kept = [k for k in kws if _keyword_word(k) in index][:top_k]
+        words.append([_keyword_word(k) for k in kept])
+        for j, k in enumerate(kept):
+            ids[i, j] = index[_keyword_word(k)]
+            scores[i, j] = float(k.score)
+            boxes[i, j] = torch.as_tensor(k.box, dtype=torch.float32).reshape(4)
+    return KeywordHints(ids, scores, boxes, words)
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class DecodeOutput:
+    """``sequences`` (B, L) generated token ids without BOS, padded with PAD after EOS; ``scores`` (B,)
+    length-normalised log-probability (beam search's ``sequences_scores``; greedy: mean token log-prob)."""
+
+    sequences: torch.Tensor
+    scores: torch.Tensor
+
+
+class ReportHead(nn.Module):
+    """GPT-2 decoder cross-attending to [patches, memory responses, keyword hints]; see the module docstring.
+
+    Args:
+        cfg: head config.
+        vocab_size, pad_id, bos_id, eos_id: from the report tokenizer.
+        visual_dim: width D of AdaMatch's projected patch features.
+        keyword_vocabulary: AdaMatch keyword words the hint embedding knows (index 0 is "none").
+        adamatch: the AdaMatch model; registered (and trained) only when ``cfg.finetune_adamatch``.
+    """
+
+    def __init__(self, cfg: ReportHeadConfig, *, vocab_size: int, visual_dim: int,
+                 keyword_vocabulary: Sequence[str], pad_id: int = 0, bos_id: int = 1, eos_id: int = 2,
+                 unk_id: int = 3, adamatch: nn.Module | None = None):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.visual_dim = visual_dim
+        self.keyword_vocabulary = list(keyword_vocabulary)
+        self.pad_id, self.bos_id, self.eos_id, self.unk_id = pad_id, bos_id, eos_id, unk_id
+        e, dm = cfg.n_embd, cfg.memory.dim
+        gpt_cfg = GPT2Config(
+            vocab_size=vocab_size, n_positions=cfg.max_length + 1, n_embd=e, n_layer=cfg.n_layer,
+            n_head=cfg.n_head, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+            add_cross_attention=True, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+        )
+        self.decoder = GPT2LMHeadModel(gpt_cfg)
+        self.patch_norm = nn.LayerNorm(visual_dim)
+        self.patch_in = nn.Linear(visual_dim, dm)
+        self.cond_out = nn.Linear(dm, e)
+        self.box_embed = nn.Linear(4, e)
+        self.type_embed = nn.Embedding(3, e)
+        self.cond_norm = nn.LayerNorm(e)
+        if cfg.use_memory:
+            self.memory = SharedMemory(cfg.memory)
+            self.word_in = nn.Linear(e, dm) if e != dm else nn.Identity()
+            self.word_out = nn.Linear(dm, e) if e != dm else nn.Identity()
+            self.decoder.transformer.wte.register_forward_hook(self._word_memory_hook)
+        if cfg.use_keywords:
+            self.keyword_embed = nn.Embedding(len(self.keyword_vocabulary) + 1, e, padding_idx=0)
+            self.keyword_geom = nn.Linear(5, e)
+        self.adamatch = adamatch if (cfg.finetune_adamatch and adamatch is not None) else None
+
+    # Word embeddings query the shared memory (also inside generate(), one new token per step).
+    def _word_memory_hook(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        return output + self.word_out(self.memory.respond(self.word_in(output)))
+
+    def encode_conditions(self, patch_features: torch.Tensor, patch_boxes: torch.Tensor,
+                          keyword_ids: torch.Tensor | None = None, keyword_scores: torch.Tensor | None = None,
+                          keyword_boxes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """patch_features (B, P, D), patch_boxes (B, P, 4), keyword_* (B, K), (B, K), (B, K, 4)
+        -> conditioning states (B, N, E) and their attention mask (B, N) long, N = P [+ P] [+ K]."""
+        b, p, _ = patch_features.shape
+        device = patch_features.device
+        v = self.patch_in(self.patch_norm(patch_features.float()))  # (B, P, Dm)
+        parts = [self.cond_out(v) + self.box_embed(patch_boxes.float()) + self.type_embed.weight[_PATCH]]
+        masks = [torch.ones(b, p, dtype=torch.long, device=device)]
+        if self.cfg.use_memory:
+            parts.append(self.cond_out(self.memory.respond(v)) + self.type_embed.weight[_MEMORY])
+            masks.append(masks[0])
+        if self.cfg.use_keywords:
+            if keyword_ids is None:
+                raise ValueError("this report head was trained with keyword hints: pass keyword_ids/scores/boxes")
+            geom = torch.cat([keyword_boxes.float(), keyword_scores.float().unsqueeze(-1)], dim=-1)
+            parts.append(self.keyword_embed(keyword_ids) + self.keyword_geom(geom) + self.type_embed.weight[_KEYWORD])
+            # An image with no known keyword still gets one (empty) hint slot so no row is fully masked.
+            kmask = (keyword_ids > 0).long()
+            kmask[:, 0] = 1
+            masks.append(kmask)
+        return self.cond_norm(torch.cat(parts, dim=1)), torch.cat(masks, dim=1)
+
+    def image_patches(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 1, S, S) in [-1024, 1024] -> AdaMatch patch features (B, P, D) and boxes (B, P, 4)."""
+        if self.adamatch is None:
+            raise ValueError("this report head holds no AdaMatch model; pass patch_features and patch_boxes")
+        patches = self.adamatch.encode_image(images)
+        return patches.features, patches.boxes
+
+    def forward(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
+                images: torch.Tensor | None = None, patch_features: torch.Tensor | None = None,
+                patch_boxes: torch.Tensor | None = None, keyword_ids: torch.Tensor | None = None,
+                keyword_scores: torch.Tensor | None = None, keyword_boxes: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
+        """Teacher-forced pass. input_ids / attention_mask / labels (B, T) from :func:`encode_reports`;
+        either ``images`` (B, 1, S, S) (fine-tuning AdaMatch) or precomputed ``patch_features`` (B, P, D)
+        and ``patch_boxes`` (B, P, 4). Returns ``{"loss": scalar (if labels), "logits": (B, T, V)}``."""
+        if patch_features is None:
+            if images is None:
+                raise ValueError("pass images or patch_features")
+            patch_features, patch_boxes = self.image_patches(images)
+        cond, cond_mask = self.encode_conditions(patch_features, patch_boxes, keyword_ids, keyword_scores,
+                                                 keyword_boxes)
+        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=cond,
+                           encoder_attention_mask=cond_mask, use_cache=False)
+        result = {"logits": out.logits}
+        if labels is not None:
+            # Next-token cross-entropy: position t predicts token t + 1; padding labels are -100.
+            result["loss"] = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                             ignore_index=-100)
+        return result
+
+    @torch.no_grad()
+    def generate(self, *, patch_features: torch.Tensor, patch_boxes: torch.Tensor,
+                 keywords: KeywordHints | None = None, num_beams: int = 3, max_new_tokens: int | None = None,
+                 min_new_tokens: int = 0, length_penalty: float = 1.0, no_repeat_ngram_size: int = 3,
+                 use_cache: bool = True) -> DecodeOutput:
+        """Greedy (``num_beams=1``) or beam search from BOS with Hugging Face ``generate()``.
+
+        patch_features (B, P, D), patch_boxes (B, P, 4); ``keywords`` required when the head uses hints.
+        ``max_new_tokens`` defaults to ``max_length - 1`` (so BOS + report fit the trained positions).
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            b = patch_features.shape[0]
+            device = patch_features.device
+            kw = keywords.to(device) if keywords is not None else None
+            cond, cond_mask = self.encode_conditions(
+                patch_features, patch_boxes, kw.ids if kw else None, kw.scores if kw else None,
+                kw.boxes if kw else None)
+            limit = self.cfg.max_length - 1
+            max_new = min(max_new_tokens or limit, limit)
+            start = torch.full((b, 1), self.bos_id, dtype=torch.long, device=device)
+            out = self.decoder.generate(
+                input_ids=start, attention_mask=torch.ones_like(start), encoder_hidden_states=cond,
+                encoder_attention_mask=cond_mask, num_beams=num_beams, do_sample=False,
+                max_new_tokens=max_new, min_new_tokens=min(min_new_tokens, max_new),
+                length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size or None,
+                eos_token_id=self.eos_id, pad_token_id=self.pad_id, bos_token_id=self.bos_id,
+                use_cache=use_cache, output_scores=True, return_dict_in_generate=True,
+                suppress_tokens=[self.pad_id, self.bos_id, self.unk_id],
+                early_stopping=True if num_beams > 1 else None,
+            )
+            seqs = out.sequences[:, 1:]
+            if num_beams > 1:
+                scores = out.sequences_scores
+            else:
+                logp = torch.stack([F.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1)  # (B, L, V)
+                tok_logp = logp.gather(-1, seqs[:, : logp.shape[1], None]).squeeze(-1)
+                # Tokens after EOS are padding: count up to and including the first EOS.
+                seen_eos = (seqs == self.eos_id).long().cumsum(1)
+                valid = (seen_eos - (seqs == self.eos_id).long()) == 0
+                scores = (tok_logp * valid).sum(1) / valid.sum(1).clamp(min=1)
+            return DecodeOutput(sequences=_pad_after_eos(seqs, self.eos_id, self.pad_id), scores=scores)
+        finally:
+            self.train(was_training)
+
+
+def _pad_after_eos(seqs: torch.Tensor, eos: int, pad: int) -> torch.Tensor:
+    after = (seqs == eos).long().cumsum(1) - (seqs == eos).long()
+    return seqs.masked_fill(after > 0, pad)
+
+
+def decode_sequences(tokenizer: PreTrainedTokenizerFast, sequences: torch.Tensor, eos_id: int
+                     ) -> tuple[list[str], list[list[str]]]:
+    """Generated ids (B, L) -> report texts and their word tokens (stopping at the first EOS)."""
+    texts, token_lists = [], []
+    for row in sequences.tolist():
+        if eos_id in row:
+            row = row[: row.index(eos_id)]
+        tokens = [t for t in tokenizer.convert_ids_to_tokens(row) if t not in SPECIAL_TOKENS]
+        token_lists.append(tokens)
+        texts.append(detokenize(tokens))
+    return texts, token_lists
+
+
+# ------------------------------------------------------------------------------------------ save / load
+
+
+def save_report_head(head: ReportHead, tokenizer: PreTrainedTokenizerFast, directory: str | Path, *,
+                     image_size: int, extra: dict | None = None) -> None:
+    """Write the head's inference artifacts into ``directory`` (see the module docstring)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with _quiet_transformers():
+        head.decoder.save_pretrained(directory / DECODER_DIR, safe_serialization=True)
+    tokenizer.save_pretrained(directory / TOKENIZER_DIR)
+    if head.cfg.use_memory:
+        head.memory.save(directory / MEMORY_DIR)
+    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()
+             if not k.startswith(("decoder.", "memory."))}
+    save_file(state, str(directory / HEAD_WEIGHTS))
+    meta = {
+        "config": to_dict(head.cfg),
+        "visual_dim": head.visual_dim,
+        "keyword_vocabulary": head.keyword_vocabulary,
+        "image_size": int(image_size),
+        "special_ids": {"pad": head.pad_id, "bos": head.bos_id, "eos": head.eos_id, "unk": head.unk_id},
+        **(extra or {}),
+    }
+    (directory / HEAD_META).write_text(json.dumps(meta, indent=2))
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No per-shard progress bars from save_pretrained / from_pretrained (they would clutter CLI output)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def read_head_meta(directory: str | Path) -> dict:
+    path = Path(directory) / HEAD_META
+    if not path.exists():
+        raise RunError(f"{directory} is not a report run: {HEAD_META} is missing")
+    return json.loads(path.read_text())
+
+
+def load_report_head(directory: str | Path, *, adamatch: nn.Module | None = None, device: str = "cpu"
+                     ) -> tuple[ReportHead, PreTrainedTokenizerFast, dict]:
+    """Read what :func:`save_report_head` wrote -> (head in eval mode, tokenizer, meta)."""
+    directory = Path(directory)
+    meta = read_head_meta(directory)
+    for needed in (DECODER_DIR, TOKENIZER_DIR, HEAD_WEIGHTS):
+        if not (directory / needed).exists():
+            raise RunError(f"report run {directory} is incomplete: {needed} is missing")
+    cfg = from_dict(ReportHeadConfig, meta["config"], prefix="model.")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(directory / TOKENIZER_DIR)
+    ids = meta["special_ids"]
+    head = ReportHead(cfg, vocab_size=len(tokenizer), visual_dim=int(meta["visual_dim"]),
+                      keyword_vocabulary=meta["keyword_vocabulary"], pad_id=ids["pad"], bos_id=ids["bos"],
+                      eos_id=ids["eos"], unk_id=ids["unk"], adamatch=adamatch)
+    with _quiet_transformers():
+        head.decoder = GPT2LMHeadModel.from_pretrained(directory / DECODER_DIR)
+    if cfg.use_memory:
+        head.decoder.transformer.wte.register_forward_hook(head._word_memory_hook)
+        head.memory.load_state_dict(SharedMemory.load(directory / MEMORY_DIR).state_dict())
+    missing, unexpected = head.load_state_dict(load_file(str(directory / HEAD_WEIGHTS)), strict=False)
+    missing = [k for k in missing if not k.startswith(("decoder.", "memory."))]
+    if missing or unexpected:
+        raise RunError(f"{directory / HEAD_WEIGHTS} does not match the head config "
+                       f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return head.to(device).eval(), tokenizer, meta
+
+
