@@ -1,0 +1,682 @@
+"""AdaMatch: adaptive patch-word matching between chest X-rays and reports.
+
+Model
+    ``AdaMatch.encode_image``: images (B, 1, S, S) in [-1024, 1024] -> :class:`ImagePatches`
+    (adaptive patches: features (B, P, D) projected, not normalised; boxes (B, P, 4)).
+    ``AdaMatch.encode_text``: pieces (B, T) -> :class:`TextTokens` (word-pooled features (B, T, D);
+    ``word_mask`` marks each content word once, ``match_mask`` the affirmed ones).
+
+Loss (official AdaMatch, vectorised)
+    Token-wise symmetric InfoNCE with in-batch negatives. For image ``i`` and report ``j`` with
+    L2-normalised patch features ``v_ip`` and word features ``t_jw``::
+
+        s_i2t(i, j) = mean_p  max_{w in content words of j}  <v_ip, t_jw>
+        s_t2i(i, j) = mean_{w in affirmed content words of j}  max_p  <v_ip, t_jw>
+
+    Negated words ("effusion" in "no effusion") and stop words stay out of ``s_t2i``: the prototype
+    showed them pulling toward lesions. ``loss = (CE(s_i2t / tau) + CE(s_t2i^T / tau)) / 2`` with a
+    learnable temperature ``tau`` (from 0.07); reports with identical text share the target mass
+    (they are not negatives of each other). The B x B x P x W similarity is computed in chunks of
+    images; only arg-max indices are kept for backward. Optional global (CLIP) term.
+
+Run API (what the report and diffusion heads use)
+    ``AdaMatchRun.load(run_dir)`` -> ``.model``, ``.tokenizer``, ``.keywords``, ``.keypatch_bank``,
+    ``.tokenize(texts)``, ``.image_keywords(images, top_k)``, ``.report_keypatches(texts, top_k)``,
+    ``.embed_dim``. A run keeps these under ``RUN/adamatch/`` so later stages copy that folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medvl.config import from_dict, to_dict
+from medvl.errors import ConfigError, InvalidImageError, InvalidReportError, RunError
+from medvl.models.adapatch import AdaPatchConfig, AdaptivePatchLayer, PatchLayout, PatchMode, patch_stats
+from medvl.models.encoders import BackboneConfig, TextEncoder, TextEncoderConfig, build_backbone
+from medvl.text.tokenizer import ReportTokenizer
+
+RUN_FORMAT = "medvl-adamatch/1"
+ARTIFACT_DIR = "adamatch"
+
+
+@dataclass
+class AdaMatchConfig:
+    """The ``model:`` section of the AdaMatch stage config."""
+
+    image_size: int = 128  # images are resized to this side before the backbone
+    embed_dim: int = 256
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    patches: AdaPatchConfig = field(default_factory=AdaPatchConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    temperature: float = 0.07
+    learn_temperature: bool = True
+    global_weight: float = 0.0  # weight of the optional global image-report term
+    chunk_size: int = 16  # images per chunk of the B x B x P x W similarity
+
+    def validate(self) -> None:
+        if self.embed_dim < 1 or self.image_size < 8:
+            raise ConfigError("model.embed_dim must be positive and model.image_size at least 8")
+        if not 0 < self.temperature < 10:
+            raise ConfigError(f"model.temperature must be in (0, 10), got {self.temperature}")
+
+
+# ------------------------------------------------------------------------------------------ results
+
+
+@dataclass
+class ImagePatches:
+    """Adaptive patches of a batch.
+
+    ``features`` (B, P, D) projected, not normalised; ``boxes`` (B, P, 4) ``x0, y0, x1, y1`` normalised
+    (x to the image's right); ``centres`` (B, P, 2); ``points`` (B, P, k*k, 2) the sample points (the
+    free-form shape); ``shift`` (B, P, 2) and ``size`` (B, P, 2) in grid cells; ``penalty`` scalar.
+    """
+
+    features: torch.Tensor
+    boxes: torch.Tensor
+    centres: torch.Tensor
+    points: torch.Tensor
+    shift: torch.Tensor
+    size: torch.Tensor
+    penalty: torch.Tensor
+    global_features: torch.Tensor | None = None  # (B, D) mean of patch features
+
+    @classmethod
+    def from_layout(cls, layout: PatchLayout) -> ImagePatches:
+        return cls(layout.features, layout.boxes, layout.centres, layout.points, layout.shift, layout.size,
+                   layout.penalty, layout.features.mean(1))
+
+
+@dataclass
+class TextTokens:
+    """``features`` (B, T, D) word-pooled, not normalised; ``word_mask`` (B, T) bool: each content word
+    once (first piece); ``match_mask`` (B, T) bool: the affirmed (non-negated) ones; ``global_features``
+    (B, D) from the first token."""
+
+    features: torch.Tensor
+    word_mask: torch.Tensor
+    match_mask: torch.Tensor
+    global_features: torch.Tensor | None = None
+
+
+@dataclass
+class Keyword:
+    """A keyword ranked for an image: ``score`` is the calibrated (z-scored against training images)
+    best-patch similarity, ``similarity`` the raw cosine, ``box`` that best patch's box."""
+
+    word: str
+    score: float
+    similarity: float
+    box: tuple[float, float, float, float]
+    patch: int
+
+
+@dataclass
+class Keypatches:
+    """Top keypatches per report: ``features`` (B, K, D) (patch space, not normalised), ``boxes``
+    (B, K, 4), ``scores`` (B, K) cosine to the report's best word, ``words`` the bank entries' keywords,
+    ``crops`` (B, K, c, c) uint8 crops of the training scans, ``sources`` their dicom ids."""
+
+    features: torch.Tensor
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    words: list[list[str]]
+    crops: torch.Tensor
+    sources: list[list[str]]
+
+
+# ---------------------------------------------------------------------------------------- the loss
+
+
+def effective_masks(word_mask: torch.Tensor, match_mask: torch.Tensor, real: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fallbacks per report: no content word -> all real pieces; no affirmed word -> all content words.
+    All (B, T) bool."""
+    word = torch.where(word_mask.any(1, keepdim=True), word_mask, real)
+    match = torch.where(match_mask.any(1, keepdim=True), match_mask, word)
+    return word, match
+
+
+def select_words(features: torch.Tensor, word_mask: torch.Tensor, match_mask: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gather the masked positions to the front: (B, T, D) -> (B, W, D), masks (B, W); W = max count.
+
+    Cuts the similarity tensor from pieces (incl. stop words, punctuation, padding) to content words.
+    """
+    w = max(int(word_mask.sum(1).max()), 1)
+    order = torch.argsort((~word_mask).to(torch.int8), dim=1, stable=True)[:, :w]
+    feats = features.gather(1, order.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
+    return feats, word_mask.gather(1, order), match_mask.gather(1, order)
+
+
+def token_scores(img: torch.Tensor, txt: torch.Tensor, i2t_mask: torch.Tensor, t2i_mask: torch.Tensor,
+                 chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fine-grained scores of every image against every report.
+
+    img (Bi, P, D) and txt (Bt, W, D) L2-normalised; i2t_mask, t2i_mask (Bt, W) bool.
+    Returns ``s_i2t`` (Bi, Bt) = mean over patches of the best i2t word, and ``s_t2i`` (Bi, Bt) =
+    mean over t2i words of the best patch. Computed ``chunk`` images at a time.
+    """
+    neg = torch.finfo(img.dtype).min
+    t2i = t2i_mask.to(img.dtype)
+    n_t2i = t2i.sum(1).clamp_min(1)  # (Bt,)
+    off = ~i2t_mask[None, :, None, :]  # (1, Bt, 1, W)
+    out_i2t, out_t2i = [], []
+    for a in range(0, img.shape[0], max(1, chunk)):
+        s = torch.einsum("ipd,jwd->ijpw", img[a:a + chunk], txt)  # (c, Bt, P, W)
+        out_i2t.append(s.masked_fill(off, neg).amax(-1).mean(-1))
+        out_t2i.append((s.amax(2) * t2i).sum(-1) / n_t2i)
+    return torch.cat(out_i2t), torch.cat(out_t2i)
+
+
+def contrastive_loss(logits: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of rows of ``logits`` (B, B) against the diagonal; rows whose ``groups`` (B,)
+    match (identical reports) share the target mass."""
+    b = logits.shape[0]
+    if groups is None:
+        return F.cross_entropy(logits, torch.arange(b, device=logits.device))
+    target = (groups[:, None] == groups[None, :]).to(logits.dtype)
+    target = target / target.sum(1, keepdim=True)
+    return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+# ---------------------------------------------------------------------------------------- the model
+
+
+class AdaMatch(nn.Module):
+    """Adaptive-patch image encoder + word-level text encoder + learnable temperature."""
+
+    def __init__(self, cfg: AdaMatchConfig, text_encoder: TextEncoder):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.backbone = build_backbone(cfg.backbone)
+        self.patches = AdaptivePatchLayer(self.backbone.out_channels, cfg.embed_dim, cfg.patches)
+        self.text_encoder = text_encoder
+        init = torch.tensor(math.log(1.0 / cfg.temperature))
+        if cfg.learn_temperature:
+            self.logit_scale = nn.Parameter(init)
+        else:
+            self.register_buffer("logit_scale", init)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.cfg.embed_dim
+
+    @property
+    def num_patches(self) -> int:
+        return self.patches.num_patches
+
+    def prepare_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) -> (B, 1, S, S) at the model's size (bilinear with antialias)."""
+        if images.dim() != 4 or images.shape[1] != 1:
+            raise InvalidImageError(f"images must be (B, 1, H, W), got {tuple(images.shape)}")
+        s = self.cfg.image_size
+        if images.shape[-2:] != (s, s):
+            images = F.interpolate(images, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+        return images
+
+    def encode_image(self, images: torch.Tensor) -> ImagePatches:
+        """images (B, 1, S, S) in [-1024, 1024] -> :class:`ImagePatches` (features (B, P, D))."""
+        fmap = self.backbone(self.prepare_images(images))
+        return ImagePatches.from_layout(self.patches(fmap))
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    word_ids: torch.Tensor | None = None, word_mask: torch.Tensor | None = None,
+                    match_mask: torch.Tensor | None = None) -> TextTokens:
+        """input_ids, attention_mask (B, T) [+ word_ids, word_mask, match_mask from ``tokenize``] ->
+        :class:`TextTokens` (features (B, T, D)). Without word information each piece is a word and
+        every real piece but the first and last (the special tokens) is a content word."""
+        feats, glob = self.text_encoder(input_ids, attention_mask, word_ids)
+        if word_ids is not None:
+            real = word_ids >= 0
+        else:
+            real = attention_mask.bool().clone()
+            real[:, 0] = False
+            real[torch.arange(real.shape[0]), attention_mask.sum(1) - 1] = False
+        word_mask = real if word_mask is None else word_mask.bool()
+        match_mask = word_mask if match_mask is None else match_mask.bool()
+        word_mask, match_mask = effective_masks(word_mask, match_mask, real)
+        return TextTokens(feats, word_mask, match_mask, glob)
+
+    def scores(self, patches: ImagePatches, tokens: TextTokens) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s_i2t, s_t2i), each (B_images, B_reports), from encoded images and reports."""
+        img = F.normalize(patches.features, dim=-1)
+        txt, wm, mm = select_words(F.normalize(tokens.features, dim=-1), tokens.word_mask, tokens.match_mask)
+        return token_scores(img, txt, wm, mm, self.cfg.chunk_size)
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                word_ids: torch.Tensor | None = None, word_mask: torch.Tensor | None = None,
+                match_mask: torch.Tensor | None = None, groups: torch.Tensor | None = None) -> dict:
+        """The whole training computation (so DDP sees it): returns ``loss`` and detached logs."""
+        patches = self.encode_image(images)
+        tokens = self.encode_text(input_ids, attention_mask, word_ids, word_mask, match_mask)
+        s_i2t, s_t2i = self.scores(patches, tokens)
+        scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
+        loss_i2t = contrastive_loss(scale * s_i2t, groups)
+        loss_t2i = contrastive_loss(scale * s_t2i.t(), groups)
+        loss = 0.5 * (loss_i2t + loss_t2i) + patches.penalty
+        out = {"loss_i2t": loss_i2t.detach(), "loss_t2i": loss_t2i.detach(), "size_penalty": patches.penalty.detach()}
+        if self.cfg.global_weight > 0:
+            gi = F.normalize(patches.global_features, dim=-1)
+            gt = F.normalize(tokens.global_features, dim=-1)
+            logits = scale * gi @ gt.t()
+            loss_global = 0.5 * (contrastive_loss(logits, groups) + contrastive_loss(logits.t(), groups))
+            loss = loss + self.cfg.global_weight * loss_global
+            out["loss_global"] = loss_global.detach()
+        out["loss"] = loss
+        out["temperature"] = (1.0 / scale).detach()
+        stats = patch_stats(PatchLayout(patches.features, patches.boxes, patches.centres, patches.points,
+                                        patches.shift, patches.size, patches.penalty))
+        out.update({k: torch.tensor(v) for k, v in stats.items()})
+        return out
+
+
+def build_adamatch(cfg: AdaMatchConfig, tokenizer: ReportTokenizer) -> AdaMatch:
+    """A fresh model: text encoder built from ``cfg.text`` or loaded from ``cfg.text.pretrained``."""
+    if cfg.text.pretrained:
+        text = TextEncoder.from_pretrained(cfg.text.pretrained, cfg.embed_dim)
+        if text.encoder.config.vocab_size < tokenizer.vocab_size:
+            raise ConfigError(f"text encoder in {cfg.text.pretrained} has a smaller vocabulary than its tokenizer")
+    else:
+        text = TextEncoder.from_config(cfg.text, tokenizer.vocab_size, tokenizer.pad_token_id, cfg.embed_dim)
+    return AdaMatch(cfg, text)
+
+
+# ---------------------------------------------------------------------------- keywords, keypatches
+
+
+@dataclass
+class KeywordVocabulary:
+    """Keywords mined from training reports with their embeddings (K, D) L2-normalised, and the mean
+    and std (K,) of each keyword's best-patch cosine over training images (for calibration)."""
+
+    words: list[str]
+    counts: list[int]
+    embeddings: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        (directory / "keywords.json").write_text(json.dumps({"words": self.words, "counts": self.counts}, indent=1))
+        save_file({"embeddings": self.embeddings.contiguous(), "mean": self.mean.contiguous(),
+                   "std": self.std.contiguous()}, str(directory / "keywords.safetensors"))
+
+    @classmethod
+    def load(cls, directory: Path) -> KeywordVocabulary:
+        from safetensors.torch import load_file
+
+        meta = json.loads((directory / "keywords.json").read_text())
+        t = load_file(str(directory / "keywords.safetensors"))
+        return cls(meta["words"], meta["counts"], t["embeddings"], t["mean"], t["std"])
+
+
+@dataclass
+class KeypatchBank:
+    """Best-matched training patches per keyword: ``features`` (N, D) (patch space, not normalised),
+    ``boxes`` (N, 4), ``scores`` (N,) word-patch cosine, ``word_index`` (N,) into the keyword list,
+    ``crops`` (N, c, c) uint8, ``sources`` dicom ids."""
+
+    features: torch.Tensor
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    word_index: torch.Tensor
+    crops: torch.Tensor
+    sources: list[str]
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"features": self.features.contiguous(), "boxes": self.boxes.contiguous(),
+                   "scores": self.scores.contiguous(), "word_index": self.word_index.contiguous(),
+                   "crops": self.crops.contiguous()}, str(directory / "keypatches.safetensors"))
+        (directory / "keypatches.json").write_text(json.dumps({"sources": self.sources}))
+
+    @classmethod
+    def load(cls, directory: Path) -> KeypatchBank:
+        from safetensors.torch import load_file
+
+        t = load_file(str(directory / "keypatches.safetensors"))
+        sources = json.loads((directory / "keypatches.json").read_text())["sources"]
+        return cls(t["features"], t["boxes"], t["scores"], t["word_index"], t["crops"], sources)
+
+
+def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Crops of ``images`` (N, 1, S, S) at ``boxes`` (N, 4) resized to (N, size, size) uint8 (cache scale)."""
+    n = images.shape[0]
+    u = (torch.arange(size, dtype=images.dtype, device=images.device) + 0.5) / size
+    x = boxes[:, None, 0:1] + u[None, :, None] * (boxes[:, None, 2:3] - boxes[:, None, 0:1])  # (N, size, 1)
+    y = boxes[:, None, 1:2] + u[None, :, None] * (boxes[:, None, 3:4] - boxes[:, None, 1:2])
+    gx = x.transpose(1, 2).expand(n, size, size)
+    gy = y.expand(n, size, size)
+    grid = torch.stack([gx, gy], -1) * 2 - 1
+    crops = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)[:, 0]
+    return ((crops + 1024.0) * (255.0 / 2048.0)).round().clamp(0, 255).to(torch.uint8)
+
+
+@dataclass
+class MiningConfig:
+    """How keywords and keypatches are mined (the ``keywords:`` section of the stage config)."""
+
+    vocab_size: int = 200  # at most this many keywords
+    min_count: int = 3  # a word must be affirmed in at least this many training reports
+    min_length: int = 3
+    bank_per_word: int = 16  # keypatches kept per keyword (best word-patch scores)
+    crop_size: int = 32
+    batch_size: int = 32
+
+
+def mine_vocabulary(tokenizer: ReportTokenizer, reports: Sequence[str], cfg: MiningConfig) -> list[tuple[str, int]]:
+    """Keywords: affirmed content words of training reports by document frequency, plus the head words of
+    the labeler's positive mentions (kept even when rarer than ``min_count``)."""
+    counts: Counter[str] = Counter()
+    heads: set[str] = set()
+    for start in range(0, len(reports), 256):
+        batch = list(reports[start:start + 256])
+        enc = tokenizer.encode(batch)
+        for words in enc.words:
+            counts.update({w.text.lower() for w in words if w.content and not w.negated and w.text.isalpha()
+                           and len(w.text) >= cfg.min_length})
+    try:
+        from medvl.text.labeler import extract_mentions
+    except ImportError:
+        extract_mentions = None
+    if extract_mentions is not None:
+        for text in reports:
+            for m in extract_mentions(text):
+                head = getattr(m, "head", None) or getattr(m, "word", None)
+                if head and not getattr(m, "negated", False) and str(head).isalpha():
+                    heads.add(str(head).lower())
+    ranked = [(w, c) for w, c in counts.most_common() if c >= cfg.min_count or (w in heads and c > 0)]
+    ranked = sorted(ranked, key=lambda wc: (wc[0] not in heads, -wc[1], wc[0]))[: cfg.vocab_size]
+    return sorted(ranked, key=lambda wc: (-wc[1], wc[0]))
+
+
+@torch.no_grad()
+def build_keywords_and_bank(model: AdaMatch, tokenizer: ReportTokenizer, dataset, cfg: MiningConfig,
+                            device: str | torch.device = "cpu", progress: bool = True
+                            ) -> tuple[KeywordVocabulary, KeypatchBank]:
+    """Mine the keyword vocabulary and the keypatch bank from a training split (``PreparedDataset``-like).
+
+    Keyword embeddings are the mean of the keyword's affirmed, in-context word features over the
+    training reports; the bank holds, for each affirmed keyword occurrence, the best-matching patch of
+    the paired image, keeping the ``bank_per_word`` best per keyword.
+    """
+    from tqdm.auto import tqdm
+
+    model.eval()
+    reports = [dataset[i]["report"] for i in range(len(dataset))] if not hasattr(dataset, "index") else list(
+        dataset.index["report"])
+    vocab = mine_vocabulary(tokenizer, reports, cfg)
+    if not vocab:
+        raise InvalidReportError("no keyword occurs often enough in the training reports (keywords.min_count)")
+    word_to_id = {w: i for i, (w, _) in enumerate(vocab)}
+    k, d = len(vocab), model.embed_dim
+    emb_sum = torch.zeros(k, d)
+    emb_n = torch.zeros(k)
+    cand: dict[str, list] = {"feat": [], "box": [], "score": [], "word": [], "crop": [], "src": []}
+    img_best = []
+    # First pass: word embeddings (needed before images can be scored against keywords).
+    patch_cache = []
+    it = range(0, len(dataset), cfg.batch_size)
+    for start in tqdm(it, desc="keywords", disable=not progress, leave=False):
+        items = [dataset[i] for i in range(start, min(start + cfg.batch_size, len(dataset)))]
+        images = torch.stack([x["image"] for x in items]).to(device)
+        enc = tokenizer.encode([x["report"] for x in items])
+        tok = model.encode_text(**{k_: v.to(device) for k_, v in enc.tensors().items()})
+        patches = model.encode_image(images)
+        pn = F.normalize(patches.features, dim=-1)
+        tn = F.normalize(tok.features, dim=-1)
+        for b, words in enumerate(enc.words):
+            pos = torch.nonzero(tok.match_mask[b]).flatten().tolist()
+            for t in pos:
+                wid = int(enc.word_ids[b, t])
+                kw = word_to_id.get(words[wid].text.lower()) if 0 <= wid < len(words) else None
+                if kw is None or words[wid].negated:
+                    continue
+                emb_sum[kw] += tn[b, t].cpu()
+                emb_n[kw] += 1
+                sim = pn[b] @ tn[b, t]  # (P,)
+                p = int(sim.argmax())
+                cand["feat"].append(patches.features[b, p].cpu())
+                cand["box"].append(patches.boxes[b, p].cpu())
+                cand["score"].append(float(sim[p]))
+                cand["word"].append(kw)
+                cand["src"].append((start + b, str(items[b]["dicom_id"])))
+        patch_cache.append(pn.cpu())
+    embeddings = F.normalize(emb_sum / emb_n.clamp_min(1).unsqueeze(-1), dim=-1)
+    for pn in patch_cache:
+        img_best.append((pn @ embeddings.t()).amax(1))  # (b, K)
+    best = torch.cat(img_best)
+    vocab_out = KeywordVocabulary([w for w, _ in vocab], [c for _, c in vocab], embeddings, best.mean(0),
+                                  best.std(0).clamp_min(1e-4) if best.shape[0] > 1 else torch.ones(k))
+    if not cand["score"]:
+        raise InvalidReportError("no keyword occurrence found to build the keypatch bank")
+    scores = torch.tensor(cand["score"])
+    words = torch.tensor(cand["word"])
+    keep = []
+    for kw in range(k):
+        idx = torch.nonzero(words == kw).flatten()
+        if idx.numel():
+            keep.append(idx[scores[idx].argsort(descending=True)[: cfg.bank_per_word]])
+    keep_idx = torch.cat(keep)
+    boxes = torch.stack(cand["box"])[keep_idx]
+    src_rows = [cand["src"][i][0] for i in keep_idx.tolist()]
+    images = torch.stack([dataset[r]["image"] for r in src_rows])
+    crops = crop_boxes(images.float(), boxes, cfg.crop_size)
+    bank = KeypatchBank(torch.stack(cand["feat"])[keep_idx], boxes, scores[keep_idx], words[keep_idx], crops,
+                        [cand["src"][i][1] for i in keep_idx.tolist()])
+    return vocab_out, bank
+
+
+# --------------------------------------------------------------------------------------- the run API
+
+
+def find_artifacts(run_dir: str | Path) -> Path:
+    """``RUN/adamatch/`` (or ``RUN`` itself when it is that folder); RunError when neither holds a model."""
+    run_dir = Path(run_dir)
+    for cand in (run_dir / ARTIFACT_DIR, run_dir):
+        if (cand / "adamatch.json").exists():
+            return cand
+    if not run_dir.exists():
+        raise RunError(f"run directory {run_dir} does not exist")
+    raise RunError(f"{run_dir} holds no AdaMatch model (no {ARTIFACT_DIR}/adamatch.json); "
+                   "train one with `medvl train adamatch`")
+
+
+class AdaMatchRun:
+    """A trained AdaMatch model with its tokenizer, keyword vocabulary and keypatch bank (inference only)."""
+
+    def __init__(self, model: AdaMatch, tokenizer: ReportTokenizer, keywords: KeywordVocabulary | None = None,
+                 keypatch_bank: KeypatchBank | None = None, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.keywords = keywords
+        self.keypatch_bank = keypatch_bank
+        if keywords is not None:
+            self._kw_emb = keywords.embeddings.to(self.device)
+        if keypatch_bank is not None:
+            self._bank_norm = F.normalize(keypatch_bank.features.to(self.device).float(), dim=-1)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.embed_dim
+
+    @property
+    def image_size(self) -> int:
+        return self.model.cfg.image_size
+
+    @property
+    def config(self) -> AdaMatchConfig:
+        return self.model.cfg
+
+    # ---- persistence
+    def save(self, run_dir: str | Path) -> Path:
+        """Write everything under ``run_dir/adamatch/``; returns that folder."""
+        from safetensors.torch import save_file
+
+        out = Path(run_dir) / ARTIFACT_DIR
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = to_dict(self.model.cfg)
+        cfg["backbone"]["weights"] = None  # the weights below replace the initial file
+        cfg["text"]["pretrained"] = None
+        (out / "adamatch.json").write_text(json.dumps({"format": RUN_FORMAT, "model": cfg}, indent=1))
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        save_file(state, str(out / "model.safetensors"))
+        self.model.text_encoder.save_config(out / "text_encoder")
+        self.tokenizer.save(out / "tokenizer")
+        if self.keywords is not None:
+            self.keywords.save(out)
+        if self.keypatch_bank is not None:
+            self.keypatch_bank.save(out)
+        return out
+
+    def copy_to(self, run_dir: str | Path) -> Path:
+        """Put this AdaMatch model into another run (``run_dir/adamatch/``) so that run stands alone."""
+        return self.save(run_dir)
+
+    @classmethod
+    def load(cls, run_dir: str | Path, device: str | torch.device = "cpu") -> AdaMatchRun:
+        from safetensors.torch import load_file
+
+        art = find_artifacts(run_dir)
+        meta = json.loads((art / "adamatch.json").read_text())
+        if meta.get("format") != RUN_FORMAT:
+            raise RunError(f"{art}: format {meta.get('format')!r}, expected {RUN_FORMAT!r}")
+        cfg = from_dict(AdaMatchConfig, meta["model"])
+        tokenizer = ReportTokenizer.load(art / "tokenizer")
+        model = AdaMatch(cfg, TextEncoder.from_saved_config(art / "text_encoder", cfg.embed_dim))
+        state = load_file(str(art / "model.safetensors"))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise RunError(f"{art}/model.safetensors does not match its config: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+        keywords = KeywordVocabulary.load(art) if (art / "keywords.json").exists() else None
+        bank = KeypatchBank.load(art) if (art / "keypatches.json").exists() else None
+        return cls(model, tokenizer, keywords, bank, device)
+
+    # ---- encoding
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``dict(input_ids, attention_mask, word_ids, word_mask, match_mask)``, each (B, T), on the device."""
+        return {k: v.to(self.device) for k, v in self.tokenizer(texts).items()}
+
+    def _images(self, images) -> torch.Tensor:
+        if isinstance(images, np.ndarray):
+            images = torch.from_numpy(images)
+        if not isinstance(images, torch.Tensor):
+            raise InvalidImageError(f"images must be a tensor (B, 1, S, S), got {type(images).__name__}")
+        if images.dim() == 2:
+            images = images[None, None]
+        elif images.dim() == 3:
+            images = images.unsqueeze(1)
+        images = images.to(self.device, torch.float32)
+        if images.numel() and (images.min() < -1100 or images.max() > 1100):
+            raise InvalidImageError("images must be in medvl's [-1024, 1024] range (see medvl.data.prepared)")
+        return images
+
+    @torch.no_grad()
+    def encode_images(self, images) -> ImagePatches:
+        """images (B, 1, H, W) in [-1024, 1024] (resized to the run's size) -> :class:`ImagePatches`."""
+        assert not self.model.training
+        return self.model.encode_image(self._images(images))
+
+    @torch.no_grad()
+    def encode_reports(self, texts: Sequence[str]) -> TextTokens:
+        return self.model.encode_text(**self.tokenize(texts))
+
+    @torch.no_grad()
+    def scores(self, images, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s_i2t, s_t2i), each (B_images, B_reports)."""
+        return self.model.scores(self.encode_images(images), self.encode_reports(texts))
+
+    @torch.no_grad()
+    def word_similarity(self, images, word: str) -> torch.Tensor:
+        """Cosine of each patch with ``word`` (pooled over its pieces, encoded alone): (B, P)."""
+        if not word or not word.strip():
+            raise InvalidReportError("word is empty")
+        patches = self.encode_images(images)
+        tok = self.encode_reports([word.strip()])
+        mask = tok.word_mask[0]
+        w = F.normalize(tok.features[0][mask].mean(0), dim=-1)
+        return F.normalize(patches.features, dim=-1) @ w
+
+    @torch.no_grad()
+    def image_keywords(self, images, top_k: int = 5, patches: ImagePatches | None = None) -> list[list[Keyword]]:
+        """Ranked keywords per image with the box of each keyword's best patch.
+
+        For each keyword the best patch (max cosine) is found; keywords are ranked by that cosine
+        z-scored against training images (so words present in every report do not always win).
+        """
+        if self.keywords is None or not len(self.keywords):
+            raise RunError("this run has no keyword vocabulary")
+        if patches is None:
+            patches = self.encode_images(images)
+        sim = F.normalize(patches.features, dim=-1) @ self._kw_emb.t()  # (B, P, K)
+        best, where = sim.max(1)  # (B, K)
+        z = (best - self.keywords.mean.to(best)) / self.keywords.std.to(best)
+        top = z.topk(min(top_k, z.shape[1]), dim=1)
+        out = []
+        for b in range(z.shape[0]):
+            row = []
+            for score, kw in zip(top.values[b].tolist(), top.indices[b].tolist(), strict=True):
+                p = int(where[b, kw])
+                row.append(Keyword(self.keywords.words[kw], float(score), float(best[b, kw]),
+                                   tuple(float(v) for v in patches.boxes[b, p].tolist()), p))
+            out.append(row)
+        return out
+
+    @torch.no_grad()
+    def report_keypatches(self, texts: Sequence[str], top_k: int = 8) -> Keypatches:
+        """Top ``top_k`` bank patches per report by their best cosine with the report's affirmed words."""
+        bank = self.keypatch_bank
+        if bank is None or not len(bank):
+            raise RunError("this run has no keypatch bank")
+        tok = self.encode_reports(texts)
+        txt = F.normalize(tok.features, dim=-1)
+        sim = torch.einsum("btd,nd->btn", txt, self._bank_norm)  # (B, T, N)
+        sim = sim.masked_fill(~tok.match_mask.unsqueeze(-1), -2.0).amax(1)  # (B, N)
+        k = min(top_k, sim.shape[1])
+        scores, idx = sim.topk(k, dim=1)
+        idx_cpu = idx.cpu()
+        dev = self.device
+        return Keypatches(
+            features=bank.features.to(dev)[idx], boxes=bank.boxes.to(dev)[idx], scores=scores,
+            words=[[self.keywords.words[int(bank.word_index[i])] if self.keywords else "" for i in row]
+                   for row in idx_cpu.tolist()],
+            crops=bank.crops[idx_cpu], sources=[[bank.sources[i] for i in row] for row in idx_cpu.tolist()])
+
+
+def copy_adamatch(src_run: str | Path, dst_run: str | Path) -> Path:
+    """Copy ``src_run``'s AdaMatch artifacts into ``dst_run/adamatch/`` without loading them."""
+    src = find_artifacts(src_run)
+    dst = Path(dst_run) / ARTIFACT_DIR
+    if dst.resolve() != src.resolve():
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+    return dst
+
+
+__all__ = [
+    "AdaMatch", "AdaMatchConfig", "AdaMatchRun", "ImagePatches", "TextTokens", "Keyword", "Keypatches",
+    "KeywordVocabulary", "KeypatchBank", "MiningConfig", "PatchMode", "build_adamatch", "build_keywords_and_bank",
+    "token_scores", "contrastive_loss", "copy_adamatch", "find_artifacts",
+]

@@ -1,0 +1,271 @@
+"""Report tokenisation for AdaMatch: a WordPiece tokenizer plus word-level masks.
+
+AdaMatch matches image patches with report *words*, not WordPiece pieces. This module
+
+* trains a WordPiece tokenizer on training reports (``tokenizers``), wrapped as a Hugging Face
+  :class:`~transformers.PreTrainedTokenizerFast` so that every run saves it with
+  ``save_pretrained`` and reloads it offline; or loads the tokenizer of any local Hugging Face
+  model directory (never the hub);
+* maps pieces to words with the fast tokenizer's ``word_ids`` (a word is what the BERT
+  pre-tokenizer yields: a run of letters/digits, or one punctuation mark);
+* marks each word as stop word, punctuation or *negated* (inside a negated mention, e.g. the
+  "pleural effusion" of "no pleural effusion"), and caps the number of content words per report.
+
+Decision (documented in DESIGN.md's spirit): a word's feature is the **mean of its pieces'**
+features (done in :class:`medvl.models.encoders.TextEncoder`); the masks mark the word's **first
+piece** only, so each word counts once in the loss while every piece carries the pooled feature.
+
+Masks returned by :meth:`ReportTokenizer.__call__` (all ``(B, T)``):
+
+* ``word_ids``: word index of each piece within its report, ``-1`` for special tokens and padding;
+* ``word_mask``: first piece of a content word (not stop word, not punctuation), within the cap.
+  Used by the image-to-report score (each patch looks for its best word);
+* ``match_mask``: ``word_mask`` and not negated. Used by the report-to-image score (each real,
+  affirmed word looks for its best patch), the keyword miner and the pointing game.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from medvl.errors import ConfigError, InvalidReportError
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+TOKENIZER_META = "medvl_tokenizer.json"
+
+#: Function words and report filler that carry no location: left out of the matching.
+#: Negation cues ("no", "not", "without", ...) are here too. "xxxx" is IU X-ray's de-identification mark.
+STOP_WORDS: frozenset[str] = frozenset(
+    """
+    a an the and or nor but if then than so as at by for from in into of off on onto to up with within
+    is are was were be been being am has have had having do does did doing will would shall should can could
+    may might must this that these those there here it its it's they them their we our you your he she his her
+    i me my which who whom whose what when where why how all any both each few more most other some such only
+    own same too very just also again further once about above below over under between through during before
+    after while until because per via vs versus
+    no not without none neither negative free absent absence nothing never cannot
+    seen noted identified demonstrated present appears appear appearing seems visualized evidence
+    please see xxxx x
+    """.split()
+)
+
+_NEG_CUE = re.compile(
+    r"\b(no|not|without|negative for|free of|absence of|resolution of|resolved|clear of|rule out|"
+    r"ruled out|rather than|no evidence of|no signs? of)\b",
+    re.IGNORECASE,
+)
+_NEG_END = re.compile(r"\b(but|however|although|though|except|which|aside from|apart from|with)\b|[.;:\n]",
+                      re.IGNORECASE)
+_POST_NEG = re.compile(r"\b(has resolved|have resolved|is resolved|are resolved|not seen|is absent|are absent|"
+                       r"has cleared|have cleared|ruled out)\b", re.IGNORECASE)
+_SENTENCE = re.compile(r"[^.;\n]+")
+
+
+def _fallback_negated_spans(text: str) -> list[tuple[int, int]]:
+    """NegEx-style scopes: from a cue to the end of its clause; post-cues negate back to the clause start."""
+    spans: list[tuple[int, int]] = []
+    for sent in _SENTENCE.finditer(text):
+        s0, s = sent.start(), sent.group()
+        for cue in _NEG_CUE.finditer(s):
+            end_match = _NEG_END.search(s, cue.end())
+            end = end_match.start() if end_match else len(s)
+            spans.append((s0 + cue.start(), s0 + end))
+        for post in _POST_NEG.finditer(s):
+            spans.append((s0, s0 + post.end()))
+    return spans
+
+
+def negated_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans ``[start, end)`` of ``text`` that lie inside negated mentions.
+
+    Uses medvl's labeler (:func:`medvl.text.labeler.extract_mentions`) when it is installed: each
+    negated mention's phrase span and its cue. Otherwise a NegEx-style fallback (cue to the end of
+    the clause) gives the same kind of spans.
+    """
+    try:
+        from medvl.text.labeler import extract_mentions
+    except ImportError:
+        return _fallback_negated_spans(text)
+    spans: list[tuple[int, int]] = []
+    for mention in extract_mentions(text):
+        if not getattr(mention, "negated", False):
+            continue
+        for attr in ("span", "cue_span"):
+            span = getattr(mention, attr, None)
+            if span is not None:
+                spans.append((int(span[0]), int(span[1])))
+    return spans
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int = 4000, min_frequency: int = 2):
+    """Train a lower-casing WordPiece tokenizer on ``texts``; returns a ``PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise InvalidReportError("cannot train a tokenizer: no non-empty training reports")
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                        special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    tok.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
+
+
+def load_hf_tokenizer(path: str | Path):
+    """A fast tokenizer from a local directory (never the hub)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"tokenizer directory {path} does not exist (only local directories are read)")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read a tokenizer from {path}: {exc}") from None
+    if not getattr(tok, "is_fast", False):
+        raise ConfigError(f"the tokenizer in {path} is not a fast tokenizer; word alignment needs one")
+    if tok.pad_token is None:
+        raise ConfigError(f"the tokenizer in {path} has no padding token")
+    return tok
+
+
+@dataclass
+class Word:
+    """One word of a report as the matcher sees it."""
+
+    text: str
+    start: int  # character span in the report
+    end: int
+    stop: bool
+    punct: bool
+    negated: bool
+
+    @property
+    def content(self) -> bool:
+        return not (self.stop or self.punct)
+
+
+@dataclass
+class TokenizedReports:
+    """Tensors ``(B, T)`` for the encoder plus each report's words (index = ``word_ids`` value)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    word_ids: torch.Tensor
+    word_mask: torch.Tensor
+    match_mask: torch.Tensor
+    words: list[list[Word]]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "word_ids": self.word_ids,
+                "word_mask": self.word_mask, "match_mask": self.match_mask}
+
+
+def _is_punct(word: str) -> bool:
+    return not any(ch.isalnum() for ch in word)
+
+
+class ReportTokenizer:
+    """A fast Hugging Face tokenizer plus the word-level masks AdaMatch needs.
+
+    ``max_tokens`` truncates pieces; ``max_words`` caps content words per report (the prototype's
+    lesson: the batch x batch x patches x words similarity grows with words).
+    """
+
+    def __init__(self, tokenizer, max_tokens: int = 128, max_words: int = 64):
+        if not getattr(tokenizer, "is_fast", False):
+            raise ConfigError("ReportTokenizer needs a fast tokenizer (word alignment uses word_ids)")
+        self.hf = tokenizer
+        self.max_tokens = int(max_tokens)
+        self.max_words = int(max_words)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.hf.pad_token_id)
+
+    def encode(self, texts: Sequence[str]) -> TokenizedReports:
+        """Tokenise a batch of reports. Empty reports raise :class:`InvalidReportError`."""
+        if isinstance(texts, str):
+            texts = [texts]
+        for i, t in enumerate(texts):
+            if not isinstance(t, str) or not t.strip():
+                raise InvalidReportError(f"report {i} is empty")
+        enc = self.hf(list(texts), padding=True, truncation=True, max_length=self.max_tokens,
+                      return_tensors="pt", return_offsets_mapping=True)
+        b, t = enc["input_ids"].shape
+        word_ids = torch.full((b, t), -1, dtype=torch.long)
+        word_mask = torch.zeros((b, t), dtype=torch.bool)
+        match_mask = torch.zeros((b, t), dtype=torch.bool)
+        all_words: list[list[Word]] = []
+        for i, text in enumerate(texts):
+            spans = negated_spans(text)
+            ids = enc.word_ids(i)
+            words: list[Word] = []
+            seen: dict[int, int] = {}
+            n_content = 0
+            for pos, wid in enumerate(ids):
+                if wid is None:
+                    continue
+                if wid not in seen:
+                    cs = enc.word_to_chars(i, wid)
+                    raw = text[cs.start:cs.end]
+                    low = raw.lower()
+                    neg = any(a <= cs.start < e for a, e in spans)
+                    w = Word(raw, cs.start, cs.end, stop=low in STOP_WORDS, punct=_is_punct(raw), negated=neg)
+                    seen[wid] = len(words)
+                    words.append(w)
+                    if w.content and n_content < self.max_words:
+                        n_content += 1
+                        word_mask[i, pos] = True
+                        match_mask[i, pos] = not neg
+                word_ids[i, pos] = seen[wid]
+            all_words.append(words)
+        return TokenizedReports(enc["input_ids"], enc["attention_mask"], word_ids, word_mask, match_mask, all_words)
+
+    def __call__(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``dict(input_ids, attention_mask, word_ids, word_mask, match_mask)``, each ``(B, T)``."""
+        return self.encode(texts).tensors()
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.hf.save_pretrained(str(directory))
+        (directory / TOKENIZER_META).write_text(
+            json.dumps({"max_tokens": self.max_tokens, "max_words": self.max_words}))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ReportTokenizer:
+        directory = Path(directory)
+        meta_path = directory / TOKENIZER_META
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        return cls(load_hf_tokenizer(directory), **meta)
+
+
+def content_words(text: str) -> list[Word]:
+    """Words of ``text`` by a plain regex split (no tokenizer): for mining keywords and tests."""
+    spans = negated_spans(text)
+    words = []
+    for m in re.finditer(r"[A-Za-z0-9]+|[^\sA-Za-z0-9]", text):
+        raw = m.group()
+        words.append(Word(raw, m.start(), m.end(), stop=raw.lower() in STOP_WORDS, punct=_is_punct(raw),
+                          negated=any(a <= m.start() < e for a, e in spans)))
+    return words
