@@ -679,7 +679,7 @@ def fit(stage: Stage, out: Path, *, resume: bool = False, config_dump: dict | No
         else:
             final = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
         if state.best_step >= 0 and best_file.is_file():
-            final.load_state_dict(torch.load(best_file, map_location=device, weights_only=True))
+            final.load_state_dict(torch.load(best_file, map_location="cpu", weights_only=True))
         else:
             logger.warning("no finite '%s' in validation; saving the final weights", cfg.select_metric)
             state.best_step = state.step
