@@ -243,6 +243,8 @@ class MicroBatches(Dataset):
         self.collate = collate
         self.seed, self.rank, self.world_size, self.batch_size = seed, rank, world_size, batch_size
         self.total = total
+        if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise DataError("the training set must be a map-style dataset (with __len__ and __getitem__)")
         self.num_samples = len(dataset)  # type: ignore[arg-type]
         self.batches_per_epoch = self.num_samples // (world_size * batch_size)
         if self.batches_per_epoch == 0:
@@ -292,6 +294,7 @@ class LoopState:
     world_size: int = 1
     batch_size: int = 1
     grad_accum: int = 1
+    num_samples: int = 0  # training-set size: resuming on other data would not be exact
     best_step: int = -1
     best_value: float | None = None
     best_metrics: dict[str, float] = field(default_factory=dict)
@@ -360,7 +363,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    a, b = _flatten(old or {}), _flatten(json.loads(json.dumps(new or {})))
+    a, b = _flatten(old or {}), _flatten(new or {})
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_KEYS)
 
 
@@ -450,7 +453,14 @@ def fit(stage: Stage, out: Path, *, resume: bool = False, config_dump: dict | No
 
         config_dump = to_dict(stage.config) if getattr(stage, "config", None) is not None else {}
     from_abs = [str(Path(p).resolve()) for p in (from_runs or [])]
+    config_dump = json.loads(json.dumps(config_dump, default=str))  # plain data (paths as strings)
     kind = _check_run_dir(out, resume)  # every rank checks before anyone writes
+    saved_cfg = out / CONFIG_FILE
+    if kind == "partial" and saved_cfg.is_file():
+        changes = _config_changes(yaml.safe_load(saved_cfg.read_text()) or {}, config_dump)
+        if changes:
+            raise RunError(f"cannot resume {out}: the config differs from the run's in {', '.join(changes)}; "
+                           "start a new run (or restore those values)")
 
     # Accelerate keeps process-wide singletons; several fits in one process (tests, the demo)
     # may differ in precision or accumulation, so start each from a clean state. The process
@@ -469,19 +479,19 @@ def fit(stage: Stage, out: Path, *, resume: bool = False, config_dump: dict | No
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
     device = accelerator.device
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise ConfigError(f"{accelerator.distributed_type.value} launches are not supported by medvl's training "
+                          "loop; launch with DDP (the default of torchrun / accelerate launch) or FSDP")
+    # FSDP shards the weights: validation and save_run then need them gathered on rank 0
+    sharded = accelerator.distributed_type == DistributedType.FSDP
     ckpt_root, best_root = out / CHECKPOINT_DIR, out / BEST_DIR
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
     checkpoint = latest_checkpoint(out) if kind == "partial" else None
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        saved_cfg = out / CONFIG_FILE
-        if saved_cfg.is_file() and kind == "partial":
-            changes = _config_changes(yaml.safe_load(saved_cfg.read_text()) or {}, config_dump)
-            if changes:
-                raise RunError(f"cannot resume {out}: the config differs from the run's in {', '.join(changes)}; "
-                               "start a new run (or restore those values)")
-        saved_cfg.write_text(yaml.safe_dump(json.loads(json.dumps(config_dump)), sort_keys=False))
+        saved_cfg.write_text(yaml.safe_dump(config_dump, sort_keys=False))
         for tmp in ckpt_root.glob(".tmp_*") if ckpt_root.is_dir() else []:
             shutil.rmtree(tmp, ignore_errors=True)  # an interrupted checkpoint write
     accelerator.wait_for_everyone()
@@ -506,12 +516,16 @@ def fit(stage: Stage, out: Path, *, resume: bool = False, config_dump: dict | No
         accelerator.register_for_checkpointing(stage)
     set_seed(cfg.seed, device_specific=True)  # different dropout masks on each rank
 
-    state = LoopState(world_size=world, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum)
+    state = LoopState(world_size=world, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                      num_samples=micro.num_samples)
     if checkpoint is not None:
         saved = LoopState.read(checkpoint / LOOP_STATE_FILE)
         if saved.world_size != world:
             raise RunError(f"cannot resume {out}: it was trained on {saved.world_size} process(es), "
                            f"this launch has {world}; resume with the same number of processes")
+        if saved.num_samples != micro.num_samples:
+            raise RunError(f"cannot resume {out}: its training set had {saved.num_samples} samples, this one has "
+                           f"{micro.num_samples}; resume with the same --data")
         accelerator.load_state(str(checkpoint))  # model, optimiser, scheduler, stage state, RNG per rank
         state = saved
         if main:
@@ -539,7 +553,7 @@ def fit(stage: Stage, out: Path, *, resume: bool = False, config_dump: dict | No
     eval_model: nn.Module | None = None
 
     def full_state_dict() -> dict[str, torch.Tensor] | None:
-        """Full weights as CPU tensors on rank 0 (a collective under FSDP/DeepSpeed)."""
+        """Full weights as CPU tensors on rank 0 (a collective under FSDP)."""
         sd = accelerator.get_state_dict(model) if sharded else (unwrap(model).state_dict() if main else None)
         if not main or sd is None:
             return None
@@ -623,6 +637,9 @@ def fit(stage: Stage, out: Path, *, resume: bool = False, config_dump: dict | No
             with nullcontext() if sync else accelerator.no_sync(model):
                 with accelerator.autocast():
                     loss, logs = stage.training_step(model, batch)
+                if loss.ndim != 0:
+                    raise RunError(f"stage '{stage.name}': training_step must return a scalar loss, "
+                                   f"got shape {tuple(loss.shape)}")
                 accelerator.backward(loss)  # divides by grad_accum
             step_loss += loss.detach().float() / cfg.grad_accum
             for k, v in logs.items():

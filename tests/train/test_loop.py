@@ -254,3 +254,63 @@ def test_missing_stage_module_is_a_clear_error(tmp_path, monkeypatch, capsys):
         stages_mod.load_builder("foo")
     code = main(["train", "report", "--config", "tiny", "--data", str(tmp_path), "--out", str(tmp_path / "r")])
     assert code == 2 and "not available in this version" in capsys.readouterr().err
+
+
+class EmaStage(ToyStage):
+    """Keeps an exponential moving average of the weights outside the model (like a diffusion EMA)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ema: dict[str, torch.Tensor] = {}
+
+    def on_step_end(self, model, step):
+        for k, v in model.state_dict().items():
+            self.ema[k] = v.detach().clone() if k not in self.ema else 0.5 * self.ema[k] + 0.5 * v.detach()
+        super().on_step_end(model, step)
+
+    def state_dict(self):
+        return {"ema": self.ema}
+
+    def load_state_dict(self, state):
+        self.ema = state["ema"]
+
+    def log_images(self, model, step):
+        return {"ramp": torch.linspace(0, 1, 16).reshape(1, 4, 4), "pair": torch.rand(2, 1, 4, 4)}
+
+
+def test_stage_state_travels_in_checkpoints(tmp_path):
+    cfg = make_config()
+    straight = EmaStage(cfg)
+    fit(straight, tmp_path / "straight")
+    with pytest.raises(Interrupt):
+        fit(EmaStage(cfg, interrupt_at=5), tmp_path / "resumed")
+    resumed = EmaStage(cfg)
+    fit(resumed, tmp_path / "resumed", resume=True)
+    assert resumed.steps_seen == [4, 5, 6]
+    assert_same(straight.ema, resumed.ema)
+
+
+def test_tensorboard_logs(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fit(EmaStage(make_config(eval_every=3)), tmp_path / "run")
+    events = EventAccumulator(str(tmp_path / "run" / "logs"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/pred_std", "val/val_loss"} <= scalars
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert [e.step for e in events.Scalars("val/val_loss")] == [3, 6]
+    assert {"images/ramp", "images/pair"} <= set(events.Tags()["images"])
+
+
+def test_unfinished_checkpoint_writes_are_ignored(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        fit(ToyStage(make_config(), interrupt_at=5), run)
+    (run / CHECKPOINT_DIR / ".tmp_step_6").mkdir()  # killed while writing
+    (run / CHECKPOINT_DIR / "step_9").mkdir()  # no loop_state.json: not a complete checkpoint
+    assert latest_checkpoint(run).name == "step_3"
+    stage = ToyStage(make_config())
+    fit(stage, run, resume=True)
+    assert stage.steps_seen == [4, 5, 6]
+    assert not (run / CHECKPOINT_DIR / ".tmp_step_6").exists()
