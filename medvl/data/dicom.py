@@ -6,9 +6,12 @@ The pipeline (DESIGN.md section 7), with pydicom 3's ``pydicom.pixels`` API:
    baseline/extended; pylibjpeg-openjpeg (or gdcm) for JPEG 2000 and HTJ2K; RLE and uncompressed need nothing;
 2. the modality LUT (rescale slope/intercept or a Modality LUT Sequence);
 3. the VOI transform: a VOI LUT Sequence if present, else the first Window Center/Width (LINEAR, LINEAR_EXACT or
-   SIGMOID), else the data range (min-max); an invalid window falls back to the data range with a note;
-4. the result scaled to [0, 1] by that transform's own output range (the LUT's values, the window, or the data
-   range: never by 65535);
+   SIGMOID); an invalid window is ignored with a note;
+4. the result scaled to [0, 1] by that transform's own output range (the LUT's values or the window). Without a
+   VOI transform: by the range ``BitsStored`` allows (through the rescale or Modality LUT), unless the data fill
+   less than half of it (16-bit containers holding 12-bit data), then by the data range (min-max). Never by
+   65535 for its own sake. So a DICOM copy of an 8-bit JPG stored as ``value * 4095 / 255`` with BitsStored 12
+   reads the same as the JPG;
 5. MONOCHROME1 inverted *after* the VOI transform (``apply_presentation_lut`` does not invert);
 6. ``x * 2048 - 1024``.
 
@@ -284,6 +287,24 @@ def _voi_lut_range(ds: pydicom.Dataset) -> tuple[float, float] | None:
     return float(values.min()), float(values.max())
 
 
+def _nominal_range(ds: pydicom.Dataset) -> tuple[float, float] | None:
+    """The value range the stored bits allow, after the modality LUT (as pydicom's windowing computes it)."""
+    try:
+        bits = int(ds.BitsStored)
+        if ds.get("ModalityLUTSequence"):
+            return 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
+        if int(ds.get("PixelRepresentation", 0)) == 0:
+            lo, hi = 0.0, float(2**bits - 1)
+        else:
+            lo, hi = float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+        slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+        if slope is not None and intercept is not None:
+            lo, hi = sorted((lo * float(slope) + float(intercept), hi * float(slope) + float(intercept)))
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return None
+    return (lo, hi) if hi > lo else None
+
+
 def _display_pipeline(path: Path, ds: pydicom.Dataset, raw: np.ndarray,
                       photometric: str) -> tuple[np.ndarray, str, str]:
     table = _value_table(raw)
@@ -314,7 +335,12 @@ def _display_pipeline(path: Path, ds: pydicom.Dataset, raw: np.ndarray,
         lo, hi = float(values.min()), float(values.max())
         if hi <= lo:
             raise invalid(path, "blank image: every pixel has the same value")
-        unit, how = (values - lo) / (hi - lo), "data-range"
+        nominal = _nominal_range(ds)
+        if nominal is not None and hi - lo >= 0.5 * (nominal[1] - nominal[0]):
+            lo, hi = nominal
+            unit, how = (values - lo) / (hi - lo), "bits-stored"
+        else:
+            unit, how = (values - lo) / (hi - lo), "data-range"
     if photometric == "MONOCHROME1":
         unit = 1.0 - unit  # after VOI, as DICOM's presentation pipeline does
     scaled = (np.clip(unit, 0.0, 1.0) * 2048.0 - 1024.0).astype(np.float32)

@@ -5,7 +5,7 @@ lungs dark (air low, bone high), in the pixel order the file stores: nothing is 
 orientation tags are ignored; chest X-ray files do not use them).
 
 * DICOM: see :mod:`medvl.data.dicom` (modality LUT, VOI LUT or window, MONOCHROME1 inverted after VOI, normalised
-  by the VOI output range or the data range).
+  by the VOI output range, else by BitsStored or the data range).
 * PNG / JPG: 8-bit grey ``/ 255``; 16-bit grey divided by the smallest ``2**b - 1`` (b = 8, 10, 12, 14, 16) that
   holds the image's maximum, because 12-bit detector data is often stored in 16-bit PNGs. RGB(A) or palette files
   whose channels agree (a grey image saved in colour) are accepted; truly colour images raise
@@ -72,7 +72,8 @@ class XRay:
     bits_stored: int | None = None
     patient_orientation: tuple[str, ...] = ()
     transfer_syntax: str = ""
-    #: how intensities were normalised: "window", "voi-lut", "data-range", "jpg-compatible", "8-bit", "16-bit/4095"...
+    #: how intensities were normalised: "window", "voi-lut", "bits-stored", "data-range", "jpg-compatible",
+    #: "8-bit", "16-bit/4095"...
     intensity: str = ""
     notes: list[str] = field(default_factory=list)
 

@@ -40,10 +40,8 @@ def test_monochrome1_and_monochrome2_twins_read_the_same(tmp_path, bits, window)
     assert a.shape == (48, 40) and a.dtype == np.float32
     # LINEAR windowing shifts by half a level, so mirrored windows differ by one part in the width.
     np.testing.assert_allclose(a, b, atol=2048 / (0.8 * maxval) + 1e-3)
-    if window is None:  # data range: exactly the display values, scaled
-        lo, hi = UNIT.min(), UNIT.max()
-        expected = (np.rint(UNIT * maxval) - np.rint(lo * maxval)) / (np.rint(hi * maxval) - np.rint(lo * maxval))
-        np.testing.assert_allclose(a, expected * 2048 - 1024, atol=1e-2)
+    if window is None:  # no VOI: scaled by what BitsStored allows, so exactly the drawn values
+        np.testing.assert_allclose(a, np.rint(UNIT * maxval) / maxval * 2048 - 1024, atol=1e-2)
     # lungs dark, mediastinum bright, as drawn
     assert a[20, 12] < a[20, 20] - 500
 
@@ -90,6 +88,18 @@ def test_voi_lut_sequence(tmp_path):
     assert xray.intensity == "voi-lut"
     expected = lut[np.rint(UNIT * 4095).astype(int)] / 1023 * 2048 - 1024
     np.testing.assert_allclose(xray.pixels, expected, atol=1e-2)
+
+
+def test_no_voi_narrow_data_uses_the_data_range(tmp_path):
+    """12-bit data in a 16-bit container (BitsStored 16) fills 1/16 of the range: normalised by its own range."""
+    ds = chest_dataset(UNIT, bits=12)
+    ds.BitsStored, ds.HighBit = 16, 15
+    xray = read_xray_with_meta(save_dicom(ds, tmp_path / "narrow.dcm"))
+    assert xray.intensity == "data-range"
+    stored = np.rint(UNIT * 4095)
+    expected = (stored - stored.min()) / (stored.max() - stored.min()) * 2048 - 1024
+    np.testing.assert_allclose(xray.pixels, expected, atol=1e-2)
+    assert read_xray_with_meta(write(tmp_path, bits=12)).intensity == "bits-stored"
 
 
 def test_signed_data(tmp_path):
