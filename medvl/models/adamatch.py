@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -403,9 +404,8 @@ def mine_vocabulary(tokenizer: ReportTokenizer, reports: Sequence[str], cfg: Min
     if extract_mentions is not None:
         for text in reports:
             for m in extract_mentions(text):
-                head = getattr(m, "head", None) or getattr(m, "word", None)
-                if head and not getattr(m, "negated", False) and str(head).isalpha():
-                    heads.add(str(head).lower())
+                if m.head and float(m.value) == 1.0 and str(m.head).isalpha():
+                    heads.add(str(m.head).lower())
     ranked = [(w, c) for w, c in counts.most_common() if c >= cfg.min_count or (w in heads and c > 0)]
     ranked = sorted(ranked, key=lambda wc: (wc[0] not in heads, -wc[1], wc[0]))[: cfg.vocab_size]
     return sorted(ranked, key=lambda wc: (-wc[1], wc[0]))
@@ -592,6 +592,9 @@ class AdaMatchRun:
         images = images.to(self.device, torch.float32)
         if images.numel() and (images.min() < -1100 or images.max() > 1100):
             raise InvalidImageError("images must be in medvl's [-1024, 1024] range (see medvl.data.prepared)")
+        if images.numel() and images.min() >= 0:
+            warnings.warn("images look like [0, 1] or [0, 255] pixels (no negative value); medvl expects "
+                          "[-1024, 1024] with dark lungs (medvl.data.read_xray gives that)", stacklevel=3)
         return images
 
     @torch.no_grad()

@@ -30,6 +30,7 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -81,26 +82,24 @@ def _fallback_negated_spans(text: str) -> list[tuple[int, int]]:
     return spans
 
 
-def negated_spans(text: str) -> list[tuple[int, int]]:
-    """Character spans ``[start, end)`` of ``text`` that lie inside negated mentions.
-
-    Uses medvl's labeler (:func:`medvl.text.labeler.extract_mentions`) when it is installed: each
-    negated mention's phrase span and its cue. Otherwise a NegEx-style fallback (cue to the end of
-    the clause) gives the same kind of spans.
-    """
+@lru_cache(maxsize=65536)
+def _negated_spans_cached(text: str) -> tuple[tuple[int, int], ...]:
     try:
         from medvl.text.labeler import extract_mentions
     except ImportError:
-        return _fallback_negated_spans(text)
-    spans: list[tuple[int, int]] = []
-    for mention in extract_mentions(text):
-        if not getattr(mention, "negated", False):
-            continue
-        for attr in ("span", "cue_span"):
-            span = getattr(mention, attr, None)
-            if span is not None:
-                spans.append((int(span[0]), int(span[1])))
-    return spans
+        return tuple(_fallback_negated_spans(text))
+    return tuple((int(m.start), int(m.end)) for m in extract_mentions(text) if float(m.value) == 0.0)
+
+
+def negated_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans ``[start, end)`` of ``text`` that lie inside negated mentions.
+
+    Uses medvl's labeler (:func:`medvl.text.labeler.extract_mentions`): the phrase span of each negated
+    mention (value 0), the same labeler that decides what IU-Phantom draws. Cue words ("no", "without")
+    are stop words, so they are out of the matching anyway. Without the labeler, a NegEx-style fallback
+    (cue to the end of the clause) gives the same kind of spans. Cached: training reports repeat every epoch.
+    """
+    return list(_negated_spans_cached(text))
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int = 4000, min_frequency: int = 2):

@@ -1,0 +1,246 @@
+"""AdaMatch evaluation: retrieval both ways and, where ground-truth regions exist (IU-Phantom), the
+pointing game and box IoU of each finding word (DESIGN.md section 4).
+
+Conventions (also written into every metrics file):
+
+* **Retrieval**: image-to-report ranks the split's reports by the image-to-report score ``s_i2t``;
+  report-to-image ranks the split's images by the report-to-image score ``s_t2i``. A retrieved item
+  counts as correct when its report text equals the query's (case and whitespace normalised): many
+  reports are identical ("No acute cardiopulmonary abnormality."), and ranking one copy above
+  another is not an error.
+* **Pointing game**: for each (image, region) pair of the split, the region's ``word`` (the labeler's
+  head noun at the positive mention: "effusion", "cardiomegaly") is looked up among the words of that
+  image's report (plural forms match; an affirmed occurrence is preferred, a negated one is used only
+  when no affirmed one exists; pairs whose word is absent are skipped and counted). The patch with the
+  highest cosine to that word is the model's pointer; a hit when its centre lies in the region's box
+  widened by 5% of the image size on each side. ``box_iou`` is the IoU of that patch's box with the
+  region's (unwidened) box. ``pointing_game_chance`` is the expected hit rate of a patch drawn
+  uniformly from the model's own patches of that image (exact expectation, no sampling).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from medvl.models.adamatch import AdaMatch, AdaMatchRun, contrastive_loss, select_words, token_scores
+from medvl.text.tokenizer import ReportTokenizer
+
+WIDEN = 0.05  # region boxes widened by 5% of the image size on each side for the pointing game
+
+CONVENTIONS = {
+    "retrieval": "i2t ranks the split's reports by s_i2t (mean over patches of best word), t2i ranks images by "
+                 "s_t2i (mean over affirmed content words of best patch); a hit is any retrieved item whose "
+                 "report text equals the query's (case/whitespace normalised)",
+    "pointing_game": "best patch (max cosine) for the region's word in the image's own report; hit if the patch "
+                     "centre lies in the region box widened by 5% of the image size on each side",
+    "pointing_game_chance": "expected hit rate of a patch drawn uniformly from the model's own patches of the image",
+    "box_iou": "IoU of the best patch's box with the region's unwidened box",
+    "words": "region word matched to report words case-insensitively, plurals included; affirmed occurrence "
+             "preferred",
+}
+
+
+def normalise_report(text: str) -> str:
+    return re.sub(r"\s+", " ", str(text).strip().lower())
+
+
+def word_variants(word: str) -> set[str]:
+    w = word.strip().lower()
+    out = {w, w + "s", w + "es"}
+    if w.endswith("es"):
+        out.add(w[:-2])
+    if w.endswith("s"):
+        out.add(w[:-1])
+    return out
+
+
+@dataclass
+class PointingRecord:
+    dicom_id: str
+    word: str
+    hit: float
+    chance: float
+    iou: float
+    negated_fallback: bool = False
+
+
+@dataclass
+class SplitEncoding:
+    """Normalised patch features (N, P, D), boxes (N, P, 4), compacted word features (N, W, D) with
+    masks (N, W), the reports, and the pointing records of the split's regions."""
+
+    patches: torch.Tensor
+    boxes: torch.Tensor
+    words: torch.Tensor
+    word_mask: torch.Tensor
+    match_mask: torch.Tensor
+    reports: list[str]
+    pointing: list[PointingRecord] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    x0, y0 = max(float(a[0]), float(b[0])), max(float(a[1]), float(b[1]))
+    x1, y1 = min(float(a[2]), float(b[2])), min(float(a[3]), float(b[3]))
+    inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
+    area = (float(a[2]) - float(a[0])) * (float(a[3]) - float(a[1])) + (float(b[2]) - float(b[0])) * (
+        float(b[3]) - float(b[1])) - inter
+    return inter / area if area > 0 else 0.0
+
+
+def _pad_to(t: torch.Tensor, w: int, value=0) -> torch.Tensor:
+    if t.shape[1] == w:
+        return t
+    pad = [0, 0] * (t.dim() - 2) + [0, w - t.shape[1]]
+    return F.pad(t, pad, value=value)
+
+
+@torch.no_grad()
+def encode_split(model: AdaMatch, tokenizer: ReportTokenizer, dataset, *, batch_size: int = 32,
+                 regions: pd.DataFrame | None = None, device: str | torch.device = "cpu",
+                 progress: bool = False) -> SplitEncoding:
+    """Encode every image and report of ``dataset`` (``PreparedDataset``-like) and play the pointing game on
+    ``regions`` (``dicom_id, word, x0, y0, x1, y1``) as each batch passes."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    by_image: dict[str, list] = defaultdict(list)
+    if regions is not None and len(regions):
+        for r in regions.itertuples(index=False):
+            by_image[str(r.dicom_id)].append(r)
+    feats, boxes, words, wmask, mmask, reports = [], [], [], [], [], []
+    records: list[PointingRecord] = []
+    skipped: dict[str, int] = defaultdict(int)
+    for start in tqdm(range(0, len(dataset), batch_size), desc="encode", disable=not progress, leave=False):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        images = torch.stack([x["image"] for x in items]).to(device)
+        texts = [x["report"] for x in items]
+        enc = tokenizer.encode(texts)
+        patches = model.encode_image(images)
+        tok = model.encode_text(**{k: v.to(device) for k, v in enc.tensors().items()})
+        pn = F.normalize(patches.features.float(), dim=-1)
+        tn = F.normalize(tok.features.float(), dim=-1)
+        sel, wm, mm = select_words(tn, tok.word_mask, tok.match_mask)
+        feats.append(pn.cpu())
+        boxes.append(patches.boxes.float().cpu())
+        words.append(sel.cpu())
+        wmask.append(wm.cpu())
+        mmask.append(mm.cpu())
+        reports.extend(texts)
+        for b, item in enumerate(items):
+            for r in by_image.get(str(item["dicom_id"]), []):
+                variants = word_variants(str(r.word))
+                occ = [(j, w.negated) for j, w in enumerate(enc.words[b]) if w.text.lower() in variants]
+                if not occ:
+                    skipped["word_not_in_report"] += 1
+                    continue
+                affirmed = [j for j, neg in occ if not neg]
+                chosen = affirmed or [j for j, _ in occ]
+                pos = [int(torch.nonzero(enc.word_ids[b] == j)[0]) for j in chosen
+                       if bool((enc.word_ids[b] == j).any())]
+                if not pos:
+                    skipped["word_truncated"] += 1
+                    continue
+                sim = pn[b] @ tn[b, pos].t()  # (P, occurrences)
+                p = int(sim.amax(1).argmax())
+                region = torch.tensor([r.x0, r.y0, r.x1, r.y1], dtype=torch.float32)
+                wide = region + torch.tensor([-WIDEN, -WIDEN, WIDEN, WIDEN])
+                c = patches.centres[b].float().cpu()
+                inside = (c[:, 0] >= wide[0]) & (c[:, 0] <= wide[2]) & (c[:, 1] >= wide[1]) & (c[:, 1] <= wide[3])
+                records.append(PointingRecord(str(item["dicom_id"]), str(r.word).lower(), float(inside[p]),
+                                              float(inside.float().mean()), _iou(patches.boxes[b, p].cpu(), region),
+                                              negated_fallback=not affirmed))
+    model.train(was_training)
+    w = max(t.shape[1] for t in words)
+    return SplitEncoding(torch.cat(feats), torch.cat(boxes), torch.cat([_pad_to(t, w) for t in words]),
+                         torch.cat([_pad_to(t, w, False) for t in wmask]),
+                         torch.cat([_pad_to(t, w, False) for t in mmask]), reports, records, dict(skipped))
+
+
+def retrieval_metrics(enc: SplitEncoding, chunk: int = 16, logit_scale: float | None = None) -> dict[str, float]:
+    """R@1 / R@5 both ways (identical reports count as correct), plus the split's InfoNCE loss when
+    ``logit_scale`` is given."""
+    s_i2t, s_t2i = token_scores(enc.patches, enc.words, enc.word_mask, enc.match_mask, chunk)
+    keys = [normalise_report(t) for t in enc.reports]
+    _, groups = np.unique(np.array(keys), return_inverse=True)
+    g = torch.as_tensor(groups)
+    same = g[:, None] == g[None, :]  # (N, N)
+    out: dict[str, float] = {}
+    n = len(keys)
+    for k in (1, 5):
+        kk = min(k, n)
+        top_r = s_i2t.topk(kk, dim=1).indices  # reports for each image
+        out[f"i2t_r{k}"] = float(same.gather(1, top_r).any(1).float().mean())
+        top_i = s_t2i.t().topk(kk, dim=1).indices  # images for each report
+        out[f"t2i_r{k}"] = float(same.gather(1, top_i).any(1).float().mean())
+    out["r1_mean"] = 0.5 * (out["i2t_r1"] + out["t2i_r1"])
+    if logit_scale is not None:
+        loss = 0.5 * (contrastive_loss(logit_scale * s_i2t, g) + contrastive_loss(logit_scale * s_t2i.t(), g))
+        out["loss"] = float(loss)
+    return out
+
+
+def localization_metrics(records: list[PointingRecord]) -> dict[str, float]:
+    """Overall and per-finding ``pointing_game``, ``pointing_game_chance``, ``box_iou``, ``count``."""
+    if not records:
+        return {}
+    df = pd.DataFrame([r.__dict__ for r in records])
+    out = {"pointing_game": float(df.hit.mean()), "pointing_game_chance": float(df.chance.mean()),
+           "box_iou": float(df.iou.mean()), "count": int(len(df))}
+    for word, grp in df.groupby("word"):
+        out[f"per_finding.{word}.pointing_game"] = float(grp.hit.mean())
+        out[f"per_finding.{word}.pointing_game_chance"] = float(grp.chance.mean())
+        out[f"per_finding.{word}.box_iou"] = float(grp.iou.mean())
+        out[f"per_finding.{word}.count"] = int(len(grp))
+    return out
+
+
+def evaluate_adamatch(*, run: Path, data: Path, split: str = "test", out: Path | None = None,
+                      batch_size: int = 32, device: str = "cpu") -> dict:
+    """Score an AdaMatch run on ``split`` of a prepared dataset; write the metrics file to ``out``."""
+    from medvl.config import config_hash
+    from medvl.data.prepared import PreparedDataset
+    from medvl.errors import DataError
+    from medvl.eval.common import metrics_record, write_metrics
+
+    am = AdaMatchRun.load(run, device=device)
+    ds = PreparedDataset(data, split)
+    if len(ds) == 0:
+        raise DataError(f"split '{split}' of {data} has no images with reports")
+    regions = ds.regions()
+    enc = encode_split(am.model, am.tokenizer, ds, batch_size=batch_size, regions=regions, device=device,
+                       progress=True)
+    metrics: dict[str, float] = {}
+    missing: dict[str, str] = {}
+    ret = retrieval_metrics(enc, am.model.cfg.chunk_size)
+    for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"):
+        metrics[f"retrieval.{k}"] = ret[k]
+    loc = localization_metrics(enc.pointing)
+    if loc:
+        for k, v in loc.items():
+            metrics[f"localization.{k}"] = v
+    else:
+        reason = ("the dataset has no regions.csv (ground-truth boxes exist only for IU-Phantom)" if regions is None
+                  else "no region word of this split was found in its report")
+        for k in ("pointing_game", "pointing_game_chance", "box_iou"):
+            metrics[f"localization.{k}"] = math.nan
+            missing[f"localization.{k}"] = reason
+    record = metrics_record(
+        metrics, split=split, num_samples=len(ds), conventions=CONVENTIONS, seed=None,
+        config_hash=config_hash(am.model.cfg), missing=missing,
+        extra={"run": str(run), "data": str(data), "skipped_regions": enc.skipped,
+               "negated_fallback_regions": int(sum(r.negated_fallback for r in enc.pointing)),
+               "patch_mode": str(am.model.cfg.patches.mode.value if hasattr(am.model.cfg.patches.mode, "value")
+                                 else am.model.cfg.patches.mode)})
+    write_metrics(out, record)
+    return record

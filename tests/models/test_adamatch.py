@@ -1,0 +1,248 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medvl.config import CONFIG_ROOT, load_config
+from medvl.errors import RunError
+from medvl.models.adamatch import (
+    AdaMatchConfig,
+    AdaMatchRun,
+    build_adamatch,
+    contrastive_loss,
+    select_words,
+    token_scores,
+)
+from medvl.models.encoders import pool_words
+from medvl.text.tokenizer import ReportTokenizer, train_wordpiece
+from medvl.train.adamatch_stage import AdaMatchStageConfig
+from tests.models.adamatch_fixtures import train_tiny_run
+
+
+def slow_scores(img, txt, i2t_mask, t2i_mask):
+    """Reference: explicit loops over images, reports, patches and words."""
+    bi, bt = img.shape[0], txt.shape[0]
+    s_i2t = torch.zeros(bi, bt, dtype=torch.float64)
+    s_t2i = torch.zeros(bi, bt, dtype=torch.float64)
+    for i in range(bi):
+        for j in range(bt):
+            words = [w for w in range(txt.shape[1]) if i2t_mask[j, w]]
+            s_i2t[i, j] = sum(max(float(img[i, p] @ txt[j, w]) for w in words) for p in range(img.shape[1])) / \
+                img.shape[1]
+            real = [w for w in range(txt.shape[1]) if t2i_mask[j, w]]
+            s_t2i[i, j] = sum(max(float(img[i, p] @ txt[j, w]) for p in range(img.shape[1])) for w in real) / \
+                max(len(real), 1)
+    return s_i2t, s_t2i
+
+
+def slow_loss(s_i2t, s_t2i, scale, groups):
+    b = s_i2t.shape[0]
+    total = 0.0
+    for s in (s_i2t, s_t2i.t()):
+        loss = 0.0
+        for i in range(b):
+            logits = [scale * float(s[i, j]) for j in range(b)]
+            m = max(logits)
+            lse = m + torch.log(torch.tensor([sum(torch.exp(torch.tensor(x - m)) for x in logits)])).item()
+            pos = [j for j in range(b) if groups[i] == groups[j]]
+            loss += -sum(logits[j] - lse for j in pos) / len(pos)
+        total += loss / b
+    return total / 2
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_token_scores_and_loss_match_the_slow_reference(chunk):
+    g = torch.Generator().manual_seed(0)
+    b, p, w, d = 5, 6, 7, 8
+    img = F.normalize(torch.randn(b, p, d, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(b, w, d, generator=g), dim=-1)
+    i2t = torch.rand(b, w, generator=g) > 0.3
+    i2t[:, 0] = True
+    t2i = i2t & (torch.rand(b, w, generator=g) > 0.3)
+    t2i[1] = False  # a report with no affirmed word (scored 0 by t2i here; the model falls back earlier)
+    fast = token_scores(img, txt, i2t, t2i, chunk=chunk)
+    ref = slow_scores(img, txt, i2t, t2i)
+    assert torch.allclose(fast[0].double(), ref[0], atol=1e-5)
+    assert torch.allclose(fast[1].double(), ref[1], atol=1e-5)
+    groups = torch.tensor([0, 1, 2, 1, 3])  # reports 1 and 3 identical: shared target
+    scale = 1 / 0.07
+    loss = 0.5 * (contrastive_loss(scale * fast[0], groups) + contrastive_loss(scale * fast[1].t(), groups))
+    assert float(loss) == pytest.approx(slow_loss(ref[0], ref[1], scale, groups.tolist()), rel=1e-4)
+    plain = contrastive_loss(scale * fast[0])
+    assert float(plain) == pytest.approx(float(F.cross_entropy(scale * fast[0], torch.arange(b))), rel=1e-6)
+
+
+def test_select_words_keeps_masked_positions_in_order():
+    feats = torch.arange(2 * 5, dtype=torch.float32).view(2, 5, 1)
+    wm = torch.tensor([[0, 1, 0, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    mm = torch.tensor([[0, 1, 0, 0, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    sel, w, m = select_words(feats, wm, mm)
+    assert sel[0, :, 0].tolist() == [1, 3, 4] and w[0].all()
+    assert sel[1, 0, 0] == 5 and w[1].tolist() == [True, False, False]
+    assert m[0].tolist() == [True, False, True]
+
+
+def test_pool_words_averages_pieces():
+    h = torch.tensor([[[1.0], [2.0], [4.0], [8.0]]])
+    ids = torch.tensor([[-1, 0, 0, 1]])
+    out = pool_words(h, ids)
+    assert out[0, :, 0].tolist() == [1.0, 3.0, 3.0, 8.0]
+
+
+def _tiny_model(tok):
+    cfg = load_config(AdaMatchStageConfig, CONFIG_ROOT / "adamatch" / "tiny.yaml").model
+    torch.manual_seed(0)
+    return cfg, build_adamatch(cfg, tok)
+
+
+@pytest.fixture(scope="module")
+def toy(tiny_prepared):
+    from medvl.data.prepared import PreparedDataset
+
+    ds = PreparedDataset(tiny_prepared, "train")
+    tok = ReportTokenizer(train_wordpiece(list(ds.index["report"]), 200, 1), 48, 24)
+    return ds, tok
+
+
+def test_model_loss_equals_the_reference_on_its_own_encodings(toy):
+    ds, tok = toy
+    _, model = _tiny_model(tok)
+    model.eval()
+    items = [ds[i] for i in range(6)]
+    images = torch.stack([x["image"] for x in items])
+    batch = tok([x["report"] for x in items])
+    with torch.no_grad():
+        out = model(images, **batch)
+        patches = model.encode_image(images)
+        tokens = model.encode_text(**batch)
+    img = F.normalize(patches.features, dim=-1)
+    txt = F.normalize(tokens.features, dim=-1)
+    ref = slow_scores(img, txt, tokens.word_mask, tokens.match_mask)
+    scale = float(model.logit_scale.detach().exp())
+    expected = slow_loss(ref[0], ref[1], scale, list(range(6)))
+    assert float(out["loss"]) == pytest.approx(expected, rel=1e-4)
+    # negated words are in the i2t mask but not the t2i mask
+    assert bool((tokens.word_mask & ~tokens.match_mask).any())
+
+
+def test_training_lowers_the_loss_and_moves_the_patches(toy):
+    ds, tok = toy
+    _, model = _tiny_model(tok)
+    items = [ds[i] for i in range(12)]
+    images = torch.stack([x["image"] for x in items])
+    batch = tok([x["report"] for x in items])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        out = model(images, **batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(float(out["loss"]))
+    assert losses[-1] < 0.6 * losses[0]
+    assert float(out["mean_shift"]) > 0  # the adaptive layer learned to move
+
+
+def test_local_pretrained_text_encoder(tmp_path, toy):
+    from transformers import BertConfig, BertModel
+
+    ds, tok = toy
+    bert_dir = tmp_path / "tiny-bert"
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=64)
+    torch.manual_seed(1)
+    BertModel(cfg).save_pretrained(str(bert_dir))
+    tok.hf.save_pretrained(str(bert_dir))
+    stage_cfg = load_config(AdaMatchStageConfig, CONFIG_ROOT / "adamatch" / "tiny.yaml",
+                            [f"model.text.pretrained={bert_dir}"])
+    model = build_adamatch(stage_cfg.model, tok)
+    ref = BertModel.from_pretrained(str(bert_dir), local_files_only=True)
+    assert torch.equal(model.text_encoder.encoder.embeddings.word_embeddings.weight,
+                       ref.embeddings.word_embeddings.weight)
+    items = [ds[i] for i in range(4)]
+    out = model(torch.stack([x["image"] for x in items]), **tok([x["report"] for x in items]))
+    out["loss"].backward()
+    assert model.text_encoder.encoder.embeddings.word_embeddings.weight.grad is not None
+    # the run stands alone: saved and reloaded without the original directory
+    run = AdaMatchRun(model, tok)
+    run.save(tmp_path / "run")
+    import shutil
+
+    shutil.rmtree(bert_dir)
+    again = AdaMatchRun.load(tmp_path / "run")
+    x = torch.stack([x["image"] for x in items])
+    assert torch.allclose(again.scores(x, ["Cardiomegaly."])[1], run.scores(x, ["Cardiomegaly."])[1], atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_prepared, tmp_path_factory):
+    return train_tiny_run(tiny_prepared, tmp_path_factory.mktemp("am") / "run")
+
+
+def test_run_roundtrip_keywords_and_keypatches(tiny_run, tiny_prepared):
+    from medvl.data.prepared import PreparedDataset
+
+    run = AdaMatchRun.load(tiny_run)
+    meta = json.loads((tiny_run / "adamatch" / "adamatch.json").read_text())
+    assert meta["model"]["patches"]["mode"] == "adaptive"
+    assert run.embed_dim == 32 and run.image_size == 64
+    ds = PreparedDataset(tiny_prepared, "test")
+    images = torch.stack([ds[i]["image"] for i in range(3)])
+    patches = run.encode_images(images)
+    p = run.model.num_patches
+    assert patches.features.shape == (3, p, 32) and patches.boxes.shape == (3, p, 4)
+    tok = run.tokenize(["Small left pleural effusion.", "Cardiomegaly."])
+    text = run.model.encode_text(**tok)
+    assert text.features.shape[:2] == tok["input_ids"].shape and text.word_mask.dtype == torch.bool
+
+    assert 0 < len(run.keywords) <= 40 and "effusion" in run.keywords.words
+    assert "no" not in run.keywords.words and "the" not in run.keywords.words
+    kws = run.image_keywords(images, top_k=4)
+    assert len(kws) == 3 and all(len(row) == 4 for row in kws)
+    for row in kws:
+        assert [k.score for k in row] == sorted([k.score for k in row], reverse=True)
+        for k in row:
+            assert k.word in run.keywords.words and 0 <= k.box[0] <= k.box[2] <= 1 and 0 <= k.patch < p
+
+    kp = run.report_keypatches(["Small left pleural effusion.", "Cardiomegaly. No effusion."], top_k=5)
+    assert kp.features.shape == (2, 5, 32) and kp.boxes.shape == (2, 5, 4) and kp.scores.shape == (2, 5)
+    assert kp.crops.shape == (2, 5, 16, 16) and kp.crops.dtype == torch.uint8
+    assert (kp.scores[:, :-1] >= kp.scores[:, 1:]).all()
+    assert len(kp.words) == 2 and len(kp.words[0]) == 5
+
+    # the copy another stage keeps is loadable from that run
+    from medvl.models.adamatch import copy_adamatch
+
+    other = tiny_run.parent / "report_run"
+    copy_adamatch(tiny_run, other)
+    again = AdaMatchRun.load(other)
+    assert torch.allclose(again.encode_images(images).features, patches.features)
+
+
+def test_bad_runs_and_inputs_raise_clear_errors(tiny_run, tmp_path):
+    from medvl.errors import InvalidImageError, InvalidReportError
+
+    with pytest.raises(RunError, match="no AdaMatch model"):
+        AdaMatchRun.load(tmp_path)
+    with pytest.raises(RunError, match="does not exist"):
+        AdaMatchRun.load(tmp_path / "missing")
+    run = AdaMatchRun.load(tiny_run)
+    with pytest.raises(InvalidImageError, match="range"):
+        run.encode_images(torch.rand(1, 1, 64, 64) * 4000)
+    with pytest.warns(UserWarning, match="look like"):
+        run.encode_images(torch.rand(1, 1, 64, 64) * 255)  # 8-bit pixels: medvl wants [-1024, 1024]
+    with pytest.raises(InvalidReportError):
+        run.report_keypatches([""])
+
+
+def test_config_rejects_bad_values():
+    from medvl.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        load_config(AdaMatchStageConfig, None, ["model.temperature=0"])
+    with pytest.raises(ConfigError, match="model.patches.mode"):
+        load_config(AdaMatchStageConfig, None, ["model.patches.mode=boxes"])
+    assert isinstance(AdaMatchConfig().embed_dim, int)

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medvl.errors import ConfigError, InvalidReportError
+from medvl.text.tokenizer import ReportTokenizer, load_hf_tokenizer, negated_spans, train_wordpiece
+
+REPORTS = [
+    "Small left pleural effusion. No pneumothorax.",
+    "The lungs are clear. No pleural effusion or pneumothorax. Heart size is normal.",
+    "Cardiomegaly with pulmonary vascular congestion.",
+    "Right lower lobe opacity concerning for pneumonia.",
+] * 3
+
+
+@pytest.fixture(scope="module")
+def tok() -> ReportTokenizer:
+    return ReportTokenizer(train_wordpiece(REPORTS, vocab_size=120, min_frequency=1), max_tokens=64, max_words=32)
+
+
+def test_pieces_map_to_words_and_masks_mark_content(tok):
+    enc = tok.encode(["Small left pleural effusion. No pneumothorax."])
+    words = [w.text for w in enc.words[0]]
+    assert words == ["Small", "left", "pleural", "effusion", ".", "No", "pneumothorax", "."]
+    ids = enc.word_ids[0]
+    assert ids[0] == -1 and ids[int(enc.attention_mask[0].sum()) - 1] == -1  # [CLS], [SEP]
+    # every word's first piece is found, in order, and pieces of one word share its id
+    firsts = [int(torch.nonzero(ids == j)[0]) for j in range(len(words))]
+    assert firsts == sorted(firsts)
+    marked = [enc.words[0][int(ids[t])].text for t in torch.nonzero(enc.word_mask[0]).flatten()]
+    affirmed = [enc.words[0][int(ids[t])].text for t in torch.nonzero(enc.match_mask[0]).flatten()]
+    assert marked == ["Small", "left", "pleural", "effusion", "pneumothorax"]  # no "No", no punctuation
+    assert affirmed == ["Small", "left", "pleural", "effusion"]  # negated "pneumothorax" left out
+
+
+def test_negated_phrase_words_are_out_of_the_match_mask(tok):
+    enc = tok.encode(["The lungs are clear. No pleural effusion or pneumothorax. Heart size is normal."])
+    neg = {w.text.lower() for w in enc.words[0] if w.negated}
+    assert {"effusion", "pneumothorax"} <= neg
+    assert "lungs" not in neg
+    text = "Cardiomegaly. No focal consolidation."
+    covered = " ".join(text[a:e] for a, e in negated_spans(text))
+    assert "consolidation" in covered and "Cardiomegaly" not in covered
+
+
+def test_word_cap_and_padding(tok):
+    small = ReportTokenizer(tok.hf, max_tokens=64, max_words=3)
+    enc = small.encode(["Small left pleural effusion with cardiomegaly.", "Cardiomegaly."])
+    assert enc.word_mask.sum(1).tolist() == [3, 1]
+    assert enc.input_ids.shape == enc.word_ids.shape == enc.match_mask.shape
+    assert (enc.word_ids[1][enc.attention_mask[1] == 0] == -1).all()
+
+
+def test_empty_reports_are_rejected(tok):
+    with pytest.raises(InvalidReportError, match="empty"):
+        tok.encode(["Cardiomegaly.", "   "])
+
+
+def test_save_and_load_roundtrip(tok, tmp_path):
+    tok.save(tmp_path / "tok")
+    again = ReportTokenizer.load(tmp_path / "tok")
+    a, b = tok(REPORTS[:3]), again(REPORTS[:3])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert again.max_words == tok.max_words
+
+
+def test_local_hf_tokenizer_directory(tok, tmp_path):
+    tok.hf.save_pretrained(str(tmp_path / "hf"))
+    hf = load_hf_tokenizer(tmp_path / "hf")
+    assert hf.is_fast
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_hf_tokenizer(tmp_path / "nowhere")
