@@ -152,7 +152,7 @@ _UNC_PRE = _rx(
     r"compatible\s+with|can\s*not\s+(?:be\s+)?(?:\w+\s+)?(?:exclude[ds]?|ruled?\s+out)|"
     r"not\s+(?:be\s+)?(?:\w+\s+)?(?:excluded|ruled\s+out)|rule\s+out|r/o|differential|versus|vs|"
     r"consider(?:ed|ation)?|presum(?:ed|ably|ptive)|equivocal|indeterminate|borderline|uncertain|"
-    r"favou?r(?:s|ed|ing)?|perhaps|or\s+less\s+likely)\b|\?"
+    r"favou?r(?:s|ed|ing)?|perhaps|or\s+less\s+likely|evaluat\w*\s+for|assess\w*\s+for)\b|\?"
 )
 _UNC_POST = _rx(
     r"\b(?:(?:is|are)\s+)?(?:can\s*not|not|could\s+not)\s+(?:be\s+)?(?:\w+\s+)?(?:excluded|ruled\s+out)\b"
@@ -166,10 +166,11 @@ _SCOPE_BREAK = _rx(
     r"\b(?:but|however|although|though|while|whereas|which|that|who|there\s+(?:is|are|was|were|has|have)|with|"
     r"except|aside|apart|other\s+than|given|because|due\s+to|as\s+well\s+as|persist\w*|remains?|"
     r"(?:is|are)\s+(?:seen|noted|present|identified|unchanged|stable))\b"
-    r"|[,;]\s*(?:and\s+|but\s+)?(?:the|a|an|there|mild|mildly|moderate|moderately|small|large|severe|trace|"
-    r"minimal|stable|persistent|chronic|unchanged|improved|improving|increased|increasing|decreased|decreasing|"
-    r"worsening|worsened|again|old|healed|calcified|however|otherwise|status|s/p|post|likely|probable|"
-    r"possible)\b"
+    # A list item after a comma that starts like a new statement ("no effusion, stable cardiomegaly"); severity
+    # words do not count: "no consolidation, large effusion or pneumothorax" is one negated list.
+    r"|[,;]\s*(?:and\s+|but\s+)?(?:the|a|an|there|stable|persistent|chronic|unchanged|improved|improving|"
+    r"increased|increasing|decreased|decreasing|worsening|worsened|again|old|healed|calcified|however|otherwise|"
+    r"status|s/p|post|likely|probable|possible)\b"
     r"|\band\s+(?:the|there|a|an)\b"
 )
 _WORD = re.compile(r"[A-Za-z0-9']+")
@@ -226,6 +227,12 @@ def _cue_after(suffix: str, cue: re.Pattern[str], mask: re.Pattern[str] | None,
     return first
 
 
+# "{mention} is normal" / "... within normal limits" negates only when nothing but other mentions stands between
+# ("heart size and pulmonary vascular engorgement appear within limits of normal").
+_NEG_POST_NORMAL = _rx(
+    r"\b(?:is|are|appears?|remains?|seems?)\s+(?:\w+\s+)?(?:normal|unremarkable|within\s+(?:the\s+)?"
+    r"(?:normal\s+limits|limits\s+of\s+normal))\b"
+)
 _NEG_POST_MASK = _rx(r"\b(?:partially|partly|nearly|mostly|largely|almost|incompletely|not\s+(?:completely|entirely|fully))\s+(?:resolved|cleared)\b")
 
 
@@ -314,17 +321,27 @@ def _clause_of(clauses: list[tuple[int, int, int]], starts: list[int], pos: int)
     return max(0, bisect.bisect_right(starts, pos) - 1)
 
 
+def _head_span(m: re.Match[str]) -> tuple[int, int] | None:
+    """The span of the named group ``head`` (or ``head2`` in patterns with two alternatives), if it matched."""
+    for name in ("head", "head2"):
+        if name in m.re.groupindex and m.group(name):
+            return m.span(name)
+    return None
+
+
 def _phrase_candidates(report: str, rule: PhraseRule) -> Iterable[_Candidate]:
     for m in rule.pattern.finditer(report):
         if rule.exclude_before is not None and rule.exclude_before.search(report, max(0, m.start() - 40), m.start()):
             continue
         if rule.exclude_after is not None and rule.exclude_after.match(report, m.end()):
             continue
-        head = m.span("head") if "head" in rule.pattern.groupindex and m.group("head") else None
+        head = _head_span(m)
         yield _Candidate(rule.observation, rule.finding, m.start(), m.end(), head, rule.device, rule.value, False)
 
 
-_SUBJECT_VERB = _rx(r"\b(?:is|are|was|were|appears?|remains?|seems?|has|have)\b")
+# "XXXX" is IU X-ray's de-identification mark; in "heart size XXXX mildly enlarged" it stands for a verb.
+_SUBJECT_VERB = _rx(r"\b(?:is|are|was|were|appears?|appearing|remains?|seems?|looks?|has|have|measures?|xxxx)\b")
+_SUBJECT_ADJACENT = _rx(r"[\s,]*(?:(?:at|near|within|to|in)\s+)?(?:the\s+)?(?:\w+ly\s+)?")
 _SUBJECT_STOP = _rx(r";|\b(?:with|but|which|there|however|although|whereas)\b")
 _SUBJECT_WORDS = 8
 _PREMOD_CHARS = 48
@@ -337,7 +354,7 @@ def _subject_candidates(report: str, rule: SubjectRule, clauses: list[tuple[int,
         if rule.exclude_after is not None and rule.exclude_after.match(report, m.end()):
             continue
         c_start, c_end, _ = clauses[_clause_of(clauses, starts, m.start())]
-        head = m.span("head") if "head" in rule.subject.groupindex and m.group("head") else None
+        head = _head_span(m)
         pre = report[max(c_start, m.start() - _PREMOD_CHARS):m.start()]
         pm = rule.premodifier.search(pre)
         if pm is not None:
@@ -359,6 +376,12 @@ def _subject_candidates(report: str, rule: SubjectRule, clauses: list[tuple[int,
             window = window[:words[_SUBJECT_WORDS].start()]
         pred = rule.predicate.search(window)
         if pred is None:
+            continue
+        # The predicate must be the subject's: after a copula ("heart size is ... enlarged") or right after it
+        # ("heart size normal", "heart size at the upper limits of normal"), not "mediastinal nodes as well as
+        # large calcifications".
+        between = window[:pred.start()]
+        if not (_SUBJECT_VERB.search(between) or _SUBJECT_ADJACENT.fullmatch(between)):
             continue
         yield _Candidate(rule.observation, rule.finding, m.start(), m.end() + pred.end(), head, None,
                          _VALUE_OF_GROUP[pred.lastgroup], True)
@@ -385,6 +408,11 @@ def _value(report: str, c: _Candidate, clause: tuple[int, int, int], others: lis
     negated = _cue_before(prefix, _NEG_PRE, _NEG_MASK, _PRE_SCOPE_WORDS, others, c_start) is not None
     if not negated and not c.subject:
         negated = _cue_after(suffix, _NEG_POST, _NEG_POST_MASK, others, c.end) is not None
+        if not negated:
+            m = _NEG_POST_NORMAL.search(suffix)
+            if m is not None:
+                between = _gap_text(suffix, 0, m.start(), [(a - c.end, b - c.end) for a, b in others])
+                negated = len(_WORD.findall(between)) <= 2 and not _SCOPE_BREAK.search(between)
     if c.fixed is not None:
         if c.fixed == NEGATIVE or negated:
             return NEGATIVE

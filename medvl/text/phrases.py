@@ -50,7 +50,7 @@ class Finding(str, Enum):
 #: Device kinds that :attr:`Mention.device` takes for Support Devices.
 DEVICE_KINDS: tuple[str, ...] = (
     "pacemaker", "tube", "line", "catheter", "port", "clip", "wire", "stent", "valve", "hardware", "drain",
-    "coil", "filter", "prosthesis", "device",
+    "coil", "filter", "prosthesis", "suture", "device",
 )
 
 _FLAGS = re.IGNORECASE
@@ -65,7 +65,7 @@ class PhraseRule:
     """A phrase that names a finding.
 
     ``exclude_before`` is searched in the (up to) 40 characters before the match and must end at the match
-    (anchor it with ``$``); ``exclude_after`` is matched at the text right after it. ``value`` fixes the value
+    (anchor it with ``$``); ``exclude_after`` is matched (``re.match``, no ``^``) right after it. ``value`` fixes the value
     (e.g. "sharp costophrenic angles" is always a negative effusion mention); otherwise context decides.
     """
 
@@ -99,13 +99,17 @@ class SubjectRule:
 _ADV = r"(?:(?:mildly|minimally|moderately|markedly|severely|slightly|significantly|massively|borderline|substantially|somewhat|again|still|now|stably|diffusely|globally|grossly)\s+)?"
 _SIDE = r"(?:(?:right|left|bilateral|lateral|posterior|both|the)\s+)*"
 
+# Indexers at NLM read "borderline" heart size as (borderline) cardiomegaly but "upper limits of normal" as
+# normal (52/56 vs 10/121 IU reports indexed Cardiomegaly): the first is uncertain, the second negative.
 _CARDIO_BORDERLINE = (
-    r"borderline(?:\s+(?:enlarged|large|in\s+size|cardiomegaly|size|prominent))?|at\s+(?:the\s+)?upper\s+(?:limits?|range)\s+of\s+normal"
-    r"|upper\s+(?:limits?|range)\s+of\s+normal|(?:at\s+)?(?:the\s+)?(?:top|high|upper)[-\s]+normal|normal\s+to\s+(?:mildly\s+|minimally\s+|slightly\s+)?(?:enlarged|large|prominent)"
+    r"borderline(?:\s+(?:enlarged|large|in\s+size|cardiomegaly|size|prominent))?"
+    r"|(?:(?:at\s+)?(?:the\s+)?(?:upper|top|high)[-\s]+(?:limits?\s+(?:of\s+)?|range\s+of\s+)?)?normal\s+(?:to|or)\s+"
+    r"(?:mildly\s+|minimally\s+|slightly\s+|borderline\s+)?(?:enlarged|large|prominent)"
     r"|(?:possibly|questionably|possibly\s+mildly|perhaps)\s+(?:enlarged|large|prominent)"
 )
 _CARDIO_NORMAL = (
-    r"not\s+(?:\w+\s+)?(?:enlarged|large|increased|widened|prominent)|normal|within\s+normal\s+limits|unremarkable|upper\s+limits\s+normal\s+size"
+    r"not\s+(?:\w+\s+)?(?:enlarged|large|increased|widened|prominent)|normal|within\s+normal\s+limits|unremarkable"
+    r"|(?:at\s+)?(?:the\s+)?(?:upper|top|high)[-\s]+(?:limits?\s+(?:of\s+)?|range\s+of\s+)?normal"
     r"|no\s+(?:evidence\s+of\s+)?(?:enlargement|cardiomegaly)"
 )
 
@@ -140,42 +144,42 @@ SUBJECT_RULES: tuple[SubjectRule, ...] = (
         _predicate(_ENLARGED, _CARDIO_NORMAL, _CARDIO_BORDERLINE),
         _premodifier(
             _ADV + r"(?:enlarged|large|prominent|increased|big|globular)",
-            r"normal(?:[-\s]+(?:sized?|appearing|in\s+size))?|not\s+enlarged|stable\s+normal",
-            r"borderline(?:[-\s]+(?:enlarged|large|prominent|sized?))?|top[-\s]+normal(?:[-\s]+sized?)?|(?:upper|high)[-\s]+normal(?:[-\s]+sized?)?",
+            r"(?:(?:top|upper|high)[-\s]+)?normal(?:[-\s]+(?:sized?|appearing|in\s+size))?|not\s+enlarged|stable\s+normal",
+            r"borderline(?:[-\s]+(?:enlarged|large|prominent|sized?))?",
         ),
-        exclude_after=_rx(r"^\s*(?:failure|disease|valve|surgery|catheterization|transplant)"),
+        exclude_after=_rx(r"\s*(?:failure|disease|valve|surgery|catheterization|transplant)"),
     ),
     SubjectRule(
         "Enlarged Cardiomediastinum", Finding.ENLARGED_CARDIOMEDIASTINUM,
         _rx(
-            r"\b(?:cardio[-\s]?mediastinal|mediastinal)(?:\s+(?:silhouettes?|contours?|shadow|size|width|structures|borders?|outlines?))?\b"
-            r"|\b(?:superior\s+)?(?:cardio)?mediastinum\b"
+            r"\b(?:cardio[-\s]?mediastinal|(?:(?:superior|upper)\s+)?mediastinal)(?:\s+(?:silhouettes?|contours?|shadow|size|width|structures|borders?|outlines?))?\b"
+            r"|\b(?:(?:superior|upper)\s+)?(?:cardio)?mediastinum\b"
         ),
         _predicate(_WIDENED, _CARDIO_NORMAL, _CARDIO_BORDERLINE),
         _premodifier(
             _ADV + r"(?:enlarged|widened|wide|prominent|increased|broad|broadened)",
-            r"normal(?:[-\s]+(?:sized?|appearing|in\s+size))?|stable\s+normal",
-            r"borderline(?:[-\s]+(?:enlarged|widened|prominent))?|(?:top|upper|high)[-\s]+normal",
+            r"(?:(?:top|upper|high)[-\s]+)?normal(?:[-\s]+(?:sized?|appearing|in\s+size))?|stable\s+normal",
+            r"borderline(?:[-\s]+(?:enlarged|widened|prominent))?",
         ),
-        exclude_after=_rx(r"^\s*(?:lymph|nodes?|adenopathy|lymphadenopathy|mass|masses|air|emphysema|shift)"),
+        exclude_after=_rx(r"\s*(?:lymph|nodes?|adenopathy|lymphadenopathy|mass|masses|air|emphysema|shift)"),
     ),
     SubjectRule(
         "Lung Opacity", Finding.OPACITY,
-        _rx(r"\b(?:(?:interstitial|bronchovascular|lung|pulmonary|reticular|reticulonodular|parenchymal)\s+)(?P<head>markings?)\b"),
+        _rx(r"\b(?:(?:interstitial|bronchovascular|lung|pulmonary|reticular|reticulonodular|parenchymal)\s+)+(?P<head>markings?)\b"),
         _predicate(
             _ADV + r"(?:increased|prominent|prominence|coarse|coarsened|coarsening|accentuated|accentuation|chronic|thickened|reticular|streaky)",
             r"normal|within\s+normal\s+limits|unremarkable|not\s+(?:\w+\s+)?(?:increased|prominent)",
             None,
         ),
         _premodifier(
-            _ADV + r"(?:increased|prominent|coarse|coarsened|accentuated|chronic|diffuse|bilateral|reticular|streaky|prominence\s+of|increase\s+in|accentuation\s+of|(?:mild|minimal|slight)\s+(?:increase|prominence)\s+(?:in|of))",
+            _ADV + r"(?:increased|prominent|coarse|coarsened|accentuated|chronic(?:ally\s+increased|[-\s]appearing)?|diffuse|bilateral|reticular|streaky|irregular|prominence\s+of|increase\s+in|accentuation\s+of|(?:mild|minimal|slight)\s+(?:increase|prominence)\s+(?:in|of))",
             r"normal",
             None,
         ),
     ),
     SubjectRule(
         "Edema", Finding.EDEMA,
-        _rx(r"\b(?:pulmonary\s+|central\s+|hilar\s+)*(?P<head>vascularity|vasculature|vascular\s+markings|vessels)\b"),
+        _rx(r"\b(?:pulmonary\s+|central\s+|hilar\s+|lung\s+)*(?P<head>vascularity|vasculature|vascular\s+markings|vessels)\b"),
         _predicate(
             _ADV + r"(?:increased|prominent|engorged|indistinct|congested|cephalized|cephalization|redistributed|redistribution|plethoric)",
             r"normal|within\s+normal\s+limits|unremarkable|not\s+(?:\w+\s+)?(?:increased|prominent|engorged|congested)",
@@ -200,11 +204,15 @@ _add("Cardiomegaly", Finding.CARDIOMEGALY, r"\b(?P<head>cardiomegaly)\b")
 _add("Cardiomegaly", Finding.CARDIOMEGALY,
      r"\b(?:cardiac|heart)\s+(?:silhouette\s+|shadow\s+|size\s+)?(?P<head>enlargement)\b")
 _add("Cardiomegaly", Finding.CARDIOMEGALY,
-     r"\b(?P<head>enlargement)\s+of\s+the\s+(?:heart|cardiac\s+(?:silhouette|shadow|size|contours?))\b")
+     r"\b(?P<head>enlargement|prominence)\s+of\s+the\s+(?:(?:right|left)\s+)?(?:heart|cardiac\s+(?:silhouette|shadow|size|contours?))\b")
+# "interval increase in heart size" (but "no increase in heart size" says nothing about cardiomegaly)
+_add("Cardiomegaly", Finding.CARDIOMEGALY,
+     r"\b(?P<head>increase)\s+in\s+(?:the\s+)?(?:heart\s+size|size\s+of\s+the\s+(?:heart|cardiac\s+silhouette)|cardiac\s+(?:size|silhouette))\b",
+     before=r"\bno\s+(?:\w+\s+){0,2}$")
 _add("Enlarged Cardiomediastinum", Finding.ENLARGED_CARDIOMEDIASTINUM,
      r"\b(?:cardio[-\s]?mediastinal|mediastinal)\s+(?:silhouette\s+|contours?\s+)?(?P<head>widening|enlargement)\b")
 _add("Enlarged Cardiomediastinum", Finding.ENLARGED_CARDIOMEDIASTINUM,
-     r"\b(?P<head>widening|enlargement)\s+of\s+the\s+(?:superior\s+)?(?:cardio)?mediastin(?:um|al\s+(?:silhouette|contours?))\b")
+     r"\b(?P<head>widening|enlargement|prominence|fullness)\s+of\s+the\s+(?:(?:superior|upper)\s+)?(?:cardio)?mediastin(?:um|al\s+(?:silhouette|contours?|shadow))\b")
 
 # Pleural Effusion
 _add("Pleural Effusion", Finding.EFFUSION, r"\b(?:pleural\s+)?(?P<head>effusions?)\b",
@@ -226,12 +234,13 @@ _add("Pleural Effusion", Finding.EFFUSION,
 
 # Pneumothorax
 _add("Pneumothorax", Finding.PNEUMOTHORAX, r"\b(?P<head>(?:hydro)?pneumothora(?:x|ces|xes|xs))\b")
+_add("Pneumothorax", Finding.PNEUMOTHORAX, r"\bpleural\s+(?P<head>air)\b(?:\s+collections?)?")
 
 # Consolidation
 _add("Consolidation", Finding.CONSOLIDATION, r"\b(?P<head>consolidat(?:ion|ions|ive|ed|ing))\b")
 
 # Pneumonia
-_add("Pneumonia", Finding.PNEUMONIA, r"\b(?P<head>(?:broncho)?pneumonias?)\b")
+_add("Pneumonia", Finding.PNEUMONIA, r"\b(?P<head>(?:broncho)?pneumonias?|pneumonitis)\b")
 _add("Pneumonia", Finding.PNEUMONIA, r"\b(?P<head>infections?)\b",
      before=r"\b(?:granulomatous|prior|old|remote|previous|healed|past|tb|tuberculous|fungal|histoplasm\w*|viral|urinary|skin)\s+(?:\w+\s+)?$")
 _add("Pneumonia", Finding.PNEUMONIA, r"\b(?P<head>infectious)\s+(?:\w+\s+)?(?:process|etiology|cause|infiltrates?|disease|pneumonitis|consolidation)\b")
@@ -245,7 +254,12 @@ _add("Atelectasis", Finding.ATELECTASIS, r"\b(?P<head>collapsed)\s+(?:\w+\s+){0,
 # Edema
 _add("Edema", Finding.EDEMA, r"\b(?P<head>edema|oedema|edematous)\b",
      before=r"\b(?:soft[-\s]tissue|subcutaneous|extremity|facial|chest\s+wall|mucosal|leg|pedal|scalp|airway)\s+(?:\w+\s+)?$")
-_add("Edema", Finding.EDEMA, r"\b(?:pulmonary\s+|vascular\s+|venous\s+|interstitial\s+|central\s+|hilar\s+|perihilar\s+)+(?P<head>congestion)\b")
+_add("Edema", Finding.EDEMA, r"\b(?:(?:pulmonary|vascular|venous|interstitial|central|hilar|perihilar|mild|moderate)\s+)*(?P<head>congestion)\b",
+     before=r"\b(?:nasal|sinus|hepatic|liver|splenic)\s+$")
+_add("Edema", Finding.EDEMA, r"\b(?:pulmonary\s+|central\s+|hilar\s+)*vascular\s+(?P<head>prominence|engorgement|redistribution|indistinctness|plethora)\b")
+_add("Edema", Finding.EDEMA, r"\bpulmonary\s+venous\s+(?P<head>hypertension|engorgement)\b")
+_add("Edema", Finding.EDEMA, r"\bpulmonary\s+xxxx\s+(?:are|is|appear|appears)\s+(?:\w+ly\s+)?(?P<head>engorged)\b")
+_add("Edema", Finding.EDEMA, r"\b(?P<head>indistinct)\s+(?:pulmonary\s+|central\s+|hilar\s+)?vascula\w+(?:\s+margin\w*)?")
 _add("Edema", Finding.EDEMA, r"\b(?P<head>congestive)\s+(?:heart\s+)?failure\b")
 _add("Edema", Finding.EDEMA, r"\b(?P<head>chf)\b")
 _add("Edema", Finding.EDEMA, r"\bheart\s+(?P<head>failure)\b")
@@ -282,7 +296,7 @@ _add("Lung Lesion", Finding.NODULE, r"\b(?P<head>lesions?)\b",
      before=r"\b(?:lytic|sclerotic|blastic|bone|bony|osseous|skin|cutaneous|osteolytic|expansile|rib|spine|spinal|vertebral|liver|hepatic)[\s-]+(?:\w+\s+)?$")
 _add("Lung Lesion", Finding.MASS, r"\b(?P<head>mass(?:es)?)\b",
      before=r"\b(?:soft\s+tissue|muscle|bone|breast|body|chest\s+wall|thyroid|abdominal|neck)[\s-]+(?:\w+\s+)?$",
-     after=r"^[\s-]+effect")
+     after=r"[\s-]+effect")
 _add("Lung Lesion", Finding.MASS, r"\b(?P<head>tumou?rs?|neoplasms?|neoplastic|carcinoma|malignancy|cancer|metastas[ie]s|metastatic)\b",
      before=r"\b(?:breast|prostate|colon|renal|thyroid|bladder|skin|ovarian|cervical|uterine)\s+$")
 _add("Lung Lesion", Finding.MASS, r"\bcavitary\s+(?P<head>lesions?|masse?s?|nodules?)\b")
@@ -297,6 +311,10 @@ _add("Pleural Other", Finding.PLEURAL_OTHER,
      r"\b(?:pleuroparenchymal|pleural[-\s]parenchymal|pleural[-\s]+based|parenchymal[-\s]pleural)\s+(?P<head>scarring|scars?|thickening|opacit(?:y|ies)|densit(?:y|ies)|changes?|fibrosis)\b")
 _add("Pleural Other", Finding.PLEURAL_OTHER, r"\b(?P<head>thickening)\s+of\s+the\s+" + _SIDE + r"(?:apical\s+)?pleura\b")
 _add("Pleural Other", Finding.PLEURAL_OTHER, r"\b(?P<head>fibrothorax|pleurodesis)\b")
+_add("Pleural Other", Finding.PLEURAL_OTHER, r"\b(?:interlobar\s+)?(?:fissural|fissure)\s+(?P<head>thickening)\b")
+_add("Pleural Other", Finding.PLEURAL_OTHER, r"\b(?P<head>thickening)\s+(?:in|of)\s+the\s+(?:\w+\s+){0,2}fissures?\b")
+_add("Pleural Other", Finding.PLEURAL_OTHER, r"\bpleural[-\s]\w+\s+(?P<head>scarring|scars?|thickening)\b",
+     before=r"\b(?:no|without)\s+$")
 _add("Pleural Other", Finding.PLEURAL_OTHER, r"\bapical\s+(?:pleural\s+)?(?P<head>cap(?:s|ping)?)\b")
 _add("Pleural Other", Finding.PLEURAL_OTHER, r"\b(?:calcified\s+)?(?P<head>plaques?)\b",
      before=r"\b(?:atherosclerotic|aortic|vascular|arterial|pleural|calcified\s+pleural)[\s-]+(?:\w+\s+)?$")
@@ -324,8 +342,7 @@ _add(_SD, Finding.DEVICE, r"\b(?:surgical|vascular|cholecystectomy|metallic|meta
 _add(_SD, Finding.DEVICE, r"\b(?:median\s+)?(?:sternotomy|sternal|cerclage|surgical|metallic|suture)\s+(?P<head>wires?|sutures)\b", device="wire")
 _add(_SD, Finding.DEVICE, r"\b(?P<head>wires?)\b", device="wire",
      before=r"\b(?:guide|pacer|pacemaker|pacing|transvenous|epicardial|icd|aicd|defibrillator|ventricular|atrial|cardiac)\s+$")
-_add(_SD, Finding.DEVICE, r"\b(?:median\s+)?(?P<head>sternotomy)\b", device="wire",
-     after=r"^\s+(?:wires?|sutures)\b")
+# A bare "sternotomy" is a procedure, not a device: NLM's indexers do not index it as one (its wires are).
 _add(_SD, Finding.DEVICE, r"\b(?P<head>stents?)\b", device="stent")
 _add(_SD, Finding.DEVICE, r"\b(?:prosthetic|mechanical|artificial|bioprosthetic|replacement)\s+(?:\w+\s+)?(?P<head>valves?)\b", device="valve")
 _add(_SD, Finding.DEVICE, r"\b(?:aortic|mitral|tricuspid)\s+(?P<head>valve)\s+(?:replacement|prosthes[ie]s)\b", device="valve")
@@ -335,6 +352,16 @@ _add(_SD, Finding.DEVICE, r"\b(?:chest\s+|pleural\s+|surgical\s+|mediastinal\s+|
 _add(_SD, Finding.DEVICE, r"\b(?:embolization\s+)?(?P<head>coils?)\b", device="coil")
 _add(_SD, Finding.DEVICE, r"\b(?:ivc|vena\s+cava|caval)\s+(?P<head>filter)\b", device="filter")
 _add(_SD, Finding.DEVICE, r"\b(?P<head>prosthes[ie]s|arthroplasty|arthroplasties|implants?)\b", device="prosthesis")
+# IU X-ray redacts some words as "XXXX": "left chest XXXX with tip in the SVC" is a port or catheter.
+_add(_SD, Finding.DEVICE, r"\b(?:chest|chest\s+wall|ij|subclavian|jugular)\s+(?P<head>xxxx)\s+(?:with\s+(?:its\s+|the\s+|a\s+)?|whose\s+)?(?:distal\s+)?tip\b", device="catheter")
+_add(_SD, Finding.DEVICE, r"\b(?:cardiac|pacer|pacemaker|pulse|xxxx)\s+(?P<head>generator)\b", device="pacemaker")
+_add(_SD, Finding.DEVICE, r"\b(?P<head>leads?)\s+(?:\w+\s+){0,3}(?:the\s+)?(?:right|left)\s+(?:atri|ventric)\w*", device="pacemaker")
+_add(_SD, Finding.DEVICE, r"\b(?:\w+\s+)?(?P<head>stimulator)\b", device="device")
+_add(_SD, Finding.DEVICE, r"\b(?:vp|ventriculoperitoneal|ventriculoatrial|shunt)\s+(?P<head>shunt|tubing|catheter)\b", device="tube")
+_add(_SD, Finding.DEVICE, r"\b(?:cardiac\s+|heart\s+)?(?P<head>valve)\s+(?:replacement|prosthes[ie]s)\b", device="valve")
+_add(_SD, Finding.DEVICE, r"\b(?:internal\s+)?(?P<head>fixation)\b", device="hardware")
+_add(_SD, Finding.DEVICE, r"\b(?:bone|suture)\s+(?P<head>anchors?)\b", device="hardware")
+_add(_SD, Finding.DEVICE, r"\b(?:surgical\s+|radiopaque\s+)?(?P<head>sutures?)(?:\s+(?:material|line))?\b", device="suture")
 _add(_SD, Finding.DEVICE, r"\b(?:ecg|ekg|telemetry|monitoring|cardiac\s+monitoring)\s+(?P<head>leads?|electrodes?|wires?)\b", device="wire")
 _add(_SD, Finding.DEVICE, r"\b(?:loop\s+|cardiac\s+|event\s+)(?P<head>recorder|monitor)\b", device="device")
 _add(_SD, Finding.DEVICE, r"\b(?:medical|support|cardiac|implanted|implantable|monitoring|electronic|surgical|metallic)\s+(?P<head>devices?)\b", device="device")
