@@ -17,6 +17,7 @@ Labels are mapped by column name, never by position. Every metadata row that is 
 
 from __future__ import annotations
 
+import os
 import re
 import time
 import zipfile
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from medvl.data.images import ResizeFit
 from medvl.data.prepared import SPLITS, build_image_cache, finish_prepare
@@ -160,17 +162,29 @@ def prepare_mimic(root: str | Path, out: str | Path, *, size: int = 256, views: 
     labels_of = read_chexpert(tables.chexpert) if tables.chexpert is not None else {}
     blank = np.full(len(CHEXPERT_LABELS), np.nan, dtype=np.float32)
     reports = ReportStore(root)
-    parsed: dict[str, object] = {}
+    # Per study: (findings, impression, chosen text, reason when there is none); None when no report file.
+    texts: dict[str, tuple[str, str, str, str] | None] = {}
+    listings: dict[str, frozenset[str]] = {}
     views_text = ",".join(views)
+
+    def find_image(folder: str, dicom_id: str) -> str | None:
+        if folder not in listings:  # one directory listing per study instead of a stat per suffix
+            try:
+                listings[folder] = frozenset(os.listdir(root / folder))
+            except (FileNotFoundError, NotADirectoryError):
+                listings[folder] = frozenset()
+        return next((f"{folder}/{dicom_id}{s}" for s in IMAGE_SUFFIXES if f"{dicom_id}{s}" in listings[folder]),
+                    None)
 
     skipped: list[tuple[str, str]] = []
     rows: list[dict] = []
     suffix_counts = {s: 0 for s in IMAGE_SUFFIXES}
-    for dicom_id, subject_id, study_id, view in zip(metadata["dicom_id"], metadata["subject_id"],
-                                                    metadata["study_id"], metadata["ViewPosition"], strict=True):
+    table = zip(metadata["dicom_id"], metadata["subject_id"], metadata["study_id"], metadata["ViewPosition"],
+                strict=True)
+    for dicom_id, subject_id, study_id, view in tqdm(table, total=len(metadata), desc="reading tables and reports",
+                                                     unit="img", mininterval=1.0):
         folder = study_dir(subject_id, study_id)
-        image = next((f"{folder}/{dicom_id}{s}" for s in IMAGE_SUFFIXES if (root / folder / f"{dicom_id}{s}").is_file()),
-                     None)
+        image = find_image(folder, dicom_id)
         shown = image or f"{folder}/{dicom_id}"  # no suffix: the file is not there
         view = view.upper()
         if view not in views:
@@ -183,17 +197,23 @@ def prepare_mimic(root: str | Path, out: str | Path, *, size: int = 256, views: 
         if split not in SPLITS:
             skipped.append((shown, f"unknown split {split!r} in the split table"))
             continue
-        report_rel = f"files/p{subject_id[:2]}/p{subject_id}/s{study_id}.txt"
-        if report_rel not in parsed:
-            text = reports.read(report_rel)
-            parsed[report_rel] = parse_mimic_report(text) if text is not None else None
-        report = parsed[report_rel]
-        if report is None:
+        report_rel = f"{folder}.txt"
+        if report_rel not in texts:
+            raw = reports.read(report_rel)
+            if raw is None:
+                texts[report_rel] = None
+            else:
+                report = parse_mimic_report(raw)
+                chosen = report_text(report, sections)
+                texts[report_rel] = (report.findings, report.impression, chosen,
+                                     "" if chosen else missing_text_reason(report, sections))
+        entry = texts[report_rel]
+        if entry is None:
             skipped.append((shown, f"no report file ({report_rel})"))
             continue
-        chosen = report_text(report, sections)
+        findings, impression, chosen, why_not = entry
         if not chosen:
-            skipped.append((shown, missing_text_reason(report, sections)))
+            skipped.append((shown, why_not))
             continue
         if image is None:
             skipped.append((shown, "image file missing (neither .jpg nor .dcm)"))
@@ -201,7 +221,7 @@ def prepare_mimic(root: str | Path, out: str | Path, *, size: int = 256, views: 
         suffix_counts[Path(image).suffix] += 1
         labels = labels_of.get((subject_id, study_id), blank)
         rows.append({"dicom_id": dicom_id, "subject_id": subject_id, "study_id": study_id, "split": split,
-                     "view": view, "source": image, "findings": report.findings, "impression": report.impression,
+                     "view": view, "source": image, "findings": findings, "impression": impression,
                      "report": chosen, **{name: float(labels[j]) for j, name in enumerate(CHEXPERT_LABELS)},
                      "path": str(root / image)})
 

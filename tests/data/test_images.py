@@ -8,6 +8,7 @@ from PIL import Image
 
 from medvl.data.images import (
     ResizeFit,
+    check_xray_range,
     equalize_histogram_u8,
     read_xray,
     read_xray_with_meta,
@@ -187,6 +188,13 @@ def test_resize_is_anti_aliased():
     out = resize_xray(checker, 64)
     assert np.abs(out).max() < 40, np.abs(out).max()
     assert -1024 <= resize_xray(synthetic_chest(300, 300).astype(np.float32) * 2048 - 1024, 37).min()
+
+
+def test_range_check_warns_on_misnormalised_arrays():
+    with pytest.warns(UserWarning, match="outside"):
+        check_xray_range(np.array([0.0, 255.0 * 40]))
+    with pytest.warns(UserWarning, match="spans only"):
+        check_xray_range(np.array([0.0, 1.0]))
 
 
 def test_equalize_histogram_u8():

@@ -218,3 +218,16 @@ def test_cli(trees, tmp_path, capsys):
     rc = cli_main(["prepare", "mimic-cxr", "--root", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")])
     assert rc == 2
     assert "medvl: error:" in capsys.readouterr().err
+
+
+def test_reports_from_the_zip_and_uncompressed_tables(tmp_path):
+    """MIMIC-CXR ships reports as mimic-cxr-reports.zip; the tables may be plain .csv."""
+    import zipfile
+
+    spec = write_mimic_tree(tmp_path / "raw", image_format="jpg", gz=False)
+    with zipfile.ZipFile(spec.root / "mimic-cxr-reports.zip", "w") as zf:
+        for txt in sorted((spec.root / "files").rglob("s*.txt")):
+            zf.write(txt, arcname=txt.relative_to(spec.root).as_posix())
+            txt.unlink()
+    prepare_mimic(spec.root, tmp_path / "out", size=SIZE)
+    check_prepared(spec, tmp_path / "out")
