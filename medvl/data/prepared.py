@@ -377,17 +377,18 @@ def build_image_cache(out: str | Path, paths: Sequence[str], *, size: int, fit: 
         record(k, results)
 
     decoded = sum(len(j.items) for j in todo)
-    with tqdm(total=n, initial=reused, desc=desc, unit="img", mininterval=1.0, smoothing=0.1) as bar:
-        if workers <= 1 or len(todo) <= 1:
-            for job in todo:
-                k, results = _run_chunk(job)
+    # Workers are forked before the progress bar starts its monitor thread.
+    pool = _pool_context().Pool(processes=min(workers, len(todo))) if workers > 1 and len(todo) > 1 else None
+    try:
+        with tqdm(total=n, initial=reused, desc=desc, unit="img", mininterval=1.0, smoothing=0.1) as bar:
+            results_iter = pool.imap_unordered(_run_chunk, todo) if pool else map(_run_chunk, todo)
+            for k, results in results_iter:
                 finish(k, results)
                 bar.update(len(results))
-        else:
-            with _pool_context().Pool(processes=min(workers, len(todo))) as pool:
-                for k, results in pool.imap_unordered(_run_chunk, todo):
-                    finish(k, results)
-                    bar.update(len(results))
+    finally:
+        if pool is not None:
+            pool.terminate()  # every result has arrived (or we are interrupted): stop the workers
+            pool.join()
     assert all(o is not None for o in outcomes)
     return outcomes, decoded, reused  # type: ignore[return-value]
 
