@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from collections import Counter
@@ -147,6 +148,13 @@ def _load_iu_local() -> list[tuple[str, str, tuple[str, ...]]]:
     return out
 
 
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def _prf(pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     tp = int((pred & ref).sum())
     fp = int((pred & ~ref).sum())
@@ -169,12 +177,12 @@ def main() -> None:
     reports = _load_iu()
     load_s = time.perf_counter() - t0
     texts = [t for _, t, _ in reports]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     labels = label_reports(texts)
-    label_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    label_s, label_cpu = time.perf_counter() - t0, time.process_time() - c0
+    t0, c0 = time.perf_counter(), time.process_time()
     all_mentions = [extract_mentions(t) for t in texts]
-    mentions_s = time.perf_counter() - t0
+    mentions_s, mentions_cpu = time.perf_counter() - t0, time.process_time() - c0
 
     keep = [i for i, (_, text, mesh) in enumerate(reports)
             if text.strip() and mesh and "No Indexing" not in mesh]
@@ -194,7 +202,7 @@ def main() -> None:
     macro_f1 = float(np.mean([per_label[names[j]]["positive_or_uncertain"]["f1"] for j in findings]))
 
     # Laterality and zone of positive / uncertain mentions against the MeSH qualifiers of the same observation.
-    side_n = side_ok = zone_n = zone_ok = 0
+    side_n = side_ok = side_exact = zone_n = zone_ok = 0
     side_confusion: Counter[str] = Counter()
     for i in keep:
         ref = refs[i]
@@ -202,10 +210,17 @@ def main() -> None:
             if m.value == 0.0:
                 continue
             if m.side is not None and ref.sides.get(m.observation):
+                mesh_sides = ref.sides[m.observation]
                 side_n += 1
-                ok = m.side in ref.sides[m.observation]
+                exact = m.side in mesh_sides
+                side_exact += exact
+                # "bilateral" agrees with MeSH terms for both sides; one side agrees with a bilateral term
+                # (a report that describes the left and the right effusion separately).
+                ok = exact or (m.side == "bilateral" and {"left", "right"} <= mesh_sides) or (
+                    m.side in ("left", "right") and "bilateral" in mesh_sides)
                 side_ok += ok
-                side_confusion[f"{m.side} vs {'/'.join(sorted(ref.sides[m.observation]))}"] += 1
+                if not ok:
+                    side_confusion[f"{m.side} vs {'/'.join(sorted(mesh_sides))}"] += 1
             if m.zone is not None and ref.zones.get(m.observation):
                 zone_n += 1
                 z = {m.zone} | ({"base", "lower"} if m.zone in ("base", "lower") else set())
@@ -222,11 +237,11 @@ def main() -> None:
     print(f"{'macro F1 (13 findings)':28s} {'':9s} {'':7s} {macro_f1:6.3f}")
     side_share = side_ok / side_n if side_n else float("nan")
     zone_share = zone_ok / zone_n if zone_n else float("nan")
-    print(f"laterality agreement: {side_ok}/{side_n} = {side_share:.3f}; zone agreement: {zone_ok}/{zone_n} = "
-          f"{zone_share:.3f}")
-    print(f"speed: label_reports {label_s:.2f} s for {len(texts)} reports "
-          f"({len(texts) / label_s:.0f}/s, identical reports labelled once); extract_mentions on every report "
-          f"{mentions_s:.2f} s; reading the archive {load_s:.2f} s")
+    print(f"laterality agreement: {side_ok}/{side_n} = {side_share:.3f} (exact side: {side_exact}/{side_n} = "
+          f"{side_exact / max(side_n, 1):.3f}); zone agreement: {zone_ok}/{zone_n} = {zone_share:.3f}")
+    print(f"speed: label_reports {label_s:.2f} s wall ({label_cpu:.2f} s CPU) for {len(texts)} reports, identical "
+          f"reports labelled once; extract_mentions on every report {mentions_s:.2f} s wall ({mentions_cpu:.2f} s "
+          f"CPU); reading the archive {load_s:.2f} s")
 
     result = {
         "dataset": "IU X-ray (Open-i, torchxrayvision NLMCXR_reports.tgz), FINDINGS + IMPRESSION",
@@ -237,10 +252,13 @@ def main() -> None:
         "per_label": per_label,
         "micro_13": micro,
         "macro_f1_13": macro_f1,
-        "laterality": {"agree": side_ok, "compared": side_n, "share": side_share,
-                       "confusion": dict(side_confusion.most_common())},
+        "laterality": {"agree": side_ok, "compared": side_n, "share": side_share, "exact_agree": side_exact,
+                       "exact_share": side_exact / max(side_n, 1),
+                       "disagreements": dict(side_confusion.most_common())},
         "zone": {"agree": zone_ok, "compared": zone_n, "share": zone_share},
-        "speed": {"label_reports_s": label_s, "extract_mentions_all_s": mentions_s, "reports": len(texts),
+        "speed": {"label_reports_s": label_s, "label_reports_cpu_s": label_cpu, "extract_mentions_all_s": mentions_s,
+                  "extract_mentions_all_cpu_s": mentions_cpu, "reports": len(texts),
+                  "unique_reports": len(set(texts)), "load_average_1min": _loadavg(),
                   "machine": f"{platform.processor() or platform.machine()}, {platform.python_version()}"},
         "mesh_to_chexpert": {k: [[o, *map(list, q)] for o, *q in v] for k, v in MESH_TO_CHEXPERT.items()},
         "command": "python benchmarks/labeler_quality.py",

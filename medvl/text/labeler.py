@@ -174,6 +174,7 @@ _SCOPE_BREAK = _rx(
     r"|\band\s+(?:the|there|a|an)\b"
 )
 _WORD = re.compile(r"[A-Za-z0-9']+")
+_HYPOTHETICAL = _rx(r"\W*(?:\d+\s*[.)]\s*)?(?:if|should|in\s+case|whether)\b")
 _PRE_SCOPE_WORDS = 14
 _UNC_SCOPE_WORDS = 10
 _POST_SCOPE_WORDS = 6
@@ -239,8 +240,9 @@ _NEG_POST_MASK = _rx(r"\b(?:partially|partly|nearly|mostly|largely|almost|incomp
 # --- attributes ---------------------------------------------------------------------------------------------------
 _SIDE_WORDS = _rx(
     r"\b(?P<bilateral>bilateral(?:ly)?|both|bibasilar|bibasal|bibasally|biapical|bi-basilar|bi-apical)\b"
-    r"|\b(?P<left>left(?:-sided)?|lll|lul|lingula|lingular)\b"
-    r"|\b(?P<right>right(?:-sided)?|rll|rul|rml)\b"
+    # "right atrium", "left ventricle" name cardiac chambers (where leads lie), not the side of a finding.
+    r"|\b(?P<left>left(?:-sided)?|lll|lul|lingula|lingular)\b(?!\s+(?:atri|ventric))"
+    r"|\b(?P<right>right(?:-sided)?|rll|rul|rml)\b(?!\s+(?:atri|ventric))"
 )
 _ZONE_WORDS = _rx(
     r"\b(?P<retrocardiac>retrocardiac|behind\s+the\s+heart)\b"
@@ -442,18 +444,30 @@ def extract_mentions(report: str) -> list[Mention]:
     """
     if not isinstance(report, str):
         raise TypeError(f"a report must be a str, not {type(report).__name__}")
+    return _extract(report, prefilter=True)
+
+
+_ALL_KEYS = frozenset(k for rule in PHRASE_RULES for k in rule.keys)
+
+
+def _extract(report: str, *, prefilter: bool) -> list[Mention]:
     sentences = split_sentences(report)
     if not sentences:
         return []
     clauses = _clauses(report, sentences)
     starts = [c[0] for c in clauses]
     cands: list[_Candidate] = []
+    lower = report.lower()
+    present = {k for k in _ALL_KEYS if k in lower}
     for rule in PHRASE_RULES:
+        if prefilter and rule.keys and present.isdisjoint(rule.keys):
+            continue
         cands.extend(_phrase_candidates(report, rule))
     for srule in SUBJECT_RULES:
         cands.extend(_subject_candidates(report, srule, clauses, starts))
-    # A mention must lie in one clause (phrases never span sentences; subject predicates are clause-bound).
-    cands = [c for c in cands if _HAS_WORD.search(report, c.start, c.end)]
+    # Hypothetical clauses ("if there is concern for fracture, ...") state nothing about this patient.
+    hypothetical = {i for i, (a, b, _) in enumerate(clauses) if _HYPOTHETICAL.match(report, a, b)}
+    cands = [c for c in cands if _clause_of(clauses, starts, c.start) not in hypothetical]
     cands = _dedupe(cands)
 
     by_clause: dict[int, list[_Candidate]] = {}
@@ -530,7 +544,12 @@ def _attributes(report: str, group: list[_Candidate], i: int,
         head_plural = c.head is not None and report[c.head[1] - 1:c.head[1]].lower() == "s"
         if side in ("left", "right") and head_plural and _side_of(pre_full) == "bilateral":
             side = "bilateral"  # "moderate right and small left effusions"
-    zone = _zone_of(local, len(pre) + len(phrase) // 2)
+            severity = _severity_of(f"{pre_full}{phrase}{post}")
+    if c.device is not None:
+        # A device's course ("tube courses below the diaphragm") is not where it sits: only its own noun phrase.
+        zone = _zone_of(pre + phrase, len(pre) + len(phrase) // 2)
+    else:
+        zone = _zone_of(local, len(pre) + len(phrase) // 2)
     return side, zone, severity
 
 

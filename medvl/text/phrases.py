@@ -76,6 +76,8 @@ class PhraseRule:
     exclude_before: re.Pattern[str] | None = None
     exclude_after: re.Pattern[str] | None = None
     value: float | None = None
+    #: Lower-case words of which every match contains one (a cheap prefilter); empty: always run the pattern.
+    keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -193,10 +195,60 @@ SUBJECT_RULES: tuple[SubjectRule, ...] = (
 _R: list[PhraseRule] = []
 
 
+def _literal_keys(pattern: str) -> tuple[str, ...]:
+    """Literal prefixes (3+ characters) of the alternatives of the ``head`` group; () when one has none.
+
+    Every match of the pattern contains its head, so it contains one of these prefixes: reports without any of
+    them skip the pattern (most of the labeler's time went to scanning for phrases that are not there).
+    """
+    start = pattern.find("(?P<head>")
+    if start < 0:
+        return ()
+    i, depth, body = start + len("(?P<head>"), 1, []
+    while i < len(pattern) and depth:
+        ch = pattern[i]
+        if ch == "\\":
+            body.append(pattern[i:i + 2])
+            i += 2
+            continue
+        depth += ch == "("
+        depth -= ch == ")"
+        if depth:
+            body.append(ch)
+        i += 1
+    alternatives, level, current = [], 0, ""
+    for tok in body:
+        if tok == "|" and level == 0:
+            alternatives.append(current)
+            current = ""
+            continue
+        level += tok == "("
+        level -= tok == ")"
+        current += tok
+    alternatives.append(current)
+    keys = []
+    for alt in alternatives:
+        prefix = ""
+        for j, ch in enumerate(alt):
+            if ch in "?*{":
+                prefix = prefix[:-1]
+                break
+            if ch in "()[]|+.\\^$":
+                break
+            prefix += ch
+            if j + 1 == len(alt):
+                break
+        if len(prefix) < 3:
+            return ()
+        keys.append(prefix.lower())
+    return tuple(keys)
+
+
 def _add(observation: str, finding: Finding, pattern: str, *, device: str | None = None,
          before: str | None = None, after: str | None = None, value: float | None = None) -> None:
     _R.append(PhraseRule(observation, finding, _rx(pattern), device,
-                         _rx(before) if before else None, _rx(after) if after else None, value))
+                         _rx(before) if before else None, _rx(after) if after else None, value,
+                         _literal_keys(pattern)))
 
 
 # Cardiomegaly and Enlarged Cardiomediastinum (besides the subject rules above)
