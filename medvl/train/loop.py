@@ -535,8 +535,8 @@ def fit(stage: Stage, out: Path, *, resume: bool = False, config_dump: dict | No
             for p in best_root.glob("step_*") if best_root.is_dir() else []:
                 if p.name != f"step_{state.best_step}":
                     shutil.rmtree(p, ignore_errors=True)  # written after the checkpoint: not on this timeline
-            logger.info("resuming %s from %s (epoch %d, micro-batch %d)", out, checkpoint.name, state.epoch,
-                        state.batch_in_epoch)
+            tqdm.write(f"resuming {out} from {checkpoint.name} (epoch {state.epoch}, micro-batch "
+                       f"{state.batch_in_epoch} of {micro.batches_per_epoch})")
     start_step = state.step
 
     loader = DataLoader(micro, batch_size=None, sampler=range(state.micro_batches, len(micro)),
