@@ -1,7 +1,246 @@
-"""Python API: load a trained run and use it.
+"""Python API: load trained runs and use them.
 
-``medvl.load(RUN)`` returns a :class:`Pipeline` with ``generate_report``, ``synthesize``,
-``explain`` and ``match``. The command-line helpers below are what ``medvl`` calls.
+>>> import medvl
+>>> pipe = medvl.load("demo_out")            # a demo directory, or any run directory
+>>> rep = pipe.generate_report("scan.dcm")   # GeneratedReport(text, tokens, score, keywords)
+>>> syn = pipe.synthesize("Small left pleural effusion.", seed=0)   # Synthesis (images (1, 1, S, S))
+>>> exp = pipe.explain("scan.png", word="effusion", out="explain.png")
+>>> m = pipe.match("scan.png", "Cardiomegaly.")   # MatchResult: scores and each word's best box
+
+``medvl.load`` accepts a demo output directory (``runs/<stage>/`` inside), or one run directory
+of any stage; the runs a stage was built from (``stage.json``'s ``from``) are found too, and
+a report or diffusion run carries its own copy of AdaMatch. Components load on first use.
 """
 
 from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medvl.errors import InvalidImageError, InvalidReportError, RunError
+
+ScanLike = str | Path | np.ndarray | torch.Tensor
+
+
+@dataclass
+class WordMatch:
+    """One report word and the adaptive patch it matched best: ``box`` (x0, y0, x1, y1) normalised,
+    x to the image's right; ``similarity`` the cosine; ``negated`` words are left out of the score."""
+
+    word: str
+    box: tuple[float, float, float, float]
+    similarity: float
+    negated: bool
+
+
+@dataclass
+class MatchResult:
+    """AdaMatch scores of one (scan, report) pair: image-to-report (mean over patches of the best
+    word) and report-to-image (mean over affirmed content words of the best patch), plus per word."""
+
+    image_to_report: float
+    report_to_image: float
+    words: list[WordMatch] = field(default_factory=list)
+
+
+def _stage_of(run: Path) -> str | None:
+    path = run / "stage.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text()).get("stage")
+
+
+def find_runs(path: str | Path) -> dict[str, Path]:
+    """Map stage name -> run directory for everything reachable from ``path``."""
+    path = Path(path)
+    if not path.exists():
+        raise RunError(f"{path} does not exist")
+    found: dict[str, Path] = {}
+    if (path / "runs").is_dir():  # a demo output directory
+        for sub in sorted((path / "runs").iterdir()):
+            stage = _stage_of(sub)
+            if stage:
+                found.setdefault(stage, sub)
+    todo = [path]
+    while todo:
+        run = todo.pop()
+        stage = _stage_of(run)
+        if stage is None:
+            continue
+        found.setdefault(stage, run)
+        for dep in json.loads((run / "stage.json").read_text()).get("from", []):
+            dep = Path(dep)
+            if dep.exists() and dep not in found.values():
+                todo.append(dep)
+    if not found:
+        raise RunError(f"{path} holds no medvl run (no stage.json); train one with `medvl train` or `medvl demo`")
+    return found
+
+
+class Pipeline:
+    """The trained parts of medvl behind one object. Every method runs in eval mode, without gradients."""
+
+    def __init__(self, runs: dict[str, Path], device: str | None = None):
+        self.runs = dict(runs)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._adamatch = None
+        self._reporter = None
+        self._synthesizer = None
+
+    # ---- components
+    @property
+    def adamatch(self):
+        """The :class:`~medvl.models.adamatch.AdaMatchRun` (from the AdaMatch run or a copy inside a later run)."""
+        if self._adamatch is None:
+            from medvl.models.adamatch import AdaMatchRun
+
+            for stage in ("adamatch", "report", "diffusion"):
+                if stage in self.runs:
+                    try:
+                        self._adamatch = AdaMatchRun.load(self.runs[stage], device=self.device)
+                        break
+                    except RunError:
+                        continue
+            if self._adamatch is None:
+                raise RunError(f"no AdaMatch model among {sorted(self.runs)}")
+        return self._adamatch
+
+    @property
+    def reporter(self):
+        """The :class:`~medvl.generate.ReportGenerator` of the report run."""
+        if self._reporter is None:
+            if "report" not in self.runs:
+                raise RunError("no report run loaded: train one with `medvl train report` (or load a demo directory)")
+            from medvl.generate import ReportGenerator
+
+            self._reporter = ReportGenerator.load(self.runs["report"], device=self.device)
+        return self._reporter
+
+    @property
+    def synthesizer(self):
+        """The :class:`~medvl.synthesize.Synthesizer` of the diffusion run."""
+        if self._synthesizer is None:
+            if "diffusion" not in self.runs:
+                raise RunError("no diffusion run loaded: train one with `medvl train diffusion` "
+                               "(or load a demo directory)")
+            from medvl.synthesize import Synthesizer
+
+            self._synthesizer = Synthesizer.load(self.runs["diffusion"], device=self.device)
+        return self._synthesizer
+
+    # ---- inputs
+    @staticmethod
+    def read_scan(scan: ScanLike, size: int) -> torch.Tensor:
+        """A path (DICOM/PNG/JPG) or an (H, W) array in [-1024, 1024] -> (1, size, size) float32 tensor."""
+        from medvl.data.images import read_xray, resize_xray
+
+        if isinstance(scan, (str, Path)):
+            pixels = read_xray(scan)
+        else:
+            pixels = scan.detach().cpu().numpy() if isinstance(scan, torch.Tensor) else np.asarray(scan)
+            pixels = np.squeeze(pixels).astype(np.float32)
+            if pixels.ndim != 2:
+                raise InvalidImageError(f"a scan array must be (H, W), got shape {pixels.shape}")
+        if pixels.shape != (size, size):
+            pixels = resize_xray(pixels, size)
+        return torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).unsqueeze(0)
+
+    def _batch(self, scans: ScanLike | Sequence[ScanLike], size: int) -> tuple[torch.Tensor, bool]:
+        """One scan (a path, (H, W) or (1, H, W)) or many (a list, (B, H, W) or (B, 1, H, W))."""
+        if isinstance(scans, (str, Path)):
+            items, single = [scans], True
+        elif isinstance(scans, (np.ndarray, torch.Tensor)):
+            if scans.ndim == 2 or (scans.ndim == 3 and scans.shape[0] == 1):
+                items, single = [scans], True
+            elif scans.ndim in (3, 4):
+                items, single = list(scans), False
+            else:
+                raise InvalidImageError(f"scans must be (H, W), (B, H, W) or (B, 1, H, W); got {tuple(scans.shape)}")
+        else:
+            items, single = list(scans), False
+        if not items:
+            raise InvalidImageError("no scans given")
+        return torch.stack([self.read_scan(s, size) for s in items]), single
+
+    # ---- the four jobs
+    def generate_report(self, scans: ScanLike | Sequence[ScanLike], beams: int | None = None):
+        """Scan(s) -> :class:`~medvl.generate.GeneratedReport` (one, or a list for a list of scans):
+        the text, tokens, score and the AdaMatch keywords given as hints, with their boxes."""
+        rep = self.reporter
+        images, single = self._batch(scans, rep.image_size)
+        out = rep.generate(images, beams=beams)
+        return out[0] if single else out
+
+    def synthesize(self, reports: str | Sequence[str], steps: int | None = None, guidance: float | None = None,
+                   seed: int = 0):
+        """Report(s) -> :class:`~medvl.synthesize.Synthesis`: ``images`` (B, 1, S, S) in [-1024, 1024] and
+        the keypatch boxes that guided each. Same seed, same image."""
+        if isinstance(reports, str) and not reports.strip():
+            raise InvalidReportError("the report is empty")
+        return self.synthesizer.synthesize_with_keypatches(reports, steps=steps, guidance=guidance, seed=seed)
+
+    def explain(self, scan: ScanLike, word: str | None = None, out: str | Path | None = None, top_k: int = 6):
+        """Scan -> :class:`~medvl.explain.Explanation`: ranked keywords with boxes, all adaptive boxes
+        (P, 4), and the similarity map (S, S) of ``word``; drawn to ``out`` (PNG) when given."""
+        from medvl.explain import explain_image
+
+        run = self.adamatch
+        image = self.read_scan(scan, run.image_size)[0]
+        return explain_image(run, image, out=out, word=word, top_k=top_k)
+
+    @torch.no_grad()
+    def match(self, scan: ScanLike, report: str) -> MatchResult:
+        """AdaMatch scores of (scan, report) and the best patch of each report word."""
+        import torch.nn.functional as F
+
+        if not isinstance(report, str) or not report.strip():
+            raise InvalidReportError("the report is empty")
+        run = self.adamatch
+        image = self.read_scan(scan, run.image_size).unsqueeze(0)
+        patches = run.encode_images(image)
+        tok = run.tokenizer.encode([report])
+        tensors = {k: v.to(run.device) for k, v in tok.tensors().items()}
+        text = run.model.encode_text(**tensors)
+        s_i2t, s_t2i = run.model.scores(patches, text)
+        img = F.normalize(patches.features[0], dim=-1)  # (P, D)
+        txt = F.normalize(text.features[0], dim=-1)  # (T, D)
+        sim = txt @ img.t()  # (T, P)
+        words: list[WordMatch] = []
+        word_ids = tok.word_ids[0].tolist()
+        for pos in torch.nonzero(text.word_mask[0]).flatten().tolist():
+            w = tok.words[0][word_ids[pos]]
+            best = int(sim[pos].argmax())
+            words.append(WordMatch(w.text, tuple(float(v) for v in patches.boxes[0, best].tolist()),
+                                   float(sim[pos, best]), w.negated))
+        return MatchResult(float(s_i2t[0, 0]), float(s_t2i[0, 0]), words)
+
+
+def load(run_dir: str | Path, device: str | None = None) -> Pipeline:
+    """Load a demo directory or a run directory (and the runs it was built from) for inference."""
+    return Pipeline(find_runs(run_dir), device=device)
+
+
+# ---- command-line entry points (``medvl generate-report | synthesize | explain``)
+
+
+def generate_report_command(*args, **kwargs) -> int:
+    from medvl.generate import generate_report_command as command
+
+    return command(*args, **kwargs)
+
+
+def synthesize_command(*args, **kwargs) -> int:
+    from medvl.synthesize import synthesize_command as command
+
+    return command(*args, **kwargs)
+
+
+def explain_command(*args, **kwargs) -> int:
+    from medvl.explain import explain_command as command
+
+    return command(*args, **kwargs)
