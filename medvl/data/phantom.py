@@ -259,9 +259,18 @@ def report_text(report: IUReport) -> str:
     return " ".join(t for t in (report.findings.strip(), report.impression.strip()) if t)
 
 
+_REPORTS: list[IUReport] = []
+
+
 def load_iu_reports() -> list[IUReport]:
-    """The IU X-ray reports that have a FINDINGS or IMPRESSION section (3,927 of 3,955), in report order."""
-    return [r for r in iter_iu_reports() if report_text(r)]
+    """The IU X-ray reports that have a FINDINGS or IMPRESSION section (3,927 of 3,955), in report order (parsed
+    once per process)."""
+    if not _REPORTS:
+        _REPORTS.extend(r for r in iter_iu_reports() if report_text(r))
+    return list(_REPORTS)
+
+
+_MENTIONS: dict[str, list] = {}
 
 
 def _mentions_chunk(texts: Sequence[str]) -> list[list]:
@@ -592,9 +601,9 @@ def build_phantom_raw(raw: str | Path, *, studies: int | None = None, size: int 
 
         t = time.perf_counter()
         texts = [report_text(r) for r in reports]
-        unique = sorted(set(texts))
+        found = _MENTIONS  # the labeler is deterministic: a second build in this process reuses its mentions
+        unique = sorted(set(texts) - found.keys())
         chunks = [unique[i:i + 64] for i in range(0, len(unique), 64)]
-        found: dict[str, list] = {}
         results = pool.map(_mentions_chunk, chunks) if pool else map(_mentions_chunk, chunks)
         for chunk, res in zip(chunks, tqdm(results, total=len(chunks), desc="phantom: labelling reports",
                                            unit="chunk", mininterval=1.0), strict=True):
@@ -803,7 +812,8 @@ def prepare_phantom(out: str | Path, *, studies: int | None = None, size: int = 
         print(f"IU-Phantom: {build.studies} studies, {build.images} images ({build.laterals} lateral, {build.dicoms} "
               f"DICOM), {build.regions} drawn findings in {sum(build.seconds.values()):.1f}s")
     prepared = prepare_mimic(out / "raw", out, size=size, views=("PA", "AP"), sections="both", workers=workers,
-                             meta_extra={"source_dataset": "iu-phantom",
-                                         "phantom": {**_params(studies, size, seed), "raw": "raw"}})
+                             meta_extra={"source": "iu-phantom", "ingested_as": "mimic-cxr",
+                                         "phantom": {**_params(studies, size, seed), "raw": "raw",
+                                                     "masks": "raw/masks/<dicom_id>.npz"}})
     sheet = write_contact_sheet(out / "raw", out / CONTACT_SHEET)
     return PhantomResult(build=build, prepared=prepared, contact_sheet=sheet, seconds=time.perf_counter() - started)

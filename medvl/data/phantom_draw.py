@@ -156,6 +156,33 @@ def _sig(z: np.ndarray | float) -> np.ndarray:
     return 0.5 + 0.5 * np.tanh(z)
 
 
+def _hypot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``sqrt(a^2 + b^2)``; numpy's ``hypot`` is several times slower on float32 arrays."""
+    return np.sqrt(a * a + b * b)
+
+
+def _pow2k(x: np.ndarray, k: int) -> np.ndarray:
+    """``x ** (2 ** k)`` by repeated squaring (``**`` with a float exponent is slow)."""
+    for _ in range(k):
+        x = x * x
+    return x
+
+
+_NOISE: dict[int, np.ndarray] = {}
+
+
+def _noise(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A ``(size, size)`` unit-variance Gaussian field: a random window of a fixed per-size bank (4 x the area),
+    flipped at random. Drawing fresh normals for every image costs more than the rest of the exposure step."""
+    bank = _NOISE.get(size)
+    if bank is None:
+        bank = _NOISE[size] = np.random.default_rng(20240611).standard_normal((2 * size, 2 * size), dtype=np.float32)
+    oy, ox = (int(v) for v in rng.integers(0, size, 2))
+    win = bank[oy:oy + size, ox:ox + size]
+    flip = int(rng.integers(0, 4))
+    return win[:: (-1 if flip & 1 else 1), :: (-1 if flip & 2 else 1)]
+
+
 def _severity(spec: DrawSpec, rng: np.random.Generator, lo: float = 0.25, hi: float = 0.6) -> float:
     s = spec.size
     return float(rng.uniform(lo, hi)) if s is None else s
@@ -213,16 +240,19 @@ class _Frame:
         # a = c + R^T (p - c - t) / scale
         self.X = ((c * px + s * py) / self.scale + 0.5).astype(np.float32)
         self.Y = ((-s * px + c * py) / self.scale + 0.5).astype(np.float32)
-        # Lungs: nearest-neighbour gather from the canonical mask (the final blur smooths the steps).
+        # Lungs: nearest-neighbour gather from the canonical mask, padded with a zero border so that pixels outside
+        # the lung box read 0 (the final blur smooths the steps).
         m = atlas.res
-        ju = (self.X - x0) / w * m
-        iv = (self.Y - top) / h * m
-        inside = (ju >= 0) & (ju < m) & (iv >= 0) & (iv < m)
-        j = np.clip(ju.astype(np.int32), 0, m - 1)
-        i = np.clip(iv.astype(np.int32), 0, m - 1)
-        lung = atlas.masks[k][i, j].astype(np.float32) * (inside / 255.0)
+        padded = np.pad(atlas.masks[k], 1)
+        ju = (self.X - x0) * (m / w)
+        iv = (self.Y - top) * (m / h)
+        j = (np.clip(ju, -1.0, float(m)) + 1.0).astype(np.int32)
+        i = (np.clip(iv, -1.0, float(m)) + 1.0).astype(np.int32)
+        lung = padded[i, j].astype(np.float32) * np.float32(1.0 / 255.0)
         right_of_split = self.X >= self.xm
-        self.lungs = np.stack([lung * ~right_of_split, lung * right_of_split])  # (2, S, S)
+        self.lungs = np.stack([np.where(right_of_split, 0.0, lung), np.where(right_of_split, lung, 0.0)]).astype(
+            np.float32)  # (2, S, S)
+        j = np.clip(j - 1, 0, m - 1)
         # Per-lung boxes and landmarks in anatomy coordinates.
         b = atlas.boxes[k]
         self.side_box = [
@@ -239,6 +269,25 @@ class _Frame:
         self.half_width = max(self.xm - self.box[0], self.box[2] - self.xm)
 
     # --- helpers ---------------------------------------------------------------------------------------------
+    def to_image(self, u: float, v: float) -> tuple[float, float]:
+        """Anatomy point -> normalised image point (the forward pose)."""
+        th = np.deg2rad(self.angle)
+        au, av = u - 0.5, v - 0.5
+        x = self.scale * (np.cos(th) * au - np.sin(th) * av) + 0.5 + self.shift[0]
+        y = self.scale * (np.sin(th) * au + np.cos(th) * av) + 0.5 + self.shift[1]
+        return float(x), float(y)
+
+    def block(self, u0: float, v0: float, u1: float, v1: float) -> tuple[slice, slice]:
+        """Rows and columns of the pixels whose anatomy coordinates can fall in ``[u0, u1] x [v0, v1]``: work on
+        ``array[block]`` instead of the whole image."""
+        pts = [self.to_image(u, v) for u in (u0, u1) for v in (v0, v1)]
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        c0 = max(0, int(np.floor(min(xs) * self.S)) - 2)
+        c1 = min(self.S, int(np.ceil(max(xs) * self.S)) + 2)
+        r0 = max(0, int(np.floor(min(ys) * self.S)) - 2)
+        r1 = min(self.S, int(np.ceil(max(ys) * self.S)) + 2)
+        return slice(r0, max(r0, r1)), slice(c0, max(c0, c1))
+
     def lung_at(self, u: float, v: float) -> float:
         """Lung-mask value (0..1) at one anatomy point."""
         j = int((u - self.box[0]) / self.W * self._m)
@@ -475,19 +524,20 @@ def _draw_fracture(fr: _Frame, cv: _Canvas, spec: DrawSpec, rng: np.random.Gener
     s_f = float(rng.uniform(0.55, 0.85))  # lateral position along the rib (0 spine, 1 chest wall)
     # The posterior rib whose centre at s_f lies in the zone.
     v_target = by0 + rng.uniform(ya, yb) * (by1 - by0)
-    k = int(np.floor((max(v_target - ribs.y0 - ribs.curve(s_f), 0.0) / ribs.spacing) ** 0.93 * 1.1))
-    k = int(np.clip(k, 0, ribs.count - 1))
+    v = max(v_target - ribs.y0 - ribs.curve(s_f), 0.0) / ribs.spacing
+    k = int(np.clip(np.floor(v * (1.12 - 0.006 * v)), 0, ribs.count - 1))
     gap = 0.028
     sign = -1.0 if side == 0 else 1.0
-    on_side = (fr.X - fr.xm) * sign > 0
+    blk = ribs.block
+    on_side = (fr.X[blk] - fr.xm) * sign > 0
     near = on_side & (np.abs(ribs.s - s_f) < (gap / 2 + 0.5 / fr.S) / ribs.hw) & (ribs.index == k)
-    cut = near & (ribs.core > 0.05)
-    cutf = cut.astype(np.float32)
-    ribs.density *= 1.0 - cutf
-    # Step-off: the lateral fragment's cortex shifted, seen as a bright sliver beside the gap.
+    cut_b = near & (ribs.core > 0.05)
+    ribs.density[blk] *= 1.0 - cut_b
     # Healing callus: a faint bright cuff around the ends.
-    callus = on_side & (np.abs(ribs.s - s_f) < (gap + 0.02) / ribs.hw) & (np.abs(ribs.index - k) <= 0) & ~cut
-    cv.extra += 0.04 * callus
+    callus = on_side & (np.abs(ribs.s - s_f) < (gap + 0.02) / ribs.hw) & (ribs.index == k) & ~cut_b
+    cv.extra[blk] += 0.04 * callus
+    cut = np.zeros((fr.S, fr.S), bool)
+    cut[blk] = cut_b
     cv.add(spec, ndimage.binary_dilation(cut, iterations=max(1, fr.S // 128)))
 
 
@@ -593,7 +643,7 @@ def _draw_device(fr: _Frame, cv: _Canvas, spec: DrawSpec, rng: np.random.Generat
     drawn = np.zeros((fr.S, fr.S), np.float32)
     px = 0.5 / (fr.S * fr.scale)
     for pts, width, dens in _device_pts(fr, dev, spec.side, rng):
-        d = _polyline_distance(fr.X, fr.Y, pts) if len(pts) > 1 else np.hypot(fr.X - pts[0, 0], fr.Y - pts[0, 1])
+        d = _polyline_distance(fr.X, fr.Y, pts) if len(pts) > 1 else _hypot(fr.X - pts[0, 0], fr.Y - pts[0, 1])
         core = _sig((width / 2 + px - d) / 0.0015)
         cv.extra += dens * core
         np.maximum(drawn, core, out=drawn)
@@ -605,35 +655,42 @@ def _draw_device(fr: _Frame, cv: _Canvas, spec: DrawSpec, rng: np.random.Generat
 
 class _Ribs:
     """Posterior ribs as one warped periodic pattern per hemithorax (all ribs in a few array operations), with
-    fainter anterior ribs crossing them."""
+    fainter anterior ribs crossing them. Computed on ``block`` (rows, columns) of the image only; ``s``, ``index``
+    and ``core`` are block-shaped, ``density`` full-size."""
 
     def __init__(self, fr: _Frame, rng: np.random.Generator):
-        left = fr.X < fr.xm
-        self.hw = np.where(left, fr.xm - fr.box[0], fr.box[2] - fr.xm).astype(np.float32) + 0.02
         self.y0 = fr.box[1] - fr.H * rng.uniform(0.02, 0.06)
         self.spacing = fr.H / rng.uniform(8.8, 9.8)
         self.count = 11
         self.H = fr.H
         self.bend = float(rng.uniform(0.26, 0.34))
-        s = np.abs(fr.X - fr.xm) / self.hw
+        hw_l, hw_r = fr.xm - fr.box[0] + 0.02, fr.box[2] - fr.xm + 0.02
+        self.block = fr.block(fr.xm - 1.05 * hw_l, self.y0 - 0.06, fr.xm + 1.05 * hw_r, fr.box[3] + 0.15)
+        X, Y = fr.X[self.block], fr.Y[self.block]
+        left = X < fr.xm
+        self.hw = np.where(left, np.float32(hw_l), np.float32(hw_r))
+        s = np.abs(X - fr.xm) / self.hw
         self.s = s
         # Lower ribs project further apart: a gently convex map from height to rib number.
-        v = np.maximum(fr.Y - self.y0 - self.curve(s), 0.0) / self.spacing
-        p = v ** 0.93 * 1.1
+        v = np.maximum(Y - self.y0 - self.curve(s), 0.0) / self.spacing
+        p = v * (1.12 - 0.006 * v)
         self.index = np.floor(p).astype(np.int32)
         d = np.abs(p - self.index - 0.5)
         width = 0.19 + 0.05 * np.clip(s, 0, 1)  # ribs widen laterally
         self.core = _sig((width - d) / 0.03)
-        cortex = np.exp(-(((d - width) / 0.035) ** 2))
+        e = (d - width) / 0.05
+        cortex = np.maximum(1.0 - e * e, 0.0)
         window = (_sig((s - 0.09) / 0.025) * _sig((1.04 - s) / 0.015)
-                  * (self.index >= 0) * (self.index < self.count))
-        self.density = ((0.035 * self.core + 0.045 * cortex) * window).astype(np.float32)
+                  * ((self.index >= 0) & (self.index < self.count)))
+        dens = (0.035 * self.core + 0.045 * cortex) * window
         # Anterior ribs: fainter, running down towards the midline, ending at the costal cartilages.
-        pa = (fr.Y - self.y0 - 0.04 - 0.3 * fr.H * (1.0 - s)) / (self.spacing * 1.25)
+        pa = (Y - self.y0 - 0.04 - 0.3 * fr.H * (1.0 - s)) / (self.spacing * 1.25)
         da = np.abs(pa - np.floor(pa) - 0.5)
-        wa = _sig((s - 0.42) / 0.05) * _sig((1.02 - s) / 0.02) * (pa > 0.3) * (pa < 6.5)
-        self.density += ((0.012 * _sig((0.2 - da) / 0.04) + 0.02 * np.exp(-(((da - 0.2) / 0.04) ** 2))) * wa).astype(
-            np.float32)
+        wa = _sig((s - 0.42) / 0.05) * _sig((1.02 - s) / 0.02) * ((pa > 0.3) & (pa < 6.5))
+        ea = (da - 0.2) / 0.055
+        dens += (0.012 * _sig((0.2 - da) / 0.04) + 0.02 * np.maximum(1.0 - ea * ea, 0.0)) * wa
+        self.density = np.zeros((fr.S, fr.S), np.float32)
+        self.density[self.block] = dens
 
     def curve(self, s):
         """Posterior rib course: slightly up from the spine, then down along the chest wall."""
@@ -671,13 +728,13 @@ def render_frontal(
     D = body * (0.3 + 0.28 * prof)
     sh_y = top + rng.uniform(-0.02, 0.03)
     for sgn in (-1.0, 1.0):
-        hd = np.hypot(X - (xm + sgn * (hw_chest + 0.03)), Y - sh_y)
+        hd = _hypot(X - (xm + sgn * (hw_chest + 0.03)), Y - sh_y)
         D += 0.05 * _sig((0.065 - hd) / 0.006) * body + 0.03 * np.exp(-(((hd - 0.065) / 0.006) ** 2)) * body
     # Breast / pectoral soft tissue over the lower lateral chest.
     if rng.random() < 0.5:
         for sgn in (-1.0, 1.0):
             bxc, byc = xm + sgn * 0.2 * T / 0.65, bot - 0.05 * H
-            D += 0.035 * _sig((0.12 - np.hypot((X - bxc) / 1.3, Y - byc)) / 0.015) * body
+            D += 0.035 * _sig((0.12 - _hypot((X - bxc) / 1.3, Y - byc)) / 0.015) * body
 
     # Abdomen below the diaphragm domes (the lungs' lower border), gastric bubble under the left dome.
     abdomen = _sig((Y - fr.dome_y - 0.004) / 0.006) * body * (Y > top + 0.3 * H)
@@ -685,7 +742,7 @@ def render_frontal(
     if rng.random() < 0.65:
         gx = (fr.side_box[1][0] + fr.side_box[1][2]) / 2 + rng.uniform(-0.03, 0.03)
         gy = fr.side_box[1][3] + rng.uniform(0.03, 0.05)
-        D -= 0.12 * _sig((1.0 - np.hypot((X - gx) / 0.05, (Y - gy) / 0.025)) * 4) * abdomen
+        D -= 0.12 * _sig((1.0 - _hypot((X - gx) / 0.05, (Y - gy) / 0.025)) * 4) * abdomen
 
     # Heart: a sheared ellipse, about a third left of the midline and two thirds right (patient's left), sitting
     # on the diaphragm; it blends upwards into the mediastinum, which widens from the thoracic inlet down.
@@ -702,7 +759,7 @@ def render_frontal(
     med_half = med_w / 2 + (0.38 * Wh - med_w / 2) * t_med**2
     med = _sig((med_half - np.abs(X - xm - 0.012 * t_med)) / 0.008) * _sig((cy - Y) / 0.02) * _sig((Y - top + 0.04) / 0.01)
     knob_x, knob_y = xm + med_w / 2 - 0.002, top + 0.2 * H
-    med = np.maximum(med, _sig((0.028 - np.hypot(X - knob_x, Y - knob_y)) / 0.006))
+    med = np.maximum(med, _sig((0.028 - _hypot(X - knob_x, Y - knob_y)) / 0.006))
     cardiomed = np.maximum(heart, med)
     D += 0.1 * cardiomed + 0.02 * heart
 
@@ -747,27 +804,31 @@ def render_frontal(
         (fr.side_box[0][2] - 0.025, top + 0.47 * H),
         (fr.side_box[1][0] + 0.03, top + 0.43 * H),
     ]
-    right = X >= xm
-    dx = X - np.where(right, hil[1][0], hil[0][0])
-    dy = Y - np.where(right, hil[1][1], hil[0][1])
+    rs, cs = fr.block(x0 - 0.02, top - 0.02, x1 + 0.02, bot + 0.02)
+    Xb, Yb = X[rs, cs], Y[rs, cs]
+    right = Xb >= xm
+    dx = Xb - np.where(right, hil[1][0], hil[0][0])
+    dy = Yb - np.where(right, hil[1][1], hil[0][1])
     r = np.sqrt(dx * dx + dy * dy)
     theta = np.arctan2(dy, dx)
     ph = rng.uniform(0, 2 * np.pi, 4)
-    st1 = ((1 + np.cos(29 * theta + ph[0] + 2.2 * np.sin(17 * r + ph[1]))) * 0.5) ** 8
-    st2 = ((1 + np.cos(47 * theta + ph[2] + 3.0 * np.sin(23 * r + ph[3]))) * 0.5) ** 10
+    st1 = _pow2k((1 + np.cos(29 * theta + ph[0] + 2.2 * np.sin(17 * r + ph[1]))) * 0.5, 3)
+    st2 = _pow2k((1 + np.cos(47 * theta + ph[2] + 3.0 * np.sin(23 * r + ph[3]))) * 0.5, 3)
     vessels = 0.15 * (0.6 * st1 + 0.4 * st2) * np.exp(-r / 0.16) + 0.08 * np.exp(-((r / 0.035) ** 2))
-    D += vessels * lung * cv.keep_vessels * (0.4 + 0.6 * cv.keep_air)
+    D[rs, cs] += vessels * lung[rs, cs] * cv.keep_vessels[rs, cs] * (0.4 + 0.6 * cv.keep_air[rs, cs])
 
     # Spine (vertebral bodies with darker disc spaces), trachea and main bronchi.
     vert = 0.7 + 0.3 * np.cos(np.pi * (Y - top) / ribs.spacing) ** 2
     D += 0.035 * _sig((0.03 - np.abs(X - xm)) / 0.005) * vert * body
     carina = top + 0.3 * H
-    trachea = _sig((0.015 - np.abs(X - xm + 0.004)) / 0.004) * _sig((carina - Y) / 0.01)
+    rs, cs = fr.block(xm - 0.2, top - 0.2, xm + 0.2, top + 0.55 * H)
+    Xb, Yb = X[rs, cs], Y[rs, cs]
+    trachea = _sig((0.015 - np.abs(Xb - xm + 0.004)) / 0.004) * _sig((carina - Yb) / 0.01)
     bronchi = np.minimum(
-        _polyline_distance(X, Y, np.array([[xm - 0.004, carina], [hil[0][0] + 0.01, hil[0][1] - 0.01]], np.float32)),
-        _polyline_distance(X, Y, np.array([[xm - 0.004, carina], [hil[1][0] - 0.01, hil[1][1] - 0.02]], np.float32)),
+        _polyline_distance(Xb, Yb, np.array([[xm - 0.004, carina], [hil[0][0] + 0.01, hil[0][1] - 0.01]], np.float32)),
+        _polyline_distance(Xb, Yb, np.array([[xm - 0.004, carina], [hil[1][0] - 0.01, hil[1][1] - 0.02]], np.float32)),
     )
-    D -= 0.09 * np.maximum(trachea, _sig((0.008 - bronchi) / 0.003) * (1 - lung))
+    D[rs, cs] -= 0.09 * np.maximum(trachea, _sig((0.008 - bronchi) / 0.003) * (1 - lung[rs, cs]))
 
     # Bones: ribs, clavicles.
     D += ribs.density * body * (1.0 - 0.6 * abdomen)
@@ -786,7 +847,7 @@ def render_frontal(
     hi = rng.uniform(0.78, 0.9)
     gamma = rng.uniform(0.8, 1.2)
     img = np.clip((D - lo) / (hi - lo), 0.0, 1.0) ** gamma
-    img += rng.normal(0.0, rng.uniform(0.01, 0.025), img.shape).astype(np.float32)
+    img += float(rng.uniform(0.01, 0.025)) * _noise(rng, S)
     sigma = rng.uniform(0.4, 1.0) * S / 256
     img = ndimage.gaussian_filter(img, sigma, truncate=2.5)
     image = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
@@ -809,11 +870,11 @@ def render_lateral(size: int, rng: np.random.Generator) -> np.ndarray:
     X, Y = g[None, :], g[:, None]
     sx, sy = rng.uniform(-0.03, 0.03, 2)
     X, Y = X + sx, Y + sy
-    body = _sig((1.0 - np.hypot((X - 0.5) / 0.4, (Y - 0.62) / 0.62)) * 12)
+    body = _sig((1.0 - _hypot((X - 0.5) / 0.4, (Y - 0.62) / 0.62)) * 12)
     D = 0.65 * body
     dome = 0.7 + 0.08 * (X - 0.3) ** 2 / 0.1
-    lung = _sig((1.0 - np.hypot((X - 0.52) / 0.27, (Y - 0.43) / 0.32)) * 10) * _sig((dome - Y) / 0.01)
-    heart = _sig((1.0 - np.hypot((X - 0.38) / 0.14, (Y - 0.6) / 0.13)) * 6)
+    lung = _sig((1.0 - _hypot((X - 0.52) / 0.27, (Y - 0.43) / 0.32)) * 10) * _sig((dome - Y) / 0.01)
+    heart = _sig((1.0 - _hypot((X - 0.38) / 0.14, (Y - 0.6) / 0.13)) * 6)
     D -= 0.4 * lung * (1 - 0.8 * heart)
     spine_x = 0.78 + 0.03 * (Y - 0.5)
     vert = 0.7 + 0.3 * np.cos(np.pi * Y / 0.06) ** 2
@@ -821,6 +882,6 @@ def render_lateral(size: int, rng: np.random.Generator) -> np.ndarray:
     D += 0.08 * _sig((0.008 - np.abs(X - 0.17 - 0.05 * Y)) / 0.003) * (Y > 0.15) * (Y < 0.6)
     D += 0.1 * _sig((Y - dome) / 0.01) * body
     img = np.clip((D - 0.0) / 0.85, 0, 1) ** rng.uniform(0.85, 1.15)
-    img += rng.normal(0.0, 0.02, img.shape).astype(np.float32)
+    img += 0.02 * _noise(rng, S)
     img = ndimage.gaussian_filter(img.astype(np.float32), 0.8 * S / 256)
     return np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
