@@ -73,6 +73,7 @@ MESH_TO_CHEXPERT: dict[str, list[tuple]] = {
     "Pleural Effusion": [("Pleural Effusion", ())],
     "Hemothorax": [("Pleural Effusion", ())],
     "Costophrenic Angle": [("Pleural Effusion", ("blunted",))],
+    "Sulcus": [("Pleural Effusion", ("blunted",))],
     "Thickening": [("Pleural Other", ("pleura",))],
     "Fractures, Bone": [("Fracture", ())],
     "Catheters, Indwelling": [("Support Devices", ())],
@@ -229,9 +230,12 @@ def main() -> None:
     rows = [(n, per_label[n]["positive_or_uncertain"]) for n in names]
     print(f"IU X-ray: {len(reports)} reports, {len(keep)} compared with NLM MeSH major terms "
           f"(positive = labeler 1 or -1)")
-    print(f"{'label':28s} {'precision':>9s} {'recall':>7s} {'F1':>6s} {'support':>8s} {'predicted':>9s}")
+    print(f"{'label':28s} {'precision':>9s} {'recall':>7s} {'F1':>6s} {'support':>8s} {'predicted':>9s} "
+          f"{'F1 (1 only)':>11s}")
     for n, r in rows:
-        print(f"{n:28s} {r['precision']:9.3f} {r['recall']:7.3f} {r['f1']:6.3f} {r['support']:8d} {r['predicted']:9d}")
+        strict = per_label[n]["positive_only"]["f1"]
+        print(f"{n:28s} {r['precision']:9.3f} {r['recall']:7.3f} {r['f1']:6.3f} {r['support']:8d} {r['predicted']:9d} "
+              f"{strict:11.3f}")
     print(f"{'micro (13 findings)':28s} {micro['precision']:9.3f} {micro['recall']:7.3f} {micro['f1']:6.3f} "
           f"{micro['support']:8d} {micro['predicted']:9d}")
     print(f"{'macro F1 (13 findings)':28s} {'':9s} {'':7s} {macro_f1:6.3f}")

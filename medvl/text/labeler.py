@@ -252,7 +252,7 @@ _ZONE_WORDS = _rx(
     r"midzone|rml|lingula|lingular)\b"
     r"|\b(?P<lower>lower[-\s]+(?:lobes?|lungs?|lung\s+(?:zones?|fields?)|zones?|fields?|thirds?)|rll|lll|infrahilar)\b"
     r"|\b(?P<base>bases?|basilar|basal|bibasilar|bi-basilar|bibasal|bibasally|costophrenic|subpulmonic|"
-    r"hemidiaphragms?|diaphragm)\b"
+    r"hemidiaphragms?|diaphragm|(?<!superior\s)(?:sulcus|sulci))\b"
     r"|\b(?P<perihilar>perihilar|parahilar|hilar|hila|hilum|hilus)\b"
 )
 _SEVERITY_WORDS = _rx(

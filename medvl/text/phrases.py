@@ -196,15 +196,25 @@ _R: list[PhraseRule] = []
 
 
 def _literal_keys(pattern: str) -> tuple[str, ...]:
-    """Literal prefixes (3+ characters) of the alternatives of the ``head`` group; () when one has none.
+    """Literal prefixes (3+ characters) of the alternatives of the ``head`` (and ``head2``) groups; () when an
+    alternative has none or a group is missing.
 
     Every match of the pattern contains its head, so it contains one of these prefixes: reports without any of
-    them skip the pattern (most of the labeler's time went to scanning for phrases that are not there).
+    them skip the pattern (most of the labeler's time went to scanning for phrases that are not there). A
+    pattern whose top-level alternatives name their heads ``head`` and ``head2`` needs both groups' keys.
     """
-    start = pattern.find("(?P<head>")
+    keys = _group_keys(pattern, "head")
+    if "(?P<head2>" in pattern:
+        more = _group_keys(pattern, "head2")
+        keys = keys + more if keys and more else ()
+    return keys
+
+
+def _group_keys(pattern: str, name: str) -> tuple[str, ...]:
+    start = pattern.find(f"(?P<{name}>")
     if start < 0:
         return ()
-    i, depth, body = start + len("(?P<head>"), 1, []
+    i, depth, body = start + len(f"(?P<{name}>"), 1, []
     while i < len(pattern) and depth:
         ch = pattern[i]
         if ch == "\\":
@@ -276,6 +286,8 @@ _add("Pleural Effusion", Finding.EFFUSION,
      r"\b(?P<head>blunting|obliteration)\s+of\s+(?:both\s+|the\s+)?" + _SIDE + r"(?:costophrenic|cp)\s+(?:angles?|sulcus|sulci|recess(?:es)?|xxxx)")
 _add("Pleural Effusion", Finding.EFFUSION,
      r"\b(?P<head>blunt(?:ed|ing))\s+(?:of\s+)?" + _SIDE + r"(?:costophrenic|cp)\s+(?:angles?|sulcus|sulci|recess(?:es)?|xxxx)")
+_add("Pleural Effusion", Finding.EFFUSION,
+     r"\b(?P<head>blunting|blunted)\s+(?:of\s+)?(?:both\s+|the\s+)?" + _SIDE + r"(?:(?:lateral|posterior|anterior)\s+(?:and\s+\w+\s+)?)?(?:sulcus|sulci)\b")
 _add("Pleural Effusion", Finding.EFFUSION,
      r"\b(?:costophrenic|cp)\s+(?:(?:angles?|sulcus|sulci|recess(?:es)?|xxxx)\s+)?(?:(?:is|are|appears?|remains?)\s+)?"
      r"(?:(?:mildly|minimally|slightly|again|still|now|persistently)\s+)?(?P<head>blunting|blunted)\b")
@@ -407,6 +419,12 @@ _add(_SD, Finding.DEVICE, r"\b(?P<head>prosthes[ie]s|arthroplasty|arthroplasties
 # IU X-ray redacts some words as "XXXX": "left chest XXXX with tip in the SVC" is a port or catheter.
 _add(_SD, Finding.DEVICE, r"\b(?:chest|chest\s+wall|ij|subclavian|jugular)\s+(?P<head>xxxx)\s+(?:with\s+(?:its\s+|the\s+|a\s+)?|whose\s+)?(?:distal\s+)?tip\b", device="catheter")
 _add(_SD, Finding.DEVICE, r"\b(?:cardiac|pacer|pacemaker|pulse|xxxx)\s+(?P<head>generator)\b", device="pacemaker")
+_add(_SD, Finding.DEVICE, r"\b(?:left|right)(?:-sided)?\s+(?:sided\s+)?chest\s+(?:wall\s+)?(?P<head>xxxx)\b(?!\s+(?:are|is\s+within|representing))", device="catheter")
+_add(_SD, Finding.DEVICE, r"\bcardiac\s+(?P<head>xxxx)\s+(?:generator|in\s+stable|and\s+leads|with\s+leads|project\w*|is\s+intact|are\s+visualized|device)\b", device="pacemaker")
+_add(_SD, Finding.DEVICE, r"\b(?P<head>xxxx)-a-xxxx\b", device="port")
+_add(_SD, Finding.DEVICE, r"\b(?P<head>portacatheter|port-a-catheter)\b", device="port")
+_add(_SD, Finding.DEVICE, r"\b(?:closure|occluder|occlusion)\s+(?P<head>device)\b|\b(?:septal\s+)?(?P<head2>occluder)\b", device="device")
+_add(_SD, Finding.DEVICE, r"\b(?:cabg|bypass|graft|surgical)\s+(?P<head>markers?)\b", device="clip")
 _add(_SD, Finding.DEVICE, r"\b(?P<head>leads?)\s+(?:\w+\s+){0,3}(?:the\s+)?(?:right|left)\s+(?:atri|ventric)\w*", device="pacemaker")
 _add(_SD, Finding.DEVICE, r"\b(?:\w+\s+)?(?P<head>stimulator)\b", device="device")
 _add(_SD, Finding.DEVICE, r"\b(?:vp|ventriculoperitoneal|ventriculoatrial|shunt)\s+(?P<head>shunt|tubing|catheter)\b", device="tube")
@@ -414,7 +432,7 @@ _add(_SD, Finding.DEVICE, r"\b(?:cardiac\s+|heart\s+)?(?P<head>valve)\s+(?:repla
 _add(_SD, Finding.DEVICE, r"\b(?:internal\s+)?(?P<head>fixation)\b", device="hardware")
 _add(_SD, Finding.DEVICE, r"\b(?:bone|suture)\s+(?P<head>anchors?)\b", device="hardware")
 _add(_SD, Finding.DEVICE, r"\b(?:surgical\s+|radiopaque\s+)?(?P<head>sutures?)(?:\s+(?:material|line))?\b", device="suture")
-_add(_SD, Finding.DEVICE, r"\b(?:ecg|ekg|telemetry|monitoring|cardiac\s+monitoring)\s+(?P<head>leads?|electrodes?|wires?)\b", device="wire")
+_add(_SD, Finding.DEVICE, r"\b(?:ecg|ekg|telemetry|monitoring|monitor|cardiac\s+monitoring)\s+(?P<head>leads?|electrodes?|wires?)\b", device="wire")
 _add(_SD, Finding.DEVICE, r"\b(?:loop\s+|cardiac\s+|event\s+)(?P<head>recorder|monitor)\b", device="device")
 _add(_SD, Finding.DEVICE, r"\b(?:medical|support|cardiac|implanted|implantable|monitoring|electronic|surgical|metallic)\s+(?P<head>devices?)\b", device="device")
 

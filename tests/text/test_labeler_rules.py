@@ -242,6 +242,20 @@ def test_devices() -> None:
     assert [(m.head, m.side, m.device) for m in ms] == [("pacemaker", "left", "pacemaker"), ("leads", None, "pacemaker")]
 
 
+def test_keyword_prefilter_covers_every_pattern() -> None:
+    from medvl.text.labeler import _extract
+    from medvl.text.phrases import PHRASE_RULES, _literal_keys
+
+    assert _literal_keys(r"\b(?P<head>effusions?|pleural\s+fluid)\b") == ("effusion", "pleural")
+    assert _literal_keys(r"\b(?P<head>fx)\b") == ()  # too short to prefilter: always scanned
+    assert _literal_keys(r"\b(?P<head>device)\b|\b(?P<head2>occluder)\b") == ("device", "occluder")
+    for rule in PHRASE_RULES:
+        assert all(k == k.lower() and len(k) >= 3 for k in rule.keys)
+    report = "Atrial septal occluder. Left chest XXXX with tip in the SVC. XXXX-a-XXXX in place."
+    assert _extract(report, prefilter=True) == _extract(report, prefilter=False)
+    assert len(_mentions(report, "Support Devices")) == 3
+
+
 def test_sentence_index() -> None:
     report = "Heart size normal. 1. No effusion. 2. Left apical pneumothorax."
     assert len(split_sentences(report)) == 3
