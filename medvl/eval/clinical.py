@@ -18,8 +18,7 @@ positive reference is NaN.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -72,37 +71,8 @@ def ce_metrics(reference: np.ndarray, generated: np.ndarray,
     return out
 
 
-def _as_label_row(result: Any) -> np.ndarray:
-    """One labeler result (mapping name -> value, a 14-sequence, or an object with ``labels``) -> (14,)."""
-    if hasattr(result, "labels") and not isinstance(result, Mapping):
-        result = result.labels
-    if hasattr(result, "to_dict") and not isinstance(result, Mapping):
-        result = result.to_dict()
-    row = np.full(len(CHEXPERT_LABELS), np.nan)
-    if isinstance(result, Mapping):
-        values = [result.get(name) for name in CHEXPERT_LABELS]
-    else:
-        values = list(np.asarray(result, dtype=object).reshape(-1))
-        if len(values) != len(CHEXPERT_LABELS):
-            raise ValueError(f"labeler returned {len(values)} values, expected {len(CHEXPERT_LABELS)}")
-    for j, v in enumerate(values):
-        if v is None or v == "":
-            continue
-        v = float(v)
-        if not math.isnan(v):
-            row[j] = v
-    return row
-
-
 def label_reports(texts: Sequence[str]) -> np.ndarray:
-    """CheXpert labels of each report: (N, 14) float, 1 / 0 / -1, NaN blank (repeated texts labelled once)."""
-    from medvl.text.labeler import label_report
+    """CheXpert labels of each report by medvl's labeler: (N, 14) float, 1 / 0 / -1, NaN blank."""
+    from medvl.text.labeler import label_reports as _label_reports
 
-    cache: dict[str, np.ndarray] = {}
-    rows = []
-    for text in texts:
-        if text not in cache:
-            cache[text] = _as_label_row(label_report(text)) if text.strip() else np.full(len(CHEXPERT_LABELS),
-                                                                                          np.nan)
-        rows.append(cache[text])
-    return np.stack(rows) if rows else np.zeros((0, len(CHEXPERT_LABELS)))
+    return np.asarray(_label_reports(list(texts)), dtype=np.float64).reshape(len(texts), len(CHEXPERT_LABELS))

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 TOKENISATION = ("lowercase; tokens = decimal numbers, runs of [a-z0-9], and '.' as its own token; other "
                 "punctuation dropped; repeated '.' collapsed; "
@@ -65,58 +66,87 @@ def java_problem() -> str | None:
     return None
 
 
-def _meteor(gts: dict[int, list[str]], res: dict[int, list[str]]) -> tuple[float, list[float]]:
-    from pycocoevalcap.meteor.meteor import Meteor
+class NLGScorer:
+    """Scores many (references, hypotheses) sets with one METEOR Java process (it takes ~10 s to start).
 
-    scorer = Meteor()
-    try:
-        score, scores = scorer.compute_score(gts, res)
-    finally:
-        del scorer  # its __del__ stops the Java process
-    return float(score), [float(s) for s in scores]
+    Use as a context manager: ``with NLGScorer() as scorer: scorer.score(refs, hyps)``.
+    """
+
+    def __init__(self, meteor: bool = True):
+        self._want_meteor = meteor
+        self._meteor: Any = None
+        self._meteor_problem: str | None = None if meteor else "not requested"
+
+    def __enter__(self) -> NLGScorer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._meteor is not None:
+            scorer, self._meteor = self._meteor, None
+            del scorer  # its __del__ stops the Java process
+
+    def _meteor_scorer(self) -> Any:
+        if self._meteor is None and self._meteor_problem is None:
+            self._meteor_problem = java_problem()
+            if self._meteor_problem is None:
+                from pycocoevalcap.meteor.meteor import Meteor
+
+                try:
+                    self._meteor = Meteor()
+                except OSError as exc:
+                    self._meteor_problem = f"cannot start METEOR: {exc}"
+        return self._meteor
+
+    def score(self, references: Sequence[str], hypotheses: Sequence[str]) -> NLGResult:
+        """Score generated reports against references (one reference per sample).
+
+        references, hypotheses: raw report texts, same length N >= 1; they are tokenised here.
+        """
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.rouge.rouge import Rouge
+
+        if len(references) != len(hypotheses):
+            raise ValueError(f"{len(references)} references but {len(hypotheses)} generated reports")
+        if not references:
+            raise ValueError("no reports to score")
+        gts = {i: [tokenize_report(r)] for i, r in enumerate(references)}
+        res = {i: [tokenize_report(h)] for i, h in enumerate(hypotheses)}
+        scores: dict[str, float] = {}
+        per_sample: dict[str, list[float]] = {}
+        missing: dict[str, str] = {}
+
+        bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
+        for n in range(4):
+            scores[f"nlg.bleu{n + 1}"] = float(bleu[n])
+            per_sample[f"nlg.bleu{n + 1}"] = [float(x) for x in bleu_each[n]]
+        meteor = self._meteor_scorer() if self._want_meteor else None
+        if meteor is not None:
+            try:
+                score, each = meteor.compute_score(gts, res)
+                scores["nlg.meteor"], per_sample["nlg.meteor"] = float(score), [float(x) for x in each]
+            except Exception as exc:  # the Java scorer failing must not sink the other metrics
+                missing["nlg.meteor"] = f"METEOR failed: {type(exc).__name__}: {exc}"
+                self.close()
+                self._meteor_problem = missing["nlg.meteor"]
+        else:
+            missing["nlg.meteor"] = self._meteor_problem or "not requested"
+        rouge, rouge_each = Rouge().compute_score(gts, res)
+        scores["nlg.rouge_l"] = float(rouge)
+        per_sample["nlg.rouge_l"] = [float(x) for x in rouge_each]
+        cider, cider_each = Cider().compute_score(gts, res)
+        scores["nlg.cider"] = float(cider)
+        per_sample["nlg.cider"] = [float(x) for x in cider_each]
+        return NLGResult(scores=scores, missing=missing, per_sample=per_sample)
 
 
 def nlg_metrics(references: Sequence[str], hypotheses: Sequence[str], *, meteor: bool = True) -> NLGResult:
-    """Score generated reports against references (one reference per sample).
-
-    references, hypotheses: raw report texts, same length N >= 1; they are tokenised here.
-    """
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
-
-    if len(references) != len(hypotheses):
-        raise ValueError(f"{len(references)} references but {len(hypotheses)} generated reports")
-    if not references:
-        raise ValueError("no reports to score")
-    gts = {i: [tokenize_report(r)] for i, r in enumerate(references)}
-    res = {i: [tokenize_report(h)] for i, h in enumerate(hypotheses)}
-    scores: dict[str, float] = {}
-    per_sample: dict[str, list[float]] = {}
-    missing: dict[str, str] = {}
-
-    bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
-    for n in range(4):
-        scores[f"nlg.bleu{n + 1}"] = float(bleu[n])
-        per_sample[f"nlg.bleu{n + 1}"] = [float(x) for x in bleu_each[n]]
-    if meteor:
-        problem = java_problem()
-        if problem is None:
-            try:
-                scores["nlg.meteor"], per_sample["nlg.meteor"] = _meteor(gts, res)
-            except Exception as exc:  # the Java scorer failing must not sink the other metrics
-                missing["nlg.meteor"] = f"METEOR failed: {type(exc).__name__}: {exc}"
-        else:
-            missing["nlg.meteor"] = problem
-    else:
-        missing["nlg.meteor"] = "not requested"
-    rouge, rouge_each = Rouge().compute_score(gts, res)
-    scores["nlg.rouge_l"] = float(rouge)
-    per_sample["nlg.rouge_l"] = [float(x) for x in rouge_each]
-    cider, cider_each = Cider().compute_score(gts, res)
-    scores["nlg.cider"] = float(cider)
-    per_sample["nlg.cider"] = [float(x) for x in cider_each]
-    return NLGResult(scores=scores, missing=missing, per_sample=per_sample)
+    """Score one set of generated reports against references (see :class:`NLGScorer`)."""
+    with NLGScorer(meteor=meteor) as scorer:
+        return scorer.score(references, hypotheses)
 
 
 def bleu4(references: Sequence[str], hypotheses: Sequence[str]) -> float:

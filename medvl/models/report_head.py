@@ -72,6 +72,7 @@ class ReportHeadConfig:
     use_keywords: bool = True  # ablation switch: no keyword-hint tokens
     num_keywords: int = 8  # top-K AdaMatch keywords per image given as hints
     finetune_adamatch: bool = False  # False: AdaMatch frozen (features computed once per image)
+    adamatch_lr_scale: float = 0.1  # fine-tuned AdaMatch learns at train.lr times this
     tokenizer_min_freq: int = 2
     tokenizer_max_vocab: int = 4000
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -160,7 +161,8 @@ class KeywordHints:
         return KeywordHints(self.ids.to(device), self.scores.to(device), self.boxes.to(device), self.words)
 
 
-def _keyword_word(k: Any) -> str:
+def keyword_word(k: Any) -> str:
+    """A keyword vocabulary entry or a ``Keyword`` result -> its word."""
     return k if isinstance(k, str) else str(k.word)
 
 
@@ -176,10 +178,10 @@ def keyword_hints(keywords: Sequence[Sequence[Any]], vocabulary: Sequence[str], 
     boxes = torch.zeros(b, top_k, 4)
     words: list[list[str]] = []
     for i, kws in enumerate(keywords):
-        kept = [k for k in kws if _keyword_word(k) in index][:top_k]
-        words.append([_keyword_word(k) for k in kept])
+        kept = [k for k in kws if keyword_word(k) in index][:top_k]
+        words.append([keyword_word(k) for k in kept])
         for j, k in enumerate(kept):
-            ids[i, j] = index[_keyword_word(k)]
+            ids[i, j] = index[keyword_word(k)]
             scores[i, j] = float(k.score)
             boxes[i, j] = torch.as_tensor(k.box, dtype=torch.float32).reshape(4)
     return KeywordHints(ids, scores, boxes, words)
@@ -205,7 +207,8 @@ class ReportHead(nn.Module):
         vocab_size, pad_id, bos_id, eos_id: from the report tokenizer.
         visual_dim: width D of AdaMatch's projected patch features.
         keyword_vocabulary: AdaMatch keyword words the hint embedding knows (index 0 is "none").
-        adamatch: the AdaMatch model; registered (and trained) only when ``cfg.finetune_adamatch``.
+        adamatch: the AdaMatch model, or None when the caller passes precomputed patch features. Trained
+            with the head when ``cfg.finetune_adamatch``, else frozen and kept in eval mode.
     """
 
     def __init__(self, cfg: ReportHeadConfig, *, vocab_size: int, visual_dim: int,
@@ -238,7 +241,16 @@ class ReportHead(nn.Module):
         if cfg.use_keywords:
             self.keyword_embed = nn.Embedding(len(self.keyword_vocabulary) + 1, e, padding_idx=0)
             self.keyword_geom = nn.Linear(5, e)
-        self.adamatch = adamatch if (cfg.finetune_adamatch and adamatch is not None) else None
+        self.adamatch = adamatch
+        if adamatch is not None and not cfg.finetune_adamatch:
+            adamatch.requires_grad_(False)
+            adamatch.eval()
+
+    def train(self, mode: bool = True) -> ReportHead:
+        super().train(mode)
+        if self.adamatch is not None and not self.cfg.finetune_adamatch:
+            self.adamatch.eval()  # frozen: no dropout / batch-norm updates
+        return self
 
     # Word embeddings query the shared memory (also inside generate(), one new token per step).
     def _word_memory_hook(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
@@ -272,7 +284,8 @@ class ReportHead(nn.Module):
         """images (B, 1, S, S) in [-1024, 1024] -> AdaMatch patch features (B, P, D) and boxes (B, P, 4)."""
         if self.adamatch is None:
             raise ValueError("this report head holds no AdaMatch model; pass patch_features and patch_boxes")
-        patches = self.adamatch.encode_image(images)
+        with torch.set_grad_enabled(self.cfg.finetune_adamatch and torch.is_grad_enabled()):
+            patches = self.adamatch.encode_image(images)
         return patches.features, patches.boxes
 
     def forward(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
@@ -366,6 +379,17 @@ def decode_sequences(tokenizer: PreTrainedTokenizerFast, sequences: torch.Tensor
 # ------------------------------------------------------------------------------------------ save / load
 
 
+def load_adamatch_run(run_dir: str | Path, device: str = "cpu") -> Any:
+    """``AdaMatchRun.load(run_dir, device)``; a :class:`RunError` when AdaMatch is not available."""
+    try:
+        from medvl.models.adamatch import AdaMatchRun
+    except ModuleNotFoundError as exc:
+        if exc.name and "medvl.models.adamatch".startswith(exc.name):
+            raise RunError("AdaMatch (medvl.models.adamatch) is not available in this version of medvl") from None
+        raise
+    return AdaMatchRun.load(run_dir, device=device)
+
+
 def save_report_head(head: ReportHead, tokenizer: PreTrainedTokenizerFast, directory: str | Path, *,
                      image_size: int, extra: dict | None = None) -> None:
     """Write the head's inference artifacts into ``directory`` (see the module docstring)."""
@@ -376,8 +400,9 @@ def save_report_head(head: ReportHead, tokenizer: PreTrainedTokenizerFast, direc
     tokenizer.save_pretrained(directory / TOKENIZER_DIR)
     if head.cfg.use_memory:
         head.memory.save(directory / MEMORY_DIR)
-    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()
-             if not k.startswith(("decoder.", "memory."))}
+    # A frozen AdaMatch lives in the run's adamatch/ copy; a fine-tuned one is saved with the head.
+    skip = ("decoder.", "memory.") + (() if head.cfg.finetune_adamatch else ("adamatch.",))
+    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items() if not k.startswith(skip)}
     save_file(state, str(directory / HEAD_WEIGHTS))
     meta = {
         "config": to_dict(head.cfg),
@@ -431,7 +456,10 @@ def load_report_head(directory: str | Path, *, adamatch: nn.Module | None = None
         head.decoder.transformer.wte.register_forward_hook(head._word_memory_hook)
         head.memory.load_state_dict(SharedMemory.load(directory / MEMORY_DIR).state_dict())
     missing, unexpected = head.load_state_dict(load_file(str(directory / HEAD_WEIGHTS)), strict=False)
-    missing = [k for k in missing if not k.startswith(("decoder.", "memory."))]
+    skip = ("decoder.", "memory.") + (() if cfg.finetune_adamatch else ("adamatch.",))
+    missing = [k for k in missing if not k.startswith(skip)]
+    if cfg.finetune_adamatch and adamatch is None:
+        raise RunError(f"{directory} fine-tuned AdaMatch: pass the AdaMatch model to load its fine-tuned weights")
     if missing or unexpected:
         raise RunError(f"{directory / HEAD_WEIGHTS} does not match the head config "
                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from medvl.eval.clinical import _as_label_row, ce_metrics, positives
+from medvl.eval.clinical import ce_metrics, label_reports, positives
 from medvl.text.chexpert import CHEXPERT_LABELS
 
 N = float("nan")
@@ -70,11 +70,11 @@ def test_shape_mismatch_is_an_error():
         ce_metrics(np.zeros((2, 14)), np.zeros((3, 14)))
 
 
-def test_labeler_result_adapter():
-    by_name = _as_label_row({"Cardiomegaly": 1, "Edema": -1, "No Finding": None, "Fracture": ""})
-    assert by_name[IDX["Cardiomegaly"]] == 1 and by_name[IDX["Edema"]] == -1
-    assert np.isnan(by_name[IDX["No Finding"]]) and np.isnan(by_name[IDX["Fracture"]])
-    seq = _as_label_row([N] * 13 + [1.0])
-    assert seq[IDX["Support Devices"]] == 1
-    with pytest.raises(ValueError, match="expected 14"):
-        _as_label_row([1.0, 0.0])
+def test_labels_come_from_the_labeler():
+    labels = label_reports(["Small left pleural effusion.", "The lungs are clear. No pleural effusion.", ""])
+    assert labels.shape == (3, 14)
+    assert labels[0, IDX["Pleural Effusion"]] == 1
+    assert labels[1, IDX["Pleural Effusion"]] == 0
+    assert np.isnan(labels[2]).all()
+    m = ce_metrics(labels[:1], labels[1:2])
+    assert m["ce.per_label.Pleural Effusion.f1"] == 0.0

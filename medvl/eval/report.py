@@ -1,0 +1,188 @@
+"""``medvl evaluate report``: NLG and clinical-efficacy metrics of a report run, with baselines and ablations.
+
+On the chosen split (one frontal image per study, as in training), in one run:
+
+- the report run itself: ``nlg.*`` and ``ce.*`` (keys of DESIGN.md section 4);
+- ``baselines.most_frequent.*``: every study gets the most frequent training report;
+- ``baselines.retrieval.*``: every study gets the training report AdaMatch scores highest for its image
+  (``s_i2t + s_t2i``, the token-wise scores AdaMatch was trained with; the report run's AdaMatch copy);
+- ``ablations.<name>.*``: every finished report run under ``RUN/ablations/<name>/`` (e.g. trained with
+  ``--out RUN/ablations/no_memory --set model.use_memory=false``), decoded the same way.
+
+Writes ``out`` (metrics with provenance) and ``<out without .json>.predictions.csv``
+(``study_id,reference,generated``).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from medvl.config import config_hash
+from medvl.errors import RunError
+from medvl.eval.clinical import CE_CONVENTION, ce_metrics, label_reports
+from medvl.eval.common import metrics_record, write_metrics
+from medvl.eval.nlg import TOKENISATION, NLGScorer
+
+ABLATIONS_DIR = "ablations"
+
+
+def predictions_path(out: Path) -> Path:
+    """``eval/report.json`` -> ``eval/report.predictions.csv``."""
+    return out.with_name(out.stem + ".predictions.csv") if out.suffix == ".json" else Path(str(out) + ".predictions.csv")
+
+
+def _run_config(run: Path) -> Any:
+    from medvl.config import load_config
+    from medvl.train.report_stage import ReportStageConfig
+
+    path = run / "config.yaml"
+    return load_config(ReportStageConfig, path) if path.exists() else ReportStageConfig()
+
+
+def generate_for_split(generator: Any, dataset: Any, *, beams: int | None = None, desc: str = "generating"
+                       ) -> list[str]:
+    """Decode every item of ``dataset`` (PreparedDataset-like) with a :class:`ReportGenerator`."""
+    bs = generator.generation.batch_size
+    texts: list[str] = []
+    for start in tqdm(range(0, len(dataset), bs), desc=desc, unit="batch", leave=False):
+        images = torch.stack([dataset[i]["image"] for i in range(start, min(len(dataset), start + bs))])
+        texts.extend(r.text for r in generator.generate(images, beams=beams))
+    return texts
+
+
+def most_frequent_report(reports: Sequence[str]) -> str:
+    """The most frequent report text (whitespace-normalised; ties broken by first occurrence)."""
+    norm = [" ".join(r.split()) for r in reports if r and r.strip()]
+    if not norm:
+        raise ValueError("no training reports")
+    counts = Counter(norm)
+    best = max(counts.values())
+    return next(r for r in norm if counts[r] == best)
+
+
+@torch.no_grad()
+def retrieve_reports(adamatch_run: Any, dataset: Any, candidates: Sequence[str], *, image_batch: int = 32,
+                     report_batch: int = 256) -> list[str]:
+    """For each image of ``dataset`` the candidate report with the highest AdaMatch score s_i2t + s_t2i."""
+    candidates = list(candidates)
+    reports_tokens = []
+    for start in range(0, len(candidates), report_batch):
+        reports_tokens.append(adamatch_run.encode_reports(candidates[start:start + report_batch]))
+    chosen: list[str] = []
+    for start in tqdm(range(0, len(dataset), image_batch), desc="retrieval baseline", unit="batch", leave=False):
+        images = torch.stack([dataset[i]["image"] for i in range(start, min(len(dataset), start + image_batch))])
+        patches = adamatch_run.encode_images(images)
+        scores = []
+        for tokens in reports_tokens:
+            s_i2t, s_t2i = adamatch_run.model.scores(patches, tokens)
+            scores.append(s_i2t + s_t2i)
+        best = torch.cat(scores, dim=1).argmax(1).tolist()
+        chosen.extend(candidates[j] for j in best)
+    return chosen
+
+
+def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}{k}": v for k, v in metrics.items()} if prefix else dict(metrics)
+
+
+def score_reports(scorer: NLGScorer, references: list[str], ref_labels: np.ndarray, generated: list[str],
+                  prefix: str = "") -> tuple[dict[str, float], dict[str, str]]:
+    """``nlg.*`` and ``ce.*`` of ``generated`` against ``references`` (keys under ``prefix``)."""
+    nlg = scorer.score(references, generated)
+    ce = ce_metrics(ref_labels, label_reports(generated))
+    metrics = _prefixed(prefix, {**nlg.scores, **ce})
+    missing = _prefixed(prefix, nlg.missing)
+    undefined = sorted({k.split(".")[2] for k, v in ce.items()
+                        if k.startswith("ce.per_label.") and k.endswith(".f1") and math.isnan(v)})
+    if undefined:
+        missing[prefix + "ce.per_label"] = ("F1 and recall null (no positive reference and no positive prediction) "
+                                            "for: " + ", ".join(undefined))
+    return metrics, missing
+
+
+def find_ablations(run: Path) -> dict[str, Path]:
+    """Finished report runs under ``RUN/ablations/<name>/`` (name -> path)."""
+    root = run / ABLATIONS_DIR
+    if not root.is_dir():
+        return {}
+    return {p.name: p for p in sorted(root.iterdir()) if (p / "report_head.json").exists()}
+
+
+def evaluate_report(*, run: Path, data: Path, split: str = "test", out: Path | None = None) -> dict:
+    """Score the report run ``run`` on ``split`` of the prepared dataset ``data``; see the module docstring."""
+    from medvl.generate import ReportGenerator
+    from medvl.train.report_stage import report_split
+
+    run, data = Path(run), Path(data)
+    if not (run / "report_head.json").exists():
+        raise RunError(f"{run} is not a report run (no report_head.json); train one with `medvl train report`")
+    cfg = _run_config(run)
+    generator = ReportGenerator.load(run)
+    test = report_split(data, split, cfg.data)
+    train = report_split(data, "train", cfg.data)
+    references = [str(r) for r in test.index["report"]]
+    ref_labels = label_reports(references)
+
+    metrics: dict[str, float] = {}
+    missing: dict[str, str] = {}
+    generated = generate_for_split(generator, test, desc=f"report head ({split})")
+    baselines = {
+        "most_frequent": [most_frequent_report(list(train.index["report"]))] * len(test),
+        "retrieval": retrieve_reports(generator.adamatch_run, test,
+                                      sorted({" ".join(r.split()) for r in train.index["report"]})),
+    }
+    ablations = {}
+    for name, path in find_ablations(run).items():
+        ablations[name] = generate_for_split(ReportGenerator.load(path), test, desc=f"ablation {name}")
+    with NLGScorer() as scorer:
+        m, miss = score_reports(scorer, references, ref_labels, generated)
+        metrics.update(m)
+        missing.update(miss)
+        for name, texts in baselines.items():
+            m, miss = score_reports(scorer, references, ref_labels, texts, prefix=f"baselines.{name}.")
+            metrics.update(m)
+            missing.update(miss)
+        for name, texts in ablations.items():
+            m, miss = score_reports(scorer, references, ref_labels, texts, prefix=f"ablations.{name}.")
+            metrics.update(m)
+            missing.update(miss)
+    metrics["generated.empty_share"] = float(np.mean([not t.strip() for t in generated]))
+    metrics["generated.mean_words"] = float(np.mean([len(t.split()) for t in generated]))
+
+    g = generator.generation
+    conventions = {
+        "nlg": TOKENISATION,
+        "ce": CE_CONVENTION,
+        "decoding": (f"beam search, {g.beams} beams, length_penalty {g.length_penalty}, "
+                     f"no_repeat_ngram_size {g.no_repeat_ngram_size}, KV cache"),
+        "samples": f"one frontal image ({', '.join(cfg.data.views)}) per study",
+        "baselines.most_frequent": "the most frequent training report for every study",
+        "baselines.retrieval": "the training report with the highest AdaMatch s_i2t + s_t2i for the image",
+        "ablations": "report runs under RUN/ablations/<name>/, decoded like the main run",
+    }
+    record = metrics_record(metrics, split=split, num_samples=len(test), conventions=conventions,
+                            seed=cfg.train.seed, config_hash=config_hash(cfg), missing=missing,
+                            extra={"run": str(run), "data": str(data), "ablations": sorted(ablations),
+                                   "most_frequent_report": baselines["most_frequent"][0]})
+    if out is not None:
+        out = Path(out)
+        write_metrics(out, record)
+        pred = predictions_path(out)
+        with open(pred, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["study_id", "reference", "generated"])
+            for sid, ref, gen in zip(test.index["study_id"], references, generated, strict=True):
+                w.writerow([sid, ref, gen])
+    return record
+
+
+__all__ = ["evaluate_report", "find_ablations", "most_frequent_report", "predictions_path", "retrieve_reports"]

@@ -1,0 +1,371 @@
+"""``medvl train report``: the report-generation head on a finished AdaMatch run.
+
+``--from`` takes the AdaMatch run. The stage trains a word-level tokenizer on the training reports,
+builds :class:`~medvl.models.report_head.ReportHead` (GPT-2 decoder, shared memory, keyword hints)
+and teaches it with next-token cross-entropy. With AdaMatch frozen (``model.finetune_adamatch:
+false``) and ``data.precompute_features: true``, AdaMatch's patch features and top-K keywords are
+computed once per image before training (a few seconds on the phantom) instead of at every step.
+
+Model selection is on a fixed validation subset (``data.val_samples`` studies) decoded greedily:
+``val_loss`` (teacher-forced), ``val_bleu4`` and, when the labeler is available,
+``val_ce_micro_f1`` / ``val_ce_micro5_f1`` (see :mod:`medvl.eval.clinical`).
+
+Run directory (besides what the loop writes): ``decoder/``, ``tokenizer/``, ``memory/`` (the shared
+memory the diffusion stage reads), ``report_head.safetensors``, ``report_head.json``, and
+``adamatch/`` (a copy of the AdaMatch run, so the report run works alone).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from medvl.config import load_config, to_dict
+from medvl.data.prepared import PreparedDataset
+from medvl.errors import ConfigError, DataError, RunError
+from medvl.models import report_head as rh
+from medvl.models.report_head import KeywordHints, ReportHead, ReportHeadConfig
+from medvl.train.loop import TrainConfig, unwrap
+
+ADAMATCH_COPY = "adamatch"  # RUN/adamatch/: AdaMatchRun.load(RUN) finds it
+
+
+@dataclass
+class GenerationSettings:
+    """``generation:`` section: how reports are decoded at inference and evaluation."""
+
+    beams: int = 3
+    max_new_tokens: int = 0  # 0: model.max_length - 1
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 3
+    batch_size: int = 16
+
+    def validate(self) -> None:
+        if self.beams < 1:
+            raise ConfigError(f"config key 'generation.beams' must be at least 1, got {self.beams}")
+        if self.batch_size < 1:
+            raise ConfigError(f"config key 'generation.batch_size' must be at least 1, got {self.batch_size}")
+
+
+@dataclass
+class ReportDataConfig:
+    """``data:`` section."""
+
+    views: list[str] = field(default_factory=lambda: ["PA", "AP"])  # frontal views only
+    one_image_per_study: bool = True  # the first frontal image of each study
+    precompute_features: bool = True  # frozen AdaMatch only: encode every image once before training
+    feature_batch_size: int = 32
+    val_samples: int = 64  # validation studies decoded (greedy) for model selection
+
+    def validate(self) -> None:
+        if not self.views:
+            raise ConfigError("config key 'data.views' must list at least one view, e.g. [PA, AP]")
+        if self.val_samples < 1:
+            raise ConfigError(f"config key 'data.val_samples' must be at least 1, got {self.val_samples}")
+
+
+@dataclass
+class ReportStageConfig:
+    model: ReportHeadConfig = field(default_factory=ReportHeadConfig)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    data: ReportDataConfig = field(default_factory=ReportDataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(select_metric="val_loss", select_mode="min"))
+
+
+VAL_METRICS_WITH_LABELER = ("val_ce_micro_f1", "val_ce_micro5_f1")
+
+
+def labeler_available() -> bool:
+    try:
+        from medvl.text.labeler import label_report  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+def report_split(data: str | Path, split: str, cfg: ReportDataConfig) -> PreparedDataset:
+    """A split of the prepared dataset restricted to ``cfg.views`` (and one image per study)."""
+    ds = PreparedDataset(data, split)
+    views = {v.upper() for v in cfg.views}
+    keep = ds.index["view"].str.upper().isin(views)
+    if cfg.one_image_per_study:
+        first = ~ds.index[keep].duplicated("study_id")
+        keep &= first.reindex(ds.index.index, fill_value=False)
+    ds.index = ds.index[keep].reset_index(drop=True)
+    ds.labels = ds.labels[torch.from_numpy(keep.to_numpy(dtype=bool, copy=True))]
+    if len(ds) == 0:
+        raise DataError(f"{data}: the '{split}' split has no reports with views {sorted(views)}")
+    return ds
+
+
+@dataclass
+class ImageConditions:
+    """AdaMatch's view of a batch of images: ``patch_features`` (N, P, D), ``patch_boxes`` (N, P, 4),
+    ``keywords`` (top-K hints, see :class:`KeywordHints`)."""
+
+    patch_features: torch.Tensor
+    patch_boxes: torch.Tensor
+    keywords: KeywordHints
+
+
+@torch.no_grad()
+def image_conditions(adamatch_run: Any, images: torch.Tensor, *, num_keywords: int,
+                     keyword_vocabulary: list[str]) -> ImageConditions:
+    """images (B, 1, S, S) in [-1024, 1024] -> patch features, boxes and keyword hints (AdaMatch, no grad)."""
+    patches = adamatch_run.encode_images(images)
+    if keyword_vocabulary:
+        keywords = adamatch_run.image_keywords(None, top_k=num_keywords, patches=patches)
+    else:
+        keywords = [[] for _ in range(images.shape[0])]
+    hints = rh.keyword_hints(keywords, keyword_vocabulary, num_keywords)
+    return ImageConditions(patches.features.float(), patches.boxes.float(), hints)
+
+
+def precompute_conditions(adamatch_run: Any, dataset: Dataset, *, num_keywords: int, keyword_vocabulary: list[str],
+                          batch_size: int, device: torch.device, desc: str) -> ImageConditions:
+    """Encode every image of ``dataset`` once: features stored as float16 on the CPU."""
+    feats, boxes, ids, scores, kboxes, words = [], [], [], [], [], []
+    n = len(dataset)
+    for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", leave=False):
+        images = torch.stack([dataset[i]["image"] for i in range(start, min(n, start + batch_size))]).to(device)
+        c = image_conditions(adamatch_run, images, num_keywords=num_keywords, keyword_vocabulary=keyword_vocabulary)
+        feats.append(c.patch_features.half().cpu())
+        boxes.append(c.patch_boxes.cpu())
+        ids.append(c.keywords.ids)
+        scores.append(c.keywords.scores)
+        kboxes.append(c.keywords.boxes)
+        words.extend(c.keywords.words)
+    return ImageConditions(torch.cat(feats), torch.cat(boxes),
+                           KeywordHints(torch.cat(ids), torch.cat(scores), torch.cat(kboxes), words))
+
+
+class ReportTrainingSet(Dataset):
+    """Items ``{"report", "index", and either "image" or precomputed "patch_features", "patch_boxes",
+    "keyword_ids", "keyword_scores", "keyword_boxes"}``."""
+
+    def __init__(self, base: PreparedDataset, conditions: ImageConditions | None):
+        self.base = base
+        self.conditions = conditions
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if self.conditions is None:
+            item = self.base[i]
+            return {"image": item["image"], "report": item["report"], "index": i}
+        c = self.conditions
+        return {"report": str(self.base.index.at[i, "report"]), "index": i,
+                "patch_features": c.patch_features[i], "patch_boxes": c.patch_boxes[i],
+                "keyword_ids": c.keywords.ids[i], "keyword_scores": c.keywords.scores[i],
+                "keyword_boxes": c.keywords.boxes[i]}
+
+
+# ------------------------------------------------------------------------------------------------ stage
+
+
+class ReportStage:
+    """The report head as a :class:`~medvl.train.loop.Stage`."""
+
+    name = "report"
+
+    def __init__(self, config: ReportStageConfig, data: Path, adamatch_dir: Path):
+        self.config = config
+        self.train: TrainConfig = config.train
+        self.data = Path(data)
+        self.adamatch_dir = Path(adamatch_dir)
+        self.device = _stage_device()
+        self.adamatch_run = rh.load_adamatch_run(self.adamatch_dir, device=str(self.device))
+        vocab = getattr(self.adamatch_run, "keywords", None)
+        self.keyword_vocabulary = list(vocab.words) if vocab is not None else []
+        if config.model.use_keywords and not self.keyword_vocabulary:
+            raise RunError(f"AdaMatch run {self.adamatch_dir} has no keyword vocabulary; "
+                           "train with model.use_keywords=false or retrain AdaMatch")
+        self.train_base = report_split(self.data, "train", config.data)
+        self.val_base = report_split(self.data, "validate", config.data)
+        self.image_size = self.train_base.size
+        m = config.model
+        self.tokenizer = rh.build_report_tokenizer(list(self.train_base.index["report"]),
+                                                   min_freq=m.tokenizer_min_freq, max_vocab=m.tokenizer_max_vocab)
+        self._precompute = config.data.precompute_features and not m.finetune_adamatch
+        self._train_set: ReportTrainingSet | None = None
+        self._val_conditions: ImageConditions | None = None
+        n_val = min(config.data.val_samples, len(self.val_base))
+        self._val_indices = list(range(n_val))
+
+    # --- the loop's interface ---------------------------------------------------------------------------
+
+    def build_model(self) -> nn.Module:
+        m = self.config.model
+        tok = self.tokenizer
+        torch.manual_seed(self.train.seed)
+        adamatch = self.adamatch_run.model
+        if not m.finetune_adamatch:
+            adamatch.requires_grad_(False).eval()
+        # Only a fine-tuned AdaMatch is part of the trained module; a frozen one stays with the run.
+        return ReportHead(m, vocab_size=len(tok), visual_dim=int(self.adamatch_run.embed_dim),
+                          keyword_vocabulary=self.keyword_vocabulary, pad_id=tok.pad_token_id,
+                          bos_id=tok.bos_token_id, eos_id=tok.eos_token_id, unk_id=tok.unk_token_id,
+                          adamatch=adamatch if m.finetune_adamatch else None)
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """AdamW groups: a fine-tuned AdaMatch learns at ``lr * model.adamatch_lr_scale``."""
+        from medvl.train.loop import default_param_groups
+
+        head = unwrap(model)
+        wd = self.train.weight_decay
+        if head.adamatch is None:
+            return default_param_groups(head, wd)
+        groups = []
+        ada_ids = {id(p) for p in head.adamatch.parameters()}
+        for g in default_param_groups(head, wd):
+            own = [p for p in g["params"] if id(p) not in ada_ids]
+            ada = [p for p in g["params"] if id(p) in ada_ids]
+            if own:
+                groups.append({**g, "params": own})
+            if ada:
+                groups.append({**g, "params": ada, "lr": self.train.lr * self.config.model.adamatch_lr_scale})
+        return groups
+
+    def train_dataset(self) -> Dataset:
+        if self._train_set is None:
+            conditions = None
+            if self._precompute:
+                conditions = self._conditions(self.train_base, range(len(self.train_base)), "AdaMatch features (train)")
+            self._train_set = ReportTrainingSet(self.train_base, conditions)
+        return self._train_set
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = rh.encode_reports(self.tokenizer, [it["report"] for it in items],
+                                                  self.config.model.max_length)
+        keys = ("patch_features", "patch_boxes", "keyword_ids", "keyword_scores", "keyword_boxes")
+        if "image" in items[0]:
+            keys = ("image",)
+        for k in keys:
+            batch["images" if k == "image" else k] = torch.stack([it[k] for it in items])
+        return batch
+
+    def training_step(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        inputs = dict(batch)
+        if "images" in inputs:  # features not precomputed: AdaMatch runs here
+            m = self.config.model
+            images = inputs["images"]
+            with torch.no_grad():
+                encoder = unwrap(model).adamatch if m.finetune_adamatch else self.adamatch_run.model
+                patches = encoder.encode_image(images)
+            if m.finetune_adamatch:
+                pass  # the model encodes the images again, with gradients, inside forward
+            else:
+                del inputs["images"]
+                inputs.update(patch_features=patches.features, patch_boxes=patches.boxes)
+            if m.use_keywords:
+                hints = rh.keyword_hints(self.adamatch_run.image_keywords(None, top_k=m.num_keywords,
+                                                                          patches=patches),
+                                         self.keyword_vocabulary, m.num_keywords).to(images.device)
+                inputs.update(keyword_ids=hints.ids, keyword_scores=hints.scores, keyword_boxes=hints.boxes)
+        out = model(**inputs)
+        n_tokens = float((batch["labels"][:, 1:] != -100).sum())
+        return out["loss"], {"loss": float(out["loss"].detach()), "tokens": n_tokens}
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        head: ReportHead = unwrap(model)
+        device = next(head.parameters()).device
+        cond = self._validation_conditions()
+        refs = [str(self.val_base.index.at[i, "report"]) for i in self._val_indices]
+        bs = self.config.generation.batch_size
+        losses, weights, texts = [], [], []
+        for start in range(0, len(refs), bs):
+            sl = slice(start, start + bs)
+            kw = KeywordHints(cond.keywords.ids[sl], cond.keywords.scores[sl], cond.keywords.boxes[sl],
+                              cond.keywords.words[sl]).to(device)
+            feats, boxes = cond.patch_features[sl].float().to(device), cond.patch_boxes[sl].to(device)
+            enc = {k: v.to(device) for k, v in rh.encode_reports(self.tokenizer, refs[sl],
+                                                                 self.config.model.max_length).items()}
+            out = head(**enc, patch_features=feats, patch_boxes=boxes, keyword_ids=kw.ids,
+                       keyword_scores=kw.scores, keyword_boxes=kw.boxes)
+            n = float((enc["labels"][:, 1:] != -100).sum())
+            losses.append(float(out["loss"]) * n)
+            weights.append(n)
+            dec = head.generate(patch_features=feats, patch_boxes=boxes, keywords=kw, num_beams=1,
+                                no_repeat_ngram_size=self.config.generation.no_repeat_ngram_size)
+            texts.extend(rh.decode_sequences(self.tokenizer, dec.sequences, head.eos_id)[0])
+        from medvl.eval.nlg import bleu4
+
+        metrics = {"val_loss": sum(losses) / max(sum(weights), 1.0), "val_bleu4": bleu4(refs, texts),
+                   "val_empty_reports": float(np.mean([not t.strip() for t in texts]))}
+        if labeler_available():
+            from medvl.eval.clinical import ce_metrics, label_reports
+
+            ce = ce_metrics(label_reports(refs), label_reports(texts))
+            metrics["val_ce_micro_f1"] = _finite(ce["ce.micro.f1"])
+            metrics["val_ce_micro5_f1"] = _finite(ce["ce.micro5.f1"])
+        return metrics
+
+    def save_run(self, model: nn.Module, run_dir: Path) -> None:
+        head: ReportHead = unwrap(model)
+        run_dir = Path(run_dir)
+        rh.save_report_head(head, self.tokenizer, run_dir, image_size=self.image_size,
+                            extra={"generation": to_dict(self.config.generation),
+                                   "adamatch_source": str(self.adamatch_dir)})
+        if head.adamatch is not None:
+            head.adamatch.eval()
+        copy_adamatch_run(self.adamatch_dir, run_dir)
+
+    # --- helpers ---------------------------------------------------------------------------------------
+
+    def _conditions(self, base: PreparedDataset, indices: Any, desc: str) -> ImageConditions:
+        subset = torch.utils.data.Subset(base, list(indices))
+        return precompute_conditions(self.adamatch_run, subset, num_keywords=self.config.model.num_keywords,
+                                     keyword_vocabulary=self.keyword_vocabulary,
+                                     batch_size=self.config.data.feature_batch_size, device=self.device,
+                                     desc=desc)
+
+    def _validation_conditions(self) -> ImageConditions:
+        # With a fine-tuned AdaMatch the features change during training: recompute at every validation.
+        if self._val_conditions is None or not self._precompute:
+            self._val_conditions = self._conditions(self.val_base, self._val_indices, "AdaMatch features (val)")
+        return self._val_conditions
+
+
+def _finite(x: float) -> float:
+    return 0.0 if not np.isfinite(x) else float(x)
+
+
+def _stage_device() -> torch.device:
+    try:
+        from accelerate import PartialState
+
+        return PartialState().device
+    except Exception:  # accelerate not initialisable here: plain single-process device choice
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def copy_adamatch_run(source: Path, run_dir: Path) -> Path:
+    """Copy the AdaMatch run's inference artifacts into ``run_dir/adamatch/`` (AdaMatch's own run format)."""
+    from medvl.models.adamatch import copy_adamatch
+
+    return copy_adamatch(source, run_dir)
+
+
+def build_stage(*, config_path: str | Path | None, overrides: list[str] | None, data: str | Path,
+                from_runs: list[Path] | None) -> ReportStage:
+    """``medvl train report --config C --data D --from ADAMATCH_RUN [--set k=v]``."""
+    config = load_config(ReportStageConfig, config_path, overrides)
+    if config.train.select_metric in VAL_METRICS_WITH_LABELER and not labeler_available():
+        raise ConfigError(f"train.select_metric {config.train.select_metric!r} needs the report labeler "
+                          "(medvl.text.labeler), which this version of medvl lacks; select on val_bleu4 or val_loss")
+    from medvl.train.stages import find_from_run
+
+    adamatch_dir = find_from_run(from_runs, "adamatch")
+    return ReportStage(config, Path(data), adamatch_dir)

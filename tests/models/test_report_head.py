@@ -1,0 +1,284 @@
+"""The report head: tokenizer, conditioning, decoding (EOS, max length, beam 1 = greedy, cache = no cache),
+save/load, and the report stage on the tiny dataset with a real (untrained) AdaMatch run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medvl.errors import ConfigError
+from medvl.models.memory import MemoryConfig, SharedMemory
+from medvl.models.report_head import (
+    KeywordHints,
+    ReportHead,
+    ReportHeadConfig,
+    build_report_tokenizer,
+    decode_sequences,
+    detokenize,
+    encode_reports,
+    keyword_hints,
+    load_report_head,
+    save_report_head,
+)
+from tests.models.report_fixtures import one_thread, tiny_runs
+
+REPORTS = ["The lungs are clear. No pleural effusion.", "Small left pleural effusion. Heart size is normal.",
+           "Cardiomegaly. No focal consolidation.", "Right lower lobe opacity, 3.5 cm."]
+P, D, K = 6, 12, 3
+KEYWORDS = ["effusion", "cardiomegaly", "opacity", "clear"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+def small_cfg(**changes) -> ReportHeadConfig:
+    base = dict(n_embd=32, n_layer=2, n_head=4, max_length=16, dropout=0.0, num_keywords=K,
+                memory=MemoryConfig(num_slots=16, dim=24, num_heads=4, topk=4, dropout=0.0))
+    base.update(changes)
+    return ReportHeadConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_report_tokenizer(REPORTS * 2, min_freq=1)
+
+
+def make_head(tokenizer, **changes) -> ReportHead:
+    torch.manual_seed(0)
+    return ReportHead(small_cfg(**changes), vocab_size=len(tokenizer), visual_dim=D, keyword_vocabulary=KEYWORDS,
+                      pad_id=tokenizer.pad_token_id, bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
+                      unk_id=tokenizer.unk_token_id).eval()
+
+
+def inputs(b: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(b, P, D, generator=g)
+    boxes = torch.rand(b, P, 4, generator=g)
+    ids = torch.randint(1, len(KEYWORDS) + 1, (b, K), generator=g)
+    ids[0, 1:] = 0  # an image with a single keyword
+    hints = KeywordHints(ids, torch.randn(b, K, generator=g), torch.rand(b, K, 4, generator=g),
+                         [[KEYWORDS[i - 1] for i in row if i] for row in ids.tolist()])
+    return feats, boxes, hints
+
+
+# ------------------------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_and_detokenize(tokenizer):
+    enc = encode_reports(tokenizer, REPORTS[:2], max_length=16)
+    ids = enc["input_ids"]
+    assert ids[:, 0].eq(tokenizer.bos_token_id).all()
+    n0 = int(enc["attention_mask"][0].sum())
+    assert ids[0, n0 - 1] == tokenizer.eos_token_id
+    assert (enc["labels"][0, n0:] == -100).all()
+    words = tokenizer.convert_ids_to_tokens(ids[1, 1: int(enc["attention_mask"][1].sum()) - 1].tolist())
+    assert detokenize(words) == "Small left pleural effusion. Heart size is normal."
+    assert detokenize(["opacity", ",", "3", ".", "5", "cm", "."]) == "Opacity, 3.5 cm."
+    cut = encode_reports(tokenizer, [REPORTS[1]], max_length=5)["input_ids"]
+    assert cut.shape[1] == 5 and tokenizer.eos_token_id not in cut[0].tolist()  # truncated: no EOS
+
+
+def test_keyword_hints_map_words_and_drop_unknown():
+    class Kw:
+        def __init__(self, word, score, box):
+            self.word, self.score, self.box = word, score, box
+
+    hints = keyword_hints([[Kw("opacity", 2.0, (0, 0, .5, .5)), Kw("zebra", 9.0, (0, 0, 1, 1))], []], KEYWORDS, 3)
+    assert hints.ids.tolist() == [[3, 0, 0], [0, 0, 0]]
+    assert hints.words == [["opacity"], []]
+    assert hints.boxes[0, 0].tolist() == [0, 0, 0.5, 0.5]
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def test_forward_shapes_loss_and_ablations(tokenizer):
+    feats, boxes, hints = inputs()
+    enc = encode_reports(tokenizer, REPORTS[:3], 16)
+    for changes, n_cond in (({}, 2 * P + K), ({"use_memory": False}, P + K), ({"use_keywords": False}, 2 * P)):
+        head = make_head(tokenizer, **changes)
+        cond, mask = head.encode_conditions(feats, boxes, hints.ids, hints.scores, hints.boxes)
+        assert cond.shape == (3, n_cond, 32) and mask.shape == (3, n_cond)
+        if head.cfg.use_keywords:
+            assert mask[0, -K:].tolist() == [1, 0, 0]  # padding keywords are masked out
+        out = head(**enc, patch_features=feats, patch_boxes=boxes, keyword_ids=hints.ids,
+                   keyword_scores=hints.scores, keyword_boxes=hints.boxes)
+        assert out["logits"].shape == (3, enc["input_ids"].shape[1], len(tokenizer))
+        assert torch.isfinite(out["loss"])
+        assert hasattr(head, "memory") == head.cfg.use_memory
+    with pytest.raises(ConfigError, match="divisible"):
+        small_cfg(n_embd=30).validate()
+
+
+def test_word_embeddings_query_the_memory(tokenizer):
+    """The memory reaches the decoder through the words too, not only through the conditioning tokens."""
+    head = make_head(tokenizer)
+    feats, boxes, hints = inputs()
+    enc = encode_reports(tokenizer, REPORTS[:3], 16)
+    cond, mask = head.encode_conditions(feats, boxes, hints.ids, hints.scores, hints.boxes)
+    before = head.decoder(input_ids=enc["input_ids"], encoder_hidden_states=cond, encoder_attention_mask=mask).logits
+    with torch.no_grad():
+        head.memory.memory.mul_(-3.0)
+    after = head.decoder(input_ids=enc["input_ids"], encoder_hidden_states=cond, encoder_attention_mask=mask).logits
+    assert not torch.allclose(before, after)  # same conditioning, different memory -> different logits
+
+
+def test_training_reduces_loss_and_reaches_memory(tokenizer):
+    head = make_head(tokenizer).train()
+    feats, boxes, hints = inputs(4)
+    enc = encode_reports(tokenizer, REPORTS, 16)
+    opt = torch.optim.AdamW(head.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss = head(**enc, patch_features=feats, patch_boxes=boxes, keyword_ids=hints.ids.repeat(2, 1)[:4],
+                    keyword_scores=hints.scores.repeat(2, 1)[:4], keyword_boxes=hints.boxes.repeat(2, 1, 1)[:4])["loss"]
+        opt.zero_grad()
+        loss.backward()
+        if not losses:
+            assert head.memory.memory.grad is not None and head.memory.memory.grad.abs().sum() > 0
+            assert head.keyword_embed.weight.grad.abs().sum() > 0
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.2 * losses[0]
+
+
+def _greedy_reference(head: ReportHead, feats, boxes, hints, steps: int) -> torch.Tensor:
+    """Greedy decoding by hand: full forward passes without a cache, argmax each step (no n-gram blocking)."""
+    b = feats.shape[0]
+    seq = torch.full((b, 1), head.bos_id)
+    suppressed = [head.pad_id, head.bos_id, head.unk_id]
+    for _ in range(steps):
+        logits = head(input_ids=seq, attention_mask=torch.ones_like(seq), patch_features=feats, patch_boxes=boxes,
+                      keyword_ids=hints.ids, keyword_scores=hints.scores, keyword_boxes=hints.boxes)["logits"][:, -1]
+        logits[:, suppressed] = -float("inf")
+        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
+    out = seq[:, 1:]
+    after = (out == head.eos_id).long().cumsum(1) - (out == head.eos_id).long()
+    return out.masked_fill(after > 0, head.pad_id)
+
+
+def test_beam_one_equals_greedy_and_cache_changes_nothing(tokenizer):
+    head = make_head(tokenizer)
+    feats, boxes, hints = inputs()
+    greedy = head.generate(patch_features=feats, patch_boxes=boxes, keywords=hints, num_beams=1,
+                           no_repeat_ngram_size=0)
+    reference = _greedy_reference(head, feats, boxes, hints, steps=greedy.sequences.shape[1])
+    assert torch.equal(greedy.sequences, reference)
+    beam_cached = head.generate(patch_features=feats, patch_boxes=boxes, keywords=hints, num_beams=3)
+    beam_plain = head.generate(patch_features=feats, patch_boxes=boxes, keywords=hints, num_beams=3, use_cache=False)
+    assert torch.equal(beam_cached.sequences, beam_plain.sequences)
+    assert torch.allclose(beam_cached.scores, beam_plain.scores, atol=1e-5)
+
+
+def test_decoding_stops_at_eos(tokenizer):
+    head = make_head(tokenizer)
+    feats, boxes, hints = inputs()
+    with torch.no_grad():  # make EOS the most likely token everywhere: ln_f outputs the EOS embedding
+        ln = head.decoder.transformer.ln_f
+        ln.weight.zero_()
+        ln.bias.copy_(head.decoder.transformer.wte.weight[head.eos_id] * 10)
+    for beams in (1, 3):
+        out = head.generate(patch_features=feats, patch_boxes=boxes, keywords=hints, num_beams=beams,
+                            max_new_tokens=10)
+        assert out.sequences.shape[1] == 1 and out.sequences[:, 0].eq(head.eos_id).all()
+        texts, tokens = decode_sequences(tokenizer, out.sequences, head.eos_id)
+        assert texts == ["", "", ""] and tokens == [[], [], []]
+
+
+def test_decoding_respects_max_length(tokenizer):
+    head = make_head(tokenizer)
+    feats, boxes, hints = inputs()
+    with torch.no_grad():  # EOS can never win
+        head.decoder.transformer.wte.weight[head.eos_id] = 0.0
+        head.decoder.lm_head.weight[head.eos_id] = 0.0  # tied, but be explicit
+    for beams in (1, 2):
+        out = head.generate(patch_features=feats, patch_boxes=boxes, keywords=hints, num_beams=beams,
+                            max_new_tokens=7, no_repeat_ngram_size=0)
+        assert out.sequences.shape == (3, 7)
+        assert head.eos_id not in out.sequences.tolist()[0] or beams > 1
+    # Never beyond the trained positions: max_length 16 includes BOS.
+    long = head.generate(patch_features=feats, patch_boxes=boxes, keywords=hints, num_beams=1, max_new_tokens=500,
+                         min_new_tokens=500, no_repeat_ngram_size=0)
+    assert long.sequences.shape[1] == head.cfg.max_length - 1
+
+
+def test_save_load_roundtrip(tokenizer, tmp_path):
+    head = make_head(tokenizer)
+    feats, boxes, hints = inputs()
+    before = head.generate(patch_features=feats, patch_boxes=boxes, keywords=hints, num_beams=2)
+    save_report_head(head, tokenizer, tmp_path, image_size=64)
+    assert (tmp_path / "decoder" / "model.safetensors").exists()
+    loaded, tok2, meta = load_report_head(tmp_path)
+    assert meta["image_size"] == 64 and loaded.keyword_vocabulary == KEYWORDS
+    after = loaded.generate(patch_features=feats, patch_boxes=boxes, keywords=hints, num_beams=2)
+    assert torch.equal(before.sequences, after.sequences)
+    assert tok2.get_vocab() == tokenizer.get_vocab()
+    mem = SharedMemory.load(tmp_path / "memory")  # what the diffusion stage reads
+    assert torch.equal(mem.memory, head.memory.memory)
+
+
+# ---------------------------------------------------------------------------------------------- stage
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_prepared, tmp_path_factory):
+    return tiny_runs(tmp_path_factory.mktemp("report_runs"), tiny_prepared)
+
+
+def test_stage_overfits_a_batch_and_validates(runs):
+    from medvl.config import resolve_config_path
+    from medvl.train.report_stage import build_stage
+
+    stage = build_stage(config_path=resolve_config_path("report", "tiny"), overrides=["model.dropout=0.0"],
+                        data=runs.data, from_runs=[runs.adamatch])
+    model = stage.build_model().train()
+    ds = stage.train_dataset()
+    assert "patch_features" in ds[0]  # frozen AdaMatch: features computed once
+    batch = stage.collate([ds[i] for i in range(8)])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(60):
+        loss, logs = stage.training_step(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first if first is not None else logs["loss"]
+    assert logs["loss"] < 0.25 * first
+    model.eval()
+    with torch.no_grad():
+        metrics = stage.validate(model)
+    assert {"val_loss", "val_bleu4", "val_ce_micro_f1", "val_ce_micro5_f1"} <= set(metrics)
+    assert all(v == v for v in metrics.values())  # no NaN
+
+
+def test_stage_without_precompute_matches_precomputed_features(runs):
+    """On-the-fly AdaMatch encoding (base preset) gives the same loss as the precomputed features."""
+    from medvl.config import resolve_config_path
+    from medvl.train.report_stage import build_stage
+
+    losses = []
+    for pre in (True, False):
+        stage = build_stage(config_path=resolve_config_path("report", "tiny"),
+                            overrides=[f"data.precompute_features={str(pre).lower()}", "model.dropout=0.0"],
+                            data=runs.data, from_runs=[runs.adamatch])
+        model = stage.build_model().eval()
+        ds = stage.train_dataset()
+        batch = stage.collate([ds[i] for i in range(4)])
+        assert ("images" in batch) is (not pre)
+        with torch.no_grad():
+            losses.append(float(stage.training_step(model, batch)[0]))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+
+
+def test_report_run_is_self_contained(runs):
+    from medvl.models.adamatch import AdaMatchRun
+
+    run = runs.report
+    for needed in ("stage.json", "config.yaml", "report_head.json", "report_head.safetensors", "decoder/model.safetensors",
+                   "tokenizer/tokenizer.json", "memory/memory.safetensors", "adamatch/adamatch.json"):
+        assert (run / needed).exists(), needed
+    AdaMatchRun.load(run)  # the copy loads alone
+    assert not (run / "ablations" / "no_memory" / "memory").exists()  # the ablation has no memory
