@@ -1,0 +1,254 @@
+"""The diffusion head: tiny autoencoder and UNet train and sample; guidance 0 is the unconditional model;
+the scheduler config round-trips; samplers integrate exactly for an oracle model; runs are self-contained."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from medvl.config import CONFIG_ROOT, load_config
+from medvl.errors import ConfigError, RunError
+from medvl.models.diffusion_head import (
+    AutoencoderBundle,
+    NoiseScheduleConfig,
+    SamplerConfig,
+    SamplerName,
+    build_sampler,
+    build_train_scheduler,
+    guided_velocity,
+    initial_noise,
+    load_scheduler_config,
+    save_scheduler_config,
+)
+from medvl.train.diffusion_stage import (
+    AutoencoderStageConfig,
+    DiffusionStageConfig,
+    build_autoencoder_stage,
+    build_diffusion_stage,
+    resolve_source_runs,
+)
+from tests.models.diffusion_standins import build_tiny_runs, one_thread, train_plain, use_toy_adamatch
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _toy_adamatch():
+    with pytest.MonkeyPatch.context() as mp, one_thread():
+        use_toy_adamatch(mp)
+        yield
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_prepared, tmp_path_factory) -> dict[str, Path]:
+    return build_tiny_runs(tmp_path_factory.mktemp("diffusion_runs"), tiny_prepared)
+
+
+@pytest.fixture(scope="module")
+def synth(runs):
+    from medvl.synthesize import Synthesizer
+
+    return Synthesizer.load(runs["diff"], device="cpu")
+
+
+REPORTS = ["Small left pleural effusion. Heart size is normal.", "Cardiomegaly. No focal consolidation."]
+
+
+def test_tiny_autoencoder_trains_and_saves_its_latent_scale(tiny_prepared, tmp_path):
+    stage = build_autoencoder_stage(config_path="tiny", overrides=["train.steps=8"], data=tiny_prepared)
+    model, losses = train_plain(stage, 8, lr=3e-3)
+    assert losses[-1] < losses[0]
+    val = stage.validate(model)
+    assert 0 < val["val_l1"] < 1 and val["val_psnr"] > 0
+    stage.save_run(model, tmp_path)
+    bundle = AutoencoderBundle.load(tmp_path / "autoencoder")
+    assert bundle.latent.latent_shape == [3, 16, 16]
+    assert bundle.latent.scale_factor > 0 and bundle.latent.num_images == 16
+    x = torch.stack([stage.train_dataset()[i] for i in range(2)])
+    with torch.no_grad():
+        expected = model.autoencoder.reconstruct(x)
+        got = bundle.model.reconstruct(x)
+    torch.testing.assert_close(got, expected)
+
+
+def test_adversarial_terms_give_each_network_only_its_own_gradient(tiny_prepared):
+    stage = build_autoencoder_stage(config_path="tiny", data=tiny_prepared,
+                                    overrides=["loss.adversarial_weight=1.0", "loss.discriminator_channels=8",
+                                               "loss.discriminator_layers=2", "loss.kl_weight=0.0"])
+    torch.manual_seed(0)
+    model = stage.build_model().train()
+    x = torch.stack([stage.train_dataset()[i] for i in range(4)])
+    torch.manual_seed(1)
+    out = model(x)
+    out["loss"].backward()
+    d_grads = {n: p.grad.clone() for n, p in model.discriminator.named_parameters()}
+    assert all(torch.isfinite(g).all() for g in d_grads.values())
+    assert model.autoencoder.encoder.blocks[0].conv.weight.grad.abs().sum() > 0
+    # The discriminator's gradient is that of its own loss only (same noise, fresh graph).
+    model.zero_grad()
+    model.step.zero_()
+    torch.manual_seed(1)
+    recon, _, _ = model.autoencoder(x)
+    d_loss = 0.5 * (model.adversarial(model.discriminator(recon.detach())[-1], False, True)
+                    + model.adversarial(model.discriminator(x)[-1], True, True))
+    d_loss.backward()
+    for n, p in model.discriminator.named_parameters():
+        torch.testing.assert_close(d_grads[n], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_perceptual_loss_needs_local_weights(tiny_prepared):
+    with pytest.raises(ConfigError, match="perceptual_weights"):
+        build_autoencoder_stage(config_path="tiny", data=tiny_prepared, overrides=["loss.perceptual_weight=0.1"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_autoencoder_stage(config_path="tiny", data=tiny_prepared,
+                                overrides=["loss.perceptual_weight=0.1", "loss.perceptual_weights=/nope.pt"])
+
+
+def test_tiny_unet_trains_with_frozen_memory_and_ema(runs, tiny_prepared):
+    stage = build_diffusion_stage(config_path="tiny", overrides=[], data=tiny_prepared,
+                                  from_runs=[runs["ada"], runs["rep"], runs["ae"]])
+    torch.manual_seed(0)
+    fresh = stage.build_model()
+    model, losses = train_plain(stage, 6)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    memory_before = fresh.denoiser.conditioner.memory.memory
+    torch.testing.assert_close(model.denoiser.conditioner.memory.memory, memory_before)  # frozen
+    assert not model.denoiser.conditioner.memory.memory.requires_grad
+    w, e = model.denoiser.unet.out[2].conv.weight, model.ema.unet.out[2].conv.weight
+    assert not torch.equal(w, e) and not torch.equal(e, fresh.ema.unet.out[2].conv.weight)  # EMA moved, lags
+    val = stage.validate(model)
+    assert {"val_loss", "val_loss_uncond", "val_condition_gain"} <= set(val)
+    assert stage.validate(model) == val  # fixed noise and timesteps
+
+
+def test_training_latents_are_encoded_once(runs, tiny_prepared, monkeypatch):
+    stage = build_diffusion_stage(config_path="tiny", overrides=[], data=tiny_prepared,
+                                  from_runs=[runs["ada"], runs["rep"], runs["ae"]])
+    calls = []
+    encode = stage.autoencoder.encode
+    monkeypatch.setattr(stage.autoencoder, "encode", lambda x: calls.append(len(x)) or encode(x))
+    first = stage.train_dataset()
+    n = len(calls)
+    assert n > 0 and sum(calls) == len(first)
+    train_plain(stage, 2)
+    assert stage.train_dataset() is first and len(calls) == n
+
+
+def test_diffusion_run_is_self_contained(runs):
+    diff = runs["diff"]
+    for rel in ("diffusion/denoiser.safetensors", "diffusion/head.json", "scheduler.json",
+                "autoencoder/autoencoder.safetensors", "autoencoder/latent.json", "adamatch/toy_adamatch.json",
+                "memory/memory.safetensors"):
+        assert (diff / rel).is_file(), rel
+    sched = json.loads((diff / "scheduler.json").read_text())
+    assert sched["train"]["prediction_type"] == "v_prediction" and sched["train"]["clip_sample"] is False
+
+
+def test_sampling_is_deterministic_and_in_range(synth):
+    a = synth.synthesize(REPORTS, seed=7)
+    b = synth.synthesize(REPORTS, seed=7)
+    c = synth.synthesize(REPORTS, seed=8)
+    assert a.shape == (2, 1, 32, 32) and a.dtype == torch.float32
+    assert torch.isfinite(a).all() and a.min() >= -1024 and a.max() <= 1024
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    # report i uses seed + i, so one report alone gives (to float rounding) the same scan as in a batch
+    torch.testing.assert_close(synth.synthesize(REPORTS[1:], seed=8), a[1:], atol=1.0, rtol=0)
+
+
+@pytest.mark.parametrize("sampler", list(SamplerName))
+def test_every_sampler_runs(synth, sampler):
+    out = synth.synthesize(REPORTS[:1], steps=3, guidance=2.0, seed=0, sampler=sampler)
+    assert out.shape == (1, 1, 32, 32) and torch.isfinite(out).all()
+
+
+def test_guidance_zero_equals_unconditional(synth):
+    guided = synth.synthesize(REPORTS, guidance=0.0, seed=3, steps=4)
+    uncond = synth.unconditional(len(REPORTS), seed=3, steps=4)
+    assert torch.equal(guided, uncond)
+    # and the batched [cond; uncond] combination agrees with the separate passes
+    den = synth.denoiser
+    feats = synth.encoder.encode(REPORTS)
+    ctx = den.conditioner(**feats.as_kwargs())
+    null = den.conditioner.null_context(2)
+    x = initial_noise((3, 16, 16), [0, 1], torch.device("cpu"))
+    t = torch.tensor([500, 500])
+    with torch.no_grad():
+        v_u, v_c = den(x, t, null), den(x, t, ctx)
+        for g in (0.0, 1.0, 3.0):
+            batched = guided_velocity(den, x, t, ctx, null, g, batched=True)
+            torch.testing.assert_close(batched, v_u + g * (v_c - v_u), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(v_u, v_c)  # the report changes the prediction
+
+
+def test_scheduler_config_round_trips(tmp_path):
+    noise = NoiseScheduleConfig(num_train_timesteps=500, schedule="scaled_linear_beta", beta_start=0.001,
+                                beta_end=0.02)
+    sampler = SamplerConfig(name=SamplerName.DDIM, steps=33, guidance=4.5)
+    save_scheduler_config(tmp_path / "scheduler.json", noise, sampler)
+    noise2, sampler2 = load_scheduler_config(tmp_path / "scheduler.json")
+    assert noise2 == noise and sampler2 == sampler
+    train = build_train_scheduler(noise2)
+    for name in SamplerName:
+        s = build_sampler(noise2, name)
+        torch.testing.assert_close(s.alphas_cumprod, train.alphas_cumprod)
+        assert s.prediction_type == "v_prediction"
+        assert not getattr(s, "clip_sample", False)
+    with pytest.raises(RunError):
+        load_scheduler_config(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("name,steps,tol", [("ddim", 10, 1e-3), ("dpm_solver_2m", 10, 1e-3), ("dpm_solver_2m", 1, 1e-3),
+                                            ("plms", 10, 0.1)])
+def test_samplers_recover_the_data_point_with_an_oracle_model(name, steps, tol):
+    """For data concentrated on one point x0 the exact v-prediction is known in closed form; every ODE
+    sampler must land on x0 (PLMS stops at t=0, not at the clean sample, hence the looser tolerance)."""
+    noise_cfg = NoiseScheduleConfig()
+    sched = build_sampler(noise_cfg, name)
+    acp = build_train_scheduler(noise_cfg).alphas_cumprod.double()
+    x0 = torch.linspace(-1, 1, 12, dtype=torch.float64).view(1, 3, 2, 2)
+    x = torch.randn(1, 3, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sched.set_timesteps(steps)
+    for t in sched.timesteps:
+        a, s = acp[int(t)].sqrt(), (1 - acp[int(t)]).sqrt()
+        eps = (x - a * x0) / s
+        v = a * eps - s * x0
+        x, _ = sched.step(v, int(t), x)
+    assert (x - x0).abs().max() < tol
+
+
+def test_empty_report_is_refused(synth):
+    from medvl.errors import InvalidReportError
+
+    with pytest.raises(InvalidReportError, match="empty"):
+        synth.synthesize(["  \n\t "])
+
+
+def test_from_runs_are_checked(runs):
+    with pytest.raises(RunError, match="autoencoder"):
+        resolve_source_runs([runs["ada"], runs["rep"]], need_memory=True)
+    with pytest.raises(RunError, match="AdaMatch"):
+        resolve_source_runs([runs["ae"]], need_memory=False)
+    with pytest.raises(RunError, match="report run"):
+        resolve_source_runs([runs["ae"], runs["ada"]], need_memory=True)
+    src = resolve_source_runs([runs["ae"], runs["ada"]], need_memory=False)
+    assert src.memory is None and src.adamatch == runs["ada"]
+    # a report run's copy of AdaMatch is enough
+    rep = runs["rep"]
+    (rep / "adamatch").mkdir(exist_ok=True)
+    (rep / "adamatch" / "toy_adamatch.json").write_text("{}")
+    src = resolve_source_runs([runs["ae"], rep], need_memory=True)
+    assert src.adamatch == rep and src.memory == rep / "memory"
+
+
+@pytest.mark.parametrize("preset", ["tiny", "demo", "base"])
+def test_presets_validate(preset):
+    ae = load_config(AutoencoderStageConfig, CONFIG_ROOT / "autoencoder" / f"{preset}.yaml")
+    diff = load_config(DiffusionStageConfig, CONFIG_ROOT / "diffusion" / f"{preset}.yaml")
+    ae.model.validate()
+    diff.unet.validate()
+    assert diff.noise.prediction_type == "v_prediction"
+    assert 0.05 <= diff.condition.dropout <= 0.2
+    if preset == "base":
+        assert ae.model.image_size == 512 and ae.model.latent_shape == (3, 64, 64)
