@@ -51,17 +51,21 @@ def _draw_patches(ax, patches: ImagePatches, b: int, size: int, keywords: list[K
     if freeform:
         pts = patches.points[b].detach().cpu().numpy() * size  # (P, K, 2)
         ax.scatter(pts[..., 0].ravel(), pts[..., 1].ravel(), s=1.0, c="#00e5ff", alpha=0.4, linewidths=0)
-    for i, kw in enumerate(keywords or []):
+    by_patch: dict[int, list[Keyword]] = {}
+    for kw in keywords or []:  # keywords sharing a patch share one outline and one label
+        by_patch.setdefault(kw.patch, []).append(kw)
+    for i, (patch, kws) in enumerate(by_patch.items()):
         colour = _COLOURS[i % len(_COLOURS)]
-        x0, y0, x1, y1 = (v * size for v in kw.box)
+        x0, y0, x1, y1 = (v * size for v in kws[0].box)
         if freeform:
-            pts = patches.points[b, kw.patch].detach().cpu().numpy() * size
+            pts = patches.points[b, patch].detach().cpu().numpy() * size
             hull = _convex_hull(pts)
             ax.add_patch(Polygon(hull, closed=True, fill=False, lw=1.6, ec=colour))
             ax.scatter(pts[:, 0], pts[:, 1], s=6, c=colour)
         else:
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.6, ec=colour))
-        ax.text(x0 + 1, y0 - 1, f"{kw.word} {kw.similarity:.2f}", color="black", fontsize=7,
+        label = ", ".join(kw.word for kw in kws)
+        ax.text(x0 + 1, max(y0 - 1, 6), label, color="black", fontsize=7,
                 bbox={"facecolor": colour, "alpha": 0.85, "pad": 1, "lw": 0})
 
 

@@ -44,8 +44,8 @@ CONVENTIONS = {
                      "centre lies in the region box widened by 5% of the image size on each side",
     "pointing_game_chance": "expected hit rate of a patch drawn uniformly from the model's own patches of the image",
     "box_iou": "IoU of the best patch's box with the region's unwidened box",
-    "words": "region word matched to report words case-insensitively, plurals included; affirmed occurrence "
-             "preferred",
+    "words": "region word matched to report words case-insensitively, plurals included (a multi-word region "
+             "word by its last word); affirmed occurrence preferred; regions without a word are skipped",
 }
 
 
@@ -139,7 +139,11 @@ def encode_split(model: AdaMatch, tokenizer: ReportTokenizer, dataset, *, batch_
         reports.extend(texts)
         for b, item in enumerate(items):
             for r in by_image.get(str(item["dicom_id"]), []):
-                variants = word_variants(str(r.word))
+                region_word = str(r.word).strip().split()[-1] if str(r.word).strip() else ""
+                if not region_word or region_word.lower() == "nan":
+                    skipped["region_without_word"] += 1
+                    continue
+                variants = word_variants(region_word)
                 occ = [(j, w.negated) for j, w in enumerate(enc.words[b]) if w.text.lower() in variants]
                 if not occ:
                     skipped["word_not_in_report"] += 1
@@ -157,7 +161,7 @@ def encode_split(model: AdaMatch, tokenizer: ReportTokenizer, dataset, *, batch_
                 wide = region + torch.tensor([-WIDEN, -WIDEN, WIDEN, WIDEN])
                 c = patches.centres[b].float().cpu()
                 inside = (c[:, 0] >= wide[0]) & (c[:, 0] <= wide[2]) & (c[:, 1] >= wide[1]) & (c[:, 1] <= wide[3])
-                records.append(PointingRecord(str(item["dicom_id"]), str(r.word).lower(), float(inside[p]),
+                records.append(PointingRecord(str(item["dicom_id"]), region_word.lower(), float(inside[p]),
                                               float(inside.float().mean()), _iou(patches.boxes[b, p].cpu(), region),
                                               negated_fallback=not affirmed))
     model.train(was_training)

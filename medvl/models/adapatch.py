@@ -48,6 +48,7 @@ class AdaPatchConfig:
     max_offset: float = 1.5  # freeform: each point moves at most this many cells
     size_weight: float = 0.0  # weight of the box-growth regulariser added to the loss
     hidden: int = 0  # predictor hidden width (0: one linear layer)
+    sample_dim: int = 0  # channels kept (1x1 conv) before sampling; 0: all of the backbone's
 
     def validate(self) -> None:
         if self.grid < 1 or self.points < 1:
@@ -93,6 +94,7 @@ def point_layout(k: int, device=None, dtype=torch.float32) -> torch.Tensor:
 def sample_points(fmap: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Bilinear features at normalised points: fmap (B, C, H, W), points (B, P, K, 2) -> (B, P, K, C)."""
     grid = points * 2.0 - 1.0  # [0, 1] image coords -> grid_sample's [-1, 1] (align_corners=False: pixel edges)
+    # grid_sample reads channels-last input faster on CPU; its output is (B, C, P, K).
     out = F.grid_sample(fmap, grid.to(fmap.dtype), mode="bilinear", padding_mode="border", align_corners=False)
     return out.permute(0, 2, 3, 1)  # (B, C, P, K) -> (B, P, K, C)
 
@@ -108,16 +110,19 @@ class AdaptivePatchLayer(nn.Module):
         k2 = cfg.points**2
         self.register_buffer("base_centres", grid_centres(cfg.grid), persistent=False)
         self.register_buffer("layout", point_layout(cfg.points), persistent=False)
-        self.norm = nn.LayerNorm(in_channels)
-        self.proj = nn.Linear(k2 * in_channels, out_dim)
+        c = cfg.sample_dim or in_channels
+        # Channels are reduced and normalised on the map (H*W positions), not on the P*k*k samples: cheaper.
+        self.reduce = nn.Conv2d(in_channels, c, 1) if cfg.sample_dim else nn.Identity()
+        self.norm = nn.LayerNorm(c)
+        self.proj = nn.Linear(k2 * c, out_dim)
         self.predictor: nn.Module | None = None
         if self.mode is not PatchMode.GRID:
             n_out = 4 if self.mode is PatchMode.ADAPTIVE else 2 + 2 * k2
-            last = nn.Linear(cfg.hidden or in_channels, n_out)
+            last = nn.Linear(cfg.hidden or c, n_out)
             nn.init.zeros_(last.weight)  # start from the grid
             nn.init.zeros_(last.bias)
             if cfg.hidden:
-                self.predictor = nn.Sequential(nn.Linear(in_channels, cfg.hidden), nn.GELU(), last)
+                self.predictor = nn.Sequential(nn.Linear(c, cfg.hidden), nn.GELU(), last)
             else:
                 self.predictor = last
 
@@ -128,6 +133,7 @@ class AdaptivePatchLayer(nn.Module):
     def forward(self, fmap: torch.Tensor) -> PatchLayout:
         cfg = self.cfg
         b = fmap.shape[0]
+        fmap = self.norm(self.reduce(fmap).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, C', H, W)
         cell = 1.0 / cfg.grid
         centres = self.base_centres.to(fmap.dtype).unsqueeze(0).expand(b, -1, -1)  # (B, P, 2)
         layout = self.layout.to(fmap.dtype)  # (K, 2)
@@ -137,9 +143,8 @@ class AdaptivePatchLayer(nn.Module):
         if self.mode is PatchMode.GRID:
             shift, log_scale = zeros, zeros
         else:
-            # The predictor reads the cell's own feature: the mean of its grid-cell samples.
-            base_pts = centres.unsqueeze(2) + layout * base  # (B, P, K, 2)
-            cell_feat = self.norm(sample_points(fmap, base_pts.clamp(0, 1)).mean(2))  # (B, P, C)
+            # The predictor reads the cell's own feature: the feature map averaged over the cell.
+            cell_feat = F.adaptive_avg_pool2d(fmap, cfg.grid).flatten(2).transpose(1, 2)  # (B, P, C)
             out = self.predictor(cell_feat)
             shift = torch.tanh(out[..., :2]) * cfg.max_shift  # cells
             log_scale = zeros if self.mode is PatchMode.FREEFORM else torch.tanh(out[..., 2:4]) * math.log(
@@ -163,7 +168,7 @@ class AdaptivePatchLayer(nn.Module):
             if cfg.size_weight:
                 penalty = cfg.size_weight * F.relu(log_scale).sum(-1).mean()
         samples = sample_points(fmap, points)  # (B, P, K, C)
-        features = self.proj(self.norm(samples).flatten(2))
+        features = self.proj(samples.flatten(2))
         size = (boxes[..., 2:] - boxes[..., :2]) / cell
         # A free-form patch's centre is its points' mean (its box may be lopsided).
         centres = points.mean(2) if self.mode is PatchMode.FREEFORM else (boxes[..., :2] + boxes[..., 2:]) / 2

@@ -246,3 +246,17 @@ def test_config_rejects_bad_values():
     with pytest.raises(ConfigError, match="model.patches.mode"):
         load_config(AdaMatchStageConfig, None, ["model.patches.mode=boxes"])
     assert isinstance(AdaMatchConfig().embed_dim, int)
+
+
+def test_medvl_train_adamatch_through_the_shared_loop(tiny_prepared, tmp_path):
+    from medvl.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "adamatch", "--config", "tiny", "--data", str(tiny_prepared), "--out", str(out),
+                 "--set", "train.steps=2", "--set", "train.eval_every=2"]) == 0
+    info = json.loads((out / "stage.json").read_text())
+    assert info["stage"] == "adamatch" and "val_score" in info["best_metrics"]
+    run = AdaMatchRun.load(out)
+    assert len(run.keywords) > 0 and len(run.keypatch_bank) > 0
+    assert main(["train", "adamatch", "--config", "tiny", "--data", str(tiny_prepared), "--out", str(tmp_path / "r2"),
+                 "--set", "model.patches.grid=two"]) == 2  # a bad override is a one-line error
