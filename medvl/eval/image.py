@@ -1,0 +1,249 @@
+"""``medvl evaluate diffusion``: scans synthesized from test reports, scored (DESIGN.md section 4).
+
+* ``image.label_auroc`` (macro) and ``image.per_label.<name>.auroc``: the dataset's classifier
+  (:mod:`medvl.models.classifier`, trained on real training scans, selected on validation) run on scans
+  synthesized from the test reports, scored against those reports' labels; beside it the same classifier on
+  the real test scans (``image.real_label_auroc``, ``image.real_per_label.<name>.auroc``).
+* ``image.laterality_accuracy``: for findings drawn on one side (from the phantom's regions of the report's
+  study), is the classifier's half-image logit for that finding higher on the side the report states?
+  ``image.real_laterality_accuracy`` is the same measurement on the real test scans (it validates it).
+* ``image.fid`` on ``image.fid_features`` (torchxrayvision's DenseNet if its weights are on local disk, else the
+  classifier's penultimate features: not comparable with papers' Inception FIDs), MONAI's ``FIDMetric``.
+* ``image.ms_ssim_diversity``: mean MONAI MS-SSIM between two samples (different seeds) of the same report
+  (lower = more diverse); ``image.ms_ssim_real_pairs``: the same between random pairs of different real scans.
+* ``baselines.unconditional.*``: the same label and laterality scores for guidance-0 samples (the null
+  context ignores the report, so these sit near chance; they show the scores come from the report).
+
+A grid PNG of real scans beside scans synthesized from their reports is written next to ``out``.
+"""
+
+from __future__ import annotations
+
+import logging
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from medvl.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+
+
+def synthesize_reports(synth, reports: Sequence[str], *, steps: int | None = None, guidance: float | None = None,
+                       sampler: str | None = None, seed: int = 0, batch_size: int = 32,
+                       desc: str = "synthesize") -> np.ndarray:
+    """(N, 1, S, S) float32 scans, report i drawn with noise seed ``seed + i``."""
+    out = []
+    for i in tqdm(range(0, len(reports), batch_size), desc=desc, unit="batch", leave=False):
+        out.append(synth.synthesize(list(reports[i:i + batch_size]), steps=steps, guidance=guidance,
+                                    seed=seed + i, sampler=sampler, batch_size=batch_size).numpy())
+    return np.concatenate(out)
+
+
+def ms_ssim_weights(size: int, kernel_size: int = 11) -> tuple[float, ...]:
+    """MONAI's five MS-SSIM scale weights, cut to the scales a ``size`` px image allows, renormalised."""
+    for n in range(len(MS_SSIM_WEIGHTS), 1, -1):
+        if size // max(1, (n - 1)) ** 2 > kernel_size - 1:
+            w = np.asarray(MS_SSIM_WEIGHTS[:n])
+            return tuple((w / w.sum()).tolist())
+    raise DataError(f"images of {size} px are too small for MS-SSIM with an {kernel_size}-px kernel")
+
+
+def mean_ms_ssim(a: np.ndarray, b: np.ndarray) -> tuple[float, int]:
+    """Mean MS-SSIM (MONAI) over pairs a[i], b[i], each (N, 1, S, S) in [-1024, 1024]; also the scale count."""
+    from monai.metrics import MultiScaleSSIMMetric
+
+    weights = ms_ssim_weights(a.shape[-1])
+    metric = MultiScaleSSIMMetric(spatial_dims=2, data_range=2048.0, kernel_size=11, weights=weights)
+    values = metric(torch.from_numpy(a).float() + 1024, torch.from_numpy(b).float() + 1024)
+    return float(values.mean()), len(weights)
+
+
+def fid(extractor, real: np.ndarray, fake: np.ndarray, batch_size: int = 64) -> float:
+    from monai.metrics import FIDMetric
+
+    device = next(extractor.parameters()).device
+
+    @torch.no_grad()
+    def feats(x: np.ndarray) -> torch.Tensor:
+        return torch.cat([extractor.features(torch.from_numpy(x[i:i + batch_size]).to(device)).float().cpu()
+                          for i in range(0, len(x), batch_size)])
+
+    return float(FIDMetric()(feats(fake), feats(real)))
+
+
+def score_scans(classifier, images: np.ndarray, labels: np.ndarray, pairs, prefix: str) -> dict[str, float]:
+    """``{prefix}label_auroc``, ``{prefix}per_label.<name>.auroc``, ``{prefix}laterality_accuracy``."""
+    from medvl.models.classifier import label_aurocs, laterality_accuracy, predict
+
+    probs, sides, _ = predict(classifier, images)
+    aucs = label_aurocs(probs, labels)
+    per = "real_per_label" if prefix.endswith("real_") else "per_label"
+    base = prefix[: -len("real_")] if prefix.endswith("real_") else prefix
+    out = {f"{prefix}label_auroc": float(np.mean(list(aucs.values()))) if aucs else float("nan"),
+           f"{prefix}laterality_accuracy": laterality_accuracy(sides, pairs)}
+    out.update({f"{base}{per}.{name}.auroc": v for name, v in aucs.items()})
+    return out
+
+
+def _grid_rows(labels: np.ndarray, reports: Sequence[str], n: int) -> list[int]:
+    """Up to ``n`` test studies for the figure: first one per positive label, then normal ones."""
+    from medvl.text.chexpert import CHEXPERT_LABELS
+
+    chosen: list[int] = []
+    for k, _name in enumerate(CHEXPERT_LABELS):
+        for i in np.flatnonzero(labels[:, k] == 1):
+            if i not in chosen and reports[i].strip():
+                chosen.append(int(i))
+                break
+        if len(chosen) >= n:
+            break
+    for i in range(len(reports)):
+        if len(chosen) >= n:
+            break
+        if i not in chosen:
+            chosen.append(i)
+    return chosen[:n]
+
+
+def write_grid(path: str | Path, real: np.ndarray, fake: np.ndarray, reports: Sequence[str], rows: Sequence[int],
+               title: str = "") -> Path:
+    """A PNG: each column pair is a real test scan and the scan synthesized from its report."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(rows)
+    cols = 4  # two studies per figure row
+    per_row = cols // 2
+    nrows = (n + per_row - 1) // per_row
+    fig, axes = plt.subplots(nrows, cols, figsize=(cols * 2.6, nrows * 3.3), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for k, i in enumerate(rows):
+        r, c = divmod(k, per_row)
+        text = "\n".join(textwrap.wrap(" ".join(reports[i].split())[:150], 38)[:4])
+        for j, (img, label) in enumerate(((real[i], "real"), (fake[i], "synthesized"))):
+            ax = axes[r, 2 * c + j]
+            ax.imshow(img[0], cmap="gray", vmin=-1024, vmax=1024)
+            ax.set_title(label, fontsize=8)
+        axes[r, 2 * c].text(0.0, -0.02, text, transform=axes[r, 2 * c].transAxes, fontsize=6, va="top", ha="left")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def evaluate_diffusion(*, run: Path, data: Path, split: str = "test", out: Path | None = None,
+                       steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
+                       max_reports: int = 0, diversity_reports: int = 32, seed: int = 0,
+                       unconditional_baseline: bool = True, grid_studies: int = 8,
+                       device: str | None = None, classifier_config=None) -> dict:
+    """Score the diffusion run ``run`` on ``split`` of ``data``; write the metrics to ``out`` (and a grid PNG)."""
+    from medvl.config import config_hash
+    from medvl.eval.common import metrics_record, write_metrics
+    from medvl.models.classifier import (
+        ClassifierConfig,
+        _regions,
+        fid_extractor,
+        laterality_pairs,
+        load_or_train_classifier,
+        load_split,
+    )
+    from medvl.synthesize import Synthesizer
+
+    run, data = Path(run), Path(data)
+    synth = Synthesizer.load(run, device=device)
+    classifier, creport = load_or_train_classifier(data, classifier_config or ClassifierConfig(),
+                                                  device=synth.device)
+    arrays = load_split(data, split, synth.image_size, limit=max_reports)
+    reports = [" ".join(r.split()) for r in arrays.reports]
+    keep = [i for i, r in enumerate(reports) if r]
+    if len(keep) < len(reports):
+        logger.warning("%d %s scans have an empty report and are skipped", len(reports) - len(keep), split)
+    images, labels = arrays.images[keep], arrays.labels[keep]
+    dicom_ids = [arrays.dicom_ids[i] for i in keep]
+    reports = [reports[i] for i in keep]
+    pairs = laterality_pairs(_regions(data), dicom_ids, classifier.side_findings)
+
+    steps = int(steps or synth.sampler.steps)
+    guidance = float(synth.sampler.guidance if guidance is None else guidance)
+    sampler = str(sampler or synth.sampler.name.value)
+    fake = synthesize_reports(synth, reports, steps=steps, guidance=guidance, sampler=sampler, seed=seed)
+
+    metrics: dict[str, float | str] = {}
+    metrics.update(score_scans(classifier, fake, labels, pairs, "image."))
+    metrics.update(score_scans(classifier, images, labels, pairs, "image.real_"))
+    extractor = fid_extractor(classifier)
+    metrics["image.fid"] = fid(extractor, images, fake)
+    metrics["image.fid_features"] = (extractor.name if extractor is not classifier
+                                     else f"medvl-classifier (penultimate, {classifier.feature_dim}-d, trained on "
+                                          f"{data.name} train split)")
+    nd = min(diversity_reports, len(reports))
+    if nd >= 2:
+        second = synthesize_reports(synth, reports[:nd], steps=steps, guidance=guidance, sampler=sampler,
+                                    seed=seed + 100_003, desc="diversity")
+        metrics["image.ms_ssim_diversity"], scales = mean_ms_ssim(fake[:nd], second)
+        g = np.random.default_rng(seed)
+        a, b = g.choice(len(images), nd), g.choice(len(images), nd)
+        b = np.where(a == b, (b + 1) % len(images), b)
+        metrics["image.ms_ssim_real_pairs"], _ = mean_ms_ssim(images[a], images[b])
+    else:
+        scales = 0
+    metrics["image.laterality_pairs"] = len(pairs)
+    if unconditional_baseline:
+        uncond = synthesize_reports(synth, reports, steps=steps, guidance=0.0, sampler=sampler, seed=seed,
+                                    desc="unconditional baseline")
+        for k, v in score_scans(classifier, uncond, labels, pairs, "image.").items():
+            metrics[f"baselines.unconditional.{k}"] = v
+
+    conventions = {
+        "image.label_auroc": "macro ROC AUC over CheXpert labels with both classes among the test reports; "
+                             "positive = label 1 (0, -1 and blank negative); classifier trained on real train "
+                             "scans, selected on validation",
+        "image.laterality_accuracy": "pairs (scan, finding drawn on one side); correct when the classifier's "
+                                     "half-image logit of that finding is higher on the stated side "
+                                     "(patient left = image right)",
+        "image.fid": "Frechet distance (MONAI FIDMetric) between real test scans and scans synthesized from "
+                     "their reports, on image.fid_features",
+        "image.ms_ssim_diversity": f"mean MS-SSIM (MONAI, {scales} scales, 11-px Gaussian kernel) between two "
+                                   "seeds of the same report; lower = more diverse",
+        "sampling": f"{sampler}, {steps} steps, guidance {guidance:g}, seeds {seed}+i",
+    }
+    extra = {"run": str(run), "data": str(data), "classifier": {"val_macro_auroc": creport.val_macro_auroc,
+                                                                 "val_laterality_accuracy":
+                                                                     creport.val_laterality_accuracy,
+                                                                 "side_findings": creport.side_findings,
+                                                                 "side_convention_agreement":
+                                                                     creport.side_convention_agreement}}
+    missing = {}
+    if not pairs:
+        missing["image.laterality_accuracy"] = "no one-sided findings with regions in this split"
+    try:
+        from medvl.config import load_config
+        from medvl.train.diffusion_stage import DiffusionStageConfig
+
+        chash = config_hash(load_config(DiffusionStageConfig, run / "config.yaml")) \
+            if (run / "config.yaml").exists() else None
+    except Exception:  # a config from another medvl version: the hash is informative only
+        chash = None
+    record = metrics_record(metrics, split=split, num_samples=len(reports), conventions=conventions, seed=seed,
+                            config_hash=chash, missing=missing, extra=extra)
+    if out is not None:
+        write_metrics(out, record)
+        rows = _grid_rows(labels, reports, grid_studies)
+        write_grid(Path(out).with_suffix(".grid.png"), images, fake, reports, rows,
+                   title=f"real (left) vs synthesized from its report (right) - {run.name}, {sampler} {steps} "
+                         f"steps, guidance {guidance:g}")
+    return record

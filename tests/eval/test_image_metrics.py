@@ -1,0 +1,55 @@
+"""``medvl evaluate diffusion``: the metric helpers, and a tiny end-to-end evaluation with the contract's keys."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from medvl.eval.image import evaluate_diffusion, mean_ms_ssim, ms_ssim_weights
+from medvl.models.classifier import ClassifierConfig
+from tests.models.diffusion_standins import build_tiny_runs, one_thread, use_toy_adamatch
+
+TINY_CLASSIFIER = ClassifierConfig(image_size=32, channels=[8, 16, 32], steps=40, eval_every=20, batch_size=16,
+                                   lr=5e-3, min_side_regions=3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _toy_adamatch():
+    with pytest.MonkeyPatch.context() as mp, one_thread():
+        use_toy_adamatch(mp)
+        yield
+
+
+def test_ms_ssim_scales_fit_the_image():
+    assert len(ms_ssim_weights(256)) == 5
+    assert len(ms_ssim_weights(64)) == 3
+    assert abs(sum(ms_ssim_weights(32)) - 1) < 1e-9
+    rng = np.random.default_rng(0)
+    a = rng.uniform(-1024, 1024, (3, 1, 64, 64)).astype(np.float32)
+    same, scales = mean_ms_ssim(a, a.copy())
+    assert scales == 3 and same == pytest.approx(1.0, abs=1e-5)
+    other, _ = mean_ms_ssim(a, rng.uniform(-1024, 1024, a.shape).astype(np.float32))
+    assert other < 0.2
+
+
+def test_evaluate_diffusion_writes_the_contract_keys(tiny_prepared, tmp_path):
+    run = build_tiny_runs(tmp_path / "runs", tiny_prepared)["diff"]
+    out = tmp_path / "eval" / "diffusion.json"
+    record = evaluate_diffusion(run=run, data=tiny_prepared, split="test", out=out, diversity_reports=4,
+                                classifier_config=TINY_CLASSIFIER, steps=3)
+    saved = json.loads(out.read_text())
+    assert saved.keys() == record.keys()
+    for key in ("image.fid", "image.ms_ssim_diversity", "image.label_auroc", "image.real_label_auroc",
+                "image.laterality_accuracy", "image.real_laterality_accuracy",
+                "image.per_label.Pleural Effusion.auroc", "image.real_per_label.Cardiomegaly.auroc",
+                "baselines.unconditional.image.label_auroc"):
+        assert isinstance(saved[key], float) and np.isfinite(saved[key]), key
+    assert saved["image.fid"] >= 0 and 0 <= saved["image.ms_ssim_diversity"] <= 1
+    assert saved["image.fid_features"].startswith("medvl-classifier")
+    assert saved["image.laterality_pairs"] == 7  # one-sided findings of the 10 test scans
+    meta = saved["meta"]
+    assert meta["split"] == "test" and meta["num_samples"] == 10 and meta["config_hash"] is None
+    assert "image.laterality_accuracy" in meta["conventions"]
+    assert (tmp_path / "eval" / "diffusion.grid.png").stat().st_size > 1000
