@@ -224,14 +224,14 @@ class _Frame:
         h = float(np.clip(w * atlas.aspect[k] * rng.uniform(0.95, 1.05), 0.5, 0.7))
         top = float(rng.uniform(0.09, 0.14))
         split = float(atlas.split[k])
-        x0 = 0.5 - split * w + float(rng.uniform(-0.01, 0.01))
+        x0 = 0.5 - split * w + float(rng.uniform(-0.005, 0.005))
         self.box = (x0, top, x0 + w, top + h)
         self.W, self.H = w, h
         self.xm = x0 + split * w  # midline: the gap between the lungs (spine, trachea)
         # Pose: small rotation, scale and shift. Pixel centre p (image coords in [0, 1]) -> anatomy a.
-        self.angle = float(rng.uniform(-4.0, 4.0))
+        self.angle = float(rng.uniform(-3.0, 3.0))
         self.scale = float(rng.uniform(0.93, 1.05))
-        self.shift = (float(rng.uniform(-0.025, 0.025)), float(rng.uniform(-0.02, 0.03)))
+        self.shift = (float(rng.uniform(-0.012, 0.012)), float(rng.uniform(-0.02, 0.03)))
         th = np.deg2rad(self.angle)
         self._R = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]], dtype=np.float64)
         g = (np.arange(size, dtype=np.float32) + 0.5) / size
@@ -265,8 +265,10 @@ class _Frame:
         outside = np.maximum(first - ju, 0) + np.maximum(ju - last - 1, 0)
         self.dome_y = top + (dome[j] + 0.8 * outside / m) * h  # (S, S) diaphragm height under each pixel
         self._atlas_mask = atlas.masks[k]
+        self._dome = atlas.dome[k]
         self._m = m
         self.half_width = max(self.xm - self.box[0], self.box[2] - self.xm)
+        self.occluder: np.ndarray | None = None  # heart and mediastinum, once drawn
 
     # --- helpers ---------------------------------------------------------------------------------------------
     def to_image(self, u: float, v: float) -> tuple[float, float]:
@@ -318,6 +320,9 @@ class _Frame:
             u = med_x + f * (lat_x - med_x)
             score = min(self.lung_at(u + dx * radius, v + dy * radius) for dx, dy in
                         ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1), (0.7, 0.7), (-0.7, 0.7), (0.7, -0.7), (-0.7, -0.7)))
+            if zone != Zone.RETROCARDIAC:
+                # Keep lesions out of the heart's shadow, where they would barely show (retrocardiac ones excepted).
+                score -= max(self.occluded_at(u + dx * radius, v) for dx in (-1, 0, 1))
             if score > 0.5:
                 return u, v
             if score > best_score:
@@ -325,6 +330,21 @@ class _Frame:
         if best is None:
             best = (medial + 0.5 * (lateral - medial), by0 + 0.5 * (ya + yb) * (by1 - by0))
         return best
+
+    def dome_at(self, u: float) -> float:
+        """Diaphragm height (anatomy v) under anatomy x ``u``."""
+        j = int(np.clip((u - self.box[0]) / self.W * self._m, 0, self._m - 1))
+        return self.box[1] + float(self._dome[j]) * self.H
+
+    def occluded_at(self, u: float, v: float) -> float:
+        """Heart / mediastinum value (0..1) at one anatomy point (0 before they are drawn)."""
+        if self.occluder is None:
+            return 0.0
+        x, y = self.to_image(u, v)
+        i, j = int(y * self.S), int(x * self.S)
+        if not (0 <= i < self.S and 0 <= j < self.S):
+            return 0.0
+        return float(self.occluder[i, j])
 
     def edt(self, side: int) -> np.ndarray:
         """Distance (anatomy units) from each pixel inside lung ``side`` to its border; 0 outside."""
@@ -423,7 +443,7 @@ def _patch(fr: _Frame, spec: DrawSpec, rng: np.random.Generator, default_zone: Z
 
 
 def _draw_consolidation(fr: _Frame, cv: _Canvas, spec: DrawSpec, rng: np.random.Generator) -> None:
-    dense = {Kind.CONSOLIDATION: 1.0, Kind.PNEUMONIA: 0.95, Kind.OPACITY: 0.8}[spec.kind]
+    dense = {Kind.CONSOLIDATION: 1.0, Kind.PNEUMONIA: 0.95, Kind.OPACITY: 0.85}[spec.kind]
     radius = (0.07, 0.14) if spec.kind != Kind.OPACITY else (0.08, 0.16)
     soft = 6.0 if spec.kind != Kind.OPACITY else 4.0
     blob, _ = _patch(fr, spec, rng, Zone.LOWER, radius, soft)
@@ -559,7 +579,7 @@ def _device_pts(fr: _Frame, dev: Device, side: Side | None, rng: np.random.Gener
             np.array([[xm + 0.004, -0.05], [xm + 0.008, carina]], np.float32),
             _bezier((xm + 0.012, top + 0.8 * H), (xm + 0.03, dome + 0.06), (xm + 0.17, dome + 0.07)),
         ])
-        out.append((pts, 0.008, 0.3))
+        out.append((pts, 0.006, 0.22))
     elif dev in (Device.CENTRAL_LINE, Device.PORT):
         start = (xm + sgn * (fr.half_width + 0.04), top + 0.02)
         pts = np.concatenate([
@@ -747,10 +767,10 @@ def render_frontal(
     # Heart: a sheared ellipse, about a third left of the midline and two thirds right (patient's left), sitting
     # on the diaphragm; it blends upwards into the mediastinum, which widens from the thoracic inlet down.
     Wh = ctr * T
-    b = (0.26 + 0.2 * (ctr - 0.45)) * H
-    cy = top + 0.96 * H - b
-    cx = xm + 0.17 * Wh
-    xs = (X - cx) - 0.3 * (Y - cy)
+    b = (rng.uniform(0.23, 0.29) + 0.2 * (ctr - 0.45)) * H
+    cx = xm + rng.uniform(0.16, 0.22) * Wh
+    cy = min(top + 0.96 * H, fr.dome_at(cx + 0.25 * Wh) + 0.01) - b  # on the left hemidiaphragm
+    xs = (X - cx) - rng.uniform(0.2, 0.4) * (Y - cy)
     ellipse = 1.0 - (xs / (Wh / 2)) ** 2 - ((Y - cy) / b) ** 2
     sharp = min(Wh / 2, b) / 0.012  # edge about 0.006 wide
     heart = _sig(ellipse * sharp) * (1.0 - abdomen)  # it merges with the diaphragm below
@@ -762,6 +782,7 @@ def render_frontal(
     med = np.maximum(med, _sig((0.028 - _hypot(X - knob_x, Y - knob_y)) / 0.006))
     cardiomed = np.maximum(heart, med)
     D += 0.1 * cardiomed + 0.02 * heart
+    fr.occluder = cardiomed
 
     # Lungs: air removed from the soft tissue (less where heart or mediastinum overlap).
     lung = fr.lungs[0] + fr.lungs[1]
@@ -852,7 +873,7 @@ def render_frontal(
     img = ndimage.gaussian_filter(img, sigma, truncate=2.5)
     image = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
-    anatomy = np.stack([fr.lungs[0] > 0.5, fr.lungs[1] > 0.5, heart > 0.5, (med > 0.5) & (lung < 0.5)])
+    anatomy = np.stack([fr.lungs[0] > 0.5, fr.lungs[1] > 0.5, heart_gt, (med > 0.5) & (lung < 0.5) & ~heart_gt])
     params = {
         "mask": atlas.names[mask_index],
         "ctr": round(ctr, 3),
