@@ -25,7 +25,7 @@ from medvl.train.loop import (
     latest_checkpoint,
     lr_factor,
 )
-from tests.train.toy_stage import Interrupt, ToyConfig, ToyModelConfig, ToyStage
+from tests.train.toy_stage import Interrupt, ToyConfig, ToyModelConfig, ToyNet, ToyStage
 
 
 def make_config(**train) -> ToyConfig:
@@ -314,3 +314,35 @@ def test_unfinished_checkpoint_writes_are_ignored(tmp_path):
     fit(stage, run, resume=True)
     assert stage.steps_seen == [4, 5, 6]
     assert not (run / CHECKPOINT_DIR / ".tmp_step_6").exists()
+
+
+class TiedNet(ToyNet):
+    """Two layers sharing one weight matrix, as GPT-2's tied input and output embeddings."""
+
+    def __init__(self, hidden: int, dropout: float) -> None:
+        super().__init__(hidden, dropout)
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+        self.b.weight = self.a.weight
+
+    def forward(self, x, y=None):
+        out = super().forward(x, y)
+        if y is not None:
+            out["loss"] = out["loss"] + 1e-2 * self.b(self.a(x)).pow(2).mean()
+        return out
+
+
+class TiedStage(ToyStage):
+    def build_model(self):
+        return TiedNet(self.config.model.hidden, self.config.model.dropout)
+
+
+def test_tied_weights_survive_checkpoints(tmp_path):
+    cfg = make_config()
+    straight = TiedStage(cfg)
+    fit(straight, tmp_path / "straight")
+    with pytest.raises(Interrupt):
+        fit(TiedStage(cfg, interrupt_at=5), tmp_path / "resumed")
+    resumed = TiedStage(cfg)
+    fit(resumed, tmp_path / "resumed", resume=True)
+    assert resumed.steps_seen == [4, 5, 6]
+    assert_same(straight.saved, resumed.saved)
