@@ -339,6 +339,15 @@ class SourceRuns:
     memory: Path | None
 
 
+def _default_device() -> str:
+    """This process's GPU under torchrun / accelerate (``LOCAL_RANK``), else the first GPU, else CPU."""
+    import os
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+
+
 def _stage_of(run: Path) -> str | None:
     import json
 
@@ -413,7 +422,7 @@ class DiffusionStage:
         self.train = cfg.train
         self.data = Path(data)
         self.sources = sources
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device or _default_device())
         self.autoencoder = AutoencoderBundle.load(sources.autoencoder, device=self.device)
         self.adamatch = load_adamatch_run(sources.adamatch, device=self.device)
         self.encoder = ReportEncoder(self.adamatch, cfg.condition, device=self.device)
