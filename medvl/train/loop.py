@@ -627,63 +627,67 @@ def fit(stage: Stage, out: Path, *, resume: bool = False, config_dump: dict | No
     train_seconds, samples = 0.0, 0
     loss_sum, loss_steps = torch.zeros((), device=device), 0  # since the last log line
     model.train()
-    while state.step < cfg.steps:
-        tick = time.perf_counter()
-        step_loss = torch.zeros((), device=device)
-        step_logs: dict[str, float] = {}
-        for i in range(cfg.grad_accum):
-            batch = send_to_device(next(batches), device, non_blocking=True)
-            sync = i == cfg.grad_accum - 1
-            with nullcontext() if sync else accelerator.no_sync(model):
-                with accelerator.autocast():
-                    loss, logs = stage.training_step(model, batch)
-                if loss.ndim != 0:
-                    raise RunError(f"stage '{stage.name}': training_step must return a scalar loss, "
-                                   f"got shape {tuple(loss.shape)}")
-                accelerator.backward(loss)  # divides by grad_accum
-            step_loss += loss.detach().float() / cfg.grad_accum
-            for k, v in logs.items():
-                step_logs[k] = step_logs.get(k, 0.0) + _as_float(v) / cfg.grad_accum
-            state.micro_batches += 1
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) \
-            if cfg.max_grad_norm > 0 else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        if callable(getattr(stage, "on_step_end", None)):
-            stage.on_step_end(unwrap(model), state.step)
-        loss_sum += step_loss
-        loss_steps += 1
-        train_seconds += time.perf_counter() - tick
-        samples += cfg.batch_size * cfg.grad_accum * world
+    try:
+        while state.step < cfg.steps:
+            tick = time.perf_counter()
+            step_loss = torch.zeros((), device=device)
+            step_logs: dict[str, float] = {}
+            for i in range(cfg.grad_accum):
+                batch = send_to_device(next(batches), device, non_blocking=True)
+                sync = i == cfg.grad_accum - 1
+                with nullcontext() if sync else accelerator.no_sync(model):
+                    with accelerator.autocast():
+                        loss, logs = stage.training_step(model, batch)
+                    if loss.ndim != 0:
+                        raise RunError(f"stage '{stage.name}': training_step must return a scalar loss, "
+                                       f"got shape {tuple(loss.shape)}")
+                    accelerator.backward(loss)  # divides by grad_accum
+                step_loss += loss.detach().float() / cfg.grad_accum
+                for k, v in logs.items():
+                    step_logs[k] = step_logs.get(k, 0.0) + _as_float(v) / cfg.grad_accum
+                state.micro_batches += 1
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) \
+                if cfg.max_grad_norm > 0 else None
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            if callable(getattr(stage, "on_step_end", None)):
+                stage.on_step_end(unwrap(model), state.step)
+            loss_sum += step_loss
+            loss_steps += 1
+            train_seconds += time.perf_counter() - tick
+            samples += cfg.batch_size * cfg.grad_accum * world
 
-        checkpoint_due = cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0
-        if state.step % cfg.log_every == 0 or state.step == cfg.steps or checkpoint_due:
-            mean_loss = accelerator.reduce(loss_sum, "mean").item() / loss_steps
-            loss_sum.zero_()
-            loss_steps = 0
-            if not math.isfinite(mean_loss):
-                raise RunError(f"training of stage '{stage.name}' diverged: loss is {mean_loss} at step "
-                               f"{state.step}; lower train.lr, raise train.warmup_steps or use fp32")
-            if main:
-                lr = scheduler.get_last_lr()[0]
-                writer.add_scalar("train/loss", mean_loss, state.step)
-                writer.add_scalar("train/lr", lr, state.step)
-                if grad_norm is not None:
-                    writer.add_scalar("train/grad_norm", _as_float(grad_norm), state.step)
-                for k, v in step_logs.items():
-                    writer.add_scalar(f"train/{k}", v, state.step)
-                pbar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
-        pbar.update(1)
-        if cfg.eval_every > 0 and state.step % cfg.eval_every == 0:
+            checkpoint_due = cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0
+            if state.step % cfg.log_every == 0 or state.step == cfg.steps or checkpoint_due:
+                mean_loss = accelerator.reduce(loss_sum, "mean").item() / loss_steps
+                loss_sum.zero_()
+                loss_steps = 0
+                if not math.isfinite(mean_loss):
+                    raise RunError(f"training of stage '{stage.name}' diverged: loss is {mean_loss} at step "
+                                   f"{state.step}; lower train.lr, raise train.warmup_steps or use fp32")
+                if main:
+                    lr = scheduler.get_last_lr()[0]
+                    writer.add_scalar("train/loss", mean_loss, state.step)
+                    writer.add_scalar("train/lr", lr, state.step)
+                    if grad_norm is not None:
+                        writer.add_scalar("train/grad_norm", _as_float(grad_norm), state.step)
+                    for k, v in step_logs.items():
+                        writer.add_scalar(f"train/{k}", v, state.step)
+                    pbar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+            pbar.update(1)
+            if cfg.eval_every > 0 and state.step % cfg.eval_every == 0:
+                evaluate()
+            if checkpoint_due:
+                save_checkpoint()
+
+        if state.last_eval_step != state.step:
             evaluate()
-        if checkpoint_due:
-            save_checkpoint()
-
-    if state.last_eval_step != state.step:
-        evaluate()
-    pbar.close()
+    finally:
+        pbar.close()
+        if writer is not None:
+            writer.close()  # also when interrupted: flush what was logged
 
     # ---- the best weights become the run's inference artifacts
     sd = full_state_dict() if sharded else None
@@ -721,7 +725,6 @@ def fit(stage: Stage, out: Path, *, resume: bool = False, config_dump: dict | No
             "device": device.type,
         }
         _write_json_atomic(out / STAGE_FILE, result)
-        writer.close()
     box = [result]
     if world > 1:
         broadcast_object_list(box, from_process=0)
