@@ -23,6 +23,13 @@ global batches of ``world_size * batch_size`` (the tail that does not fill one i
 ``r`` takes slice ``r`` of each global batch. A run on 2 processes with batch 4 therefore sees the
 same samples per optimiser step as a run on 1 process with batch 8. The data position is a count
 of consumed micro-batches, so resuming skips exactly those batches without loading them.
+
+Model selection: validation runs on rank 0 every ``eval_every`` steps and at the end; a strictly
+better ``select_metric`` (ties keep the earlier step; NaN never wins) becomes the best, and
+``save_run`` receives those weights. Validation draws from isolated random streams, so
+``eval_every`` changes which weights are kept, never how training goes. Under ``torchrun`` the
+run directory must be on a filesystem every rank sees (each rank writes its own RNG state), and
+a run resumes only with the same number of processes.
 """
 
 from __future__ import annotations
