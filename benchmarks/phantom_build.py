@@ -30,6 +30,14 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results" / "phantom_build.json"
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished children (the worker pools)."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def draw_cpu_ms(sizes: tuple[int, ...], n: int) -> dict[int, float]:
     import numpy as np
 
@@ -93,9 +101,11 @@ def main() -> None:
     load_before = os.getloadavg()
     from medvl.data.phantom import prepare_phantom
 
+    cpu0 = _cpu_seconds()
     t = time.perf_counter()
     result = prepare_phantom(out, studies=args.studies, size=args.size, workers=args.workers)
     total = time.perf_counter() - t
+    cpu = _cpu_seconds() - cpu0
     load_after = os.getloadavg()
     stages = {**{k: round(v, 2) for k, v in result.build.seconds.items()},
               "ingestion (prepare_mimic)": round(result.prepared.seconds, 2)}
@@ -113,6 +123,8 @@ def main() -> None:
         print(f"{k:<28}{v:>9.2f}")
     print(f"{'total':<28}{total:>9.2f}   ({b.images / total:.0f} images/s end to end; "
           f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after)")
+    print(f"{'CPU seconds, all processes':<28}{cpu:>9.2f}   (on {args.workers} idle cores the wall time would be "
+          f"about {cpu / args.workers:.0f} s or more)")
     print(f"\n{'drawing one frontal image':<28}{'CPU ms':>9}")
     for size, ms in draw.items():
         print(f"{f'{size} px':<28}{ms:>9.1f}")
@@ -135,6 +147,7 @@ def main() -> None:
                   "skipped_by_ingestion": result.prepared.skipped_by_reason},
         "wall_seconds": {"stages": stages, "total": round(total, 2),
                          "images_per_second": round(b.images / total, 1)},
+        "cpu_seconds_all_processes": round(cpu, 2),
         "draw_cpu_ms_per_image": {str(k): round(v, 2) for k, v in draw.items()},
         "label_vs_drawn": cov,
     }, indent=1))

@@ -734,12 +734,12 @@ def write_contact_sheet(raw: str | Path, out_png: str | Path, *, n: int = 16, co
     seen: set[str] = set()
     picks: list[str] = []
     abnormal = [d for d in man["dicom_id"] if d in by_image]
-    # Greedy: each pick adds the most kinds not shown yet.
-    pool_ids = list(abnormal)
+    # Greedy: each pick adds the most kinds not shown yet; among equals, the image with fewer boxes (readable).
+    pool_ids = [d for d in abnormal if len(by_image[d]) <= 4] or list(abnormal)
     while pool_ids and len(picks) < n - n_normal:
-        gains = [len(kinds_of[d] - seen) for d in pool_ids]
+        gains = [len(kinds_of[d] - seen) - 0.1 * len(by_image[d]) for d in pool_ids]
         best = int(np.argmax(gains))
-        if gains[best] == 0 and len(picks) >= (n - n_normal) // 2:
+        if gains[best] <= 0 and len(picks) >= (n - n_normal) // 2:
             # Nothing new: take the images with the most findings.
             rest = sorted(pool_ids, key=lambda d: -len(by_image[d]))
             picks += rest[: n - n_normal - len(picks)]
