@@ -40,6 +40,7 @@ import csv
 import gzip
 import json
 import re
+import shutil
 import textwrap
 import time
 from collections import Counter
@@ -93,6 +94,7 @@ SPLIT_COLUMNS = ("dicom_id", "study_id", "subject_id", "split")
 CHEXPERT_COLUMNS = ("subject_id", "study_id", *sorted(CHEXPERT_LABELS))
 MANIFEST_FILE = "phantom_images.csv"
 INFO_FILE = "phantom.json"
+BUILDING_FILE = ".phantom_building.json"
 ATLAS_FILE = "lung_atlas.npz"
 CONTACT_SHEET = "contact_sheet.png"
 
@@ -588,9 +590,15 @@ def build_phantom_raw(raw: str | Path, *, studies: int | None = None, size: int 
             return PhantomBuild(raw=raw, **info["counts"], seconds={}, reused=True)
         raise DataError(f"{raw} holds an IU-Phantom built with {info.get('params')}, not {params}; "
                         "use another --out, or delete it")
-    if raw.exists() and any(raw.iterdir()) and not (raw / ATLAS_FILE).exists():
-        raise DataError(f"{raw} is not empty and holds no IU-Phantom build; use another --out")
+    building = raw / BUILDING_FILE
+    if raw.exists() and any(raw.iterdir()):
+        if not building.exists():
+            raise DataError(f"{raw} is not empty and holds no IU-Phantom build; use another --out")
+        # An interrupted build of ours: start again from an empty tree (the atlas cache stays).
+        for name in ("files", "masks"):
+            shutil.rmtree(raw / name, ignore_errors=True)
     raw.mkdir(parents=True, exist_ok=True)
+    building.write_text(json.dumps(params))
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     pool = _pool(workers)
@@ -701,6 +709,7 @@ def build_phantom_raw(raw: str | Path, *, studies: int | None = None, size: int 
                         "lesion_sizes": "torchxrayvision BBox_List_2017.csv.gz (NIH ChestX-ray14)"},
             "lung_masks_skipped": [list(s) for s in atlas.skipped]}
     info_path.write_text(json.dumps(info, indent=1))  # written last: marks the tree complete
+    building.unlink()
     seconds["other"] = time.perf_counter() - t0 - sum(seconds.values())
     return PhantomBuild(raw=raw, **counts, seconds=seconds)
 
@@ -804,8 +813,7 @@ def prepare_phantom(out: str | Path, *, studies: int | None = None, size: int = 
     _check_args(size, seed, studies, workers)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} is a file; --out must be a directory")
-    if out.exists() and any(out.iterdir()) and not (out / "raw" / INFO_FILE).exists() and not (
-            out / "raw" / ATLAS_FILE).exists():
+    if out.exists() and any(out.iterdir()) and not any((out / "raw" / f).exists() for f in (INFO_FILE, BUILDING_FILE)):
         raise DataError(f"{out} is not empty and holds no IU-Phantom; use another --out")
     build = build_phantom_raw(out / "raw", studies=studies, size=size, seed=seed, workers=workers)
     if build.reused:

@@ -283,6 +283,16 @@ def test_bad_arguments(tmp_path, kwargs, match):
         prepare_phantom(tmp_path / "x", **{"studies": 4, "size": 64, **kwargs})
 
 
+def test_an_interrupted_build_starts_again(tmp_path):
+    raw = tmp_path / "ph" / "raw"
+    (raw / "files" / "p19").mkdir(parents=True)
+    (raw / "files" / "p19" / "stale.jpg").write_bytes(b"half written")
+    (raw / ".phantom_building.json").write_text("{}")
+    prepare_phantom(tmp_path / "ph", studies=4, size=64)
+    assert not (raw / "files" / "p19" / "stale.jpg").exists()
+    assert (raw / "phantom.json").exists() and not (raw / ".phantom_building.json").exists()
+
+
 def test_refuses_a_foreign_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(DataError, match="not empty"):
