@@ -98,3 +98,15 @@ def test_ablation_run_generates_without_memory(runs, real_fixtures):
 def test_not_a_report_run(tmp_path):
     with pytest.raises(ValueError, match="not a report run"):
         ReportGenerator.load(tmp_path)
+
+
+def test_cli_generate_report(runs, real_fixtures, capsys):
+    from medvl.cli import main
+
+    rc = main(["generate-report", str(real_fixtures / "RG1_J2KI.dcm"), "--run", str(runs.report), "--beams", "2",
+               "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert json.loads(captured.out)[0]["report"]
+    rc = main(["generate-report", str(real_fixtures / "RG1_J2KI.dcm"), "--run", str(runs.report.parent / "nothing")])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err

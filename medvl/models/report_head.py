@@ -55,6 +55,7 @@ DECODER_DIR = "decoder"
 TOKENIZER_DIR = "tokenizer"
 MEMORY_DIR = "memory"
 
+NUM_LABELS = 14  # CheXpert observations (medvl.text.chexpert.CHEXPERT_LABELS)
 # Source-type ids of the conditioning tokens.
 _PATCH, _MEMORY, _KEYWORD = 0, 1, 2
 
@@ -73,6 +74,7 @@ class ReportHeadConfig:
     num_keywords: int = 8  # top-K AdaMatch keywords per image given as hints
     finetune_adamatch: bool = False  # False: AdaMatch frozen (features computed once per image)
     adamatch_lr_scale: float = 0.1  # fine-tuned AdaMatch learns at train.lr times this
+    label_loss_weight: float = 0.0  # auxiliary: predict the report's 14 CheXpert positives from the conditioning
     tokenizer_min_freq: int = 2
     tokenizer_max_vocab: int = 4000
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -241,6 +243,8 @@ class ReportHead(nn.Module):
         if cfg.use_keywords:
             self.keyword_embed = nn.Embedding(len(self.keyword_vocabulary) + 1, e, padding_idx=0)
             self.keyword_geom = nn.Linear(5, e)
+        if cfg.label_loss_weight > 0:
+            self.label_head = nn.Linear(e, NUM_LABELS)
         self.adamatch = adamatch
         if adamatch is not None and not cfg.finetune_adamatch:
             adamatch.requires_grad_(False)
@@ -291,11 +295,13 @@ class ReportHead(nn.Module):
     def forward(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
                 images: torch.Tensor | None = None, patch_features: torch.Tensor | None = None,
                 patch_boxes: torch.Tensor | None = None, keyword_ids: torch.Tensor | None = None,
-                keyword_scores: torch.Tensor | None = None, keyword_boxes: torch.Tensor | None = None
-                ) -> dict[str, torch.Tensor]:
+                keyword_scores: torch.Tensor | None = None, keyword_boxes: torch.Tensor | None = None,
+                report_labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Teacher-forced pass. input_ids / attention_mask / labels (B, T) from :func:`encode_reports`;
         either ``images`` (B, 1, S, S) (fine-tuning AdaMatch) or precomputed ``patch_features`` (B, P, D)
-        and ``patch_boxes`` (B, P, 4). Returns ``{"loss": scalar (if labels), "logits": (B, T, V)}``."""
+        and ``patch_boxes`` (B, P, 4). ``report_labels`` (B, 14) CheXpert values of the reference report
+        (1 positive; anything else negative) feed the auxiliary label loss when ``label_loss_weight > 0``.
+        Returns ``{"loss": scalar (if labels), "lm_loss", ["label_loss"], "logits": (B, T, V)}``."""
         if patch_features is None:
             if images is None:
                 raise ValueError("pass images or patch_features")
@@ -307,8 +313,14 @@ class ReportHead(nn.Module):
         result = {"logits": out.logits}
         if labels is not None:
             # Next-token cross-entropy: position t predicts token t + 1; padding labels are -100.
-            result["loss"] = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                             ignore_index=-100)
+            lm = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            result["lm_loss"] = lm
+            result["loss"] = lm
+            if self.cfg.label_loss_weight > 0 and report_labels is not None:
+                pooled = (cond * cond_mask.unsqueeze(-1)).sum(1) / cond_mask.sum(1, keepdim=True)  # (B, E)
+                target = (report_labels == 1).float()
+                result["label_loss"] = F.binary_cross_entropy_with_logits(self.label_head(pooled).float(), target)
+                result["loss"] = lm + self.cfg.label_loss_weight * result["label_loss"]
         return result
 
     @torch.no_grad()

@@ -163,9 +163,9 @@ class ReportTrainingSet(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         if self.conditions is None:
             item = self.base[i]
-            return {"image": item["image"], "report": item["report"], "index": i}
+            return {"image": item["image"], "report": item["report"], "index": i, "report_labels": item["labels"]}
         c = self.conditions
-        return {"report": str(self.base.index.at[i, "report"]), "index": i,
+        return {"report": str(self.base.index.at[i, "report"]), "index": i, "report_labels": self.base.labels[i],
                 "patch_features": c.patch_features[i], "patch_boxes": c.patch_boxes[i],
                 "keyword_ids": c.keywords.ids[i], "keyword_scores": c.keywords.scores[i],
                 "keyword_boxes": c.keywords.boxes[i]}
@@ -251,6 +251,8 @@ class ReportStage:
         keys = ("patch_features", "patch_boxes", "keyword_ids", "keyword_scores", "keyword_boxes")
         if "image" in items[0]:
             keys = ("image",)
+        if self.config.model.label_loss_weight > 0:
+            keys = (*keys, "report_labels")
         for k in keys:
             batch["images" if k == "image" else k] = torch.stack([it[k] for it in items])
         return batch
@@ -274,8 +276,9 @@ class ReportStage:
                                          self.keyword_vocabulary, m.num_keywords).to(images.device)
                 inputs.update(keyword_ids=hints.ids, keyword_scores=hints.scores, keyword_boxes=hints.boxes)
         out = model(**inputs)
-        n_tokens = float((batch["labels"][:, 1:] != -100).sum())
-        return out["loss"], {"loss": float(out["loss"].detach()), "tokens": n_tokens}
+        logs = {k: float(out[k].detach()) for k in ("loss", "lm_loss", "label_loss") if k in out}
+        logs["tokens"] = float((batch["labels"][:, 1:] != -100).sum())
+        return out["loss"], logs
 
     @torch.no_grad()
     def validate(self, model: nn.Module) -> dict[str, float]:
@@ -295,7 +298,7 @@ class ReportStage:
             out = head(**enc, patch_features=feats, patch_boxes=boxes, keyword_ids=kw.ids,
                        keyword_scores=kw.scores, keyword_boxes=kw.boxes)
             n = float((enc["labels"][:, 1:] != -100).sum())
-            losses.append(float(out["loss"]) * n)
+            losses.append(float(out["lm_loss"]) * n)
             weights.append(n)
             dec = head.generate(patch_features=feats, patch_boxes=boxes, keywords=kw, num_beams=1,
                                 no_repeat_ngram_size=self.config.generation.no_repeat_ngram_size)

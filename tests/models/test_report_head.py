@@ -113,6 +113,22 @@ def test_forward_shapes_loss_and_ablations(tokenizer):
         small_cfg(n_embd=30).validate()
 
 
+def test_auxiliary_label_loss(tokenizer):
+    head = make_head(tokenizer, label_loss_weight=0.5).train()
+    feats, boxes, hints = inputs()
+    enc = encode_reports(tokenizer, REPORTS[:3], 16)
+    labels = torch.full((3, 14), float("nan"))
+    labels[0, 2] = 1.0
+    labels[1, 2] = -1.0  # uncertain counts as negative
+    out = head(**enc, patch_features=feats, patch_boxes=boxes, keyword_ids=hints.ids, keyword_scores=hints.scores,
+               keyword_boxes=hints.boxes, report_labels=labels)
+    assert float(out["loss"]) == pytest.approx(float(out["lm_loss"] + 0.5 * out["label_loss"]), rel=1e-5)
+    out["loss"].backward()
+    assert head.label_head.weight.grad.abs().sum() > 0 and head.patch_in.weight.grad.abs().sum() > 0
+    plain = make_head(tokenizer)
+    assert not hasattr(plain, "label_head")
+
+
 def test_word_embeddings_query_the_memory(tokenizer):
     """The memory reaches the decoder through the words too, not only through the conditioning tokens."""
     head = make_head(tokenizer)
