@@ -11,9 +11,13 @@ Measures, on this machine:
   many of them have a drawn region of that observation (and drawn regions in studies not labelled positive: must
   be 0).
 
-Run: ``python benchmarks/phantom_build.py [--studies N] [--size 256] [--workers 2]``; prints tables and writes
-``benchmarks/results/phantom_build.json``. Wall times depend on other load on the machine (the load average before
-and after is recorded); CPU times much less so.
+* with ``--learnability EPOCHS``: whether a small CNN learns the drawn findings. A 4-layer CNN (16-64 channels,
+  0.06 M parameters) is trained on the train split for EPOCHS epochs (AdamW 2e-3, batch 64, class-weighted BCE over
+  10 observations; label 1 = positive, everything else 0) and scored by AUROC on the test split.
+
+Run: ``python benchmarks/phantom_build.py [--studies N] [--size 256] [--workers 2] [--learnability 8]``; prints
+tables and writes ``benchmarks/results/phantom_build.json`` (one entry per ``--size``). Wall times depend on other
+load on the machine (the load average before and after is recorded); CPU times much less so.
 """
 
 from __future__ import annotations
@@ -86,6 +90,72 @@ def coverage(out: Path) -> dict[str, dict[str, int]]:
     return table
 
 
+LEARN_LABELS = ("Cardiomegaly", "Pleural Effusion", "Lung Lesion", "Lung Opacity", "Atelectasis", "Edema",
+                "Support Devices", "Fracture", "Pneumothorax", "Enlarged Cardiomediastinum")
+
+
+def _auroc(y, p) -> float:
+    import numpy as np
+
+    y = np.asarray(y).astype(bool)
+    ranks = np.argsort(np.argsort(p)) + 1
+    n1, n0 = int(y.sum()), int((~y).sum())
+    return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def learnability(out: Path, epochs: int) -> dict:
+    """Test AUROC per observation of a small CNN trained on the train split (see the module docstring)."""
+    import numpy as np
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from medvl.data.prepared import PreparedDataset
+
+    torch.manual_seed(0)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+    def load(split):
+        ds = PreparedDataset(out, split)
+        x = np.stack([np.asarray(ds.images[int(r)]) for r in ds.index["row"]]).astype(np.float32) / 255.0
+        y = np.nan_to_num(ds.index[list(LEARN_LABELS)].to_numpy(np.float32)) == 1
+        return torch.from_numpy(x[:, None]), torch.from_numpy(y.astype(np.float32))
+
+    xtr, ytr = load("train")
+    xte, yte = load("test")
+
+    def block(i, o):
+        return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
+
+    net = nn.Sequential(*block(1, 16), nn.MaxPool2d(2), *block(16, 32), nn.MaxPool2d(2), *block(32, 64),
+                        nn.MaxPool2d(2), *block(64, 64), nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+                        nn.Linear(64, len(LEARN_LABELS)))
+    opt = torch.optim.AdamW(net.parameters(), 2e-3)
+    pos = ytr.mean(0).clamp(min=0.01)
+    weight = ((1 - pos) / pos).clamp(max=30)
+    t = time.perf_counter()
+    for _ in range(epochs):
+        net.train()
+        perm = torch.randperm(len(xtr))
+        for i in range(0, len(xtr), 64):
+            b = perm[i:i + 64]
+            loss = F.binary_cross_entropy_with_logits(net(xtr[b]), ytr[b], pos_weight=weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+    with torch.no_grad():
+        p = torch.cat([net(xte[i:i + 256]) for i in range(0, len(xte), 256)]).sigmoid().numpy()
+    y = yte.numpy()
+    return {"epochs": epochs, "train_images": len(xtr), "test_images": len(xte),
+            "seconds": round(time.perf_counter() - t, 1),
+            "parameters": sum(p_.numel() for p_ in net.parameters()),
+            "test_auroc": {n: round(_auroc(y[:, j], p[:, j]), 3) for j, n in enumerate(LEARN_LABELS)
+                           if 0 < y[:, j].sum() < len(y)},
+            "train_positives": {n: int(ytr[:, j].sum()) for j, n in enumerate(LEARN_LABELS)},
+            "test_positives": {n: int(y[:, j].sum()) for j, n in enumerate(LEARN_LABELS)}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--studies", type=int, default=None, help="default: all 3,927")
@@ -93,6 +163,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--draw-images", type=int, default=60, help="images per size for the CPU-time table")
     ap.add_argument("--keep", type=Path, default=None, help="build here and keep it (default: a temporary folder)")
+    ap.add_argument("--learnability", type=int, default=0, metavar="EPOCHS",
+                    help="also train a small CNN on the build for EPOCHS epochs and report test AUROC")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="phantom_bench_"))
@@ -113,6 +185,7 @@ def main() -> None:
     b = result.build
     cov = coverage(out)
     draw = draw_cpu_ms((128, 256, 512), args.draw_images)
+    learn = learnability(out, args.learnability) if args.learnability else None
     if args.keep is None:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -133,12 +206,20 @@ def main() -> None:
         print(f"{name:<28}{row['labelled_positive']:>9}{row['with_drawn_region']:>9}{row['drawn_without_label']:>11}")
     print("(No Finding row: normal studies, and how many of them have a drawn region other than a device: must be 0)")
     print(f"\ndrawn regions by finding: {b.drawn}")
+    if learn:
+        print(f"\nsmall CNN at {args.size} px, {learn['epochs']} epochs ({learn['seconds']} s), test AUROC:")
+        for name, auc in learn["test_auroc"].items():
+            print(f"{name:<28}{auc:>9.3f}   ({learn['train_positives'][name]} train / "
+                  f"{learn['test_positives'][name]} test positives)")
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
+    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    runs = previous.get("runs", {}) if isinstance(previous.get("runs"), dict) else {}
+    runs[f"{args.size}px"] = {
         "command": "python benchmarks/phantom_build.py"
                    + (f" --studies {args.studies}" if args.studies else "")
-                   + f" --size {args.size} --workers {args.workers}",
+                   + f" --size {args.size} --workers {args.workers}"
+                   + (f" --learnability {args.learnability}" if args.learnability else ""),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_average_before": load_before, "load_average_after": load_after},
         "build": {"studies": b.studies, "subjects": b.subjects, "images": b.images, "laterals": b.laterals,
@@ -150,7 +231,9 @@ def main() -> None:
         "cpu_seconds_all_processes": round(cpu, 2),
         "draw_cpu_ms_per_image": {str(k): round(v, 2) for k, v in draw.items()},
         "label_vs_drawn": cov,
-    }, indent=1))
+        "learnability": learn,
+    }
+    RESULTS.write_text(json.dumps({"runs": runs}, indent=1))
     print(f"wrote {RESULTS}")
 
 
