@@ -66,6 +66,7 @@ from medvl.data.phantom_draw import (
     render_frontal,
     render_lateral,
 )
+from medvl.data.prepared import PrepareResult
 from medvl.data.reports import IUReport, iter_iu_reports
 from medvl.errors import DataError
 from medvl.text.chexpert import CHEXPERT_LABELS, POSITIVE
@@ -797,7 +798,7 @@ class PhantomResult:
     """``build``: the raw tree; ``prepared``: the MIMIC ingestion's result; ``contact_sheet``: its path."""
 
     build: PhantomBuild
-    prepared: object
+    prepared: PrepareResult
     contact_sheet: Path
     seconds: float
 

@@ -546,7 +546,7 @@ def _draw_fracture(fr: _Frame, cv: _Canvas, spec: DrawSpec, rng: np.random.Gener
     v_target = by0 + rng.uniform(ya, yb) * (by1 - by0)
     v = max(v_target - ribs.y0 - ribs.curve(s_f), 0.0) / ribs.spacing
     k = int(np.clip(np.floor(v * (1.12 - 0.006 * v)), 0, ribs.count - 1))
-    gap = 0.035
+    gap = 0.04
     sign = -1.0 if side == 0 else 1.0
     blk = ribs.block
     on_side = (fr.X[blk] - fr.xm) * sign > 0
@@ -561,10 +561,10 @@ def _draw_fracture(fr: _Frame, cv: _Canvas, spec: DrawSpec, rng: np.random.Gener
     Xb, Yb = fr.X[blk], fr.Y[blk]
     knobs = np.zeros(Xb.shape, np.float32)
     for end in (-1.0, 1.0):
-        xc = fr.xm + sign * (s_f * hw_side + end * (gap / 2 + 0.01))
-        q = ((Xb - xc) / 0.017) ** 2 + ((Yb - yc) / 0.013) ** 2
+        xc = fr.xm + sign * (s_f * hw_side + end * (gap / 2 + 0.012))
+        q = ((Xb - xc) / 0.021) ** 2 + ((Yb - yc) / 0.016) ** 2
         knobs = np.maximum(knobs, _sig((1.0 - q) * 3.0))
-    cv.extra[blk] += 0.11 * knobs
+    cv.extra[blk] += 0.15 * knobs
     cut = np.zeros((fr.S, fr.S), bool)
     cut[blk] = cut_b | (knobs > 0.5)
     cv.add(spec, ndimage.binary_dilation(cut, iterations=max(1, fr.S // 128)))
