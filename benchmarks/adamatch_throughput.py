@@ -41,7 +41,7 @@ def _timed(fn, repeats: int) -> float:
 def measure(mode: str, config: str, data: Path, steps: int, warmup: int) -> dict:
     import torch.nn.functional as F
 
-    from medvl.models.adamatch import contrastive_loss, select_words, token_scores
+    from medvl.models.adamatch import contrastive_loss, token_scores
     from medvl.train.adamatch_stage import build_stage
 
     torch.manual_seed(0)
@@ -78,7 +78,7 @@ def measure(mode: str, config: str, data: Path, steps: int, warmup: int) -> dict
     # Parts, forward + backward each, on one fixed batch.
     b = batch()
     images = model.prepare_images(b["images"])
-    text_keys = ("input_ids", "attention_mask", "word_ids", "word_mask", "match_mask")
+    text_keys = ("input_ids", "attention_mask", "word_ids", "word_mask", "match_mask", "word_weight")
 
     def run_backbone():
         model.backbone(images).sum().backward()
@@ -95,11 +95,11 @@ def measure(mode: str, config: str, data: Path, steps: int, warmup: int) -> dict
         pf = model.patches(fmap).features
         tok = model.encode_text(**{k: b[k] for k in text_keys})
     img = F.normalize(pf, dim=-1).requires_grad_(True)
-    txt0, wm, mm = select_words(F.normalize(tok.features, dim=-1), tok.word_mask, tok.match_mask)
+    txt0, wm, mm, ww = model.select(tok)
     txt = txt0.clone().requires_grad_(True)
 
     def run_loss():
-        s1, s2 = token_scores(img, txt, wm, mm, model.cfg.chunk_size)
+        s1, s2 = token_scores(img, txt, wm, mm, model.cfg.chunk_size, ww)
         (contrastive_loss(s1 / 0.07) + contrastive_loss(s2.t() / 0.07)).backward()
 
     parts = {name: _timed(fn, 3) for name, fn in (("backbone", run_backbone), ("patch_layer", run_patches),

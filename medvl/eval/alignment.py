@@ -31,15 +31,15 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from medvl.models.adamatch import AdaMatch, AdaMatchRun, contrastive_loss, select_words, token_scores
+from medvl.models.adamatch import AdaMatch, AdaMatchRun, contrastive_loss, token_scores
 from medvl.text.tokenizer import ReportTokenizer
 
 WIDEN = 0.05  # region boxes widened by 5% of the image size on each side for the pointing game
 
 CONVENTIONS = {
     "retrieval": "i2t ranks the split's reports by s_i2t (mean over patches of best word), t2i ranks images by "
-                 "s_t2i (mean over affirmed content words of best patch); a hit is any retrieved item whose "
-                 "report text equals the query's (case/whitespace normalised)",
+                 "s_t2i (mean, idf-weighted when the model says so, over affirmed content words of best patch); "
+                 "a hit is any retrieved item whose report text equals the query's (case/whitespace normalised)",
     "pointing_game": "best patch (max cosine) for the region's word in the image's own report; hit if the patch "
                      "centre lies in the region box widened by 5% of the image size on each side",
     "pointing_game_chance": "expected hit rate of a patch drawn uniformly from the model's own patches of the image",
@@ -86,6 +86,7 @@ class SplitEncoding:
     reports: list[str]
     pointing: list[PointingRecord] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)
+    word_weight: torch.Tensor | None = None  # (N, W) t2i word weights (None: plain mean)
 
 
 def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -118,7 +119,7 @@ def encode_split(model: AdaMatch, tokenizer: ReportTokenizer, dataset, *, batch_
     if regions is not None and len(regions):
         for r in regions.itertuples(index=False):
             by_image[str(r.dicom_id)].append(r)
-    feats, boxes, words, wmask, mmask, reports = [], [], [], [], [], []
+    feats, boxes, words, wmask, mmask, wweight, reports = [], [], [], [], [], [], []
     records: list[PointingRecord] = []
     skipped: dict[str, int] = defaultdict(int)
     for start in tqdm(range(0, len(dataset), batch_size), desc="encode", disable=not progress, leave=False):
@@ -130,7 +131,9 @@ def encode_split(model: AdaMatch, tokenizer: ReportTokenizer, dataset, *, batch_
         tok = model.encode_text(**{k: v.to(device) for k, v in enc.tensors().items()})
         pn = F.normalize(patches.features.float(), dim=-1)
         tn = F.normalize(tok.features.float(), dim=-1)
-        sel, wm, mm = select_words(tn, tok.word_mask, tok.match_mask)
+        sel, wm, mm, ww = model.select(tok)
+        if ww is not None:
+            wweight.append(ww.float().cpu())
         feats.append(pn.cpu())
         boxes.append(patches.boxes.float().cpu())
         words.append(sel.cpu())
@@ -166,15 +169,16 @@ def encode_split(model: AdaMatch, tokenizer: ReportTokenizer, dataset, *, batch_
                                               negated_fallback=not affirmed))
     model.train(was_training)
     w = max(t.shape[1] for t in words)
-    return SplitEncoding(torch.cat(feats), torch.cat(boxes), torch.cat([_pad_to(t, w) for t in words]),
+    weight = torch.cat([_pad_to(t, w) for t in wweight]) if wweight else None
+    return SplitEncoding(torch.cat(feats), torch.cat(boxes), torch.cat([_pad_to(t.float(), w) for t in words]),
                          torch.cat([_pad_to(t, w, False) for t in wmask]),
-                         torch.cat([_pad_to(t, w, False) for t in mmask]), reports, records, dict(skipped))
+                         torch.cat([_pad_to(t, w, False) for t in mmask]), reports, records, dict(skipped), weight)
 
 
 def retrieval_metrics(enc: SplitEncoding, chunk: int = 16, logit_scale: float | None = None) -> dict[str, float]:
     """R@1 / R@5 both ways (identical reports count as correct), plus the split's InfoNCE loss when
     ``logit_scale`` is given."""
-    s_i2t, s_t2i = token_scores(enc.patches, enc.words, enc.word_mask, enc.match_mask, chunk)
+    s_i2t, s_t2i = token_scores(enc.patches, enc.words, enc.word_mask, enc.match_mask, chunk, enc.word_weight)
     keys = [normalise_report(t) for t in enc.reports]
     _, groups = np.unique(np.array(keys), return_inverse=True)
     g = torch.as_tensor(groups)

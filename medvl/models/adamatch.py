@@ -35,6 +35,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -64,6 +65,10 @@ class AdaMatchConfig:
     learn_temperature: bool = True
     global_weight: float = 0.0  # weight of the optional global image-report term
     chunk_size: int = 16  # images per chunk of the B x B x P x W similarity
+    gather_negatives: bool = True  # under DDP, every rank's pairs are negatives (all_gather with gradients)
+    # Report-to-image score: plain mean over affirmed words ("uniform", the paper) or weighted by each
+    # word's inverse document frequency in the training reports ("idf", as BERTScore weights greedy matching).
+    word_weighting: Literal["uniform", "idf"] = "idf"
 
     def validate(self) -> None:
         if self.embed_dim < 1 or self.image_size < 8:
@@ -109,6 +114,7 @@ class TextTokens:
     word_mask: torch.Tensor
     match_mask: torch.Tensor
     global_features: torch.Tensor | None = None
+    word_weight: torch.Tensor | None = None  # (B, T) float, idf at each word's first piece
 
 
 @dataclass
@@ -149,29 +155,33 @@ def effective_masks(word_mask: torch.Tensor, match_mask: torch.Tensor, real: tor
     return word, match
 
 
-def select_words(features: torch.Tensor, word_mask: torch.Tensor, match_mask: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gather the masked positions to the front: (B, T, D) -> (B, W, D), masks (B, W); W = max count.
-
-    Cuts the similarity tensor from pieces (incl. stop words, punctuation, padding) to content words.
+def select_words(features: torch.Tensor, word_mask: torch.Tensor, match_mask: torch.Tensor,
+                 weight: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """Gather the masked positions to the front: (B, T, D) -> (B, W, D), masks (B, W) [, weights (B, W)];
+    W = max count. Cuts the similarity tensor from pieces (stop words, punctuation, padding) to content words.
     """
     w = max(int(word_mask.sum(1).max()), 1)
     order = torch.argsort((~word_mask).to(torch.int8), dim=1, stable=True)[:, :w]
     feats = features.gather(1, order.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
-    return feats, word_mask.gather(1, order), match_mask.gather(1, order)
+    out = (feats, word_mask.gather(1, order), match_mask.gather(1, order))
+    if weight is None:
+        return out
+    return (*out, weight.gather(1, order))
 
 
 def token_scores(img: torch.Tensor, txt: torch.Tensor, i2t_mask: torch.Tensor, t2i_mask: torch.Tensor,
-                 chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+                 chunk: int = 16, t2i_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fine-grained scores of every image against every report.
 
-    img (Bi, P, D) and txt (Bt, W, D) L2-normalised; i2t_mask, t2i_mask (Bt, W) bool.
-    Returns ``s_i2t`` (Bi, Bt) = mean over patches of the best i2t word, and ``s_t2i`` (Bi, Bt) =
-    mean over t2i words of the best patch. Computed ``chunk`` images at a time.
+    img (Bi, P, D) and txt (Bt, W, D) L2-normalised; i2t_mask, t2i_mask (Bt, W) bool; t2i_weight (Bt, W)
+    optional word weights. Returns ``s_i2t`` (Bi, Bt) = mean over patches of the best i2t word, and
+    ``s_t2i`` (Bi, Bt) = (weighted) mean over t2i words of the best patch. ``chunk`` images at a time.
     """
     neg = torch.finfo(img.dtype).min
     t2i = t2i_mask.to(img.dtype)
-    n_t2i = t2i.sum(1).clamp_min(1)  # (Bt,)
+    if t2i_weight is not None:
+        t2i = t2i * t2i_weight.to(img.dtype)
+    n_t2i = t2i.sum(1).clamp_min(1e-6)  # (Bt,)
     off = ~i2t_mask[None, :, None, :]  # (1, Bt, 1, W)
     out_i2t, out_t2i = [], []
     for a in range(0, img.shape[0], max(1, chunk)):
@@ -181,15 +191,75 @@ def token_scores(img: torch.Tensor, txt: torch.Tensor, i2t_mask: torch.Tensor, t
     return torch.cat(out_i2t), torch.cat(out_t2i)
 
 
-def contrastive_loss(logits: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy of rows of ``logits`` (B, B) against the diagonal; rows whose ``groups`` (B,)
-    match (identical reports) share the target mass."""
+def contrastive_loss(logits: torch.Tensor, groups: torch.Tensor | None = None,
+                     col_groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of rows of ``logits`` (B, N) against their positives: the diagonal when ``groups``
+    is None; otherwise every column whose ``col_groups`` (N,) (default: ``groups``) equals the row's
+    ``groups`` (B,) value (identical reports), sharing the target mass."""
     b = logits.shape[0]
     if groups is None:
         return F.cross_entropy(logits, torch.arange(b, device=logits.device))
-    target = (groups[:, None] == groups[None, :]).to(logits.dtype)
+    cols = groups if col_groups is None else col_groups
+    target = (groups[:, None] == cols[None, :]).to(logits.dtype)
     target = target / target.sum(1, keepdim=True)
     return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_pairs(img: torch.Tensor, txt: torch.Tensor, i2t_mask: torch.Tensor, t2i_mask: torch.Tensor,
+                 groups: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Every rank's img (B, P, D), txt (B, W, D) (words padded to the ranks' max), masks, word weights and
+    groups, concatenated in rank order; then this rank's padded txt, masks and weights. Features keep
+    gradients (``torch.distributed.nn.all_gather``): each rank's slice gets every rank's loss gradient."""
+    import torch.distributed as dist
+    from torch.distributed.nn.functional import all_gather
+
+    w = torch.tensor([txt.shape[1]], device=txt.device)
+    dist.all_reduce(w, op=dist.ReduceOp.MAX)
+    pad = int(w) - txt.shape[1]
+    if pad:
+        txt = F.pad(txt, (0, 0, 0, pad))
+        i2t_mask = F.pad(i2t_mask, (0, pad), value=False)
+        t2i_mask = F.pad(t2i_mask, (0, pad), value=False)
+        weight = F.pad(weight, (0, pad))
+
+    def plain(t: torch.Tensor) -> torch.Tensor:
+        out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, t.contiguous())
+        return torch.cat(out)
+
+    return (torch.cat(all_gather(img.contiguous())), torch.cat(all_gather(txt.contiguous())),
+            plain(i2t_mask), plain(t2i_mask), plain(weight), plain(groups), txt, i2t_mask, t2i_mask, weight)
+
+
+def pair_loss(img: torch.Tensor, txt: torch.Tensor, i2t_mask: torch.Tensor, t2i_mask: torch.Tensor,
+              scale: torch.Tensor, groups: torch.Tensor | None = None, chunk: int = 16,
+              gather: bool = False, t2i_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss_i2t, loss_t2i) of this process's pairs: img (B, P, D), txt (B, W, D) normalised.
+
+    With ``gather`` under torch.distributed, the negatives are every rank's pairs: this rank's images
+    against all reports and all images against this rank's reports (open_clip's local loss).
+    """
+    rank, world = _world()
+    if not gather or world == 1:
+        s_i2t, s_t2i = token_scores(img, txt, i2t_mask, t2i_mask, chunk, t2i_weight)
+        return contrastive_loss(scale * s_i2t, groups), contrastive_loss(scale * s_t2i.t(), groups)
+    b = img.shape[0]
+    if groups is None:  # unique ids across ranks: the positives are the pairs themselves
+        groups = torch.arange(b, device=img.device) + rank * b
+    weight = t2i_weight if t2i_weight is not None else torch.ones_like(t2i_mask, dtype=img.dtype)
+    img_all, txt_all, i2t_all, t2i_all, w_all, g_all, txt, i2t_mask, t2i_mask, weight = gather_pairs(
+        img, txt, i2t_mask, t2i_mask, groups, weight)
+    s_i2t, _ = token_scores(img, txt_all, i2t_all, t2i_all, chunk, w_all)  # (B, world*B)
+    _, s_t2i = token_scores(img_all, txt, i2t_mask, t2i_mask, chunk, weight)  # (world*B, B)
+    return (contrastive_loss(scale * s_i2t, groups, g_all), contrastive_loss(scale * s_t2i.t(), groups, g_all))
 
 
 # ---------------------------------------------------------------------------------------- the model
@@ -235,9 +305,9 @@ class AdaMatch(nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     word_ids: torch.Tensor | None = None, word_mask: torch.Tensor | None = None,
-                    match_mask: torch.Tensor | None = None) -> TextTokens:
-        """input_ids, attention_mask (B, T) [+ word_ids, word_mask, match_mask from ``tokenize``] ->
-        :class:`TextTokens` (features (B, T, D)). Without word information each piece is a word and
+                    match_mask: torch.Tensor | None = None, word_weight: torch.Tensor | None = None) -> TextTokens:
+        """input_ids, attention_mask (B, T) [+ word_ids, word_mask, match_mask, word_weight from ``tokenize``]
+        -> :class:`TextTokens` (features (B, T, D)). Without word information each piece is a word and
         every real piece but the first and last (the special tokens) is a content word."""
         feats, glob = self.text_encoder(input_ids, attention_mask, word_ids)
         if word_ids is not None:
@@ -249,24 +319,40 @@ class AdaMatch(nn.Module):
         word_mask = real if word_mask is None else word_mask.bool()
         match_mask = word_mask if match_mask is None else match_mask.bool()
         word_mask, match_mask = effective_masks(word_mask, match_mask, real)
-        return TextTokens(feats, word_mask, match_mask, glob)
+        if word_weight is not None:  # fallback masks may select pieces without a weight: give them 1
+            word_weight = torch.where(word_mask & (word_weight <= 0), torch.ones_like(word_weight), word_weight)
+        return TextTokens(feats, word_mask, match_mask, glob, word_weight)
+
+    def t2i_weights(self, tokens: TextTokens) -> torch.Tensor | None:
+        """The word weights the report-to-image score uses (None: plain mean)."""
+        return tokens.word_weight if self.cfg.word_weighting == "idf" else None
+
+    def select(self, tokens: TextTokens) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Normalised content-word features (B, W, D), masks (B, W) and t2i weights (B, W) or None."""
+        feats = F.normalize(tokens.features, dim=-1)
+        weight = self.t2i_weights(tokens)
+        if weight is None:
+            return (*select_words(feats, tokens.word_mask, tokens.match_mask), None)
+        return select_words(feats, tokens.word_mask, tokens.match_mask, weight)
 
     def scores(self, patches: ImagePatches, tokens: TextTokens) -> tuple[torch.Tensor, torch.Tensor]:
         """(s_i2t, s_t2i), each (B_images, B_reports), from encoded images and reports."""
         img = F.normalize(patches.features, dim=-1)
-        txt, wm, mm = select_words(F.normalize(tokens.features, dim=-1), tokens.word_mask, tokens.match_mask)
-        return token_scores(img, txt, wm, mm, self.cfg.chunk_size)
+        txt, wm, mm, weight = self.select(tokens)
+        return token_scores(img, txt, wm, mm, self.cfg.chunk_size, weight)
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 word_ids: torch.Tensor | None = None, word_mask: torch.Tensor | None = None,
-                match_mask: torch.Tensor | None = None, groups: torch.Tensor | None = None) -> dict:
+                match_mask: torch.Tensor | None = None, groups: torch.Tensor | None = None,
+                word_weight: torch.Tensor | None = None) -> dict:
         """The whole training computation (so DDP sees it): returns ``loss`` and detached logs."""
         patches = self.encode_image(images)
-        tokens = self.encode_text(input_ids, attention_mask, word_ids, word_mask, match_mask)
-        s_i2t, s_t2i = self.scores(patches, tokens)
+        tokens = self.encode_text(input_ids, attention_mask, word_ids, word_mask, match_mask, word_weight)
         scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
-        loss_i2t = contrastive_loss(scale * s_i2t, groups)
-        loss_t2i = contrastive_loss(scale * s_t2i.t(), groups)
+        img = F.normalize(patches.features, dim=-1)
+        txt, wm, mm, weight = self.select(tokens)
+        loss_i2t, loss_t2i = pair_loss(img, txt, wm, mm, scale, groups, self.cfg.chunk_size,
+                                       gather=self.cfg.gather_negatives, t2i_weight=weight)
         loss = 0.5 * (loss_i2t + loss_t2i) + patches.penalty
         out = {"loss_i2t": loss_i2t.detach(), "loss_t2i": loss_t2i.detach(), "size_penalty": patches.penalty.detach()}
         if self.cfg.global_weight > 0:
@@ -681,5 +767,5 @@ def copy_adamatch(src_run: str | Path, dst_run: str | Path) -> Path:
 __all__ = [
     "AdaMatch", "AdaMatchConfig", "AdaMatchRun", "ImagePatches", "TextTokens", "Keyword", "Keypatches",
     "KeywordVocabulary", "KeypatchBank", "MiningConfig", "PatchMode", "build_adamatch", "build_keywords_and_bank",
-    "token_scores", "contrastive_loss", "copy_adamatch", "find_artifacts",
+    "token_scores", "contrastive_loss", "pair_loss", "copy_adamatch", "find_artifacts",
 ]

@@ -21,12 +21,16 @@ Masks returned by :meth:`ReportTokenizer.__call__` (all ``(B, T)``):
 * ``word_mask``: first piece of a content word (not stop word, not punctuation), within the cap.
   Used by the image-to-report score (each patch looks for its best word);
 * ``match_mask``: ``word_mask`` and not negated. Used by the report-to-image score (each real,
-  affirmed word looks for its best patch), the keyword miner and the pointing game.
+  affirmed word looks for its best patch), the keyword miner and the pointing game;
+* ``word_weight`` (float): the word's inverse document frequency over the training reports at its
+  first piece (0 elsewhere), as BERTScore weights its greedy token matching: "heart", "lungs" and
+  "clear" are in most reports and say little about *this* image; "granulomas" says a lot.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -168,11 +172,12 @@ class TokenizedReports:
     word_ids: torch.Tensor
     word_mask: torch.Tensor
     match_mask: torch.Tensor
+    word_weight: torch.Tensor
     words: list[list[Word]]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "word_ids": self.word_ids,
-                "word_mask": self.word_mask, "match_mask": self.match_mask}
+                "word_mask": self.word_mask, "match_mask": self.match_mask, "word_weight": self.word_weight}
 
 
 def _is_punct(word: str) -> bool:
@@ -186,12 +191,34 @@ class ReportTokenizer:
     lesson: the batch x batch x patches x words similarity grows with words).
     """
 
-    def __init__(self, tokenizer, max_tokens: int = 128, max_words: int = 64):
+    def __init__(self, tokenizer, max_tokens: int = 128, max_words: int = 64, idf: dict[str, float] | None = None,
+                 idf_default: float = 1.0):
         if not getattr(tokenizer, "is_fast", False):
             raise ConfigError("ReportTokenizer needs a fast tokenizer (word alignment uses word_ids)")
         self.hf = tokenizer
         self.max_tokens = int(max_tokens)
         self.max_words = int(max_words)
+        self.idf: dict[str, float] = dict(idf or {})
+        self.idf_default = float(idf_default)  # words unseen in training: as rare as the rarest
+
+    def fit_idf(self, texts: Sequence[str], floor: float = 0.1) -> None:
+        """Smoothed inverse document frequency ``log((N + 1) / (df + 1))`` of each lower-cased word of
+        ``texts`` (floored at ``floor`` so ubiquitous words still count a little). A report counts for a
+        word only where the word is affirmed: "effusion" is in most reports, nearly always as "no effusion",
+        and the weight is for the report-to-image score, which sees affirmed words only."""
+        from collections import Counter
+
+        df: Counter[str] = Counter()
+        n = 0
+        for text in texts:
+            if text and text.strip():
+                n += 1
+                df.update({w.text.lower() for w in content_words(text) if w.content and not w.negated})
+        self.idf = {w: max(floor, math.log((n + 1) / (c + 1))) for w, c in df.items()}
+        self.idf_default = max(floor, math.log(n + 1))
+
+    def weight(self, word: str) -> float:
+        return self.idf.get(word.lower(), self.idf_default) if self.idf else 1.0
 
     @property
     def vocab_size(self) -> int:
@@ -214,6 +241,7 @@ class ReportTokenizer:
         word_ids = torch.full((b, t), -1, dtype=torch.long)
         word_mask = torch.zeros((b, t), dtype=torch.bool)
         match_mask = torch.zeros((b, t), dtype=torch.bool)
+        word_weight = torch.zeros((b, t), dtype=torch.float32)
         all_words: list[list[Word]] = []
         for i, text in enumerate(texts):
             spans = negated_spans(text)
@@ -236,20 +264,23 @@ class ReportTokenizer:
                         n_content += 1
                         word_mask[i, pos] = True
                         match_mask[i, pos] = not neg
+                        word_weight[i, pos] = self.weight(low)
                 word_ids[i, pos] = seen[wid]
             all_words.append(words)
-        return TokenizedReports(enc["input_ids"], enc["attention_mask"], word_ids, word_mask, match_mask, all_words)
+        return TokenizedReports(enc["input_ids"], enc["attention_mask"], word_ids, word_mask, match_mask,
+                                word_weight, all_words)
 
     def __call__(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """``dict(input_ids, attention_mask, word_ids, word_mask, match_mask)``, each ``(B, T)``."""
+        """``dict(input_ids, attention_mask, word_ids, word_mask, match_mask, word_weight)``, each ``(B, T)``."""
         return self.encode(texts).tensors()
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.hf.save_pretrained(str(directory))
-        (directory / TOKENIZER_META).write_text(
-            json.dumps({"max_tokens": self.max_tokens, "max_words": self.max_words}))
+        (directory / TOKENIZER_META).write_text(json.dumps(
+            {"max_tokens": self.max_tokens, "max_words": self.max_words, "idf_default": self.idf_default,
+             "idf": dict(sorted(self.idf.items()))}, indent=0))
 
     @classmethod
     def load(cls, directory: str | Path) -> ReportTokenizer:

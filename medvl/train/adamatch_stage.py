@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset, Subset
 
 from medvl.config import load_config
 from medvl.data.prepared import PreparedDataset
@@ -32,6 +33,7 @@ from medvl.models.adamatch import (
     build_adamatch,
     build_keywords_and_bank,
 )
+from medvl.text.chexpert import CHEXPERT_LABELS
 from medvl.text.tokenizer import ReportTokenizer, load_hf_tokenizer, train_wordpiece
 from medvl.train.loop import TrainConfig, unwrap
 
@@ -54,17 +56,33 @@ class AdaMatchStageConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     keywords: MiningConfig = field(default_factory=MiningConfig)
     temperature_lr_scale: float = 10.0  # the temperature barely moves at the base lr (prototype)
+    # Reports the labeler reads as normal ("No Finding") are not negatives of each other: on IU-Phantom
+    # (about 70% normal) their images differ only in anatomy and noise, and even on real data a normal
+    # scan fits any normal report. Identical report texts are always merged.
+    merge_normal: bool = True
+    # Each study with a finding appears this many times per epoch (1: plain epochs). Findings carry the
+    # localisation signal; most IU reports are normal.
+    oversample_abnormal: int = 1
     val_batch_size: int = 64
     max_val_images: int = 0  # 0: the whole validation split
 
     def validate(self) -> None:
         if self.temperature_lr_scale <= 0:
             raise ConfigError("temperature_lr_scale must be positive")
+        if self.oversample_abnormal < 1:
+            raise ConfigError("oversample_abnormal must be at least 1")
 
 
-def report_groups(reports: list[str]) -> torch.Tensor:
-    """(B,) ids equal for identical (normalised) reports: they are not negatives of each other."""
-    return torch.tensor([zlib.crc32(normalise_report(r).encode()) for r in reports], dtype=torch.long)
+NO_FINDING = CHEXPERT_LABELS.index("No Finding")
+
+
+def report_groups(reports: list[str], labels: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) ids equal for identical (normalised) reports, and (with ``labels`` (B, 14)) for all reports
+    labelled "No Finding": rows of one group are not negatives of each other."""
+    ids = torch.tensor([zlib.crc32(normalise_report(r).encode()) for r in reports], dtype=torch.long)
+    if labels is not None:
+        ids = torch.where(labels[:, NO_FINDING] == 1.0, torch.full_like(ids, -1), ids)
+    return ids
 
 
 def augment_images(images: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
@@ -108,8 +126,13 @@ class AdaMatchStage:
     def build_model(self) -> nn.Module:
         return build_adamatch(self.config.model, self.tokenizer)
 
-    def train_dataset(self) -> PreparedDataset:
-        return self.train_ds
+    def train_dataset(self) -> Dataset:
+        k = self.config.oversample_abnormal
+        if k == 1:
+            return self.train_ds
+        normal = self.train_ds.labels[:, NO_FINDING] == 1.0
+        index = [i for i in range(len(self.train_ds)) for _ in range(1 if bool(normal[i]) else k)]
+        return Subset(self.train_ds, index)
 
     def collate(self, items: list[dict]) -> dict[str, Any]:
         images = torch.stack([x["image"] for x in items]).float()
@@ -119,7 +142,8 @@ class AdaMatchStage:
         if self.config.augment.enabled:
             images = augment_images(images, self.config.augment)
         reports = [x["report"] for x in items]
-        return {"images": images, **self.tokenizer(reports), "groups": report_groups(reports)}
+        labels = torch.stack([x["labels"] for x in items]) if self.config.merge_normal else None
+        return {"images": images, **self.tokenizer(reports), "groups": report_groups(reports, labels)}
 
     def training_step(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         out = model(**batch)
@@ -186,7 +210,9 @@ def build_tokenizer(cfg: AdaMatchStageConfig, train_reports: list[str]) -> Repor
         hf = load_hf_tokenizer(text.pretrained)
     else:
         hf = train_wordpiece(train_reports, vocab_size=text.vocab_size, min_frequency=text.min_frequency)
-    return ReportTokenizer(hf, max_tokens=text.max_tokens, max_words=text.max_words)
+    tok = ReportTokenizer(hf, max_tokens=text.max_tokens, max_words=text.max_words)
+    tok.fit_idf(train_reports)
+    return tok
 
 
 def build_stage(*, config_path: str | Path | None, overrides: list[str] | None, data: str | Path,

@@ -16,7 +16,7 @@ from medvl.eval.alignment import (
     retrieval_metrics,
     word_variants,
 )
-from medvl.models.adamatch import ImagePatches, TextTokens
+from medvl.models.adamatch import ImagePatches, TextTokens, select_words
 from medvl.text.tokenizer import ReportTokenizer, train_wordpiece
 from tests.models.adamatch_fixtures import train_tiny_run
 
@@ -61,13 +61,16 @@ class StandIn(nn.Module):
         z = torch.zeros(b, 4, 2)
         return ImagePatches(feats, boxes, centres, centres[:, :, None], z, z + 1, torch.zeros(()))
 
-    def encode_text(self, input_ids, attention_mask, word_ids, word_mask, match_mask):
+    def encode_text(self, input_ids, attention_mask, word_ids, word_mask, match_mask, word_weight=None):
         pieces = [self.tok.hf.convert_ids_to_tokens(row) for row in input_ids.tolist()]
         feats = torch.zeros(*input_ids.shape, 4)
         for b, row in enumerate(pieces):
             for t, piece in enumerate(row):
                 feats[b, t, 3 if piece.startswith("effusion") else 0] = 1.0
         return TextTokens(feats, word_mask, match_mask)
+
+    def select(self, tokens):
+        return (*select_words(F.normalize(tokens.features, dim=-1), tokens.word_mask, tokens.match_mask), None)
 
 
 def test_pointing_game_counts_hits_chance_iou_and_skips():

@@ -19,10 +19,10 @@ from medvl.models.adamatch import (
 from medvl.models.encoders import pool_words
 from medvl.text.tokenizer import ReportTokenizer, train_wordpiece
 from medvl.train.adamatch_stage import AdaMatchStageConfig
-from tests.models.adamatch_fixtures import train_tiny_run
+from tests.models.adamatch_fixtures import gather_inputs, gather_worker, train_tiny_run
 
 
-def slow_scores(img, txt, i2t_mask, t2i_mask):
+def slow_scores(img, txt, i2t_mask, t2i_mask, weight=None):
     """Reference: explicit loops over images, reports, patches and words."""
     bi, bt = img.shape[0], txt.shape[0]
     s_i2t = torch.zeros(bi, bt, dtype=torch.float64)
@@ -33,8 +33,9 @@ def slow_scores(img, txt, i2t_mask, t2i_mask):
             s_i2t[i, j] = sum(max(float(img[i, p] @ txt[j, w]) for w in words) for p in range(img.shape[1])) / \
                 img.shape[1]
             real = [w for w in range(txt.shape[1]) if t2i_mask[j, w]]
-            s_t2i[i, j] = sum(max(float(img[i, p] @ txt[j, w]) for p in range(img.shape[1])) for w in real) / \
-                max(len(real), 1)
+            wt = {w: (1.0 if weight is None else float(weight[j, w])) for w in real}
+            s_t2i[i, j] = sum(wt[w] * max(float(img[i, p] @ txt[j, w]) for p in range(img.shape[1]))
+                              for w in real) / max(sum(wt.values()), 1e-6)
     return s_i2t, s_t2i
 
 
@@ -73,6 +74,10 @@ def test_token_scores_and_loss_match_the_slow_reference(chunk):
     assert float(loss) == pytest.approx(slow_loss(ref[0], ref[1], scale, groups.tolist()), rel=1e-4)
     plain = contrastive_loss(scale * fast[0])
     assert float(plain) == pytest.approx(float(F.cross_entropy(scale * fast[0], torch.arange(b))), rel=1e-6)
+    weight = torch.rand(b, w, generator=g) * 3  # idf-style word weights in the report-to-image score
+    fast_w = token_scores(img, txt, i2t, t2i, chunk=chunk, t2i_weight=weight)
+    ref_w = slow_scores(img, txt, i2t, t2i, weight)
+    assert torch.allclose(fast_w[1].double(), ref_w[1], atol=1e-5) and torch.equal(fast_w[0], fast[0])
 
 
 def test_select_words_keeps_masked_positions_in_order():
@@ -104,6 +109,7 @@ def toy(tiny_prepared):
 
     ds = PreparedDataset(tiny_prepared, "train")
     tok = ReportTokenizer(train_wordpiece(list(ds.index["report"]), 200, 1), 48, 24)
+    tok.fit_idf(list(ds.index["report"]))
     return ds, tok
 
 
@@ -120,7 +126,7 @@ def test_model_loss_equals_the_reference_on_its_own_encodings(toy):
         tokens = model.encode_text(**batch)
     img = F.normalize(patches.features, dim=-1)
     txt = F.normalize(tokens.features, dim=-1)
-    ref = slow_scores(img, txt, tokens.word_mask, tokens.match_mask)
+    ref = slow_scores(img, txt, tokens.word_mask, tokens.match_mask, tokens.word_weight)
     scale = float(model.logit_scale.detach().exp())
     expected = slow_loss(ref[0], ref[1], scale, list(range(6)))
     assert float(out["loss"]) == pytest.approx(expected, rel=1e-4)
@@ -260,3 +266,44 @@ def test_medvl_train_adamatch_through_the_shared_loop(tiny_prepared, tmp_path):
     assert len(run.keywords) > 0 and len(run.keypatch_bank) > 0
     assert main(["train", "adamatch", "--config", "tiny", "--data", str(tiny_prepared), "--out", str(tmp_path / "r2"),
                  "--set", "model.patches.grid=two"]) == 2  # a bad override is a one-line error
+
+
+def test_groups_merge_identical_and_normal_reports_and_abnormal_oversampling(tiny_prepared):
+    from medvl.train.adamatch_stage import build_stage, report_groups
+
+    labels = torch.full((4, 14), float("nan"))
+    labels[0, 0] = labels[3, 0] = 1.0  # "No Finding"
+    g = report_groups(["Clear.", "Effusion.", " effusion. ", "Normal chest."], labels)
+    assert g[0] == g[3] and g[1] == g[2] and g[0] != g[1]
+    g = report_groups(["Clear.", "Effusion.", " effusion. ", "Normal chest."])
+    assert g[0] != g[3] and g[1] == g[2]
+
+    stage = build_stage(config_path=CONFIG_ROOT / "adamatch" / "tiny.yaml", overrides=["oversample_abnormal=3"],
+                        data=tiny_prepared)
+    base = stage.train_ds
+    abnormal = int((base.labels[:, 0] != 1.0).sum())
+    assert len(stage.train_dataset()) == len(base) + 2 * abnormal
+    batch = stage.collate([base[i] for i in range(6)])
+    assert batch["groups"].shape == (6,) and batch["images"].shape == (6, 1, 64, 64)
+
+
+def test_negatives_gathered_across_two_processes_match_one_process(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from medvl.models.adamatch import pair_loss
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(gather_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    img, txt, i2t, t2i, groups = gather_inputs()
+    x = img.clone().requires_grad_(True)
+    li, lt = pair_loss(x, txt, i2t, t2i, torch.tensor(10.0), groups)
+    full = 0.5 * (li + lt)
+    full.backward()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert float(sum(r["loss"] for r in ranks) / 2) == pytest.approx(float(full.detach()), rel=1e-5)
+    # each rank's slice gets every rank's loss gradient; DDP's averaging divides by the world size
+    assert torch.allclose(torch.cat([r["grad"] for r in ranks]) / 2, x.grad, atol=1e-6)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -71,3 +73,15 @@ def test_local_hf_tokenizer_directory(tok, tmp_path):
     assert hf.is_fast
     with pytest.raises(ConfigError, match="does not exist"):
         load_hf_tokenizer(tmp_path / "nowhere")
+
+
+def test_idf_weights_favour_rare_affirmed_words(tok):
+    t = ReportTokenizer(tok.hf)
+    t.fit_idf(REPORTS)
+    # "effusion" is in 6 of 12 reports but affirmed in 3 of them; "cardiomegaly" affirmed in 3; "lungs" in 3
+    assert t.weight("cardiomegaly") == pytest.approx(math.log(13 / 4))
+    assert t.weight("effusion") == pytest.approx(math.log(13 / 4))
+    assert t.weight("pneumothorax") == t.idf_default  # only ever negated: as rare as an unseen word
+    enc = t.encode(["Small left pleural effusion."])
+    w = enc.word_weight[0]
+    assert (w[~enc.word_mask[0]] == 0).all() and (w[enc.word_mask[0]] > 0).all()
