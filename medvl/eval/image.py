@@ -5,14 +5,19 @@
   synthesized from the test reports, scored against those reports' labels; beside it the same classifier on
   the real test scans (``image.real_label_auroc``, ``image.real_per_label.<name>.auroc``).
 * ``image.laterality_accuracy``: for findings drawn on one side (from the phantom's regions of the report's
-  study), is the classifier's half-image logit for that finding higher on the side the report states?
-  ``image.real_laterality_accuracy`` is the same measurement on the real test scans (it validates it).
+  study) and large enough to resolve (box's shorter side >= 10% of the image: 6 px at 64 px; granulomas,
+  nodules, rib fractures and thin atelectasis bands fall below and are scored in ``..._all_sizes``), is the
+  classifier's half-image logit for that finding higher on the side the report states?
+  ``image.real_laterality_accuracy`` is the same measurement on the real test scans (it validates it);
+  ``image.per_finding.<kind>.laterality_accuracy`` breaks it down.
 * ``image.fid`` on ``image.fid_features`` (torchxrayvision's DenseNet if its weights are on local disk, else the
   classifier's penultimate features: not comparable with papers' Inception FIDs), MONAI's ``FIDMetric``.
 * ``image.ms_ssim_diversity``: mean MONAI MS-SSIM between two samples (different seeds) of the same report
   (lower = more diverse); ``image.ms_ssim_real_pairs``: the same between random pairs of different real scans.
 * ``baselines.unconditional.*``: the same label and laterality scores for guidance-0 samples (the null
   context ignores the report, so these sit near chance; they show the scores come from the report).
+* ``baselines.autoencoder_reconstruction.*``: the same scores on autoencoder reconstructions of the real test
+  scans: the ceiling the autoencoder's blur sets for any sampler.
 
 A grid PNG of real scans beside scans synthesized from their reports is written next to ``out``.
 """
@@ -65,6 +70,16 @@ def mean_ms_ssim(a: np.ndarray, b: np.ndarray) -> tuple[float, int]:
     return float(values.mean()), len(weights)
 
 
+@torch.no_grad()
+def reconstruct(autoencoder, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """(N, 1, S, S) real scans -> autoencoder reconstructions from the posterior means, same shape."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        mu, _ = autoencoder.encode(torch.from_numpy(images[i:i + batch_size]))
+        out.append(autoencoder.decode(mu * autoencoder.latent.scale_factor).cpu().numpy())
+    return np.concatenate(out)
+
+
 def fid(extractor, real: np.ndarray, fake: np.ndarray, batch_size: int = 64) -> float:
     from monai.metrics import FIDMetric
 
@@ -78,17 +93,27 @@ def fid(extractor, real: np.ndarray, fake: np.ndarray, batch_size: int = 64) -> 
     return float(FIDMetric()(feats(fake), feats(real)))
 
 
-def score_scans(classifier, images: np.ndarray, labels: np.ndarray, pairs, prefix: str) -> dict[str, float]:
-    """``{prefix}label_auroc``, ``{prefix}per_label.<name>.auroc``, ``{prefix}laterality_accuracy``."""
+def score_scans(classifier, images: np.ndarray, labels: np.ndarray, pairs, prefix: str,
+                all_pairs=None) -> dict[str, float]:
+    """``{prefix}label_auroc``, ``{prefix}per_label.<name>.auroc``, ``{prefix}laterality_accuracy`` (resolvable
+    findings), ``{prefix}laterality_accuracy_all_sizes`` and per finding kind (``per_finding.<kind>``)."""
     from medvl.models.classifier import label_aurocs, laterality_accuracy, predict
 
     probs, sides, _ = predict(classifier, images)
     aucs = label_aurocs(probs, labels)
-    per = "real_per_label" if prefix.endswith("real_") else "per_label"
-    base = prefix[: -len("real_")] if prefix.endswith("real_") else prefix
+    real = prefix.endswith("real_")
+    per = "real_per_label" if real else "per_label"
+    per_finding = "real_per_finding" if real else "per_finding"
+    base = prefix[: -len("real_")] if real else prefix
     out = {f"{prefix}label_auroc": float(np.mean(list(aucs.values()))) if aucs else float("nan"),
            f"{prefix}laterality_accuracy": laterality_accuracy(sides, pairs)}
     out.update({f"{base}{per}.{name}.auroc": v for name, v in aucs.items()})
+    if all_pairs is not None:
+        out[f"{prefix}laterality_accuracy_all_sizes"] = laterality_accuracy(sides, all_pairs)
+        for j, kind in enumerate(classifier.side_findings):
+            kind_pairs = [p for p in pairs if p[1] == j]
+            if kind_pairs:
+                out[f"{base}{per_finding}.{kind}.laterality_accuracy"] = laterality_accuracy(sides, kind_pairs)
     return out
 
 
@@ -154,6 +179,7 @@ def evaluate_diffusion(*, run: Path, data: Path, split: str = "test", out: Path 
     from medvl.config import config_hash
     from medvl.eval.common import metrics_record, write_metrics
     from medvl.models.classifier import (
+        RESOLVABLE_MIN_SIDE,
         ClassifierConfig,
         _regions,
         fid_extractor,
@@ -175,7 +201,9 @@ def evaluate_diffusion(*, run: Path, data: Path, split: str = "test", out: Path 
     images, labels = arrays.images[keep], arrays.labels[keep]
     dicom_ids = [arrays.dicom_ids[i] for i in keep]
     reports = [reports[i] for i in keep]
-    pairs = laterality_pairs(_regions(data), dicom_ids, classifier.side_findings)
+    regions = _regions(data)
+    pairs = laterality_pairs(regions, dicom_ids, classifier.side_findings, min_side=RESOLVABLE_MIN_SIDE)
+    all_pairs = laterality_pairs(regions, dicom_ids, classifier.side_findings)
 
     steps = int(steps or synth.sampler.steps)
     guidance = float(synth.sampler.guidance if guidance is None else guidance)
@@ -183,8 +211,8 @@ def evaluate_diffusion(*, run: Path, data: Path, split: str = "test", out: Path 
     fake = synthesize_reports(synth, reports, steps=steps, guidance=guidance, sampler=sampler, seed=seed)
 
     metrics: dict[str, float | str] = {}
-    metrics.update(score_scans(classifier, fake, labels, pairs, "image."))
-    metrics.update(score_scans(classifier, images, labels, pairs, "image.real_"))
+    metrics.update(score_scans(classifier, fake, labels, pairs, "image.", all_pairs))
+    metrics.update(score_scans(classifier, images, labels, pairs, "image.real_", all_pairs))
     extractor = fid_extractor(classifier)
     metrics["image.fid"] = fid(extractor, images, fake)
     metrics["image.fid_features"] = (extractor.name if extractor is not classifier
@@ -202,19 +230,25 @@ def evaluate_diffusion(*, run: Path, data: Path, split: str = "test", out: Path 
     else:
         scales = 0
     metrics["image.laterality_pairs"] = len(pairs)
+    metrics["image.laterality_pairs_all_sizes"] = len(all_pairs)
+    # The ceiling the autoencoder sets: the classifier on autoencoder reconstructions of the real test scans.
+    recon = reconstruct(synth.autoencoder, images)
+    for k, v in score_scans(classifier, recon, labels, pairs, "image.", all_pairs).items():
+        metrics[f"baselines.autoencoder_reconstruction.{k}"] = v
     if unconditional_baseline:
         uncond = synthesize_reports(synth, reports, steps=steps, guidance=0.0, sampler=sampler, seed=seed,
                                     desc="unconditional baseline")
-        for k, v in score_scans(classifier, uncond, labels, pairs, "image.").items():
+        for k, v in score_scans(classifier, uncond, labels, pairs, "image.", all_pairs).items():
             metrics[f"baselines.unconditional.{k}"] = v
 
     conventions = {
         "image.label_auroc": "macro ROC AUC over CheXpert labels with both classes among the test reports; "
                              "positive = label 1 (0, -1 and blank negative); classifier trained on real train "
                              "scans, selected on validation",
-        "image.laterality_accuracy": "pairs (scan, finding drawn on one side); correct when the classifier's "
+        "image.laterality_accuracy": "pairs (scan, finding drawn on one side, box's shorter side >= "
+                                     f"{RESOLVABLE_MIN_SIDE:g} of the image); correct when the classifier's "
                                      "half-image logit of that finding is higher on the stated side "
-                                     "(patient left = image right)",
+                                     "(patient left = image right); _all_sizes: every one-sided finding",
         "image.fid": "Frechet distance (MONAI FIDMetric) between real test scans and scans synthesized from "
                      "their reports, on image.fid_features",
         "image.ms_ssim_diversity": f"mean MS-SSIM (MONAI, {scales} scales, 11-px Gaussian kernel) between two "

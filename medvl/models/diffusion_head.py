@@ -101,6 +101,9 @@ class UNetConfig:
     cross_attention_dim: int = 128
     norm_num_groups: int = 32
     use_flash_attention: bool = False
+    # Imagen-style global conditioning: the mean of the context tokens, through an MLP, is added to the
+    # timestep embedding (MONAI's class-embedding slot), so every ResBlock sees the whole report at once.
+    global_condition: bool = True
 
     def validate(self) -> None:
         if len(self.channels) != len(self.attention_levels):
@@ -442,9 +445,20 @@ class Denoiser(nn.Module):
             use_flash_attention=unet_cfg.use_flash_attention,
         )
         self.conditioner = conditioner
+        if unet_cfg.global_condition:
+            # MONAI adds ``class_embedding(class_labels)`` to the timestep embedding; a continuous map from the
+            # pooled context takes the place of its lookup table. Zero-initialised: training starts as without it.
+            time_dim = self.unet.time_embed[-1].out_features
+            pooled = nn.Sequential(nn.Linear(conditioner.context_dim, time_dim), nn.SiLU(),
+                                   nn.Linear(time_dim, time_dim))
+            nn.init.zeros_(pooled[-1].weight)
+            nn.init.zeros_(pooled[-1].bias)
+            self.unet.class_embedding = pooled
+            self.unet.num_class_embeds = 1
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, timesteps, context=context)
+        pooled = context.mean(1) if self.unet_cfg.global_condition else None
+        return self.unet(x, timesteps, context=context, class_labels=pooled)
 
     def inference_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights without the shared memory (saved separately under ``RUN/memory/``)."""

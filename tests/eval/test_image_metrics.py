@@ -43,12 +43,15 @@ def test_evaluate_diffusion_writes_the_contract_keys(tiny_prepared, tmp_path):
     assert saved.keys() == record.keys()
     for key in ("image.fid", "image.ms_ssim_diversity", "image.label_auroc", "image.real_label_auroc",
                 "image.laterality_accuracy", "image.real_laterality_accuracy",
+                "image.laterality_accuracy_all_sizes", "image.real_per_finding.effusion.laterality_accuracy",
                 "image.per_label.Pleural Effusion.auroc", "image.real_per_label.Cardiomegaly.auroc",
-                "baselines.unconditional.image.label_auroc"):
+                "baselines.unconditional.image.label_auroc",
+                "baselines.autoencoder_reconstruction.image.label_auroc"):
         assert isinstance(saved[key], float) and np.isfinite(saved[key]), key
     assert saved["image.fid"] >= 0 and 0 <= saved["image.ms_ssim_diversity"] <= 1
     assert saved["image.fid_features"].startswith("medvl-classifier")
-    assert saved["image.laterality_pairs"] == 7  # one-sided findings of the 10 test scans
+    assert saved["image.laterality_pairs"] == saved["image.laterality_pairs_all_sizes"] == 7  # 10 test scans
+    assert "image.per_finding.effusion.laterality_accuracy" in saved
     meta = saved["meta"]
     assert meta["split"] == "test" and meta["num_samples"] == 10 and meta["config_hash"] is None
     assert "image.laterality_accuracy" in meta["conventions"]

@@ -77,6 +77,10 @@ def test_side_targets_and_laterality_pairs():
     assert t[:, 0].tolist() == [[0, 1], [1, 0], [1, 1], [0, 0]]  # patient left is drawn on the image right
     pairs = laterality_pairs(regions, ids, ["effusion"])
     assert pairs == [(0, 0, 1), (1, 0, 0)]  # c has both sides: no stated side
+    small = pd.concat([regions, pd.DataFrame([{"dicom_id": "d", "finding": "effusion", "side": "right", "x0": 0.1,
+                                               "x1": 0.15, "y0": 0.6, "y1": 0.9}])])
+    assert laterality_pairs(small, ids, ["effusion"]) == [(0, 0, 1), (1, 0, 0), (3, 0, 0)]
+    assert laterality_pairs(small, ids, ["effusion"], min_side=0.1) == [(0, 0, 1), (1, 0, 0)]  # 0.05 wide
     logits = np.zeros((4, 1, 2))
     logits[0, 0] = [0.0, 2.0]
     logits[1, 0] = [0.0, 2.0]
