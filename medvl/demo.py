@@ -24,8 +24,10 @@ from medvl import __version__
 
 # Preset -> (phantom studies, image size, {stage: config preset name}, {stage: overrides})
 PRESETS: dict[str, dict] = {
-    "quick": {"studies": 800, "size": 128, "configs": "demo", "overrides": "quick"},
-    "full": {"studies": None, "size": 128, "configs": "demo", "overrides": None},
+    "quick": {"studies": 800, "size": 128, "configs": "demo", "overrides": "quick",
+              "classifier": {"steps": 150, "eval_every": 50}, "cyclic_studies": 64},
+    "full": {"studies": None, "size": 128, "configs": "demo", "overrides": None,
+             "classifier": {}, "cyclic_studies": 200},
 }
 
 
@@ -73,6 +75,24 @@ def build_steps(out: Path, preset: str) -> list[Step]:
     steps.append(Step("prepare IU-Phantom", lambda: (data / META_FILE).exists() and (data / "index.csv").exists(),
                       prepare, 60))
 
+    def classifier_config():
+        from medvl.models.classifier import ClassifierConfig
+
+        return ClassifierConfig(**p["classifier"])
+
+    def train_classifier() -> None:
+        from medvl.models.classifier import load_or_train_classifier
+
+        load_or_train_classifier(data, classifier_config())
+
+    def classifier_done() -> bool:
+        from medvl.models.classifier import classifier_cache_dir
+
+        return (classifier_cache_dir(data, classifier_config()) / "classifier.safetensors").is_file()
+
+    steps.append(Step("train the evaluation classifier (real training scans)", classifier_done,
+                      train_classifier, 60))
+
     def train(stage: str, from_runs: list[str]) -> Callable[[], None]:
         def _run() -> None:
             from medvl.train.stages import run_stage
@@ -93,7 +113,12 @@ def build_steps(out: Path, preset: str) -> list[Step]:
         def _run() -> None:
             from medvl.eval import evaluate as _evaluate
 
-            _evaluate(kind, run=runs / run, data=data, split="test", out=evals / f"{kind}.json")
+            options: dict = {}
+            if kind in ("diffusion", "cyclic"):
+                options["classifier_config"] = classifier_config()
+            if kind == "cyclic":
+                options["max_studies"] = p["cyclic_studies"]
+            _evaluate(kind, run=runs / run, data=data, split="test", out=evals / f"{kind}.json", **options)
 
         return _run
 

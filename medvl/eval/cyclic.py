@@ -88,7 +88,8 @@ def _retrieval_r1(run, images: np.ndarray, texts: list[str], image_to_text: bool
 
 def evaluate_cyclic(*, run: Path, data: Path, split: str = "test", out: Path | None = None,
                     max_studies: int = 200, steps: int | None = None, guidance: float | None = None,
-                    beams: int | None = None, seed: int = 0, device: str | None = None) -> dict:
+                    beams: int | None = None, seed: int = 0, device: str | None = None,
+                    classifier_config=None) -> dict:
     """Score both cycles on up to ``max_studies`` frontal studies of ``split``; write metrics to ``out``."""
     from medvl.api import find_runs
     from medvl.eval.clinical import ce_metrics, label_reports
@@ -111,7 +112,8 @@ def evaluate_cyclic(*, run: Path, data: Path, split: str = "test", out: Path | N
                            "(pass the diffusion run trained --from the report run, or a demo directory)")
     synth = Synthesizer.load(runs["diffusion"], device=device)
     generator = ReportGenerator.load(runs["report"], device=str(synth.device))
-    classifier, _ = load_or_train_classifier(data, ClassifierConfig(), device=synth.device)
+    classifier, _ = load_or_train_classifier(data, classifier_config or ClassifierConfig(),
+                                             device=synth.device)
     adamatch = generator.adamatch_run
 
     arrays = load_split(data, split, synth.image_size, limit=max_studies)
