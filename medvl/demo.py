@@ -28,6 +28,9 @@ PRESETS: dict[str, dict] = {
               "classifier": {"steps": 150, "eval_every": 50}, "cyclic_studies": 64},
     "full": {"studies": None, "size": 128, "configs": "demo", "overrides": None,
              "classifier": {}, "cyclic_studies": 200},
+    # Not offered by the CLI: the tests' end-to-end run (tiny configs, seconds per stage, quality meaningless).
+    "tiny": {"studies": 60, "size": 64, "configs": "tiny", "overrides": None,
+             "classifier": {"steps": 20, "eval_every": 10, "channels": [8, 16]}, "cyclic_studies": 8},
 }
 
 

@@ -1,0 +1,78 @@
+"""End to end: ``run_demo`` on the tiny preset (IU-Phantom of 60 studies at 64 px, tiny configs), then the
+Python API, the cyclic metrics, resume, and the HTML report in a real headless browser."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.browser import check_page
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    from medvl.demo import run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    run_demo(out, preset="tiny")
+    return out
+
+
+def test_demo_writes_every_contract_key(demo_dir):
+    metrics = json.loads((demo_dir / "metrics.json").read_text())
+    for key in ("retrieval.i2t_r1", "retrieval.t2i_r5", "localization.pointing_game",
+                "localization.pointing_game_chance", "localization.box_iou",
+                "nlg.bleu4", "nlg.cider", "nlg.rouge_l", "ce.micro.f1", "ce.micro5.f1", "ce.macro.f1",
+                "image.fid", "image.fid_features", "image.label_auroc", "image.real_label_auroc",
+                "cyclic.report_image_report.ce_f1", "cyclic.image_report_image.label_auroc",
+                "cyclic.one_way.image_to_report.ce_f1", "cyclic.one_way.report_to_image.label_auroc"):
+        assert key in metrics, key
+    stages = metrics["meta"]["stages"]
+    assert set(stages) == {"adamatch", "report", "diffusion", "cyclic"}
+    assert all(m["split"] == "test" and m["num_samples"] > 0 for m in stages.values())
+    assert 0.0 <= metrics["cyclic.report_image_report.ce_f1"] <= 1.0
+
+
+def test_rerun_resumes_instead_of_redoing(demo_dir, capsys):
+    from medvl.demo import run_demo
+
+    before = {p: p.stat().st_mtime_ns for p in (demo_dir / "runs").glob("*/stage.json")}
+    run_demo(demo_dir, preset="tiny")
+    err = capsys.readouterr().err
+    assert err.count("already finished, kept") == 10
+    assert before == {p: p.stat().st_mtime_ns for p in (demo_dir / "runs").glob("*/stage.json")}
+
+
+def test_python_api_on_the_demo_runs(demo_dir, tmp_path):
+    import medvl
+    from medvl.data.prepared import PreparedDataset
+
+    pipe = medvl.load(demo_dir)
+    assert {"adamatch", "report", "autoencoder", "diffusion"} <= set(pipe.runs)
+    item = PreparedDataset(demo_dir / "data", split="test")[0]
+    scan = item["image"][0].numpy()
+    rep = pipe.generate_report(scan)
+    assert isinstance(rep.text, str)
+    reps = pipe.generate_report([scan, scan])
+    assert len(reps) == 2 and reps[0].text == rep.text
+    syn = pipe.synthesize("Small left pleural effusion.", seed=3)
+    again = pipe.synthesize("Small left pleural effusion.", seed=3)
+    assert syn.images.shape[:2] == (1, 1)
+    assert np.array_equal(syn.images.numpy(), again.images.numpy())
+    exp = pipe.explain(scan, word="effusion", out=tmp_path / "e.png")
+    assert (tmp_path / "e.png").stat().st_size > 0 and exp.word_map is not None
+    match = pipe.match(scan, item["report"])
+    assert match.words and all(0 <= v <= 1 for w in match.words for v in w.box)
+    with pytest.raises(ValueError, match="empty"):
+        pipe.match(scan, "   ")
+
+
+def test_html_report_loads_in_chromium_with_every_image(demo_dir):
+    page = demo_dir / "report.html"
+    html = page.read_text()
+    assert "not clinical models" in html and "cyclic.report_image_report.ce_f1" in html
+    result = check_page(page)
+    assert result.console_errors == [] and result.page_errors == [] and result.failed_requests == []
+    assert result.images >= 6 and result.broken_images == []
