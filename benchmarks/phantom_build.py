@@ -45,14 +45,14 @@ def _cpu_seconds() -> float:
 def draw_cpu_ms(sizes: tuple[int, ...], n: int) -> dict[int, float]:
     import numpy as np
 
-    from medvl.data.phantom import load_iu_reports, plan_findings, report_text
+    from medvl.data.phantom import labelled_text, load_iu_reports, plan_findings
     from medvl.data.phantom_anatomy import lesion_diameters, load_lung_atlas
     from medvl.data.phantom_draw import render_frontal
     from medvl.text.labeler import extract_mentions
 
     atlas, lesions = load_lung_atlas(), lesion_diameters()
     reports = load_iu_reports()[:n]
-    specs = [plan_findings(extract_mentions(report_text(r)), np.random.default_rng(i)) for i, r in enumerate(reports)]
+    specs = [plan_findings(extract_mentions(labelled_text(r)), np.random.default_rng(i)) for i, r in enumerate(reports)]
     out = {}
     for size in sizes:
         render_frontal(specs[0], atlas, 0, size, np.random.default_rng(0), lesions)  # warm-up (noise bank)

@@ -256,7 +256,7 @@ def plan_findings(mentions: Sequence, rng: np.random.Generator, *, limit: int = 
 # --- the IU reports ---------------------------------------------------------------------------------------------
 
 
-def report_text(report: IUReport) -> str:
+def labelled_text(report: IUReport) -> str:
     """The text labelled and drawn from: findings and impression joined by a space (what the MIMIC ingestion
     with ``sections="both"`` reads back from the ``.txt`` file)."""
     return " ".join(t for t in (report.findings.strip(), report.impression.strip()) if t)
@@ -269,7 +269,7 @@ def load_iu_reports() -> list[IUReport]:
     """The IU X-ray reports that have a FINDINGS or IMPRESSION section (3,927 of 3,955), in report order (parsed
     once per process)."""
     if not _REPORTS:
-        _REPORTS.extend(r for r in iter_iu_reports() if report_text(r))
+        _REPORTS.extend(r for r in iter_iu_reports() if labelled_text(r))
     return list(_REPORTS)
 
 
@@ -609,7 +609,7 @@ def build_phantom_raw(raw: str | Path, *, studies: int | None = None, size: int 
         seconds["reports"] = time.perf_counter() - t0
 
         t = time.perf_counter()
-        texts = [report_text(r) for r in reports]
+        texts = [labelled_text(r) for r in reports]
         found = _MENTIONS  # the labeler is deterministic: a second build in this process reuses its mentions
         unique = sorted(set(texts) - found.keys())
         chunks = [unique[i:i + 64] for i in range(0, len(unique), 64)]
