@@ -49,6 +49,22 @@ def train(run: Path, args: argparse.Namespace, extra: list[str]) -> float:
     return time.perf_counter() - t0
 
 
+def score_with_beams(run: Path, data: Path, beams: int) -> dict[str, float]:
+    """The report head's metrics on the test split decoded with ``beams`` (keys ``decoding.beam<N>.*``)."""
+    from medvl.eval.clinical import label_reports
+    from medvl.eval.nlg import NLGScorer
+    from medvl.eval.report import _run_config, generate_for_split, score_reports
+    from medvl.generate import ReportGenerator
+    from medvl.train.report_stage import report_split
+
+    test = report_split(data, "test", _run_config(run).data)
+    refs = [str(r) for r in test.index["report"]]
+    texts = generate_for_split(ReportGenerator.load(run), test, beams=beams, desc=f"beam {beams}")
+    with NLGScorer() as scorer:
+        metrics, _ = score_reports(scorer, refs, label_reports(refs), texts, prefix=f"decoding.beam{beams}.")
+    return metrics
+
+
 def fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
@@ -62,6 +78,8 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="overrides for every run")
     p.add_argument("--no-ablations", action="store_true")
     p.add_argument("--reuse", action="store_true", help="keep finished runs under WORK")
+    p.add_argument("--also-beams", type=int, nargs="*", default=[3],
+                   help="also score the report head decoded with these beam widths (reported, not selected on)")
     args = p.parse_args()
 
     from medvl.eval.report import evaluate_report
@@ -75,12 +93,16 @@ def main() -> None:
     out = args.work / "eval" / "report.json"
     record = evaluate_report(run=main_run, data=args.data, split="test", out=out)
     seconds["evaluate"] = time.perf_counter() - t0
+    rows = list(ROWS)
+    for beams in args.also_beams:
+        rows.insert(1, (f"report head, beam {beams}", f"decoding.beam{beams}."))
+        record.update(score_with_beams(main_run, args.data, beams))
 
     print(f"\nIU-Phantom test split, {record['meta']['num_samples']} studies "
           f"({record['meta']['conventions']['decoding']})\n")
     print("| | " + " | ".join(c.replace("ce.per_label.", "F1 ").replace(".f1", "") for c in COLUMNS) + " |")
     print("|---" * (len(COLUMNS) + 1) + "|")
-    for label, prefix in ROWS:
+    for label, prefix in rows:
         if not any(k.startswith(prefix) for k in record if prefix):
             if prefix:
                 continue

@@ -57,7 +57,26 @@ MEMORY_DIR = "memory"
 
 NUM_LABELS = 14  # CheXpert observations (medvl.text.chexpert.CHEXPERT_LABELS)
 # Source-type ids of the conditioning tokens.
-_PATCH, _MEMORY, _KEYWORD = 0, 1, 2
+_PATCH, _MEMORY, _KEYWORD, _LABEL = 0, 1, 2, 3
+
+
+class LabelQueries(nn.Module):
+    """One learned query per CheXpert label attends over the patch tokens.
+
+    tokens (B, P, E) -> per-label summaries (B, L, E) and label logits (B, L).
+    """
+
+    def __init__(self, width: int, num_labels: int = 14):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(num_labels, width) / width**0.5)
+        self.key = nn.Linear(width, width)
+        self.weight = nn.Parameter(torch.zeros(num_labels, width))
+        self.bias = nn.Parameter(torch.zeros(num_labels))
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        att = torch.einsum("le,bpe->blp", self.queries, self.key(tokens)) / tokens.shape[-1] ** 0.5
+        pooled = torch.einsum("blp,bpe->ble", att.softmax(-1), tokens)  # (B, L, E)
+        return pooled, (pooled * self.weight).sum(-1) + self.bias
 
 
 @dataclass
@@ -74,7 +93,8 @@ class ReportHeadConfig:
     num_keywords: int = 8  # top-K AdaMatch keywords per image given as hints
     finetune_adamatch: bool = False  # False: AdaMatch frozen (features computed once per image)
     adamatch_lr_scale: float = 0.1  # fine-tuned AdaMatch learns at train.lr times this
-    label_loss_weight: float = 0.0  # auxiliary: predict the report's 14 CheXpert positives from the conditioning
+    label_loss_weight: float = 0.0  # auxiliary: predict the report's 14 CheXpert positives from the patches
+    use_label_hints: bool = False  # 14 label tokens (per-label patch summary + predicted probability) as hints
     tokenizer_min_freq: int = 2
     tokenizer_max_vocab: int = 4000
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -226,14 +246,16 @@ class ReportHead(nn.Module):
         gpt_cfg = GPT2Config(
             vocab_size=vocab_size, n_positions=cfg.max_length + 1, n_embd=e, n_layer=cfg.n_layer,
             n_head=cfg.n_head, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-            add_cross_attention=True, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+            add_cross_attention=True, bos_token_id=bos_id, eos_token_id=eos_id,
+            # pad_token_id stays unset in the GPT-2 config (generate() gets it explicitly): finished beams are
+            # padded after EOS, which would trip transformers' "input_ids may be padded" warning at every call.
         )
         self.decoder = GPT2LMHeadModel(gpt_cfg)
         self.patch_norm = nn.LayerNorm(visual_dim)
         self.patch_in = nn.Linear(visual_dim, dm)
         self.cond_out = nn.Linear(dm, e)
         self.box_embed = nn.Linear(4, e)
-        self.type_embed = nn.Embedding(3, e)
+        self.type_embed = nn.Embedding(4 if cfg.use_label_hints else 3, e)
         self.cond_norm = nn.LayerNorm(e)
         if cfg.use_memory:
             self.memory = SharedMemory(cfg.memory)
@@ -243,8 +265,11 @@ class ReportHead(nn.Module):
         if cfg.use_keywords:
             self.keyword_embed = nn.Embedding(len(self.keyword_vocabulary) + 1, e, padding_idx=0)
             self.keyword_geom = nn.Linear(5, e)
-        if cfg.label_loss_weight > 0:
-            self.label_head = nn.Linear(e, NUM_LABELS)
+        if cfg.label_loss_weight > 0 or cfg.use_label_hints:
+            self.label_head = LabelQueries(e, NUM_LABELS)
+        if cfg.use_label_hints:
+            self.label_embed = nn.Embedding(NUM_LABELS, e)
+            self.label_prob = nn.Linear(1, e)
         self.adamatch = adamatch
         if adamatch is not None and not cfg.finetune_adamatch:
             adamatch.requires_grad_(False)
@@ -264,12 +289,34 @@ class ReportHead(nn.Module):
                           keyword_ids: torch.Tensor | None = None, keyword_scores: torch.Tensor | None = None,
                           keyword_boxes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """patch_features (B, P, D), patch_boxes (B, P, 4), keyword_* (B, K), (B, K), (B, K, 4)
-        -> conditioning states (B, N, E) and their attention mask (B, N) long, N = P [+ P] [+ K]."""
+        -> conditioning states (B, N, E) and their attention mask (B, N) long, N = P [+ P] [+ K] [+ 14]."""
+        cond, mask, _ = self._conditions(patch_features, patch_boxes, keyword_ids, keyword_scores, keyword_boxes)
+        return cond, mask
+
+    def predict_labels(self, patch_features: torch.Tensor, patch_boxes: torch.Tensor) -> torch.Tensor:
+        """Probabilities (B, 14) of the CheXpert positives from the auxiliary label head."""
+        if not hasattr(self, "label_head"):
+            raise ValueError("this report head has no label head (model.label_loss_weight = 0)")
+        return torch.sigmoid(self.label_head(self._patch_tokens(patch_features, patch_boxes)[0])[1])
+
+    def _patch_tokens(self, patch_features: torch.Tensor, patch_boxes: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        v = self.patch_in(self.patch_norm(patch_features.float()))  # (B, P, Dm)
+        return self.cond_out(v) + self.box_embed(patch_boxes.float()) + self.type_embed.weight[_PATCH], v
+
+    def _conditions(self, patch_features, patch_boxes, keyword_ids, keyword_scores, keyword_boxes):
         b, p, _ = patch_features.shape
         device = patch_features.device
-        v = self.patch_in(self.patch_norm(patch_features.float()))  # (B, P, Dm)
-        parts = [self.cond_out(v) + self.box_embed(patch_boxes.float()) + self.type_embed.weight[_PATCH]]
+        patch_tokens, v = self._patch_tokens(patch_features, patch_boxes)
+        parts = [patch_tokens]
         masks = [torch.ones(b, p, dtype=torch.long, device=device)]
+        label_logits = None
+        if hasattr(self, "label_head"):
+            pooled, label_logits = self.label_head(patch_tokens)
+            if self.cfg.use_label_hints:
+                prob = torch.sigmoid(label_logits).unsqueeze(-1)  # (B, 14, 1)
+                parts.append(pooled + self.label_embed.weight + self.label_prob(prob) + self.type_embed.weight[_LABEL])
+                masks.append(torch.ones(b, NUM_LABELS, dtype=torch.long, device=device))
         if self.cfg.use_memory:
             parts.append(self.cond_out(self.memory.respond(v)) + self.type_embed.weight[_MEMORY])
             masks.append(masks[0])
@@ -282,7 +329,7 @@ class ReportHead(nn.Module):
             kmask = (keyword_ids > 0).long()
             kmask[:, 0] = 1
             masks.append(kmask)
-        return self.cond_norm(torch.cat(parts, dim=1)), torch.cat(masks, dim=1)
+        return self.cond_norm(torch.cat(parts, dim=1)), torch.cat(masks, dim=1), label_logits
 
     def image_patches(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, 1, S, S) in [-1024, 1024] -> AdaMatch patch features (B, P, D) and boxes (B, P, 4)."""
@@ -306,8 +353,8 @@ class ReportHead(nn.Module):
             if images is None:
                 raise ValueError("pass images or patch_features")
             patch_features, patch_boxes = self.image_patches(images)
-        cond, cond_mask = self.encode_conditions(patch_features, patch_boxes, keyword_ids, keyword_scores,
-                                                 keyword_boxes)
+        cond, cond_mask, label_logits = self._conditions(patch_features, patch_boxes, keyword_ids, keyword_scores,
+                                                         keyword_boxes)
         out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=cond,
                            encoder_attention_mask=cond_mask, use_cache=False)
         result = {"logits": out.logits}
@@ -317,9 +364,8 @@ class ReportHead(nn.Module):
             result["lm_loss"] = lm
             result["loss"] = lm
             if self.cfg.label_loss_weight > 0 and report_labels is not None:
-                pooled = (cond * cond_mask.unsqueeze(-1)).sum(1) / cond_mask.sum(1, keepdim=True)  # (B, E)
-                target = (report_labels == 1).float()
-                result["label_loss"] = F.binary_cross_entropy_with_logits(self.label_head(pooled).float(), target)
+                target = (report_labels == 1).float()  # uncertain / negative / blank = negative
+                result["label_loss"] = F.binary_cross_entropy_with_logits(label_logits.float(), target)
                 result["loss"] = lm + self.cfg.label_loss_weight * result["label_loss"]
         return result
 
@@ -464,6 +510,7 @@ def load_report_head(directory: str | Path, *, adamatch: nn.Module | None = None
                       eos_id=ids["eos"], unk_id=ids["unk"], adamatch=adamatch)
     with _quiet_transformers():
         head.decoder = GPT2LMHeadModel.from_pretrained(directory / DECODER_DIR)
+    head.decoder.config.pad_token_id = None  # see ReportHead.__init__
     if cfg.use_memory:
         head.decoder.transformer.wte.register_forward_hook(head._word_memory_hook)
         head.memory.load_state_dict(SharedMemory.load(directory / MEMORY_DIR).state_dict())

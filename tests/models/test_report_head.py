@@ -98,7 +98,8 @@ def test_keyword_hints_map_words_and_drop_unknown():
 def test_forward_shapes_loss_and_ablations(tokenizer):
     feats, boxes, hints = inputs()
     enc = encode_reports(tokenizer, REPORTS[:3], 16)
-    for changes, n_cond in (({}, 2 * P + K), ({"use_memory": False}, P + K), ({"use_keywords": False}, 2 * P)):
+    for changes, n_cond in (({}, 2 * P + K), ({"use_memory": False}, P + K), ({"use_keywords": False}, 2 * P),
+                            ({"use_label_hints": True, "label_loss_weight": 1.0}, 2 * P + K + 14)):
         head = make_head(tokenizer, **changes)
         cond, mask = head.encode_conditions(feats, boxes, hints.ids, hints.scores, hints.boxes)
         assert cond.shape == (3, n_cond, 32) and mask.shape == (3, n_cond)
@@ -126,6 +127,8 @@ def test_auxiliary_label_loss(tokenizer):
     assert float(out["loss"].detach()) == pytest.approx(expected, rel=1e-5)
     out["loss"].backward()
     assert head.label_head.weight.grad.abs().sum() > 0 and head.patch_in.weight.grad.abs().sum() > 0
+    probs = head.predict_labels(feats, boxes)
+    assert probs.shape == (3, 14) and ((probs > 0) & (probs < 1)).all()
     plain = make_head(tokenizer)
     assert not hasattr(plain, "label_head")
 
