@@ -101,8 +101,8 @@ class UNetConfig:
     cross_attention_dim: int = 128
     norm_num_groups: int = 32
     use_flash_attention: bool = False
-    # Imagen-style global conditioning: the mean of the context tokens, through an MLP, is added to the
-    # timestep embedding (MONAI's class-embedding slot), so every ResBlock sees the whole report at once.
+    # Imagen-style global conditioning: the context's summary token (pooled report words), through an MLP, is
+    # added to the timestep embedding (MONAI's class-embedding slot), so every ResBlock sees the whole report.
     global_condition: bool = True
 
     def validate(self) -> None:
@@ -343,9 +343,11 @@ class ReportEncoder:
 
 
 class ReportConditioner(nn.Module):
-    """:class:`ReportFeatures` -> cross-attention context (B, L, C), L = max_tokens * (1 + use_memory) + keypatches.
+    """:class:`ReportFeatures` -> cross-attention context (B, L, C), L = 1 + max_tokens * (1 + use_memory) + keypatches.
 
-    Token blocks: [words | memory responses to the words | keypatches]. Each source is layer-normed and
+    Token blocks: [summary | words | memory responses to the words | keypatches]. The summary token is the
+    masked mean of the projected words (the whole report in one vector; the denoiser also adds it to the
+    timestep embedding). Each source is layer-normed and
     projected to C; words and their memory responses share a learned position embedding; keypatches add an
     embedding of their box (where in a training scan that patch came from); a learned type embedding marks the
     block. MONAI's cross-attention has no key mask, so padded slots hold a learned ``pad`` vector. ``drop``
@@ -378,14 +380,14 @@ class ReportConditioner(nn.Module):
             self.keypatch_proj = nn.Linear(keypatch_dim, C)
             self.box_proj = nn.Linear(4, C)
         self.position = nn.Parameter(torch.randn(T, C) * 0.02)
-        self.kind = nn.Parameter(torch.randn(3, C) * 0.02)
+        self.kind = nn.Parameter(torch.randn(4, C) * 0.02)  # words, memory, keypatches, summary
         self.pad = nn.Parameter(torch.randn(C) * 0.02)
         self.null = nn.Parameter(torch.randn(self.context_length, C) * 0.02)
         self.out_norm = nn.LayerNorm(C)
 
     @property
     def context_length(self) -> int:
-        return self.cfg.max_tokens * (2 if self.cfg.use_memory else 1) + self.cfg.keypatches
+        return 1 + self.cfg.max_tokens * (2 if self.cfg.use_memory else 1) + self.cfg.keypatches
 
     @property
     def context_dim(self) -> int:
@@ -406,7 +408,9 @@ class ReportConditioner(nn.Module):
                 drop: torch.Tensor | None = None) -> torch.Tensor:
         b = words.shape[0]
         mask = word_mask.bool().unsqueeze(-1)
-        blocks = [torch.where(mask, self.word_proj(self.word_norm(words)) + self.position + self.kind[0], self.pad)]
+        projected = self.word_proj(self.word_norm(words))
+        summary = (projected * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
+        blocks = [summary + self.kind[3], torch.where(mask, projected + self.position + self.kind[0], self.pad)]
         if self.memory is not None:
             grad = torch.enable_grad() if self.cfg.memory_trainable else torch.no_grad()
             with grad:
@@ -447,7 +451,7 @@ class Denoiser(nn.Module):
         self.conditioner = conditioner
         if unet_cfg.global_condition:
             # MONAI adds ``class_embedding(class_labels)`` to the timestep embedding; a continuous map from the
-            # pooled context takes the place of its lookup table. Zero-initialised: training starts as without it.
+            # summary token takes the place of its lookup table. Zero-initialised: training starts as without it.
             time_dim = self.unet.time_embed[-1].out_features
             pooled = nn.Sequential(nn.Linear(conditioner.context_dim, time_dim), nn.SiLU(),
                                    nn.Linear(time_dim, time_dim))
@@ -457,7 +461,7 @@ class Denoiser(nn.Module):
             self.unet.num_class_embeds = 1
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        pooled = context.mean(1) if self.unet_cfg.global_condition else None
+        pooled = context[:, 0] if self.unet_cfg.global_condition else None  # the summary token
         return self.unet(x, timesteps, context=context, class_labels=pooled)
 
     def inference_state_dict(self) -> dict[str, torch.Tensor]:

@@ -317,6 +317,10 @@ class EmaConfig:
 class DiffusionDataConfig(ScanDataConfig):
     cache_text: bool = True  # encode every training report once (False: per batch, for very large sets)
     encode_batch_size: int = 64
+    # Scans whose report has a positive finding are seen this many times per epoch (1: uniform). Repeating
+    # reports changes p(report), not p(scan | report): conditional samples are unbiased, while rare findings
+    # get more of a short CPU schedule.
+    abnormal_repeat: int = 1
 
 
 @dataclass
@@ -401,6 +405,12 @@ class _CachedSet(Dataset):
     def __len__(self) -> int:
         return self.mu.shape[0]
 
+    def repeat(self, positions: list[int]) -> _CachedSet:
+        """The items at ``positions`` (repeats allowed), sharing nothing mutable with this set."""
+        pos = torch.tensor(positions, dtype=torch.long)
+        feats = self.features.select(pos) if self.features is not None else None
+        return _CachedSet(self.mu[pos], self.sigma[pos], feats, [self.texts[p] for p in positions])
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         item: dict[str, Any] = {"latent_mu": self.mu[i].float(), "latent_sigma": self.sigma[i].float()}
         if self.features is not None:
@@ -455,7 +465,14 @@ class DiffusionStage:
             features = None
             if dcfg.cache_text or split != "train":
                 features = self.encode_reports(texts)
-            self._cache[split] = _CachedSet(torch.cat(mus), torch.cat(sigmas), features, texts)
+            cached = _CachedSet(torch.cat(mus), torch.cat(sigmas), features, texts)
+            if split == "train" and dcfg.abnormal_repeat > 1:
+                labels = np.nan_to_num(ds.labels.numpy()[idx][:, 1:]) == 1  # any finding but No Finding
+                pos = [p for p, a in enumerate(labels.any(1)) for _ in range(dcfg.abnormal_repeat if a else 1)]
+                logger.info("training set: %d scans, %d with findings seen %d times -> %d items per epoch",
+                            len(idx), int(labels.any(1).sum()), dcfg.abnormal_repeat, len(pos))
+                cached = cached.repeat(pos)
+            self._cache[split] = cached
         return self._cache[split]
 
     def encode_reports(self, texts: list[str]) -> ReportFeatures:
