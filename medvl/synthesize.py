@@ -57,7 +57,8 @@ class Synthesis:
     """Scans drawn from reports, with the keypatches that guided them.
 
     images (B, 1, S, S) float32 in [-1024, 1024]; keypatch_boxes (B, K, 4) normalised x0, y0, x1, y1 of the
-    training patches retrieved for each report; keypatch_mask (B, K) bool (real keypatches); seeds (B,) the noise seed of each.
+    training patches retrieved for each report; keypatch_mask (B, K) bool (real keypatches); seeds (B,) the
+    noise seed of each.
     """
 
     images: torch.Tensor
@@ -125,8 +126,7 @@ class Synthesizer:
             chunk = texts[i:i + batch_size]
             feats = self.encoder.encode(chunk, batch_size=batch_size)
             f = feats.to(self.device)
-            context = self.denoiser.conditioner(f.words, f.word_mask, f.keypatches, f.keypatch_boxes,
-                                                f.keypatch_mask)
+            context = self.denoiser.conditioner(**f.as_kwargs())
             noise = initial_noise(shape, [seed + i + j for j in range(len(chunk))], self.device)
             latents = sample_latents(self.denoiser, context, noise, scheduler, steps, guidance, precision)
             images.append(self.autoencoder.decode(latents).cpu())

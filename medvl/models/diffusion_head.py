@@ -259,12 +259,15 @@ class AutoencoderBundle:
 class ReportFeatures:
     """The frozen text side of one batch of reports.
 
-    words (B, T, Dw) float; word_mask (B, T) bool (True: a real token); keypatches (B, K, Dk) float;
+    words (B, T, Dw) float; word_mask (B, T) bool (True: a real token); word_kind (B, T) int8: 0 other token
+    (special, stop word, punctuation, padding), 1 negated content word, 2 affirmed content word (the AdaMatch
+    tokenizer's ``word_mask`` / ``match_mask``, from its negation scopes); keypatches (B, K, Dk) float;
     keypatch_boxes (B, K, 4) x0, y0, x1, y1 normalised; keypatch_mask (B, K) bool. K may be 0.
     """
 
     words: torch.Tensor
     word_mask: torch.Tensor
+    word_kind: torch.Tensor
     keypatches: torch.Tensor
     keypatch_boxes: torch.Tensor
     keypatch_mask: torch.Tensor
@@ -316,13 +319,19 @@ class ReportEncoder:
         out = model.encode_text(**tokens)  # input_ids, attention_mask (+ word_ids, masks: word pooling)
         words = out.features.float()
         mask = (attention.bool() if self.cfg.token_mask == "attention" else out.word_mask.bool()).to(words.device)
+        # The tokenizer's own masks (before AdaMatch's fallbacks, which call every word affirmed in a report
+        # without any affirmed word); a run without them treats every real token as an affirmed word.
+        content = tokens.get("word_mask", getattr(out, "word_mask", attention)).bool()
+        affirmed = tokens.get("match_mask", getattr(out, "match_mask", content)).bool() & content
+        kind = (content.to(torch.int8) + affirmed.to(torch.int8)) * mask
         b, t, d = words.shape
         T = self.cfg.max_tokens
         if t >= T:
-            words, mask = words[:, :T], mask[:, :T]
+            words, mask, kind = words[:, :T], mask[:, :T], kind[:, :T]
         else:
             words = torch.cat([words, words.new_zeros(b, T - t, d)], 1)
             mask = torch.cat([mask, mask.new_zeros(b, T - t)], 1)
+            kind = torch.cat([kind, kind.new_zeros(b, T - t)], 1)
         words = words * mask.unsqueeze(-1)
         K = self.cfg.keypatches
         if K > 0:
@@ -339,15 +348,17 @@ class ReportEncoder:
         else:
             feats, boxes = words.new_zeros(b, 0, d), words.new_zeros(b, 0, 4)
             kmask = torch.zeros(b, 0, dtype=torch.bool)
-        return ReportFeatures(words.cpu(), mask.cpu(), feats.cpu(), boxes.cpu(), kmask.cpu())
+        return ReportFeatures(words.cpu(), mask.cpu(), kind.cpu(), feats.cpu(), boxes.cpu(), kmask.cpu())
 
 
 class ReportConditioner(nn.Module):
     """:class:`ReportFeatures` -> cross-attention context (B, L, C), L = 1 + max_tokens * (1 + use_memory) + keypatches.
 
-    Token blocks: [summary | words | memory responses to the words | keypatches]. The summary token is the
-    masked mean of the projected words (the whole report in one vector; the denoiser also adds it to the
-    timestep embedding). Each source is layer-normed and
+    Token blocks: [summary | words | memory responses to the words | keypatches]. Words carry an embedding of
+    their kind (other / negated / affirmed content word), so "no effusion" and "left effusion" differ even
+    when the frozen text encoder barely separates them. The summary token is the mean of the projected
+    *affirmed* words (a learned "nothing affirmed" vector for a normal report): the report's positive findings
+    in one vector, which the denoiser also adds to its timestep embedding. Each source is layer-normed and
     projected to C; words and their memory responses share a learned position embedding; keypatches add an
     embedding of their box (where in a training scan that patch came from); a learned type embedding marks the
     block. MONAI's cross-attention has no key mask, so padded slots hold a learned ``pad`` vector. ``drop``
@@ -381,6 +392,8 @@ class ReportConditioner(nn.Module):
             self.box_proj = nn.Linear(4, C)
         self.position = nn.Parameter(torch.randn(T, C) * 0.02)
         self.kind = nn.Parameter(torch.randn(4, C) * 0.02)  # words, memory, keypatches, summary
+        self.word_kind = nn.Parameter(torch.randn(3, C) * 0.02)  # other token, negated word, affirmed word
+        self.nothing_affirmed = nn.Parameter(torch.randn(C) * 0.02)
         self.pad = nn.Parameter(torch.randn(C) * 0.02)
         self.null = nn.Parameter(torch.randn(self.context_length, C) * 0.02)
         self.out_norm = nn.LayerNorm(C)
@@ -403,19 +416,24 @@ class ReportConditioner(nn.Module):
         """(B, L, C) learned unconditional context."""
         return self.null.unsqueeze(0).expand(batch, -1, -1)
 
-    def forward(self, words: torch.Tensor, word_mask: torch.Tensor, keypatches: torch.Tensor,
-                keypatch_boxes: torch.Tensor, keypatch_mask: torch.Tensor,
+    def forward(self, words: torch.Tensor, word_mask: torch.Tensor, word_kind: torch.Tensor,
+                keypatches: torch.Tensor, keypatch_boxes: torch.Tensor, keypatch_mask: torch.Tensor,
                 drop: torch.Tensor | None = None) -> torch.Tensor:
         b = words.shape[0]
         mask = word_mask.bool().unsqueeze(-1)
+        kinds = self.word_kind[word_kind.long().clamp(0, 2)]  # (B, T, C)
         projected = self.word_proj(self.word_norm(words))
-        summary = (projected * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
-        blocks = [summary + self.kind[3], torch.where(mask, projected + self.position + self.kind[0], self.pad)]
+        affirmed = (word_kind == 2).unsqueeze(-1) & mask
+        count = affirmed.sum(1)  # (B, 1)
+        summary = (projected * affirmed).sum(1) / count.clamp(min=1)
+        summary = torch.where(count > 0, summary, self.nothing_affirmed.to(summary.dtype)).unsqueeze(1)
+        blocks = [summary + self.kind[3],
+                  torch.where(mask, projected + kinds + self.position + self.kind[0], self.pad)]
         if self.memory is not None:
             grad = torch.enable_grad() if self.cfg.memory_trainable else torch.no_grad()
             with grad:
                 response = self.memory.respond(self.memory_query(words))
-            mem = self.memory_proj(self.memory_norm(response)) + self.position + self.kind[1]
+            mem = self.memory_proj(self.memory_norm(response)) + kinds + self.position + self.kind[1]
             blocks.append(torch.where(mask, mem, self.pad))
         if self.cfg.keypatches > 0:
             kp = self.keypatch_proj(self.keypatch_norm(keypatches)) + self.box_proj(keypatch_boxes * 2 - 1) + self.kind[2]
@@ -500,8 +518,8 @@ class LatentDiffusion(nn.Module):
         return self
 
     def forward(self, latent_mu: torch.Tensor, latent_sigma: torch.Tensor, words: torch.Tensor,
-                word_mask: torch.Tensor, keypatches: torch.Tensor, keypatch_boxes: torch.Tensor,
-                keypatch_mask: torch.Tensor, *, noise: torch.Tensor | None = None,
+                word_mask: torch.Tensor, word_kind: torch.Tensor, keypatches: torch.Tensor,
+                keypatch_boxes: torch.Tensor, keypatch_mask: torch.Tensor, *, noise: torch.Tensor | None = None,
                 timesteps: torch.Tensor | None = None, drop: torch.Tensor | None = None,
                 use_ema: bool = False) -> dict[str, torch.Tensor]:
         net = self.ema if use_ema else self.denoiser
@@ -521,7 +539,8 @@ class LatentDiffusion(nn.Module):
             target = self.scheduler.get_velocity(z, noise, timesteps)
         else:
             target = noise
-        context = net.conditioner(words, word_mask, keypatches, keypatch_boxes, keypatch_mask, drop=drop)
+        context = net.conditioner(words, word_mask, word_kind, keypatches, keypatch_boxes, keypatch_mask,
+                                  drop=drop)
         pred = net(noisy, timesteps, context)
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
         if self.noise_cfg.loss_weighting == "min_snr":

@@ -478,8 +478,8 @@ class DiffusionStage:
     def encode_reports(self, texts: list[str]) -> ReportFeatures:
         feats = self.encoder.encode(texts, batch_size=self.config.data.encode_batch_size)
         self._keypatch_dim = feats.keypatches.shape[-1] if feats.keypatches.shape[1] else self.encoder.word_dim
-        return ReportFeatures(feats.words.half(), feats.word_mask, feats.keypatches.half(), feats.keypatch_boxes,
-                              feats.keypatch_mask)
+        return ReportFeatures(feats.words.half(), feats.word_mask, feats.word_kind, feats.keypatches.half(),
+                              feats.keypatch_boxes, feats.keypatch_mask)
 
     @property
     def keypatch_dim(self) -> int:
@@ -514,7 +514,8 @@ class DiffusionStage:
     def _features_kwargs(self, batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
         if "report" in batch:  # cache_text: false
             return self.encode_reports(list(batch["report"])).to(device, torch.float32).as_kwargs()
-        return {k: batch[k] for k in ("words", "word_mask", "keypatches", "keypatch_boxes", "keypatch_mask")}
+        return {k: batch[k] for k in ("words", "word_mask", "word_kind", "keypatches", "keypatch_boxes",
+                                      "keypatch_mask")}
 
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         device = batch["latent_mu"].device

@@ -21,6 +21,7 @@ from medvl.models.memory import MemoryConfig, SharedMemory
 
 VOCAB = 257
 DIM = 32
+STOP_WORDS = {"no", "is", "the", "or", "and", ".", "of", "size"}
 
 
 def _token(word: str) -> int:
@@ -75,14 +76,23 @@ class ToyAdaMatchRun:
         return cls(device)
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        words = [t.lower().replace(".", " ").replace(",", " ").split()[:40] for t in texts]
+        """Like the AdaMatch tokenizer: ids, attention, content words (not stop words) and affirmed words
+        (content words outside a "no ... ." scope)."""
+        words = [t.lower().replace(".", " . ").replace(",", " ").split()[:40] for t in texts]
         T = max(1, max(len(w) for w in words))
         ids = torch.zeros(len(texts), T, dtype=torch.long)
         mask = torch.zeros(len(texts), T, dtype=torch.long)
+        content = torch.zeros(len(texts), T, dtype=torch.bool)
+        affirmed = torch.zeros(len(texts), T, dtype=torch.bool)
         for i, ws in enumerate(words):
             ids[i, :len(ws)] = torch.tensor([_token(w) for w in ws], dtype=torch.long)
             mask[i, :len(ws)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+            negated = False
+            for j, w in enumerate(ws):
+                negated = (negated or w == "no") and w != "."
+                content[i, j] = w not in STOP_WORDS
+                affirmed[i, j] = content[i, j] and not negated
+        return {"input_ids": ids, "attention_mask": mask, "word_mask": content, "match_mask": affirmed}
 
     @torch.no_grad()
     def report_keypatches(self, texts: list[str], top_k: int) -> Keypatches:

@@ -265,3 +265,18 @@ def test_abnormal_reports_can_be_repeated(runs, tiny_prepared):
     assert len(effusion) % 2 == 0
     i, j = effusion[:2]
     torch.testing.assert_close(ds[i]["latent_mu"], ds[j]["latent_mu"])
+
+
+def test_negated_words_are_marked_and_left_out_of_the_summary(synth):
+    feats = synth.encoder.encode(["No pleural effusion.", "Small left pleural effusion.", "No effusion. Cardiomegaly."])
+    kinds = [[int(k) for k, m in zip(row, mask, strict=True) if m] for row, mask in zip(feats.word_kind, feats.word_mask,
+                                                                                          strict=True)]
+    assert kinds[0] == [0, 1, 1, 0]  # no (stop word), pleural, effusion (negated), "."
+    assert kinds[1] == [2, 2, 2, 2, 0]
+    assert kinds[2] == [0, 1, 0, 2, 0]
+    cond = synth.denoiser.conditioner
+    with torch.no_grad():
+        ctx = cond(**feats.as_kwargs())
+        nothing = cond.out_norm(cond.nothing_affirmed + cond.kind[3])
+    torch.testing.assert_close(ctx[0, 0], nothing)  # a fully negated report affirms nothing
+    assert not torch.allclose(ctx[1, 0], nothing) and not torch.allclose(ctx[2, 0], nothing)
