@@ -280,3 +280,17 @@ def test_negated_words_are_marked_and_left_out_of_the_summary(synth):
         nothing = cond.out_norm(cond.nothing_affirmed + cond.kind[3])
     torch.testing.assert_close(ctx[0, 0], nothing)  # a fully negated report affirms nothing
     assert not torch.allclose(ctx[1, 0], nothing) and not torch.allclose(ctx[2, 0], nothing)
+
+
+def test_coordinate_channels_tell_left_from_right(synth):
+    """A mirror-symmetric latent gives a mirror-symmetric prediction without coordinates; with the x channel
+    the UNet can answer differently on the two sides."""
+    den = synth.denoiser
+    assert den.unet.conv_in.conv.in_channels == 3 + 2
+    x = torch.randn(1, 3, 16, 8)
+    x = torch.cat([x, x.flip(-1)], -1)  # symmetric about the vertical midline
+    ctx = den.conditioner.null_context(1)
+    t = torch.tensor([400])
+    with torch.no_grad():
+        v = den(x, t, ctx)
+    assert not torch.allclose(v, v.flip(-1), atol=1e-4)
