@@ -104,10 +104,6 @@ class UNetConfig:
     # Imagen-style global conditioning: the context's summary token (pooled report words), through an MLP, is
     # added to the timestep embedding (MONAI's class-embedding slot), so every ResBlock sees the whole report.
     global_condition: bool = True
-    # Two constant input channels holding the x and y coordinate (CoordConv): a chest film is nearly
-    # mirror-symmetric and convolutions are translation-equivariant, so without them the UNet can hardly tell
-    # the image's left half from its right, i.e. cannot learn where "left effusion" goes.
-    coordinate_channels: bool = True
 
     def validate(self) -> None:
         if len(self.channels) != len(self.attention_levels):
@@ -455,10 +451,9 @@ class Denoiser(nn.Module):
         super().__init__()
         unet_cfg.validate()
         self.unet_cfg = unet_cfg
-        self.latent_channels = latent_channels
         self.unet = DiffusionModelUNet(
             spatial_dims=2,
-            in_channels=latent_channels + (2 if unet_cfg.coordinate_channels else 0),
+            in_channels=latent_channels,
             out_channels=latent_channels,
             num_res_blocks=unet_cfg.num_res_blocks,
             channels=tuple(unet_cfg.channels),
@@ -485,11 +480,6 @@ class Denoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         pooled = context[:, 0] if self.unet_cfg.global_condition else None  # the summary token
-        if self.unet_cfg.coordinate_channels:
-            b, _, h, w = x.shape
-            ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
-            xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w).expand(b, 1, h, w)
-            x = torch.cat([x, xs, ys], 1)  # x grows toward the image's right (the patient's left on a PA film)
         return self.unet(x, timesteps, context=context, class_labels=pooled)
 
     def inference_state_dict(self) -> dict[str, torch.Tensor]:
