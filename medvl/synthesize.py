@@ -128,7 +128,8 @@ class Synthesizer:
             f = feats.to(self.device)
             context = self.denoiser.conditioner(**f.as_kwargs())
             noise = initial_noise(shape, [seed + i + j for j in range(len(chunk))], self.device)
-            latents = sample_latents(self.denoiser, context, noise, scheduler, steps, guidance, precision)
+            latents = sample_latents(self.denoiser, context, noise, scheduler, steps, guidance, precision,
+                                     sides=f.sides)
             images.append(self.autoencoder.decode(latents).cpu())
             boxes.append(feats.keypatch_boxes)
             masks.append(feats.keypatch_mask)

@@ -193,16 +193,19 @@ def token_scores(img: torch.Tensor, txt: torch.Tensor, i2t_mask: torch.Tensor, t
 
 def contrastive_loss(logits: torch.Tensor, groups: torch.Tensor | None = None,
                      col_groups: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy of rows of ``logits`` (B, N) against their positives: the diagonal when ``groups``
-    is None; otherwise every column whose ``col_groups`` (N,) (default: ``groups``) equals the row's
-    ``groups`` (B,) value (identical reports), sharing the target mass."""
+    """InfoNCE over rows of ``logits`` (B, N). Positives: the diagonal when ``groups`` is None; otherwise
+    every column whose ``col_groups`` (N,) (default: ``groups``) equals the row's ``groups`` (B,) value
+    (identical or all-normal reports). Several positives are pooled as in MIL-NCE,
+    ``-log(sum_pos exp / sum_all exp)``: the row must put its mass on its positives, not spread it
+    evenly over them (a soft uniform target would push the temperature up to flatten the logits)."""
     b = logits.shape[0]
     if groups is None:
         return F.cross_entropy(logits, torch.arange(b, device=logits.device))
     cols = groups if col_groups is None else col_groups
-    target = (groups[:, None] == cols[None, :]).to(logits.dtype)
-    target = target / target.sum(1, keepdim=True)
-    return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+    pos = groups[:, None] == cols[None, :]
+    logits = logits.float()
+    pos_lse = torch.logsumexp(logits.masked_fill(~pos, float("-inf")), dim=1)
+    return (torch.logsumexp(logits, dim=1) - pos_lse).mean()
 
 
 def _world() -> tuple[int, int]:
@@ -373,7 +376,7 @@ class AdaMatch(nn.Module):
 def build_adamatch(cfg: AdaMatchConfig, tokenizer: ReportTokenizer) -> AdaMatch:
     """A fresh model: text encoder built from ``cfg.text`` or loaded from ``cfg.text.pretrained``."""
     if cfg.text.pretrained:
-        text = TextEncoder.from_pretrained(cfg.text.pretrained, cfg.embed_dim)
+        text = TextEncoder.from_pretrained(cfg.text.pretrained, cfg.embed_dim, lexical=cfg.text.lexical)
         if text.encoder.config.vocab_size < tokenizer.vocab_size:
             raise ConfigError(f"text encoder in {cfg.text.pretrained} has a smaller vocabulary than its tokenizer")
     else:
@@ -649,9 +652,11 @@ class AdaMatchRun:
         meta = json.loads((art / "adamatch.json").read_text())
         if meta.get("format") != RUN_FORMAT:
             raise RunError(f"{art}: format {meta.get('format')!r}, expected {RUN_FORMAT!r}")
-        cfg = from_dict(AdaMatchConfig, meta["model"])
+        model_cfg = meta["model"]
+        model_cfg.setdefault("text", {}).setdefault("lexical", False)  # runs saved before the lexical path
+        cfg = from_dict(AdaMatchConfig, model_cfg)
         tokenizer = ReportTokenizer.load(art / "tokenizer")
-        model = AdaMatch(cfg, TextEncoder.from_saved_config(art / "text_encoder", cfg.embed_dim))
+        model = AdaMatch(cfg, TextEncoder.from_saved_config(art / "text_encoder", cfg.embed_dim, cfg.text.lexical))
         state = load_file(str(art / "model.safetensors"))
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:

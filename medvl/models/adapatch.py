@@ -49,6 +49,9 @@ class AdaPatchConfig:
     size_weight: float = 0.0  # weight of the box-growth regulariser added to the loss
     hidden: int = 0  # predictor hidden width (0: one linear layer)
     sample_dim: int = 0  # channels kept (1x1 conv) before sampling; 0: all of the backbone's
+    # Add an embedding of each patch's box (centre, width, height) to its feature, so report words about
+    # place ("left", "base", "apical") can meet the patches there. Grid and adaptive modes alike.
+    box_embedding: bool = False
 
     def validate(self) -> None:
         if self.grid < 1 or self.points < 1:
@@ -115,6 +118,9 @@ class AdaptivePatchLayer(nn.Module):
         self.reduce = nn.Conv2d(in_channels, c, 1) if cfg.sample_dim else nn.Identity()
         self.norm = nn.LayerNorm(c)
         self.proj = nn.Linear(k2 * c, out_dim)
+        self.box_embed: nn.Module | None = None
+        if cfg.box_embedding:
+            self.box_embed = nn.Sequential(nn.Linear(4, 64), nn.GELU(), nn.Linear(64, out_dim))
         self.predictor: nn.Module | None = None
         if self.mode is not PatchMode.GRID:
             n_out = 4 if self.mode is PatchMode.ADAPTIVE else 2 + 2 * k2
@@ -172,6 +178,9 @@ class AdaptivePatchLayer(nn.Module):
         size = (boxes[..., 2:] - boxes[..., :2]) / cell
         # A free-form patch's centre is its points' mean (its box may be lopsided).
         centres = points.mean(2) if self.mode is PatchMode.FREEFORM else (boxes[..., :2] + boxes[..., 2:]) / 2
+        if self.box_embed is not None:
+            geometry = torch.cat([centres, boxes[..., 2:] - boxes[..., :2]], dim=-1)  # (B, P, 4) in [0, 1]
+            features = features + self.box_embed(geometry * 2 - 1)
         return PatchLayout(features=features, boxes=boxes, centres=centres,
                            points=points, shift=shift, size=size, penalty=penalty)
 

@@ -104,6 +104,14 @@ class UNetConfig:
     # Imagen-style global conditioning: the context's summary token (pooled report words), through an MLP, is
     # added to the timestep embedding (MONAI's class-embedding slot), so every ResBlock sees the whole report.
     global_condition: bool = True
+    # Two constant input channels holding the x and y coordinate (CoordConv): a chest film is nearly
+    # mirror-symmetric and convolutions are translation-equivariant, so without them the UNet can hardly tell
+    # the image's left half from its right, i.e. cannot learn where "left effusion" goes.
+    coordinate_channels: bool = True
+    # A layout hint read from the report (see :func:`report_sides`): two more input channels, one lit over the
+    # image's left half when a positive finding is stated on the patient's right, one over the image's right
+    # half for the patient's left. Zero for the null condition. Off in the MONAI recipe; on in the demo.
+    side_maps: bool = False
 
     def validate(self) -> None:
         if len(self.channels) != len(self.attention_levels):
@@ -263,6 +271,7 @@ class ReportFeatures:
     (special, stop word, punctuation, padding), 1 negated content word, 2 affirmed content word (the AdaMatch
     tokenizer's ``word_mask`` / ``match_mask``, from its negation scopes); keypatches (B, K, Dk) float;
     keypatch_boxes (B, K, 4) x0, y0, x1, y1 normalised; keypatch_mask (B, K) bool. K may be 0.
+    sides (B, 2) float: a positive finding stated on the patient's right / left (:func:`report_sides`).
     """
 
     words: torch.Tensor
@@ -271,6 +280,7 @@ class ReportFeatures:
     keypatches: torch.Tensor
     keypatch_boxes: torch.Tensor
     keypatch_mask: torch.Tensor
+    sides: torch.Tensor
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> ReportFeatures:
         def move(t: torch.Tensor) -> torch.Tensor:
@@ -290,6 +300,29 @@ class ReportFeatures:
 
     def __len__(self) -> int:
         return self.words.shape[0]
+
+
+def report_sides(texts: Sequence[str]) -> torch.Tensor:
+    """(B, 2) float {0, 1}: does the report state a positive finding on the patient's right / left?
+
+    Read with medvl's labeler (:func:`medvl.text.labeler.extract_mentions`): positive mentions only (negated
+    and uncertain ones are left out), "bilateral" counts on both sides; sideless findings (cardiomegaly) on
+    neither. On IU-Phantom this is also how the drawing program reads the report, so this hint is close to the
+    truth there; on real reports it is as good as the labeler.
+    """
+    from medvl.text.labeler import extract_mentions
+
+    out = torch.zeros(len(texts), 2)
+    for i, text in enumerate(texts):
+        for m in extract_mentions(text):
+            if m.value != 1.0 or m.side is None:
+                continue
+            side = str(getattr(m.side, "value", m.side))
+            if side in ("right", "bilateral"):
+                out[i, 0] = 1.0
+            if side in ("left", "bilateral"):
+                out[i, 1] = 1.0
+    return out
 
 
 class ReportEncoder:
@@ -348,7 +381,8 @@ class ReportEncoder:
         else:
             feats, boxes = words.new_zeros(b, 0, d), words.new_zeros(b, 0, 4)
             kmask = torch.zeros(b, 0, dtype=torch.bool)
-        return ReportFeatures(words.cpu(), mask.cpu(), kind.cpu(), feats.cpu(), boxes.cpu(), kmask.cpu())
+        return ReportFeatures(words.cpu(), mask.cpu(), kind.cpu(), feats.cpu(), boxes.cpu(), kmask.cpu(),
+                              report_sides(texts))
 
 
 class ReportConditioner(nn.Module):
@@ -418,7 +452,8 @@ class ReportConditioner(nn.Module):
 
     def forward(self, words: torch.Tensor, word_mask: torch.Tensor, word_kind: torch.Tensor,
                 keypatches: torch.Tensor, keypatch_boxes: torch.Tensor, keypatch_mask: torch.Tensor,
-                drop: torch.Tensor | None = None) -> torch.Tensor:
+                sides: torch.Tensor | None = None, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """The context (B, L, C); ``sides`` is not part of it (the denoiser takes it as image maps)."""
         b = words.shape[0]
         mask = word_mask.bool().unsqueeze(-1)
         kinds = self.word_kind[word_kind.long().clamp(0, 2)]  # (B, T, C)
@@ -451,9 +486,10 @@ class Denoiser(nn.Module):
         super().__init__()
         unet_cfg.validate()
         self.unet_cfg = unet_cfg
+        self.latent_channels = latent_channels
         self.unet = DiffusionModelUNet(
             spatial_dims=2,
-            in_channels=latent_channels,
+            in_channels=latent_channels + 2 * int(unet_cfg.coordinate_channels) + 2 * int(unet_cfg.side_maps),
             out_channels=latent_channels,
             num_res_blocks=unet_cfg.num_res_blocks,
             channels=tuple(unet_cfg.channels),
@@ -478,8 +514,21 @@ class Denoiser(nn.Module):
             self.unet.class_embedding = pooled
             self.unet.num_class_embeds = 1
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                sides: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, h, w), timesteps (B,), context (B, L, Cc), sides (B, 2) or None (no hint) -> v (B, C, h, w)."""
         pooled = context[:, 0] if self.unet_cfg.global_condition else None  # the summary token
+        b, _, h, w = x.shape
+        xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w).expand(b, 1, h, w)
+        extra = []
+        if self.unet_cfg.coordinate_channels:
+            ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
+            extra += [xs, ys]  # x grows toward the image's right (the patient's left on a PA film)
+        if self.unet_cfg.side_maps:
+            s = x.new_zeros(b, 2) if sides is None else sides.to(x.dtype)
+            extra += [s[:, 0].view(b, 1, 1, 1) * (xs < 0), s[:, 1].view(b, 1, 1, 1) * (xs > 0)]
+        if extra:
+            x = torch.cat([x, *extra], 1)
         return self.unet(x, timesteps, context=context, class_labels=pooled)
 
     def inference_state_dict(self) -> dict[str, torch.Tensor]:
@@ -519,7 +568,8 @@ class LatentDiffusion(nn.Module):
 
     def forward(self, latent_mu: torch.Tensor, latent_sigma: torch.Tensor, words: torch.Tensor,
                 word_mask: torch.Tensor, word_kind: torch.Tensor, keypatches: torch.Tensor,
-                keypatch_boxes: torch.Tensor, keypatch_mask: torch.Tensor, *, noise: torch.Tensor | None = None,
+                keypatch_boxes: torch.Tensor, keypatch_mask: torch.Tensor, sides: torch.Tensor | None = None,
+                *, noise: torch.Tensor | None = None,
                 timesteps: torch.Tensor | None = None, drop: torch.Tensor | None = None,
                 use_ema: bool = False) -> dict[str, torch.Tensor]:
         net = self.ema if use_ema else self.denoiser
@@ -541,7 +591,9 @@ class LatentDiffusion(nn.Module):
             target = noise
         context = net.conditioner(words, word_mask, word_kind, keypatches, keypatch_boxes, keypatch_mask,
                                   drop=drop)
-        pred = net(noisy, timesteps, context)
+        if sides is not None:
+            sides = torch.where(drop.view(b, 1), torch.zeros_like(sides), sides)  # the null condition: no hint
+        pred = net(noisy, timesteps, context, sides)
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
         if self.noise_cfg.loss_weighting == "min_snr":
             acp = self.scheduler.alphas_cumprod.to(z.device)[timesteps].float()
@@ -688,27 +740,30 @@ def initial_noise(shape: Sequence[int], seeds: Sequence[int], device: torch.devi
 
 @torch.no_grad()
 def guided_velocity(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                    null: torch.Tensor, guidance: float, batched: bool = True) -> torch.Tensor:
+                    null: torch.Tensor, guidance: float, batched: bool = True,
+                    sides: torch.Tensor | None = None) -> torch.Tensor:
     """Classifier-free guidance: v_u + g (v_c - v_u); one forward over [cond; uncond] (2B).
 
-    g = 0 runs only the unconditional pass (the output *is* the unconditional model), g = 1 only the
-    conditional one.
+    The unconditional half gets the learned null context and no side hint. g = 0 runs only the unconditional
+    pass (the output *is* the unconditional model), g = 1 only the conditional one.
     """
     if guidance == 0.0:
         return denoiser(x, t, null).float()
     if guidance == 1.0:
-        return denoiser(x, t, context).float()
+        return denoiser(x, t, context, sides).float()
     if batched:
-        v = denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, null])).float()
+        both = None if sides is None else torch.cat([sides, torch.zeros_like(sides)])
+        v = denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, null]), both).float()
         v_c, v_u = v.chunk(2)
     else:
-        v_c, v_u = denoiser(x, t, context).float(), denoiser(x, t, null).float()
+        v_c, v_u = denoiser(x, t, context, sides).float(), denoiser(x, t, null).float()
     return v_u + guidance * (v_c - v_u)
 
 
 @torch.no_grad()
 def sample_latents(denoiser: Denoiser, context: torch.Tensor, noise: torch.Tensor, scheduler: Scheduler,
-                   steps: int, guidance: float, precision: Precision | str = Precision.AUTO) -> torch.Tensor:
+                   steps: int, guidance: float, precision: Precision | str = Precision.AUTO,
+                   sides: torch.Tensor | None = None) -> torch.Tensor:
     """Integrate from ``noise`` (B, C, h, w) to scaled latents with ``scheduler`` in ``steps`` model calls.
 
     context (B, L, Cc) is the conditional context; the null context comes from the denoiser's conditioner.
@@ -720,7 +775,7 @@ def sample_latents(denoiser: Denoiser, context: torch.Tensor, noise: torch.Tenso
     with autocast_context(device, precision):
         for t in scheduler.timesteps:
             tt = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
-            v = guided_velocity(denoiser, x, tt, context, null, guidance)
+            v = guided_velocity(denoiser, x, tt, context, null, guidance, sides=sides)
             x, _ = scheduler.step(v.float(), int(t), x)
             x = x.float()
     return x

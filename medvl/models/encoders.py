@@ -179,6 +179,10 @@ class TextEncoderConfig:
     min_frequency: int = 2
     max_tokens: int = 128  # pieces per report (truncation)
     max_words: int = 64  # content words per report (cap)
+    # Add a context-free path (the word's input embeddings, projected) to each word feature. From scratch,
+    # contextual features drift toward a report-wide average (a word ends up closer to the other words of
+    # its report than to itself elsewhere), which blurs word-level matching; the lexical path keeps identity.
+    lexical: bool = True
 
     def validate(self) -> None:
         if self.pretrained is None and self.hidden_size % self.num_heads:
@@ -210,23 +214,28 @@ def pool_words(hidden: torch.Tensor, word_ids: torch.Tensor) -> torch.Tensor:
 class TextEncoder(nn.Module):
     """BERT-style encoder + projection: (B, T) ids -> word-pooled features (B, T, D) and a global (B, D)."""
 
-    def __init__(self, encoder: nn.Module, out_dim: int):
+    def __init__(self, encoder: nn.Module, out_dim: int, lexical: bool = False):
         super().__init__()
         self.encoder = encoder
         if getattr(self.encoder, "pooler", None) is not None:
             self.encoder.pooler = None  # unused; left in, DDP would see parameters without gradients
         hidden = int(self.encoder.config.hidden_size)
         self.proj = nn.Linear(hidden, out_dim)
+        self.lexical: nn.Module | None = None
+        if lexical:
+            emb = self.encoder.get_input_embeddings()
+            self.lexical = nn.Linear(int(emb.weight.shape[1]), out_dim)
 
     @classmethod
     def from_config(cls, cfg: TextEncoderConfig, vocab_size: int, pad_token_id: int, out_dim: int) -> TextEncoder:
         from transformers import BertModel
 
         cfg.validate()
-        return cls(BertModel(bert_config(cfg, vocab_size, pad_token_id), add_pooling_layer=False), out_dim)
+        return cls(BertModel(bert_config(cfg, vocab_size, pad_token_id), add_pooling_layer=False), out_dim,
+                   lexical=cfg.lexical)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, out_dim: int) -> TextEncoder:
+    def from_pretrained(cls, path: str | Path, out_dim: int, lexical: bool = False) -> TextEncoder:
         """Any local Hugging Face encoder directory (``local_files_only``: nothing is downloaded)."""
         from transformers import AutoModel
 
@@ -237,16 +246,16 @@ class TextEncoder(nn.Module):
             enc = AutoModel.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot load the text encoder in {path}: {exc}") from None
-        return cls(enc, out_dim)
+        return cls(enc, out_dim, lexical=lexical)
 
     @classmethod
-    def from_saved_config(cls, directory: str | Path, out_dim: int) -> TextEncoder:
+    def from_saved_config(cls, directory: str | Path, out_dim: int, lexical: bool = False) -> TextEncoder:
         """Architecture from a saved ``config.json`` (weights come from the run's safetensors)."""
         from transformers import AutoConfig, AutoModel
 
         config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
         kwargs = {"add_pooling_layer": False} if config.model_type == "bert" else {}
-        return cls(AutoModel.from_config(config, **kwargs), out_dim)
+        return cls(AutoModel.from_config(config, **kwargs), out_dim, lexical=lexical)
 
     def save_config(self, directory: str | Path) -> None:
         self.encoder.config.save_pretrained(str(directory))
@@ -255,8 +264,9 @@ class TextEncoder(nn.Module):
                 word_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (features (B, T, D), global (B, D)) before normalisation; global is the first token's."""
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        feats = self.proj(hidden)
+        if self.lexical is not None:
+            feats = feats + self.lexical(self.encoder.get_input_embeddings()(input_ids))
         if word_ids is not None:
-            pooled = pool_words(hidden, word_ids)
-        else:
-            pooled = hidden
-        return self.proj(pooled), self.proj(hidden[:, 0])
+            feats = pool_words(feats, word_ids)  # linear maps commute with the mean over pieces
+        return feats, self.proj(hidden[:, 0])

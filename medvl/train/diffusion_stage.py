@@ -479,7 +479,7 @@ class DiffusionStage:
         feats = self.encoder.encode(texts, batch_size=self.config.data.encode_batch_size)
         self._keypatch_dim = feats.keypatches.shape[-1] if feats.keypatches.shape[1] else self.encoder.word_dim
         return ReportFeatures(feats.words.half(), feats.word_mask, feats.word_kind, feats.keypatches.half(),
-                              feats.keypatch_boxes, feats.keypatch_mask)
+                              feats.keypatch_boxes, feats.keypatch_mask, feats.sides)
 
     @property
     def keypatch_dim(self) -> int:
@@ -515,7 +515,7 @@ class DiffusionStage:
         if "report" in batch:  # cache_text: false
             return self.encode_reports(list(batch["report"])).to(device, torch.float32).as_kwargs()
         return {k: batch[k] for k in ("words", "word_mask", "word_kind", "keypatches", "keypatch_boxes",
-                                      "keypatch_mask")}
+                                      "keypatch_mask", "sides")}
 
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         device = batch["latent_mu"].device

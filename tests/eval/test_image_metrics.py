@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from medvl.eval.image import evaluate_diffusion, mean_ms_ssim, ms_ssim_weights
+from medvl.eval.image import evaluate_diffusion, mean_ms_ssim, ms_ssim_weights, tune_guidance
 from medvl.models.classifier import ClassifierConfig
 from tests.models.diffusion_standins import build_tiny_runs, one_thread, use_toy_adamatch
 
@@ -56,3 +56,13 @@ def test_evaluate_diffusion_writes_the_contract_keys(tiny_prepared, tmp_path):
     assert meta["split"] == "test" and meta["num_samples"] == 10 and meta["config_hash"] is None
     assert "image.laterality_accuracy" in meta["conventions"]
     assert (tmp_path / "eval" / "diffusion.grid.png").stat().st_size > 1000
+
+    # guidance is chosen on the validation split and written into the run
+    scores = tune_guidance(run=run, data=tiny_prepared, values=(0.0, 2.0), write=True,
+                           classifier_config=TINY_CLASSIFIER)
+    assert set(scores) == {0.0, 2.0}
+    from medvl.models.diffusion_head import load_scheduler_config
+
+    _, sampler = load_scheduler_config(run / "scheduler.json")
+    best = max(scores, key=lambda g: scores[g]["image.label_auroc"] + scores[g]["image.laterality_accuracy"])
+    assert sampler.guidance == best

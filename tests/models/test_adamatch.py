@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -49,7 +50,7 @@ def slow_loss(s_i2t, s_t2i, scale, groups):
             m = max(logits)
             lse = m + torch.log(torch.tensor([sum(torch.exp(torch.tensor(x - m)) for x in logits)])).item()
             pos = [j for j in range(b) if groups[i] == groups[j]]
-            loss += -sum(logits[j] - lse for j in pos) / len(pos)
+            loss += lse - math.log(sum(math.exp(logits[j] - m) for j in pos)) - m  # MIL-NCE
         total += loss / b
     return total / 2
 
@@ -307,3 +308,39 @@ def test_negatives_gathered_across_two_processes_match_one_process(tmp_path):
     assert float(sum(r["loss"] for r in ranks) / 2) == pytest.approx(float(full.detach()), rel=1e-5)
     # each rank's slice gets every rank's loss gradient; DDP's averaging divides by the world size
     assert torch.allclose(torch.cat([r["grad"] for r in ranks]) / 2, x.grad, atol=1e-6)
+
+
+def test_runs_saved_before_the_lexical_path_still_load(tiny_run, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_run, old)
+    art = old / "adamatch"
+    meta = json.loads((art / "adamatch.json").read_text())
+    del meta["model"]["text"]["lexical"]
+    (art / "adamatch.json").write_text(json.dumps(meta))
+    state = {k: v for k, v in load_file(str(art / "model.safetensors")).items() if ".lexical." not in k}
+    save_file(state, str(art / "model.safetensors"))
+    run = AdaMatchRun.load(old)
+    assert run.model.text_encoder.lexical is None
+    assert run.encode_reports(["Cardiomegaly."]).features.shape[-1] == run.embed_dim
+
+
+def test_lexical_path_keeps_word_identity(toy):
+    ds, tok = toy
+    cfg = load_config(AdaMatchStageConfig, CONFIG_ROOT / "adamatch" / "tiny.yaml").model
+    assert cfg.text.lexical
+    torch.manual_seed(0)
+    model = build_adamatch(cfg, tok).eval()
+    assert model.text_encoder.lexical is not None
+    enc = tok.encode(["Small left pleural effusion.", "Effusion. Cardiomegaly."])
+    with torch.no_grad():
+        feats = model.encode_text(**enc.tensors()).features
+        # the lexical path is the projected input embeddings, pooled per word
+        emb = model.text_encoder.encoder.get_input_embeddings()(enc.input_ids)
+        ctx = model.text_encoder.proj(model.text_encoder.encoder(input_ids=enc.input_ids,
+                                                                 attention_mask=enc.attention_mask).last_hidden_state)
+    expected = pool_words(ctx + model.text_encoder.lexical(emb), enc.word_ids)
+    assert torch.allclose(feats, expected, atol=1e-5)

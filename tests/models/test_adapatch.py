@@ -63,11 +63,12 @@ def test_shift_and_scale_are_bounded():
     assert torch.allclose(out.size[..., 0] * cell, out.boxes[..., 2] - out.boxes[..., 0])
 
 
-@pytest.mark.parametrize("mode", [PatchMode.ADAPTIVE, PatchMode.FREEFORM])
-def test_zero_initialised_predictor_equals_the_fixed_grid(mode):
+@pytest.mark.parametrize("mode, box_embedding", [(PatchMode.ADAPTIVE, False), (PatchMode.FREEFORM, False),
+                                                 (PatchMode.ADAPTIVE, True)])
+def test_zero_initialised_predictor_equals_the_fixed_grid(mode, box_embedding):
     fmap = torch.randn(2, 8, 5, 5)
-    grid = _layer(PatchMode.GRID, grid=4, points=3)
-    adaptive = _layer(mode, grid=4, points=3)
+    grid = _layer(PatchMode.GRID, grid=4, points=3, box_embedding=box_embedding)
+    adaptive = _layer(mode, grid=4, points=3, box_embedding=box_embedding)
     missing, unexpected = adaptive.load_state_dict(grid.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("predictor") for k in missing)
     a, g = adaptive(fmap), grid(fmap)

@@ -280,3 +280,42 @@ def test_negated_words_are_marked_and_left_out_of_the_summary(synth):
         nothing = cond.out_norm(cond.nothing_affirmed + cond.kind[3])
     torch.testing.assert_close(ctx[0, 0], nothing)  # a fully negated report affirms nothing
     assert not torch.allclose(ctx[1, 0], nothing) and not torch.allclose(ctx[2, 0], nothing)
+
+
+def test_coordinate_channels_tell_left_from_right(synth):
+    """The UNet sees two extra input channels: x growing toward the image's right, y toward the feet."""
+    den = synth.denoiser
+    assert den.unet.conv_in.conv.in_channels == 3 + 2 + 2  # latents, coordinates, side maps
+    seen = []
+    hook = den.unet.conv_in.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            den(torch.zeros(2, 3, 16, 16), torch.tensor([400, 400]), den.conditioner.null_context(2))
+    finally:
+        hook.remove()
+    xs, ys = seen[0][:, 3], seen[0][:, 4]
+    assert torch.equal(xs[:, :, 0], torch.full((2, 16), -1.0)) and torch.equal(xs[:, :, -1], torch.ones(2, 16))
+    assert (xs.diff(dim=-1) > 0).all() and (ys.diff(dim=-2) > 0).all()
+
+
+def test_side_maps_follow_the_positive_findings_of_the_report(synth):
+    from medvl.models.diffusion_head import report_sides
+
+    sides = report_sides(["Small left pleural effusion.", "No right effusion. Right lower lobe opacity.",
+                          "No left effusion.", "Bilateral effusions.", "Cardiomegaly."])
+    assert sides.tolist() == [[0, 1], [1, 0], [0, 0], [1, 1], [0, 0]]  # [patient right, patient left]
+    den = synth.denoiser
+    seen = []
+    hook = den.unet.conv_in.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    feats = synth.encoder.encode(["Small left pleural effusion."])
+    ctx = den.conditioner(**feats.as_kwargs())
+    try:
+        with torch.no_grad():
+            guided_velocity(den, torch.zeros(1, 3, 16, 16), torch.tensor([300]), ctx,
+                            den.conditioner.null_context(1), 2.0, sides=feats.sides)
+    finally:
+        hook.remove()
+    maps = seen[0][:, 5:]  # (2, 2, 16, 16): conditional half, then unconditional half
+    assert maps[1].abs().sum() == 0  # the null condition carries no hint
+    assert maps[0, 0].sum() == 0  # nothing on the patient's right (image left)
+    assert maps[0, 1, :, 8:].min() == 1 and maps[0, 1, :, :8].max() == 0  # patient's left = image right
