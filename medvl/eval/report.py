@@ -162,8 +162,9 @@ def evaluate_report(*, run: Path, data: Path, split: str = "test", out: Path | N
     conventions = {
         "nlg": TOKENISATION,
         "ce": CE_CONVENTION,
-        "decoding": (f"beam search, {g.beams} beams, length_penalty {g.length_penalty}, "
-                     f"no_repeat_ngram_size {g.no_repeat_ngram_size}, KV cache"),
+        "decoding": ((f"beam search, {g.beams} beams, length_penalty {g.length_penalty}, " if g.beams > 1
+                      else "greedy, ") + f"no_repeat_ngram_size {g.no_repeat_ngram_size}, "
+                     f"at most {generator.head.cfg.max_length - 1} tokens, KV cache (run's generation settings)"),
         "samples": f"one frontal image ({', '.join(cfg.data.views)}) per study",
         "baselines.most_frequent": "the most frequent training report for every study",
         "baselines.retrieval": "the training report with the highest AdaMatch s_i2t + s_t2i for the image",
