@@ -13,7 +13,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medvl.data.prepared import CACHE_FILE, FORMAT, INDEX_FILE, META_FILE, REGIONS_FILE, SKIPPED_FILE, to_uint8
+from medvl.data.prepared import (
+    CACHE_FILE,
+    FORMAT,
+    INDEX_FILE,
+    META_FILE,
+    REGIONS_FILE,
+    SKIPPED_FILE,
+    to_uint8,
+)
 from medvl.text.chexpert import CHEXPERT_LABELS
 
 TEMPLATES = [

@@ -40,12 +40,19 @@ class BackboneConfig:
     kind: BackboneKind = BackboneKind.SMALL_CNN
     channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # small_cnn: one stride-2 stage each
     extra_convs: int = 1  # small_cnn: stride-1 conv blocks after the last stage
+    # small_cnn: kernel of each stage's second conv and of the extra convs. 1 keeps the receptive field at
+    # 15 px (stride 8): a patch then sees its own neighbourhood only, and no central patch can summarise the
+    # whole chest and win every word (hub patches); the adaptive box and its k x k points widen what a
+    # patch sees where a finding is large.
+    second_kernel: int = 3
     resnet_layer: int = 3  # resnets: cut after layer3 (stride 16) or layer4 (stride 32)
     weights: str | None = None  # local weight file (torchvision / torchxrayvision state dict or safetensors)
 
     def validate(self) -> None:
         if self.kind == BackboneKind.SMALL_CNN and not self.channels:
             raise ConfigError("backbone.channels needs at least one stage for small_cnn")
+        if self.second_kernel not in (1, 3):
+            raise ConfigError(f"backbone.second_kernel must be 1 or 3, got {self.second_kernel}")
         if self.resnet_layer not in (3, 4):
             raise ConfigError(f"backbone.resnet_layer must be 3 or 4, got {self.resnet_layer}")
 
@@ -76,16 +83,17 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 class SmallCNN(nn.Module):
     """Strided conv blocks: (B, 1, S, S) in [-1024, 1024] -> (B, channels[-1], S/2**n, S/2**n)."""
 
-    def __init__(self, channels: list[int], extra_convs: int = 1):
+    def __init__(self, channels: list[int], extra_convs: int = 1, second_kernel: int = 3):
         super().__init__()
         layers: list[nn.Module] = []
         c_in = 1
+        k, pad = second_kernel, second_kernel // 2
         for c in channels:
             layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
-                       nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+                       nn.Conv2d(c, c, k, padding=pad, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
             c_in = c
         for _ in range(extra_convs):
-            layers += [nn.Conv2d(c_in, c_in, 3, padding=1, bias=False), nn.BatchNorm2d(c_in), nn.ReLU(inplace=True)]
+            layers += [nn.Conv2d(c_in, c_in, k, padding=pad, bias=False), nn.BatchNorm2d(c_in), nn.ReLU(inplace=True)]
         self.body = nn.Sequential(*layers)
         self.out_channels = c_in
         self.to(memory_format=torch.channels_last)  # faster convolutions on CPU (oneDNN) and GPU
@@ -158,7 +166,7 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
     if kind is BackboneKind.SMALL_CNN:
         if cfg.weights:
             raise ConfigError("backbone.weights is not used by small_cnn (it trains from scratch)")
-        return SmallCNN(list(cfg.channels), cfg.extra_convs)
+        return SmallCNN(list(cfg.channels), cfg.extra_convs, cfg.second_kernel)
     if kind is BackboneKind.XRV_DENSENET:
         return XRVDenseNetBackbone(cfg.weights)
     return ResNetBackbone(kind, cfg.resnet_layer, cfg.weights)
