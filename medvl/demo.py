@@ -25,9 +25,17 @@ from medvl import __version__
 # Preset -> (phantom studies, image size, {stage: config preset name}, {stage: overrides})
 PRESETS: dict[str, dict] = {
     "quick": {"studies": 800, "size": 128, "configs": "demo", "overrides": "quick",
-              "classifier": {"steps": 150, "eval_every": 50}, "cyclic_studies": 64},
+              "classifier": {"steps": 150, "eval_every": 50}, "cyclic_studies": 64,
+              "estimates": {"prepare IU-Phantom": 4, "train the evaluation classifier (real training scans)": 17,
+                            "train adamatch": 85, "train report": 105, "train autoencoder": 31,
+                            "train diffusion": 86, "evaluate adamatch": 1, "evaluate report": 7,
+                            "evaluate diffusion": 18, "evaluate cyclic": 8}},
     "full": {"studies": None, "size": 128, "configs": "demo", "overrides": None,
-             "classifier": {}, "cyclic_studies": 200},
+             "classifier": {}, "cyclic_studies": 200,
+             "estimates": {"prepare IU-Phantom": 10, "train the evaluation classifier (real training scans)": 55,
+                           "train adamatch": 245, "train report": 450, "train autoencoder": 130,
+                           "train diffusion": 1050, "evaluate adamatch": 10, "evaluate report": 40,
+                           "evaluate diffusion": 85, "evaluate cyclic": 30}},
     # Not offered by the CLI: the tests' end-to-end run (tiny configs, seconds per stage, quality meaningless).
     "tiny": {"studies": 60, "size": 64, "configs": "tiny", "overrides": None,
              "classifier": {"steps": 20, "eval_every": 10, "channels": [8, 16]}, "cyclic_studies": 8},
@@ -129,6 +137,9 @@ def build_steps(out: Path, preset: str) -> list[Step]:
                            ("cyclic", "diffusion", 120)):
         steps.append(Step(f"evaluate {kind}", (lambda k=kind: (evals / f"{k}.json").exists()),
                           evaluate(kind, run), est))
+    # Progress estimates: the preset's measured seconds per step on 2 idle CPU cores (README), where known.
+    for step in steps:
+        step.estimate_s = float(p.get("estimates", {}).get(step.name, step.estimate_s))
     return steps
 
 
@@ -157,7 +168,8 @@ def run_demo(out: str | Path = "demo_out", preset: str = "quick") -> dict:
         if step.done():
             _log(f"({i}/{len(steps)}) {step.name}: already finished, kept")
             continue
-        _log(f"({i}/{len(steps)}) {step.name} ... (about {remaining / 60:.0f} min of work left)")
+        left = f"{remaining / 60:.0f} min" if remaining >= 90 else f"{remaining:.0f} s"
+        _log(f"({i}/{len(steps)}) {step.name} ... (about {left} of work left on 2 CPU cores)")
         t0 = time.perf_counter()
         step.run()
         timings[step.name] = round(time.perf_counter() - t0, 1)
