@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import textwrap
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -170,26 +171,31 @@ def write_grid(path: str | Path, real: np.ndarray, fake: np.ndarray, reports: Se
     return path
 
 
-def evaluate_diffusion(*, run: Path, data: Path, split: str = "test", out: Path | None = None,
-                       steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
-                       max_reports: int = 0, diversity_reports: int = 32, seed: int = 0,
-                       unconditional_baseline: bool = True, grid_studies: int = 8,
-                       device: str | None = None, classifier_config=None) -> dict:
-    """Score the diffusion run ``run`` on ``split`` of ``data``; write the metrics to ``out`` (and a grid PNG)."""
-    from medvl.config import config_hash
-    from medvl.eval.common import metrics_record, write_metrics
+@dataclass
+class ScoringSplit:
+    """The scans of one split that can be scored: each has a non-empty report (whitespace collapsed).
+    images (N, 1, S, S), labels (N, 14); pairs / all_pairs: laterality pairs (resolvable / every size)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    reports: list[str]
+    pairs: list
+    all_pairs: list
+
+
+def _scoring_inputs(run: Path, data: Path, split: str, max_reports: int, device: str | None, classifier_config):
+    """The diffusion run, the evaluation classifier (trained and cached if absent), its training report, and the
+    split's scorable scans: what :func:`evaluate_diffusion` and :func:`tune_guidance` both score against."""
     from medvl.models.classifier import (
         RESOLVABLE_MIN_SIDE,
         ClassifierConfig,
         _regions,
-        fid_extractor,
         laterality_pairs,
         load_or_train_classifier,
         load_split,
     )
     from medvl.synthesize import Synthesizer
 
-    run, data = Path(run), Path(data)
     synth = Synthesizer.load(run, device=device)
     classifier, creport = load_or_train_classifier(data, classifier_config or ClassifierConfig(),
                                                   device=synth.device)
@@ -198,12 +204,29 @@ def evaluate_diffusion(*, run: Path, data: Path, split: str = "test", out: Path 
     keep = [i for i, r in enumerate(reports) if r]
     if len(keep) < len(reports):
         logger.warning("%d %s scans have an empty report and are skipped", len(reports) - len(keep), split)
-    images, labels = arrays.images[keep], arrays.labels[keep]
     dicom_ids = [arrays.dicom_ids[i] for i in keep]
-    reports = [reports[i] for i in keep]
     regions = _regions(data)
-    pairs = laterality_pairs(regions, dicom_ids, classifier.side_findings, min_side=RESOLVABLE_MIN_SIDE)
-    all_pairs = laterality_pairs(regions, dicom_ids, classifier.side_findings)
+    split_in = ScoringSplit(
+        images=arrays.images[keep], labels=arrays.labels[keep], reports=[reports[i] for i in keep],
+        pairs=laterality_pairs(regions, dicom_ids, classifier.side_findings, min_side=RESOLVABLE_MIN_SIDE),
+        all_pairs=laterality_pairs(regions, dicom_ids, classifier.side_findings))
+    return synth, classifier, creport, split_in
+
+
+def evaluate_diffusion(*, run: Path, data: Path, split: str = "test", out: Path | None = None,
+                       steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
+                       max_reports: int = 0, diversity_reports: int = 32, seed: int = 0,
+                       unconditional_baseline: bool = True, grid_studies: int = 8,
+                       device: str | None = None, classifier_config=None) -> dict:
+    """Score the diffusion run ``run`` on ``split`` of ``data``; write the metrics to ``out`` (and a grid PNG)."""
+    from medvl.config import config_hash
+    from medvl.eval.common import metrics_record, write_metrics
+    from medvl.models.classifier import RESOLVABLE_MIN_SIDE, fid_extractor
+
+    run, data = Path(run), Path(data)
+    synth, classifier, creport, split_in = _scoring_inputs(run, data, split, max_reports, device, classifier_config)
+    images, labels, reports = split_in.images, split_in.labels, split_in.reports
+    pairs, all_pairs = split_in.pairs, split_in.all_pairs
 
     steps = int(steps or synth.sampler.steps)
     guidance = float(synth.sampler.guidance if guidance is None else guidance)
@@ -289,27 +312,14 @@ def tune_guidance(*, run: Path, data: Path, values: Sequence[float] = (2.0, 3.0,
     """Pick the run's default guidance on the *validation* split (never test): the value with the best mean of
     ``image.label_auroc`` and ``image.laterality_accuracy``; with ``write`` it becomes the run's default in
     ``scheduler.json``. Returns the validation scores per value."""
-    from medvl.models.classifier import (
-        RESOLVABLE_MIN_SIDE,
-        ClassifierConfig,
-        _regions,
-        laterality_pairs,
-        load_or_train_classifier,
-        load_split,
-    )
     from medvl.models.diffusion_head import SCHEDULER_FILE, load_scheduler_config, save_scheduler_config
-    from medvl.synthesize import Synthesizer
 
     run, data = Path(run), Path(data)
-    synth = Synthesizer.load(run, device=device)
-    classifier, _ = load_or_train_classifier(data, classifier_config or ClassifierConfig(), device=synth.device)
-    val = load_split(data, "validate", synth.image_size, limit=max_reports)
-    pairs = laterality_pairs(_regions(data), val.dicom_ids, classifier.side_findings, min_side=RESOLVABLE_MIN_SIDE)
-    reports = [" ".join(r.split()) or "." for r in val.reports]
+    synth, classifier, _, val = _scoring_inputs(run, data, "validate", max_reports, device, classifier_config)
     scores: dict[float, dict[str, float]] = {}
     for g in values:
-        fake = synthesize_reports(synth, reports, guidance=g, seed=seed, desc=f"guidance {g:g}")
-        scores[float(g)] = score_scans(classifier, fake, val.labels, pairs, "image.")
+        fake = synthesize_reports(synth, val.reports, guidance=g, seed=seed, desc=f"guidance {g:g}")
+        scores[float(g)] = score_scans(classifier, fake, val.labels, val.pairs, "image.")
         logger.info("guidance %g: %s", g, scores[float(g)])
 
     def objective(m: dict[str, float]) -> float:
