@@ -45,9 +45,13 @@ def main() -> None:
     args = p.parse_args()
 
     import medvl.models.diffusion_head as dh
+    from medvl.errors import MedvlError
     from medvl.synthesize import Synthesizer
 
-    syn = Synthesizer.load(args.run)
+    try:
+        syn = Synthesizer.load(args.run)
+    except MedvlError as exc:
+        raise SystemExit(f"error: {exc}") from None
     if not syn.denoiser.unet_cfg.side_maps:
         raise SystemExit(f"{args.run} was trained without unet.side_maps: there is no hint to swap")
     index = pd.read_csv(args.data / "index.csv")
