@@ -34,7 +34,6 @@ a run resumes only with the same number of processes.
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import math
@@ -430,22 +429,6 @@ def _as_float(v: Any) -> float:
 # ----------------------------------------------------------------------------- fit
 
 
-_EXIT_HOOK_REGISTERED = False
-
-
-def _destroy_process_group_at_exit() -> None:
-    """Shut the torch.distributed process group down before interpreter teardown.
-
-    The group outlives each fit (several fits share it, see below) and nothing else closes it; left to the
-    interpreter's teardown, gloo's threads can abort a rank ("terminate called without an active exception",
-    exit -6) after training has finished and saved, and torchrun then reports the job as failed. Accelerate's
-    advice is ``end_training()`` at the end of the script; this is that, at the end of the process."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def fit(stage: Stage, out: Path, *, resume: bool = False, config_dump: dict | None = None,
         from_runs: list[Path] | None = None) -> FitResult:
     """Train ``stage`` into the run directory ``out``; see the module docstring.
@@ -486,10 +469,6 @@ def fit(stage: Stage, out: Path, *, resume: bool = False, config_dump: dict | No
             raise RunError(f"cannot resume {out}: the config differs from the run's in {', '.join(changes)}; "
                            "start a new run (or restore those values)")
 
-    global _EXIT_HOOK_REGISTERED
-    if not _EXIT_HOOK_REGISTERED:  # atexit keeps one entry per call
-        atexit.register(_destroy_process_group_at_exit)
-        _EXIT_HOOK_REGISTERED = True
     # Accelerate keeps process-wide singletons; several fits in one process (tests, the demo)
     # may differ in precision or accumulation, so start each from a clean state. The process
     # group (PartialState) is kept.
