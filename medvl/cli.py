@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(_dispatch(args) or 0)
+        code = int(_dispatch(args) or 0)
     except KeyboardInterrupt:
         print("medvl: interrupted; finished work is kept and a rerun resumes it", file=sys.stderr)
         return 130
@@ -169,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         # medvl's own errors are ValueErrors with a message meant for the user.
         print(f"medvl: error: {exc}", file=sys.stderr)
         return 2
+    from medvl.train.loop import finish_distributed_process
+
+    finish_distributed_process(code)  # under torchrun: exits here, past gloo's teardown
+    return code
 
 
 if __name__ == "__main__":

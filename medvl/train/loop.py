@@ -429,6 +429,25 @@ def _as_float(v: Any) -> float:
 # ----------------------------------------------------------------------------- fit
 
 
+def finish_distributed_process(code: int = 0) -> None:
+    """End a process that joined a torch.distributed group: destroy the group, flush, and exit with ``code``
+    without the interpreter's teardown. With torch 2.14's gloo backend, that teardown aborts a rank now and then
+    ("terminate called without an active exception", SIGABRT, no Python frame) after all work is saved, and
+    torchrun / ``mp.spawn`` then report a finished job as failed. Returns (does nothing) in a process that never
+    joined a group."""
+    import sys
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def fit(stage: Stage, out: Path, *, resume: bool = False, config_dump: dict | None = None,
         from_runs: list[Path] | None = None) -> FitResult:
     """Train ``stage`` into the run directory ``out``; see the module docstring.

@@ -51,7 +51,9 @@ def gather_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     loss = 0.5 * (li + lt)
     loss.backward()
     torch.save({"loss": loss.detach(), "grad": x.grad}, f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
+    from medvl.train.loop import finish_distributed_process
+
+    finish_distributed_process(0)
 
 
 def gather_inputs():

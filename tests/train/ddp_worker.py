@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for tests.*
 
-from medvl.train.loop import TrainConfig, fit  # noqa: E402
+from medvl.train.loop import TrainConfig, finish_distributed_process, fit  # noqa: E402
 from tests.train.toy_stage import ToyConfig, ToyModelConfig, ToyStage  # noqa: E402
 
 
@@ -46,6 +46,7 @@ def main() -> None:
                     train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=1e-2, warmup_steps=1,
                                       checkpoint_every=2, eval_every=2, log_every=1))
     fit(DumpingStage(cfg, args.dump, args.interrupt_at), args.out, resume=args.resume)
+    finish_distributed_process(0)
 
 
 if __name__ == "__main__":
