@@ -40,10 +40,11 @@ CONVENTIONS = {
     "retrieval": "i2t ranks the split's reports by s_i2t (mean over patches of best word), t2i ranks images by "
                  "s_t2i (mean, idf-weighted when the model says so, over affirmed content words of best patch); "
                  "a hit is any retrieved item whose report text equals the query's (case/whitespace normalised)",
-    "pointing_game": "best patch (max cosine) for the region's word in the image's own report; hit if the patch "
-                     "centre lies in the region box widened by 5% of the image size on each side",
+    "pointing_game": "one record per (image, finding word): best patch (max cosine) for the word in the image's own "
+                     "report; hit if the patch centre lies in any of that word's region boxes in the image, each "
+                     "widened by 5% of the image size on each side",
     "pointing_game_chance": "expected hit rate of a patch drawn uniformly from the model's own patches of the image",
-    "box_iou": "IoU of the best patch's box with the region's unwidened box",
+    "box_iou": "IoU of the best patch's box with the closest (highest-IoU) of the word's unwidened region boxes",
     "words": "region word matched to report words case-insensitively, plurals included (a multi-word region "
              "word by its last word); affirmed occurrence preferred; regions without a word are skipped",
 }
@@ -71,6 +72,7 @@ class PointingRecord:
     chance: float
     iou: float
     negated_fallback: bool = False
+    regions: int = 1  # boxes drawn for this word in this image
 
 
 @dataclass
@@ -141,11 +143,16 @@ def encode_split(model: AdaMatch, tokenizer: ReportTokenizer, dataset, *, batch_
         mmask.append(mm.cpu())
         reports.extend(texts)
         for b, item in enumerate(items):
+            # One record per (image, finding word): a word drawn in several places (a bilateral effusion,
+            # three granulomas) is one pair, hit when the best patch lands in any of its boxes.
+            groups: dict[str, list] = defaultdict(list)
             for r in by_image.get(str(item["dicom_id"]), []):
                 region_word = str(r.word).strip().split()[-1] if str(r.word).strip() else ""
                 if not region_word or region_word.lower() == "nan":
                     skipped["region_without_word"] += 1
                     continue
+                groups[region_word.lower()].append(r)
+            for region_word, rows in groups.items():
                 variants = word_variants(region_word)
                 occ = [(j, w.negated) for j, w in enumerate(enc.words[b]) if w.text.lower() in variants]
                 if not occ:
@@ -160,13 +167,17 @@ def encode_split(model: AdaMatch, tokenizer: ReportTokenizer, dataset, *, batch_
                     continue
                 sim = pn[b] @ tn[b, pos].t()  # (P, occurrences)
                 p = int(sim.amax(1).argmax())
-                region = torch.tensor([r.x0, r.y0, r.x1, r.y1], dtype=torch.float32)
-                wide = region + torch.tensor([-WIDEN, -WIDEN, WIDEN, WIDEN])
                 c = patches.centres[b].float().cpu()
-                inside = (c[:, 0] >= wide[0]) & (c[:, 0] <= wide[2]) & (c[:, 1] >= wide[1]) & (c[:, 1] <= wide[3])
-                records.append(PointingRecord(str(item["dicom_id"]), region_word.lower(), float(inside[p]),
-                                              float(inside.float().mean()), _iou(patches.boxes[b, p].cpu(), region),
-                                              negated_fallback=not affirmed))
+                inside = torch.zeros(c.shape[0], dtype=torch.bool)
+                iou = 0.0
+                for r in rows:
+                    region = torch.tensor([r.x0, r.y0, r.x1, r.y1], dtype=torch.float32)
+                    wide = region + torch.tensor([-WIDEN, -WIDEN, WIDEN, WIDEN])
+                    inside |= (c[:, 0] >= wide[0]) & (c[:, 0] <= wide[2]) & (c[:, 1] >= wide[1]) & (c[:, 1] <= wide[3])
+                    iou = max(iou, _iou(patches.boxes[b, p].cpu(), region))
+                records.append(PointingRecord(str(item["dicom_id"]), region_word, float(inside[p]),
+                                              float(inside.float().mean()), iou, negated_fallback=not affirmed,
+                                              regions=len(rows)))
     model.train(was_training)
     w = max(t.shape[1] for t in words)
     weight = torch.cat([_pad_to(t, w) for t in wweight]) if wweight else None

@@ -93,6 +93,26 @@ def test_pointing_game_counts_hits_chance_iou_and_skips():
     assert enc.words.shape[0] == 3 and enc.patches.shape == (3, 4, 4)
 
 
+def test_pointing_game_scores_a_word_once_per_image_over_all_its_boxes():
+    """A bilateral effusion is one (image, word) pair: one patch can only land on one side, and that is a hit."""
+    reports = ["Bilateral pleural effusions.", "Left effusion."]
+    tok = ReportTokenizer(train_wordpiece(reports * 3, 100, 1))
+    data = [{"image": torch.zeros(1, 8, 8), "report": r, "dicom_id": f"d{i}"} for i, r in enumerate(reports)]
+    regions = pd.DataFrame([
+        {"dicom_id": "d0", "word": "effusion", "x0": .5, "y0": .5, "x1": 1.0, "y1": 1.0},  # patch 3
+        {"dicom_id": "d0", "word": "effusion", "x0": 0.0, "y0": .5, "x1": .5, "y1": 1.0},  # patch 2
+        {"dicom_id": "d1", "word": "effusion", "x0": 0.0, "y0": 0.0, "x1": .3, "y1": .3},  # patch 0: a miss
+        {"dicom_id": "d1", "word": "effusion", "x0": 0.0, "y0": .6, "x1": .3, "y1": .9},  # patch 2: a miss too
+    ])
+    enc = encode_split(StandIn(tok), tok, data, batch_size=2, regions=regions)
+    assert [r.regions for r in enc.pointing] == [2, 2]
+    r0, r1 = enc.pointing
+    assert (r0.hit, r0.iou) == (1.0, pytest.approx(1.0))  # the best box is the patch-3 region, not the other
+    assert r0.chance == pytest.approx(0.5)  # two of four centres fall in one of the boxes
+    assert (r1.hit, r1.iou) == (0.0, 0.0) and r1.chance == pytest.approx(0.5)
+    assert localization_metrics(enc.pointing)["per_finding.effusion.count"] == 2
+
+
 def test_word_variants():
     assert {"effusion", "effusions"} <= word_variants("Effusion")
     assert "opacity" in word_variants("opacities") or "opacitie" in word_variants("opacities")
