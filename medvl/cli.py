@@ -164,14 +164,14 @@ def main(argv: list[str] | None = None) -> int:
         code = int(_dispatch(args) or 0)
     except KeyboardInterrupt:
         print("medvl: interrupted; finished work is kept and a rerun resumes it", file=sys.stderr)
-        return 130
+        code = 130
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
         # medvl's own errors are ValueErrors with a message meant for the user.
         print(f"medvl: error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
     from medvl.train.loop import finish_distributed_process
 
-    finish_distributed_process(code)  # under torchrun: exits here, past gloo's teardown
+    finish_distributed_process(code)  # under torchrun: exits here, past gloo's teardown, whatever the outcome
     return code
 
 
