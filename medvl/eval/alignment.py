@@ -168,13 +168,12 @@ def encode_split(model: AdaMatch, tokenizer: ReportTokenizer, dataset, *, batch_
                 sim = pn[b] @ tn[b, pos].t()  # (P, occurrences)
                 p = int(sim.amax(1).argmax())
                 c = patches.centres[b].float().cpu()
-                inside = torch.zeros(c.shape[0], dtype=torch.bool)
-                iou = 0.0
-                for r in rows:
-                    region = torch.tensor([r.x0, r.y0, r.x1, r.y1], dtype=torch.float32)
-                    wide = region + torch.tensor([-WIDEN, -WIDEN, WIDEN, WIDEN])
-                    inside |= (c[:, 0] >= wide[0]) & (c[:, 0] <= wide[2]) & (c[:, 1] >= wide[1]) & (c[:, 1] <= wide[3])
-                    iou = max(iou, _iou(patches.boxes[b, p].cpu(), region))
+                best_box = patches.boxes[b, p].cpu()
+                region_boxes = torch.tensor([[r.x0, r.y0, r.x1, r.y1] for r in rows], dtype=torch.float32)  # (R, 4)
+                wide = region_boxes + torch.tensor([-WIDEN, -WIDEN, WIDEN, WIDEN])
+                inside = ((c[:, None, 0] >= wide[:, 0]) & (c[:, None, 0] <= wide[:, 2])
+                          & (c[:, None, 1] >= wide[:, 1]) & (c[:, None, 1] <= wide[:, 3])).any(1)  # (P,)
+                iou = max(_iou(best_box, region) for region in region_boxes)
                 records.append(PointingRecord(str(item["dicom_id"]), region_word, float(inside[p]),
                                               float(inside.float().mean()), iou, negated_fallback=not affirmed,
                                               regions=len(rows)))
