@@ -19,6 +19,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results" / "adamatch_seeds.json"
 KEYS = ["localization.pointing_game", "localization.pointing_game_chance", "localization.box_iou",
         "retrieval.i2t_r5", "retrieval.t2i_r5"]
+ALL_KEYS = KEYS + ["pointing_minus_chance"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,11 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         per_seed = {str(r["seed"]): {k: r["modes"][mode]["metrics"].get(k, float("nan")) for k in KEYS} for r in runs}
         for v in per_seed.values():
             v["pointing_minus_chance"] = v["localization.pointing_game"] - v["localization.pointing_game_chance"]
-        keys = KEYS + ["pointing_minus_chance"]
         table[mode] = {"per_seed": per_seed,
-                       "mean": {k: statistics.fmean(v[k] for v in per_seed.values()) for k in keys},
+                       "mean": {k: statistics.fmean(v[k] for v in per_seed.values()) for k in ALL_KEYS},
                        "sd": {k: (statistics.stdev(v[k] for v in per_seed.values()) if len(per_seed) > 1 else 0.0)
-                              for k in keys}}
+                              for k in ALL_KEYS}}
     ratios = {}
     if {"adaptive", "grid"} <= set(modes):
         for seed in table["adaptive"]["per_seed"]:
@@ -48,14 +48,13 @@ def main(argv: list[str] | None = None) -> int:
                             / table["grid"]["per_seed"][seed]["localization.box_iou"])
     seeds = ", ".join(str(r["seed"]) for r in runs)
     print(f"AdaMatch ablation over seeds {seeds} (test split, config {runs[0]['config']})")
-    print(f"{'metric':34s}" + "".join(f"{m:>24s}" for m in modes))
-    for k in KEYS + ["pointing_minus_chance"]:
+    print(f"{'metric':34s}" + "  ".join(f"{m + ': mean+-sd (per seed)':36s}" for m in modes))
+    for k in ALL_KEYS:
         cells = []
         for m in modes:
             vals = " ".join(f"{v[k]:.3f}" for v in table[m]["per_seed"].values())
             cells.append(f"{table[m]['mean'][k]:.3f}+-{table[m]['sd'][k]:.3f} ({vals})")
-        print(f"{k:34s}" + "".join(f"{c:>24s}" for c in cells) if len(cells[0]) <= 24 else
-              f"{k:34s}" + "  ".join(cells))
+        print(f"{k:34s}" + "  ".join(f"{c:36s}" for c in cells))
     targets = {}
     if "adaptive" in table:
         a = table["adaptive"]["mean"]

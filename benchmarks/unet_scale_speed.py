@@ -33,16 +33,21 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 
 
-def build(config: str, device: torch.device, latent_channels: int):
+def build(config: str, device: torch.device, latent_channels: int, upstream: str = "base"):
+    """The denoiser of diffusion preset ``config``; word / keypatch widths and the shared memory come from the
+    AdaMatch and report presets named ``upstream`` (the runs a real diffusion stage is built ``--from``)."""
     from medvl.config import load_config, resolve_config_path
     from medvl.models.diffusion_head import Denoiser, LatentDiffusion, ReportConditioner
-    from medvl.models.memory import MemoryConfig, SharedMemory
+    from medvl.models.memory import SharedMemory
+    from medvl.train.adamatch_stage import AdaMatchStageConfig
     from medvl.train.diffusion_stage import DiffusionStageConfig
+    from medvl.train.report_stage import ReportStageConfig
 
     cfg = load_config(DiffusionStageConfig, resolve_config_path("diffusion", config))
-    word_dim, keypatch_dim = 512, 256  # the `base` AdaMatch text width and embedding size
-    memory = SharedMemory(MemoryConfig(num_slots=2048, dim=512, num_heads=8, topk=32)) if cfg.condition.use_memory \
-        else None
+    adamatch = load_config(AdaMatchStageConfig, resolve_config_path("adamatch", upstream)).model
+    report = load_config(ReportStageConfig, resolve_config_path("report", upstream)).model
+    word_dim, keypatch_dim = adamatch.text.hidden_size, adamatch.embed_dim
+    memory = SharedMemory(report.memory) if cfg.condition.use_memory else None
     conditioner = ReportConditioner(cfg.condition, word_dim, keypatch_dim, cfg.unet.cross_attention_dim, memory)
     denoiser = Denoiser(cfg.unet, latent_channels, conditioner)
     model = LatentDiffusion(denoiser, cfg.noise, scale_factor=1.0).to(device)
@@ -135,6 +140,7 @@ def sample_row(cfg, model, feats: dict, latent: tuple[int, int, int], *, sampler
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="base", help="diffusion preset or YAML (default: base)")
+    p.add_argument("--upstream", default="base", help="AdaMatch and report preset whose sizes feed the conditioner")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--latent", type=int, default=64, help="latent side (base: 64 = 512 px with 8x downsampling)")
     p.add_argument("--latent-channels", type=int, default=3)
@@ -148,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    cfg, model, word_dim, keypatch_dim = build(args.config, device, args.latent_channels)
+    cfg, model, word_dim, keypatch_dim = build(args.config, device, args.latent_channels, args.upstream)
     latent = (args.latent_channels, args.latent, args.latent)
     n_unet = sum(p.numel() for p in model.denoiser.unet.parameters())
     n_all = sum(p.numel() for p in model.denoiser.parameters())
