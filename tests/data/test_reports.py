@@ -162,6 +162,8 @@ def test_all_iu_reports_parse():
 def test_iu_reports_from_a_folder(tmp_path):
     with tarfile.open(default_iu_reports_tgz()) as tf:
         members = [m for m in tf.getmembers() if m.name.endswith(("/1.xml", "/2.xml", "/10.xml"))]
-        tf.extractall(tmp_path, members=members, filter="data")
+        # The "data" filter (safe extraction) exists from Python 3.11.4 on; older 3.11 patch releases lack it.
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tf.extractall(tmp_path, members=members, **safe)
     reports = list(iter_iu_reports(tmp_path / "ecgen-radiology"))
     assert [r.uid for r in reports] == ["CXR1", "CXR2", "CXR10"]
