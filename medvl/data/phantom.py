@@ -199,6 +199,35 @@ def plan_findings(mentions: Sequence, rng: np.random.Generator, *, limit: int = 
     "nodules") draws two or three lesions. Retrocardiac findings are on the patient's left. Returns at most
     ``limit`` specs, in report order.
     """
+    entries, _ = _merge_mentions(mentions)
+    specs: list[DrawSpec] = []
+    for e in entries:
+        side = e.side
+        sided = e.kind not in CENTRAL_KINDS and (e.kind != Kind.DEVICE or e.device in SIDED_DEVICES)
+        if sided and side is None:
+            side = DEFAULT_DEVICE_SIDE.get(e.device) if e.device else None
+            side = side or Side(rng.choice(["left", "right"]))
+        zone = _zone_for(e.kind, e.zone, rng)
+        n = e.count + (int(rng.integers(0, 2)) if e.count > 1 else 0)
+        for _ in range(n):
+            specs.append(DrawSpec(kind=e.kind, side=side if sided else None, zone=zone, severity=e.severity,
+                                  device=e.device, finding=e.finding, observation=e.observation, word=e.word))
+    return specs[:limit]
+
+
+def stated_sides(mentions: Sequence) -> set[tuple[str, str]]:
+    """``{(finding, patient side)}`` for the one-sided findings whose side the report itself gives ("left
+    effusion", "bilateral ..." on both sides, a retrocardiac finding on the left), merged as :func:`plan_findings`
+    merges them. Findings drawn on a side the report leaves open (a random side, or a device's default side)
+    are not in it: ``regions.csv`` names the drawn side, this set says which of those the report stated."""
+    entries, _ = _merge_mentions(mentions)
+    return {(e.finding or e.kind.value, e.side.value) for e in entries if e.side is not None
+            and e.kind not in CENTRAL_KINDS and (e.kind != Kind.DEVICE or e.device in SIDED_DEVICES)}
+
+
+def _merge_mentions(mentions: Sequence) -> tuple[list[_Entry], list]:
+    """Positive mentions merged per finding, side and zone (sides and zones as the report states them, None where
+    it is silent), in report order; and the positive mentions."""
     entries: list[_Entry] = []
     positive = [m for m in mentions if m.value == POSITIVE and m.finding is not None]
     # Sided mentions first, so that an unsided mention of the same finding joins one of them.
@@ -238,19 +267,7 @@ def plan_findings(mentions: Sequence, rng: np.random.Generator, *, limit: int = 
             match.word = match.word or head
             match.count = max(match.count, 2 if plural else 1)
     entries.sort(key=lambda e: min(m.start for m in positive if Kind(m.finding.value) == e.kind))
-    specs: list[DrawSpec] = []
-    for e in entries:
-        side = e.side
-        sided = e.kind not in CENTRAL_KINDS and (e.kind != Kind.DEVICE or e.device in SIDED_DEVICES)
-        if sided and side is None:
-            side = DEFAULT_DEVICE_SIDE.get(e.device) if e.device else None
-            side = side or Side(rng.choice(["left", "right"]))
-        zone = _zone_for(e.kind, e.zone, rng)
-        n = e.count + (int(rng.integers(0, 2)) if e.count > 1 else 0)
-        for _ in range(n):
-            specs.append(DrawSpec(kind=e.kind, side=side if sided else None, zone=zone, severity=e.severity,
-                                  device=e.device, finding=e.finding, observation=e.observation, word=e.word))
-    return specs[:limit]
+    return entries, positive
 
 
 # --- the IU reports ---------------------------------------------------------------------------------------------

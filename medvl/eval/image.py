@@ -5,7 +5,9 @@
   synthesized from the test reports, scored against those reports' labels; beside it the same classifier on
   the real test scans (``image.real_label_auroc``, ``image.real_per_label.<name>.auroc``).
 * ``image.laterality_accuracy``: for findings drawn on one side (from the phantom's regions of the report's
-  study) and large enough to resolve (box's shorter side >= 10% of the image: 6 px at 64 px; granulomas,
+  study) *on the side the report states* (DESIGN.md: "one-sided findings drawn on the side the report says"; the
+  phantom draws a finding whose report gives no side on a random side, and those are left out) and large enough
+  to resolve (box's shorter side >= 10% of the image: 6 px at 64 px; granulomas,
   nodules, rib fractures and thin atelectasis bands fall below and are scored in ``..._all_sizes``), is the
   classifier's half-image logit for that finding higher on the side the report states?
   ``image.real_laterality_accuracy`` is the same measurement on the real test scans (it validates it);
@@ -183,6 +185,15 @@ class ScoringSplit:
     all_pairs: list
 
 
+def report_stated_sides(reports: Sequence[str]) -> list[set[tuple[str, str]]]:
+    """Per report, the ``(finding, patient side)`` pairs it states (:func:`medvl.data.phantom.stated_sides` of
+    medvl's labeler's reading; the phantom drew from the same reading)."""
+    from medvl.data.phantom import stated_sides
+    from medvl.text.labeler import extract_mentions
+
+    return [stated_sides(extract_mentions(r)) for r in reports]
+
+
 def _scoring_inputs(run: Path, data: Path, split: str, max_reports: int, device: str | None, classifier_config):
     """The diffusion run, the evaluation classifier (trained and cached if absent), its training report, and the
     split's scorable scans: what :func:`evaluate_diffusion` and :func:`tune_guidance` both score against."""
@@ -206,10 +217,13 @@ def _scoring_inputs(run: Path, data: Path, split: str, max_reports: int, device:
         logger.warning("%d %s scans have an empty report and are skipped", len(reports) - len(keep), split)
     dicom_ids = [arrays.dicom_ids[i] for i in keep]
     regions = _regions(data)
+    kept = [reports[i] for i in keep]
+    stated = report_stated_sides(kept) if regions is not None else None
     split_in = ScoringSplit(
-        images=arrays.images[keep], labels=arrays.labels[keep], reports=[reports[i] for i in keep],
-        pairs=laterality_pairs(regions, dicom_ids, classifier.side_findings, min_side=RESOLVABLE_MIN_SIDE),
-        all_pairs=laterality_pairs(regions, dicom_ids, classifier.side_findings))
+        images=arrays.images[keep], labels=arrays.labels[keep], reports=kept,
+        pairs=laterality_pairs(regions, dicom_ids, classifier.side_findings, min_side=RESOLVABLE_MIN_SIDE,
+                               stated=stated),
+        all_pairs=laterality_pairs(regions, dicom_ids, classifier.side_findings, stated=stated))
     return synth, classifier, creport, split_in
 
 
@@ -268,10 +282,12 @@ def evaluate_diffusion(*, run: Path, data: Path, split: str = "test", out: Path 
         "image.label_auroc": "macro ROC AUC over CheXpert labels with both classes among the test reports; "
                              "positive = label 1 (0, -1 and blank negative); classifier trained on real train "
                              "scans, selected on validation",
-        "image.laterality_accuracy": "pairs (scan, finding drawn on one side, box's shorter side >= "
-                                     f"{RESOLVABLE_MIN_SIDE:g} of the image); correct when the classifier's "
+        "image.laterality_accuracy": "pairs (scan, finding drawn on one side, the side its report states, box's "
+                                     f"shorter side >= {RESOLVABLE_MIN_SIDE:g} of the image; a side the phantom "
+                                     "drew at random for a sideless mention is left out); correct when the "
+                                     "classifier's "
                                      "half-image logit of that finding is higher on the stated side "
-                                     "(patient left = image right); _all_sizes: every one-sided finding",
+                                     "(patient left = image right); _all_sizes: the same without the size limit",
         "image.fid": "Frechet distance (MONAI FIDMetric) between real test scans and scans synthesized from "
                      "their reports, on image.fid_features",
         "image.ms_ssim_diversity": f"mean MS-SSIM (MONAI, {scales} scales, 11-px Gaussian kernel) between two "

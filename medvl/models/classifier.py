@@ -194,12 +194,16 @@ RESOLVABLE_MIN_SIDE = 0.1
 
 
 def laterality_pairs(regions: pd.DataFrame | None, dicom_ids: Sequence[str], findings: Sequence[str],
-                     min_side: float = 0.0) -> list[tuple[int, int, int]]:
-    """(image index, finding index, stated image half) for each finding drawn on exactly one side of an image
+                     min_side: float = 0.0,
+                     stated: Sequence[set[tuple[str, str]]] | None = None) -> list[tuple[int, int, int]]:
+    """(image index, finding index, drawn image half) for each finding drawn on exactly one side of an image
     whose largest box of that finding has a shorter side of at least ``min_side`` (fraction of the image).
 
-    The stated side is the ``side`` the phantom's labeler read in the report (patient side), mapped to the
-    image half a PA film shows it on (patient left -> image right).
+    The drawn side is ``regions.csv``'s ``side`` (patient side), mapped to the image half a PA film shows it on
+    (patient left -> image right). ``stated`` (one set per image, :func:`medvl.data.phantom.stated_sides` of its
+    report) keeps only the findings whose side the report states: the phantom draws a finding whose report gives
+    no side on a random side, which no report-conditioned model can know. Without ``stated`` every drawn side
+    counts (what the classifier's own validation uses: it reads images, not reports).
     """
     if regions is None or not len(findings):
         return []
@@ -214,7 +218,8 @@ def laterality_pairs(regions: pd.DataFrame | None, dicom_ids: Sequence[str], fin
             short = min(float(r.x1) - float(r.x0), float(r.y1) - float(r.y0))
             size[(i, j)] = max(size.get((i, j), 0.0), short)
     return sorted((i, j, PATIENT_SIDE_TO_HALF[next(iter(s))]) for (i, j), s in sides.items()
-                  if len(s) == 1 and next(iter(s)) in PATIENT_SIDE_TO_HALF and size[(i, j)] >= min_side)
+                  if len(s) == 1 and next(iter(s)) in PATIENT_SIDE_TO_HALF and size[(i, j)] >= min_side
+                  and (stated is None or (findings[j], next(iter(s))) in stated[i]))
 
 
 # ------------------------------------------------------------------------------------- metrics

@@ -24,6 +24,7 @@ from medvl.data.phantom import (
     ZONE_FALLBACK,
     plan_findings,
     prepare_phantom,
+    stated_sides,
 )
 from medvl.data.phantom_anatomy import lesion_diameters, load_lung_atlas
 from medvl.data.phantom_draw import Device, DrawSpec, Kind, Side, Zone, render_frontal
@@ -331,6 +332,27 @@ def test_default_side_is_recorded_and_seeded():
     sides = {_plan("Pleural effusion.", seed)[0].side for seed in range(12)}
     assert sides == {Side.LEFT, Side.RIGHT}
     assert _plan("Pleural effusion.", 3) == _plan("Pleural effusion.", 3)
+
+
+def test_stated_sides_leave_out_what_the_phantom_chose():
+    def stated(text: str) -> set[tuple[str, str]]:
+        return stated_sides(extract_mentions(text))
+
+    assert stated("Pleural effusion.") == set()  # drawn on a random side: the report does not say which
+    assert stated("Small left pleural effusion.") == {("effusion", "left")}
+    assert stated("Bilateral pleural effusions.") == {("effusion", "left"), ("effusion", "right")}
+    assert stated("Retrocardiac opacity.") == {("opacity", "left")}
+    assert stated("The heart is enlarged.") == set()  # central: no side
+    assert stated("Pacemaker in place.") == set()  # a device's default side is a convention, not the report's
+    assert stated("Left-sided pacemaker in place.") == {("device", "left")}
+    # a later sideless mention joins the sided one, as in plan_findings
+    assert stated("Small right effusion. The effusion is unchanged.") == {("effusion", "right")}
+    assert stated("No left effusion.") == set()
+    # every stated side is one plan_findings draws, whatever the seed
+    text = "Right lower lobe opacity. Pleural effusion. Left-sided pacemaker."
+    for seed in range(5):
+        drawn = {(s.finding or s.kind.value, s.side.value) for s in _plan(text, seed) if s.side}
+        assert stated(text) <= drawn and ("opacity", "right") in drawn
 
 
 @pytest.fixture(scope="module")

@@ -81,6 +81,11 @@ def test_side_targets_and_laterality_pairs():
                                                "x1": 0.15, "y0": 0.6, "y1": 0.9}])])
     assert laterality_pairs(small, ids, ["effusion"]) == [(0, 0, 1), (1, 0, 0), (3, 0, 0)]
     assert laterality_pairs(small, ids, ["effusion"], min_side=0.1) == [(0, 0, 1), (1, 0, 0)]  # 0.05 wide
+    # only the sides the reports state: b's report gave no side (the phantom chose one), c's says left but c has
+    # both sides drawn, d's states the right side
+    stated = [{("effusion", "left")}, set(), {("effusion", "left")}, {("effusion", "right")}]
+    assert laterality_pairs(small, ids, ["effusion"], stated=stated) == [(0, 0, 1), (3, 0, 0)]
+    assert laterality_pairs(small, ids, ["effusion"], stated=[{("effusion", "right")}] * 4) == [(1, 0, 0), (3, 0, 0)]
     logits = np.zeros((4, 1, 2))
     logits[0, 0] = [0.0, 2.0]
     logits[1, 0] = [0.0, 2.0]
