@@ -220,9 +220,25 @@ def stated_sides(mentions: Sequence) -> set[tuple[str, str]]:
     effusion", "bilateral ..." on both sides, a retrocardiac finding on the left), merged as :func:`plan_findings`
     merges them. Findings drawn on a side the report leaves open (a random side, or a device's default side)
     are not in it: ``regions.csv`` names the drawn side, this set says which of those the report stated."""
-    entries, _ = _merge_mentions(mentions)
-    return {(e.finding or e.kind.value, e.side.value) for e in entries if e.side is not None
-            and e.kind not in CENTRAL_KINDS and (e.kind != Kind.DEVICE or e.device in SIDED_DEVICES)}
+    return {(finding, side) for finding, side, _ in stated_layout(mentions)}
+
+
+def stated_layout(mentions: Sequence) -> list[tuple[str, str, str | None]]:
+    """``(finding, patient side, zone or None)`` for each one-sided finding whose side the report gives, merged
+    as :func:`plan_findings` merges them; the zone where the report gives one (a zone a finding cannot have is
+    mapped as the drawing maps it)."""
+    out = []
+    for e in _merge_mentions(mentions)[0]:
+        if e.side is None or e.kind in CENTRAL_KINDS or (e.kind == Kind.DEVICE and e.device not in SIDED_DEVICES):
+            continue
+        zone = e.zone
+        if zone is not None:
+            allowed = ALLOWED_ZONES.get(e.kind)
+            if allowed is not None and zone not in allowed:
+                fallback = ZONE_FALLBACK.get(zone, DEFAULT_ZONES[e.kind][0])
+                zone = fallback if fallback in allowed else DEFAULT_ZONES[e.kind][0]
+        out.append((e.finding or e.kind.value, e.side.value, zone.value if zone is not None else None))
+    return out
 
 
 def _merge_mentions(mentions: Sequence) -> tuple[list[_Entry], list]:

@@ -130,8 +130,18 @@ class ConditionConfig:
     memory_trainable: bool = False  # the memory comes from the report run and stays frozen by default
     token_mask: Literal["attention", "word"] = "attention"  # which AdaMatch mask marks a real token
     dropout: float = 0.1  # probability that a training sample sees the learned null context
+    # The layout hint behind ``unet.side_maps``: "halves" lights the image half of each side the report states a
+    # positive finding on (:func:`report_sides`); "zones" draws a soft box per stated (finding, side, zone) where
+    # such findings sit (:func:`report_layout`), from ``layout_prior``: "finding/side/zone" -> [cx, cy, w, h]
+    # (normalised image coordinates; zone "any" where the report gives none). An empty prior is estimated from
+    # the training split's region boxes when the dataset has them (IU-Phantom), else DEFAULT_LAYOUT_PRIOR.
+    layout: Literal["halves", "zones"] = "halves"
+    layout_prior: dict[str, list[float]] = field(default_factory=dict)
+    layout_grid: int = 16  # the maps are drawn at this size and resized to the latent grid
 
     def validate(self) -> None:
+        if self.layout_grid < 2:
+            raise ConfigError("condition.layout_grid must be at least 2")
         if self.max_tokens < 1:
             raise ConfigError("condition.max_tokens must be at least 1")
         if self.keypatches < 0:
@@ -271,7 +281,8 @@ class ReportFeatures:
     (special, stop word, punctuation, padding), 1 negated content word, 2 affirmed content word (the AdaMatch
     tokenizer's ``word_mask`` / ``match_mask``, from its negation scopes); keypatches (B, K, Dk) float;
     keypatch_boxes (B, K, 4) x0, y0, x1, y1 normalised; keypatch_mask (B, K) bool. K may be 0.
-    sides (B, 2) float: a positive finding stated on the patient's right / left (:func:`report_sides`).
+    sides (B, 2) float: a positive finding stated on the patient's right / left (:func:`report_sides`), or with
+    ``condition.layout: zones`` (B, 2, g, g) maps of where (:func:`report_layout`).
     """
 
     words: torch.Tensor
@@ -322,6 +333,75 @@ def report_sides(texts: Sequence[str]) -> torch.Tensor:
                 out[i, 0] = 1.0
             if side in ("left", "bilateral"):
                 out[i, 1] = 1.0
+    return out
+
+
+#: Where one-sided findings sit on a PA film by zone, patient right (image left); the patient's left mirrors x.
+#: [cx, cy, w, h] in normalised image coordinates, rough adult PA framing (lungs from about 10% to 75% of the
+#: height). Used when the training data has no region boxes to estimate a prior from.
+_RIGHT_ZONES = {"apex": [0.30, 0.15, 0.16, 0.12], "upper": [0.31, 0.27, 0.20, 0.15], "mid": [0.30, 0.42, 0.20, 0.15],
+                "lower": [0.30, 0.56, 0.22, 0.15], "base": [0.27, 0.67, 0.26, 0.12],
+                "perihilar": [0.40, 0.42, 0.14, 0.25], "any": [0.30, 0.45, 0.28, 0.50]}
+DEFAULT_LAYOUT_PRIOR: dict[str, list[float]] = {
+    **{f"*/right/{z}": v for z, v in _RIGHT_ZONES.items()},
+    **{f"*/left/{z}": [1 - v[0], *v[1:]] for z, v in _RIGHT_ZONES.items()},
+    "*/left/retrocardiac": [0.58, 0.58, 0.14, 0.16],
+    "effusion/right/any": _RIGHT_ZONES["base"], "effusion/left/any": [1 - _RIGHT_ZONES["base"][0], 0.67, 0.26, 0.12],
+}
+
+
+def layout_prior_from_regions(regions, dicom_ids: Sequence[str], min_count: int = 5) -> dict[str, list[float]]:
+    """Mean box [cx, cy, w, h] per "finding/side/zone", "finding/side/any", "*/side/zone" and "*/side/any" over
+    the one-sided region boxes of ``dicom_ids`` (a ``regions.csv`` frame); keys with fewer than ``min_count``
+    boxes are left out (:func:`report_layout` falls back to coarser keys, then to DEFAULT_LAYOUT_PRIOR)."""
+    import pandas as pd
+
+    r = regions[regions["dicom_id"].astype(str).isin(set(map(str, dicom_ids)))]
+    r = r[r["side"].astype(str).str.lower().isin(["left", "right"])]
+    if not len(r):
+        return {}
+    r = pd.DataFrame({"finding": r["finding"].astype(str), "side": r["side"].astype(str).str.lower(),
+                      "zone": r["zone"].astype(str).replace({"": "any", "nan": "any"}),
+                      "cx": (r["x0"] + r["x1"]) / 2, "cy": (r["y0"] + r["y1"]) / 2,
+                      "w": r["x1"] - r["x0"], "h": r["y1"] - r["y0"]})
+    out: dict[str, list[float]] = {}
+    for finding_key, zone_key in (("finding", "zone"), ("finding", None), (None, "zone"), (None, None)):
+        keys = [k for k in (finding_key, "side", zone_key) if k]
+        for key, g in r.groupby(keys):
+            if len(g) < min_count:
+                continue
+            key = dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True))
+            name = f"{key.get('finding', '*')}/{key['side']}/{key.get('zone', 'any')}"
+            out.setdefault(name, [round(float(g[c].mean()), 4) for c in ("cx", "cy", "w", "h")])
+    return out
+
+
+def report_layout(texts: Sequence[str], prior: dict[str, list[float]] | None = None, grid: int = 16) -> torch.Tensor:
+    """(B, 2, grid, grid) float in [0, 1]: where the report puts its one-sided positive findings, channel 0 for
+    the patient's right, 1 for the left (the order of :func:`report_sides`).
+
+    Each finding whose side the report states (:func:`medvl.data.phantom.stated_layout`: medvl's labeler, sides
+    and zones as written, "bilateral" on both sides, retrocardiac on the left) draws a Gaussian bump with the
+    prior's box for its finding, side and zone (falling back to the zone "any", then to any finding), standard
+    deviations half the box's width and height; bumps on one side combine by maximum. Sideless findings draw
+    nothing: the report does not say where they are.
+    """
+    from medvl.data.phantom import stated_layout
+    from medvl.text.labeler import extract_mentions
+
+    table = {**DEFAULT_LAYOUT_PRIOR, **(prior or {})}
+    centres = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid
+    out = torch.zeros(len(texts), 2, grid, grid)
+    for i, text in enumerate(texts):
+        for finding, side, zone in stated_layout(extract_mentions(text)):
+            z = zone or "any"
+            box = next(table[k] for k in (f"{finding}/{side}/{z}", f"{finding}/{side}/any", f"*/{side}/{z}",
+                                          f"*/{side}/any") if k in table)
+            cx, cy, w, h = box
+            gx = torch.exp(-0.5 * ((centres - cx) / max(w / 2, 0.5 / grid)) ** 2)
+            gy = torch.exp(-0.5 * ((centres - cy) / max(h / 2, 0.5 / grid)) ** 2)
+            c = 0 if side == "right" else 1
+            out[i, c] = torch.maximum(out[i, c], gy[:, None] * gx[None, :])
     return out
 
 
@@ -381,8 +461,9 @@ class ReportEncoder:
         else:
             feats, boxes = words.new_zeros(b, 0, d), words.new_zeros(b, 0, 4)
             kmask = torch.zeros(b, 0, dtype=torch.bool)
-        return ReportFeatures(words.cpu(), mask.cpu(), kind.cpu(), feats.cpu(), boxes.cpu(), kmask.cpu(),
-                              report_sides(texts))
+        hint = (report_layout(texts, self.cfg.layout_prior, self.cfg.layout_grid) if self.cfg.layout == "zones"
+                else report_sides(texts))
+        return ReportFeatures(words.cpu(), mask.cpu(), kind.cpu(), feats.cpu(), boxes.cpu(), kmask.cpu(), hint)
 
 
 class ReportConditioner(nn.Module):
@@ -516,7 +597,8 @@ class Denoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 sides: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C, h, w), timesteps (B,), context (B, L, Cc), sides (B, 2) or None (no hint) -> v (B, C, h, w)."""
+        """x (B, C, h, w), timesteps (B,), context (B, L, Cc), sides (B, 2) halves or (B, 2, g, g) layout maps, or
+        None (no hint) -> v (B, C, h, w)."""
         pooled = context[:, 0] if self.unet_cfg.global_condition else None  # the summary token
         b, _, h, w = x.shape
         xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w).expand(b, 1, h, w)
@@ -526,7 +608,11 @@ class Denoiser(nn.Module):
             extra += [xs, ys]  # x grows toward the image's right (the patient's left on a PA film)
         if self.unet_cfg.side_maps:
             s = x.new_zeros(b, 2) if sides is None else sides.to(x.dtype)
-            extra += [s[:, 0].view(b, 1, 1, 1) * (xs < 0), s[:, 1].view(b, 1, 1, 1) * (xs > 0)]
+            if s.dim() == 4:  # zone layout maps (condition.layout "zones")
+                extra.append(F.interpolate(s, size=(h, w), mode="bilinear", align_corners=False)
+                             if s.shape[-2:] != (h, w) else s)
+            else:  # halves
+                extra += [s[:, 0].view(b, 1, 1, 1) * (xs < 0), s[:, 1].view(b, 1, 1, 1) * (xs > 0)]
         if extra:
             x = torch.cat([x, *extra], 1)
         return self.unet(x, timesteps, context=context, class_labels=pooled)
@@ -592,7 +678,8 @@ class LatentDiffusion(nn.Module):
         context = net.conditioner(words, word_mask, word_kind, keypatches, keypatch_boxes, keypatch_mask,
                                   drop=drop)
         if sides is not None:
-            sides = torch.where(drop.view(b, 1), torch.zeros_like(sides), sides)  # the null condition: no hint
+            drop_view = drop.view(b, *([1] * (sides.dim() - 1)))
+            sides = torch.where(drop_view, torch.zeros_like(sides), sides)  # the null condition: no hint
         pred = net(noisy, timesteps, context, sides)
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
         if self.noise_cfg.loss_weighting == "min_snr":

@@ -421,6 +421,28 @@ class _CachedSet(Dataset):
         return item
 
 
+def estimate_layout_prior(data: Path, views: list[str]) -> dict[str, list[float]]:
+    """``condition.layout_prior`` from the training split's region boxes (``regions.csv``: IU-Phantom, or any
+    prepared dataset with boxes); {} without them (the built-in prior is used). Stored in the run's config, so
+    sampling draws the same maps."""
+    import pandas as pd
+
+    from medvl.data.prepared import REGIONS_FILE
+    from medvl.models.diffusion_head import layout_prior_from_regions
+
+    path = Path(data) / REGIONS_FILE
+    if not path.is_file():
+        logger.info("condition.layout zones: %s has no %s; using the built-in layout prior", data, REGIONS_FILE)
+        return {}
+    ds = PreparedDataset(data, "train")
+    ids = [str(ds.index.at[j, "dicom_id"]) for j in select_scans(ds, views, 0)]
+    regions = pd.read_csv(path, dtype={"dicom_id": str}, keep_default_na=False)
+    prior = layout_prior_from_regions(regions, ids)
+    logger.info("condition.layout zones: prior of %d finding/side/zone boxes from %d training scans' regions",
+                len(prior), len(ids))
+    return prior
+
+
 class DiffusionStage:
     """The :class:`medvl.train.loop.Stage` of ``medvl train diffusion``."""
 
@@ -435,6 +457,8 @@ class DiffusionStage:
         self.device = torch.device(device or _default_device())
         self.autoencoder = AutoencoderBundle.load(sources.autoencoder, device=self.device)
         self.adamatch = load_adamatch_run(sources.adamatch, device=self.device)
+        if cfg.condition.layout == "zones" and not cfg.condition.layout_prior:
+            cfg.condition.layout_prior = estimate_layout_prior(self.data, cfg.data.views)
         self.encoder = ReportEncoder(self.adamatch, cfg.condition, device=self.device)
         self.memory = None
         if sources.memory is not None:

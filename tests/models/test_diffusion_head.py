@@ -319,3 +319,62 @@ def test_side_maps_follow_the_positive_findings_of_the_report(synth):
     assert maps[1].abs().sum() == 0  # the null condition carries no hint
     assert maps[0, 0].sum() == 0  # nothing on the patient's right (image left)
     assert maps[0, 1, :, 8:].min() == 1 and maps[0, 1, :, :8].max() == 0  # patient's left = image right
+
+
+def test_layout_maps_draw_stated_findings_where_the_prior_puts_them():
+    import pandas as pd
+
+    from medvl.models.diffusion_head import layout_prior_from_regions, report_layout
+
+    regions = pd.DataFrame(
+        [{"dicom_id": f"a{i}", "finding": "effusion", "side": "left", "zone": "base", "x0": 0.6, "y0": 0.5 + i / 100,
+          "x1": 0.9, "y1": 0.7 + i / 100} for i in range(5)]
+        + [{"dicom_id": "b", "finding": "effusion", "side": "right", "zone": "base", "x0": 0.1, "y0": 0.5,
+            "x1": 0.4, "y1": 0.7},  # one box only: below min_count, left out
+           {"dicom_id": "c", "finding": "cardiomegaly", "side": "", "zone": "", "x0": 0.3, "y0": 0.3, "x1": 0.7,
+            "y1": 0.7}])
+    prior = layout_prior_from_regions(regions, [f"a{i}" for i in range(5)] + ["b", "c"])
+    assert prior["effusion/left/base"] == prior["effusion/left/any"] == prior["*/left/any"] == [0.75, 0.62, 0.3, 0.2]
+    assert not any("right" in k or "cardiomegaly" in k for k in prior)
+    assert layout_prior_from_regions(regions, ["c"]) == {}
+
+    maps = report_layout(["Small left pleural effusion.", "Pleural effusion.", "Bilateral effusions.",
+                          "No left effusion. Right upper lobe opacity.", "Cardiomegaly."], prior, grid=20)
+    assert maps.shape == (5, 2, 20, 20) and 0 <= maps.min() and maps.max() <= 1
+    left, centres = maps[0, 1], (torch.arange(20) + 0.5) / 20
+    cx, cy = float((left.sum(0) * centres).sum() / left.sum()), float((left.sum(1) * centres).sum() / left.sum())
+    assert abs(cx - 0.75) < 0.02 and abs(cy - 0.62) < 0.02 and maps[0, 0].sum() == 0  # the prior's box centre
+    assert maps[1].sum() == 0  # no side stated: nothing drawn
+    assert maps[2, 0].sum() > 0 and maps[2, 1].sum() > 0
+    assert maps[3, 1].sum() == 0 and divmod(int(maps[3, 0].argmax()), 20)[1] < 10  # patient right = image left
+    assert divmod(int(maps[3, 0].argmax()), 20)[0] < 10  # upper zone (the built-in prior)
+    assert maps[4].sum() == 0
+
+
+def test_a_zone_layout_run_keeps_its_prior_and_feeds_maps(tiny_prepared, runs, tmp_path):
+    from medvl.synthesize import Synthesizer
+    from tests.models.diffusion_standins import finish_run
+
+    stage = build_diffusion_stage(config_path="tiny", overrides=["condition.layout=zones"], data=tiny_prepared,
+                                  from_runs=[runs["ada"], runs["rep"], runs["ae"]])
+    assert stage.config.condition.layout_prior  # estimated from the toy data's regions.csv
+    model, _ = train_plain(stage, 2)
+    synth = Synthesizer.load(finish_run(stage, model, tmp_path / "zones"), device="cpu")
+    cond = synth.denoiser.conditioner.cfg
+    assert cond.layout == "zones" and cond.layout_prior == stage.config.condition.layout_prior
+    den = synth.denoiser
+    seen = []
+    hook = den.unet.conv_in.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    feats = synth.encoder.encode(["Small left pleural effusion."])
+    assert feats.sides.shape == (1, 2, cond.layout_grid, cond.layout_grid)
+    try:
+        with torch.no_grad():
+            guided_velocity(den, torch.zeros(1, 3, 16, 16), torch.tensor([300]), den.conditioner(**feats.as_kwargs()),
+                            den.conditioner.null_context(1), 2.0, sides=feats.sides)
+    finally:
+        hook.remove()
+    maps = seen[0][:, 5:]
+    assert maps[1].abs().sum() == 0 and maps[0, 0].sum() == 0  # null condition: none; patient right: none
+    assert maps[0, 1, :, 8:].sum() > 10 * maps[0, 1, :, :8].sum()  # the patient's left is the image's right
+    image = synth.synthesize("Small left pleural effusion.", seed=3)
+    assert torch.equal(image, synth.synthesize("Small left pleural effusion.", seed=3))
