@@ -65,16 +65,21 @@ def main() -> None:
     expected = np.array([1.0 if left else -1.0 for _, left in chosen])
 
     stated = syn.synthesize_with_keypatches(texts, seed=args.seed).images.float()
-    original = dh.report_sides
-    dh.report_sides = lambda t: original(t).flip(-1)
+    # Swap the hint's sides: halves swap their two flags; zone maps swap channels and mirror left to right, so
+    # a left-base box becomes a right-base box.
+    zones = syn.denoiser.conditioner.cfg.layout == "zones"
+    name = "report_layout" if zones else "report_sides"
+    original = getattr(dh, name)
+    setattr(dh, name, (lambda *a, **k: original(*a, **k).flip(1).flip(-1)) if zones
+            else (lambda t: original(t).flip(-1)))
     try:
         swapped = syn.synthesize_with_keypatches(texts, seed=args.seed).images.float()
     finally:
-        dh.report_sides = original
+        setattr(dh, name, original)
     gain = (half_asymmetry(stated) - half_asymmetry(swapped)) * expected
     result = {
         "benchmark": "diffusion_side_hint", "run": str(args.run), "data": str(args.data), "reports": len(texts),
-        "seed": args.seed, "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
+        "seed": args.seed, "layout": syn.denoiser.conditioner.cfg.layout, "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
         "sign_agreement": float((gain > 0).mean()), "mean_shift": float(gain.mean()), "shift_std": float(gain.std()),
         "mean_abs_change": float((stated - swapped).abs().mean()),
     }

@@ -108,9 +108,10 @@ class UNetConfig:
     # mirror-symmetric and convolutions are translation-equivariant, so without them the UNet can hardly tell
     # the image's left half from its right, i.e. cannot learn where "left effusion" goes.
     coordinate_channels: bool = True
-    # A layout hint read from the report (see :func:`report_sides`): two more input channels, one lit over the
-    # image's left half when a positive finding is stated on the patient's right, one over the image's right
-    # half for the patient's left. Zero for the null condition. Off in the MONAI recipe; on in the demo.
+    # A layout hint read from the report: two more input channels, one for the patient's right and one for the
+    # left. With ``condition.layout: halves`` (:func:`report_sides`) each lights its whole image half when the
+    # report states a positive finding on that side; with ``zones`` (:func:`report_layout`) it holds soft boxes
+    # where those findings sit. Zero for the null condition. Off in the MONAI recipe; on (zones) in the demo.
     side_maps: bool = False
 
     def validate(self) -> None:
