@@ -69,8 +69,14 @@ class AdaMatchConfig:
     # Report-to-image score: plain mean over affirmed words ("uniform", the paper) or weighted by each
     # word's inverse document frequency in the training reports ("idf", as BERTScore weights greedy matching).
     word_weighting: Literal["uniform", "idf"] = "idf"
+    # Weight of the word-level term (:func:`word_loss`): each affirmed word against the batch's images, positives
+    # the images whose reports affirm the same word. 0 = the paper's pair-level loss only. Computed on each
+    # process's own batch (no gathering across ranks).
+    word_loss_weight: float = 0.0
 
     def validate(self) -> None:
+        if self.word_loss_weight < 0:
+            raise ConfigError("model.word_loss_weight must be >= 0")
         if self.embed_dim < 1 or self.image_size < 8:
             raise ConfigError("model.embed_dim must be positive and model.image_size at least 8")
         if not 0 < self.temperature < 10:
@@ -155,13 +161,18 @@ def effective_masks(word_mask: torch.Tensor, match_mask: torch.Tensor, real: tor
     return word, match
 
 
+def word_order(word_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool -> (B, W) positions of the masked entries first (stable), W = max count (at least 1)."""
+    w = max(int(word_mask.sum(1).max()), 1)
+    return torch.argsort((~word_mask).to(torch.int8), dim=1, stable=True)[:, :w]
+
+
 def select_words(features: torch.Tensor, word_mask: torch.Tensor, match_mask: torch.Tensor,
                  weight: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """Gather the masked positions to the front: (B, T, D) -> (B, W, D), masks (B, W) [, weights (B, W)];
     W = max count. Cuts the similarity tensor from pieces (stop words, punctuation, padding) to content words.
     """
-    w = max(int(word_mask.sum(1).max()), 1)
-    order = torch.argsort((~word_mask).to(torch.int8), dim=1, stable=True)[:, :w]
+    order = word_order(word_mask)
     feats = features.gather(1, order.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
     out = (feats, word_mask.gather(1, order), match_mask.gather(1, order))
     if weight is None:
@@ -170,12 +181,14 @@ def select_words(features: torch.Tensor, word_mask: torch.Tensor, match_mask: to
 
 
 def token_scores(img: torch.Tensor, txt: torch.Tensor, i2t_mask: torch.Tensor, t2i_mask: torch.Tensor,
-                 chunk: int = 16, t2i_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 chunk: int = 16, t2i_weight: torch.Tensor | None = None, word_best: bool = False
+                 ) -> tuple[torch.Tensor, ...]:
     """Fine-grained scores of every image against every report.
 
     img (Bi, P, D) and txt (Bt, W, D) L2-normalised; i2t_mask, t2i_mask (Bt, W) bool; t2i_weight (Bt, W)
     optional word weights. Returns ``s_i2t`` (Bi, Bt) = mean over patches of the best i2t word, and
-    ``s_t2i`` (Bi, Bt) = (weighted) mean over t2i words of the best patch. ``chunk`` images at a time.
+    ``s_t2i`` (Bi, Bt) = (weighted) mean over t2i words of the best patch; with ``word_best`` also the best
+    patch similarity of every word in every image (Bi, Bt, W), for :func:`word_loss`. ``chunk`` images at a time.
     """
     neg = torch.finfo(img.dtype).min
     t2i = t2i_mask.to(img.dtype)
@@ -183,12 +196,36 @@ def token_scores(img: torch.Tensor, txt: torch.Tensor, i2t_mask: torch.Tensor, t
         t2i = t2i * t2i_weight.to(img.dtype)
     n_t2i = t2i.sum(1).clamp_min(1e-6)  # (Bt,)
     off = ~i2t_mask[None, :, None, :]  # (1, Bt, 1, W)
-    out_i2t, out_t2i = [], []
+    out_i2t, out_t2i, out_best = [], [], []
     for a in range(0, img.shape[0], max(1, chunk)):
         s = torch.einsum("ipd,jwd->ijpw", img[a:a + chunk], txt)  # (c, Bt, P, W)
         out_i2t.append(s.masked_fill(off, neg).amax(-1).mean(-1))
-        out_t2i.append((s.amax(2) * t2i).sum(-1) / n_t2i)
+        best = s.amax(2)  # (c, Bt, W)
+        out_t2i.append((best * t2i).sum(-1) / n_t2i)
+        if word_best:
+            out_best.append(best)
+    if word_best:
+        return torch.cat(out_i2t), torch.cat(out_t2i), torch.cat(out_best)
     return torch.cat(out_i2t), torch.cat(out_t2i)
+
+
+def word_loss(best: torch.Tensor, word_mask: torch.Tensor, word_ids: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Word-level InfoNCE over images: for every affirmed word w of report j, the images of the batch compete on
+    their best patch for w (``best`` (Bi, Bt, W) from :func:`token_scores`, Bi = Bt = B, image i paired with
+    report i). Positives: image j and every image whose report also affirms w (``word_ids`` (B, W): the word's
+    first-piece id; ``word_mask`` (B, W) bool: affirmed words), pooled as in MIL-NCE; negatives: the others.
+
+    The report-level scores let a word ride on whatever co-occurs with it (clips with a large heart after heart
+    surgery); here a large heart in an image whose report has no clips is a negative for "clips", so the word
+    has to find what only its positive images share.
+    """
+    b = best.shape[0]
+    same = (word_ids[:, :, None, None] == word_ids[None, None]) & word_mask[:, :, None, None]  # (Bi, Wi, Bt, W)
+    pos = same.any(1) | torch.eye(b, dtype=torch.bool, device=best.device)[:, :, None]  # (Bi, Bt, W)
+    logits = scale * best.float()
+    per_word = torch.logsumexp(logits, 0) - torch.logsumexp(logits.masked_fill(~pos, float("-inf")), 0)  # (Bt, W)
+    valid = word_mask.to(per_word.dtype)
+    return (per_word * valid).sum() / valid.sum().clamp_min(1.0)
 
 
 def contrastive_loss(logits: torch.Tensor, groups: torch.Tensor | None = None,
@@ -354,10 +391,21 @@ class AdaMatch(nn.Module):
         scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
         img = F.normalize(patches.features, dim=-1)
         txt, wm, mm, weight = self.select(tokens)
-        loss_i2t, loss_t2i = pair_loss(img, txt, wm, mm, scale, groups, self.cfg.chunk_size,
-                                       gather=self.cfg.gather_negatives, t2i_weight=weight)
+        if self.cfg.word_loss_weight > 0 and (not self.cfg.gather_negatives or _world()[1] == 1):
+            s_i2t, s_t2i, best = token_scores(img, txt, wm, mm, self.cfg.chunk_size, weight, word_best=True)
+            loss_i2t, loss_t2i = contrastive_loss(scale * s_i2t, groups), contrastive_loss(scale * s_t2i.t(), groups)
+        else:
+            loss_i2t, loss_t2i = pair_loss(img, txt, wm, mm, scale, groups, self.cfg.chunk_size,
+                                           gather=self.cfg.gather_negatives, t2i_weight=weight)
+            if self.cfg.word_loss_weight > 0:  # under DDP with gathered negatives: the word term on local pairs
+                _, _, best = token_scores(img, txt, wm, mm, self.cfg.chunk_size, weight, word_best=True)
         loss = 0.5 * (loss_i2t + loss_t2i) + patches.penalty
         out = {"loss_i2t": loss_i2t.detach(), "loss_t2i": loss_t2i.detach(), "size_penalty": patches.penalty.detach()}
+        if self.cfg.word_loss_weight > 0:
+            pieces = input_ids.gather(1, word_order(tokens.word_mask))  # each word's first piece, as in select()
+            loss_word = word_loss(best, mm, pieces, scale)
+            loss = loss + self.cfg.word_loss_weight * loss_word
+            out["loss_word"] = loss_word.detach()
         if self.cfg.global_weight > 0:
             gi = F.normalize(patches.global_features, dim=-1)
             gt = F.normalize(tokens.global_features, dim=-1)

@@ -16,6 +16,7 @@ from medvl.models.adamatch import (
     contrastive_loss,
     select_words,
     token_scores,
+    word_loss,
 )
 from medvl.models.encoders import pool_words
 from medvl.text.tokenizer import ReportTokenizer, train_wordpiece
@@ -79,6 +80,59 @@ def test_token_scores_and_loss_match_the_slow_reference(chunk):
     fast_w = token_scores(img, txt, i2t, t2i, chunk=chunk, t2i_weight=weight)
     ref_w = slow_scores(img, txt, i2t, t2i, weight)
     assert torch.allclose(fast_w[1].double(), ref_w[1], atol=1e-5) and torch.equal(fast_w[0], fast[0])
+
+
+def slow_word_loss(img, txt, affirmed, ids, scale):
+    """Reference word-level loss: loops over reports, words and images."""
+    b = img.shape[0]
+    terms = []
+    for j in range(b):
+        for w in range(txt.shape[1]):
+            if not affirmed[j, w]:
+                continue
+            logits = [scale * max(float(img[i, p] @ txt[j, w]) for p in range(img.shape[1])) for i in range(b)]
+            pos = [i for i in range(b) if i == j or any(affirmed[i, v] and ids[i, v] == ids[j, w]
+                                                       for v in range(txt.shape[1]))]
+            m = max(logits)
+            terms.append(math.log(sum(math.exp(x - m) for x in logits)) - math.log(sum(math.exp(logits[i] - m)
+                                                                                          for i in pos)))
+    return sum(terms) / len(terms)
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_word_loss_matches_the_slow_reference(chunk):
+    g = torch.Generator().manual_seed(1)
+    b, p, w, d = 5, 6, 4, 8
+    img = F.normalize(torch.randn(b, p, d, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(b, w, d, generator=g), dim=-1)
+    ids = torch.randint(10, 14, (b, w), generator=g)  # few distinct words: many shared between reports
+    affirmed = torch.rand(b, w, generator=g) > 0.3
+    affirmed[2] = False  # a report without affirmed words adds no term
+    _, _, best = token_scores(img, txt, affirmed | True, affirmed, chunk=chunk, word_best=True)
+    assert best.shape == (b, b, w)
+    scale = torch.tensor(1 / 0.07)
+    fast = word_loss(best, affirmed, ids, scale)
+    assert float(fast) == pytest.approx(slow_word_loss(img, txt, affirmed, ids, float(scale)), rel=1e-4)
+    # an image whose report affirms the word is a positive, not a negative: making every id distinct changes it
+    distinct = torch.arange(b * w).view(b, w)
+    assert float(word_loss(best, affirmed, distinct, scale)) != pytest.approx(float(fast), rel=1e-3)
+    assert float(word_loss(best, affirmed, distinct, scale)) == pytest.approx(
+        slow_word_loss(img, txt, affirmed, distinct, float(scale)), rel=1e-4)
+
+
+def test_model_with_the_word_term_adds_it_to_the_loss(toy):
+    ds, tok = toy
+    cfg, model = _tiny_model(tok)
+    model.eval()
+    items = [ds[i] for i in range(6)]
+    images = torch.stack([x["image"] for x in items])
+    batch = tok([x["report"] for x in items])
+    with torch.no_grad():
+        base = model(images, **batch)
+        model.cfg.word_loss_weight = 0.5
+        both = model(images, **batch)
+    assert float(both["loss_word"]) > 0 and "loss_word" not in base
+    assert float(both["loss"]) == pytest.approx(float(base["loss"]) + 0.5 * float(both["loss_word"]), rel=1e-5)
 
 
 def test_select_words_keeps_masked_positions_in_order():
