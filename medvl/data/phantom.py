@@ -183,6 +183,11 @@ def _zone_for(kind: Kind, zone: Zone | None, rng: np.random.Generator) -> Zone |
         return None
     if zone is None:
         return Zone(rng.choice([z.value for z in DEFAULT_ZONES[kind]]))
+    return _allowed_zone(kind, zone)
+
+
+def _allowed_zone(kind: Kind, zone: Zone) -> Zone:
+    """A stated zone the finding can have, or where the drawing puts a zone it cannot have."""
     allowed = ALLOWED_ZONES.get(kind)
     if allowed is not None and zone not in allowed:
         fallback = ZONE_FALLBACK.get(zone, DEFAULT_ZONES[kind][0])
@@ -199,7 +204,7 @@ def plan_findings(mentions: Sequence, rng: np.random.Generator, *, limit: int = 
     "nodules") draws two or three lesions. Retrocardiac findings are on the patient's left. Returns at most
     ``limit`` specs, in report order.
     """
-    entries, _ = _merge_mentions(mentions)
+    entries = _merge_mentions(mentions)
     specs: list[DrawSpec] = []
     for e in entries:
         side = e.side
@@ -228,22 +233,17 @@ def stated_layout(mentions: Sequence) -> list[tuple[str, str, str | None]]:
     as :func:`plan_findings` merges them; the zone where the report gives one (a zone a finding cannot have is
     mapped as the drawing maps it)."""
     out = []
-    for e in _merge_mentions(mentions)[0]:
+    for e in _merge_mentions(mentions):
         if e.side is None or e.kind in CENTRAL_KINDS or (e.kind == Kind.DEVICE and e.device not in SIDED_DEVICES):
             continue
-        zone = e.zone
-        if zone is not None:
-            allowed = ALLOWED_ZONES.get(e.kind)
-            if allowed is not None and zone not in allowed:
-                fallback = ZONE_FALLBACK.get(zone, DEFAULT_ZONES[e.kind][0])
-                zone = fallback if fallback in allowed else DEFAULT_ZONES[e.kind][0]
-        out.append((e.finding or e.kind.value, e.side.value, zone.value if zone is not None else None))
+        zone = _allowed_zone(e.kind, e.zone).value if e.zone is not None else None
+        out.append((e.finding or e.kind.value, e.side.value, zone))
     return out
 
 
-def _merge_mentions(mentions: Sequence) -> tuple[list[_Entry], list]:
+def _merge_mentions(mentions: Sequence) -> list[_Entry]:
     """Positive mentions merged per finding, side and zone (sides and zones as the report states them, None where
-    it is silent), in report order; and the positive mentions."""
+    it is silent), in report order."""
     entries: list[_Entry] = []
     positive = [m for m in mentions if m.value == POSITIVE and m.finding is not None]
     # Sided mentions first, so that an unsided mention of the same finding joins one of them.
@@ -283,7 +283,7 @@ def _merge_mentions(mentions: Sequence) -> tuple[list[_Entry], list]:
             match.word = match.word or head
             match.count = max(match.count, 2 if plural else 1)
     entries.sort(key=lambda e: min(m.start for m in positive if Kind(m.finding.value) == e.kind))
-    return entries, positive
+    return entries
 
 
 # --- the IU reports ---------------------------------------------------------------------------------------------

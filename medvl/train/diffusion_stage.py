@@ -425,18 +425,14 @@ def estimate_layout_prior(data: Path, views: list[str]) -> dict[str, list[float]
     """``condition.layout_prior`` from the training split's region boxes (``regions.csv``: IU-Phantom, or any
     prepared dataset with boxes); {} without them (the built-in prior is used). Stored in the run's config, so
     sampling draws the same maps."""
-    import pandas as pd
-
-    from medvl.data.prepared import REGIONS_FILE
     from medvl.models.diffusion_head import layout_prior_from_regions
 
-    path = Path(data) / REGIONS_FILE
-    if not path.is_file():
-        logger.info("condition.layout zones: %s has no %s; using the built-in layout prior", data, REGIONS_FILE)
-        return {}
     ds = PreparedDataset(data, "train")
+    regions = ds.regions()
+    if regions is None:
+        logger.info("condition.layout zones: %s has no region boxes; using the built-in layout prior", data)
+        return {}
     ids = [str(ds.index.at[j, "dicom_id"]) for j in select_scans(ds, views, 0)]
-    regions = pd.read_csv(path, dtype={"dicom_id": str}, keep_default_na=False)
     prior = layout_prior_from_regions(regions, ids)
     logger.info("condition.layout zones: prior of %d finding/side/zone boxes from %d training scans' regions",
                 len(prior), len(ids))

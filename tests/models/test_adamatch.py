@@ -121,12 +121,7 @@ def test_word_loss_matches_the_slow_reference(chunk):
 
 
 def test_model_with_the_word_term_adds_it_to_the_loss(toy):
-    ds, tok = toy
-    cfg, model = _tiny_model(tok)
-    model.eval()
-    items = [ds[i] for i in range(6)]
-    images = torch.stack([x["image"] for x in items])
-    batch = tok([x["report"] for x in items])
+    model, images, batch = _tiny_model_and_batch(toy)
     with torch.no_grad():
         base = model(images, **batch)
         model.cfg.word_loss_weight = 0.5
@@ -168,13 +163,17 @@ def toy(tiny_prepared):
     return ds, tok
 
 
-def test_model_loss_equals_the_reference_on_its_own_encodings(toy):
+def _tiny_model_and_batch(toy, n: int = 6):
+    """The tiny model in eval mode, the first ``n`` training images and their tokenised reports."""
     ds, tok = toy
     _, model = _tiny_model(tok)
     model.eval()
-    items = [ds[i] for i in range(6)]
-    images = torch.stack([x["image"] for x in items])
-    batch = tok([x["report"] for x in items])
+    items = [ds[i] for i in range(n)]
+    return model, torch.stack([x["image"] for x in items]), tok([x["report"] for x in items])
+
+
+def test_model_loss_equals_the_reference_on_its_own_encodings(toy):
+    model, images, batch = _tiny_model_and_batch(toy)
     with torch.no_grad():
         out = model(images, **batch)
         patches = model.encode_image(images)
