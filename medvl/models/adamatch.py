@@ -212,8 +212,9 @@ def token_scores(img: torch.Tensor, txt: torch.Tensor, i2t_mask: torch.Tensor, t
 def word_loss(best: torch.Tensor, word_mask: torch.Tensor, word_ids: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Word-level InfoNCE over images: for every affirmed word w of report j, the images of the batch compete on
     their best patch for w (``best`` (Bi, Bt, W) from :func:`token_scores`, Bi = Bt = B, image i paired with
-    report i). Positives: image j and every image whose report also affirms w (``word_ids`` (B, W): the word's
-    first-piece id; ``word_mask`` (B, W) bool: affirmed words), pooled as in MIL-NCE; negatives: the others.
+    report i). Positives: image j and every image whose report also affirms w (``word_ids`` (B, W): one id per
+    word, equal for the same word: the model passes stem ids, so "granulomas" is "granuloma"; ``word_mask`` (B, W)
+    bool: affirmed words), pooled as in MIL-NCE; negatives: the others.
 
     The report-level scores let a word ride on whatever co-occurs with it (clips with a large heart after heart
     surgery); here a large heart in an image whose report has no clips is a negative for "clips", so the word
@@ -384,8 +385,12 @@ class AdaMatch(nn.Module):
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 word_ids: torch.Tensor | None = None, word_mask: torch.Tensor | None = None,
                 match_mask: torch.Tensor | None = None, groups: torch.Tensor | None = None,
-                word_weight: torch.Tensor | None = None) -> dict:
-        """The whole training computation (so DDP sees it): returns ``loss`` and detached logs."""
+                word_weight: torch.Tensor | None = None, word_key: torch.Tensor | None = None) -> dict:
+        """The whole training computation (so DDP sees it): returns ``loss`` and detached logs.
+
+        ``word_key`` (B, T) (from the tokenizer: each content word's stem id at its pieces) decides which words
+        are the same word in the word-level term, so "granulomas" and "granulomatous" count as "granuloma";
+        without it, words are matched by their first piece."""
         patches = self.encode_image(images)
         tokens = self.encode_text(input_ids, attention_mask, word_ids, word_mask, match_mask, word_weight)
         scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
@@ -402,7 +407,11 @@ class AdaMatch(nn.Module):
         loss = 0.5 * (loss_i2t + loss_t2i) + patches.penalty
         out = {"loss_i2t": loss_i2t.detach(), "loss_t2i": loss_t2i.detach(), "size_penalty": patches.penalty.detach()}
         if self.cfg.word_loss_weight > 0:
-            pieces = input_ids.gather(1, word_order(tokens.word_mask))  # each word's first piece, as in select()
+            order = word_order(tokens.word_mask)  # the positions select() gathered
+            pieces = input_ids.gather(1, order)  # each word's first piece
+            if word_key is not None:  # fallback pieces without a stem keep their own identity (ids <= 0)
+                stems = word_key.gather(1, order)
+                pieces = torch.where(stems > 0, stems, -1 - pieces)
             loss_word = word_loss(best, mm, pieces, scale)
             loss = loss + self.cfg.word_loss_weight * loss_word
             out["loss_word"] = loss_word.detach()

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -174,6 +175,7 @@ class TokenizedReports:
     match_mask: torch.Tensor
     word_weight: torch.Tensor
     words: list[list[Word]]
+    word_key: torch.Tensor | None = None  # (B, T) int64: word_key_id of each content word's stem at its pieces
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "word_ids": self.word_ids,
@@ -242,6 +244,7 @@ class ReportTokenizer:
         word_mask = torch.zeros((b, t), dtype=torch.bool)
         match_mask = torch.zeros((b, t), dtype=torch.bool)
         word_weight = torch.zeros((b, t), dtype=torch.float32)
+        word_key = torch.zeros((b, t), dtype=torch.long)
         all_words: list[list[Word]] = []
         for i, text in enumerate(texts):
             spans = negated_spans(text)
@@ -265,10 +268,11 @@ class ReportTokenizer:
                         word_mask[i, pos] = True
                         match_mask[i, pos] = not neg
                         word_weight[i, pos] = self.weight(low)
+                        word_key[i, pos] = word_key_id(low)
                 word_ids[i, pos] = seen[wid]
             all_words.append(words)
         return TokenizedReports(enc["input_ids"], enc["attention_mask"], word_ids, word_mask, match_mask,
-                                word_weight, all_words)
+                                word_weight, all_words, word_key)
 
     def __call__(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """``dict(input_ids, attention_mask, word_ids, word_mask, match_mask, word_weight)``, each ``(B, T)``."""
@@ -288,6 +292,30 @@ class ReportTokenizer:
         meta_path = directory / TOKENIZER_META
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         return cls(load_hf_tokenizer(directory), **meta)
+
+
+# Suffix rewrites that map a finding word's forms onto one stem, tried in order (the first that applies wins):
+# granulomatous / granulomata -> granuloma, emphysematous -> emphysema, opacities -> opacity,
+# atelectatic -> atelectasis. Then a plural "s" goes (not from -ss, -is, -us: mass, atelectasis, hiatus).
+_STEM_REWRITES = (("atous", "a"), ("ata", "a"), ("ies", "y"), ("atic", "asis"), ("sses", "ss"))
+
+
+def word_stem(word: str) -> str:
+    """The stem that pools a report word's forms (``granuloma``, ``granulomas``, ``granulomatous``;
+    ``opacity``, ``opacities``; ``effusion``, ``effusions``): lower-cased, a few suffix rewrites, no plural "s".
+    Only forms of one word meet; it is a key, not a linguistic stem."""
+    w = word.lower()
+    for suffix, repl in _STEM_REWRITES:
+        if w.endswith(suffix) and len(w) - len(suffix) >= 2:
+            return w[: -len(suffix)] + repl
+    if len(w) > 3 and w.endswith("s") and not w.endswith(("ss", "is", "us")):
+        return w[:-1]
+    return w
+
+
+def word_key_id(word: str) -> int:
+    """A positive int64 id of :func:`word_stem` (CRC-32 + 1: stable across processes and runs, never 0)."""
+    return zlib.crc32(word_stem(word).encode()) + 1
 
 
 def content_words(text: str) -> list[Word]:

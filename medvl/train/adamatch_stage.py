@@ -143,7 +143,8 @@ class AdaMatchStage:
             images = augment_images(images, self.config.augment)
         reports = [x["report"] for x in items]
         labels = torch.stack([x["labels"] for x in items]) if self.config.merge_normal else None
-        return {"images": images, **self.tokenizer(reports), "groups": report_groups(reports, labels)}
+        enc = self.tokenizer.encode(reports)
+        return {"images": images, **enc.tensors(), "word_key": enc.word_key, "groups": report_groups(reports, labels)}
 
     def training_step(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         out = model(**batch)

@@ -339,6 +339,8 @@ def test_groups_merge_identical_and_normal_reports_and_abnormal_oversampling(tin
     assert len(stage.train_dataset()) == len(base) + 2 * abnormal
     batch = stage.collate([base[i] for i in range(6)])
     assert batch["groups"].shape == (6,) and batch["images"].shape == (6, 1, 64, 64)
+    assert batch["word_key"].shape == batch["input_ids"].shape  # stem ids for the word-level term
+    assert ((batch["word_key"] > 0) == batch["word_mask"]).all()
 
 
 def test_negatives_gathered_across_two_processes_match_one_process(tmp_path):
@@ -397,3 +399,16 @@ def test_lexical_path_keeps_word_identity(toy):
                                                                  attention_mask=enc.attention_mask).last_hidden_state)
     expected = pool_words(ctx + model.text_encoder.lexical(emb), enc.word_ids)
     assert torch.allclose(feats, expected, atol=1e-5)
+
+
+def test_word_term_matches_words_by_their_word_key(toy):
+    model, images, batch = _tiny_model_and_batch(toy)
+    model.cfg.word_loss_weight = 1.0
+    with torch.no_grad():
+        by_piece = model(images, **batch)["loss_word"]
+        same_partition = torch.where(batch["word_mask"], batch["input_ids"] + 1, 0)
+        again = model(images, **batch, word_key=same_partition)["loss_word"]
+        one_stem = torch.where(batch["word_mask"], 7, 0)  # every word the same: every image is a positive
+        pooled = model(images, **batch, word_key=one_stem)["loss_word"]
+    assert float(again) == pytest.approx(float(by_piece), rel=1e-6)
+    assert float(by_piece) > 0.1 and float(pooled) < 0.5 * float(by_piece)

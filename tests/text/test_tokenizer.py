@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from medvl.errors import ConfigError, InvalidReportError
-from medvl.text.tokenizer import ReportTokenizer, load_hf_tokenizer, negated_spans, train_wordpiece
+from medvl.text.tokenizer import (
+    ReportTokenizer,
+    load_hf_tokenizer,
+    negated_spans,
+    train_wordpiece,
+    word_key_id,
+    word_stem,
+)
 
 REPORTS = [
     "Small left pleural effusion. No pneumothorax.",
@@ -85,3 +92,26 @@ def test_idf_weights_favour_rare_affirmed_words(tok):
     enc = t.encode(["Small left pleural effusion."])
     w = enc.word_weight[0]
     assert (w[~enc.word_mask[0]] == 0).all() and (w[enc.word_mask[0]] > 0).all()
+
+
+@pytest.mark.parametrize("forms", [("granuloma", "granulomas", "granulomatous", "granulomata", "Granuloma"),
+                                   ("opacity", "opacities"), ("effusion", "effusions"), ("mass", "masses"),
+                                   ("atelectasis", "atelectatic"), ("emphysema", "emphysematous")])
+def test_word_stem_pools_a_words_forms(forms):
+    assert len({word_stem(w) for w in forms}) == 1
+
+
+def test_word_stem_keeps_different_words_apart():
+    words = ["granuloma", "nodule", "mass", "opacity", "effusion", "atelectasis", "cardiomegaly", "cardiomediastinal",
+             "hiatus", "lung", "lungs", "clip", "clips"]
+    assert len({word_stem(w) for w in words}) == len(words) - 2  # lung(s) and clip(s) pool, nothing else
+
+
+def test_word_keys_mark_content_words_by_stem(tok):
+    enc = tok.encode(["Small left pleural effusions. No pneumothorax.", "Right pleural effusion."])
+    assert enc.word_key.shape == enc.input_ids.shape
+    assert ((enc.word_key > 0) == enc.word_mask).all()  # a key exactly where a content word starts
+    key = {enc.words[b][int(enc.word_ids[b, t])].text: int(enc.word_key[b, t])
+           for b in range(2) for t in torch.nonzero(enc.word_mask[b]).flatten()}
+    assert key["effusions"] == key["effusion"] == word_key_id("effusion")
+    assert key["left"] != key["Right"] and key["pleural"] == word_key_id("pleural")
