@@ -70,8 +70,9 @@ class AdaMatchConfig:
     # word's inverse document frequency in the training reports ("idf", as BERTScore weights greedy matching).
     word_weighting: Literal["uniform", "idf"] = "idf"
     # Weight of the word-level term (:func:`word_loss`): each affirmed word against the batch's images, positives
-    # the images whose reports affirm the same word. 0 = the paper's pair-level loss only. Computed on each
-    # process's own batch (no gathering across ranks).
+    # the images whose reports affirm the same word (its forms pooled by stem when the batch carries ``word_key``,
+    # as the AdaMatch stage's does). 0 = the paper's pair-level loss only (the default; the demo preset uses 1).
+    # Computed on each process's own batch (no gathering across ranks).
     word_loss_weight: float = 0.0
 
     def validate(self) -> None:
@@ -388,7 +389,7 @@ class AdaMatch(nn.Module):
                 word_weight: torch.Tensor | None = None, word_key: torch.Tensor | None = None) -> dict:
         """The whole training computation (so DDP sees it): returns ``loss`` and detached logs.
 
-        ``word_key`` (B, T) (from the tokenizer: each content word's stem id at its pieces) decides which words
+        ``word_key`` (B, T) (from the tokenizer: each content word's stem id at its first piece) decides which words
         are the same word in the word-level term, so "granulomas" and "granulomatous" count as "granuloma";
         without it, words are matched by their first piece."""
         patches = self.encode_image(images)

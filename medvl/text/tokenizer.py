@@ -115,12 +115,25 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int = 4000, min_frequency:
     texts = [t for t in texts if t and t.strip()]
     if not texts:
         raise InvalidReportError("cannot train a tokenizer: no non-empty training reports")
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    # The trainer creates each "##c" piece when it first meets c inside a word while walking a hash map, so the
+    # pieces' ids, and through them the tie-breaks between equally frequent merges, change from run to run
+    # (huggingface/tokenizers#1794): the same reports gave vocabularies differing in ~250 of 2,000 ids, which
+    # broke same-seed reproducibility and made a resumed run (or another DDP rank) retrain a different tokenizer.
+    # Registering every "##c" up front, in sorted order, leaves nothing to the hash order.
+    inner = sorted({c for t in texts for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(t))
+                    for c in w[1:]})
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=list(SPECIAL_TOKENS), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
+                                        special_tokens=[*SPECIAL_TOKENS, *(f"##{c}" for c in inner)],
+                                        show_progress=False)
+    trained = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    trained.normalizer, trained.pre_tokenizer = normalizer, pre_tokenizer
+    trained.train_from_iterator(texts, trainer)
+    # The same vocabulary in a fresh model, so that only the real special tokens are special.
+    tok = Tokenizer(models.WordPiece(vocab=trained.get_vocab(), unk_token="[UNK]", continuing_subword_prefix="##"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -175,7 +188,7 @@ class TokenizedReports:
     match_mask: torch.Tensor
     word_weight: torch.Tensor
     words: list[list[Word]]
-    word_key: torch.Tensor | None = None  # (B, T) int64: word_key_id of each content word's stem at its pieces
+    word_key: torch.Tensor | None = None  # (B, T) int64: word_key_id at each content word's first piece, else 0
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "word_ids": self.word_ids,

@@ -412,3 +412,37 @@ def test_word_term_matches_words_by_their_word_key(toy):
         pooled = model(images, **batch, word_key=one_stem)["loss_word"]
     assert float(again) == pytest.approx(float(by_piece), rel=1e-6)
     assert float(by_piece) > 0.1 and float(pooled) < 0.5 * float(by_piece)
+
+
+def test_adamatch_resume_in_a_fresh_stage_is_exact(tiny_prepared, tmp_path):
+    """Crash during step 5, resume with a newly built stage (its tokenizer retrained, as a new process or another
+    DDP rank does): the same weights and tokenizer as an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from medvl.train.adamatch_stage import build_stage
+    from medvl.train.loop import fit
+
+    def stage():
+        return build_stage(config_path=CONFIG_ROOT / "adamatch" / "tiny.yaml", data=tiny_prepared,
+                           overrides=["train.eval_every=0", "model.word_loss_weight=1.0"])
+
+    fit(stage(), tmp_path / "straight")
+    crashing = stage()
+    step = crashing.training_step
+    calls = []
+
+    def crash_at_five(model, batch):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("simulated crash")
+        return step(model, batch)
+
+    crashing.training_step = crash_at_five
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(crashing, tmp_path / "resumed")
+    fit(stage(), tmp_path / "resumed", resume=True)
+    a, b = (load_file(str(tmp_path / r / "adamatch" / "model.safetensors")) for r in ("straight", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    vocab = [json.loads((tmp_path / r / "adamatch" / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
+             for r in ("straight", "resumed")]
+    assert vocab[0] == vocab[1]

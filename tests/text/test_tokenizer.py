@@ -115,3 +115,16 @@ def test_word_keys_mark_content_words_by_stem(tok):
            for b in range(2) for t in torch.nonzero(enc.word_mask[b]).flatten()}
     assert key["effusions"] == key["effusion"] == word_key_id("effusion")
     assert key["left"] != key["Right"] and key["pleural"] == word_key_id("pleural")
+
+
+def test_wordpiece_training_is_deterministic():
+    # tokenizers' trainer numbers "##c" pieces in hash-map order (huggingface/tokenizers#1794): on these two
+    # reports it gave a different vocabulary in each of 30 runs before medvl registered the pieces up front.
+    texts = ["Mild cardiomegaly with a small left pleural effusion and bibasilar atelectasis.",
+             "Calcified granuloma in the right upper lobe. No pneumothorax or focal consolidation."] * 2
+    vocabs = {tuple(sorted(train_wordpiece(texts, vocab_size=80, min_frequency=1).get_vocab().items()))
+              for _ in range(10)}
+    assert len(vocabs) == 1
+    tok = train_wordpiece(texts, vocab_size=80, min_frequency=1)
+    assert sorted(tok.all_special_tokens) == sorted(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    assert "[UNK]" not in tok.tokenize("Calcified granuloma. Left effusion.")
