@@ -41,7 +41,7 @@ def _timed(fn, repeats: int) -> float:
 def measure(mode: str, config: str, data: Path, steps: int, warmup: int) -> dict:
     import torch.nn.functional as F
 
-    from medvl.models.adamatch import contrastive_loss, token_scores
+    from medvl.models.adamatch import contrastive_loss, token_scores, word_loss, word_order
     from medvl.train.adamatch_stage import build_stage
 
     torch.manual_seed(0)
@@ -98,9 +98,15 @@ def measure(mode: str, config: str, data: Path, steps: int, warmup: int) -> dict
     txt0, wm, mm, ww = model.select(tok)
     txt = txt0.clone().requires_grad_(True)
 
-    def run_loss():
-        s1, s2 = token_scores(img, txt, wm, mm, model.cfg.chunk_size, ww)
-        (contrastive_loss(s1 / 0.07) + contrastive_loss(s2.t() / 0.07)).backward()
+    def run_loss():  # as AdaMatch.forward: the pair-level loss, plus the word-level term where the config has it
+        if model.cfg.word_loss_weight > 0:
+            s1, s2, best = token_scores(img, txt, wm, mm, model.cfg.chunk_size, ww, word_best=True)
+            stems = b["word_key"].gather(1, word_order(tok.word_mask))
+            extra = model.cfg.word_loss_weight * word_loss(best, mm, stems, torch.tensor(1 / 0.07))
+        else:
+            s1, s2 = token_scores(img, txt, wm, mm, model.cfg.chunk_size, ww)
+            extra = 0.0
+        (contrastive_loss(s1 / 0.07) + contrastive_loss(s2.t() / 0.07) + extra).backward()
 
     parts = {name: _timed(fn, 3) for name, fn in (("backbone", run_backbone), ("patch_layer", run_patches),
                                                     ("text_encoder", run_text), ("similarity_loss", run_loss))}
