@@ -41,7 +41,7 @@ def _timed(fn, repeats: int) -> float:
 def measure(mode: str, config: str, data: Path, steps: int, warmup: int) -> dict:
     import torch.nn.functional as F
 
-    from medvl.models.adamatch import contrastive_loss, token_scores, word_loss, word_order
+    from medvl.models.adamatch import contrastive_loss, token_scores, word_identities, word_loss, word_order
     from medvl.train.adamatch_stage import build_stage
 
     torch.manual_seed(0)
@@ -101,8 +101,8 @@ def measure(mode: str, config: str, data: Path, steps: int, warmup: int) -> dict
     def run_loss():  # as AdaMatch.forward: the pair-level loss, plus the word-level term where the config has it
         if model.cfg.word_loss_weight > 0:
             s1, s2, best = token_scores(img, txt, wm, mm, model.cfg.chunk_size, ww, word_best=True)
-            stems = b["word_key"].gather(1, word_order(tok.word_mask))
-            extra = model.cfg.word_loss_weight * word_loss(best, mm, stems, torch.tensor(1 / 0.07))
+            ids = word_identities(b["input_ids"], word_order(tok.word_mask), b["word_key"])
+            extra = model.cfg.word_loss_weight * word_loss(best, mm, ids, torch.tensor(1 / 0.07))
         else:
             s1, s2 = token_scores(img, txt, wm, mm, model.cfg.chunk_size, ww)
             extra = 0.0

@@ -210,6 +210,18 @@ def token_scores(img: torch.Tensor, txt: torch.Tensor, i2t_mask: torch.Tensor, t
     return torch.cat(out_i2t), torch.cat(out_t2i)
 
 
+def word_identities(input_ids: torch.Tensor, order: torch.Tensor, word_key: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """(B, W) ids for :func:`word_loss` of the words at ``order`` (from :func:`word_order`): their stem ids from
+    ``word_key`` (B, T), so a word's forms are one word; without ``word_key``, or at fallback pieces without a stem,
+    the first piece (as ``-1 - id`` where stems exist, so the two kinds of id never meet)."""
+    pieces = input_ids.gather(1, order)
+    if word_key is None:
+        return pieces
+    stems = word_key.gather(1, order)
+    return torch.where(stems > 0, stems, -1 - pieces)
+
+
 def word_loss(best: torch.Tensor, word_mask: torch.Tensor, word_ids: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Word-level InfoNCE over images: for every affirmed word w of report j, the images of the batch compete on
     their best patch for w (``best`` (Bi, Bt, W) from :func:`token_scores`, Bi = Bt = B, image i paired with
@@ -408,12 +420,8 @@ class AdaMatch(nn.Module):
         loss = 0.5 * (loss_i2t + loss_t2i) + patches.penalty
         out = {"loss_i2t": loss_i2t.detach(), "loss_t2i": loss_t2i.detach(), "size_penalty": patches.penalty.detach()}
         if self.cfg.word_loss_weight > 0:
-            order = word_order(tokens.word_mask)  # the positions select() gathered
-            pieces = input_ids.gather(1, order)  # each word's first piece
-            if word_key is not None:  # fallback pieces without a stem keep their own identity (ids <= 0)
-                stems = word_key.gather(1, order)
-                pieces = torch.where(stems > 0, stems, -1 - pieces)
-            loss_word = word_loss(best, mm, pieces, scale)
+            ids = word_identities(input_ids, word_order(tokens.word_mask), word_key)  # the words select() gathered
+            loss_word = word_loss(best, mm, ids, scale)
             loss = loss + self.cfg.word_loss_weight * loss_word
             out["loss_word"] = loss_word.detach()
         if self.cfg.global_weight > 0:

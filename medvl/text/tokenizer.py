@@ -188,7 +188,7 @@ class TokenizedReports:
     match_mask: torch.Tensor
     word_weight: torch.Tensor
     words: list[list[Word]]
-    word_key: torch.Tensor | None = None  # (B, T) int64: word_key_id at each content word's first piece, else 0
+    word_key: torch.Tensor  # (B, T) int64: word_key_id at each content word's first piece, else 0
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "word_ids": self.word_ids,
