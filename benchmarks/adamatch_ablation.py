@@ -34,7 +34,7 @@ def patch_geometry(run_dir: Path, data: Path, split: str = "test", limit: int = 
     """Mean centre shift and box side (cells) of the trained model on ``split`` images."""
     from medvl.data.prepared import PreparedDataset
     from medvl.models.adamatch import AdaMatchRun
-    from medvl.models.adapatch import PatchLayout, patch_stats
+    from medvl.models.adamatch.patches import PatchLayout, patch_stats
 
     run = AdaMatchRun.load(run_dir)
     ds = PreparedDataset(data, split)

@@ -42,7 +42,7 @@ def measure(mode: str, config: str, data: Path, steps: int, warmup: int) -> dict
     import torch.nn.functional as F
 
     from medvl.models.adamatch import contrastive_loss, token_scores, word_identities, word_loss, word_order
-    from medvl.train.adamatch_stage import build_stage
+    from medvl.train.stages.adamatch import build_stage
 
     torch.manual_seed(0)
     stage = build_stage(config_path=_config_path(config), overrides=[f"model.patches.mode={mode}"], data=data)

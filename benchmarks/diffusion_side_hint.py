@@ -44,9 +44,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
 
-    import medvl.models.diffusion_head as dh
+    import medvl.models.diffusion as dh
     from medvl.errors import MedvlError
-    from medvl.synthesize import Synthesizer
+    from medvl.inference.synthesize import Synthesizer
 
     try:
         syn = Synthesizer.load(args.run)

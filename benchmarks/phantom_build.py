@@ -46,8 +46,8 @@ def draw_cpu_ms(sizes: tuple[int, ...], n: int) -> dict[int, float]:
     import numpy as np
 
     from medvl.data.phantom import labelled_text, load_iu_reports, plan_findings
-    from medvl.data.phantom_anatomy import lesion_diameters, load_lung_atlas
-    from medvl.data.phantom_draw import render_frontal
+    from medvl.data.phantom.anatomy import lesion_diameters, load_lung_atlas
+    from medvl.data.phantom.draw import render_frontal
     from medvl.text.labeler import extract_mentions
 
     atlas, lesions = load_lung_atlas(), lesion_diameters()

@@ -54,8 +54,8 @@ def score_with_beams(run: Path, data: Path, beams: int) -> dict[str, float]:
     from medvl.eval.clinical import label_reports
     from medvl.eval.nlg import NLGScorer
     from medvl.eval.report import _run_config, generate_for_split, score_reports
-    from medvl.generate import ReportGenerator
-    from medvl.train.report_stage import report_split
+    from medvl.inference.generate import ReportGenerator
+    from medvl.train.stages.report import report_split
 
     test = report_split(data, "test", _run_config(run).data)
     refs = [str(r) for r in test.index["report"]]

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def run_row(synth, reports, labels, classifier, *, sampler: str, steps: int, guidance: float, precision: str,
             batch: int, seed: int = 0) -> dict:
-    from medvl.models.classifier import label_aurocs, predict
+    from medvl.eval.classifier import label_aurocs, predict
 
     synth.synthesize(reports[:batch], steps=steps, guidance=guidance, sampler=sampler, seed=seed,
                      batch_size=batch, precision=precision)  # warm-up
@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-extra", action="store_true", help="only the default and the MONAI-recipe rows")
     args = p.parse_args(argv)
 
-    from medvl.models.classifier import ClassifierConfig, load_or_train_classifier, load_split
-    from medvl.synthesize import Synthesizer
+    from medvl.eval.classifier import ClassifierConfig, load_or_train_classifier, load_split
+    from medvl.inference.synthesize import Synthesizer
 
     synth = Synthesizer.load(args.run, device=args.device)
     classifier, _ = load_or_train_classifier(args.data, ClassifierConfig(), device=synth.device)

@@ -8,7 +8,7 @@ H100: about 120 training images/s at batch 16 in bf16 with flash attention, DDIM
 (the same MONAI ``DiffusionModelUNet`` sizes plus our report conditioner, CoordConv channels and the frozen
 shared memory, random weights: speed does not depend on them) and measures, side by side in one process:
 
-* training: :class:`medvl.models.diffusion_head.LatentDiffusion` forward + backward + AdamW + EMA update, images/s,
+* training: :class:`medvl.models.diffusion.LatentDiffusion` forward + backward + AdamW + EMA update, images/s,
   bf16 autocast against fp32;
 * sampling (UNet only, autoencoder decode excluded), seconds per image at batch 8 with classifier-free guidance
   (conditional and unconditional halves batched): the MONAI recipe (DDIM 50 steps, fp32), DDIM 50 in bf16 and
@@ -37,11 +37,11 @@ def build(config: str, device: torch.device, latent_channels: int, upstream: str
     """The denoiser of diffusion preset ``config``; word / keypatch widths and the shared memory come from the
     AdaMatch and report presets named ``upstream`` (the runs a real diffusion stage is built ``--from``)."""
     from medvl.config import load_config, resolve_config_path
-    from medvl.models.diffusion_head import Denoiser, LatentDiffusion, ReportConditioner
+    from medvl.models.diffusion import Denoiser, LatentDiffusion, ReportConditioner
     from medvl.models.memory import SharedMemory
-    from medvl.train.adamatch_stage import AdaMatchStageConfig
-    from medvl.train.diffusion_stage import DiffusionStageConfig
-    from medvl.train.report_stage import ReportStageConfig
+    from medvl.train.stages.adamatch import AdaMatchStageConfig
+    from medvl.train.stages.diffusion import DiffusionStageConfig
+    from medvl.train.stages.report import ReportStageConfig
 
     cfg = load_config(DiffusionStageConfig, resolve_config_path("diffusion", config))
     adamatch = load_config(AdaMatchStageConfig, resolve_config_path("adamatch", upstream)).model
@@ -76,7 +76,7 @@ def sync(device: torch.device) -> None:
 
 def train_row(cfg, model, feats: dict, latent: tuple[int, int, int], *, precision: str, steps: int, warmup: int,
               device: torch.device) -> dict:
-    from medvl.models.diffusion_head import autocast_context
+    from medvl.models.diffusion import autocast_context
 
     batch = feats["words"].shape[0]
     model.train()
@@ -107,7 +107,7 @@ def train_row(cfg, model, feats: dict, latent: tuple[int, int, int], *, precisio
 
 def sample_row(cfg, model, feats: dict, latent: tuple[int, int, int], *, sampler: str, steps: int, guidance: float,
                precision: str, repeats: int, device: torch.device) -> dict:
-    from medvl.models.diffusion_head import autocast_context, build_sampler, sample_latents
+    from medvl.models.diffusion import autocast_context, build_sampler, sample_latents
 
     model.eval()
     den = model.ema

@@ -6,7 +6,7 @@ synthesize scans from reports, with boxes and words as explanations.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from medvl.version import __version__
 
 __all__ = ["__version__", "load"]
 

@@ -112,23 +112,23 @@ class Pipeline:
 
     @property
     def reporter(self):
-        """The :class:`~medvl.generate.ReportGenerator` of the report run."""
+        """The :class:`~medvl.inference.generate.ReportGenerator` of the report run."""
         if self._reporter is None:
             if "report" not in self.runs:
                 raise RunError("no report run loaded: train one with `medvl train report` (or load a demo directory)")
-            from medvl.generate import ReportGenerator
+            from medvl.inference.generate import ReportGenerator
 
             self._reporter = ReportGenerator.load(self.runs["report"], device=self.device)
         return self._reporter
 
     @property
     def synthesizer(self):
-        """The :class:`~medvl.synthesize.Synthesizer` of the diffusion run."""
+        """The :class:`~medvl.inference.synthesize.Synthesizer` of the diffusion run."""
         if self._synthesizer is None:
             if "diffusion" not in self.runs:
                 raise RunError("no diffusion run loaded: train one with `medvl train diffusion` "
                                "(or load a demo directory)")
-            from medvl.synthesize import Synthesizer
+            from medvl.inference.synthesize import Synthesizer
 
             self._synthesizer = Synthesizer.load(self.runs["diffusion"], device=self.device)
         return self._synthesizer
@@ -169,7 +169,7 @@ class Pipeline:
 
     # ---- the four jobs
     def generate_report(self, scans: ScanLike | Sequence[ScanLike], beams: int | None = None):
-        """Scan(s) -> :class:`~medvl.generate.GeneratedReport` (one, or a list for a list of scans):
+        """Scan(s) -> :class:`~medvl.inference.generate.GeneratedReport` (one, or a list for a list of scans):
         the text, tokens, score and the AdaMatch keywords given as hints, with their boxes."""
         rep = self.reporter
         images, single = self._batch(scans, rep.image_size)
@@ -178,16 +178,16 @@ class Pipeline:
 
     def synthesize(self, reports: str | Sequence[str], steps: int | None = None, guidance: float | None = None,
                    seed: int = 0):
-        """Report(s) -> :class:`~medvl.synthesize.Synthesis`: ``images`` (B, 1, S, S) in [-1024, 1024] and
+        """Report(s) -> :class:`~medvl.inference.synthesize.Synthesis`: ``images`` (B, 1, S, S) in [-1024, 1024] and
         the keypatch boxes that guided each. Same seed, same image."""
         if isinstance(reports, str) and not reports.strip():
             raise InvalidReportError("the report is empty")
         return self.synthesizer.synthesize_with_keypatches(reports, steps=steps, guidance=guidance, seed=seed)
 
     def explain(self, scan: ScanLike, word: str | None = None, out: str | Path | None = None, top_k: int = 6):
-        """Scan -> :class:`~medvl.explain.Explanation`: ranked keywords with boxes, all adaptive boxes
+        """Scan -> :class:`~medvl.inference.explain.Explanation`: ranked keywords with boxes, all adaptive boxes
         (P, 4), and the similarity map (S, S) of ``word``; drawn to ``out`` (PNG) when given."""
-        from medvl.explain import explain_image
+        from medvl.inference.explain import explain_image
 
         run = self.adamatch
         image = self.read_scan(scan, run.image_size)[0]
@@ -229,18 +229,18 @@ def load(run_dir: str | Path, device: str | None = None) -> Pipeline:
 
 
 def generate_report_command(*args, **kwargs) -> int:
-    from medvl.generate import generate_report_command as command
+    from medvl.inference.generate import generate_report_command as command
 
     return command(*args, **kwargs)
 
 
 def synthesize_command(*args, **kwargs) -> int:
-    from medvl.synthesize import synthesize_command as command
+    from medvl.inference.synthesize import synthesize_command as command
 
     return command(*args, **kwargs)
 
 
 def explain_command(*args, **kwargs) -> int:
-    from medvl.explain import explain_command as command
+    from medvl.inference.explain import explain_command as command
 
     return command(*args, **kwargs)

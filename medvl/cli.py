@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from medvl import __version__
+from medvl.version import __version__
 
 
 def _views(text: str) -> list[str]:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medvl.explain import explain_command, explain_image, similarity_map
+from medvl.inference.explain import explain_command, explain_image, similarity_map
 from medvl.models.adamatch import AdaMatchRun
 from tests.models.adamatch_fixtures import train_tiny_run
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from medvl.generate import GeneratedReport, ReportGenerator, generate_report_command, load_scan
+from medvl.inference.generate import GeneratedReport, ReportGenerator, generate_report_command, load_scan
 from medvl.text.chexpert import CHEXPERT_LABELS
 from tests.models.report_fixtures import one_thread, tiny_runs
 

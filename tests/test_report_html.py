@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from medvl.report_html import StudyExample, png_data_uri, render_html
+from medvl.report.html import StudyExample, png_data_uri, render_html
 from tests.browser import check_page
 
 

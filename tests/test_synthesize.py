@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from medvl.errors import InvalidReportError
-from medvl.synthesize import Synthesizer, check_report, synthesize_command, write_png, write_synthetic_dicom
+from medvl.inference.synthesize import Synthesizer, check_report, synthesize_command, write_png, write_synthetic_dicom
 from tests.models.diffusion_standins import build_tiny_runs, one_thread, use_toy_adamatch
 
 

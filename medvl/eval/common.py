@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from medvl import __version__
+from medvl.version import __version__
 
 
 def _clean(value: Any) -> Any:

@@ -95,15 +95,15 @@ def evaluate_cyclic(*, run: Path, data: Path, split: str = "test", out: Path | N
     from medvl.eval.clinical import ce_metrics, label_reports
     from medvl.eval.common import metrics_record, write_metrics
     from medvl.eval.image import synthesize_reports
-    from medvl.generate import ReportGenerator
-    from medvl.models.classifier import (
+    from medvl.inference.generate import ReportGenerator
+    from medvl.eval.classifier import (
         ClassifierConfig,
         label_aurocs,
         load_or_train_classifier,
         load_split,
         predict,
     )
-    from medvl.synthesize import Synthesizer
+    from medvl.inference.synthesize import Synthesizer
 
     runs = find_runs(run)
     for need in ("report", "diffusion"):

@@ -1,7 +1,7 @@
 """``medvl evaluate diffusion``: scans synthesized from test reports, scored (DESIGN.md section 4).
 
 * ``image.label_auroc`` (macro) and ``image.per_label.<name>.auroc``: the dataset's classifier
-  (:mod:`medvl.models.classifier`, trained on real training scans, selected on validation) run on scans
+  (:mod:`medvl.eval.classifier`, trained on real training scans, selected on validation) run on scans
   synthesized from the test reports, scored against those reports' labels; beside it the same classifier on
   the real test scans (``image.real_label_auroc``, ``image.real_per_label.<name>.auroc``).
 * ``image.laterality_accuracy``: for findings drawn on one side (from the phantom's regions of the report's
@@ -100,7 +100,7 @@ def score_scans(classifier, images: np.ndarray, labels: np.ndarray, pairs, prefi
                 all_pairs=None) -> dict[str, float]:
     """``{prefix}label_auroc``, ``{prefix}per_label.<name>.auroc``, ``{prefix}laterality_accuracy`` (resolvable
     findings), ``{prefix}laterality_accuracy_all_sizes`` and per finding kind (``per_finding.<kind>``)."""
-    from medvl.models.classifier import label_aurocs, laterality_accuracy, predict
+    from medvl.eval.classifier import label_aurocs, laterality_accuracy, predict
 
     probs, sides, _ = predict(classifier, images)
     aucs = label_aurocs(probs, labels)
@@ -197,7 +197,7 @@ def report_stated_sides(reports: Sequence[str]) -> list[set[tuple[str, str]]]:
 def _scoring_inputs(run: Path, data: Path, split: str, max_reports: int, device: str | None, classifier_config):
     """The diffusion run, the evaluation classifier (trained and cached if absent), its training report, and the
     split's scorable scans: what :func:`evaluate_diffusion` and :func:`tune_guidance` both score against."""
-    from medvl.models.classifier import (
+    from medvl.eval.classifier import (
         RESOLVABLE_MIN_SIDE,
         ClassifierConfig,
         _regions,
@@ -205,7 +205,7 @@ def _scoring_inputs(run: Path, data: Path, split: str, max_reports: int, device:
         load_or_train_classifier,
         load_split,
     )
-    from medvl.synthesize import Synthesizer
+    from medvl.inference.synthesize import Synthesizer
 
     synth = Synthesizer.load(run, device=device)
     classifier, creport = load_or_train_classifier(data, classifier_config or ClassifierConfig(),
@@ -235,7 +235,7 @@ def evaluate_diffusion(*, run: Path, data: Path, split: str = "test", out: Path 
     """Score the diffusion run ``run`` on ``split`` of ``data``; write the metrics to ``out`` (and a grid PNG)."""
     from medvl.config import config_hash
     from medvl.eval.common import metrics_record, write_metrics
-    from medvl.models.classifier import RESOLVABLE_MIN_SIDE, fid_extractor
+    from medvl.eval.classifier import RESOLVABLE_MIN_SIDE, fid_extractor
 
     run, data = Path(run), Path(data)
     synth, classifier, creport, split_in = _scoring_inputs(run, data, split, max_reports, device, classifier_config)
@@ -305,7 +305,7 @@ def evaluate_diffusion(*, run: Path, data: Path, split: str = "test", out: Path 
         missing["image.laterality_accuracy"] = "no one-sided findings with regions in this split"
     try:
         from medvl.config import load_config
-        from medvl.train.diffusion_stage import DiffusionStageConfig
+        from medvl.train.stages.diffusion import DiffusionStageConfig
 
         chash = config_hash(load_config(DiffusionStageConfig, run / "config.yaml")) \
             if (run / "config.yaml").exists() else None
@@ -328,7 +328,7 @@ def tune_guidance(*, run: Path, data: Path, values: Sequence[float] = (2.0, 3.0,
     """Pick the run's default guidance on the *validation* split (never test): the value with the best mean of
     ``image.label_auroc`` and ``image.laterality_accuracy``; with ``write`` it becomes the run's default in
     ``scheduler.json``. Returns the validation scores per value."""
-    from medvl.models.diffusion_head import SCHEDULER_FILE, load_scheduler_config, save_scheduler_config
+    from medvl.models.diffusion import SCHEDULER_FILE, load_scheduler_config, save_scheduler_config
 
     run, data = Path(run), Path(data)
     synth, classifier, _, val = _scoring_inputs(run, data, "validate", max_reports, device, classifier_config)

@@ -42,7 +42,7 @@ def predictions_path(out: Path) -> Path:
 
 def _run_config(run: Path) -> Any:
     from medvl.config import load_config
-    from medvl.train.report_stage import ReportStageConfig
+    from medvl.train.stages.report import ReportStageConfig
 
     path = run / "config.yaml"
     return load_config(ReportStageConfig, path) if path.exists() else ReportStageConfig()
@@ -119,8 +119,8 @@ def find_ablations(run: Path) -> dict[str, Path]:
 
 def evaluate_report(*, run: Path, data: Path, split: str = "test", out: Path | None = None) -> dict:
     """Score the report run ``run`` on ``split`` of the prepared dataset ``data``; see the module docstring."""
-    from medvl.generate import ReportGenerator
-    from medvl.train.report_stage import report_split
+    from medvl.inference.generate import ReportGenerator
+    from medvl.train.stages.report import report_split
 
     run, data = Path(run), Path(data)
     if not (run / "report_head.json").exists():

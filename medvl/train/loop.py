@@ -469,7 +469,7 @@ def fit(stage: Stage, out: Path, *, resume: bool = False, config_dump: dict | No
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    import medvl
+    from medvl.version import __version__
 
     started = time.perf_counter()
     cfg = stage.train
@@ -737,7 +737,7 @@ def fit(stage: Stage, out: Path, *, resume: bool = False, config_dump: dict | No
         seconds = session_seconds_before + (time.perf_counter() - started)
         result = {
             "stage": stage.name,
-            "medvl_version": medvl.__version__,
+            "medvl_version": __version__,
             "from": from_abs,
             "best_step": state.best_step,
             "best_metrics": state.best_metrics,

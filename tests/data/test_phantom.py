@@ -26,8 +26,8 @@ from medvl.data.phantom import (
     prepare_phantom,
     stated_sides,
 )
-from medvl.data.phantom_anatomy import lesion_diameters, load_lung_atlas
-from medvl.data.phantom_draw import Device, DrawSpec, Kind, Side, Zone, render_frontal
+from medvl.data.phantom.anatomy import lesion_diameters, load_lung_atlas
+from medvl.data.phantom.draw import Device, DrawSpec, Kind, Side, Zone, render_frontal
 from medvl.data.prepared import PreparedDataset, read_index
 from medvl.data.reports import parse_mimic_report, report_text
 from medvl.errors import DataError

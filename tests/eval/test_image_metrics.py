@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from medvl.eval.image import evaluate_diffusion, mean_ms_ssim, ms_ssim_weights, tune_guidance
-from medvl.models.classifier import ClassifierConfig
+from medvl.eval.classifier import ClassifierConfig
 from tests.models.diffusion_standins import build_tiny_runs, one_thread, use_toy_adamatch
 
 TINY_CLASSIFIER = ClassifierConfig(image_size=32, channels=[8, 16, 32], steps=40, eval_every=20, batch_size=16,
@@ -61,7 +61,7 @@ def test_evaluate_diffusion_writes_the_contract_keys(tiny_prepared, tmp_path):
     scores = tune_guidance(run=run, data=tiny_prepared, values=(0.0, 2.0), write=True,
                            classifier_config=TINY_CLASSIFIER)
     assert set(scores) == {0.0, 2.0}
-    from medvl.models.diffusion_head import load_scheduler_config
+    from medvl.models.diffusion import load_scheduler_config
 
     _, sampler = load_scheduler_config(run / "scheduler.json")
     best = max(scores, key=lambda g: scores[g]["image.label_auroc"] + scores[g]["image.laterality_accuracy"])

@@ -13,7 +13,7 @@ from medvl.config import CONFIG_ROOT
 
 def train_tiny_run(data: Path, out: Path, steps: int = 8, overrides: list[str] | None = None) -> Path:
     """Build the tiny AdaMatch stage on ``data``, take ``steps`` optimiser steps, save the run to ``out``."""
-    from medvl.train.adamatch_stage import build_stage
+    from medvl.train.stages.adamatch import build_stage
 
     torch.manual_seed(0)
     stage = build_stage(config_path=CONFIG_ROOT / "adamatch" / "tiny.yaml", overrides=overrides or [], data=data)

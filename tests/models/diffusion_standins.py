@@ -133,9 +133,9 @@ def one_thread():
 
 def use_toy_adamatch(monkeypatch) -> None:
     """Route the diffusion head's AdaMatch loading to the stand-in."""
-    import medvl.models.diffusion_head as head
-    import medvl.synthesize as synth
-    import medvl.train.diffusion_stage as stage
+    import medvl.models.diffusion as head
+    import medvl.inference.synthesize as synth
+    import medvl.train.stages.diffusion as stage
 
     for mod in (head, stage, synth):
         if hasattr(mod, "load_adamatch_run"):
@@ -188,7 +188,7 @@ def finish_run(stage, model, run_dir: Path) -> Path:
 
 def build_tiny_runs(root: Path, data: Path, monkeypatch=None, diffusion_steps: int = 6) -> dict[str, Path]:
     """Tiny autoencoder, stand-in AdaMatch and report runs, and a diffusion run trained a few steps."""
-    import medvl.train.diffusion_stage as st
+    import medvl.train.stages.diffusion as st
 
     root.mkdir(parents=True, exist_ok=True)
     ae_stage = st.build_autoencoder_stage(config_path="tiny", overrides=[], data=data)

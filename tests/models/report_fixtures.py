@@ -28,8 +28,8 @@ def make_tiny_adamatch_run(data: Path, out: Path, seed: int = 0) -> Path:
         build_adamatch,
         build_keywords_and_bank,
     )
-    from medvl.models.adapatch import AdaPatchConfig
-    from medvl.models.encoders import BackboneConfig, TextEncoderConfig
+    from medvl.models.adamatch.patches import AdaPatchConfig
+    from medvl.models.adamatch.encoders import BackboneConfig, TextEncoderConfig
     from medvl.text.tokenizer import ReportTokenizer, train_wordpiece
 
     ds = PreparedDataset(data, "train")

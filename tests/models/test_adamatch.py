@@ -18,9 +18,9 @@ from medvl.models.adamatch import (
     token_scores,
     word_loss,
 )
-from medvl.models.encoders import pool_words
+from medvl.models.adamatch.encoders import pool_words
 from medvl.text.tokenizer import ReportTokenizer, train_wordpiece
-from medvl.train.adamatch_stage import AdaMatchStageConfig
+from medvl.train.stages.adamatch import AdaMatchStageConfig
 from tests.models.adamatch_fixtures import gather_inputs, gather_worker, train_tiny_run
 
 
@@ -323,7 +323,7 @@ def test_medvl_train_adamatch_through_the_shared_loop(tiny_prepared, tmp_path):
 
 
 def test_groups_merge_identical_and_normal_reports_and_abnormal_oversampling(tiny_prepared):
-    from medvl.train.adamatch_stage import build_stage, report_groups
+    from medvl.train.stages.adamatch import build_stage, report_groups
 
     labels = torch.full((4, 14), float("nan"))
     labels[0, 0] = labels[3, 0] = 1.0  # "No Finding"
@@ -419,7 +419,7 @@ def test_adamatch_resume_in_a_fresh_stage_is_exact(tiny_prepared, tmp_path):
     DDP rank does): the same weights and tokenizer as an uninterrupted run."""
     from safetensors.torch import load_file
 
-    from medvl.train.adamatch_stage import build_stage
+    from medvl.train.stages.adamatch import build_stage
     from medvl.train.loop import fit
 
     def stage():

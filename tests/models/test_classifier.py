@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medvl.errors import RunError
-from medvl.models.classifier import (
+from medvl.eval.classifier import (
     ClassifierConfig,
     XrayClassifier,
     XrvDenseNetFeatures,

@@ -11,7 +11,7 @@ import torch
 
 from medvl.config import CONFIG_ROOT, load_config
 from medvl.errors import ConfigError, RunError
-from medvl.models.diffusion_head import (
+from medvl.models.diffusion import (
     AutoencoderBundle,
     NoiseScheduleConfig,
     SamplerConfig,
@@ -23,7 +23,7 @@ from medvl.models.diffusion_head import (
     load_scheduler_config,
     save_scheduler_config,
 )
-from medvl.train.diffusion_stage import (
+from medvl.train.stages.diffusion import (
     AutoencoderStageConfig,
     DiffusionStageConfig,
     build_autoencoder_stage,
@@ -47,7 +47,7 @@ def runs(tiny_prepared, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def synth(runs):
-    from medvl.synthesize import Synthesizer
+    from medvl.inference.synthesize import Synthesizer
 
     return Synthesizer.load(runs["diff"], device="cpu")
 
@@ -299,7 +299,7 @@ def test_coordinate_channels_tell_left_from_right(synth):
 
 
 def test_side_maps_follow_the_positive_findings_of_the_report(synth):
-    from medvl.models.diffusion_head import report_sides
+    from medvl.models.diffusion import report_sides
 
     sides = report_sides(["Small left pleural effusion.", "No right effusion. Right lower lobe opacity.",
                           "No left effusion.", "Bilateral effusions.", "Cardiomegaly."])
@@ -324,7 +324,7 @@ def test_side_maps_follow_the_positive_findings_of_the_report(synth):
 def test_layout_maps_draw_stated_findings_where_the_prior_puts_them():
     import pandas as pd
 
-    from medvl.models.diffusion_head import layout_prior_from_regions, report_layout
+    from medvl.models.diffusion import layout_prior_from_regions, report_layout
 
     regions = pd.DataFrame(
         [{"dicom_id": f"a{i}", "finding": "effusion", "side": "left", "zone": "base", "x0": 0.6, "y0": 0.5 + i / 100,
@@ -352,7 +352,7 @@ def test_layout_maps_draw_stated_findings_where_the_prior_puts_them():
 
 
 def test_a_zone_layout_run_keeps_its_prior_and_feeds_maps(tiny_prepared, runs, tmp_path):
-    from medvl.synthesize import Synthesizer
+    from medvl.inference.synthesize import Synthesizer
     from tests.models.diffusion_standins import finish_run
 
     stage = build_diffusion_stage(config_path="tiny", overrides=["condition.layout=zones"], data=tiny_prepared,

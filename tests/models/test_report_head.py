@@ -250,7 +250,7 @@ def runs(tiny_prepared, tmp_path_factory):
 
 def test_stage_overfits_a_batch_and_validates(runs):
     from medvl.config import resolve_config_path
-    from medvl.train.report_stage import build_stage
+    from medvl.train.stages.report import build_stage
 
     stage = build_stage(config_path=resolve_config_path("report", "tiny"), overrides=["model.dropout=0.0"],
                         data=runs.data, from_runs=[runs.adamatch])
@@ -277,7 +277,7 @@ def test_stage_overfits_a_batch_and_validates(runs):
 def test_stage_without_precompute_matches_precomputed_features(runs):
     """On-the-fly AdaMatch encoding (base preset) gives the same loss as the precomputed features."""
     from medvl.config import resolve_config_path
-    from medvl.train.report_stage import build_stage
+    from medvl.train.stages.report import build_stage
 
     losses = []
     for pre in (True, False):

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from medvl.data.phantom_anatomy import LesionSizes, LungAtlas
+from medvl.data.phantom.anatomy import LesionSizes, LungAtlas
 
 
 class Kind(str, Enum):

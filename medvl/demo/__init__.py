@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from medvl import __version__
+from medvl.version import __version__
 
 # Preset -> (phantom studies, image size, {stage: config preset name}, {stage: overrides})
 PRESETS: dict[str, dict] = {
@@ -87,17 +87,17 @@ def build_steps(out: Path, preset: str) -> list[Step]:
                       prepare, 60))
 
     def classifier_config():
-        from medvl.models.classifier import ClassifierConfig
+        from medvl.eval.classifier import ClassifierConfig
 
         return ClassifierConfig(**p["classifier"])
 
     def train_classifier() -> None:
-        from medvl.models.classifier import load_or_train_classifier
+        from medvl.eval.classifier import load_or_train_classifier
 
         load_or_train_classifier(data, classifier_config())
 
     def classifier_done() -> bool:
-        from medvl.models.classifier import classifier_cache_dir
+        from medvl.eval.classifier import classifier_cache_dir
 
         return (classifier_cache_dir(data, classifier_config()) / "classifier.safetensors").is_file()
 
@@ -176,7 +176,7 @@ def run_demo(out: str | Path = "demo_out", preset: str = "quick") -> dict:
         remaining = max(0.0, remaining - step.estimate_s)
         _log(f"({i}/{len(steps)}) {step.name}: done in {timings[step.name]:.0f} s")
     merged = merge_metrics(out, preset, timings)
-    from medvl.report_html import write_report
+    from medvl.report.html import write_report
 
     write_report(out, out / "report.html")
     _log(f"finished in {time.perf_counter() - t_start:.0f} s: {out / 'metrics.json'}, {out / 'report.html'}")

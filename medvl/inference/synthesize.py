@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from medvl.errors import InvalidReportError, RunError
-from medvl.models.diffusion_head import (
+from medvl.models.diffusion import (
     HEAD_DIR,
     SCHEDULER_FILE,
     AutoencoderBundle,
@@ -208,7 +208,7 @@ def write_synthetic_dicom(image: torch.Tensor | np.ndarray, path: str | Path, *,
         generate_uid,
     )
 
-    from medvl import __version__
+    from medvl.version import __version__
 
     path = Path(path)
     pixels = to_display_uint(image, 12)

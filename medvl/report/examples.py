@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medvl.report_html import StudyExample
+from medvl.report.html import StudyExample
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def collect_examples(out_dir: str | Path, num_studies: int = 6) -> list[StudyExa
     from medvl.api import load
     from medvl.data.prepared import PreparedDataset
     from medvl.errors import MedvlError
-    from medvl.explain import explain_image
+    from medvl.inference.explain import explain_image
     from medvl.text.labeler import label_reports
 
     out_dir = Path(out_dir)

@@ -44,8 +44,8 @@ from torch import nn
 
 from medvl.config import from_dict, to_dict
 from medvl.errors import ConfigError, InvalidImageError, InvalidReportError, RunError
-from medvl.models.adapatch import AdaPatchConfig, AdaptivePatchLayer, PatchLayout, PatchMode, patch_stats
-from medvl.models.encoders import BackboneConfig, TextEncoder, TextEncoderConfig, build_backbone
+from medvl.models.adamatch.patches import AdaPatchConfig, AdaptivePatchLayer, PatchLayout, PatchMode, patch_stats
+from medvl.models.adamatch.encoders import BackboneConfig, TextEncoder, TextEncoderConfig, build_backbone
 from medvl.text.tokenizer import ReportTokenizer
 
 RUN_FORMAT = "medvl-adamatch/1"

@@ -187,7 +187,7 @@ class AdaMatchStage:
 
     def log_images(self, model: nn.Module, step: int) -> dict[str, torch.Tensor]:
         """An explanation overlay of the first validation image, (3, H, W) in [0, 1]."""
-        from medvl.explain import render_explanation
+        from medvl.inference.explain import render_explanation
 
         am = AdaMatchRun(unwrap(model), self.tokenizer, device=next(unwrap(model).parameters()).device)
         item = self.val_ds[0]

@@ -7,7 +7,7 @@ torchxrayvision wheel ships (nothing of them is copied into the repository):
 * medvl's labeler (:mod:`medvl.text.labeler`) reads each report's findings + impression; every *positive* mention
   becomes a finding drawn on the stated side and zone, sized by the stated severity (:func:`plan_findings`);
 * the real lung masks of ``semantic_masks_v7labs_lungs.zip`` give the lung fields, with heart, mediastinum,
-  diaphragm, ribs, clavicles, spine and soft tissue drawn around them (:mod:`medvl.data.phantom_draw`);
+  diaphragm, ribs, clavicles, spine and soft tissue drawn around them (:mod:`medvl.data.phantom.draw`);
 * nodule and mass sizes follow the NIH ChestX-ray14 boxes of ``BBox_List_2017.csv.gz``.
 
 :func:`prepare_phantom` writes the raw tree in the MIMIC-CXR-JPG layout under ``out/raw/`` and then runs the real
@@ -54,8 +54,8 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from medvl.data.phantom_anatomy import LesionSizes, LungAtlas, lesion_diameters, load_lung_atlas, npz_bytes
-from medvl.data.phantom_draw import (
+from medvl.data.phantom.anatomy import LesionSizes, LungAtlas, lesion_diameters, load_lung_atlas, npz_bytes
+from medvl.data.phantom.draw import (
     SEVERITY_SCALE,
     SIDED_DEVICES,
     Device,

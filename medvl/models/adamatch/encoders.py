@@ -1,7 +1,7 @@
 """Image backbones and the report (text) encoder of AdaMatch.
 
 Image backbones map ``(B, 1, S, S)`` images in medvl's ``[-1024, 1024]`` convention to a feature map
-``(B, C, H, W)``; the adaptive patch layer (:mod:`medvl.models.adapatch`) samples it. Choices:
+``(B, C, H, W)``; the adaptive patch layer (:mod:`medvl.models.adamatch.patches`) samples it. Choices:
 
 * ``small_cnn``: a few strided conv blocks trained from scratch (tiny/demo presets);
 * ``resnet18|resnet34|resnet50``: torchvision ResNets cut after ``layer3`` or ``layer4``, optionally

@@ -120,7 +120,7 @@ def write_report(out_dir: str | Path, path: str | Path, num_studies: int = 6) ->
     """Render ``out_dir`` (a demo directory: data/, runs/, metrics.json) to a self-contained HTML page."""
     out_dir = Path(out_dir)
     metrics = json.loads((out_dir / "metrics.json").read_text()) if (out_dir / "metrics.json").exists() else {}
-    from medvl.report_examples import collect_examples
+    from medvl.report.examples import collect_examples
 
     examples = collect_examples(out_dir, num_studies=num_studies)
     page = render_html(

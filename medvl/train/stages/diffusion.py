@@ -35,7 +35,7 @@ from tqdm import tqdm
 from medvl.config import load_config, resolve_config_path
 from medvl.data.prepared import PreparedDataset
 from medvl.errors import ConfigError, DataError, RunError
-from medvl.models.diffusion_head import (
+from medvl.models.diffusion import (
     HEAD_DIR,
     SCHEDULER_FILE,
     AutoencoderBundle,
@@ -425,7 +425,7 @@ def estimate_layout_prior(data: Path, views: list[str]) -> dict[str, list[float]
     """``condition.layout_prior`` from the training split's region boxes (``regions.csv``: IU-Phantom, or any
     prepared dataset with boxes); {} without them (the built-in prior is used). Stored in the run's config, so
     sampling draws the same maps."""
-    from medvl.models.diffusion_head import layout_prior_from_regions
+    from medvl.models.diffusion import layout_prior_from_regions
 
     ds = PreparedDataset(data, "train")
     regions = ds.regions()

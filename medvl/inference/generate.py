@@ -67,7 +67,7 @@ class ReportGenerator:
     """A loaded report run: AdaMatch + report head + tokenizer, in eval mode on ``device``."""
 
     def __init__(self, head: ReportHead, tokenizer: Any, adamatch_run: Any, meta: dict, device: str = "cpu"):
-        from medvl.train.report_stage import GenerationSettings
+        from medvl.train.stages.report import GenerationSettings
 
         self.head = head.eval()
         self.tokenizer = tokenizer
@@ -164,7 +164,7 @@ def _draw_explanations(gen: ReportGenerator, images: torch.Tensor, reports: list
     """One panel per scan (stacked vertically in one PNG): keyword boxes and words, report as the title."""
     from PIL import Image
 
-    from medvl.explain import render_explanation
+    from medvl.inference.explain import render_explanation
 
     panels = []
     for i in range(images.shape[0]):

@@ -18,10 +18,10 @@ from medvl.errors import ConfigError, DataError, RunError
 from medvl.train.loop import STAGE_FILE, FitResult, Stage, fit
 
 STAGE_BUILDERS: dict[str, str] = {
-    "adamatch": "medvl.train.adamatch_stage:build_stage",
-    "report": "medvl.train.report_stage:build_stage",
-    "autoencoder": "medvl.train.diffusion_stage:build_autoencoder_stage",
-    "diffusion": "medvl.train.diffusion_stage:build_diffusion_stage",
+    "adamatch": "medvl.train.stages.adamatch:build_stage",
+    "report": "medvl.train.stages.report:build_stage",
+    "autoencoder": "medvl.train.stages.diffusion:build_autoencoder_stage",
+    "diffusion": "medvl.train.stages.diffusion:build_diffusion_stage",
 }
 
 
