@@ -200,7 +200,7 @@ def laterality_pairs(regions: pd.DataFrame | None, dicom_ids: Sequence[str], fin
     whose largest box of that finding has a shorter side of at least ``min_side`` (fraction of the image).
 
     The drawn side is ``regions.csv``'s ``side`` (patient side), mapped to the image half a PA film shows it on
-    (patient left -> image right). ``stated`` (one set per image, :func:`medvl.data.phantom.stated_sides` of its
+    (patient left -> image right). ``stated`` (one set per image, :func:`medvl.text.layout.stated_sides` of its
     report) keeps only the findings whose side the report states: the phantom draws a finding whose report gives
     no side on a random side, which no report-conditioned model can know. Without ``stated`` every drawn side
     counts (what the classifier's own validation uses: it reads images, not reports).

@@ -186,10 +186,10 @@ class ScoringSplit:
 
 
 def report_stated_sides(reports: Sequence[str]) -> list[set[tuple[str, str]]]:
-    """Per report, the ``(finding, patient side)`` pairs it states (:func:`medvl.data.phantom.stated_sides` of
+    """Per report, the ``(finding, patient side)`` pairs it states (:func:`medvl.text.layout.stated_sides` of
     medvl's labeler's reading; the phantom drew from the same reading)."""
-    from medvl.data.phantom import stated_sides
     from medvl.text.labeler import extract_mentions
+    from medvl.text.layout import stated_sides
 
     return [stated_sides(extract_mentions(r)) for r in reports]
 

@@ -16,23 +16,16 @@ import pydicom
 import pytest
 from PIL import Image
 
-from medvl.data.phantom import (
-    ALLOWED_ZONES,
-    CHEXPERT_COLUMNS,
-    METADATA_COLUMNS,
-    SPLIT_COLUMNS,
-    ZONE_FALLBACK,
-    plan_findings,
-    prepare_phantom,
-    stated_sides,
-)
+from medvl.data.phantom import CHEXPERT_COLUMNS, METADATA_COLUMNS, SPLIT_COLUMNS, plan_findings, prepare_phantom
 from medvl.data.phantom.anatomy import lesion_diameters, load_lung_atlas
-from medvl.data.phantom.draw import Device, DrawSpec, Kind, Side, Zone, render_frontal
+from medvl.data.phantom.draw import SEVERITY_SCALE, DrawSpec, render_frontal
 from medvl.data.prepared import PreparedDataset, read_index
 from medvl.data.reports import parse_mimic_report, report_text
 from medvl.errors import DataError
 from medvl.text.chexpert import CHEXPERT_LABELS
-from medvl.text.labeler import extract_mentions, label_reports
+from medvl.text.labeler import SEVERITY_ORDER, extract_mentions, label_reports
+from medvl.text.layout import ALLOWED_ZONES, ZONE_FALLBACK, Device, Side, Zone, stated_sides
+from medvl.text.phrases import Finding
 
 STUDIES, SIZE, SEED = 24, 128, 0
 
@@ -197,7 +190,7 @@ def test_regions_lie_on_the_reported_side_and_zone(built):
             zones = {x.zone for x in same if x.zone and x.side in (row.side, "bilateral", None)}
             if row.zone and len(zones) == 1 and row.finding in LUNG_KINDS:
                 z = Zone(zones.pop())
-                allowed = ALLOWED_ZONES.get(Kind(row.finding))
+                allowed = ALLOWED_ZONES.get(Finding(row.finding))
                 expected = z if allowed is None or z in allowed else None
                 if expected is None:
                     fb = ZONE_FALLBACK.get(z)
@@ -309,16 +302,16 @@ def _plan(text: str, seed: int = 0) -> list[DrawSpec]:
 
 def test_plan_follows_the_report():
     (e,) = _plan("Small left pleural effusion.")
-    assert (e.kind, e.side, e.zone, e.severity) == (Kind.EFFUSION, Side.LEFT, Zone.BASE, "small")
+    assert (e.kind, e.side, e.zone, e.severity) == (Finding.EFFUSION, Side.LEFT, Zone.BASE, "small")
     assert {s.side for s in _plan("Bilateral pleural effusions.")} == {Side.LEFT, Side.RIGHT}
     (n,) = _plan("There is a 1 cm nodule in the right upper lobe.")
-    assert (n.kind, n.side, n.zone) == (Kind.NODULE, Side.RIGHT, Zone.UPPER)
+    assert (n.kind, n.side, n.zone) == (Finding.NODULE, Side.RIGHT, Zone.UPPER)
     (r,) = _plan("Retrocardiac opacity.")
     assert (r.side, r.zone) == (Side.LEFT, Zone.RETROCARDIAC)
     (c,) = _plan("The heart is enlarged.")
-    assert c.kind == Kind.CARDIOMEGALY and c.side is None and c.zone is None
+    assert c.kind == Finding.CARDIOMEGALY and c.side is None and c.zone is None
     (p,) = _plan("Left-sided pacemaker in place.")
-    assert (p.kind, p.device, p.side) == (Kind.DEVICE, Device.PACEMAKER, Side.LEFT)
+    assert (p.kind, p.device, p.side) == (Finding.DEVICE, Device.PACEMAKER, Side.LEFT)
     (w,) = _plan("Median sternotomy wires.")
     assert w.device == Device.STERNAL_WIRES and w.side is None
     assert 2 <= len(_plan("Calcified granulomas in the left lung.")) <= 3
@@ -326,6 +319,12 @@ def test_plan_follows_the_report():
     assert len(_plan("Small left effusion. Left pleural effusion again noted.")) == 1
     assert _plan("No pneumothorax, effusion or focal consolidation. Heart size normal.") == []
     assert _plan("Possible early pneumonia cannot be excluded.") == []
+
+
+def test_severity_words_are_the_labelers():
+    # the drawing's sizes and the merge's ranking (largest stated severity wins) name the same words, in order
+    assert tuple(SEVERITY_SCALE) == SEVERITY_ORDER
+    assert list(SEVERITY_SCALE.values()) == sorted(SEVERITY_SCALE.values())
 
 
 def test_default_side_is_recorded_and_seeded():
@@ -367,10 +366,10 @@ def test_atlas_skips_empty_masks(atlas):
     assert atlas.masks.shape[1:] == (224, 224) and atlas.masks.dtype == np.uint8
 
 
-@pytest.mark.parametrize("kind", [k for k in Kind if k not in (Kind.DEVICE,)])
+@pytest.mark.parametrize("kind", [k for k in Finding if k not in (Finding.DEVICE,)])
 def test_every_kind_is_drawn_where_asked(atlas, kind):
     lesions = lesion_diameters()
-    central = kind in (Kind.CARDIOMEGALY, Kind.ENLARGED_CARDIOMEDIASTINUM, Kind.EDEMA)
+    central = kind in (Finding.CARDIOMEGALY, Finding.ENLARGED_CARDIOMEDIASTINUM, Finding.EDEMA)
     zones = [None] if central else sorted(ALLOWED_ZONES.get(kind, set(Zone)), key=lambda z: z.value)[:3]
     for i, (side, zone) in enumerate((s, z) for s in (Side.LEFT, Side.RIGHT) for z in zones):
         if zone == Zone.RETROCARDIAC:
@@ -384,15 +383,15 @@ def test_every_kind_is_drawn_where_asked(atlas, kind):
                              "x1": r.box[2], "y1": r.box[3]})
             _check_box(row, fr.anatomy)
             assert r.mask.sum() >= 4  # visible: at least a few pixels at 128 px
-        if kind == Kind.EDEMA:
+        if kind == Finding.EDEMA:
             assert {r.spec.side for r in fr.regions} == {Side.LEFT, Side.RIGHT}
 
 
 def test_findings_change_the_pixels(atlas):
     """A drawn finding is visible: the image differs inside its region from the same image drawn without it."""
     lesions = lesion_diameters()
-    for kind, side, zone in [(Kind.EFFUSION, Side.LEFT, Zone.BASE), (Kind.NODULE, Side.RIGHT, Zone.MID),
-                             (Kind.PNEUMOTHORAX, Side.RIGHT, Zone.APEX), (Kind.CONSOLIDATION, Side.LEFT, Zone.LOWER)]:
+    for kind, side, zone in [(Finding.EFFUSION, Side.LEFT, Zone.BASE), (Finding.NODULE, Side.RIGHT, Zone.MID),
+                             (Finding.PNEUMOTHORAX, Side.RIGHT, Zone.APEX), (Finding.CONSOLIDATION, Side.LEFT, Zone.LOWER)]:
         spec = DrawSpec(kind, side, zone, "moderate")
         with_f = render_frontal([spec], atlas, 5, SIZE, np.random.default_rng(9), lesions)
         without = render_frontal([], atlas, 5, SIZE, np.random.default_rng(9), lesions)
@@ -406,7 +405,7 @@ def test_devices_are_drawn(atlas):
     lesions = lesion_diameters()
     for i, dev in enumerate(Device):
         side = Side.LEFT if i % 2 else Side.RIGHT
-        fr = render_frontal([DrawSpec(Kind.DEVICE, side, device=dev)], atlas, i, SIZE, np.random.default_rng(i),
+        fr = render_frontal([DrawSpec(Finding.DEVICE, side, device=dev)], atlas, i, SIZE, np.random.default_rng(i),
                             lesions)
         assert len(fr.regions) == 1, dev
         assert fr.image[fr.regions[0].mask].mean() > 140, dev  # metal is bright

@@ -39,7 +39,6 @@ from __future__ import annotations
 import csv
 import gzip
 import json
-import re
 import shutil
 import textwrap
 import time
@@ -55,21 +54,23 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from medvl.data.phantom.anatomy import LesionSizes, LungAtlas, lesion_diameters, load_lung_atlas, npz_bytes
-from medvl.data.phantom.draw import (
-    SEVERITY_SCALE,
-    SIDED_DEVICES,
-    Device,
-    DrawSpec,
-    Kind,
-    Side,
-    Zone,
-    render_frontal,
-    render_lateral,
-)
+from medvl.data.phantom.draw import DrawSpec, render_frontal, render_lateral
 from medvl.data.prepared import PrepareResult
 from medvl.data.reports import IUReport, iter_iu_reports
 from medvl.errors import DataError
-from medvl.text.chexpert import CHEXPERT_LABELS, POSITIVE
+from medvl.text.chexpert import CHEXPERT_LABELS
+from medvl.text.labeler import aggregate_mentions, extract_mentions
+from medvl.text.layout import (
+    CENTRAL_KINDS,
+    DEFAULT_ZONES,
+    Device,
+    Side,
+    Zone,
+    allowed_zone,
+    is_sided,
+    merge_mentions,
+)
+from medvl.text.phrases import Finding
 
 PHANTOM_VERSION = 1
 MIN_SIZE, MAX_SIZE = 64, 1024
@@ -101,114 +102,32 @@ CONTACT_SHEET = "contact_sheet.png"
 
 # --- findings: labeler mentions -> what to draw -----------------------------------------------------------------
 
-#: Findings drawn without a side (one organ, or both lungs at once).
-CENTRAL_KINDS = frozenset({Kind.CARDIOMEGALY, Kind.ENLARGED_CARDIOMEDIASTINUM, Kind.EDEMA})
-#: Zones each one-sided finding can be drawn in, and where a report's other zone is drawn instead.
-ALLOWED_ZONES: dict[Kind, frozenset[Zone]] = {
-    Kind.EFFUSION: frozenset({Zone.BASE, Zone.LOWER}),
-    Kind.PNEUMOTHORAX: frozenset({Zone.APEX, Zone.UPPER, Zone.MID, Zone.LOWER, Zone.BASE}),
-    Kind.FRACTURE: frozenset({Zone.UPPER, Zone.MID, Zone.LOWER}),
-    Kind.PLEURAL_OTHER: frozenset({Zone.APEX, Zone.UPPER, Zone.MID, Zone.LOWER, Zone.BASE}),
-}
-ZONE_FALLBACK: dict[Zone, Zone] = {
-    Zone.APEX: Zone.UPPER, Zone.BASE: Zone.LOWER, Zone.PERIHILAR: Zone.MID, Zone.RETROCARDIAC: Zone.LOWER,
-}
-DEFAULT_ZONES: dict[Kind, tuple[Zone, ...]] = {
-    Kind.EFFUSION: (Zone.BASE,),
-    Kind.PNEUMOTHORAX: (Zone.APEX,),
-    Kind.ATELECTASIS: (Zone.LOWER, Zone.BASE),
-    Kind.CONSOLIDATION: (Zone.LOWER, Zone.LOWER, Zone.MID, Zone.UPPER),
-    Kind.PNEUMONIA: (Zone.LOWER, Zone.LOWER, Zone.MID, Zone.UPPER),
-    Kind.OPACITY: (Zone.LOWER, Zone.MID, Zone.UPPER),
-    Kind.NODULE: (Zone.UPPER, Zone.MID, Zone.LOWER),
-    Kind.MASS: (Zone.UPPER, Zone.MID, Zone.LOWER),
-    Kind.GRANULOMA: (Zone.UPPER, Zone.MID, Zone.LOWER),
-    Kind.FRACTURE: (Zone.UPPER, Zone.MID, Zone.LOWER),
-    Kind.PLEURAL_OTHER: (Zone.APEX, Zone.APEX, Zone.MID),
-}
+#: The side a one-sided device is drawn on when its report gives none.
 DEFAULT_DEVICE_SIDE: dict[Device, Side] = {
     Device.PACEMAKER: Side.LEFT, Device.CENTRAL_LINE: Side.RIGHT, Device.PORT: Side.RIGHT,
 }
-_SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITY_SCALE)}
 
 
-def device_of(device: str | None, phrase: str) -> Device:
-    """How to draw a support device, from the labeler's coarse ``device`` kind and the mention's phrase."""
-    p = phrase.lower()
-    if device == "pacemaker":
-        return Device.PACEMAKER
-    if device in ("tube", "drain"):
-        if device == "drain" or re.search(r"chest|thoracostomy|pigtail|pleural", p):
-            return Device.CHEST_TUBE
-        if re.search(r"naso|\bng\b|\bog\b|orogastric|feeding|enteric|gastric|dobb?hoff|gastrostomy|jejunostomy|"
-                     r"\bg\b|\bj\b", p):
-            return Device.NG_TUBE
-        return Device.ET_TUBE
-    if device in ("line", "catheter"):
-        return Device.CENTRAL_LINE
-    if device == "port":
-        return Device.PORT
-    if device in ("clip", "coil", "filter"):
-        return Device.CLIPS
-    if device == "wire":
-        return Device.ECG_LEADS if re.search(r"ecg|ekg|telemetry|monitor|electrode", p) else Device.STERNAL_WIRES
-    if device == "stent":
-        return Device.STENT
-    if device == "valve":
-        return Device.VALVE
-    if device == "hardware":
-        return Device.SPINAL_HARDWARE
-    if device == "prosthesis":
-        return Device.SHOULDER_PROSTHESIS
-    if device == "device":
-        return Device.LOOP_RECORDER if re.search(r"monitor|recorder", p) else Device.PACEMAKER
-    return Device.CENTRAL_LINE
-
-
-@dataclass
-class _Entry:
-    kind: Kind
-    device: Device | None
-    side: Side | None
-    zone: Zone | None
-    severity: str | None
-    finding: str
-    observation: str
-    word: str
-    count: int = 1
-
-
-def _zone_for(kind: Kind, zone: Zone | None, rng: np.random.Generator) -> Zone | None:
-    if kind in CENTRAL_KINDS or kind == Kind.DEVICE:
+def _zone_for(kind: Finding, zone: Zone | None, rng: np.random.Generator) -> Zone | None:
+    if kind in CENTRAL_KINDS or kind == Finding.DEVICE:
         return None
     if zone is None:
         return Zone(rng.choice([z.value for z in DEFAULT_ZONES[kind]]))
-    return _allowed_zone(kind, zone)
-
-
-def _allowed_zone(kind: Kind, zone: Zone) -> Zone:
-    """A stated zone the finding can have, or where the drawing puts a zone it cannot have."""
-    allowed = ALLOWED_ZONES.get(kind)
-    if allowed is not None and zone not in allowed:
-        fallback = ZONE_FALLBACK.get(zone, DEFAULT_ZONES[kind][0])
-        return fallback if fallback in allowed else DEFAULT_ZONES[kind][0]
-    return zone
+    return allowed_zone(kind, zone)
 
 
 def plan_findings(mentions: Sequence, rng: np.random.Generator, *, limit: int = MAX_DRAWN) -> list[DrawSpec]:
-    """What to draw for one report: its positive mentions (``value == 1`` with a ``finding``) merged per finding,
-    side and zone, with defaults drawn from ``rng`` where the report is silent.
+    """What to draw for one report: its positive mentions merged per finding, side and zone
+    (:func:`medvl.text.layout.merge_mentions`), with defaults drawn from ``rng`` where the report is silent.
 
-    Mentions of the same finding merge when their sides and zones agree or one of them is unstated ("small left
-    effusion ... the effusion"); ``bilateral`` gives one finding per side; a plural lesion head ("granulomas",
-    "nodules") draws two or three lesions. Retrocardiac findings are on the patient's left. Returns at most
-    ``limit`` specs, in report order.
+    ``bilateral`` gives one finding per side; a plural lesion head ("granulomas", "nodules") draws two or three
+    lesions. Returns at most ``limit`` specs, in report order.
     """
-    entries = _merge_mentions(mentions)
+    entries = merge_mentions(mentions)
     specs: list[DrawSpec] = []
     for e in entries:
         side = e.side
-        sided = e.kind not in CENTRAL_KINDS and (e.kind != Kind.DEVICE or e.device in SIDED_DEVICES)
+        sided = is_sided(e.kind, e.device)
         if sided and side is None:
             side = DEFAULT_DEVICE_SIDE.get(e.device) if e.device else None
             side = side or Side(rng.choice(["left", "right"]))
@@ -218,72 +137,6 @@ def plan_findings(mentions: Sequence, rng: np.random.Generator, *, limit: int = 
             specs.append(DrawSpec(kind=e.kind, side=side if sided else None, zone=zone, severity=e.severity,
                                   device=e.device, finding=e.finding, observation=e.observation, word=e.word))
     return specs[:limit]
-
-
-def stated_sides(mentions: Sequence) -> set[tuple[str, str]]:
-    """``{(finding, patient side)}`` for the one-sided findings whose side the report itself gives ("left
-    effusion", "bilateral ..." on both sides, a retrocardiac finding on the left), merged as :func:`plan_findings`
-    merges them. Findings drawn on a side the report leaves open (a random side, or a device's default side)
-    are not in it: ``regions.csv`` names the drawn side, this set says which of those the report stated."""
-    return {(finding, side) for finding, side, _ in stated_layout(mentions)}
-
-
-def stated_layout(mentions: Sequence) -> list[tuple[str, str, str | None]]:
-    """``(finding, patient side, zone or None)`` for each one-sided finding whose side the report gives, merged
-    as :func:`plan_findings` merges them; the zone where the report gives one (a zone a finding cannot have is
-    mapped as the drawing maps it)."""
-    out = []
-    for e in _merge_mentions(mentions):
-        if e.side is None or e.kind in CENTRAL_KINDS or (e.kind == Kind.DEVICE and e.device not in SIDED_DEVICES):
-            continue
-        zone = _allowed_zone(e.kind, e.zone).value if e.zone is not None else None
-        out.append((e.finding or e.kind.value, e.side.value, zone))
-    return out
-
-
-def _merge_mentions(mentions: Sequence) -> list[_Entry]:
-    """Positive mentions merged per finding, side and zone (sides and zones as the report states them, None where
-    it is silent), in report order."""
-    entries: list[_Entry] = []
-    positive = [m for m in mentions if m.value == POSITIVE and m.finding is not None]
-    # Sided mentions first, so that an unsided mention of the same finding joins one of them.
-    positive.sort(key=lambda m: (m.side is None, m.start))
-    for m in positive:
-        kind = Kind(m.finding.value)
-        dev = device_of(m.device, m.phrase) if kind == Kind.DEVICE else None
-        zone = Zone(m.zone) if m.zone else None
-        sided = kind not in CENTRAL_KINDS and (kind != Kind.DEVICE or dev in SIDED_DEVICES)
-        if not sided:
-            sides: list[Side | None] = [None]
-            zone = None
-        elif m.side == "bilateral":
-            sides = [Side.LEFT, Side.RIGHT]
-        else:
-            sides = [Side(m.side) if m.side else None]
-        if zone == Zone.RETROCARDIAC and sided:
-            sides = [Side.LEFT]
-        head = (m.head or "").strip()
-        severity = m.severity
-        if kind == Kind.EFFUSION and severity is None and head.startswith("blunt"):
-            severity = "trace"  # blunting of the costophrenic angle
-        plural = kind in (Kind.NODULE, Kind.GRANULOMA, Kind.MASS) and (
-            head.endswith("s") or head == "granulomatous")
-        for side in sides:
-            match = next((e for e in entries if e.kind == kind and e.device == dev
-                          and (side is None or e.side is None or e.side == side)
-                          and (zone is None or e.zone is None or e.zone == zone)), None)
-            if match is None:
-                entries.append(_Entry(kind, dev, side, zone, severity, m.finding.value, m.observation, head,
-                                      2 if plural else 1))
-                continue
-            match.side = match.side or side
-            match.zone = match.zone or zone
-            if severity and (match.severity is None or _SEVERITY_RANK[severity] > _SEVERITY_RANK[match.severity]):
-                match.severity = severity
-            match.word = match.word or head
-            match.count = max(match.count, 2 if plural else 1)
-    entries.sort(key=lambda e: min(m.start for m in positive if Kind(m.finding.value) == e.kind))
-    return entries
 
 
 # --- the IU reports ---------------------------------------------------------------------------------------------
@@ -310,14 +163,10 @@ _MENTIONS: dict[str, list] = {}
 
 
 def _mentions_chunk(texts: Sequence[str]) -> list[list]:
-    from medvl.text.labeler import extract_mentions
-
     return [extract_mentions(t) for t in texts]
 
 
 def _labels_of(mentions: Sequence) -> np.ndarray:
-    from medvl.text.labeler import aggregate_mentions
-
     # label_reports(...) is aggregate_mentions(extract_mentions(report)); mentions are extracted once here.
     return aggregate_mentions(mentions)
 

@@ -14,75 +14,14 @@ exposure curve to 8-bit grey, lungs dark (torchxrayvision's convention).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
 from medvl.data.phantom.anatomy import LesionSizes, LungAtlas
-
-
-class Kind(str, Enum):
-    """What the phantom can draw: one per labeler ``Finding`` (same names, lower case)."""
-
-    CARDIOMEGALY = "cardiomegaly"
-    EFFUSION = "effusion"
-    PNEUMOTHORAX = "pneumothorax"
-    CONSOLIDATION = "consolidation"
-    OPACITY = "opacity"
-    PNEUMONIA = "pneumonia"
-    ATELECTASIS = "atelectasis"
-    EDEMA = "edema"
-    NODULE = "nodule"
-    MASS = "mass"
-    GRANULOMA = "granuloma"
-    DEVICE = "device"
-    FRACTURE = "fracture"
-    ENLARGED_CARDIOMEDIASTINUM = "enlarged_cardiomediastinum"
-    PLEURAL_OTHER = "pleural_other"
-
-
-class Side(str, Enum):
-    """The patient's side (``LEFT`` is drawn on the image's right)."""
-
-    LEFT = "left"
-    RIGHT = "right"
-
-
-class Zone(str, Enum):
-    APEX = "apex"
-    UPPER = "upper"
-    MID = "mid"
-    LOWER = "lower"
-    BASE = "base"
-    PERIHILAR = "perihilar"
-    RETROCARDIAC = "retrocardiac"
-
-
-class Device(str, Enum):
-    """How a support device is drawn (the labeler's coarse device kind plus the phrase decide which)."""
-
-    PACEMAKER = "pacemaker"
-    STERNAL_WIRES = "sternal_wires"
-    CLIPS = "clips"
-    ET_TUBE = "et_tube"
-    NG_TUBE = "ng_tube"
-    CHEST_TUBE = "chest_tube"
-    CENTRAL_LINE = "central_line"
-    PORT = "port"
-    STENT = "stent"
-    VALVE = "valve"
-    SPINAL_HARDWARE = "spinal_hardware"
-    SHOULDER_PROSTHESIS = "shoulder_prosthesis"
-    ECG_LEADS = "ecg_leads"
-    LOOP_RECORDER = "loop_recorder"
-
-
-#: Devices drawn on one side of the chest (their region row records the side); the others are central.
-SIDED_DEVICES = frozenset({Device.PACEMAKER, Device.CENTRAL_LINE, Device.PORT, Device.CHEST_TUBE, Device.CLIPS,
-                           Device.SHOULDER_PROSTHESIS})
-
+from medvl.text.layout import Device, Side, Zone
+from medvl.text.phrases import Finding
 
 #: Severity words of the labeler -> a size in [0, 1] used to scale each finding.
 SEVERITY_SCALE: dict[str, float] = {
@@ -113,7 +52,7 @@ class DrawSpec:
     devices). ``zone``: where in the lung (None where it has no meaning). ``severity``: the labeler's word or None.
     ``finding``/``observation``/``word``: written to ``regions.csv`` as they are."""
 
-    kind: Kind
+    kind: Finding
     side: Side | None = None
     zone: Zone | None = None
     severity: str | None = None
@@ -443,9 +382,9 @@ def _patch(fr: _Frame, spec: DrawSpec, rng: np.random.Generator, default_zone: Z
 
 
 def _draw_consolidation(fr: _Frame, cv: _Canvas, spec: DrawSpec, rng: np.random.Generator) -> None:
-    dense = {Kind.CONSOLIDATION: 1.0, Kind.PNEUMONIA: 0.95, Kind.OPACITY: 0.85}[spec.kind]
-    radius = (0.07, 0.14) if spec.kind != Kind.OPACITY else (0.08, 0.16)
-    soft = 6.0 if spec.kind != Kind.OPACITY else 4.0
+    dense = {Finding.CONSOLIDATION: 1.0, Finding.PNEUMONIA: 0.95, Finding.OPACITY: 0.85}[spec.kind]
+    radius = (0.07, 0.14) if spec.kind != Finding.OPACITY else (0.08, 0.16)
+    soft = 6.0 if spec.kind != Finding.OPACITY else 4.0
     blob, _ = _patch(fr, spec, rng, Zone.LOWER, radius, soft)
     cv.fill(dense * blob)
     cv.extra += 0.04 * blob
@@ -486,30 +425,30 @@ def _draw_edema(fr: _Frame, cv: _Canvas, spec: DrawSpec, rng: np.random.Generato
 
 def _draw_lesion(fr: _Frame, cv: _Canvas, spec: DrawSpec, rng: np.random.Generator, sizes: LesionSizes) -> None:
     side = _side_index(spec.side)
-    if spec.kind == Kind.GRANULOMA:
+    if spec.kind == Finding.GRANULOMA:
         diam = float(rng.uniform(0.022, 0.034))
     else:
-        dist = sizes.mass if spec.kind == Kind.MASS else sizes.nodule
+        dist = sizes.mass if spec.kind == Finding.MASS else sizes.nodule
         q = spec.size
         q = float(rng.uniform(0.0, 1.0)) if q is None else float(np.clip(q + rng.uniform(-0.15, 0.15), 0, 1))
         diam = float(np.quantile(dist, q)) * 0.85
-        diam = float(np.clip(diam, 0.07, 0.22) if spec.kind == Kind.MASS else np.clip(diam, 0.035, 0.1))
+        diam = float(np.clip(diam, 0.07, 0.22) if spec.kind == Finding.MASS else np.clip(diam, 0.035, 0.1))
     r0 = diam / 2
     cx, cy = fr.zone_point(side, spec.zone or Zone(rng.choice(["upper", "mid", "lower"])), rng, radius=r0 * 1.1)
     dx, dy = fr.X - cx, fr.Y - cy
     rr = np.sqrt(dx * dx + dy * dy)
-    if spec.kind == Kind.MASS:
+    if spec.kind == Finding.MASS:
         phi = np.arctan2(dy, dx)
         ph1, ph2 = rng.uniform(0, 2 * np.pi, 2)
         r_edge = r0 * (1 + 0.1 * np.sin(3 * phi + ph1) + 0.06 * np.sin(5 * phi + ph2))
     else:
         r_edge = r0
-    edge = 0.002 if spec.kind == Kind.GRANULOMA else 0.004
+    edge = 0.002 if spec.kind == Finding.GRANULOMA else 0.004
     disk = _sig((r_edge - rr) / edge)
     cv.fill(0.95 * disk * fr.lungs[side])
-    if spec.kind == Kind.GRANULOMA:
+    if spec.kind == Finding.GRANULOMA:
         cv.extra += 0.3 * disk  # calcified: brighter than bone
-    elif spec.kind == Kind.MASS:
+    elif spec.kind == Finding.MASS:
         cv.extra += 0.05 * disk
     cv.add(spec, (disk > 0.5) & (fr.lungs[side] > 0.2))
 
@@ -742,8 +681,8 @@ def render_frontal(
     H = fr.H
     T = x1 - x0
     kinds = {s.kind for s in specs}
-    cardio = next((s for s in specs if s.kind == Kind.CARDIOMEGALY), None)
-    ecm = next((s for s in specs if s.kind == Kind.ENLARGED_CARDIOMEDIASTINUM), None)
+    cardio = next((s for s in specs if s.kind == Finding.CARDIOMEGALY), None)
+    ecm = next((s for s in specs if s.kind == Finding.ENLARGED_CARDIOMEDIASTINUM), None)
     ctr = float(rng.uniform(0.4, 0.47)) if cardio is None else 0.53 + 0.16 * _severity(cardio, rng, 0.3, 0.6)
     med_w = float(rng.uniform(0.12, 0.15)) if ecm is None else 0.2 + 0.08 * _severity(ecm, rng, 0.3, 0.6)
 
@@ -797,29 +736,29 @@ def render_frontal(
     lung = fr.lungs[0] + fr.lungs[1]
     cv = _Canvas(S)
     ribs = _Ribs(fr, rng)
-    draw_order = sorted(specs, key=lambda s: list(Kind).index(s.kind))
+    draw_order = sorted(specs, key=lambda s: list(Finding).index(s.kind))
     for spec in draw_order:
-        if spec.kind == Kind.CARDIOMEGALY:
+        if spec.kind == Finding.CARDIOMEGALY:
             cv.add(spec, heart_gt)
-        elif spec.kind == Kind.ENLARGED_CARDIOMEDIASTINUM:
+        elif spec.kind == Finding.ENLARGED_CARDIOMEDIASTINUM:
             cv.add(spec, (med > 0.5) & (Y < cy - 0.6 * b) & (Y > top))
-        elif spec.kind == Kind.EFFUSION:
+        elif spec.kind == Finding.EFFUSION:
             _draw_effusion(fr, cv, spec, rng)
-        elif spec.kind == Kind.PNEUMOTHORAX:
+        elif spec.kind == Finding.PNEUMOTHORAX:
             _draw_pneumothorax(fr, cv, spec, rng)
-        elif spec.kind in (Kind.CONSOLIDATION, Kind.PNEUMONIA, Kind.OPACITY):
+        elif spec.kind in (Finding.CONSOLIDATION, Finding.PNEUMONIA, Finding.OPACITY):
             _draw_consolidation(fr, cv, spec, rng)
-        elif spec.kind == Kind.ATELECTASIS:
+        elif spec.kind == Finding.ATELECTASIS:
             _draw_atelectasis(fr, cv, spec, rng)
-        elif spec.kind == Kind.EDEMA:
+        elif spec.kind == Finding.EDEMA:
             _draw_edema(fr, cv, spec, rng)
-        elif spec.kind in (Kind.NODULE, Kind.MASS, Kind.GRANULOMA):
+        elif spec.kind in (Finding.NODULE, Finding.MASS, Finding.GRANULOMA):
             _draw_lesion(fr, cv, spec, rng, lesions)
-        elif spec.kind == Kind.PLEURAL_OTHER:
+        elif spec.kind == Finding.PLEURAL_OTHER:
             _draw_pleural_other(fr, cv, spec, rng)
-        elif spec.kind == Kind.FRACTURE:
+        elif spec.kind == Finding.FRACTURE:
             _draw_fracture(fr, cv, spec, rng, ribs)
-        elif spec.kind == Kind.DEVICE:
+        elif spec.kind == Finding.DEVICE:
             _draw_device(fr, cv, spec, rng)
 
     # Air depth: more towards the bases, less at the medial and lateral borders (thinner lung there).

@@ -381,14 +381,14 @@ def report_layout(texts: Sequence[str], prior: dict[str, list[float]] | None = N
     """(B, 2, grid, grid) float in [0, 1]: where the report puts its one-sided positive findings, channel 0 for
     the patient's right, 1 for the left (the order of :func:`report_sides`).
 
-    Each finding whose side the report states (:func:`medvl.data.phantom.stated_layout`: medvl's labeler, sides
+    Each finding whose side the report states (:func:`medvl.text.layout.stated_layout`: medvl's labeler, sides
     and zones as written, "bilateral" on both sides, retrocardiac on the left) draws a Gaussian bump with the
     prior's box for its finding, side and zone (falling back to the zone "any", then to any finding), standard
     deviations half the box's width and height; bumps on one side combine by maximum. Sideless findings draw
     nothing: the report does not say where they are.
     """
-    from medvl.data.phantom import stated_layout
     from medvl.text.labeler import extract_mentions
+    from medvl.text.layout import stated_layout
 
     table = {**DEFAULT_LAYOUT_PRIOR, **(prior or {})}
     centres = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid
