@@ -35,10 +35,11 @@ from PIL import Image
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from skimage.transform import resize as sk_resize
 
-from medvl.data.images import LOW, resize_geometry
+from medvl.data.images import resize_geometry
 from medvl.data.mimic import prepare_mimic
 from medvl.data.prepared import PreparedDataset, _read_and_resize, to_uint8
 from medvl.data.testing import chest_dataset, synthetic_chest
+from medvl.data.xray import LOW
 from medvl.text.chexpert import CHEXPERT_LABELS
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prepare_throughput.json"

@@ -9,15 +9,15 @@ import importlib
 from typing import Any
 
 _EXPORTS: dict[str, str] = {
-    "XRay": "medvl.data.images",
-    "ImageFormat": "medvl.data.images",
+    "XRay": "medvl.data.xray",
+    "ImageFormat": "medvl.data.xray",
     "ResizeFit": "medvl.data.images",
     "ResizeGeometry": "medvl.data.images",
     "read_xray": "medvl.data.images",
     "read_xray_with_meta": "medvl.data.images",
     "resize_xray": "medvl.data.images",
     "resize_geometry": "medvl.data.images",
-    "equalize_histogram_u8": "medvl.data.images",
+    "equalize_histogram_u8": "medvl.data.dicom",
     "read_dicom": "medvl.data.dicom",
     "ReportSection": "medvl.data.reports",
     "ReportSections": "medvl.data.reports",

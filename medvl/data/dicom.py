@@ -45,7 +45,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID
 
-from medvl.data.images import ImageFormat, XRay, equalize_histogram_u8, invalid
+from medvl.data.xray import ImageFormat, XRay, invalid
 
 #: Projection radiography (CR computed, DX digital, DR vendor spelling, RG radiographic imaging) and the
 #: modalities secondary captures and synthetic images use.
@@ -363,3 +363,20 @@ def _jpg_compatible(path: Path, ds: pydicom.Dataset, raw: np.ndarray, photometri
     img = equalize_histogram_u8(np.ascontiguousarray(img, dtype=np.uint8))
     pixels = img.astype(np.float32) * np.float32(2048.0 / 255.0) - np.float32(1024.0)
     return pixels, "jpg-compatible"
+
+
+def equalize_histogram_u8(img: np.ndarray) -> np.ndarray:
+    """Histogram equalisation of a uint8 image, OpenCV ``equalizeHist``'s formula (MIMIC-CXR-JPG's last step).
+
+    ``lut[v] = round((cdf[v] - cdf_min) / (N - cdf_min) * 255)``; a constant image is returned unchanged.
+    """
+    if img.dtype != np.uint8:
+        raise TypeError(f"equalize_histogram_u8 needs uint8, got {img.dtype}")
+    hist = np.bincount(img.ravel(), minlength=256)
+    cdf = np.cumsum(hist)
+    cdf_min = int(cdf[np.flatnonzero(hist)[0]])
+    total = int(cdf[-1])
+    if total == cdf_min:
+        return img.copy()
+    lut = np.rint((cdf - cdf_min) * (255.0 / (total - cdf_min))).clip(0, 255).astype(np.uint8)
+    return lut[img]

@@ -2,7 +2,8 @@
 
 Every image medvl reads comes out as float32 ``(H, W)`` in torchxrayvision's ``[-1024, 1024]`` range with the
 lungs dark (air low, bone high), in the pixel order the file stores: nothing is ever transposed or flipped (EXIF
-orientation tags are ignored; chest X-ray files do not use them).
+orientation tags are ignored; chest X-ray files do not use them). The convention and the :class:`XRay` record
+live in :mod:`medvl.data.xray`.
 
 * DICOM: see :mod:`medvl.data.dicom` (modality LUT, VOI LUT or window, MONOCHROME1 inverted after VOI, normalised
   by the VOI output range, else by BitsStored or the data range).
@@ -23,71 +24,24 @@ pneumothoraces are seen. ``fit="crop"`` is available for callers that prefer it.
 from __future__ import annotations
 
 import enum
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from medvl.errors import InvalidImageError
+from medvl.data.dicom import read_dicom
+from medvl.data.xray import HIGH, LOW, ImageFormat, XRay, invalid
 
-LOW, HIGH = -1024.0, 1024.0
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 # A grey image saved as RGB JPEG keeps a few levels of chroma noise; a colour photo differs by far more.
 _GREY_SPREAD_TOLERANCE = 10.0  # 8-bit levels, 99th percentile of per-pixel max-min over channels
 
 
-class ImageFormat(str, enum.Enum):
-    DICOM = "dicom"
-    PNG = "png"
-    JPEG = "jpeg"
-    OTHER = "other"  # another raster format PIL reads (TIFF, BMP...)
-
-
 class ResizeFit(str, enum.Enum):
     PAD = "pad"  # keep everything, pad the short side with air (-1024)
     CROP = "crop"  # fill the square, centre-crop the long side
-
-
-@dataclass
-class XRay:
-    """A chest X-ray and what its file says about it.
-
-    ``pixels``: float32 (H, W) in [-1024, 1024], lungs dark, stored orientation. ``shape``: the full-resolution
-    (rows, columns) of the file (``pixels`` is smaller when read with ``min_side``). ``pixel_spacing``: (row, column)
-    spacing in mm of the full-resolution image, or None where the file does not say (or says 0).
-    """
-
-    pixels: np.ndarray
-    path: Path
-    format: ImageFormat
-    shape: tuple[int, int]
-    photometric: str = ""
-    view_position: str = ""
-    body_part: str = ""
-    modality: str = ""
-    pixel_spacing: tuple[float, float] | None = None
-    bits_stored: int | None = None
-    patient_orientation: tuple[str, ...] = ()
-    transfer_syntax: str = ""
-    #: how intensities were normalised: "window", "voi-lut", "bits-stored", "data-range", "jpg-compatible",
-    #: "8-bit", "16-bit/4095"...
-    intensity: str = ""
-    notes: list[str] = field(default_factory=list)
-
-
-def invalid(path: str | Path, problem: str) -> InvalidImageError:
-    """The error for an unusable image; the message is ``"<path>: <problem>"``."""
-    return InvalidImageError(f"{path}: {problem}")
-
-
-def problem_of(error: Exception, path: str | Path) -> str:
-    """The message of ``error`` without the ``"<path>: "`` prefix :func:`invalid` adds (for skipped.csv)."""
-    text = str(error)
-    prefix = f"{path}: "
-    return text[len(prefix):] if text.startswith(prefix) else text
 
 
 def sniff_format(path: str | Path, head: bytes) -> ImageFormat | None:
@@ -123,8 +77,6 @@ def read_xray_with_meta(path: str | Path, *, jpg_compatible: bool = False, min_s
         raise invalid(path, "empty file (0 bytes)")
     kind = sniff_format(path, head)
     if kind is ImageFormat.DICOM:
-        from medvl.data.dicom import read_dicom
-
         return read_dicom(path, jpg_compatible=jpg_compatible)
     if kind is None and path.suffix.lower() in (".dcm", ".dicom"):
         raise invalid(path, "not a DICOM file: no 'DICM' marker at byte 128 and no DICOM tag at the start")
@@ -219,36 +171,6 @@ def _scale(arr: np.ndarray, maxval: float) -> np.ndarray:
     """[0, maxval] -> float32 [-1024, 1024]."""
     out = arr.astype(np.float32, copy=False) * np.float32(2048.0 / maxval) - np.float32(1024.0)
     return np.clip(out, LOW, HIGH, out=out)
-
-
-def check_xray_range(pixels: np.ndarray, source: str = "image") -> None:
-    """Warn when an array does not look like medvl's [-1024, 1024] convention (as torchxrayvision does)."""
-    lo, hi = float(pixels.min()), float(pixels.max())
-    if lo < LOW - 1 or hi > HIGH + 1:
-        warnings.warn(f"{source} has values in [{lo:.1f}, {hi:.1f}], outside [-1024, 1024]: is it normalised?",
-                      stacklevel=2)
-    elif hi - lo < 16:
-        warnings.warn(f"{source} spans only [{lo:.1f}, {hi:.1f}]: is it normalised?", stacklevel=2)
-
-
-# -------------------------------------------------------------------------------------------------------- contrast
-
-
-def equalize_histogram_u8(img: np.ndarray) -> np.ndarray:
-    """Histogram equalisation of a uint8 image, OpenCV ``equalizeHist``'s formula (MIMIC-CXR-JPG's last step).
-
-    ``lut[v] = round((cdf[v] - cdf_min) / (N - cdf_min) * 255)``; a constant image is returned unchanged.
-    """
-    if img.dtype != np.uint8:
-        raise TypeError(f"equalize_histogram_u8 needs uint8, got {img.dtype}")
-    hist = np.bincount(img.ravel(), minlength=256)
-    cdf = np.cumsum(hist)
-    cdf_min = int(cdf[np.flatnonzero(hist)[0]])
-    total = int(cdf[-1])
-    if total == cdf_min:
-        return img.copy()
-    lut = np.rint((cdf - cdf_min) * (255.0 / (total - cdf_min))).clip(0, 255).astype(np.uint8)
-    return lut[img]
 
 
 # ---------------------------------------------------------------------------------------------------------- resize

@@ -37,14 +37,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from medvl.data.images import (
-    ResizeFit,
-    ResizeGeometry,
-    problem_of,
-    read_xray_with_meta,
-    resize_geometry,
-    resize_xray,
-)
+from medvl.data.images import ResizeFit, ResizeGeometry, read_xray_with_meta, resize_geometry, resize_xray
+from medvl.data.xray import problem_of
 from medvl.errors import DataError
 from medvl.text.chexpert import CHEXPERT_LABELS
 

@@ -6,16 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medvl.data.images import (
-    ResizeFit,
-    check_xray_range,
-    equalize_histogram_u8,
-    read_xray,
-    read_xray_with_meta,
-    resize_geometry,
-    resize_xray,
-)
+from medvl.data.dicom import equalize_histogram_u8
+from medvl.data.images import ResizeFit, read_xray, read_xray_with_meta, resize_geometry, resize_xray
 from medvl.data.testing import MARKER_BOX, chest_dataset, save_dicom, synthetic_chest, write_jpg, write_png
+from medvl.data.xray import check_xray_range
 from medvl.errors import InvalidImageError
 
 

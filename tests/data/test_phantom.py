@@ -16,7 +16,13 @@ import pydicom
 import pytest
 from PIL import Image
 
-from medvl.data.phantom import CHEXPERT_COLUMNS, METADATA_COLUMNS, SPLIT_COLUMNS, plan_findings, prepare_phantom
+from medvl.data.phantom import (
+    CHEXPERT_COLUMNS,
+    METADATA_COLUMNS,
+    SPLIT_COLUMNS,
+    plan_findings,
+    prepare_phantom,
+)
 from medvl.data.phantom.anatomy import lesion_diameters, load_lung_atlas
 from medvl.data.phantom.draw import SEVERITY_SCALE, DrawSpec, render_frontal
 from medvl.data.prepared import PreparedDataset, read_index
