@@ -10,7 +10,7 @@ selection, TensorBoard logs and a progress bar.
 Run directory written by :func:`fit`::
 
     RUN/config.yaml            resolved config of the stage
-    RUN/stage.json             {"stage", "medvl_version", "from", "best_step", "best_metrics", "steps",
+    RUN/stage.json             {"stage", "medvl_version", "from", "data", "best_step", "best_metrics", "steps",
                                 "seconds", "images_per_second", "peak_memory_mb", ...}; written last,
                                its presence marks a finished run
     RUN/checkpoints/step_N/    full training state (kept: the newest ``keep_checkpoints``)
@@ -57,11 +57,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from medvl.errors import ConfigError, DataError, RunError
+from medvl.runs import CONFIG_FILE, STAGE_FILE, read_stage_info
 
 logger = logging.getLogger(__name__)
 
-STAGE_FILE = "stage.json"
-CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
 BEST_DIR = "best"
 LOG_DIR = "logs"
@@ -346,7 +345,7 @@ def run_kind(run_dir: Path) -> RunKind:
 def _check_run_dir(out: Path, resume: bool) -> RunKind:
     kind = run_kind(out)
     if kind == "finished":
-        info = json.loads((out / STAGE_FILE).read_text())
+        info = read_stage_info(out)
         if resume:
             raise RunError(f"{out} holds a finished '{info.get('stage')}' run; there is nothing to resume")
         raise RunError(f"{out} already holds a finished '{info.get('stage')}' run; choose another --out "
@@ -449,7 +448,7 @@ def finish_distributed_process(code: int = 0) -> None:
 
 
 def fit(stage: Stage, out: Path, *, resume: bool = False, config_dump: dict | None = None,
-        from_runs: list[Path] | None = None) -> FitResult:
+        from_runs: list[Path] | None = None, data_info: dict | None = None) -> FitResult:
     """Train ``stage`` into the run directory ``out``; see the module docstring.
 
     Raises :class:`RunError` if ``out`` holds a finished run, or an unfinished one without
@@ -739,6 +738,7 @@ def fit(stage: Stage, out: Path, *, resume: bool = False, config_dump: dict | No
             "stage": stage.name,
             "medvl_version": __version__,
             "from": from_abs,
+            "data": data_info,
             "best_step": state.best_step,
             "best_metrics": state.best_metrics,
             "select_metric": cfg.select_metric,

@@ -13,8 +13,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from medvl import registry
 from medvl.config import ConfigError, load_config
 from medvl.errors import DataError, RunError
+from medvl.runs import find_from_run, read_stage_info
 from medvl.train import stages as stages_mod
 from medvl.train.loop import (
     CHECKPOINT_DIR,
@@ -225,7 +227,8 @@ def test_train_config_is_validated():
 
 
 def test_run_stage_through_the_registry(tmp_path, monkeypatch):
-    monkeypatch.setitem(stages_mod.STAGE_BUILDERS, "adamatch", "tests.train.toy_stage:build_stage")
+    toy = dataclasses.replace(registry.STAGES["adamatch"], builder="tests.train.toy_stage:build_stage")
+    monkeypatch.setitem(registry.STAGES, "adamatch", toy)
     cfg_file = tmp_path / "toy.yaml"
     cfg_file.write_text(yaml.safe_dump({"model": {"dropout": 0.0},
                                         "train": {"steps": 3, "batch_size": 8, "eval_every": 0, "log_every": 1}}))
@@ -236,10 +239,10 @@ def test_run_stage_through_the_registry(tmp_path, monkeypatch):
     assert result.steps == 3
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["train"]["lr"] == 0.005 and saved["model"]["dropout"] == 0.0
-    assert stages_mod.read_run_info(tmp_path / "run")["stage"] == "toy"
-    assert stages_mod.find_from_run([tmp_path / "run"], "toy") == tmp_path / "run"
+    assert read_stage_info(tmp_path / "run")["stage"] == "toy"
+    assert find_from_run([tmp_path / "run"], "toy") == tmp_path / "run"
     with pytest.raises(RunError, match="needs a finished 'adamatch' run"):
-        stages_mod.find_from_run([tmp_path / "run"], "adamatch")
+        find_from_run([tmp_path / "run"], "adamatch")
     with pytest.raises(RunError, match="not a finished medvl run"):
         stages_mod.run_stage("adamatch", config=cfg_file, data=data, out=tmp_path / "run2", from_runs=[data])
 
@@ -247,11 +250,12 @@ def test_run_stage_through_the_registry(tmp_path, monkeypatch):
 def test_missing_stage_module_is_a_clear_error(tmp_path, monkeypatch, capsys):
     from medvl.cli import main
 
-    monkeypatch.setitem(stages_mod.STAGE_BUILDERS, "report", "medvl.train.no_such_stage:build_stage")
+    missing = dataclasses.replace(registry.STAGES["report"], builder="medvl.train.no_such_stage:build_stage")
+    monkeypatch.setitem(registry.STAGES, "report", missing)
     with pytest.raises(RunError, match="stage 'report' is not available in this version"):
-        stages_mod.load_builder("report")
+        registry.builder("report")
     with pytest.raises(ConfigError, match="unknown stage 'foo'"):
-        stages_mod.load_builder("foo")
+        registry.builder("foo")
     code = main(["train", "report", "--config", "tiny", "--data", str(tmp_path), "--out", str(tmp_path / "r")])
     assert code == 2 and "not available in this version" in capsys.readouterr().err
 

@@ -57,6 +57,7 @@ from medvl.models.diffusion import (
     save_scheduler_config,
     to_model_range,
 )
+from medvl.runs import stages_of
 from medvl.train.loop import TrainConfig, unwrap
 
 logger = logging.getLogger(__name__)
@@ -352,15 +353,6 @@ def _default_device() -> str:
     return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
 
 
-def _stage_of(run: Path) -> str | None:
-    import json
-
-    info = run / "stage.json"
-    if info.is_file():
-        return json.loads(info.read_text()).get("stage")
-    return None
-
-
 def resolve_source_runs(from_runs: list[Path] | None, need_memory: bool) -> SourceRuns:
     """Sort ``--from`` runs by their ``stage.json``: autoencoder, adamatch, report (for ``memory/``).
 
@@ -368,10 +360,7 @@ def resolve_source_runs(from_runs: list[Path] | None, need_memory: bool) -> Sour
     given; a diffusion run can stand in for all three (fine-tuning).
     """
     ae = adamatch = memory = report_run = None
-    for run in [Path(r) for r in from_runs or []]:
-        stage = _stage_of(run)
-        if stage is None:
-            raise RunError(f"{run} is not a finished medvl run (no stage.json)")
+    for stage, run in stages_of(from_runs):
         if stage == "autoencoder":
             ae = run / AUTOENCODER_DIR
         elif stage == "adamatch":

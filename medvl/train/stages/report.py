@@ -32,6 +32,7 @@ from medvl.data.prepared import PreparedDataset
 from medvl.errors import ConfigError, DataError, RunError
 from medvl.models import report_head as rh
 from medvl.models.report_head import KeywordHints, ReportHead, ReportHeadConfig
+from medvl.runs import find_from_run
 from medvl.train.loop import TrainConfig, unwrap
 
 ADAMATCH_COPY = "adamatch"  # RUN/adamatch/: AdaMatchRun.load(RUN) finds it
@@ -368,7 +369,5 @@ def build_stage(*, config_path: str | Path | None, overrides: list[str] | None, 
     if config.train.select_metric in VAL_METRICS_WITH_LABELER and not labeler_available():
         raise ConfigError(f"train.select_metric {config.train.select_metric!r} needs the report labeler "
                           "(medvl.text.labeler), which this version of medvl lacks; select on val_bleu4 or val_loss")
-    from medvl.train.stages import find_from_run
-
     adamatch_dir = find_from_run(from_runs, "adamatch")
     return ReportStage(config, Path(data), adamatch_dir)
