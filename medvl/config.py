@@ -4,6 +4,9 @@ Every stage describes its configuration as nested ``@dataclass`` classes. YAML f
 ``configs/<stage>/<preset>.yaml`` and ``--set key.sub=value`` overrides are checked against
 those classes: an unknown key or a value of the wrong type raises :class:`ConfigError`
 naming the dotted key, so a typo never silently falls back to a default.
+
+The presets ship inside the package as ``medvl.configs`` (the repository's ``configs/``
+folder), so they are found the same way from a checkout, an editable install or a wheel.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import re
 import types
 import typing
+from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,7 +29,9 @@ from medvl.errors import ConfigError
 T = TypeVar("T")
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
-CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+# The installed presets (the repository's configs/, packaged as medvl.configs): a folder on disk, because
+# pip installs wheels unpacked and an editable install maps the package to the checkout's folder.
+CONFIG_ROOT = Path(str(resources.files("medvl.configs")))
 STAGES = ("adamatch", "report", "autoencoder", "diffusion")
 
 
@@ -180,6 +186,36 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
     return data
 
 
+def preset_names(stage: str) -> list[str]:
+    """The presets shipped for ``stage`` (``["base", "demo", "tiny"]`` for the built-in stages)."""
+    folder = CONFIG_ROOT / stage
+    return sorted(q.stem for q in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def preset_file(*parts: str) -> Path:
+    """A shipped preset file: ``preset_file("adamatch", "tiny.yaml")``, ``preset_file("demo_quick.yaml")``."""
+    path = CONFIG_ROOT.joinpath(*parts)
+    if not path.is_file():
+        raise ConfigError(f"no preset file {'/'.join(parts)} in {CONFIG_ROOT}")
+    return path
+
+
+def preset_overrides(name: str, stage: str) -> list[str]:
+    """``--set`` overrides for ``stage`` from the shipped table ``configs/<name>.yaml`` (e.g. ``demo_quick``).
+
+    The table maps a stage to ``{dotted.key: value}``; the result lists ``"dotted.key=value"`` in file
+    order, and is empty when the table has no entry for ``stage``.
+    """
+    path = preset_file(f"{name}.yaml")
+    try:
+        table = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"preset file {path} is not valid YAML: {exc}") from None
+    if not isinstance(table, dict):
+        raise ConfigError(f"preset file {path} must hold a mapping of stage -> overrides")
+    return [f"{key}={value}" for key, value in (table.get(stage) or {}).items()]
+
+
 def resolve_config_path(stage: str, name_or_path: str | Path) -> Path:
     """A path to a YAML file, or a preset name (``tiny``, ``demo``, ``base``) for ``stage``."""
     p = Path(name_or_path)
@@ -188,10 +224,10 @@ def resolve_config_path(stage: str, name_or_path: str | Path) -> Path:
             raise ConfigError(f"config file {p} does not exist")
         return p
     candidate = CONFIG_ROOT / stage / f"{name_or_path}.yaml"
-    if candidate.exists():
+    if candidate.is_file():
         return candidate
-    presets = sorted(q.stem for q in (CONFIG_ROOT / stage).glob("*.yaml")) if (CONFIG_ROOT / stage).exists() else []
-    raise ConfigError(f"no config '{name_or_path}' for stage '{stage}' (presets: {', '.join(presets) or 'none'})")
+    known = ", ".join(preset_names(stage)) or "none"
+    raise ConfigError(f"no config '{name_or_path}' for stage '{stage}' (presets: {known})")
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:

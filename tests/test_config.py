@@ -1,11 +1,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import pytest
 
-from medvl.config import config_hash, load_config, to_dict
+from medvl.config import (
+    CONFIG_ROOT,
+    config_hash,
+    load_config,
+    preset_file,
+    preset_names,
+    preset_overrides,
+    resolve_config_path,
+    to_dict,
+)
 from medvl.errors import ConfigError
 
 
@@ -47,3 +57,22 @@ def test_bool_strings_are_not_silently_true():
     # argparse's type=bool trap: "False" must not become True.
     with pytest.raises(ConfigError):
         load_config(Outer, None, ["use_memory='False'"])
+
+
+def test_presets_ship_with_the_package():
+    import medvl.configs
+
+    assert CONFIG_ROOT.samefile(Path(medvl.configs.__file__).parent)
+    for stage in ("adamatch", "report", "autoencoder", "diffusion"):
+        assert preset_names(stage) == ["base", "demo", "tiny"]
+        assert resolve_config_path(stage, "demo") == CONFIG_ROOT / stage / "demo.yaml"
+    with pytest.raises(ConfigError, match="presets: base, demo, tiny"):
+        resolve_config_path("report", "huge")
+    with pytest.raises(ConfigError, match="no preset file"):
+        preset_file("missing.yaml")
+
+
+def test_quick_demo_overrides_come_from_the_shipped_table():
+    assert preset_file("demo_quick.yaml").is_file()
+    assert preset_overrides("demo_quick", "adamatch")[0] == "train.steps=150"
+    assert preset_overrides("demo_quick", "no_such_stage") == []

@@ -60,13 +60,9 @@ def _stage_done(run: Path) -> bool:
 
 def quick_overrides(stage: str) -> list[str]:
     """Shorter schedules for ``--preset quick`` (the whole demo in under 10 minutes on 2 cores)."""
-    from medvl.config import CONFIG_ROOT
+    from medvl.config import preset_overrides
 
-    path = CONFIG_ROOT / "demo_quick.yaml"
-    import yaml
-
-    table = yaml.safe_load(path.read_text()) if path.exists() else {}
-    return [f"{k}={v}" for k, v in (table.get(stage) or {}).items()]
+    return preset_overrides("demo_quick", stage)
 
 
 def build_steps(out: Path, preset: str) -> list[Step]:
