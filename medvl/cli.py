@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         # medvl's own errors are ValueErrors with a message meant for the user.
         print(f"medvl: error: {exc}", file=sys.stderr)
         code = 2
-    from medvl.train.loop import finish_distributed_process
+    from medvl.train.distributed import finish_distributed_process
 
     finish_distributed_process(code)  # under torchrun: exits here, past gloo's teardown, whatever the outcome
     return code

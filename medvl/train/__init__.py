@@ -1,5 +1,8 @@
-"""Training: the shared loop (:mod:`medvl.train.loop`) and the stage registry (:mod:`medvl.train.stages`)."""
+"""Training: the shared loop (:mod:`medvl.train.loop`, with :mod:`~medvl.train.checkpoint`,
+:mod:`~medvl.train.batches` and :mod:`~medvl.train.distributed`) and one module per stage
+(:mod:`medvl.train.stages`)."""
 
-from medvl.train.loop import FitResult, Stage, TrainConfig, fit, unwrap
+from medvl.train.distributed import unwrap
+from medvl.train.loop import FitResult, Stage, TrainConfig, fit
 
 __all__ = ["FitResult", "Stage", "TrainConfig", "fit", "unwrap"]

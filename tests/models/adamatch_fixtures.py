@@ -51,7 +51,7 @@ def gather_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     loss = 0.5 * (li + lt)
     loss.backward()
     torch.save({"loss": loss.detach(), "grad": x.grad}, f"{out_dir}/rank{rank}.pt")
-    from medvl.train.loop import finish_distributed_process
+    from medvl.train.distributed import finish_distributed_process
 
     finish_distributed_process(0)
 

@@ -16,7 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for tests.*
 
-from medvl.train.loop import TrainConfig, finish_distributed_process, fit  # noqa: E402
+from medvl.train.distributed import finish_distributed_process  # noqa: E402
+from medvl.train.loop import TrainConfig, fit  # noqa: E402
 from tests.train.toy_stage import ToyConfig, ToyModelConfig, ToyStage  # noqa: E402
 
 

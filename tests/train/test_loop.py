@@ -18,15 +18,8 @@ from medvl.config import ConfigError, load_config
 from medvl.errors import DataError, RunError
 from medvl.runs import find_from_run, read_stage_info
 from medvl.train import stages as stages_mod
-from medvl.train.loop import (
-    CHECKPOINT_DIR,
-    LOOP_STATE_FILE,
-    TrainConfig,
-    default_param_groups,
-    fit,
-    latest_checkpoint,
-    lr_factor,
-)
+from medvl.train.checkpoint import CHECKPOINT_DIR, LOOP_STATE_FILE, latest_checkpoint
+from medvl.train.loop import TrainConfig, default_param_groups, fit, lr_factor
 from tests.train.toy_stage import Interrupt, ToyConfig, ToyModelConfig, ToyNet, ToyStage
 
 

@@ -15,7 +15,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from medvl.config import load_config
-from medvl.train.loop import TrainConfig, unwrap
+from medvl.train.distributed import unwrap
+from medvl.train.loop import TrainConfig
 
 DIM = 8
 

@@ -1,0 +1,102 @@
+"""Processes and their group: the Accelerator of a run, wrapped models, objects and weights gathered
+on rank 0, and a clean exit for a process that joined a ``torch.distributed`` group.
+
+One process runs as it is; under ``torchrun`` / ``accelerate launch`` Accelerate joins the
+process group (DDP, or FSDP which shards the weights).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    InitProcessGroupKwargs,
+    broadcast_object_list,
+    extract_model_from_parallel,
+)
+from torch import nn
+
+from medvl.errors import ConfigError
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module under DDP / FSDP / ``torch.compile`` wrappers.
+
+    Accelerate's bf16 autocast wrapper on ``forward`` is kept, so calls through the result
+    still run in the training precision.
+    """
+    return extract_model_from_parallel(model, keep_fp32_wrapper=True)
+
+
+def make_accelerator(*, precision: str, grad_accum: int, find_unused_parameters: bool) -> Accelerator:
+    """A fresh Accelerator for one run: bf16 autocast or fp32, gradient accumulation, DDP options.
+
+    Accelerate keeps process-wide singletons; several fits in one process (tests, the demo) may
+    differ in precision or accumulation, so each starts from a clean state. The process group
+    (PartialState) is kept. DeepSpeed and Megatron-LM launches are refused.
+    """
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    accelerator = Accelerator(
+        mixed_precision="bf16" if precision == "bf16" else "no",
+        gradient_accumulation_steps=grad_accum,
+        kwargs_handlers=[
+            # validation and save_run run on rank 0 while the others wait at a barrier
+            InitProcessGroupKwargs(timeout=timedelta(hours=2)),
+            DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters),
+        ],
+    )
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise ConfigError(f"{accelerator.distributed_type.value} launches are not supported by medvl's training "
+                          "loop; launch with DDP (the default of torchrun / accelerate launch) or FSDP")
+    return accelerator
+
+
+def is_sharded(accelerator: Accelerator) -> bool:
+    """FSDP shards the weights: validation and saving then need them gathered on rank 0."""
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def full_state_dict(accelerator: Accelerator, model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """Full weights as CPU tensors on rank 0, None elsewhere (a collective under FSDP)."""
+    main = accelerator.is_main_process
+    if is_sharded(accelerator):
+        sd = accelerator.get_state_dict(model)
+    else:
+        sd = unwrap(model).state_dict() if main else None
+    if not main or sd is None:
+        return None
+    return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
+
+
+def broadcast_from_main(obj: Any, world_size: int) -> Any:
+    """Rank 0's ``obj`` on every rank (``obj`` itself in a single process)."""
+    box = [obj]
+    if world_size > 1:
+        broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def finish_distributed_process(code: int = 0) -> None:
+    """End a process that joined a torch.distributed group: destroy the group, flush, and exit with ``code``
+    without the interpreter's teardown. With torch 2.14's gloo backend, that teardown aborts a rank now and then
+    ("terminate called without an active exception", SIGABRT, no Python frame) after all work is saved, and
+    torchrun / ``mp.spawn`` then report a finished job as failed. Returns (does nothing) in a process that never
+    joined a group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
