@@ -21,6 +21,7 @@ lungs dark. The cache stores them as ``round((x + 1024) / 2048 * 255)``.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import multiprocessing as mp
@@ -176,6 +177,39 @@ class PreparedDataset(Dataset):
             "subject_id": row["subject_id"],
             "index": i,
         }
+
+    def positions(self, *, views: Sequence[str] | None = None, keep_blank_view: bool = True,
+                  one_per_study: bool = False, limit: int = 0) -> np.ndarray:
+        """The rows :meth:`select` keeps, as positions into this dataset (int64, in order)."""
+        keep = np.ones(len(self.index), dtype=bool)
+        if views is not None:
+            view = self.index["view"].str.upper()
+            wanted = view.isin([v.upper() for v in views])
+            if keep_blank_view:
+                wanted |= view == ""
+            keep = wanted.to_numpy(dtype=bool)
+        pos = np.flatnonzero(keep)
+        if one_per_study:
+            pos = pos[~self.index["study_id"].iloc[pos].duplicated().to_numpy()]
+        if limit > 0:
+            pos = pos[:limit]
+        return pos.astype(np.int64)
+
+    def select(self, *, views: Sequence[str] | None = None, keep_blank_view: bool = True,
+               one_per_study: bool = False, limit: int = 0) -> PreparedDataset:
+        """A dataset of some of these rows, in their order, ``index`` and ``labels`` aligned with its items.
+
+        ``views``: the rows whose ``view`` is one of these (any case); a blank ``view`` (an image whose view its
+        source does not give, kept by ``medvl prepare iu-xray``) stays unless ``keep_blank_view`` is False.
+        ``one_per_study``: then the first row of each study. ``limit``: then the first ``limit`` rows (0: all).
+        The split is chosen when the dataset is opened (``PreparedDataset(root, split)``).
+        """
+        pos = self.positions(views=views, keep_blank_view=keep_blank_view, one_per_study=one_per_study,
+                             limit=limit)
+        out = copy.copy(self)
+        out.index = self.index.iloc[pos].reset_index(drop=True)
+        out.labels = self.labels[torch.from_numpy(pos)]
+        return out
 
     def regions(self) -> pd.DataFrame | None:
         """Ground-truth finding boxes (IU-Phantom), or None for datasets without them."""

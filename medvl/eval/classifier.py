@@ -280,21 +280,17 @@ def load_split(data: str | Path, split: str, size: int, views: Sequence[str] = (
     """Frontal scans of one split, resized to ``size`` (area), with labels, ids and reports."""
     from medvl.data.prepared import PreparedDataset
 
-    ds = PreparedDataset(data, split)
-    view = ds.index["view"].fillna("").str.upper()
-    keep = np.flatnonzero((view.isin([v.upper() for v in views]) | (view == "")).to_numpy())
-    if limit > 0:
-        keep = keep[:limit]
-    if not len(keep):
+    ds = PreparedDataset(data, split).select(views=views, keep_blank_view=True, limit=limit)
+    if not len(ds):
         raise DataError(f"{data} has no frontal {split} scans")
-    out = np.empty((len(keep), 1, size, size), np.float32)
-    for n, i in enumerate(keep):
-        x = torch.from_numpy(ds.image(int(i)))[None, None]
+    out = np.empty((len(ds), 1, size, size), np.float32)
+    for n in range(len(ds)):
+        x = torch.from_numpy(ds.image(n))[None, None]
         if x.shape[-1] != size:
             x = F.interpolate(x, size=(size, size), mode="area" if x.shape[-1] > size else "bilinear")
         out[n] = x[0].numpy()
-    return SplitArrays(images=out, labels=ds.labels.numpy()[keep], dicom_ids=ds.index["dicom_id"].iloc[keep].tolist(),
-                       reports=ds.index["report"].iloc[keep].tolist())
+    return SplitArrays(images=out, labels=ds.labels.numpy(), dicom_ids=ds.index["dicom_id"].tolist(),
+                       reports=ds.index["report"].tolist())
 
 
 def _regions(data: Path):

@@ -112,14 +112,11 @@ class AdaMatchStage:
         self.data = Path(data)
         self.tokenizer = tokenizer
         self.train_ds = PreparedDataset(self.data, "train")
-        self.val_ds = PreparedDataset(self.data, "validate")
+        self.val_ds = PreparedDataset(self.data, "validate").select(limit=cfg.max_val_images)
         if len(self.train_ds) == 0:
             raise DataError(f"{data} has no training images with reports")
         if len(self.val_ds) == 0:
             raise DataError(f"{data} has no validation images with reports (model selection needs them)")
-        if cfg.max_val_images and len(self.val_ds) > cfg.max_val_images:
-            self.val_ds.index = self.val_ds.index.iloc[: cfg.max_val_images].reset_index(drop=True)
-            self.val_ds.labels = self.val_ds.labels[: cfg.max_val_images]
         self.val_regions = self.val_ds.regions()
 
     # ---- the Stage protocol

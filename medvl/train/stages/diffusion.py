@@ -98,10 +98,7 @@ class RandomCrop(Dataset):
 
 def select_scans(ds: PreparedDataset, views: list[str], limit: int = 0) -> list[int]:
     """Indices of ``ds`` whose view is one of ``views`` (blank view kept), at most ``limit`` (0: all)."""
-    view = ds.index["view"].fillna("").str.upper()
-    keep = view.isin([v.upper() for v in views]) | (view == "")
-    idx = np.flatnonzero(keep.to_numpy()).tolist()
-    return idx[:limit] if limit > 0 else idx
+    return ds.positions(views=views, keep_blank_view=True, limit=limit).tolist()
 
 
 class ScanSubset(Dataset):

@@ -95,17 +95,13 @@ def labeler_available() -> bool:
 
 
 def report_split(data: str | Path, split: str, cfg: ReportDataConfig) -> PreparedDataset:
-    """A split of the prepared dataset restricted to ``cfg.views`` (and one image per study)."""
-    ds = PreparedDataset(data, split)
-    views = {v.upper() for v in cfg.views}
-    keep = ds.index["view"].str.upper().isin(views)
-    if cfg.one_image_per_study:
-        first = ~ds.index[keep].duplicated("study_id")
-        keep &= first.reindex(ds.index.index, fill_value=False)
-    ds.index = ds.index[keep].reset_index(drop=True)
-    ds.labels = ds.labels[torch.from_numpy(keep.to_numpy(dtype=bool, copy=True))]
+    """A split of the prepared dataset restricted to ``cfg.views`` (and one image per study). A blank (unknown)
+    view is left out: the report head trains on images known to be frontal."""
+    ds = PreparedDataset(data, split).select(views=cfg.views, keep_blank_view=False,
+                                             one_per_study=cfg.one_image_per_study)
     if len(ds) == 0:
-        raise DataError(f"{data}: the '{split}' split has no reports with views {sorted(views)}")
+        views = sorted({v.upper() for v in cfg.views})
+        raise DataError(f"{data}: the '{split}' split has no reports with views {views}")
     return ds
 
 
