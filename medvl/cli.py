@@ -1,4 +1,4 @@
-"""The ``medvl`` command: a thin layer over the Python API.
+"""The ``medvl`` command: a thin layer over the Python API and the stage registry.
 
 Every command prints a one-line error and exits with status 2 on bad input.
 """
@@ -7,9 +7,24 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
+from typing import Any
 
+import medvl.registry as registry
 from medvl.version import __version__
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' line breaks and shows each option's default (unless its help already says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.required or not action.option_strings:
+            return text
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return text  # such an option's help says what leaving it out does
+        return f"{text} (default: %(default)s)"
 
 
 def _views(text: str) -> list[str]:
@@ -29,82 +44,178 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _command(sub: Any, name: str, summary: str, description: str, example: str,
+             details: str = "") -> argparse.ArgumentParser:
+    text = textwrap.fill(description, width=100) + (f"\n\n{details}" if details else "")
+    return sub.add_parser(name, help=summary, description=text, formatter_class=_HelpFormatter,
+                          epilog="example:\n" + "\n".join(f"  {line}" for line in example.strip().splitlines()))
+
+
+def _entry(name: str, text: str) -> str:
+    return textwrap.fill(text, width=100, initial_indent=f"  {name:12} ", subsequent_indent=" " * 15)
+
+
+def _runs(stages: tuple[str, ...]) -> str:
+    return f"the {' and '.join(stages)} run{'s' if len(stages) > 1 else ''}"
+
+
+def _train_epilog() -> str:
+    lines = ["stages (train them in this order; --from names the runs a stage builds on):"]
+    for spec in registry.STAGES.values():
+        takes = f"--from {_runs(spec.needs)}" if spec.needs else "no --from"
+        takes += f" (and {_runs(spec.optional)} when its config uses it)" if spec.optional else ""
+        lines.append(_entry(spec.name, f"{spec.summary}; {takes}"))
+    return "\n".join(lines)
+
+
+def _evaluate_epilog() -> str:
+    lines = ["evaluations (--run names the run of the stage in brackets, or a demo directory):"]
+    for spec in registry.EVALUATIONS.values():
+        needs = f"; needs {_runs(spec.needs)}, reachable from --run" if spec.needs else ""
+        lines.append(_entry(spec.name, f"[{spec.run}] {spec.summary}{needs}"))
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medvl", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="medvl", description=__doc__.splitlines()[0], formatter_class=_HelpFormatter,
+                                epilog="Run `medvl COMMAND --help` for a command's options and an example.")
     p.add_argument("--version", action="version", version=f"medvl {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    d = sub.add_parser("demo", help="build IU-Phantom, train every stage, evaluate, write metrics.json and report.html")
-    d.add_argument("--out", type=Path, default=Path("demo_out"))
-    d.add_argument("--preset", choices=["quick", "full"], default="quick")
+    d = _command(sub, "demo", "build IU-Phantom, train every stage, evaluate, write metrics.json and report.html",
+                 "Build the embedded IU-Phantom dataset, train every stage with the preset, evaluate each and write "
+                 "OUT/metrics.json and OUT/report.html. Rerunning with the same --out keeps what is finished and "
+                 "resumes an interrupted stage.",
+                 "medvl demo --out demo_out --preset quick")
+    d.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory")
+    d.add_argument("--preset", choices=["quick", "full"], default="quick",
+                   help="quick: short schedules, under 10 minutes on 2 CPU cores; full: the results tables' runs")
 
-    pr = sub.add_parser("prepare", help="turn raw data into a prepared dataset")
+    pr = _command(sub, "prepare", "turn raw data into a prepared dataset",
+                  "Turn raw data into a prepared dataset (index.csv, skipped.csv, an image cache) that "
+                  "`medvl train --data` takes.",
+                  "medvl prepare phantom --out data/phantom --studies 400 --size 128")
     psub = pr.add_subparsers(dest="source", required=True, metavar="SOURCE")
-    ph = psub.add_parser("phantom", help="build the embedded IU-Phantom dataset and prepare it")
-    ph.add_argument("--out", type=Path, required=True)
+    ph = _command(psub, "phantom", "build the embedded IU-Phantom dataset and prepare it",
+                  "Draw IU-Phantom, medvl's synthetic chest X-ray dataset with reports and finding boxes, "
+                  "and prepare it.",
+                  "medvl prepare phantom --out data/phantom --studies 400 --size 128")
+    ph.add_argument("--out", type=Path, required=True, help="prepared dataset directory to write")
     ph.add_argument("--studies", type=_positive_int, default=None, help="number of studies (default: all 3,955)")
-    ph.add_argument("--size", type=_positive_int, default=256)
-    ph.add_argument("--seed", type=int, default=0)
-    ph.add_argument("--workers", type=_positive_int, default=1)
-    mc = psub.add_parser("mimic-cxr", help="MIMIC-CXR (DICOM) or MIMIC-CXR-JPG tree")
-    mc.add_argument("--root", type=Path, required=True)
-    mc.add_argument("--out", type=Path, required=True)
-    mc.add_argument("--size", type=_positive_int, default=256)
-    mc.add_argument("--views", type=_views, default=["PA", "AP"])
-    mc.add_argument("--sections", choices=["findings", "impression", "both"], default="findings")
-    mc.add_argument("--workers", type=_positive_int, default=1)
+    ph.add_argument("--size", type=_positive_int, default=256, help="image side in pixels")
+    ph.add_argument("--seed", type=int, default=0, help="random seed of the drawing")
+    ph.add_argument("--workers", type=_positive_int, default=1, help="worker processes")
+    mc = _command(psub, "mimic-cxr", "MIMIC-CXR (DICOM) or MIMIC-CXR-JPG tree",
+                  "Prepare MIMIC-CXR (DICOM) or MIMIC-CXR-JPG: files/p??/p<subject>/s<study>/ with the "
+                  "metadata, split and CheXpert tables at the root.",
+                  "medvl prepare mimic-cxr --root /data/mimic-cxr-jpg --out data/mimic --size 256 --workers 8")
+    mc.add_argument("--root", type=Path, required=True, help="the raw MIMIC-CXR or MIMIC-CXR-JPG tree")
+    mc.add_argument("--out", type=Path, required=True, help="prepared dataset directory to write")
+    mc.add_argument("--size", type=_positive_int, default=256, help="image side in pixels")
+    mc.add_argument("--views", type=_views, default=["PA", "AP"],
+                    help="comma-separated view positions to keep (default: PA,AP)")
+    mc.add_argument("--sections", choices=["findings", "impression", "both"], default="findings",
+                    help="report sections used as the report text")
+    mc.add_argument("--workers", type=_positive_int, default=1, help="worker processes")
     mc.add_argument("--jpg-compatible", action="store_true",
-                    help="read DICOMs the way MIMIC-CXR-JPG was made (min-max, invert, histogram equalisation)")
-    iu = psub.add_parser("iu-xray", help="IU X-ray (Open-i) XML reports and PNG images")
-    iu.add_argument("--root", type=Path, required=True)
-    iu.add_argument("--out", type=Path, required=True)
-    iu.add_argument("--size", type=_positive_int, default=256)
-    iu.add_argument("--sections", choices=["findings", "impression", "both"], default="both")
-    iu.add_argument("--workers", type=_positive_int, default=1)
+                    help="read DICOMs the way MIMIC-CXR-JPG was made (min-max, invert, histogram equalisation); "
+                         "default: off (VOI windowing)")
+    iu = _command(psub, "iu-xray", "IU X-ray (Open-i) XML reports and PNG images",
+                  "Prepare IU X-ray (Open-i): its XML reports and PNG images under one folder.",
+                  "medvl prepare iu-xray --root /data/iu-xray --out data/iu")
+    iu.add_argument("--root", type=Path, required=True, help="folder with the XML reports and PNG images")
+    iu.add_argument("--out", type=Path, required=True, help="prepared dataset directory to write")
+    iu.add_argument("--size", type=_positive_int, default=256, help="image side in pixels")
+    iu.add_argument("--sections", choices=["findings", "impression", "both"], default="both",
+                    help="report sections used as the report text")
+    iu.add_argument("--workers", type=_positive_int, default=1, help="worker processes")
 
-    t = sub.add_parser("train", help="train one stage")
-    t.add_argument("stage", choices=["adamatch", "report", "autoencoder", "diffusion"])
+    t = _command(sub, "train", "train one stage",
+                 "Train one stage into a self-contained run directory (weights, resolved config, tokenizer, "
+                 "keywords, keypatch bank...).",
+                 "medvl train adamatch --config demo --data data/phantom --out runs/adamatch\n"
+                 "medvl train report --config demo --data data/phantom --out runs/report --from runs/adamatch\n"
+                 "medvl train diffusion --config demo --data data/phantom --out runs/diffusion "
+                 "--from runs/adamatch --from runs/report --from runs/autoencoder",
+                 _train_epilog())
+    t.add_argument("stage", choices=list(registry.STAGES), help="the stage to train (see the list above)")
     t.add_argument("--config", required=True, help="YAML file or preset name (tiny, demo, base)")
-    t.add_argument("--data", type=Path, required=True)
-    t.add_argument("--out", type=Path, required=True)
-    t.add_argument("--from", dest="from_runs", type=Path, nargs="*", default=[], metavar="RUN")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    t.add_argument("--resume", action="store_true")
+    t.add_argument("--data", type=Path, required=True, help="prepared dataset (made by `medvl prepare`)")
+    t.add_argument("--out", type=Path, required=True, help="run directory to write")
+    t.add_argument("--from", dest="from_runs", type=Path, nargs="+", action="extend", default=[], metavar="RUN",
+                   help="an earlier run this stage builds on; repeat the flag (or list several) for several "
+                        "(default: none)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. train.steps=100; repeat for several (default: none)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its last checkpoint (default: off)")
 
-    e = sub.add_parser("evaluate", help="score a run; writes a metrics JSON file")
-    e.add_argument("kind", choices=["adamatch", "report", "diffusion", "cyclic"])
-    e.add_argument("--run", type=Path, required=True)
-    e.add_argument("--data", type=Path, required=True)
-    e.add_argument("--split", choices=["train", "validate", "test"], default="test")
-    e.add_argument("--out", type=Path, required=True)
+    e = _command(sub, "evaluate", "score a run; writes a metrics JSON file",
+                 "Score a run on a split of a prepared dataset, write the metrics to --out, keep a copy in the "
+                 "run (RUN/eval/<kind>-<split>.json) and print the headline figures.",
+                 "medvl evaluate report --run runs/report --data data/phantom --out eval/report.json",
+                 _evaluate_epilog())
+    e.add_argument("kind", choices=list(registry.EVALUATIONS), help="what to evaluate (see the list above)")
+    e.add_argument("--run", type=Path, required=True, help="run directory (or a demo directory)")
+    e.add_argument("--data", type=Path, required=True, help="prepared dataset")
+    e.add_argument("--split", choices=["train", "validate", "test"], default="test", help="split to score")
+    e.add_argument("--out", type=Path, required=True, help="metrics JSON file to write")
 
-    g = sub.add_parser("generate-report", help="write a report for each scan")
-    g.add_argument("scans", type=Path, nargs="+", metavar="SCAN")
-    g.add_argument("--run", type=Path, required=True)
-    g.add_argument("--beams", type=_positive_int, default=3)
-    g.add_argument("--explain", type=Path, default=None, metavar="OUT.png")
-    g.add_argument("--json", action="store_true")
+    g = _command(sub, "generate-report", "write a report for each scan",
+                 "Write a report for each scan (DICOM, PNG or JPG) with a report run, with the AdaMatch keywords "
+                 "given to the decoder as hints.",
+                 "medvl generate-report scan1.dcm scan2.png --run runs/report --explain explain.png")
+    g.add_argument("scans", type=Path, nargs="+", metavar="SCAN", help="DICOM, PNG or JPG chest X-ray")
+    g.add_argument("--run", type=Path, required=True, help="report run directory")
+    g.add_argument("--beams", type=_positive_int, default=None,
+                   help="beam width, 1 = greedy (default: the run's generation.beams)")
+    g.add_argument("--explain", type=Path, default=None, metavar="OUT.png",
+                   help="also draw each scan's keyword boxes into this PNG (default: none)")
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON list (report, score, tokens, labels, keywords) (default: text)")
 
-    s = sub.add_parser("synthesize", help="draw a scan from a report")
-    s.add_argument("report")
-    s.add_argument("--run", type=Path, required=True)
+    s = _command(sub, "synthesize", "draw a scan from a report",
+                 "Draw a chest X-ray from a report with a diffusion run; a .dcm output is marked synthetic.",
+                 'medvl synthesize "Small left pleural effusion." --run runs/diffusion --out scan.png --seed 1')
+    s.add_argument("report", help="the report text")
+    s.add_argument("--run", type=Path, required=True, help="diffusion run directory")
     s.add_argument("--out", type=Path, required=True, help="FILE.png or FILE.dcm")
-    s.add_argument("--steps", type=_positive_int, default=None)
-    s.add_argument("--guidance", type=float, default=None)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=_positive_int, default=None, help="sampling steps (default: the run's sampler)")
+    s.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the run's sampler)")
+    s.add_argument("--seed", type=int, default=0, help="random seed: same seed, same image")
 
-    lb = sub.add_parser("label", help="CheXpert's 14 observations for reports, as CSV on standard output")
-    lb.add_argument("file", nargs="?", default="-", help="CSV with a 'report' column, or - for one report on stdin")
+    lb = _command(sub, "label", "CheXpert's 14 observations for reports, as CSV on standard output",
+                  "Label reports with CheXpert's 14 observations (1, 0, -1, blank), one CSV row per report in "
+                  "input order.",
+                  'medvl label reports.csv > labels.csv\necho "Small left pleural effusion." | medvl label')
+    lb.add_argument("file", nargs="?", default="-",
+                    help="CSV with a 'report' column, or - for one report on stdin (default: -)")
 
-    x = sub.add_parser("explain", help="draw a scan's adaptive boxes with their matched keywords")
-    x.add_argument("scan", type=Path)
-    x.add_argument("--run", type=Path, required=True)
-    x.add_argument("--out", type=Path, required=True)
-    x.add_argument("--word", default=None, help="also draw the similarity map of this word")
+    x = _command(sub, "explain", "draw a scan's adaptive boxes with their matched keywords",
+                 "Draw a scan's adaptive patches with the keywords they match best (an AdaMatch run, or a run "
+                 "that carries one).",
+                 "medvl explain scan.png --run runs/adamatch --out explain.png --word effusion")
+    x.add_argument("scan", type=Path, help="DICOM, PNG or JPG chest X-ray")
+    x.add_argument("--run", type=Path, required=True, help="AdaMatch run (or a report or diffusion run)")
+    x.add_argument("--out", type=Path, required=True, help="PNG to write")
+    x.add_argument("--word", default=None, help="also draw the similarity map of this word (default: none)")
     return p
 
 
+def headline_table(kind: str, metrics: dict) -> str:
+    """The headline figures of an evaluation (``registry.EVALUATIONS[kind].headline`` present in
+    ``metrics``), one aligned line each."""
+    rows = registry.evaluation(kind).headline_of(metrics)
+    if not rows:
+        return ""
+    width = max(len(key) for key, _ in rows)
+    return "\n".join(f"  {key:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {key:<{width}}  {value}"
+                     for key, value in rows)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
+    # Each command imports only what it uses: `medvl --help` and `medvl label` start in a blink.
     if args.command == "label":
         from medvl.text.labeler import label_command
 
@@ -133,7 +244,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "evaluate":
         from medvl.eval import evaluate
 
-        evaluate(args.kind, run=args.run, data=args.data, split=args.split, out=args.out)
+        metrics = evaluate(args.kind, run=args.run, data=args.data, split=args.split, out=args.out)
+        meta = metrics.get("meta") or {}
+        print(f"medvl evaluate {args.kind} ({args.split}, {meta.get('num_samples', '?')} samples): {args.out}")
+        table = headline_table(args.kind, metrics)
+        if table:
+            print(table)
         return 0
     if args.command == "demo":
         from medvl.demo import run_demo

@@ -32,7 +32,6 @@ _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
 # The installed presets (the repository's configs/, packaged as medvl.configs): a folder on disk, because
 # pip installs wheels unpacked and an editable install maps the package to the checkout's folder.
 CONFIG_ROOT = Path(str(resources.files("medvl.configs")))
-STAGES = ("adamatch", "report", "autoencoder", "diffusion")
 
 
 def _type_name(tp: Any) -> str:

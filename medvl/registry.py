@@ -15,7 +15,7 @@ for its evaluation) plus its own files: the model (``medvl/models/``), the train
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,8 @@ class StageSpec:
     training loop; ``loader`` loads a finished run for inference, ``(run_dir, device=...) -> object``
     (None for a stage used only to train others). ``needs`` are the stages whose runs must be given with
     ``--from``, ``optional`` those used when given; ``carries`` the stages whose parts the run keeps a copy
-    of, so it works alone. Stages are listed in the order the demo trains them.
+    of, so it works alone; ``usage`` a line of Python showing it at work (model cards). Stages are listed
+    in the order the demo trains them.
     """
 
     name: str
@@ -41,6 +42,7 @@ class StageSpec:
     needs: tuple[str, ...] = ()
     optional: tuple[str, ...] = ()
     carries: tuple[str, ...] = ()
+    usage: str = ""
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -68,6 +70,10 @@ class EvaluationSpec:
     headline: tuple[str, ...] = ()
     uses_classifier: bool = False
 
+    def headline_of(self, metrics: Mapping[str, Any]) -> list[tuple[str, Any]]:
+        """``(key, value)`` of the headline metrics present in ``metrics``, in ``headline`` order."""
+        return [(key, metrics[key]) for key in self.headline if key in metrics]
+
 
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
@@ -77,7 +83,8 @@ STAGES: dict[str, StageSpec] = {
             summary="AdaMatch: adaptive patch-word alignment of scans and reports (keywords, keypatch bank)",
             config="medvl.train.stages.adamatch:AdaMatchStageConfig",
             builder="medvl.train.stages.adamatch:build_stage",
-            loader="medvl.models.adamatch:AdaMatchRun.load",
+            loader="medvl.models.adamatch:AdaMatchRun.from_pretrained",
+            usage='match = pipe.match("scan.png", "Small left pleural effusion.")   # each word\'s best box',
         ),
         StageSpec(
             name="report",
@@ -87,12 +94,14 @@ STAGES: dict[str, StageSpec] = {
             loader="medvl.inference.generate:ReportGenerator.load",
             needs=("adamatch",),
             carries=("adamatch",),
+            usage='report = pipe.generate_report("scan.dcm")   # text, tokens, keywords with boxes',
         ),
         StageSpec(
             name="autoencoder",
             summary="the diffusion head's autoencoder: scans <-> latents",
             config="medvl.train.stages.diffusion:AutoencoderStageConfig",
             builder="medvl.train.stages.diffusion:build_autoencoder_stage",
+            loader="medvl.models.diffusion:AutoencoderBundle.from_pretrained",
         ),
         StageSpec(
             name="diffusion",
@@ -103,6 +112,7 @@ STAGES: dict[str, StageSpec] = {
             needs=("autoencoder", "adamatch"),
             optional=("report",),
             carries=("adamatch", "autoencoder"),
+            usage='scan = pipe.synthesize("Small left pleural effusion.", seed=0)   # images, keypatches',
         ),
     )
 }

@@ -26,7 +26,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from medvl.errors import RunError
+from medvl.data.prepared import read_meta
+from medvl.errors import DataError, RunError
 
 STAGE_FILE = "stage.json"
 CONFIG_FILE = "config.yaml"
@@ -67,7 +68,7 @@ def source_runs(run_dir: str | Path, info: Mapping[str, Any] | None = None) -> l
     against ``run_dir``."""
     run_dir = Path(run_dir)
     info = read_stage_info(run_dir) if info is None else info
-    return [p if p.is_absolute() else (run_dir / p) for p in map(Path, info.get("from") or [])]
+    return [p if p.is_absolute() else Path(os.path.normpath(run_dir / p)) for p in map(Path, info.get("from") or [])]
 
 
 def find_runs(path: str | Path) -> dict[str, Path]:
@@ -111,6 +112,18 @@ def find_from_run(from_runs: Iterable[str | Path] | None, stage: str) -> Path:
 def stages_of(from_runs: Iterable[str | Path] | None) -> list[tuple[str, Path]]:
     """``(stage, run)`` for each ``--from`` run, in the order given; :class:`RunError` for an unfinished one."""
     return [(read_stage_info(r)["stage"], Path(r)) for r in from_runs or []]
+
+
+def describe_data(data: str | Path, with_path: bool = True) -> dict[str, Any]:
+    """What a run records about a prepared dataset (``stage.json``'s ``data``, an evaluation record's):
+    its path and its ``meta.json`` (source, size, sections, counts, phantom parameters), less the raw
+    tree's location; no ``meta`` when ``data`` is not a finished prepared dataset."""
+    record: dict[str, Any] = {"path": str(Path(data).resolve())} if with_path else {}
+    try:
+        record["meta"] = {k: v for k, v in read_meta(data).meta.items() if k != "root"}
+    except DataError:
+        pass
+    return record
 
 
 # ---- evaluation records
@@ -161,7 +174,7 @@ def save_run_set(runs: Mapping[str, str | Path], dest: str | Path) -> dict[str, 
     inside so the folder holds no absolute path: ``from`` entries become relative (``../adamatch``)."""
     dest = Path(dest)
     sources = {stage: Path(run) for stage, run in runs.items()}
-    for stage, run in sources.items():
+    for run in sources.values():
         read_stage_info(run)
         inside = dest.resolve() in (run.resolve(), *run.resolve().parents) or run.resolve() in dest.resolve().parents
         if inside:

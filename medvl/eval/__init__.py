@@ -1,22 +1,33 @@
-"""Evaluation of each stage; every result lands in a ``metrics.json``-style file (DESIGN.md section 4)."""
+"""Evaluation of each stage; every result lands in a ``metrics.json``-style file (DESIGN.md section 4).
+
+The evaluations and their functions are listed in :data:`medvl.registry.EVALUATIONS`.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import medvl.registry as registry
+from medvl.errors import RunError
+from medvl.runs import describe_data, find_runs, is_finished, record_evaluation
+
 
 def evaluate(kind: str, run: Path, data: Path, split: str = "test", out: Path | None = None, **options) -> dict:
     """Score ``run`` on ``split`` of the prepared dataset ``data``; write the metrics to ``out``.
 
-    ``options`` go to the stage's evaluation function (e.g. ``classifier_config``, ``max_studies``)."""
-    if kind == "adamatch":
-        from medvl.eval.alignment import evaluate_adamatch as fn
-    elif kind == "report":
-        from medvl.eval.report import evaluate_report as fn
-    elif kind == "diffusion":
-        from medvl.eval.image import evaluate_diffusion as fn
-    elif kind == "cyclic":
-        from medvl.eval.cyclic import evaluate_cyclic as fn
-    else:
-        raise ValueError(f"unknown evaluation {kind!r}; use adamatch, report, diffusion or cyclic")
-    return fn(run=Path(run), data=Path(data), split=split, out=Path(out) if out else None, **options)
+    ``options`` go to the evaluation function (e.g. ``classifier_config``, ``max_studies``). A copy of the
+    metrics is kept in the run evaluated (``RUN/eval/<kind>-<split>.json``, see :mod:`medvl.runs`)."""
+    spec = registry.evaluation(kind)
+    run, data = Path(run), Path(data)
+    if spec.needs:
+        reachable = find_runs(run)
+        missing = [stage for stage in spec.needs if stage not in reachable]
+        if missing:
+            raise RunError(f"{kind} evaluation needs a {' and a '.join(missing)} run; {run} leads to "
+                           f"{sorted(reachable)} only (pass a run built from the others, or a demo directory)")
+    metrics = registry.evaluator(kind)(run=run, data=data, split=split, out=Path(out) if out else None, **options)
+    holder = run if is_finished(run) else find_runs(run).get(spec.run)
+    if holder is not None:
+        record_evaluation(holder, kind, split, metrics, data=describe_data(data, with_path=False))
+    return metrics
+

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from medvl.errors import RunError
+from medvl.runs import find_runs
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,6 @@ def evaluate_cyclic(*, run: Path, data: Path, split: str = "test", out: Path | N
                     beams: int | None = None, seed: int = 0, device: str | None = None,
                     classifier_config=None) -> dict:
     """Score both cycles on up to ``max_studies`` frontal studies of ``split``; write metrics to ``out``."""
-    from medvl.api import find_runs
     from medvl.eval.clinical import ce_metrics, label_reports
     from medvl.eval.common import metrics_record, write_metrics
     from medvl.eval.image import synthesize_reports
