@@ -2,17 +2,26 @@
 
 Pretrain adaptive patch-word alignment (AdaMatch), generate reports from scans and
 synthesize scans from reports, with boxes and words as explanations.
+
+``medvl.load(RUN)`` and ``medvl.Pipeline`` come from :mod:`medvl.api`, imported on first use so
+that ``import medvl`` stays light.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from medvl.version import __version__
 
-__all__ = ["__version__", "load"]
+if TYPE_CHECKING:
+    from medvl.api import Pipeline, load
+
+__all__ = ["__version__", "Pipeline", "load"]
 
 
-def load(run_dir, device: str | None = None):
-    """Load a trained run directory for inference (see :mod:`medvl.api`)."""
-    from medvl.api import load as _load
+def __getattr__(name: str) -> Any:
+    if name in ("Pipeline", "load"):
+        from medvl import api
 
-    return _load(run_dir, device=device)
+        return getattr(api, name)
+    raise AttributeError(f"module 'medvl' has no attribute {name!r}")

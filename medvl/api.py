@@ -14,15 +14,21 @@ a report or diffusion run carries its own copy of AdaMatch. Components load on f
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+import medvl.registry as registry
+from medvl.data.images import read_xray, resize_xray
 from medvl.errors import InvalidImageError, InvalidReportError, RunError
+from medvl.inference.explain import explain_command, explain_image
+from medvl.report.card import write_model_card
+from medvl.runs import find_runs, save_run_set
 
 ScanLike = str | Path | np.ndarray | torch.Tensor
 
@@ -48,97 +54,73 @@ class MatchResult:
     words: list[WordMatch] = field(default_factory=list)
 
 
-def _stage_of(run: Path) -> str | None:
-    path = run / "stage.json"
-    if not path.exists():
-        return None
-    return json.loads(path.read_text()).get("stage")
-
-
-def find_runs(path: str | Path) -> dict[str, Path]:
-    """Map stage name -> run directory for everything reachable from ``path``."""
-    path = Path(path)
-    if not path.exists():
-        raise RunError(f"{path} does not exist")
-    found: dict[str, Path] = {}
-    if (path / "runs").is_dir():  # a demo output directory
-        for sub in sorted((path / "runs").iterdir()):
-            stage = _stage_of(sub)
-            if stage:
-                found.setdefault(stage, sub)
-    todo = [path]
-    while todo:
-        run = todo.pop()
-        stage = _stage_of(run)
-        if stage is None:
-            continue
-        found.setdefault(stage, run)
-        for dep in json.loads((run / "stage.json").read_text()).get("from", []):
-            dep = Path(dep)
-            if dep.exists() and dep not in found.values():
-                todo.append(dep)
-    if not found:
-        raise RunError(f"{path} holds no medvl run (no stage.json); train one with `medvl train` or `medvl demo`")
-    return found
-
-
 class Pipeline:
-    """The trained parts of medvl behind one object. Every method runs in eval mode, without gradients."""
+    """The trained parts of medvl behind one object. Every method runs in eval mode, without gradients.
+
+    ``runs`` maps stage names (:data:`medvl.registry.STAGES`) to run directories; each part loads on
+    first use. :meth:`save_pretrained` writes the whole set as one folder that
+    :meth:`from_pretrained` (or :func:`medvl.load`) reads back anywhere.
+    """
 
     def __init__(self, runs: dict[str, Path], device: str | None = None):
         self.runs = dict(runs)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self._adamatch = None
-        self._reporter = None
-        self._synthesizer = None
+        self._parts: dict[str, Any] = {}
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | None = None) -> Pipeline:
+        """Load a folder written by :meth:`save_pretrained` (or a demo directory, or a run directory)."""
+        return cls(find_runs(directory), device=device)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write every run of this pipeline into ``directory/<stage>/`` (weights, configs, tokenizers,
+        evaluation records; no training state), with the links between runs made relative so the folder
+        can be copied to another machine, and a ``README.md`` model card. Returns ``directory``."""
+        directory = Path(directory)
+        saved = save_run_set(self.runs, directory)
+        write_model_card(directory, saved)
+        return directory
 
     # ---- components
+    def part(self, stage: str) -> Any:
+        """The inference object of the ``stage`` run (``registry.STAGES[stage].loader``), loaded once."""
+        if stage not in self._parts:
+            if stage not in self.runs:
+                raise RunError(f"no {stage} run loaded: train one with `medvl train {stage}` "
+                               "(or load a demo directory)")
+            self._parts[stage] = registry.loader(stage)(self.runs[stage], device=self.device)
+        return self._parts[stage]
+
     @property
     def adamatch(self):
         """The :class:`~medvl.models.adamatch.AdaMatchRun` (from the AdaMatch run or a copy inside a later run)."""
-        if self._adamatch is None:
-            from medvl.models.adamatch import AdaMatchRun
-
-            for stage in ("adamatch", "report", "diffusion"):
+        if "adamatch" not in self._parts:
+            load = registry.loader("adamatch")
+            for stage in registry.holders("adamatch"):
                 if stage in self.runs:
                     try:
-                        self._adamatch = AdaMatchRun.load(self.runs[stage], device=self.device)
+                        self._parts["adamatch"] = load(self.runs[stage], device=self.device)
                         break
                     except RunError:
                         continue
-            if self._adamatch is None:
+            else:
                 raise RunError(f"no AdaMatch model among {sorted(self.runs)}")
-        return self._adamatch
+        return self._parts["adamatch"]
 
     @property
     def reporter(self):
         """The :class:`~medvl.inference.generate.ReportGenerator` of the report run."""
-        if self._reporter is None:
-            if "report" not in self.runs:
-                raise RunError("no report run loaded: train one with `medvl train report` (or load a demo directory)")
-            from medvl.inference.generate import ReportGenerator
-
-            self._reporter = ReportGenerator.load(self.runs["report"], device=self.device)
-        return self._reporter
+        return self.part("report")
 
     @property
     def synthesizer(self):
         """The :class:`~medvl.inference.synthesize.Synthesizer` of the diffusion run."""
-        if self._synthesizer is None:
-            if "diffusion" not in self.runs:
-                raise RunError("no diffusion run loaded: train one with `medvl train diffusion` "
-                               "(or load a demo directory)")
-            from medvl.inference.synthesize import Synthesizer
-
-            self._synthesizer = Synthesizer.load(self.runs["diffusion"], device=self.device)
-        return self._synthesizer
+        return self.part("diffusion")
 
     # ---- inputs
     @staticmethod
     def read_scan(scan: ScanLike, size: int) -> torch.Tensor:
         """A path (DICOM/PNG/JPG) or an (H, W) array in [-1024, 1024] -> (1, size, size) float32 tensor."""
-        from medvl.data.images import read_xray, resize_xray
-
         if isinstance(scan, (str, Path)):
             pixels = read_xray(scan)
         else:
@@ -187,8 +169,6 @@ class Pipeline:
     def explain(self, scan: ScanLike, word: str | None = None, out: str | Path | None = None, top_k: int = 6):
         """Scan -> :class:`~medvl.inference.explain.Explanation`: ranked keywords with boxes, all adaptive boxes
         (P, 4), and the similarity map (S, S) of ``word``; drawn to ``out`` (PNG) when given."""
-        from medvl.inference.explain import explain_image
-
         run = self.adamatch
         image = self.read_scan(scan, run.image_size)[0]
         return explain_image(run, image, out=out, word=word, top_k=top_k)
@@ -196,8 +176,6 @@ class Pipeline:
     @torch.no_grad()
     def match(self, scan: ScanLike, report: str) -> MatchResult:
         """AdaMatch scores of (scan, report) and the best patch of each report word."""
-        import torch.nn.functional as F
-
         if not isinstance(report, str) or not report.strip():
             raise InvalidReportError("the report is empty")
         run = self.adamatch
@@ -225,7 +203,8 @@ def load(run_dir: str | Path, device: str | None = None) -> Pipeline:
     return Pipeline(find_runs(run_dir), device=device)
 
 
-# ---- command-line entry points (``medvl generate-report | synthesize | explain``)
+# ---- command-line entry points (``medvl generate-report | synthesize | explain``); the report and the
+# diffusion stacks are imported only by the command that uses them (MONAI alone takes seconds).
 
 
 def generate_report_command(*args, **kwargs) -> int:
@@ -240,7 +219,5 @@ def synthesize_command(*args, **kwargs) -> int:
     return command(*args, **kwargs)
 
 
-def explain_command(*args, **kwargs) -> int:
-    from medvl.inference.explain import explain_command as command
-
-    return command(*args, **kwargs)
+__all__ = ["Pipeline", "MatchResult", "WordMatch", "load", "find_runs", "generate_report_command",
+           "synthesize_command", "explain_command"]

@@ -5,18 +5,36 @@ from __future__ import annotations
 import io
 import logging
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from medvl.report.html import StudyExample
+from medvl.api import load
+from medvl.data.prepared import PreparedDataset
+from medvl.errors import MedvlError
+from medvl.inference.explain import explain_image
+from medvl.text.chexpert import CHEXPERT_LABELS
+from medvl.text.labeler import label_reports
 
 logger = logging.getLogger(__name__)
 
 
-def _png(rgb: np.ndarray) -> bytes:
-    from PIL import Image
+@dataclass
+class StudyExample:
+    study_id: str
+    scan_png: bytes | None = None  # scan with adaptive boxes and keywords
+    keywords: list[str] = field(default_factory=list)
+    reference: str = ""
+    generated: str = ""
+    synthesized_png: bytes | None = None  # synthesized from the reference report, keypatches drawn
+    keypatch_words: list[str] = field(default_factory=list)
+    labels_reference: str = ""
+    labels_generated: str = ""
 
+
+def _png(rgb: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG")
     return buf.getvalue()
@@ -50,8 +68,6 @@ def draw_boxes(image: np.ndarray, boxes: np.ndarray, words: list[str], title: st
 
 
 def _labels_text(labels: np.ndarray) -> str:
-    from medvl.text.chexpert import CHEXPERT_LABELS
-
     pos = [n for n, v in zip(CHEXPERT_LABELS, labels, strict=True) if v == 1]
     unc = [n for n, v in zip(CHEXPERT_LABELS, labels, strict=True) if v == -1]
     text = ", ".join(pos) or "none positive"
@@ -60,8 +76,6 @@ def _labels_text(labels: np.ndarray) -> str:
 
 def pick_studies(index, labels: np.ndarray, n: int) -> list[int]:
     """Test studies to show: abnormal ones with different findings first, then one normal."""
-    from medvl.text.chexpert import CHEXPERT_LABELS
-
     chosen: list[int] = []
     nf = CHEXPERT_LABELS.index("No Finding")
     for k in range(len(CHEXPERT_LABELS)):
@@ -86,12 +100,6 @@ def pick_studies(index, labels: np.ndarray, n: int) -> list[int]:
 
 def collect_examples(out_dir: str | Path, num_studies: int = 6) -> list[StudyExample]:
     """Render ``num_studies`` test studies of a demo directory with every part that was trained."""
-    from medvl.api import load
-    from medvl.data.prepared import PreparedDataset
-    from medvl.errors import MedvlError
-    from medvl.inference.explain import explain_image
-    from medvl.text.labeler import label_reports
-
     out_dir = Path(out_dir)
     try:
         pipe = load(out_dir)

@@ -11,10 +11,12 @@ import base64
 import html
 import io
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
+from medvl.report.examples import StudyExample, collect_examples
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1200px;
@@ -28,13 +30,14 @@ th{background:#f4f4f4} td:first-child,th:first-child{text-align:left} .caption{c
 """
 
 
+__all__ = ["StudyExample", "png_data_uri", "metrics_tables", "render_html", "write_report"]
+
+
 def png_data_uri(image: np.ndarray | bytes) -> str:
     """A PNG (bytes, an (H, W) uint8/float array, or (H, W, 3) uint8) as a ``data:`` URI."""
     if isinstance(image, (bytes, bytearray)):
         data = bytes(image)
     else:
-        from PIL import Image
-
         arr = np.asarray(image)
         if arr.dtype != np.uint8:
             lo, hi = float(arr.min()), float(arr.max())
@@ -43,19 +46,6 @@ def png_data_uri(image: np.ndarray | bytes) -> str:
         Image.fromarray(arr).save(buf, format="PNG")
         data = buf.getvalue()
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-
-
-@dataclass
-class StudyExample:
-    study_id: str
-    scan_png: bytes | None = None  # scan with adaptive boxes and keywords
-    keywords: list[str] = field(default_factory=list)
-    reference: str = ""
-    generated: str = ""
-    synthesized_png: bytes | None = None  # synthesized from the reference report, keypatches drawn
-    keypatch_words: list[str] = field(default_factory=list)
-    labels_reference: str = ""
-    labels_generated: str = ""
 
 
 def _fmt(v) -> str:
@@ -120,8 +110,6 @@ def write_report(out_dir: str | Path, path: str | Path, num_studies: int = 6) ->
     """Render ``out_dir`` (a demo directory: data/, runs/, metrics.json) to a self-contained HTML page."""
     out_dir = Path(out_dir)
     metrics = json.loads((out_dir / "metrics.json").read_text()) if (out_dir / "metrics.json").exists() else {}
-    from medvl.report.examples import collect_examples
-
     examples = collect_examples(out_dir, num_studies=num_studies)
     page = render_html(
         "medvl demo report",
