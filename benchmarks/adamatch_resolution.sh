@@ -1,5 +1,5 @@
 #!/bin/bash
-# Issue 4 experiment (run on one H200 as one device call; works on any machine): does resolution fix small findings? AdaMatch demo preset at 256 px (grid 16 and grid 8)
+# Experiment (run on one H200 in one go; works on any machine): does resolution fix small findings? AdaMatch demo preset at 256 px (grid 16 and grid 8)
 # against 128 px grid 8, 400 steps each, scored on the test split (pointing game per (image, word) pair).
 # WORKERS (phantom build processes, default 16) and LOADERS (data-loader workers, default 6) size it to the machine.
 set -o pipefail

@@ -3,9 +3,9 @@
     for s in 0 1 2; do python benchmarks/adamatch_ablation.py --data D --work W$s --seed $s --out A$s.json; done
     python benchmarks/adamatch_seeds.py A0.json A1.json A2.json
 
-One training run per seed and mode is all the issue's table needs, but at the demo budget the test pointing game
+One training run per seed and mode is one draw: at the demo budget the test pointing game
 moves by several hundredths from seed to seed; this prints each seed, the mean and the sample standard deviation
-per mode, the adaptive/grid box-IoU ratio per seed, and the issue's targets on the means. Writes
+per mode, the adaptive/grid box-IoU ratio per seed, and the quality bars on the means. Writes
 ``benchmarks/results/adamatch_seeds.json``.
 """
 

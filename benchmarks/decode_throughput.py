@@ -8,7 +8,7 @@ run; the two must give the same sequences. Every report is forced to the full le
 AdaMatch image encoder (the decoder's own cost is measured).
 
 Settings:
-  anchor  DESIGN.md section 9's R2GenCMN comparison: d_model 512, 3 layers, 8 heads, memory 2048 x 512
+  anchor  docs/design.md section 9's R2GenCMN comparison: d_model 512, 3 layers, 8 heads, memory 2048 x 512
           top-32, vocabulary 4,000, beam 3, trigram blocking, 100 tokens, batch 8
           (anchor on 2 CPU cores: R2GenCMN's beam search 0.06 reports/s, a GPT-2 decoder 2.27 reports/s)
   demo    configs/report/demo.yaml sizes (d_model 256, memory 512 x 256), same decoding

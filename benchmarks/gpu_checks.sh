@@ -1,5 +1,5 @@
 #!/bin/bash
-# The GPU rows of README's speed tables in one go (what ran on one H200 as a single device call):
+# The GPU rows of the speed tables in docs/results.md in one go (what ran on one H200 as a single device call):
 #   RUN=demo_full/runs/diffusion DATA=demo_full/data OUT=/tmp/gpu_checks bash benchmarks/gpu_checks.sh
 # sampling_speed.py on the demo's diffusion run (batch 16 with the extra rows, batch 64), unet_scale_speed.py on the
 # base preset's UNet, decode_throughput.py at batch 16 and 64. JSONs and one log land in OUT.

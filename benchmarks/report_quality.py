@@ -7,7 +7,7 @@ Trains (through ``medvl train report``, the shared loop, selection on validation
     WORK/report/ablations/no_keywords    same, model.use_keywords=false
 
 then scores all of them once on the test split with ``medvl evaluate report`` (which adds the
-most-frequent-report and AdaMatch-retrieval baselines), prints a table, checks the issue's targets
+most-frequent-report and AdaMatch-retrieval baselines), prints a table, checks the quality bars below
 and writes ``benchmarks/results/report_quality.json``.
 
 Run::
@@ -16,7 +16,7 @@ Run::
     medvl train adamatch --config demo --data /tmp/iu_phantom --out /tmp/runs/adamatch
     python benchmarks/report_quality.py --data /tmp/iu_phantom --adamatch /tmp/runs/adamatch --work /tmp/runs
 
-Targets (issue 5): ``ce.micro5.f1`` >= most-frequent baseline + 0.4; ``ce.micro.f1`` above that baseline;
+Quality bars: ``ce.micro5.f1`` >= most-frequent baseline + 0.4; ``ce.micro.f1`` above that baseline;
 Cardiomegaly F1 >= 0.6.
 """
 

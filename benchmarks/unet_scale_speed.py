@@ -2,7 +2,7 @@
 
     python benchmarks/unet_scale_speed.py [--config base] [--device cuda] [--latent 64]
 
-DESIGN.md section 9 anchors the MONAI MIMIC-CXR bundle's UNet (264 M parameters, 3 x 64 x 64 latents) on an
+docs/design.md section 9 anchors the MONAI MIMIC-CXR bundle's UNet (264 M parameters, 3 x 64 x 64 latents) on an
 H100: about 120 training images/s at batch 16 in bf16 with flash attention, DDIM-50 sampling with guidance at
 0.26-0.43 s per image (batch 8). This script builds *our* denoiser from ``configs/diffusion/<config>.yaml``
 (the same MONAI ``DiffusionModelUNet`` sizes plus our report conditioner, CoordConv channels and the frozen
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "unet_scale_speed", "config": args.config, "device": name,
               "unet_parameters": n_unet, "parameters_with_conditioner": n_all, "latent": list(latent),
               "torch": torch.__version__, "python": sys.version.split()[0], "rows": rows, "ratios": ratios,
-              "anchor": "DESIGN.md section 9: MONAI bundle UNet on an H100, ~120 train images/s (batch 16, bf16), "
+              "anchor": "docs/design.md section 9: MONAI bundle UNet on an H100, ~120 train images/s (batch 16, bf16), "
                         "DDIM-50 with guidance 0.26-0.43 s/image (batch 8)"}
     out = args.out or RESULTS / f"unet_scale_speed_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
