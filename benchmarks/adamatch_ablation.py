@@ -3,7 +3,7 @@
 Each mode is trained with the same preset, budget and seed through ``medvl train adamatch`` (the
 shared loop: model selection on the validation split only), then scored once on the test split
 with ``medvl evaluate adamatch``. Prints retrieval and localization (with chance) side by side,
-overall and per finding, checks the issue's targets, and writes
+overall and per finding, checks the quality bars below, and writes
 ``benchmarks/results/adamatch_ablation.json``.
 
 Run (about 2 x 10 minutes on 2 CPU cores with the demo preset)::
@@ -11,7 +11,7 @@ Run (about 2 x 10 minutes on 2 CPU cores with the demo preset)::
     medvl prepare phantom --out /tmp/iu_phantom --size 128      # if you have no prepared phantom yet
     python benchmarks/adamatch_ablation.py --data /tmp/iu_phantom --work /tmp/adamatch_ablation
 
-Targets (issue 4): adaptive ``pointing_game`` >= 0.6 and >= 0.3 above its chance; adaptive
+Quality bars: adaptive ``pointing_game`` >= 0.6 and >= 0.3 above its chance; adaptive
 ``box_iou`` >= 1.5 x the fixed grid's.
 """
 
