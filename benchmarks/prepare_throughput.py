@@ -19,7 +19,6 @@ recorded).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -35,6 +34,7 @@ from PIL import Image
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from skimage.transform import resize as sk_resize
 
+from medvl.data.dicom import write_dicom
 from medvl.data.images import resize_geometry
 from medvl.data.mimic import prepare_mimic
 from medvl.data.prepared import PreparedDataset, _read_and_resize, to_uint8
@@ -97,11 +97,7 @@ def make_data(tmp: Path, n_jpg: int, n_dcm: int) -> tuple[list[Path], list[Path]
         unit = bases[i % 2] + rng.normal(0, 0.008, (H, W))
         ds = chest_dataset(unit, bits=12, photometric="MONOCHROME1" if i % 2 else "MONOCHROME2",
                            window=(2048.0 if i % 2 == 0 else 2047.0, 3500.0))
-        path = tmp / f"dicom_{i:03d}.dcm"
-        buf = io.BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-        path.write_bytes(buf.getvalue())
-        dcms.append(path)
+        dcms.append(write_dicom(ds, tmp / f"dicom_{i:03d}.dcm"))
     ids = pd.DataFrame(meta, columns=["dicom_id", "subject_id", "study_id"])
     ids.assign(ViewPosition="PA").to_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz", index=False)
     ids.assign(split="train").to_csv(root / "mimic-cxr-2.0.0-split.csv.gz", index=False)

@@ -40,10 +40,11 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi
 from pydicom.pixels.decoders.base import get_decoder
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from medvl.data.xray import ImageFormat, XRay, invalid
 
@@ -380,3 +381,52 @@ def equalize_histogram_u8(img: np.ndarray) -> np.ndarray:
         return img.copy()
     lut = np.rint((cdf - cdf_min) * (255.0 / (total - cdf_min))).clip(0, 255).astype(np.uint8)
     return lut[img]
+
+
+# ------------------------------------------------------------------------------------------------------ writing
+
+
+def grey_dicom(values: np.ndarray, *, sop_class: str, photometric: str = "MONOCHROME2", bits_stored: int = 12,
+               signed: bool = False, sop_instance_uid: str | None = None) -> pydicom.Dataset:
+    """A single-frame greyscale DICOM dataset, uncompressed (Explicit VR Little Endian), of ``values``
+    (rows, columns): integers in ``[0, 2**bits_stored - 1]`` as displayed (bright = dense).
+
+    MONOCHROME1 stores ``max - value``, so both photometrics display the same picture; ``signed`` stores
+    ``value - 2**(bits_stored - 1)`` as signed integers; 8 bits allocated up to 8 bits stored, else 16. Sets the
+    file meta, the SOP class and instance (``sop_instance_uid``, a fresh one when None) and the image pixel module;
+    the caller adds the rest (patient, study, series, equipment, VOI...) and writes it with :func:`write_dicom`.
+    """
+    maxval = 2**bits_stored - 1
+    stored = np.asarray(values).astype(np.int64)
+    if photometric == "MONOCHROME1":
+        stored = maxval - stored
+    if signed:
+        stored = stored - 2 ** (bits_stored - 1)
+    bits_allocated = 16 if bits_stored > 8 else 8
+    dtype = {(16, False): "<u2", (16, True): "<i2", (8, False): "u1", (8, True): "i1"}[(bits_allocated, signed)]
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid) if sop_instance_uid else generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.Rows, ds.Columns = stored.shape
+    ds.BitsAllocated = bits_allocated
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 1 if signed else 0
+    ds.PixelData = stored.astype(dtype).tobytes()
+    return ds
+
+
+def write_dicom(ds: pydicom.Dataset, path: str | Path) -> Path:
+    """Write ``ds`` as a DICOM file (128-byte preamble, ``DICM``, file meta completed by pydicom) to ``path``,
+    creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path

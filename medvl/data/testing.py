@@ -8,7 +8,6 @@ alphabetical order, not CheXpert's, so mapping by name is tested).
 from __future__ import annotations
 
 import gzip
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
 
+from medvl.data.dicom import grey_dicom, write_dicom
 from medvl.text.chexpert import CHEXPERT_LABELS
 
 #: The "L" side marker the synthetic chest carries in its top-left corner (image coordinates, fractions).
@@ -84,20 +83,8 @@ def chest_dataset(unit: np.ndarray, *, bits: int = 12, photometric: str = "MONOC
     MONOCHROME1 stores ``max - value`` so that both photometrics display the same picture. ``window`` is
     (center, width) in stored units.
     """
-    maxval = 2**bits - 1
-    stored = np.rint(np.clip(unit, 0, 1) * maxval).astype(np.int64)
-    if photometric == "MONOCHROME1":
-        stored = maxval - stored
-    if signed:
-        stored = stored - 2 ** (bits - 1)
-    fm = FileMetaDataset()
-    fm.TransferSyntaxUID = ExplicitVRLittleEndian
-    fm.MediaStorageSOPClassUID = UID(sop_class)
-    fm.MediaStorageSOPInstanceUID = generate_uid()
-    ds = Dataset()
-    ds.file_meta = fm
-    ds.SOPClassUID = fm.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = fm.MediaStorageSOPInstanceUID
+    stored = np.rint(np.clip(unit, 0, 1) * (2**bits - 1)).astype(np.int64)
+    ds = grey_dicom(stored, sop_class=sop_class, photometric=photometric, bits_stored=bits, signed=signed)
     ds.Modality = modality
     if body_part is not None:
         ds.BodyPartExamined = body_part
@@ -105,30 +92,13 @@ def chest_dataset(unit: np.ndarray, *, bits: int = 12, photometric: str = "MONOC
         ds.ViewPosition = view
     ds.PatientID = "SYNTHETIC"
     ds.PatientOrientation = ["L", "F"]
-    ds.Rows, ds.Columns = unit.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = 16 if bits > 8 else 8
-    ds.BitsStored = bits
-    ds.HighBit = bits - 1
-    ds.PixelRepresentation = 1 if signed else 0
     ds.PixelSpacing = [0.139, 0.139]
     if window is not None:
         ds.WindowCenter, ds.WindowWidth = window
     if rescale is not None:
         ds.RescaleSlope, ds.RescaleIntercept = rescale
         ds.RescaleType = "US"
-    dtype = {(16, False): np.uint16, (16, True): np.int16, (8, False): np.uint8, (8, True): np.int8}[
-        (int(ds.BitsAllocated), signed)]
-    ds.PixelData = stored.astype(dtype).tobytes()
     return ds
-
-
-def save_dicom(ds: Dataset, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def transcode_with_gdcm(src: str | Path, dst: str | Path, transfer_syntax: str) -> Path:
@@ -300,19 +270,13 @@ def write_mimic_tree(root: str | Path, *, image_format: str = "jpg", gz: bool = 
         unit = synthetic_chest(h, w, seed=n)
         unit[-4:, -4:] = (n + 1) / 16.0  # a per-image signature in the bottom-right corner
         path = root / spec.path(img)
-        path.parent.mkdir(parents=True, exist_ok=True)
         if spec.suffix(img) == ".jpg":
-            buf = io.BytesIO()
-            Image.fromarray(to_u8(unit)).save(buf, format="JPEG", quality=95)
-            data = buf.getvalue()
+            write_jpg(path, unit)
         else:
-            ds = chest_dataset(unit, bits=12, photometric=img.photometric, view=img.view or None)
-            buf = io.BytesIO()
-            ds.save_as(buf, enforce_file_format=True)
-            data = buf.getvalue()
+            write_dicom(chest_dataset(unit, bits=12, photometric=img.photometric, view=img.view or None), path)
         if img.kind == "corrupt":
-            data = data[: len(data) * 2 // 3]
-        path.write_bytes(data)
+            data = path.read_bytes()
+            path.write_bytes(data[: len(data) * 2 // 3])
         spec.shapes[img.dicom_id] = (h, w)
     for s in studies:
         if s.report is not None:
@@ -355,5 +319,5 @@ def expected_labels(spec: MimicTreeSpec, dicom_ids: Sequence[str]) -> np.ndarray
     return out
 
 
-__all__ = ["MARKER_BOX", "MimicTreeSpec", "chest_dataset", "expected_labels", "save_dicom", "synthetic_chest",
+__all__ = ["MARKER_BOX", "MimicTreeSpec", "chest_dataset", "expected_labels", "synthetic_chest",
            "transcode_with_gdcm", "write_jpg", "write_mimic_tree", "write_png"]

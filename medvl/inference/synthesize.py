@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medvl.data.dicom import grey_dicom, write_dicom
 from medvl.errors import InvalidReportError, RunError
 from medvl.models.diffusion import (
     HEAD_DIR,
@@ -200,27 +201,12 @@ def write_synthetic_dicom(image: torch.Tensor | np.ndarray, path: str | Path, *,
     MONOCHROME2, 12 bits stored in 16, a VOI window over the full range. Nothing is copied from any input
     DICOM (the writer never reads one) and the report text is not stored, only its SHA-256.
     """
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import (
-        PYDICOM_IMPLEMENTATION_UID,
-        ExplicitVRLittleEndian,
-        SecondaryCaptureImageStorage,
-        generate_uid,
-    )
+    from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
     from medvl.version import __version__
 
-    path = Path(path)
-    pixels = to_display_uint(image, 12)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds = grey_dicom(to_display_uint(image, 12), sop_class=SecondaryCaptureImageStorage)
     now = _dt.datetime.now()
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
     ds.FrameOfReferenceUID = generate_uid()
@@ -245,25 +231,15 @@ def write_synthetic_dicom(image: torch.Tensor | np.ndarray, path: str | Path, *,
     ds.ImageComments = SYNTHETIC_DESCRIPTION
     ds.BurnedInAnnotation = "NO"
     ds.PatientOrientation = ["L", "F"]  # columns toward the patient's left, rows toward the feet (PA)
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
-    ds.PixelRepresentation = 0
     ds.WindowCenter = 2048
     ds.WindowWidth = 4096
     ds.RescaleIntercept = 0
     ds.RescaleSlope = 1
-    ds.PixelData = pixels.astype("<u2").tobytes()
     ds.StudyDescription = "SYNTHETIC"
     # How it was made, without the report text itself (a pasted report may carry identifiers).
     block = ds.private_block(0x0009, "medvl synthesis", create=True)
     block.add_new(0x01, "UT", json.dumps({"synthetic": True, **_provenance(report, info)}))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return write_dicom(ds, path)
 
 
 def synthesize_command(report: str, *, run: str | Path, out: str | Path, steps: int | None = None,

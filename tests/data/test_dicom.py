@@ -16,16 +16,16 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from medvl.data.dicom import body_part_is_chest, read_dicom
+from medvl.data.dicom import body_part_is_chest, read_dicom, write_dicom
 from medvl.data.images import read_xray, read_xray_with_meta
-from medvl.data.testing import chest_dataset, save_dicom, synthetic_chest, transcode_with_gdcm
+from medvl.data.testing import chest_dataset, synthetic_chest, transcode_with_gdcm
 from medvl.errors import InvalidImageError
 
 UNIT = synthetic_chest(48, 40, seed=1)
 
 
 def write(tmp_path, name="a.dcm", **kwargs) -> object:
-    return save_dicom(chest_dataset(UNIT, **kwargs), tmp_path / name)
+    return write_dicom(chest_dataset(UNIT, **kwargs), tmp_path / name)
 
 
 @pytest.mark.parametrize("bits", [12, 15])
@@ -67,7 +67,7 @@ def test_window_applies_after_rescale(tmp_path):
 def test_sigmoid_window(tmp_path):
     ds = chest_dataset(UNIT, bits=12, window=(2000.0, 800.0))
     ds.VOILUTFunction = "SIGMOID"
-    path = save_dicom(ds, tmp_path / "s.dcm")
+    path = write_dicom(ds, tmp_path / "s.dcm")
     stored = np.rint(UNIT * 4095)
     expected = 1 / (1 + np.exp(-4 * (stored - 2000) / 800)) * 2048 - 1024
     np.testing.assert_allclose(read_xray(path), expected, atol=1e-2)
@@ -83,7 +83,7 @@ def test_voi_lut_sequence(tmp_path):
     item.LUTData = lut.tolist()
     item["LUTData"].VR = "US"
     ds.VOILUTSequence = Sequence([item])
-    path = save_dicom(ds, tmp_path / "lut.dcm")
+    path = write_dicom(ds, tmp_path / "lut.dcm")
     xray = read_xray_with_meta(path)
     assert xray.intensity == "voi-lut"
     expected = lut[np.rint(UNIT * 4095).astype(int)] / 1023 * 2048 - 1024
@@ -94,7 +94,7 @@ def test_no_voi_narrow_data_uses_the_data_range(tmp_path):
     """12-bit data in a 16-bit container (BitsStored 16) fills 1/16 of the range: normalised by its own range."""
     ds = chest_dataset(UNIT, bits=12)
     ds.BitsStored, ds.HighBit = 16, 15
-    xray = read_xray_with_meta(save_dicom(ds, tmp_path / "narrow.dcm"))
+    xray = read_xray_with_meta(write_dicom(ds, tmp_path / "narrow.dcm"))
     assert xray.intensity == "data-range"
     stored = np.rint(UNIT * 4095)
     expected = (stored - stored.min()) / (stored.max() - stored.min()) * 2048 - 1024
@@ -124,7 +124,7 @@ def _encode(tmp_path, syntax) -> object:
     if syntax == JPEG2000Lossless:
         ds = pydicom.dcmread(src)
         ds.compress(JPEG2000Lossless)  # pydicom's own encoder (pylibjpeg-openjpeg)
-        ds.save_as(dst, enforce_file_format=True)
+        write_dicom(ds, dst)
         return src, dst
     try:
         transcode_with_gdcm(src, dst, str(syntax))
@@ -181,7 +181,7 @@ def _no_pixel_object(sop_class: str, modality: str) -> Dataset:
     ("1.2.840.10008.5.1.4.1.1.481.5", "RTPLAN", "RT Plan"),
 ])
 def test_objects_without_pixel_data(tmp_path, sop_class, modality, name):
-    path = save_dicom(_no_pixel_object(sop_class, modality), tmp_path / "x.dcm")
+    path = write_dicom(_no_pixel_object(sop_class, modality), tmp_path / "x.dcm")
     with pytest.raises(InvalidImageError, match=f"no pixel data .*{name}"):
         read_xray(path)
 
@@ -203,7 +203,7 @@ def test_colour_dicom_rejected_and_grey_rgb_accepted(tmp_path):
         ds.PhotometricInterpretation = "RGB"
         ds.PlanarConfiguration = 0
         ds.PixelData = rgb.tobytes()
-        save_dicom(ds, tmp_path / f"{name}.dcm")
+        write_dicom(ds, tmp_path / f"{name}.dcm")
     with pytest.raises(InvalidImageError, match="colour data"):
         read_xray(tmp_path / "colour.dcm")
     np.testing.assert_allclose(read_xray(tmp_path / "grey.dcm"), read_xray(write(tmp_path, "g8.dcm", bits=8)),
@@ -211,7 +211,7 @@ def test_colour_dicom_rejected_and_grey_rgb_accepted(tmp_path):
     ds = chest_dataset(UNIT, bits=8)
     ds.PhotometricInterpretation = "PALETTE COLOR"
     with pytest.raises(InvalidImageError, match="PALETTE COLOR"):
-        read_xray(save_dicom(ds, tmp_path / "pal.dcm"))
+        read_xray(write_dicom(ds, tmp_path / "pal.dcm"))
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -255,9 +255,9 @@ def test_multi_frame_and_blank(tmp_path):
     ds.NumberOfFrames = 2
     ds.PixelData = ds.PixelData * 2
     with pytest.raises(InvalidImageError, match="multi-frame"):
-        read_xray(save_dicom(ds, tmp_path / "mf.dcm"))
+        read_xray(write_dicom(ds, tmp_path / "mf.dcm"))
     with pytest.raises(InvalidImageError, match="blank image"):
-        read_xray(save_dicom(chest_dataset(np.full((8, 8), 0.5)), tmp_path / "blank.dcm"))
+        read_xray(write_dicom(chest_dataset(np.full((8, 8), 0.5)), tmp_path / "blank.dcm"))
 
 
 # ---------------------------------------------------------------------------------------------- JPG-compatible

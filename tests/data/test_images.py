@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medvl.data.dicom import equalize_histogram_u8
+from medvl.data.dicom import equalize_histogram_u8, write_dicom
 from medvl.data.images import ResizeFit, read_xray, read_xray_with_meta, resize_geometry, resize_xray
-from medvl.data.testing import MARKER_BOX, chest_dataset, save_dicom, synthetic_chest, write_jpg, write_png
+from medvl.data.testing import MARKER_BOX, chest_dataset, synthetic_chest, write_jpg, write_png
 from medvl.data.xray import check_xray_range
 from medvl.errors import InvalidImageError
 
@@ -83,7 +83,7 @@ def test_orientation_survives_reading_and_resizing(real_fixtures, tmp_path, fmt)
     elif fmt == "jpg":
         path = write_jpg(tmp_path / "a.jpg", unit)
     else:
-        path = save_dicom(chest_dataset(unit, photometric="MONOCHROME" + fmt[-1]), tmp_path / "a.dcm")
+        path = write_dicom(chest_dataset(unit, photometric="MONOCHROME" + fmt[-1]), tmp_path / "a.dcm")
     img = read_xray(path)
     assert img.shape == (512, 400)
     assert marker_contrast(img) > 800

@@ -51,8 +51,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
+from pydicom.uid import DigitalXRayImageStorageForPresentation, generate_uid
 from tqdm import tqdm
 
+from medvl.data.dicom import grey_dicom, write_dicom
 from medvl.data.phantom.anatomy import LesionSizes, LungAtlas, lesion_diameters, load_lung_atlas, npz_bytes
 from medvl.data.phantom.draw import DrawSpec, render_frontal, render_lateral
 from medvl.data.prepared import PrepareResult
@@ -288,19 +290,9 @@ def plan_tree(reports: Sequence[IUReport], chosen: np.ndarray, specs: dict[int, 
 
 def _write_dicom(path: Path, pixels: np.ndarray, im: PlannedImage) -> None:
     """A 12-bit DX DICOM of an 8-bit image (``value * 4095 / 255``), MONOCHROME1 stored inverted."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    sop_class = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
     uid = generate_uid(entropy_srcs=["medvl-phantom", im.dicom_id])
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = uid
+    v = np.rint(pixels.astype(np.float32) * (4095.0 / 255.0)).astype(np.uint16)
+    ds = grey_dicom(v, sop_class=DigitalXRayImageStorageForPresentation, photometric=im.fmt, bits_stored=12, sop_instance_uid=uid)
     ds.StudyInstanceUID = generate_uid(entropy_srcs=["medvl-phantom-study", im.study_id])
     ds.SeriesInstanceUID = generate_uid(entropy_srcs=["medvl-phantom-series", im.dicom_id])
     ds.PatientID = im.subject_id
@@ -315,18 +307,7 @@ def _write_dicom(path: Path, pixels: np.ndarray, im: PlannedImage) -> None:
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.ImageComments = "IU-Phantom synthetic image (medvl); not a patient"
     ds.BurnedInAnnotation = "NO"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = im.fmt
-    ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
-    ds.PixelRepresentation = 0
-    v = np.rint(pixels.astype(np.float32) * (4095.0 / 255.0)).astype(np.uint16)
-    if im.fmt == "MONOCHROME1":
-        v = (4095 - v).astype(np.uint16)
-    ds.PixelData = v.tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    write_dicom(ds, path)
 
 
 def _report_file(report: IUReport, examination: str) -> str:
