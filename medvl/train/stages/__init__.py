@@ -8,25 +8,12 @@ stage and runs :func:`medvl.train.loop.fit`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from medvl import registry
+import medvl.registry as registry
 from medvl.config import resolve_config_path
-from medvl.data.prepared import read_meta
 from medvl.errors import DataError
-from medvl.runs import read_stage_info
+from medvl.runs import describe_data, read_stage_info
 from medvl.train.loop import FitResult, fit
-
-
-def data_record(data: Path) -> dict[str, Any]:
-    """What a run records about the prepared dataset it was trained on (``stage.json``'s ``data``):
-    its path and, when it has one, its ``meta.json`` (source, size, sections, phantom parameters...)."""
-    record: dict[str, Any] = {"path": str(data.resolve())}
-    try:
-        record["meta"] = read_meta(data).meta
-    except DataError:
-        pass  # not a finished prepared dataset: the stage's own reading says what is wrong
-    return record
 
 
 def run_stage(stage: str, *, config: str | Path, data: str | Path, out: str | Path,
@@ -42,4 +29,4 @@ def run_stage(stage: str, *, config: str | Path, data: str | Path, out: str | Pa
     for run in from_runs:
         read_stage_info(run)
     built = builder(config_path=config_path, overrides=list(overrides or []), data=data, from_runs=from_runs)
-    return fit(built, Path(out), resume=resume, from_runs=from_runs, data_info=data_record(data))
+    return fit(built, Path(out), resume=resume, from_runs=from_runs, data_info=describe_data(data))
