@@ -58,7 +58,7 @@ class EvaluationSpec:
     ``evaluator`` is ``fn(*, run, data, split, out, **options) -> metrics dict`` (it writes ``out``);
     ``run`` is the stage of the run ``--run`` names (its evaluation record is kept in that run);
     ``needs`` the stages whose runs must be reachable from ``--run``; ``headline`` the metric keys
-    (DESIGN.md section 4) printed at the end of ``medvl evaluate``; ``uses_classifier`` whether it
+    (docs/design.md section 4) printed at the end of ``medvl evaluate``; ``uses_classifier`` whether it
     scores scans with the evaluation X-ray classifier (it then takes ``classifier_config``).
     """
 

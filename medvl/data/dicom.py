@@ -1,6 +1,6 @@
 """DICOM chest X-rays to medvl's intensity convention (float32 (H, W), [-1024, 1024], lungs dark).
 
-The pipeline (DESIGN.md section 7), with pydicom 3's ``pydicom.pixels`` API:
+The pipeline (docs/design.md section 7), with pydicom 3's ``pydicom.pixels`` API:
 
 1. decode any transfer syntax an installed plugin handles: python-gdcm for JPEG Lossless, JPEG-LS and JPEG
    baseline/extended; pylibjpeg-openjpeg (or gdcm) for JPEG 2000 and HTJ2K; RLE and uncompressed need nothing;

@@ -1,6 +1,6 @@
 """MIMIC-CXR (DICOM) and MIMIC-CXR-JPG trees to a prepared dataset (``medvl prepare mimic-cxr``).
 
-Expected layout under ``root`` (DESIGN.md section 7)::
+Expected layout under ``root`` (docs/design.md section 7)::
 
     mimic-cxr-2.0.0-metadata.csv(.gz)   dicom_id, subject_id, study_id, ..., ViewPosition, ...
     mimic-cxr-2.0.0-split.csv(.gz)      dicom_id, study_id, subject_id, split (train|validate|test)

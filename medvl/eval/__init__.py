@@ -1,4 +1,4 @@
-"""Evaluation of each stage; every result lands in a ``metrics.json``-style file (DESIGN.md section 4).
+"""Evaluation of each stage; every result lands in a ``metrics.json``-style file (docs/design.md section 4).
 
 The evaluations and their functions are listed in :data:`medvl.registry.EVALUATIONS`.
 """

@@ -1,5 +1,5 @@
 """AdaMatch evaluation: retrieval both ways and, where ground-truth regions exist (IU-Phantom), the
-pointing game and box IoU of each finding word (DESIGN.md section 4).
+pointing game and box IoU of each finding word (docs/design.md section 4).
 
 Conventions (also written into every metrics file):
 

@@ -1,4 +1,4 @@
-"""The chest X-ray classifier that scores synthesized scans (DESIGN.md sections 4 and 8).
+"""The chest X-ray classifier that scores synthesized scans (docs/design.md sections 4 and 8).
 
 :class:`XrayClassifier` is a small CNN trained here on the *real training scans* of a prepared dataset:
 

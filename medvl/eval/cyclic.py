@@ -1,5 +1,5 @@
 """``medvl evaluate cyclic``: scan -> report -> scan and report -> scan -> report, scored beside the one-way
-scores (DESIGN.md sections 4 and 6).
+scores (docs/design.md sections 4 and 6).
 
 For the test studies (scan ``I``, reference report ``R``):
 

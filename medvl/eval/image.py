@@ -1,11 +1,11 @@
-"""``medvl evaluate diffusion``: scans synthesized from test reports, scored (DESIGN.md section 4).
+"""``medvl evaluate diffusion``: scans synthesized from test reports, scored (docs/design.md section 4).
 
 * ``image.label_auroc`` (macro) and ``image.per_label.<name>.auroc``: the dataset's classifier
   (:mod:`medvl.eval.classifier`, trained on real training scans, selected on validation) run on scans
   synthesized from the test reports, scored against those reports' labels; beside it the same classifier on
   the real test scans (``image.real_label_auroc``, ``image.real_per_label.<name>.auroc``).
 * ``image.laterality_accuracy``: for findings drawn on one side (from the phantom's regions of the report's
-  study) *on the side the report states* (DESIGN.md: "one-sided findings drawn on the side the report says"; the
+  study) *on the side the report states* (docs/design.md section 4: "one-sided findings drawn on the side the report states"; the
   phantom draws a finding whose report gives no side on a random side, and those are left out) and large enough
   to resolve (box's shorter side >= 10% of the image: 6 px at 64 px; granulomas,
   nodules, rib fractures and thin atelectasis bands fall below and are scored in ``..._all_sizes``), is the

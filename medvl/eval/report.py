@@ -2,7 +2,7 @@
 
 On the chosen split (one frontal image per study, as in training), in one run:
 
-- the report run itself: ``nlg.*`` and ``ce.*`` (keys of DESIGN.md section 4);
+- the report run itself: ``nlg.*`` and ``ce.*`` (keys of docs/design.md section 4);
 - ``baselines.most_frequent.*``: every study gets the most frequent training report;
 - ``baselines.retrieval.*``: every study gets the training report AdaMatch scores highest for its image
   (``s_i2t + s_t2i``, the token-wise scores AdaMatch was trained with; the report run's AdaMatch copy);

@@ -11,7 +11,7 @@ AdaMatch matches image patches with report *words*, not WordPiece pieces. This m
 * marks each word as stop word, punctuation or *negated* (inside a negated mention, e.g. the
   "pleural effusion" of "no pleural effusion"), and caps the number of content words per report.
 
-Decision (documented in DESIGN.md's spirit): a word's feature is the **mean of its pieces'**
+Decision: a word's feature is the **mean of its pieces'**
 features (done in :class:`medvl.models.adamatch.encoders.TextEncoder`); the masks mark the word's **first
 piece** only, so each word counts once in the loss while every piece carries the pooled feature.
 

@@ -1,4 +1,4 @@
-"""``evaluate report`` on a tiny run: the metric keys of DESIGN.md section 4, baselines, ablations,
+"""``evaluate report`` on a tiny run: the metric keys of docs/design.md section 4, baselines, ablations,
 predictions CSV, provenance."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""IU-Phantom: the embedded default dataset (DESIGN.md section 5).
+"""IU-Phantom: the embedded default dataset (docs/design.md section 5).
 
 Real text and real anatomy shapes, synthetic pixels with known ground truth, built at run time from files that the
 torchxrayvision wheel ships (nothing of them is copied into the repository):
