@@ -59,6 +59,18 @@ def _runs(stages: tuple[str, ...]) -> str:
     return f"the {' and '.join(stages)} run{'s' if len(stages) > 1 else ''}"
 
 
+def _prepared_options(parser: argparse.ArgumentParser, root: str | None = None, sections: str | None = None) -> None:
+    """The options every ``medvl prepare SOURCE`` shares (``--root`` and ``--sections`` for raw data)."""
+    if root is not None:
+        parser.add_argument("--root", type=Path, required=True, help=root)
+    parser.add_argument("--out", type=Path, required=True, help="prepared dataset directory to write")
+    parser.add_argument("--size", type=_positive_int, default=256, help="image side in pixels")
+    if sections is not None:
+        parser.add_argument("--sections", choices=["findings", "impression", "both"], default=sections,
+                            help="report sections used as the report text")
+    parser.add_argument("--workers", type=_positive_int, default=1, help="worker processes")
+
+
 def _train_epilog() -> str:
     lines = ["stages (train them in this order; --from names the runs a stage builds on):"]
     for spec in registry.STAGES.values():
@@ -100,35 +112,23 @@ def build_parser() -> argparse.ArgumentParser:
                   "Draw IU-Phantom, medvl's synthetic chest X-ray dataset with reports and finding boxes, "
                   "and prepare it.",
                   "medvl prepare phantom --out data/phantom --studies 400 --size 128")
-    ph.add_argument("--out", type=Path, required=True, help="prepared dataset directory to write")
+    _prepared_options(ph)
     ph.add_argument("--studies", type=_positive_int, default=None, help="number of studies (default: all 3,955)")
-    ph.add_argument("--size", type=_positive_int, default=256, help="image side in pixels")
     ph.add_argument("--seed", type=int, default=0, help="random seed of the drawing")
-    ph.add_argument("--workers", type=_positive_int, default=1, help="worker processes")
     mc = _command(psub, "mimic-cxr", "MIMIC-CXR (DICOM) or MIMIC-CXR-JPG tree",
                   "Prepare MIMIC-CXR (DICOM) or MIMIC-CXR-JPG: files/p??/p<subject>/s<study>/ with the "
                   "metadata, split and CheXpert tables at the root.",
                   "medvl prepare mimic-cxr --root /data/mimic-cxr-jpg --out data/mimic --size 256 --workers 8")
-    mc.add_argument("--root", type=Path, required=True, help="the raw MIMIC-CXR or MIMIC-CXR-JPG tree")
-    mc.add_argument("--out", type=Path, required=True, help="prepared dataset directory to write")
-    mc.add_argument("--size", type=_positive_int, default=256, help="image side in pixels")
+    _prepared_options(mc, root="the raw MIMIC-CXR or MIMIC-CXR-JPG tree", sections="findings")
     mc.add_argument("--views", type=_views, default=["PA", "AP"],
                     help="comma-separated view positions to keep (default: PA,AP)")
-    mc.add_argument("--sections", choices=["findings", "impression", "both"], default="findings",
-                    help="report sections used as the report text")
-    mc.add_argument("--workers", type=_positive_int, default=1, help="worker processes")
     mc.add_argument("--jpg-compatible", action="store_true",
                     help="read DICOMs the way MIMIC-CXR-JPG was made (min-max, invert, histogram equalisation); "
                          "default: off (VOI windowing)")
     iu = _command(psub, "iu-xray", "IU X-ray (Open-i) XML reports and PNG images",
                   "Prepare IU X-ray (Open-i): its XML reports and PNG images under one folder.",
                   "medvl prepare iu-xray --root /data/iu-xray --out data/iu")
-    iu.add_argument("--root", type=Path, required=True, help="folder with the XML reports and PNG images")
-    iu.add_argument("--out", type=Path, required=True, help="prepared dataset directory to write")
-    iu.add_argument("--size", type=_positive_int, default=256, help="image side in pixels")
-    iu.add_argument("--sections", choices=["findings", "impression", "both"], default="both",
-                    help="report sections used as the report text")
-    iu.add_argument("--workers", type=_positive_int, default=1, help="worker processes")
+    _prepared_options(iu, root="folder with the XML reports and PNG images", sections="both")
 
     t = _command(sub, "train", "train one stage",
                  "Train one stage into a self-contained run directory (weights, resolved config, tokenizer, "
