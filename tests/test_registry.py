@@ -120,7 +120,7 @@ def test_headline_table_lists_present_headline_keys_in_order():
 
 
 def test_cli_reports_a_missing_run_in_one_line(tmp_path, capsys):
-    code = main(["evaluate", "cyclic", "--run", str(tmp_path / "none"), "--data", str(tmp_path), "--out",
+    code = main(["evaluate", "report", "--run", str(tmp_path / "none"), "--data", str(tmp_path), "--out",
                  str(tmp_path / "m.json")])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "does not exist" in err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("medvl: error: ")
