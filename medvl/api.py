@@ -24,13 +24,11 @@ import torch
 import torch.nn.functional as F
 
 import medvl.registry as registry
-from medvl.data.images import read_xray, resize_xray
+from medvl.data.scans import ScanLike, load_scan
 from medvl.errors import InvalidImageError, InvalidReportError, RunError
 from medvl.inference.explain import explain_command, explain_image
 from medvl.report.card import write_model_card
 from medvl.runs import find_runs, save_run_set
-
-ScanLike = str | Path | np.ndarray | torch.Tensor
 
 
 @dataclass
@@ -118,20 +116,6 @@ class Pipeline:
         return self.part("diffusion")
 
     # ---- inputs
-    @staticmethod
-    def read_scan(scan: ScanLike, size: int) -> torch.Tensor:
-        """A path (DICOM/PNG/JPG) or an (H, W) array in [-1024, 1024] -> (1, size, size) float32 tensor."""
-        if isinstance(scan, (str, Path)):
-            pixels = read_xray(scan)
-        else:
-            pixels = scan.detach().cpu().numpy() if isinstance(scan, torch.Tensor) else np.asarray(scan)
-            pixels = np.squeeze(pixels).astype(np.float32)
-            if pixels.ndim != 2:
-                raise InvalidImageError(f"a scan array must be (H, W), got shape {pixels.shape}")
-        if pixels.shape != (size, size):
-            pixels = resize_xray(pixels, size)
-        return torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).unsqueeze(0)
-
     def _batch(self, scans: ScanLike | Sequence[ScanLike], size: int) -> tuple[torch.Tensor, bool]:
         """One scan (a path, (H, W) or (1, H, W)) or many (a list, (B, H, W) or (B, 1, H, W))."""
         if isinstance(scans, (str, Path)):
@@ -147,7 +131,7 @@ class Pipeline:
             items, single = list(scans), False
         if not items:
             raise InvalidImageError("no scans given")
-        return torch.stack([self.read_scan(s, size) for s in items]), single
+        return torch.stack([load_scan(s, size) for s in items]), single
 
     # ---- the four jobs
     def generate_report(self, scans: ScanLike | Sequence[ScanLike], beams: int | None = None):
@@ -170,7 +154,7 @@ class Pipeline:
         """Scan -> :class:`~medvl.inference.explain.Explanation`: ranked keywords with boxes, all adaptive boxes
         (P, 4), and the similarity map (S, S) of ``word``; drawn to ``out`` (PNG) when given."""
         run = self.adamatch
-        image = self.read_scan(scan, run.image_size)[0]
+        image = load_scan(scan, run.image_size)[0]
         return explain_image(run, image, out=out, word=word, top_k=top_k)
 
     @torch.no_grad()
@@ -179,7 +163,7 @@ class Pipeline:
         if not isinstance(report, str) or not report.strip():
             raise InvalidReportError("the report is empty")
         run = self.adamatch
-        image = self.read_scan(scan, run.image_size).unsqueeze(0)
+        image = load_scan(scan, run.image_size).unsqueeze(0)
         patches = run.encode_images(image)
         tok = run.tokenizer.encode([report])
         tensors = {k: v.to(run.device) for k, v in tok.tensors().items()}

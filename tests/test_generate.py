@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from medvl.inference.generate import GeneratedReport, ReportGenerator, generate_report_command, load_scan
+from medvl.data.scans import load_scan
+from medvl.inference.generate import GeneratedReport, ReportGenerator, generate_report_command
 from medvl.text.chexpert import CHEXPERT_LABELS
 from tests.models.report_fixtures import one_thread, tiny_runs
 

@@ -6,7 +6,7 @@ Python::
     reports = gen.generate(["scan.dcm", "scan.png"], beams=3)   # or images (B, 1, S, S) in [-1024, 1024]
     reports[0].text, reports[0].keywords                        # GeneratedReport
 
-A scan is read with :func:`medvl.data.images.read_xray` (DICOM, PNG or JPG, one intensity
+A scan is read with :func:`medvl.data.scans.load_scan` (DICOM, PNG or JPG, one intensity
 convention) and resized to the run's square size the way ``medvl prepare`` does (aspect kept, padded
 with air), so keyword boxes are in that frame. AdaMatch (from the run's ``adamatch/`` copy) gives the
 patch features and the top-K keywords; the report head decodes with beam search and its KV cache.
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from medvl.config import from_dict
+from medvl.data.scans import load_scan
 from medvl.errors import InvalidImageError, RunError
 from medvl.models import report_head as rh
 from medvl.models.report_head import KeywordHints, ReportHead
@@ -50,17 +51,6 @@ class GeneratedReport:
     tokens: list[str]
     score: float
     keywords: list[UsedKeyword] = field(default_factory=list)
-
-
-def load_scan(path: str | Path, size: int) -> torch.Tensor:
-    """Read a DICOM / PNG / JPG chest X-ray -> (1, size, size) float32 in [-1024, 1024] (padded square).
-
-    Raises :class:`~medvl.errors.InvalidImageError` (or ``FileNotFoundError``) naming the problem.
-    """
-    from medvl.data.images import read_xray, resize_xray
-
-    pixels = read_xray(path)
-    return torch.from_numpy(np.ascontiguousarray(resize_xray(pixels, size))).unsqueeze(0)
 
 
 class ReportGenerator:
