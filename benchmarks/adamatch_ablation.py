@@ -34,14 +34,13 @@ def patch_geometry(run_dir: Path, data: Path, split: str = "test", limit: int = 
     """Mean centre shift and box side (cells) of the trained model on ``split`` images."""
     from medvl.data.prepared import PreparedDataset
     from medvl.models.adamatch import AdaMatchRun
-    from medvl.models.adamatch.patches import PatchLayout, patch_stats
+    from medvl.models.adamatch.patches import patch_stats
 
-    run = AdaMatchRun.load(run_dir)
+    run = AdaMatchRun.from_pretrained(run_dir)
     ds = PreparedDataset(data, split)
     n = min(limit, len(ds))
     images = torch.stack([ds[i]["image"] for i in range(n)])
-    p = run.encode_images(images)
-    return patch_stats(PatchLayout(p.features, p.boxes, p.centres, p.points, p.shift, p.size, p.penalty))
+    return patch_stats(run.encode_images(images))
 
 
 def train_and_score(mode: str, args: argparse.Namespace) -> dict:

@@ -49,7 +49,7 @@ def test_explain_rejects_non_png_and_missing_scan(runs, tmp_path):
 def test_freeform_run_draws_point_sets(runs, tiny_prepared, tmp_path):
     from medvl.data.prepared import PreparedDataset
 
-    run = AdaMatchRun.load(runs["freeform"])
+    run = AdaMatchRun.from_pretrained(runs["freeform"])
     assert run.config.patches.mode.value == "freeform"
     exp = explain_image(run, PreparedDataset(tiny_prepared, "test").image(0), out=tmp_path / "ff.png",
                         word="cardiomegaly")

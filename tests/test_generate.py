@@ -97,7 +97,7 @@ def test_ablation_run_generates_without_memory(runs, real_fixtures):
 
 
 def test_not_a_report_run(tmp_path):
-    with pytest.raises(ValueError, match="not a report run"):
+    with pytest.raises(ValueError, match="holds no report head"):
         ReportGenerator.load(tmp_path)
 
 

@@ -12,13 +12,12 @@ from PIL import Image
 
 from medvl.errors import InvalidReportError
 from medvl.inference.synthesize import Synthesizer, check_report, synthesize_command, write_png, write_synthetic_dicom
-from tests.models.diffusion_standins import build_tiny_runs, one_thread, use_toy_adamatch
+from tests.models.diffusion_fixtures import build_tiny_runs, one_thread
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _toy_adamatch():
-    with pytest.MonkeyPatch.context() as mp, one_thread():
-        use_toy_adamatch(mp)
+def _one_thread():
+    with one_thread():
         yield
 
 

@@ -231,7 +231,7 @@ def evaluate_adamatch(*, run: Path, data: Path, split: str = "test", out: Path |
     from medvl.errors import DataError
     from medvl.eval.common import metrics_record, write_metrics
 
-    am = AdaMatchRun.load(run, device=device)
+    am = AdaMatchRun.from_pretrained(run, device=device)
     ds = PreparedDataset(data, split)
     if len(ds) == 0:
         raise DataError(f"split '{split}' of {data} has no images with reports")

@@ -28,6 +28,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -37,6 +38,7 @@ from torch import nn
 from tqdm import tqdm
 
 from medvl.errors import DataError, RunError
+from medvl.models.pretrained import is_component, load_weights, read_config, save_weights, write_config
 from medvl.text.chexpert import CHEXPERT_LABELS
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,8 @@ class ClassifierConfig:
 
 class XrayClassifier(nn.Module):
     """x (B, 1, S, S) in [-1024, 1024] -> label logits (B, 14), side logits (B, F, 2); ``features`` (B, D)."""
+
+    FORMAT: ClassVar[str] = "medvl.classifier"
 
     def __init__(self, cfg: ClassifierConfig, side_findings: Sequence[str] = ()):
         super().__init__()
@@ -111,28 +115,20 @@ class XrayClassifier(nn.Module):
     def name(self) -> str:
         return "medvl-classifier"
 
-    def save(self, directory: str | Path, meta: dict | None = None) -> None:
-        from safetensors.torch import save_file
-
+    def save_pretrained(self, directory: str | Path, meta: dict | None = None) -> Path:
+        """``config.json`` (format medvl.classifier: config, side findings, ``meta``) and ``model.safetensors``."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
-                  str(directory / "classifier.safetensors"))
-        (directory / "classifier.json").write_text(json.dumps(
-            {"config": asdict(self.cfg), "side_findings": list(self.side_findings), **(meta or {})}, indent=2))
+        save_weights(directory, self.state_dict())
+        write_config(directory, self.FORMAT, asdict(self.cfg), side_findings=list(self.side_findings), **(meta or {}))
+        return directory
 
     @classmethod
-    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> XrayClassifier:
-        from safetensors.torch import load_file
-
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> XrayClassifier:
         from medvl.config import from_dict
 
-        directory = Path(directory)
-        if not (directory / "classifier.safetensors").is_file():
-            raise RunError(f"{directory} holds no trained classifier")
-        spec = json.loads((directory / "classifier.json").read_text())
+        spec = read_config(directory, cls.FORMAT, what="trained classifier")
         model = cls(from_dict(ClassifierConfig, spec["config"]), spec["side_findings"])
-        model.load_state_dict(load_file(str(directory / "classifier.safetensors")))
+        model.load_state_dict(load_weights(directory))
         return model.to(device).eval()
 
 
@@ -411,13 +407,13 @@ def load_or_train_classifier(data: str | Path, cfg: ClassifierConfig | None = No
     """The dataset's evaluation classifier: from the cache, or trained now and cached."""
     cfg = cfg or ClassifierConfig()
     directory = classifier_cache_dir(data, cfg)
-    if (directory / "classifier.safetensors").is_file():
-        model = XrayClassifier.load(directory, device=device or "cpu")
-        spec = json.loads((directory / "classifier.json").read_text())
+    if is_component(directory, XrayClassifier.FORMAT):
+        model = XrayClassifier.from_pretrained(directory, device=device or "cpu")
+        spec = read_config(directory, XrayClassifier.FORMAT)
         return model, ClassifierReport(**spec["report"])
     logger.info("training the evaluation classifier on %s (cached in %s)", data, directory)
     model, report = train_classifier(data, cfg, device)
-    model.save(directory, meta={"report": asdict(report)})
+    model.save_pretrained(directory, meta={"report": asdict(report)})
     return model, report
 
 

@@ -327,8 +327,8 @@ def tune_guidance(*, run: Path, data: Path, values: Sequence[float] = (2.0, 3.0,
                   classifier_config=None) -> dict[float, dict[str, float]]:
     """Pick the run's default guidance on the *validation* split (never test): the value with the best mean of
     ``image.label_auroc`` and ``image.laterality_accuracy``; with ``write`` it becomes the run's default in
-    ``scheduler.json``. Returns the validation scores per value."""
-    from medvl.models.diffusion import SCHEDULER_FILE, load_scheduler_config, save_scheduler_config
+    ``diffusion/scheduler_config.json``. Returns the validation scores per value."""
+    from medvl.models.diffusion import DiffusionBundle, load_scheduler_config, save_scheduler_config
 
     run, data = Path(run), Path(data)
     synth, classifier, _, val = _scoring_inputs(run, data, "validate", max_reports, device, classifier_config)
@@ -344,7 +344,7 @@ def tune_guidance(*, run: Path, data: Path, values: Sequence[float] = (2.0, 3.0,
 
     best = max(scores, key=lambda g: objective(scores[g]))
     if write:
-        noise, sampler = load_scheduler_config(run / SCHEDULER_FILE)
+        noise, sampler = load_scheduler_config(run / DiffusionBundle.DIRNAME)
         sampler.guidance = best
-        save_scheduler_config(run / SCHEDULER_FILE, noise, sampler)
+        save_scheduler_config(run / DiffusionBundle.DIRNAME, noise, sampler)
     return scores

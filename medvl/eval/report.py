@@ -27,10 +27,10 @@ import torch
 from tqdm.auto import tqdm
 
 from medvl.config import config_hash
-from medvl.errors import RunError
 from medvl.eval.clinical import CE_CONVENTION, ce_metrics, label_reports
 from medvl.eval.common import metrics_record, write_metrics
 from medvl.eval.nlg import TOKENISATION, NLGScorer
+from medvl.models.report_head import ReportHeadBundle
 
 ABLATIONS_DIR = "ablations"
 
@@ -114,7 +114,7 @@ def find_ablations(run: Path) -> dict[str, Path]:
     root = run / ABLATIONS_DIR
     if not root.is_dir():
         return {}
-    return {p.name: p for p in sorted(root.iterdir()) if (p / "report_head.json").exists()}
+    return {p.name: p for p in sorted(root.iterdir()) if (p / ReportHeadBundle.DIRNAME).is_dir()}
 
 
 def evaluate_report(*, run: Path, data: Path, split: str = "test", out: Path | None = None) -> dict:
@@ -123,8 +123,7 @@ def evaluate_report(*, run: Path, data: Path, split: str = "test", out: Path | N
     from medvl.train.stages.report import report_split
 
     run, data = Path(run), Path(data)
-    if not (run / "report_head.json").exists():
-        raise RunError(f"{run} is not a report run (no report_head.json); train one with `medvl train report`")
+    ReportHeadBundle.read_config(run)  # a one-line RunError when RUN holds no report head (or an older layout)
     cfg = _run_config(run)
     generator = ReportGenerator.load(run)
     test = report_split(data, split, cfg.data)

@@ -162,7 +162,7 @@ def explain_command(scan: str | Path, *, run: str | Path, out: str | Path, word:
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise InvalidImageError(f"--out must name a .png file, got {out}")
-    am = AdaMatchRun.load(run)
+    am = AdaMatchRun.from_pretrained(run)
     pixels = resize_xray(read_xray(scan), am.image_size)
     exp = explain_image(am, pixels, out=out, word=word)
     for kw in exp.keywords:

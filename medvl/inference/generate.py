@@ -9,7 +9,8 @@ Python::
 A scan is read with :func:`medvl.data.scans.load_scan` (DICOM, PNG or JPG, one intensity
 convention) and resized to the run's square size the way ``medvl prepare`` does (aspect kept, padded
 with air), so keyword boxes are in that frame. AdaMatch (from the run's ``adamatch/`` copy) gives the
-patch features and the top-K keywords; the report head decodes with beam search and its KV cache.
+patch features and the top-K keywords; the report head (``report_head/``, with the run's ``memory/``) decodes
+with beam search and its KV cache.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from medvl.config import from_dict
 from medvl.data.scans import load_scan
 from medvl.errors import InvalidImageError, RunError
 from medvl.models import report_head as rh
-from medvl.models.report_head import KeywordHints, ReportHead
+from medvl.models.adamatch import AdaMatchRun
+from medvl.models.memory import SharedMemory
+from medvl.models.report_head import KeywordHints, ReportHeadBundle
 
 
 @dataclass
@@ -56,30 +58,28 @@ class GeneratedReport:
 class ReportGenerator:
     """A loaded report run: AdaMatch + report head + tokenizer, in eval mode on ``device``."""
 
-    def __init__(self, head: ReportHead, tokenizer: Any, adamatch_run: Any, meta: dict, device: str = "cpu"):
-        from medvl.train.stages.report import GenerationSettings
-
-        self.head = head.eval()
-        self.tokenizer = tokenizer
+    def __init__(self, report: ReportHeadBundle, adamatch_run: AdaMatchRun, device: str = "cpu"):
+        self.head = report.head.eval()
+        self.tokenizer = report.tokenizer
         self.adamatch_run = adamatch_run
-        self.meta = meta
         self.device = torch.device(device)
-        self.image_size = int(meta["image_size"])
-        self.generation = from_dict(GenerationSettings, meta.get("generation", {}), prefix="generation.")
+        self.image_size = report.image_size
+        self.generation = report.generation
 
     @classmethod
     def load(cls, run: str | Path, device: str = "cpu") -> ReportGenerator:
-        """Load a report run directory (``medvl train report --out RUN``)."""
+        """Load a report run directory (``medvl train report --out RUN``): its ``report_head/``, ``memory/`` and
+        ``adamatch/`` components."""
         run = Path(run)
         if not run.is_dir():
             raise RunError(f"report run {run} does not exist")
-        meta = rh.read_head_meta(run)
-        adamatch_run = rh.load_adamatch_run(run, device=device)
-        finetuned = bool(meta["config"].get("finetune_adamatch", False))
-        head, tokenizer, meta = rh.load_report_head(run, adamatch=adamatch_run.model if finetuned else None,
-                                                    device=device)
+        ReportHeadBundle.read_config(run)  # first: a run without a report head says so
+        memory_dir = run / SharedMemory.DIRNAME
+        memory = SharedMemory.from_pretrained(memory_dir) if memory_dir.is_dir() else None
+        adamatch_run = AdaMatchRun.from_pretrained(run, device=device)
+        report = ReportHeadBundle.from_pretrained(run, device=device, memory=memory, adamatch=adamatch_run.model)
         adamatch_run.model.eval()
-        return cls(head, tokenizer, adamatch_run, meta, device)
+        return cls(report, adamatch_run, device)
 
     @property
     def uses_keywords(self) -> bool:

@@ -12,11 +12,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
+
+from medvl.config import from_dict, to_dict
+from medvl.errors import ConfigError
+from medvl.models.pretrained import component_dir, load_weights, read_config, save_weights, write_config
 
 
 @dataclass
@@ -28,8 +32,6 @@ class MemoryConfig:
     dropout: float = 0.1
 
     def validate(self) -> None:
-        from medvl.errors import ConfigError
-
         if self.dim % self.num_heads:
             raise ConfigError(f"memory.dim ({self.dim}) must be divisible by memory.num_heads ({self.num_heads})")
         if not 0 < self.topk <= self.num_slots:
@@ -40,8 +42,12 @@ class SharedMemory(nn.Module):
     """Top-k multi-head attention over a learned memory matrix, added back as a residual.
 
     ``forward(x)``: x (B, L, dim) -> x + response (B, L, dim). ``respond(x)`` returns only the
-    response, for callers that want it as separate conditioning tokens.
+    response, for callers that want it as separate conditioning tokens. Saved as the ``memory/`` component of a
+    report run (the diffusion run keeps a copy).
     """
+
+    FORMAT: ClassVar[str] = "medvl.memory"
+    DIRNAME: ClassVar[str] = "memory"
 
     def __init__(self, cfg: MemoryConfig):
         super().__init__()
@@ -75,23 +81,18 @@ class SharedMemory(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.respond(x)
 
-    def save(self, directory: str | Path) -> None:
-        from medvl.config import save_config
-
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """``config.json`` (format medvl.memory, the memory config) and ``model.safetensors``; returns the folder."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
-                  str(directory / "memory.safetensors"))
-        save_config(self.cfg, directory / "memory.yaml")
+        save_weights(directory, self.state_dict())
+        write_config(directory, self.FORMAT, to_dict(self.cfg))
+        return directory
 
     @classmethod
-    def load(cls, directory: str | Path, map_location: str = "cpu") -> SharedMemory:
-        from medvl.config import load_config
-        from medvl.errors import RunError
-
-        directory = Path(directory)
-        if not (directory / "memory.safetensors").exists():
-            raise RunError(f"{directory} holds no shared memory (memory.safetensors)")
-        mem = cls(load_config(MemoryConfig, directory / "memory.yaml"))
-        mem.load_state_dict(load_file(str(directory / "memory.safetensors"), device=map_location))
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> SharedMemory:
+        """Load ``directory`` (or ``directory/memory/`` when ``directory`` is a run)."""
+        directory = component_dir(directory, cls.DIRNAME)
+        meta = read_config(directory, cls.FORMAT, what="shared memory", hint="a report run with model.use_memory")
+        mem = cls(from_dict(MemoryConfig, meta["config"], "memory."))
+        mem.load_state_dict(load_weights(directory, device))
         return mem

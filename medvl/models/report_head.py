@@ -17,43 +17,48 @@ search (length penalty, n-gram blocking) come from ``generate()`` with its cache
 a word-level tokenizer trained on the training reports (lowercase, words and punctuation marks as
 tokens) and saved with the run.
 
-Run layout written by :func:`save_report_head` (the stage adds ``adamatch/``)::
+Saved as the ``report_head/`` component of a run (:class:`ReportHeadBundle`; the report run adds ``memory/``,
+the shared memory, and ``adamatch/``, a copy of the AdaMatch component)::
 
-    decoder/                  GPT-2 weights (safetensors) and config, save_pretrained
-    tokenizer/                PreTrainedTokenizerFast, save_pretrained
-    memory/                   the shared memory (SharedMemory.save), when model.use_memory
-    report_head.safetensors   projections, keyword embeddings (and AdaMatch when fine-tuned)
-    report_head.json          head config, keyword vocabulary, image size, AdaMatch width
+    report_head/config.json         format medvl.report_head: head config, decoding settings (``generation``),
+                                    keyword vocabulary, image size, AdaMatch width, special token ids
+    report_head/model.safetensors   projections, keyword embeddings (and AdaMatch when fine-tuned)
+    report_head/decoder/            GPT-2 weights (safetensors) and config, save_pretrained
+    report_head/tokenizer/          the word-level tokenizer (PreTrainedTokenizerFast), save_pretrained
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 from medvl.config import from_dict, to_dict
 from medvl.errors import ConfigError, RunError
 from medvl.models.memory import MemoryConfig, SharedMemory
+from medvl.models.pretrained import component_dir, load_weights, read_config, save_weights, write_config
+from medvl.models.report_tokenizer import (
+    SPECIAL_TOKENS,
+    build_report_tokenizer,
+    decode_sequences,
+    detokenize,
+    encode_reports,
+)
 
-PAD, BOS, EOS, UNK = "[PAD]", "[BOS]", "[EOS]", "[UNK]"
-SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # ids 0, 1, 2, 3
+__all__ = ["ReportHeadConfig", "GenerationSettings", "ReportHead", "ReportHeadBundle", "LabelQueries", "KeywordHints",
+           "keyword_hints", "keyword_word", "DecodeOutput", "SPECIAL_TOKENS", "build_report_tokenizer", "detokenize",
+           "encode_reports", "decode_sequences", "DECODER_DIR", "TOKENIZER_DIR"]
 
-HEAD_WEIGHTS = "report_head.safetensors"
-HEAD_META = "report_head.json"
 DECODER_DIR = "decoder"
 TOKENIZER_DIR = "tokenizer"
-MEMORY_DIR = "memory"
 
 NUM_LABELS = 14  # CheXpert observations (medvl.text.chexpert.CHEXPERT_LABELS)
 # Source-type ids of the conditioning tokens.
@@ -108,62 +113,22 @@ class ReportHeadConfig:
             raise ConfigError("model.num_keywords must be positive when model.use_keywords is true")
 
 
-# --------------------------------------------------------------------------------------------- tokenizer
+@dataclass
+class GenerationSettings:
+    """``generation:`` section of the report stage config: how reports are decoded at inference and evaluation
+    (saved with the head)."""
 
+    beams: int = 3
+    max_new_tokens: int = 0  # 0: model.max_length - 1
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 3
+    batch_size: int = 16
 
-def build_report_tokenizer(texts: Sequence[str], *, min_freq: int = 2, max_vocab: int = 4000
-                           ) -> PreTrainedTokenizerFast:
-    """Train a word-level tokenizer on report texts.
-
-    Normalisation: NFKC, lowercase. Pre-tokenisation: runs of word characters and runs of punctuation
-    (``tokenizers``' ``Whitespace``), so "effusion." is ``effusion``, ``.``. Words seen fewer than
-    ``min_freq`` times map to ``[UNK]``. Ids 0-3 are ``[PAD] [BOS] [EOS] [UNK]``.
-    """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-
-    texts = [t for t in texts if t and t.strip()]
-    if not texts:
-        raise ValueError("cannot build a report tokenizer from no report text")
-    tok = Tokenizer(models.WordLevel(unk_token=UNK))
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.WordLevelTrainer(vocab_size=max_vocab, min_frequency=min_freq,
-                                        special_tokens=list(SPECIAL_TOKENS))
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS,
-                                   unk_token=UNK)
-
-
-_SPACE_BEFORE = re.compile(r"\s+([.,;:!?%)])")
-_SPACE_AFTER = re.compile(r"([(])\s+")
-_SENTENCE_START = re.compile(r"(^|[.!?]\s+)([a-z])")
-
-
-def detokenize(tokens: Sequence[str]) -> str:
-    """Word-level tokens -> readable report text (punctuation attached, sentences capitalised)."""
-    words = [t for t in tokens if t not in SPECIAL_TOKENS]
-    text = " ".join(words)
-    text = _SPACE_BEFORE.sub(r"\1", text)
-    text = _SPACE_AFTER.sub(r"\1", text)
-    text = re.sub(r"\s*-\s*", "-", text)
-    text = re.sub(r"(\d)\. (\d)", r"\1.\2", text)  # "3 . 5 cm" -> "3.5 cm"
-    return _SENTENCE_START.sub(lambda m: m.group(1) + m.group(2).upper(), text).strip()
-
-
-def encode_reports(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str], max_length: int
-                   ) -> dict[str, torch.Tensor]:
-    """Reports -> ``input_ids`` (B, T) = [BOS] words [EOS] [PAD]..., ``attention_mask`` (B, T), ``labels``
-    (B, T) with -100 on padding. Reports longer than ``max_length`` are cut (and then carry no EOS)."""
-    enc = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-    seqs = [([bos] + ids + [eos])[:max_length] for ids in enc]
-    length = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), length), pad, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    attention_mask = (torch.arange(length)[None, :] < torch.tensor([len(s) for s in seqs])[:, None]).long()
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    def validate(self) -> None:
+        if self.beams < 1:
+            raise ConfigError(f"config key 'generation.beams' must be at least 1, got {self.beams}")
+        if self.batch_size < 1:
+            raise ConfigError(f"config key 'generation.batch_size' must be at least 1, got {self.batch_size}")
 
 
 # ------------------------------------------------------------------------------------------- keywords
@@ -421,63 +386,12 @@ def _pad_after_eos(seqs: torch.Tensor, eos: int, pad: int) -> torch.Tensor:
     return seqs.masked_fill(after > 0, pad)
 
 
-def decode_sequences(tokenizer: PreTrainedTokenizerFast, sequences: torch.Tensor, eos_id: int
-                     ) -> tuple[list[str], list[list[str]]]:
-    """Generated ids (B, L) -> report texts and their word tokens (stopping at the first EOS)."""
-    texts, token_lists = [], []
-    for row in sequences.tolist():
-        if eos_id in row:
-            row = row[: row.index(eos_id)]
-        tokens = [t for t in tokenizer.convert_ids_to_tokens(row) if t not in SPECIAL_TOKENS]
-        token_lists.append(tokens)
-        texts.append(detokenize(tokens))
-    return texts, token_lists
-
-
 # ------------------------------------------------------------------------------------------ save / load
-
-
-def load_adamatch_run(run_dir: str | Path, device: str = "cpu") -> Any:
-    """``AdaMatchRun.load(run_dir, device)``; a :class:`RunError` when AdaMatch is not available."""
-    try:
-        from medvl.models.adamatch import AdaMatchRun
-    except ModuleNotFoundError as exc:
-        if exc.name and "medvl.models.adamatch".startswith(exc.name):
-            raise RunError("AdaMatch (medvl.models.adamatch) is not available in this version of medvl") from None
-        raise
-    return AdaMatchRun.load(run_dir, device=device)
-
-
-def save_report_head(head: ReportHead, tokenizer: PreTrainedTokenizerFast, directory: str | Path, *,
-                     image_size: int, extra: dict | None = None) -> None:
-    """Write the head's inference artifacts into ``directory`` (see the module docstring)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with _quiet_transformers():
-        head.decoder.save_pretrained(directory / DECODER_DIR, safe_serialization=True)
-    tokenizer.save_pretrained(directory / TOKENIZER_DIR)
-    if head.cfg.use_memory:
-        head.memory.save(directory / MEMORY_DIR)
-    # A frozen AdaMatch lives in the run's adamatch/ copy; a fine-tuned one is saved with the head.
-    skip = ("decoder.", "memory.") + (() if head.cfg.finetune_adamatch else ("adamatch.",))
-    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items() if not k.startswith(skip)}
-    save_file(state, str(directory / HEAD_WEIGHTS))
-    meta = {
-        "config": to_dict(head.cfg),
-        "visual_dim": head.visual_dim,
-        "keyword_vocabulary": head.keyword_vocabulary,
-        "image_size": int(image_size),
-        "special_ids": {"pad": head.pad_id, "bos": head.bos_id, "eos": head.eos_id, "unk": head.unk_id},
-        **(extra or {}),
-    }
-    (directory / HEAD_META).write_text(json.dumps(meta, indent=2))
 
 
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """No per-shard progress bars from save_pretrained / from_pretrained (they would clutter CLI output)."""
-    from transformers.utils import logging as hf_logging
-
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
@@ -487,41 +401,80 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def read_head_meta(directory: str | Path) -> dict:
-    path = Path(directory) / HEAD_META
-    if not path.exists():
-        raise RunError(f"{directory} is not a report run: {HEAD_META} is missing")
-    return json.loads(path.read_text())
+def _own_state_keys(cfg: ReportHeadConfig) -> tuple[str, ...]:
+    """State-dict prefixes saved elsewhere: the decoder (``decoder/``), the memory (``RUN/memory/``) and a frozen
+    AdaMatch (``RUN/adamatch/``); a fine-tuned AdaMatch is saved with the head."""
+    return ("decoder.", "memory.") + (() if cfg.finetune_adamatch else ("adamatch.",))
 
 
-def load_report_head(directory: str | Path, *, adamatch: nn.Module | None = None, device: str = "cpu"
-                     ) -> tuple[ReportHead, PreTrainedTokenizerFast, dict]:
-    """Read what :func:`save_report_head` wrote -> (head in eval mode, tokenizer, meta)."""
-    directory = Path(directory)
-    meta = read_head_meta(directory)
-    for needed in (DECODER_DIR, TOKENIZER_DIR, HEAD_WEIGHTS):
-        if not (directory / needed).exists():
-            raise RunError(f"report run {directory} is incomplete: {needed} is missing")
-    cfg = from_dict(ReportHeadConfig, meta["config"], prefix="model.")
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(directory / TOKENIZER_DIR)
-    ids = meta["special_ids"]
-    head = ReportHead(cfg, vocab_size=len(tokenizer), visual_dim=int(meta["visual_dim"]),
-                      keyword_vocabulary=meta["keyword_vocabulary"], pad_id=ids["pad"], bos_id=ids["bos"],
-                      eos_id=ids["eos"], unk_id=ids["unk"], adamatch=adamatch)
-    with _quiet_transformers():
-        head.decoder = GPT2LMHeadModel.from_pretrained(directory / DECODER_DIR)
-    head.decoder.config.pad_token_id = None  # see ReportHead.__init__
-    if cfg.use_memory:
-        head.decoder.transformer.wte.register_forward_hook(head._word_memory_hook)
-        head.memory.load_state_dict(SharedMemory.load(directory / MEMORY_DIR).state_dict())
-    missing, unexpected = head.load_state_dict(load_file(str(directory / HEAD_WEIGHTS)), strict=False)
-    skip = ("decoder.", "memory.") + (() if cfg.finetune_adamatch else ("adamatch.",))
-    missing = [k for k in missing if not k.startswith(skip)]
-    if cfg.finetune_adamatch and adamatch is None:
-        raise RunError(f"{directory} fine-tuned AdaMatch: pass the AdaMatch model to load its fine-tuned weights")
-    if missing or unexpected:
-        raise RunError(f"{directory / HEAD_WEIGHTS} does not match the head config "
-                       f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return head.to(device).eval(), tokenizer, meta
+class ReportHeadBundle:
+    """A trained report head with its tokenizer, image size and decoding settings, as stored under
+    ``RUN/report_head/`` (see the module docstring). The shared memory is not part of it: pass the run's own."""
 
+    FORMAT: ClassVar[str] = "medvl.report_head"
+    DIRNAME: ClassVar[str] = "report_head"
 
+    def __init__(self, head: ReportHead, tokenizer: PreTrainedTokenizerFast, image_size: int,
+                 generation: GenerationSettings | None = None):
+        self.head, self.tokenizer, self.image_size = head, tokenizer, int(image_size)
+        self.generation = generation or GenerationSettings()
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the component to ``directory``; returns it."""
+        head, directory = self.head, Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with _quiet_transformers():
+            head.decoder.save_pretrained(directory / DECODER_DIR, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory / TOKENIZER_DIR)
+        skip = _own_state_keys(head.cfg)
+        save_weights(directory, {k: v for k, v in head.state_dict().items() if not k.startswith(skip)})
+        write_config(directory, self.FORMAT, to_dict(head.cfg), generation=to_dict(self.generation),
+                     visual_dim=head.visual_dim, keyword_vocabulary=head.keyword_vocabulary,
+                     image_size=self.image_size,
+                     special_ids={"pad": head.pad_id, "bos": head.bos_id, "eos": head.eos_id, "unk": head.unk_id})
+        return directory
+
+    @classmethod
+    def read_config(cls, directory: str | Path) -> dict[str, Any]:
+        """The checked ``config.json`` of ``directory`` (or of ``directory/report_head/``); a one-line
+        :class:`RunError` when it holds no report head of this layout."""
+        return read_config(component_dir(directory, cls.DIRNAME), cls.FORMAT, what="report head",
+                           hint="train one with `medvl train report`")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu", *,
+                        memory: SharedMemory | None = None, adamatch: nn.Module | None = None) -> ReportHeadBundle:
+        """Load ``directory`` (or ``directory/report_head/`` when ``directory`` is a run), the head in eval mode.
+
+        ``memory``: the run's shared memory (``RUN/memory/``), needed when the head uses it; ``adamatch``: the
+        AdaMatch model, needed (and kept in the head) when the head fine-tuned it, ignored otherwise.
+        """
+        directory = component_dir(directory, cls.DIRNAME)
+        meta = cls.read_config(directory)
+        for needed in (DECODER_DIR, TOKENIZER_DIR):
+            if not (directory / needed).exists():
+                raise RunError(f"report head {directory} is incomplete: {needed} is missing")
+        cfg = from_dict(ReportHeadConfig, meta["config"], prefix="model.")
+        if cfg.finetune_adamatch and adamatch is None:
+            raise RunError(f"{directory} fine-tuned AdaMatch: pass the AdaMatch model to load its fine-tuned weights")
+        if cfg.use_memory and memory is None:
+            raise RunError(f"{directory} reads the shared memory: pass the report run's memory "
+                           f"(SharedMemory.from_pretrained(RUN/{SharedMemory.DIRNAME}))")
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(directory / TOKENIZER_DIR)
+        ids = meta["special_ids"]
+        head = ReportHead(cfg, vocab_size=len(tokenizer), visual_dim=int(meta["visual_dim"]),
+                          keyword_vocabulary=meta["keyword_vocabulary"], pad_id=ids["pad"], bos_id=ids["bos"],
+                          eos_id=ids["eos"], unk_id=ids["unk"], adamatch=adamatch if cfg.finetune_adamatch else None)
+        with _quiet_transformers():
+            head.decoder = GPT2LMHeadModel.from_pretrained(directory / DECODER_DIR)
+        head.decoder.config.pad_token_id = None  # see ReportHead.__init__
+        if cfg.use_memory:
+            head.decoder.transformer.wte.register_forward_hook(head._word_memory_hook)
+            head.memory.load_state_dict(memory.state_dict())
+        missing, unexpected = head.load_state_dict(load_weights(directory), strict=False)
+        missing = [k for k in missing if not k.startswith(_own_state_keys(cfg))]
+        if missing or unexpected:
+            raise RunError(f"{directory}/model.safetensors does not match the head config "
+                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        generation = from_dict(GenerationSettings, meta["generation"], prefix="generation.")
+        return cls(head.to(device).eval(), tokenizer, int(meta["image_size"]), generation)

@@ -291,16 +291,19 @@ class ReportTokenizer:
         """``dict(input_ids, attention_mask, word_ids, word_mask, match_mask, word_weight)``, each ``(B, T)``."""
         return self.encode(texts).tensors()
 
-    def save(self, directory: str | Path) -> None:
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """The Hugging Face tokenizer files and ``medvl_tokenizer.json`` (caps, idf weights); returns the folder."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.hf.save_pretrained(str(directory))
         (directory / TOKENIZER_META).write_text(json.dumps(
             {"max_tokens": self.max_tokens, "max_words": self.max_words, "idf_default": self.idf_default,
              "idf": dict(sorted(self.idf.items()))}, indent=0))
+        return directory
 
     @classmethod
-    def load(cls, directory: str | Path) -> ReportTokenizer:
+    def from_pretrained(cls, directory: str | Path) -> ReportTokenizer:
+        """What :meth:`save_pretrained` wrote (or any local Hugging Face tokenizer folder: default caps, no idf)."""
         directory = Path(directory)
         meta_path = directory / TOKENIZER_META
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}

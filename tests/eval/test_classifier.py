@@ -24,7 +24,7 @@ from medvl.eval.classifier import (
     side_targets,
 )
 from medvl.text.chexpert import CHEXPERT_LABELS
-from tests.models.diffusion_standins import one_thread
+from tests.models.diffusion_fixtures import one_thread
 
 TINY = ClassifierConfig(image_size=32, channels=[8, 16, 32], steps=60, eval_every=20, batch_size=16, lr=5e-3,
                         min_side_regions=3)

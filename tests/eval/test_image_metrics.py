@@ -9,16 +9,15 @@ import pytest
 
 from medvl.eval.image import evaluate_diffusion, mean_ms_ssim, ms_ssim_weights, tune_guidance
 from medvl.eval.classifier import ClassifierConfig
-from tests.models.diffusion_standins import build_tiny_runs, one_thread, use_toy_adamatch
+from tests.models.diffusion_fixtures import build_tiny_runs, one_thread
 
 TINY_CLASSIFIER = ClassifierConfig(image_size=32, channels=[8, 16, 32], steps=40, eval_every=20, batch_size=16,
                                    lr=5e-3, min_side_regions=3)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _toy_adamatch():
-    with pytest.MonkeyPatch.context() as mp, one_thread():
-        use_toy_adamatch(mp)
+def _one_thread():
+    with one_thread():
         yield
 
 
@@ -63,6 +62,6 @@ def test_evaluate_diffusion_writes_the_contract_keys(tiny_prepared, tmp_path):
     assert set(scores) == {0.0, 2.0}
     from medvl.models.diffusion import load_scheduler_config
 
-    _, sampler = load_scheduler_config(run / "scheduler.json")
+    _, sampler = load_scheduler_config(run / "diffusion")
     best = max(scores, key=lambda g: scores[g]["image.label_auroc"] + scores[g]["image.laterality_accuracy"])
     assert sampler.guidance == best

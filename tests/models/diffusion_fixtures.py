@@ -1,112 +1,27 @@
-"""Small stand-ins for the diffusion head's tests: an AdaMatch-run look-alike and helpers that make tiny
-autoencoder / report / AdaMatch run directories without the other stages' code.
+"""Helpers for the diffusion head's tests: tiny real AdaMatch, report (its shared memory), autoencoder and
+diffusion runs, and a plain training loop through the Stage protocol.
 
-``ToyAdaMatchRun`` offers only what the diffusion head uses from the AdaMatch run API: ``tokenize``,
-``model.encode_text``, ``report_keypatches``, ``embed_dim``, ``load``. Word features are fixed random
-embeddings mixed by a 1-D convolution, so "left" and "right" change the neighbouring words' features.
+The AdaMatch run is the tiny preset trained a few steps (:func:`tests.models.adamatch_fixtures.train_tiny_run`);
+the report run holds only what the diffusion stage reads from it, a saved shared memory (``RUN/memory/``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from medvl.models.memory import MemoryConfig, SharedMemory
+from tests.models.adamatch_fixtures import train_tiny_run
 
-VOCAB = 257
-DIM = 32
-STOP_WORDS = {"no", "is", "the", "or", "and", ".", "of", "size"}
-
-
-def _token(word: str) -> int:
-    return 1 + zlib.crc32(word.encode()) % (VOCAB - 1)
+DIM = 32  # the tiny AdaMatch preset's embedding width
 
 
-@dataclass
-class TextTokens:
-    features: torch.Tensor
-    word_mask: torch.Tensor
-
-
-@dataclass
-class Keypatches:
-    features: torch.Tensor
-    boxes: torch.Tensor
-    scores: torch.Tensor
-
-
-class ToyTextEncoder(nn.Module):
-    def __init__(self, dim: int = DIM):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.embed = nn.Embedding(VOCAB, dim)
-        self.mix = nn.Conv1d(dim, dim, 3, padding=1)
-        with torch.no_grad():
-            self.embed.weight.copy_(torch.randn(VOCAB, dim, generator=g))
-            self.mix.weight.copy_(torch.randn(self.mix.weight.shape, generator=g) * 0.2)
-            self.mix.bias.zero_()
-
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_word_info) -> TextTokens:
-        x = self.embed(input_ids)
-        x = x + self.mix(x.transpose(1, 2)).transpose(1, 2)
-        return TextTokens(features=x * attention_mask[..., None], word_mask=attention_mask.bool())
-
-
-class ToyAdaMatchRun:
-    embed_dim = DIM
-
-    def __init__(self, device: str = "cpu"):
-        self.model = ToyTextEncoder().to(device).eval()
-        self.device = device
-        g = torch.Generator().manual_seed(1)
-        self.bank = torch.randn(16, DIM, generator=g)
-        self.bank_boxes = torch.rand(16, 4, generator=g).sort(-1).values
-
-    @classmethod
-    def load(cls, run_dir: str | Path, device: str = "cpu") -> ToyAdaMatchRun:
-        """Like AdaMatchRun.load: the artifacts sit in ``run_dir/adamatch/`` (or ``run_dir`` is that folder)."""
-        if not any((d / "toy_adamatch.json").exists() for d in (Path(run_dir) / "adamatch", Path(run_dir))):
-            raise FileNotFoundError(f"no toy AdaMatch artifacts in {run_dir}")
-        return cls(device)
-
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Like the AdaMatch tokenizer: ids, attention, content words (not stop words) and affirmed words
-        (content words outside a "no ... ." scope)."""
-        words = [t.lower().replace(".", " . ").replace(",", " ").split()[:40] for t in texts]
-        T = max(1, max(len(w) for w in words))
-        ids = torch.zeros(len(texts), T, dtype=torch.long)
-        mask = torch.zeros(len(texts), T, dtype=torch.long)
-        content = torch.zeros(len(texts), T, dtype=torch.bool)
-        affirmed = torch.zeros(len(texts), T, dtype=torch.bool)
-        for i, ws in enumerate(words):
-            ids[i, :len(ws)] = torch.tensor([_token(w) for w in ws], dtype=torch.long)
-            mask[i, :len(ws)] = 1
-            negated = False
-            for j, w in enumerate(ws):
-                negated = (negated or w == "no") and w != "."
-                content[i, j] = w not in STOP_WORDS
-                affirmed[i, j] = content[i, j] and not negated
-        return {"input_ids": ids, "attention_mask": mask, "word_mask": content, "match_mask": affirmed}
-
-    @torch.no_grad()
-    def report_keypatches(self, texts: list[str], top_k: int) -> Keypatches:
-        tok = self.tokenize(texts)
-        words = self.model.encode_text(tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device))
-        pooled = words.features.sum(1) / tok["attention_mask"].sum(1, keepdim=True).clamp(min=1).to(self.device)
-        scores = pooled.cpu() @ self.bank.T
-        top = scores.topk(min(top_k, self.bank.shape[0]), dim=1)
-        return Keypatches(self.bank[top.indices], self.bank_boxes[top.indices], top.values)
-
-
-def make_adamatch_run(root: Path) -> Path:
-    (root / "adamatch").mkdir(parents=True, exist_ok=True)
-    (root / "adamatch" / "toy_adamatch.json").write_text("{}")
+def make_adamatch_run(root: Path, data: Path) -> Path:
+    """The tiny AdaMatch preset trained a few steps, as a finished run."""
+    train_tiny_run(data, root)
     (root / "stage.json").write_text(json.dumps({"stage": "adamatch"}))
     return root
 
@@ -114,7 +29,8 @@ def make_adamatch_run(root: Path) -> Path:
 def make_report_run(root: Path, dim: int = DIM) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    SharedMemory(MemoryConfig(num_slots=16, dim=dim, num_heads=4, topk=4, dropout=0.1)).save(root / "memory")
+    memory = SharedMemory(MemoryConfig(num_slots=16, dim=dim, num_heads=4, topk=4, dropout=0.1))
+    memory.save_pretrained(root / SharedMemory.DIRNAME)
     (root / "stage.json").write_text(json.dumps({"stage": "report"}))
     return root
 
@@ -129,29 +45,6 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(n)
-
-
-def use_toy_adamatch(monkeypatch) -> None:
-    """Route the diffusion head's AdaMatch loading to the stand-in."""
-    import medvl.models.diffusion as head
-    import medvl.inference.synthesize as synth
-    import medvl.train.stages.diffusion as stage
-
-    for mod in (head, stage, synth):
-        if hasattr(mod, "load_adamatch_run"):
-            monkeypatch.setattr(mod, "load_adamatch_run", lambda d, device="cpu": ToyAdaMatchRun.load(d, str(device)))
-        if hasattr(mod, "copy_adamatch_run"):
-            monkeypatch.setattr(mod, "copy_adamatch_run", copy_toy_adamatch)
-
-
-def copy_toy_adamatch(src_run: Path, dst_run: Path) -> Path:
-    import shutil
-
-    src = Path(src_run) / "adamatch"
-    dst = Path(dst_run) / "adamatch"
-    if src.resolve() != dst.resolve():
-        shutil.copytree(src, dst, dirs_exist_ok=True)
-    return dst
 
 
 def train_plain(stage, steps: int, batch_size: int = 8, lr: float = 2e-3, seed: int = 0):
@@ -186,15 +79,15 @@ def finish_run(stage, model, run_dir: Path) -> Path:
     return run_dir
 
 
-def build_tiny_runs(root: Path, data: Path, monkeypatch=None, diffusion_steps: int = 6) -> dict[str, Path]:
-    """Tiny autoencoder, stand-in AdaMatch and report runs, and a diffusion run trained a few steps."""
+def build_tiny_runs(root: Path, data: Path, diffusion_steps: int = 6) -> dict[str, Path]:
+    """Tiny autoencoder, AdaMatch and report runs, and a diffusion run trained a few steps on them."""
     import medvl.train.stages.diffusion as st
 
     root.mkdir(parents=True, exist_ok=True)
     ae_stage = st.build_autoencoder_stage(config_path="tiny", overrides=[], data=data)
     model, _ = train_plain(ae_stage, 4)
     ae = finish_run(ae_stage, model, root / "ae")
-    ada, rep = make_adamatch_run(root / "ada"), make_report_run(root / "rep")
+    ada, rep = make_adamatch_run(root / "ada", data), make_report_run(root / "rep")
     stage = st.build_diffusion_stage(config_path="tiny", overrides=[], data=data, from_runs=[ada, rep, ae])
     model, _ = train_plain(stage, diffusion_steps)
     diff = finish_run(stage, model, root / "diff")

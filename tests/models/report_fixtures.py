@@ -1,6 +1,6 @@
 """Helpers for the report head's tests: a tiny (untrained) AdaMatch run and a tiny report run.
 
-The AdaMatch run is the real run format (``AdaMatchRun.save``) with random weights, a WordPiece
+The AdaMatch run is the real run format (``AdaMatchRun.save_pretrained``) with random weights, a WordPiece
 tokenizer and a keyword vocabulary / keypatch bank mined from the tiny prepared dataset; it is for
 plumbing, not quality. The report run is trained for a few steps through ``run_stage`` (the shared loop), with a
 ``use_memory=false`` ablation under ``RUN/ablations/no_memory/``.
@@ -41,7 +41,7 @@ def make_tiny_adamatch_run(data: Path, out: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = build_adamatch(cfg, tok)
     vocab, bank = build_keywords_and_bank(model, tok, ds, MiningConfig(min_count=1, bank_per_word=4), progress=False)
-    AdaMatchRun(model, tok, vocab, bank).save(out)
+    AdaMatchRun(model, tok, vocab, bank).save_pretrained(out / AdaMatchRun.DIRNAME)
     (out / "stage.json").write_text(json.dumps({"stage": "adamatch"}))
     return out
 

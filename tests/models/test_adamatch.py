@@ -228,11 +228,11 @@ def test_local_pretrained_text_encoder(tmp_path, toy):
     assert model.text_encoder.encoder.embeddings.word_embeddings.weight.grad is not None
     # the run stands alone: saved and reloaded without the original directory
     run = AdaMatchRun(model, tok)
-    run.save(tmp_path / "run")
+    assert run.save_pretrained(tmp_path / "run") == tmp_path / "run"
     import shutil
 
     shutil.rmtree(bert_dir)
-    again = AdaMatchRun.load(tmp_path / "run")
+    again = AdaMatchRun.from_pretrained(tmp_path / "run")
     x = torch.stack([x["image"] for x in items])
     assert torch.allclose(again.scores(x, ["Cardiomegaly."])[1], run.scores(x, ["Cardiomegaly."])[1], atol=1e-5)
 
@@ -245,9 +245,15 @@ def tiny_run(tiny_prepared, tmp_path_factory):
 def test_run_roundtrip_keywords_and_keypatches(tiny_run, tiny_prepared):
     from medvl.data.prepared import PreparedDataset
 
-    run = AdaMatchRun.load(tiny_run)
-    meta = json.loads((tiny_run / "adamatch" / "adamatch.json").read_text())
-    assert meta["model"]["patches"]["mode"] == "adaptive"
+    from medvl.version import __version__
+
+    run = AdaMatchRun.from_pretrained(tiny_run)
+    meta = json.loads((tiny_run / "adamatch" / "config.json").read_text())
+    assert meta["format"] == "medvl.adamatch" and meta["layout"] == 2 and meta["medvl_version"] == __version__
+    assert meta["config"]["patches"]["mode"] == "adaptive"
+    for part, fmt in (("keywords", "medvl.keywords"), ("keypatches", "medvl.keypatches")):
+        assert json.loads((tiny_run / "adamatch" / part / "config.json").read_text())["format"] == fmt
+        assert (tiny_run / "adamatch" / part / "model.safetensors").is_file()
     assert run.embed_dim == 32 and run.image_size == 64
     ds = PreparedDataset(tiny_prepared, "test")
     images = torch.stack([ds[i]["image"] for i in range(3)])
@@ -274,11 +280,11 @@ def test_run_roundtrip_keywords_and_keypatches(tiny_run, tiny_prepared):
     assert len(kp.words) == 2 and len(kp.words[0]) == 5
 
     # the copy another stage keeps is loadable from that run
-    from medvl.models.adamatch import copy_adamatch
+    from medvl.models.pretrained import copy_component
 
     other = tiny_run.parent / "report_run"
-    copy_adamatch(tiny_run, other)
-    again = AdaMatchRun.load(other)
+    assert copy_component(tiny_run, other / AdaMatchRun.DIRNAME) == other / "adamatch"
+    again = AdaMatchRun.from_pretrained(other)
     assert torch.allclose(again.encode_images(images).features, patches.features)
 
 
@@ -286,10 +292,10 @@ def test_bad_runs_and_inputs_raise_clear_errors(tiny_run, tmp_path):
     from medvl.errors import InvalidImageError, InvalidReportError
 
     with pytest.raises(RunError, match="no AdaMatch model"):
-        AdaMatchRun.load(tmp_path)
+        AdaMatchRun.from_pretrained(tmp_path)
     with pytest.raises(RunError, match="does not exist"):
-        AdaMatchRun.load(tmp_path / "missing")
-    run = AdaMatchRun.load(tiny_run)
+        AdaMatchRun.from_pretrained(tmp_path / "missing")
+    run = AdaMatchRun.from_pretrained(tiny_run)
     with pytest.raises(InvalidImageError, match="range"):
         run.encode_images(torch.rand(1, 1, 64, 64) * 4000)
     with pytest.warns(UserWarning, match="look like"):
@@ -316,7 +322,7 @@ def test_medvl_train_adamatch_through_the_shared_loop(tiny_prepared, tmp_path):
                  "--set", "train.steps=2", "--set", "train.eval_every=2"]) == 0
     info = json.loads((out / "stage.json").read_text())
     assert info["stage"] == "adamatch" and "val_score" in info["best_metrics"]
-    run = AdaMatchRun.load(out)
+    run = AdaMatchRun.from_pretrained(out)
     assert len(run.keywords) > 0 and len(run.keypatch_bank) > 0
     assert main(["train", "adamatch", "--config", "tiny", "--data", str(tiny_prepared), "--out", str(tmp_path / "r2"),
                  "--set", "model.patches.grid=two"]) == 2  # a bad override is a one-line error
@@ -365,22 +371,24 @@ def test_negatives_gathered_across_two_processes_match_one_process(tmp_path):
     assert torch.allclose(torch.cat([r["grad"] for r in ranks]) / 2, x.grad, atol=1e-6)
 
 
-def test_runs_saved_before_the_lexical_path_still_load(tiny_run, tmp_path):
+def test_a_run_in_the_older_layout_names_the_version_that_reads_it(tiny_run, tmp_path):
+    """Layout 1 (``adamatch/adamatch.json``, no config.json) is refused in one line naming medvl 0.1.x."""
     import shutil
 
-    from safetensors.torch import load_file, save_file
+    from medvl.version import __version__
 
     old = tmp_path / "old"
     shutil.copytree(tiny_run, old)
     art = old / "adamatch"
-    meta = json.loads((art / "adamatch.json").read_text())
-    del meta["model"]["text"]["lexical"]
-    (art / "adamatch.json").write_text(json.dumps(meta))
-    state = {k: v for k, v in load_file(str(art / "model.safetensors")).items() if ".lexical." not in k}
-    save_file(state, str(art / "model.safetensors"))
-    run = AdaMatchRun.load(old)
-    assert run.model.text_encoder.lexical is None
-    assert run.encode_reports(["Cardiomegaly."]).features.shape[-1] == run.embed_dim
+    meta = json.loads((art / "config.json").read_text())
+    (art / "config.json").unlink()
+    (art / "adamatch.json").write_text(json.dumps({"format": "medvl-adamatch/1", "model": meta["config"]}))
+    with pytest.raises(RunError) as err:
+        AdaMatchRun.from_pretrained(old)
+    message = str(err.value)
+    assert "\n" not in message and str(art) in message
+    assert f"saved by medvl 0.1.x (layout 1); this medvl {__version__} reads layout 2" in message
+    assert "load it with medvl 0.1.x or train it again" in message
 
 
 def test_lexical_path_keeps_word_identity(toy):

@@ -30,13 +30,12 @@ from medvl.train.stages.diffusion import (
     build_diffusion_stage,
     resolve_source_runs,
 )
-from tests.models.diffusion_standins import build_tiny_runs, one_thread, train_plain, use_toy_adamatch
+from tests.models.diffusion_fixtures import build_tiny_runs, finish_run, one_thread, train_plain
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _toy_adamatch():
-    with pytest.MonkeyPatch.context() as mp, one_thread():
-        use_toy_adamatch(mp)
+def _one_thread():
+    with one_thread():
         yield
 
 
@@ -62,7 +61,7 @@ def test_tiny_autoencoder_trains_and_saves_its_latent_scale(tiny_prepared, tmp_p
     val = stage.validate(model)
     assert 0 < val["val_l1"] < 1 and val["val_psnr"] > 0
     stage.save_run(model, tmp_path)
-    bundle = AutoencoderBundle.load(tmp_path / "autoencoder")
+    bundle = AutoencoderBundle.from_pretrained(tmp_path / "autoencoder")
     assert bundle.latent.latent_shape == [3, 16, 16]
     assert bundle.latent.scale_factor > 0 and bundle.latent.num_images == 16
     x = torch.stack([stage.train_dataset()[i] for i in range(2)])
@@ -136,12 +135,19 @@ def test_training_latents_are_encoded_once(runs, tiny_prepared, monkeypatch):
 
 
 def test_diffusion_run_is_self_contained(runs):
+    from medvl.version import __version__
+
     diff = runs["diff"]
-    for rel in ("diffusion/denoiser.safetensors", "diffusion/head.json", "scheduler.json",
-                "autoencoder/autoencoder.safetensors", "autoencoder/latent.json", "adamatch/toy_adamatch.json",
-                "memory/memory.safetensors"):
-        assert (diff / rel).is_file(), rel
-    sched = json.loads((diff / "scheduler.json").read_text())
+    formats = {"diffusion": "medvl.diffusion", "autoencoder": "medvl.autoencoder", "adamatch": "medvl.adamatch",
+               "memory": "medvl.memory"}
+    for folder, fmt in formats.items():
+        assert (diff / folder / "model.safetensors").is_file(), folder
+        config = json.loads((diff / folder / "config.json").read_text())
+        assert config["format"] == fmt and config["layout"] == 2 and config["medvl_version"] == __version__
+    assert json.loads((diff / "autoencoder" / "config.json").read_text())["latent"]["scale_factor"] > 0
+    assert (diff / "adamatch" / "tokenizer" / "tokenizer.json").is_file()
+    assert not list(diff.glob("**/*.pt")) and not list(diff.glob("**/*.bin"))  # safetensors only
+    sched = json.loads((diff / "diffusion" / "scheduler_config.json").read_text())
     assert sched["train"]["prediction_type"] == "v_prediction" and sched["train"]["clip_sample"] is False
 
 
@@ -186,8 +192,9 @@ def test_scheduler_config_round_trips(tmp_path):
     noise = NoiseScheduleConfig(num_train_timesteps=500, schedule="scaled_linear_beta", beta_start=0.001,
                                 beta_end=0.02)
     sampler = SamplerConfig(name=SamplerName.DDIM, steps=33, guidance=4.5)
-    save_scheduler_config(tmp_path / "scheduler.json", noise, sampler)
-    noise2, sampler2 = load_scheduler_config(tmp_path / "scheduler.json")
+    save_scheduler_config(tmp_path, noise, sampler)
+    assert (tmp_path / "scheduler_config.json").is_file()
+    noise2, sampler2 = load_scheduler_config(tmp_path)
     assert noise2 == noise and sampler2 == sampler
     train = build_train_scheduler(noise2)
     for name in SamplerName:
@@ -196,7 +203,7 @@ def test_scheduler_config_round_trips(tmp_path):
         assert s.prediction_type == "v_prediction"
         assert not getattr(s, "clip_sample", False)
     with pytest.raises(RunError):
-        load_scheduler_config(tmp_path / "missing.json")
+        load_scheduler_config(tmp_path / "missing")
 
 
 @pytest.mark.parametrize("name,steps,tol", [("ddim", 10, 1e-3), ("dpm_solver_2m", 10, 1e-3), ("dpm_solver_2m", 1, 1e-3),
@@ -235,9 +242,10 @@ def test_from_runs_are_checked(runs):
     src = resolve_source_runs([runs["ae"], runs["ada"]], need_memory=False)
     assert src.memory is None and src.adamatch == runs["ada"]
     # a report run's copy of AdaMatch is enough
+    from medvl.models.pretrained import copy_component
+
     rep = runs["rep"]
-    (rep / "adamatch").mkdir(exist_ok=True)
-    (rep / "adamatch" / "toy_adamatch.json").write_text("{}")
+    copy_component(runs["ada"], rep / "adamatch")
     src = resolve_source_runs([runs["ae"], rep], need_memory=True)
     assert src.adamatch == rep and src.memory == rep / "memory"
 
@@ -271,9 +279,10 @@ def test_negated_words_are_marked_and_left_out_of_the_summary(synth):
     feats = synth.encoder.encode(["No pleural effusion.", "Small left pleural effusion.", "No effusion. Cardiomegaly."])
     kinds = [[int(k) for k, m in zip(row, mask, strict=True) if m] for row, mask in zip(feats.word_kind, feats.word_mask,
                                                                                           strict=True)]
-    assert kinds[0] == [0, 1, 1, 0]  # no (stop word), pleural, effusion (negated), "."
-    assert kinds[1] == [2, 2, 2, 2, 0]
-    assert kinds[2] == [0, 1, 0, 2, 0]
+    # [CLS], no (stop word), pleural, effusion (negated), ".", [SEP]
+    assert kinds[0] == [0, 0, 1, 1, 0, 0]
+    assert kinds[1] == [0, 2, 2, 2, 2, 0, 0]
+    assert kinds[2] == [0, 0, 1, 0, 2, 0, 0]
     cond = synth.denoiser.conditioner
     with torch.no_grad():
         ctx = cond(**feats.as_kwargs())
@@ -353,7 +362,6 @@ def test_layout_maps_draw_stated_findings_where_the_prior_puts_them():
 
 def test_a_zone_layout_run_keeps_its_prior_and_feeds_maps(tiny_prepared, runs, tmp_path):
     from medvl.inference.synthesize import Synthesizer
-    from tests.models.diffusion_standins import finish_run
 
     stage = build_diffusion_stage(config_path="tiny", overrides=["condition.layout=zones"], data=tiny_prepared,
                                   from_runs=[runs["ada"], runs["rep"], runs["ae"]])

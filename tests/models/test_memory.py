@@ -56,6 +56,7 @@ def test_memory_gradients_and_roundtrip(tmp_path):
     x = torch.randn(2, 5, 8)
     mem(x).pow(2).sum().backward()
     assert mem.memory.grad is not None and mem.memory.grad.abs().sum() > 0
-    mem.save(tmp_path)
-    again = SharedMemory.load(tmp_path).eval()
+    assert mem.save_pretrained(tmp_path) == tmp_path
+    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "model.safetensors"}
+    again = SharedMemory.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(again.respond(x), mem.eval().respond(x))

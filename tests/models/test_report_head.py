@@ -6,19 +6,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medvl.errors import ConfigError
+from medvl.errors import ConfigError, RunError
 from medvl.models.memory import MemoryConfig, SharedMemory
 from medvl.models.report_head import (
+    GenerationSettings,
     KeywordHints,
     ReportHead,
+    ReportHeadBundle,
     ReportHeadConfig,
     build_report_tokenizer,
     decode_sequences,
     detokenize,
     encode_reports,
     keyword_hints,
-    load_report_head,
-    save_report_head,
 )
 from tests.models.report_fixtures import one_thread, tiny_runs
 
@@ -229,15 +229,19 @@ def test_save_load_roundtrip(tokenizer, tmp_path):
     head = make_head(tokenizer)
     feats, boxes, hints = inputs()
     before = head.generate(patch_features=feats, patch_boxes=boxes, keywords=hints, num_beams=2)
-    save_report_head(head, tokenizer, tmp_path, image_size=64)
-    assert (tmp_path / "decoder" / "model.safetensors").exists()
-    loaded, tok2, meta = load_report_head(tmp_path)
-    assert meta["image_size"] == 64 and loaded.keyword_vocabulary == KEYWORDS
-    after = loaded.generate(patch_features=feats, patch_boxes=boxes, keywords=hints, num_beams=2)
-    assert torch.equal(before.sequences, after.sequences)
-    assert tok2.get_vocab() == tokenizer.get_vocab()
-    mem = SharedMemory.load(tmp_path / "memory")  # what the diffusion stage reads
+    settings = GenerationSettings(beams=2, length_penalty=0.8)
+    ReportHeadBundle(head, tokenizer, 64, settings).save_pretrained(tmp_path / "report_head")
+    head.memory.save_pretrained(tmp_path / "memory")  # the report stage saves the memory beside the head
+    assert (tmp_path / "report_head" / "decoder" / "model.safetensors").exists()
+    with pytest.raises(RunError, match="shared memory"):
+        ReportHeadBundle.from_pretrained(tmp_path)
+    mem = SharedMemory.from_pretrained(tmp_path / "memory")  # what the diffusion stage reads
     assert torch.equal(mem.memory, head.memory.memory)
+    loaded = ReportHeadBundle.from_pretrained(tmp_path, memory=mem)
+    assert loaded.image_size == 64 and loaded.head.keyword_vocabulary == KEYWORDS and loaded.generation == settings
+    after = loaded.head.generate(patch_features=feats, patch_boxes=boxes, keywords=hints, num_beams=2)
+    assert torch.equal(before.sequences, after.sequences)
+    assert loaded.tokenizer.get_vocab() == tokenizer.get_vocab()
 
 
 # ---------------------------------------------------------------------------------------------- stage
@@ -297,8 +301,9 @@ def test_report_run_is_self_contained(runs):
     from medvl.models.adamatch import AdaMatchRun
 
     run = runs.report
-    for needed in ("stage.json", "config.yaml", "report_head.json", "report_head.safetensors", "decoder/model.safetensors",
-                   "tokenizer/tokenizer.json", "memory/memory.safetensors", "adamatch/adamatch.json"):
+    for needed in ("stage.json", "config.yaml", "report_head/config.json", "report_head/model.safetensors",
+                   "report_head/decoder/model.safetensors", "report_head/tokenizer/tokenizer.json",
+                   "memory/config.json", "memory/model.safetensors", "adamatch/config.json"):
         assert (run / needed).exists(), needed
-    AdaMatchRun.load(run)  # the copy loads alone
+    AdaMatchRun.from_pretrained(run)  # the copy loads alone
     assert not (run / "ablations" / "no_memory" / "memory").exists()  # the ablation has no memory

@@ -67,8 +67,8 @@ def test_empty_reports_are_rejected(tok):
 
 
 def test_save_and_load_roundtrip(tok, tmp_path):
-    tok.save(tmp_path / "tok")
-    again = ReportTokenizer.load(tmp_path / "tok")
+    tok.save_pretrained(tmp_path / "tok")
+    again = ReportTokenizer.from_pretrained(tmp_path / "tok")
     a, b = tok(REPORTS[:3]), again(REPORTS[:3])
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert again.max_words == tok.max_words

@@ -63,12 +63,13 @@ class AdaPatchConfig:
 
 
 @dataclass
-class PatchLayout:
-    """Geometry and features of one forward pass.
+class ImagePatches:
+    """Adaptive patches of a batch of images: the geometry and features of one forward pass.
 
-    ``features`` (B, P, D) projected, not normalised; ``boxes`` (B, P, 4) ``x0, y0, x1, y1``;
-    ``centres`` (B, P, 2); ``points`` (B, P, k*k, 2) sample points; ``shift`` (B, P, 2) centre
-    shift in cells; ``size`` (B, P, 2) box width/height in cells; ``penalty`` scalar regulariser.
+    ``features`` (B, P, D) projected, not normalised; ``boxes`` (B, P, 4) ``x0, y0, x1, y1`` normalised (x to the
+    image's right); ``centres`` (B, P, 2); ``points`` (B, P, k*k, 2) the sample points (the free-form shape);
+    ``shift`` (B, P, 2) centre shift and ``size`` (B, P, 2) box width/height, both in grid cells; ``penalty``
+    scalar regulariser; ``global_features`` (B, D) the mean of the patch features.
     """
 
     features: torch.Tensor
@@ -78,6 +79,7 @@ class PatchLayout:
     shift: torch.Tensor
     size: torch.Tensor
     penalty: torch.Tensor
+    global_features: torch.Tensor | None = None
 
 
 def grid_centres(grid: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -103,7 +105,7 @@ def sample_points(fmap: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
 
 
 class AdaptivePatchLayer(nn.Module):
-    """Feature map (B, C, H, W) -> :class:`PatchLayout` with P = grid**2 patches of dim ``out_dim``."""
+    """Feature map (B, C, H, W) -> :class:`ImagePatches` with P = grid**2 patches of dim ``out_dim``."""
 
     def __init__(self, in_channels: int, out_dim: int, cfg: AdaPatchConfig):
         super().__init__()
@@ -136,7 +138,7 @@ class AdaptivePatchLayer(nn.Module):
     def num_patches(self) -> int:
         return self.cfg.grid**2
 
-    def forward(self, fmap: torch.Tensor) -> PatchLayout:
+    def forward(self, fmap: torch.Tensor) -> ImagePatches:
         cfg = self.cfg
         b = fmap.shape[0]
         fmap = self.norm(self.reduce(fmap).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, C', H, W)
@@ -181,11 +183,11 @@ class AdaptivePatchLayer(nn.Module):
         if self.box_embed is not None:
             geometry = torch.cat([centres, boxes[..., 2:] - boxes[..., :2]], dim=-1)  # (B, P, 4) in [0, 1]
             features = features + self.box_embed(geometry * 2 - 1)
-        return PatchLayout(features=features, boxes=boxes, centres=centres,
-                           points=points, shift=shift, size=size, penalty=penalty)
+        return ImagePatches(features=features, boxes=boxes, centres=centres, points=points, shift=shift, size=size,
+                            penalty=penalty, global_features=features.mean(1))
 
 
-def patch_stats(layout: PatchLayout) -> dict[str, float]:
+def patch_stats(layout: ImagePatches) -> dict[str, float]:
     """Mean centre shift and box side (both in cells) for logs."""
     with torch.no_grad():
         side = layout.size.prod(-1).clamp_min(0).sqrt()

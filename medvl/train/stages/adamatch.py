@@ -4,8 +4,9 @@ At build time the WordPiece tokenizer is trained on the training split's reports
 ``model.text.pretrained``). Each batch is a dict of tensors that goes whole through
 ``AdaMatch.forward`` (DDP-safe). Validation scores retrieval R@1 and, on IU-Phantom, the pointing
 game on the *validation* split; ``val_score`` (their mean) is the default selection metric. The
-saved run (``RUN/adamatch/``) holds weights (safetensors), the resolved model config, the
-tokenizer, the keyword vocabulary and the keypatch bank mined from the training split.
+saved run holds the ``adamatch/`` component (:class:`~medvl.models.adamatch.AdaMatchRun`): weights
+(safetensors), the resolved model config, the tokenizer, the keyword vocabulary and the keypatch bank mined
+from the training split.
 """
 
 from __future__ import annotations
@@ -199,7 +200,8 @@ class AdaMatchStage:
         device = next(model.parameters()).device
         keywords, bank = build_keywords_and_bank(model, self.tokenizer, self.train_ds, self.config.keywords,
                                                  device=device)
-        AdaMatchRun(model, self.tokenizer, keywords, bank, device=device).save(run_dir)
+        AdaMatchRun(model, self.tokenizer, keywords, bank, device=device).save_pretrained(
+            Path(run_dir) / AdaMatchRun.DIRNAME)
 
 
 def build_tokenizer(cfg: AdaMatchStageConfig, train_reports: list[str]) -> ReportTokenizer:

@@ -7,12 +7,13 @@ scale factor (1 / std of training latents) is computed from training scans when 
 Diffusion run: ``--from`` the AdaMatch run (frozen text encoder and keypatch bank), the report run (its
 ``memory/``, frozen by default) and the autoencoder run. Training latents and report features are computed
 once and cached; every step draws a latent from the cached posterior, a timestep and noise, and regresses the
-velocity (v-prediction). EMA weights are validated and saved. The run is self-contained::
+velocity (v-prediction). EMA weights are validated and saved. The run is self-contained (each folder a saved
+component, :mod:`medvl.models.pretrained`)::
 
-    RUN/diffusion/      head.json, denoiser.safetensors (EMA weights)
-    RUN/scheduler.json  noise schedule + default sampler
+    RUN/diffusion/      config.json, model.safetensors (EMA weights), scheduler_config.json (noise schedule +
+                        default sampler)
     RUN/autoencoder/    copied from the autoencoder run
-    RUN/adamatch/       copied from the AdaMatch run (tokenizer, weights, keypatch bank)
+    RUN/adamatch/       copied from the AdaMatch run (tokenizer, weights, keywords, keypatch bank)
     RUN/memory/         the shared memory the head was trained with
 """
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,13 +35,13 @@ from tqdm import tqdm
 from medvl.config import load_config, resolve_config_path
 from medvl.data.prepared import PreparedDataset
 from medvl.errors import ConfigError, DataError, RunError
+from medvl.models.adamatch import AdaMatchRun
 from medvl.models.diffusion import (
-    HEAD_DIR,
-    SCHEDULER_FILE,
     AutoencoderBundle,
     AutoencoderConfig,
     ConditionConfig,
     Denoiser,
+    DiffusionBundle,
     LatentDiffusion,
     LatentInfo,
     NoiseScheduleConfig,
@@ -51,21 +51,19 @@ from medvl.models.diffusion import (
     SamplerConfig,
     UNetConfig,
     build_autoencoder,
-    copy_adamatch_run,
-    load_adamatch_run,
-    save_head,
-    save_scheduler_config,
+    layout_prior_from_regions,
     to_model_range,
 )
+from medvl.models.memory import SharedMemory
+from medvl.models.pretrained import copy_component
 from medvl.runs import stages_of
 from medvl.train.loop import TrainConfig, unwrap
 
 logger = logging.getLogger(__name__)
 
-AUTOENCODER_DIR = "autoencoder"
-ADAMATCH_DIR = "adamatch"
-MEMORY_DIR = "memory"
-_SKIP_ON_COPY = ("checkpoints", "logs", "best")
+AUTOENCODER_DIR = AutoencoderBundle.DIRNAME
+ADAMATCH_DIR = AdaMatchRun.DIRNAME
+MEMORY_DIR = SharedMemory.DIRNAME
 
 
 @dataclass
@@ -271,7 +269,7 @@ class AutoencoderStage:
         ae = unwrap(model).autoencoder.eval()
         latent = compute_latent_info(ae, self._train, self.config.model, self.config.scale_images,
                                      seed=self.train.seed)
-        AutoencoderBundle(ae, self.config.model, latent).save(Path(run_dir) / AUTOENCODER_DIR)
+        AutoencoderBundle(ae, self.config.model, latent).save_pretrained(Path(run_dir) / AUTOENCODER_DIR)
 
 
 @torch.no_grad()
@@ -376,7 +374,7 @@ def resolve_source_runs(from_runs: list[Path] | None, need_memory: bool) -> Sour
         raise RunError("diffusion needs the autoencoder run: add --from RUN_AE (made by `medvl train autoencoder`)")
     if adamatch is None:
         raise RunError("diffusion needs the AdaMatch run (its text encoder and keypatch bank): add --from RUN_ADAMATCH")
-    if need_memory and (memory is None or not (memory / "memory.safetensors").is_file()):
+    if need_memory and (memory is None or not memory.is_dir()):
         raise RunError("condition.use_memory is true but no report run with memory/ was given: add --from "
                        "RUN_REPORT, or --set condition.use_memory=false")
     return SourceRuns(autoencoder=ae, adamatch=adamatch, memory=memory if need_memory else None)
@@ -411,8 +409,6 @@ def estimate_layout_prior(data: Path, views: list[str]) -> dict[str, list[float]
     """``condition.layout_prior`` from the training split's region boxes (``regions.csv``: IU-Phantom, or any
     prepared dataset with boxes); {} without them (the built-in prior is used). Stored in the run's config, so
     sampling draws the same maps."""
-    from medvl.models.diffusion import layout_prior_from_regions
-
     ds = PreparedDataset(data, "train")
     regions = ds.regions()
     if regions is None:
@@ -437,16 +433,14 @@ class DiffusionStage:
         self.data = Path(data)
         self.sources = sources
         self.device = torch.device(device or _default_device())
-        self.autoencoder = AutoencoderBundle.load(sources.autoencoder, device=self.device)
-        self.adamatch = load_adamatch_run(sources.adamatch, device=self.device)
+        self.autoencoder = AutoencoderBundle.from_pretrained(sources.autoencoder, device=self.device)
+        self.adamatch = AdaMatchRun.from_pretrained(sources.adamatch, device=self.device)
         if cfg.condition.layout == "zones" and not cfg.condition.layout_prior:
             cfg.condition.layout_prior = estimate_layout_prior(self.data, cfg.data.views)
         self.encoder = ReportEncoder(self.adamatch, cfg.condition, device=self.device)
         self.memory = None
         if sources.memory is not None:
-            from medvl.models.memory import SharedMemory
-
-            self.memory = SharedMemory.load(sources.memory)
+            self.memory = SharedMemory.from_pretrained(sources.memory)
         self._cache: dict[str, _CachedSet] = {}
         self._keypatch_dim: int | None = None
 
@@ -498,8 +492,6 @@ class DiffusionStage:
         cfg = self.config
         memory = None
         if cfg.condition.use_memory:
-            from medvl.models.memory import SharedMemory
-
             memory = SharedMemory(self.memory.cfg)
             memory.load_state_dict(self.memory.state_dict())
         conditioner = ReportConditioner(cfg.condition, self.encoder.word_dim, self.keypatch_dim,
@@ -573,25 +565,12 @@ class DiffusionStage:
 
     def save_run(self, model: nn.Module, run_dir: Path) -> None:
         run_dir = Path(run_dir)
-        net = unwrap(model)
-        ema = net.ema
-        save_head(run_dir / HEAD_DIR, ema, word_dim=self.encoder.word_dim, keypatch_dim=self.keypatch_dim,
-                  latent_channels=self.autoencoder.cfg.latent_channels)
-        save_scheduler_config(run_dir / SCHEDULER_FILE, self.config.noise, self.config.sampler)
-        copy_run(self.sources.autoencoder, run_dir / AUTOENCODER_DIR)
-        copy_adamatch_run(self.sources.adamatch, run_dir)
+        ema = unwrap(model).ema
+        DiffusionBundle(ema, self.config.noise, self.config.sampler).save_pretrained(run_dir / DiffusionBundle.DIRNAME)
+        copy_component(self.sources.autoencoder, run_dir / AUTOENCODER_DIR)
+        copy_component(self.sources.adamatch, run_dir / ADAMATCH_DIR)
         if ema.conditioner.memory is not None:
-            ema.conditioner.memory.save(run_dir / MEMORY_DIR)
-
-
-def copy_run(src: Path, dst: Path) -> None:
-    """Copy the inference artifacts of a run (not its checkpoints or logs) so ``dst`` works alone."""
-    src, dst = Path(src), Path(dst)
-    if src.resolve() == dst.resolve():
-        return
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(*_SKIP_ON_COPY))
+            ema.conditioner.memory.save_pretrained(run_dir / MEMORY_DIR)
 
 
 def build_diffusion_stage(*, config_path: str | Path, overrides: list[str] | None, data: str | Path,

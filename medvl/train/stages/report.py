@@ -10,9 +10,9 @@ Model selection is on a fixed validation subset (``data.val_samples`` studies) d
 ``val_loss`` (teacher-forced), ``val_bleu4`` and, when the labeler is available,
 ``val_ce_micro_f1`` / ``val_ce_micro5_f1`` (see :mod:`medvl.eval.clinical`).
 
-Run directory (besides what the loop writes): ``decoder/``, ``tokenizer/``, ``memory/`` (the shared
-memory the diffusion stage reads), ``report_head.safetensors``, ``report_head.json``, and
-``adamatch/`` (a copy of the AdaMatch run, so the report run works alone).
+Run directory (besides what the loop writes): ``report_head/`` (decoder, tokenizer, head weights and decoding
+settings), ``memory/`` (the shared memory the diffusion stage reads) and ``adamatch/`` (a copy of the AdaMatch
+component, so the report run works alone).
 """
 
 from __future__ import annotations
@@ -27,32 +27,22 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from medvl.config import load_config, to_dict
+from medvl.config import load_config
 from medvl.data.prepared import PreparedDataset
 from medvl.errors import ConfigError, DataError, RunError
 from medvl.models import report_head as rh
-from medvl.models.report_head import KeywordHints, ReportHead, ReportHeadConfig
+from medvl.models.adamatch import AdaMatchRun
+from medvl.models.memory import SharedMemory
+from medvl.models.pretrained import copy_component
+from medvl.models.report_head import (
+    GenerationSettings,
+    KeywordHints,
+    ReportHead,
+    ReportHeadBundle,
+    ReportHeadConfig,
+)
 from medvl.runs import find_from_run
 from medvl.train.loop import TrainConfig, unwrap
-
-ADAMATCH_COPY = "adamatch"  # RUN/adamatch/: AdaMatchRun.load(RUN) finds it
-
-
-@dataclass
-class GenerationSettings:
-    """``generation:`` section: how reports are decoded at inference and evaluation."""
-
-    beams: int = 3
-    max_new_tokens: int = 0  # 0: model.max_length - 1
-    length_penalty: float = 1.0
-    no_repeat_ngram_size: int = 3
-    batch_size: int = 16
-
-    def validate(self) -> None:
-        if self.beams < 1:
-            raise ConfigError(f"config key 'generation.beams' must be at least 1, got {self.beams}")
-        if self.batch_size < 1:
-            raise ConfigError(f"config key 'generation.batch_size' must be at least 1, got {self.batch_size}")
 
 
 @dataclass
@@ -182,7 +172,7 @@ class ReportStage:
         self.data = Path(data)
         self.adamatch_dir = Path(adamatch_dir)
         self.device = _stage_device()
-        self.adamatch_run = rh.load_adamatch_run(self.adamatch_dir, device=str(self.device))
+        self.adamatch_run = AdaMatchRun.from_pretrained(self.adamatch_dir, device=self.device)
         vocab = getattr(self.adamatch_run, "keywords", None)
         self.keyword_vocabulary = list(vocab.words) if vocab is not None else []
         if config.model.use_keywords and not self.keyword_vocabulary:
@@ -315,12 +305,13 @@ class ReportStage:
     def save_run(self, model: nn.Module, run_dir: Path) -> None:
         head: ReportHead = unwrap(model)
         run_dir = Path(run_dir)
-        rh.save_report_head(head, self.tokenizer, run_dir, image_size=self.image_size,
-                            extra={"generation": to_dict(self.config.generation),
-                                   "adamatch_source": str(self.adamatch_dir)})
+        ReportHeadBundle(head, self.tokenizer, self.image_size, self.config.generation).save_pretrained(
+            run_dir / ReportHeadBundle.DIRNAME)
+        if head.cfg.use_memory:
+            head.memory.save_pretrained(run_dir / SharedMemory.DIRNAME)
         if head.adamatch is not None:
             head.adamatch.eval()
-        copy_adamatch_run(self.adamatch_dir, run_dir)
+        copy_component(self.adamatch_dir, run_dir / AdaMatchRun.DIRNAME)
 
     # --- helpers ---------------------------------------------------------------------------------------
 
@@ -349,13 +340,6 @@ def _stage_device() -> torch.device:
         return PartialState().device
     except Exception:  # accelerate not initialisable here: plain single-process device choice
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def copy_adamatch_run(source: Path, run_dir: Path) -> Path:
-    """Copy the AdaMatch run's inference artifacts into ``run_dir/adamatch/`` (AdaMatch's own run format)."""
-    from medvl.models.adamatch import copy_adamatch
-
-    return copy_adamatch(source, run_dir)
 
 
 def build_stage(*, config_path: str | Path | None, overrides: list[str] | None, data: str | Path,
