@@ -4,12 +4,17 @@
     RUN/checkpoints/step_N/    full training state: Accelerate's model, optimiser, scheduler, stage state and
                                RNG per rank, plus ``loop_state.json`` (:class:`LoopState`); kept: the newest
                                ``train.keep_checkpoints``
-    RUN/best/step_N/           best weights by validation so far (``model.pt``, ``metrics.json``)
+    RUN/best/step_N/           best weights by validation so far (``model.pt``, ``metrics.json``); removed
+                               when the run ends
     RUN/logs/                  TensorBoard event files
-    RUN/stage.json             written last: its presence marks a finished run
+    RUN/...                    inference artifacts written by ``Stage.save_run`` from the best weights
+    RUN/stage.json             {"stage", "medvl_version", "from", "data", "best_step", "best_metrics", "steps",
+                                "seconds", "images_per_second", "peak_memory_mb", ...}; written last, its
+                               presence marks a finished run
 
 Every directory is written under a ``.tmp_`` name and renamed into place, so a checkpoint that
-exists is complete; a run resumes from the newest one.
+exists is complete; a run resumes from the newest one. The data position is a count of consumed
+micro-batches, so resuming skips exactly those batches without loading them.
 """
 
 from __future__ import annotations
@@ -152,6 +157,21 @@ def clear_unfinished_writes(out: Path) -> None:
     root = out / CHECKPOINT_DIR
     for tmp in root.glob(".tmp_*") if root.is_dir() else []:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def open_run_dir(accelerator: Accelerator, out: Path, kind: RunKind, *, resume: bool,
+                 config_dump: dict[str, Any]) -> Path | None:
+    """Write the resolved config and clear interrupted checkpoint writes (rank 0); the checkpoint to resume
+    from, if any (``kind`` from :func:`check_run_dir`)."""
+    checkpoint = latest_checkpoint(out) if kind == "partial" else None
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG_FILE).write_text(yaml.safe_dump(config_dump, sort_keys=False))
+        clear_unfinished_writes(out)
+    accelerator.wait_for_everyone()
+    if resume and kind == "partial" and checkpoint is None and accelerator.is_main_process:
+        logger.warning("%s has no complete checkpoint yet; training starts from step 0", out)
+    return checkpoint
 
 
 def prune_best(out: Path, keep_step: int) -> None:

@@ -4,23 +4,11 @@ A stage (AdaMatch, report head, autoencoder, diffusion) supplies its model, data
 training step and a validation pass through the :class:`Stage` protocol; :func:`fit` owns
 everything else: Accelerate (bf16 autocast, DDP/FSDP under ``torchrun`` / ``accelerate launch``,
 :mod:`medvl.train.distributed`), gradient accumulation, AdamW with cosine schedule and warmup,
-atomic full-state checkpoints and exact ``--resume`` (:mod:`medvl.train.checkpoint`), the data
-order (:mod:`medvl.train.batches`), validation-only model selection, TensorBoard logs and a
-progress bar.
-
-Run directory written by :func:`fit` (the training state is described in :mod:`medvl.train.checkpoint`)::
-
-    RUN/config.yaml            resolved config of the stage
-    RUN/stage.json             {"stage", "medvl_version", "from", "data", "best_step", "best_metrics", "steps",
-                                "seconds", "images_per_second", "peak_memory_mb", ...}; written last,
-                               its presence marks a finished run
-    RUN/checkpoints/ best/ logs/   training state, best weights so far, TensorBoard event files
-    RUN/...                    inference artifacts written by ``Stage.save_run`` from the best weights
-
-Data order is the loop's own: for each epoch a permutation drawn from ``(seed, epoch)``, cut into
-global batches of ``world_size * batch_size``; rank ``r`` takes slice ``r`` of each global batch.
-A run on 2 processes with batch 4 therefore sees the same samples per optimiser step as a run on
-1 process with batch 8.
+atomic full-state checkpoints and exact ``--resume`` (:mod:`medvl.train.checkpoint`, which also
+describes the run directory), the data order (:mod:`medvl.train.batches`: a run on 2 processes
+with batch 4 sees the same samples per optimiser step as a run on 1 process with batch 8),
+validation-only model selection, TensorBoard logs and a progress bar. At the end ``Stage.save_run``
+writes the inference artifacts from the best weights, then ``RUN/stage.json`` marks the run finished.
 
 Model selection: validation runs on rank 0 every ``eval_every`` steps and at the end; a strictly
 better ``select_metric`` (ties keep the earlier step; NaN never wins) becomes the best, and
@@ -48,7 +36,6 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import send_to_device, set_seed
 from torch import nn
@@ -58,7 +45,7 @@ from tqdm import tqdm
 
 from medvl.config import to_dict
 from medvl.errors import ConfigError, RunError
-from medvl.runs import CONFIG_FILE, STAGE_FILE
+from medvl.runs import STAGE_FILE
 from medvl.train.batches import MicroBatches, micro_batch_loader
 from medvl.train.checkpoint import (
     BEST_DIR,
@@ -66,9 +53,8 @@ from medvl.train.checkpoint import (
     LoopState,
     best_weights_file,
     check_run_dir,
-    clear_unfinished_writes,
     commit_checkpoint,
-    latest_checkpoint,
+    open_run_dir,
     restore_checkpoint,
     save_best_weights,
     write_checkpoint_state,
@@ -261,20 +247,6 @@ def _as_float(v: Any) -> float:
 
 
 # ----------------------------------------------------------------------------- fit
-
-
-def _open_run_dir(accelerator: Accelerator, out: Path, kind: str, resume: bool,
-                  config_dump: dict[str, Any]) -> Path | None:
-    """Write the resolved config, clear interrupted checkpoint writes; the checkpoint to resume from."""
-    checkpoint = latest_checkpoint(out) if kind == "partial" else None
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / CONFIG_FILE).write_text(yaml.safe_dump(config_dump, sort_keys=False))
-        clear_unfinished_writes(out)
-    accelerator.wait_for_everyone()
-    if resume and kind == "partial" and checkpoint is None and accelerator.is_main_process:
-        logger.warning("%s has no complete checkpoint yet; training starts from step 0", out)
-    return checkpoint
 
 
 class _Training:
@@ -477,7 +449,7 @@ def fit(stage: Stage, out: Path, *, resume: bool = False, config_dump: dict | No
     kind = check_run_dir(out, resume, config_dump)  # every rank checks before anyone writes
     accelerator = make_accelerator(precision=cfg.precision, grad_accum=cfg.grad_accum,
                                    find_unused_parameters=cfg.find_unused_parameters)
-    checkpoint = _open_run_dir(accelerator, out, kind, resume, config_dump)
+    checkpoint = open_run_dir(accelerator, out, kind, resume=resume, config_dump=config_dump)
     run = _Training(stage, accelerator, out, checkpoint, started)
     model, optimizer, scheduler, state = run.model, run.optimizer, run.scheduler, run.state
 
