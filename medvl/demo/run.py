@@ -35,7 +35,7 @@ from medvl.version import __version__
 
 # Preset -> phantom studies and image size, the config preset of every stage, the table of --set overrides
 # (configs/<name>.yaml) or None, the evaluation classifier's settings, options of some evaluations, and the
-# measured seconds of each step on 2 idle CPU cores (README) for the progress estimate.
+# measured seconds of each step on 2 idle CPU cores (docs/results.md) for the progress estimate.
 PRESETS: dict[str, dict] = {
     "quick": {"studies": 800, "size": 128, "configs": "demo", "overrides": "demo_quick",
               "classifier": {"steps": 150, "eval_every": 50}, "evaluate": {"cyclic": {"max_studies": 64}},
