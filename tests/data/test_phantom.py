@@ -24,7 +24,8 @@ from medvl.data.phantom import (
     prepare_phantom,
 )
 from medvl.data.phantom.anatomy import lesion_diameters, load_lung_atlas
-from medvl.data.phantom.draw import SEVERITY_SCALE, DrawSpec, render_frontal
+from medvl.data.phantom.draw import render_frontal
+from medvl.data.phantom.frame import SEVERITY_SCALE, DrawSpec
 from medvl.data.prepared import PreparedDataset, read_index
 from medvl.data.reports import parse_mimic_report, report_text
 from medvl.errors import DataError
