@@ -3,7 +3,7 @@
 How a report is read:
 
 1. It is cut into sentences and each sentence into clauses (``;``, ``:``, "but", "however", "although",
-   "except", "other than"...): negation and uncertainty never reach across a clause.
+   "except", "other than"...): negation and uncertainty never reach across a clause (:mod:`medvl.text.sentences`).
 2. Mentions are found with the phrase tables of :mod:`medvl.text.phrases` (phrases that name a finding, and
    subjects such as "heart size" whose predicate says enlarged / normal / borderline).
 3. Each mention is negated when a negation cue ("no", "without", "free of", "clear of", "negative for",
@@ -11,10 +11,11 @@ How a report is read:
    effusion or pneumothorax"), or follows it ("... is not seen", "... has resolved"); otherwise it is uncertain
    when an uncertainty cue precedes or follows it ("may represent", "possible", "cannot be excluded",
    "versus", "X or Y" as a differential); otherwise it is positive. Negation wins over uncertainty
-   ("no findings to suggest pneumonia" is negative), as in the CheXpert labeler.
+   ("no findings to suggest pneumonia" is negative), as in the CheXpert labeler (:mod:`medvl.text.negation`).
 4. Attributes (side, zone, severity, device kind) come from the mention's own noun phrase and the
    prepositional phrase after it ("small left pleural effusion", "opacity in the right lower lobe"); a mention
-   linked to a neighbour by "may represent", "versus", "or"... shares that neighbour's side and zone.
+   linked to a neighbour by "may represent", "versus", "or"... shares that neighbour's side and zone
+   (:mod:`medvl.text.attributes`).
 5. Report labels aggregate mentions per observation with CheXpert's precedence positive > uncertain > negative;
    CheXpert's exception "CHF" / "heart failure" also makes Cardiomegaly uncertain; No Finding is 1 when no
    observation other than Support Devices is positive or uncertain, else blank (never 0). An empty report
@@ -34,31 +35,24 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
 from medvl.errors import DataError
+from medvl.text.attributes import Severity, Side, Zone, mention_attributes, share_linked_attributes
 from medvl.text.chexpert import CHEXPERT_LABELS, NEGATIVE, POSITIVE, UNCERTAIN
-from medvl.text.phrases import PHRASE_RULES, SUBJECT_RULES, Finding, PhraseRule, SubjectRule
+from medvl.text.negation import DIFFERENTIAL, HYPOTHETICAL, mention_value
+from medvl.text.phrases import PHRASE_RULES, SUBJECT_RULES, Candidate, Finding, PhraseRule, SubjectRule
+from medvl.text.sentences import HAS_WORD, WORD, split_clauses, split_sentences
 
 __all__ = [
     "Finding", "Mention", "Side", "Zone", "Severity", "extract_mentions", "label_report", "label_reports",
     "aggregate_mentions", "split_sentences", "label_command", "format_label",
 ]
 
-Side = Literal["left", "right", "bilateral"]
-Zone = Literal["apex", "upper", "mid", "lower", "base", "perihilar", "retrocardiac"]
-Severity = Literal["trace", "small", "mild", "moderate", "large", "severe"]
-
-#: Severity words from least to most (the largest stated wins: "small to moderate" is moderate).
-SEVERITY_ORDER: tuple[str, ...] = ("trace", "small", "mild", "moderate", "large", "severe")
-
 _LABEL_INDEX = {name: i for i, name in enumerate(CHEXPERT_LABELS)}
 _NO_FINDING = "No Finding"
 _SUPPORT_DEVICES = "Support Devices"
-# Observations where side / zone mean nothing (the heart is one organ; its "left ventricle" is not a side).
-_NO_SIDE = frozenset({"Cardiomegaly", "Enlarged Cardiomediastinum"})
 
 
 @dataclass(frozen=True)
@@ -88,237 +82,7 @@ def _rx(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern, re.IGNORECASE)
 
 
-# --- segmentation ----------------------------------------------------------------------------------------------
-_SENTENCE_BREAK = _rx(r"(?<=[.!?])\s+|\s*\n\s*|(?<=[a-z]{3}\.)(?=[A-Z][a-z])")
-_NO_BREAK_AFTER = _rx(r"\b(?:vs|dr|e\.g|i\.e|approx|no|st|mr|ms|mrs|fig)\.$")
-_HAS_WORD = re.compile(r"[A-Za-z]")
-_CLAUSE_BREAK = _rx(
-    r";|:|\s-\s|\b(?:but|however|although|though|whereas|except|aside\s+from|apart\s+from|other\s+than|"
-    r"otherwise|nevertheless|yet)\b"
-)
-
-
-def split_sentences(report: str) -> list[tuple[int, int]]:
-    """Sentence spans ``(start, end)`` of a report: only spans with a letter count ("1." is not a sentence)."""
-    spans: list[tuple[int, int]] = []
-    start = 0
-    for m in _SENTENCE_BREAK.finditer(report):
-        if _NO_BREAK_AFTER.search(report, max(0, m.start() - 8), m.start()):
-            continue
-        spans.append((start, m.start()))
-        start = m.end()
-    spans.append((start, len(report)))
-    return [(a, b) for a, b in spans if _HAS_WORD.search(report, a, b)]
-
-
-def _clauses(report: str, sentences: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
-    """Clause spans ``(start, end, sentence_index)`` in report order."""
-    out = []
-    for si, (a, b) in enumerate(sentences):
-        start = a
-        for m in _CLAUSE_BREAK.finditer(report, a, b):
-            if m.start() > start:
-                out.append((start, m.start(), si))
-            start = m.end() if m.group(0) in ";:" else m.start()
-        out.append((start, b, si))
-    return out
-
-
-# --- negation and uncertainty ----------------------------------------------------------------------------------
-_NEG_PRE = _rx(
-    r"\b(?:no|not|without|free\s+of|clear\s+of|negative\s+for|absence\s+of|absent|resolution\s+of|resolved|"
-    r"removal\s+of|nor|neither|lack\s+of|never|disappearance\s+of)\b"
-)
-# Cues that look like negation but are not: "no change in", "cannot be excluded", "without interval change".
-_NEG_MASK = _rx(
-    r"\bno\s+(?:\w+\s+){0,2}?(?:change|changes|increase|worsening|progression|improvement|difference|growth)\b"
-    r"|\bwithout\s+(?:\w+\s+)?(?:change|changes)\b"
-    r"|\b(?:can\s*)?not\s+(?:be\s+)?(?:\w+\s+)?(?:exclude[ds]?|ruled?\s+out)\b"
-    r"|\bnot\s+only\b"
-)
-_NEG_POST = _rx(
-    r"\b(?:(?:is|are|was|were|has|have|has\s+been|have\s+been)\s+)?(?:not|no\s+longer)\s+(?:been\s+)?(?:\w+\s+)?"
-    r"(?:seen|identified|present|visualized|visible|demonstrated|evident|noted|appreciated|detected|apparent|"
-    r"shown|observed|suggested|included)\b"
-    r"|\b(?:has|have)\s+(?:since\s+|now\s+|completely\s+)?(?:resolved|cleared|disappeared)\b"
-    r"|\b(?:is|are)\s+(?:now\s+)?(?:resolved|absent|gone)\b"
-    r"|\b(?:has|have)\s+been\s+(?:removed|resolved)\b"
-    r"|(?<!partially\s)(?<!partly\s)(?<!nearly\s)(?<!mostly\s)(?<!largely\s)(?<!almost\s)\bresolved\b"
-    r"|\b(?:is|are|was|were|has\s+been|have\s+been)\s+(?:ruled\s+out|excluded)\b"
-)
-_UNC_PRE = _rx(
-    r"\b(?:may|might|could|possibl[ey]|possibility|probabl[ey]|likely|questionabl[ey]|question(?:ed)?|"
-    r"suspicious|suspect(?:ed)?|suspicion|suggest(?:s|ed|ive|ing|ion)?|concern(?:ing)?\s+for|worrisome|"
-    r"compatible\s+with|can\s*not\s+(?:be\s+)?(?:\w+\s+)?(?:exclude[ds]?|ruled?\s+out)|"
-    r"not\s+(?:be\s+)?(?:\w+\s+)?(?:excluded|ruled\s+out)|rule\s+out|r/o|differential|versus|vs|"
-    r"consider(?:ed|ation)?|presum(?:ed|ably|ptive)|equivocal|indeterminate|borderline|uncertain|"
-    r"favou?r(?:s|ed|ing)?|perhaps|or\s+less\s+likely|evaluat\w*\s+for|assess\w*\s+for)\b|\?"
-)
-_UNC_POST = _rx(
-    r"\b(?:(?:is|are)\s+)?(?:can\s*not|not|could\s+not)\s+(?:be\s+)?(?:\w+\s+)?(?:excluded|ruled\s+out)\b"
-    r"|\b(?:is|are)\s+(?:also\s+|more\s+|less\s+)?(?:possible|suspected|questioned|considered|a\s+consideration|"
-    r"likely|probable|favou?red|difficult\s+to\s+exclude)\b"
-    r"|\b(?:could|may|might)\s+(?:also\s+)?(?:be\s+)?(?:present|considered)\b"
-    r"|\?|\b(?:vs|versus)\b|\bor\s+not\b"
-)
-# Where a cue's reach ends: a new clause-like segment inside the clause.
-_SCOPE_BREAK = _rx(
-    r"\b(?:but|however|although|though|while|whereas|which|that|who|there\s+(?:is|are|was|were|has|have)|with|"
-    r"except|aside|apart|other\s+than|given|because|due\s+to|as\s+well\s+as|persist\w*|remains?|"
-    r"(?:is|are)\s+(?:seen|noted|present|identified|unchanged|stable))\b"
-    # A list item after a comma that starts like a new statement ("no effusion, stable cardiomegaly"); severity
-    # words do not count: "no consolidation, large effusion or pneumothorax" is one negated list.
-    r"|[,;]\s*(?:and\s+|but\s+)?(?:the|a|an|there|stable|persistent|chronic|unchanged|improved|improving|"
-    r"increased|increasing|decreased|decreasing|worsening|worsened|again|old|healed|calcified|however|otherwise|"
-    r"status|s/p|post|likely|probable|possible)\b"
-    r"|\band\s+(?:the|there|a|an)\b"
-)
-_WORD = re.compile(r"[A-Za-z0-9']+")
-_HYPOTHETICAL = _rx(r"\W*(?:\d+\s*[.)]\s*)?(?:if|should|in\s+case|whether)\b")
-_PRE_SCOPE_WORDS = 14
-_UNC_SCOPE_WORDS = 10
-_POST_SCOPE_WORDS = 6
-# Two neighbouring mentions joined by one of these are a differential: both uncertain.
-_DIFFERENTIAL = _rx(
-    r"^\s*,?\s*(?:or|and/or|versus|vs\.?|/)\s+(?:(?:less|more|most)\s+likely\s+|possibly\s+|perhaps\s+|less\s+"
-    r"likely\s+)?(?:[\w-]+\s+){0,3}?$"
-)
-
-
-def _masked(pattern: re.Pattern[str], text: str, mask: re.Pattern[str] | None) -> list[re.Match[str]]:
-    hits = list(pattern.finditer(text))
-    if mask is None or not hits:
-        return hits
-    spans = [(m.start(), m.end()) for m in mask.finditer(text)]
-    return [h for h in hits if not any(a <= h.start() < b for a, b in spans)]
-
-
-def _gap_text(text: str, start: int, end: int, others: Sequence[tuple[int, int]]) -> str:
-    """``text[start:end]`` with the spans of other mentions blanked (they are list items, not scope words)."""
-    chunk = list(text[start:end])
-    for a, b in others:
-        a, b = max(a, start), min(b, end)
-        for i in range(a - start, b - start):
-            chunk[i] = " "
-    return "".join(chunk)
-
-
-def _cue_before(prefix: str, cue: re.Pattern[str], mask: re.Pattern[str] | None, max_words: int,
-                others: Sequence[tuple[int, int]], offset: int) -> re.Match[str] | None:
-    """The last cue in ``prefix`` whose scope reaches its end (no scope break, few words between)."""
-    hits = _masked(cue, prefix, mask)
-    if not hits:
-        return None
-    last = hits[-1]
-    between = _gap_text(prefix, last.end(), len(prefix), [(a - offset, b - offset) for a, b in others])
-    if _SCOPE_BREAK.search(between) or len(_WORD.findall(between)) > max_words:
-        return None
-    return last
-
-
-def _cue_after(suffix: str, cue: re.Pattern[str], mask: re.Pattern[str] | None,
-               others: Sequence[tuple[int, int]], offset: int) -> re.Match[str] | None:
-    hits = _masked(cue, suffix, mask)
-    if not hits:
-        return None
-    first = hits[0]
-    between = _gap_text(suffix, 0, first.start(), [(a - offset, b - offset) for a, b in others])
-    if _SCOPE_BREAK.search(between) or len(_WORD.findall(between)) > _POST_SCOPE_WORDS:
-        return None
-    return first
-
-
-# "{mention} is normal" / "... within normal limits" negates only when nothing but other mentions stands between
-# ("heart size and pulmonary vascular engorgement appear within limits of normal").
-_NEG_POST_NORMAL = _rx(
-    r"\b(?:is|are|appears?|remains?|seems?)\s+(?:\w+\s+)?(?:normal|unremarkable|within\s+(?:the\s+)?"
-    r"(?:normal\s+limits|limits\s+of\s+normal))\b"
-)
-_NEG_POST_MASK = _rx(r"\b(?:partially|partly|nearly|mostly|largely|almost|incompletely|not\s+(?:completely|entirely|fully))\s+(?:resolved|cleared)\b")
-
-
-# --- attributes ---------------------------------------------------------------------------------------------------
-_SIDE_WORDS = _rx(
-    r"\b(?P<bilateral>bilateral(?:ly)?|both|bibasilar|bibasal|bibasally|biapical|bi-basilar|bi-apical)\b"
-    # "right atrium", "left ventricle" name cardiac chambers (where leads lie), not the side of a finding.
-    r"|\b(?P<left>left(?:-sided)?|lll|lul|lingula|lingular)\b(?!\s+(?:atri|ventric))"
-    r"|\b(?P<right>right(?:-sided)?|rll|rul|rml)\b(?!\s+(?:atri|ventric))"
-)
-_ZONE_WORDS = _rx(
-    r"\b(?P<retrocardiac>retrocardiac|behind\s+the\s+heart)\b"
-    r"|\b(?P<apex>apex|apices|apical|biapical|bi-apical|apicoposterior)\b"
-    r"|\b(?P<upper>upper[-\s]+(?:lobes?|lungs?|lung\s+(?:zones?|fields?)|zones?|fields?|thirds?)|rul|lul)\b"
-    r"|\b(?P<mid>mid(?:dle)?[-\s]*(?:lungs?|lobes?|lung\s+(?:zones?|fields?)|zones?|fields?|thirds?)|midlung|"
-    r"midzone|rml|lingula|lingular)\b"
-    r"|\b(?P<lower>lower[-\s]+(?:lobes?|lungs?|lung\s+(?:zones?|fields?)|zones?|fields?|thirds?)|rll|lll|infrahilar)\b"
-    r"|\b(?P<base>bases?|basilar|basal|bibasilar|bi-basilar|bibasal|bibasally|costophrenic|subpulmonic|"
-    r"hemidiaphragms?|diaphragm|(?<!superior\s)(?:sulcus|sulci))\b"
-    r"|\b(?P<perihilar>perihilar|parahilar|hilar|hila|hilum|hilus)\b"
-)
-_SEVERITY_WORDS = _rx(
-    r"\b(?P<trace>trace|tiny|minimal|minimally|minute)\b"
-    r"|\b(?P<small>small|smaller|small-sized)\b"
-    r"|\b(?P<mild>mild|mildly|slight|slightly|subtle)\b"
-    r"|\b(?P<moderate>moderate|moderately|moderate-sized|medium)\b"
-    r"|\b(?P<large>large|larger|sizable|sizeable|extensive|big|considerable)\b"
-    r"|\b(?P<severe>severe|severely|marked|markedly|massive|massively|huge)\b"
-)
-# Words that end a mention's own noun phrase, looking back from it.
-_NP_BOUNDARY_PRE = _rx(
-    r"[,;(]|\b(?:and|or|with|without|in|at|to|from|by|for|but|which|that|is|are|was|were|has|have|there|of|"
-    r"represent\w*|reflect\w*|likely|suggest\w*|versus|vs)\b"
-)
-# Words that end the prepositional phrase after a mention.
-_NP_BOUNDARY_POST = _rx(
-    r"[,;(]|\b(?:which|with|without|but|that|likely|may|might|could|represent\w*|reflect\w*|suggest\w*|"
-    r"consistent|compatible|concerning|suspicious|due|secondary|versus|vs|or)\b|\band\s+(?:there|the|a|an)\b"
-)
-# Mentions joined by one of these describe the same finding ("opacity ... which may represent atelectasis").
-_LINK = _rx(
-    r"\b(?:represent\w*|reflect\w*|consistent\s+with|suggest\w*|compatible\s+with|likely|probabl[ey]|"
-    r"possibl[ey]|due\s+to|secondary\s+to|or|versus|vs|and/or|concerning\s+for|suspicious\s+for|worrisome|may|"
-    r"could|favou?r\w*|related\s+to|from)\b|^\s*[,:(-]\s*$"
-)
-_POST_ATTR_WORDS = 10
-
-
-def _side_of(text: str) -> str | None:
-    sides = {m.lastgroup for m in _SIDE_WORDS.finditer(text)}
-    if not sides:
-        return None
-    if "bilateral" in sides or {"left", "right"} <= sides:
-        return "bilateral"
-    return sides.pop()
-
-
-def _zone_of(text: str, anchor: int) -> str | None:
-    """The zone word nearest to ``anchor`` (a position in ``text``)."""
-    best, best_d = None, math.inf
-    for m in _ZONE_WORDS.finditer(text):
-        d = 0 if m.start() <= anchor <= m.end() else min(abs(m.start() - anchor), abs(m.end() - anchor))
-        if d < best_d:
-            best, best_d = m.lastgroup, d
-    return best
-
-
-def _severity_of(text: str) -> str | None:
-    found = [SEVERITY_ORDER.index(m.lastgroup) for m in _SEVERITY_WORDS.finditer(text)]
-    return SEVERITY_ORDER[max(found)] if found else None
-
-
 # --- matching ---------------------------------------------------------------------------------------------------
-@dataclass
-class _Candidate:
-    observation: str
-    finding: Finding
-    start: int
-    end: int
-    head: tuple[int, int] | None
-    device: str | None
-    fixed: float | None  # value decided by the rule (subject predicates, fixed negatives)
-    subject: bool  # found through a subject's predicate: post-mention cues belong to the predicate
-
-
 def _clause_of(clauses: list[tuple[int, int, int]], starts: list[int], pos: int) -> int:
     return max(0, bisect.bisect_right(starts, pos) - 1)
 
@@ -331,14 +95,14 @@ def _head_span(m: re.Match[str]) -> tuple[int, int] | None:
     return None
 
 
-def _phrase_candidates(report: str, rule: PhraseRule) -> Iterable[_Candidate]:
+def _phrase_candidates(report: str, rule: PhraseRule) -> Iterable[Candidate]:
     for m in rule.pattern.finditer(report):
         if rule.exclude_before is not None and rule.exclude_before.search(report, max(0, m.start() - 40), m.start()):
             continue
         if rule.exclude_after is not None and rule.exclude_after.match(report, m.end()):
             continue
         head = _head_span(m)
-        yield _Candidate(rule.observation, rule.finding, m.start(), m.end(), head, rule.device, rule.value, False)
+        yield Candidate(rule.observation, rule.finding, m.start(), m.end(), head, rule.device, rule.value, False)
 
 
 # "XXXX" is IU X-ray's de-identification mark; in "heart size XXXX mildly enlarged" it stands for a verb.
@@ -351,7 +115,7 @@ _VALUE_OF_GROUP = {"pos": POSITIVE, "neg": NEGATIVE, "unc": UNCERTAIN}
 
 
 def _subject_candidates(report: str, rule: SubjectRule, clauses: list[tuple[int, int, int]],
-                        starts: list[int]) -> Iterable[_Candidate]:
+                        starts: list[int]) -> Iterable[Candidate]:
     for m in rule.subject.finditer(report):
         if rule.exclude_after is not None and rule.exclude_after.match(report, m.end()):
             continue
@@ -361,7 +125,7 @@ def _subject_candidates(report: str, rule: SubjectRule, clauses: list[tuple[int,
         pm = rule.premodifier.search(pre)
         if pm is not None:
             start = m.start() - len(pre) + pm.start()
-            yield _Candidate(rule.observation, rule.finding, start, m.end(), head, None,
+            yield Candidate(rule.observation, rule.finding, start, m.end(), head, None,
                              _VALUE_OF_GROUP[pm.lastgroup], True)
             continue
         # The predicate: a few words after the subject, stopping where another statement begins.
@@ -373,7 +137,7 @@ def _subject_candidates(report: str, rule: SubjectRule, clauses: list[tuple[int,
         comma = window.find(",")
         if comma >= 0 and _SUBJECT_VERB.search(window, 0, comma):
             window = window[:comma]
-        words = list(_WORD.finditer(window))
+        words = list(WORD.finditer(window))
         if len(words) > _SUBJECT_WORDS:
             window = window[:words[_SUBJECT_WORDS].start()]
         pred = rule.predicate.search(window)
@@ -385,14 +149,14 @@ def _subject_candidates(report: str, rule: SubjectRule, clauses: list[tuple[int,
         between = window[:pred.start()]
         if not (_SUBJECT_VERB.search(between) or _SUBJECT_ADJACENT.fullmatch(between)):
             continue
-        yield _Candidate(rule.observation, rule.finding, m.start(), m.end() + pred.end(), head, None,
+        yield Candidate(rule.observation, rule.finding, m.start(), m.end() + pred.end(), head, None,
                          _VALUE_OF_GROUP[pred.lastgroup], True)
 
 
-def _dedupe(cands: list[_Candidate]) -> list[_Candidate]:
+def _dedupe(cands: list[Candidate]) -> list[Candidate]:
     """Per observation, drop a candidate that overlaps a longer one (e.g. "PICC" inside "PICC line")."""
     cands.sort(key=lambda c: (c.observation, c.start, -(c.end - c.start)))
-    kept: list[_Candidate] = []
+    kept: list[Candidate] = []
     last_end: dict[str, int] = {}
     for c in sorted(cands, key=lambda c: (-(c.end - c.start), c.start)):
         if any(k.observation == c.observation and k.start < c.end and c.start < k.end for k in kept):
@@ -401,37 +165,6 @@ def _dedupe(cands: list[_Candidate]) -> list[_Candidate]:
         last_end[c.observation] = c.end
     kept.sort(key=lambda c: (c.start, _LABEL_INDEX[c.observation]))
     return kept
-
-
-def _value(report: str, c: _Candidate, clause: tuple[int, int, int], others: list[tuple[int, int]]) -> float:
-    c_start, c_end, _ = clause
-    prefix = report[c_start:c.start]
-    suffix = report[c.end:c_end]
-    negated = _cue_before(prefix, _NEG_PRE, _NEG_MASK, _PRE_SCOPE_WORDS, others, c_start) is not None
-    if not negated and not c.subject:
-        negated = _cue_after(suffix, _NEG_POST, _NEG_POST_MASK, others, c.end) is not None
-        if not negated:
-            m = _NEG_POST_NORMAL.search(suffix)
-            if m is not None:
-                between = _gap_text(suffix, 0, m.start(), [(a - c.end, b - c.end) for a, b in others])
-                negated = len(_WORD.findall(between)) <= 2 and not _SCOPE_BREAK.search(between)
-    if c.fixed is not None:
-        if c.fixed == NEGATIVE or negated:
-            return NEGATIVE
-        base = c.fixed
-    else:
-        if negated:
-            return NEGATIVE
-        base = POSITIVE
-    if base == UNCERTAIN:
-        return UNCERTAIN
-    uncertain = _cue_before(prefix, _UNC_PRE, None, _UNC_SCOPE_WORDS, others, c_start) is not None
-    if not uncertain and c.subject:
-        # "the heart may be mildly enlarged": the cue sits inside the subject's own phrase.
-        uncertain = _UNC_PRE.search(report, c.start, c.end) is not None
-    if not uncertain and not c.subject:
-        uncertain = _cue_after(suffix, _UNC_POST, None, others, c.end) is not None
-    return UNCERTAIN if uncertain else POSITIVE
 
 
 def extract_mentions(report: str) -> list[Mention]:
@@ -454,9 +187,9 @@ def _extract(report: str, *, prefilter: bool) -> list[Mention]:
     sentences = split_sentences(report)
     if not sentences:
         return []
-    clauses = _clauses(report, sentences)
+    clauses = split_clauses(report, sentences)
     starts = [c[0] for c in clauses]
-    cands: list[_Candidate] = []
+    cands: list[Candidate] = []
     lower = report.lower()
     present = {k for k in _ALL_KEYS if k in lower}
     for rule in PHRASE_RULES:
@@ -466,11 +199,11 @@ def _extract(report: str, *, prefilter: bool) -> list[Mention]:
     for srule in SUBJECT_RULES:
         cands.extend(_subject_candidates(report, srule, clauses, starts))
     # Hypothetical clauses ("if there is concern for fracture, ...") state nothing about this patient.
-    hypothetical = {i for i, (a, b, _) in enumerate(clauses) if _HYPOTHETICAL.match(report, a, b)}
+    hypothetical = {i for i, (a, b, _) in enumerate(clauses) if HYPOTHETICAL.match(report, a, b)}
     cands = [c for c in cands if _clause_of(clauses, starts, c.start) not in hypothetical]
     cands = _dedupe(cands)
 
-    by_clause: dict[int, list[_Candidate]] = {}
+    by_clause: dict[int, list[Candidate]] = {}
     for c in cands:
         by_clause.setdefault(_clause_of(clauses, starts, c.start), []).append(c)
 
@@ -478,18 +211,18 @@ def _extract(report: str, *, prefilter: bool) -> list[Mention]:
     for ci, group in sorted(by_clause.items()):
         clause = clauses[ci]
         spans = [(c.start, c.end) for c in group]
-        values = [_value(report, c, clause, [s for s in spans if s != (c.start, c.end)]) for c in group]
+        values = [mention_value(report, c, clause, [s for s in spans if s != (c.start, c.end)]) for c in group]
         # "atelectasis or pneumonia", "edema versus infection": a differential leaves each uncertain.
         for i in range(len(group) - 1):
             a, b = group[i], group[i + 1]
             if a.observation == b.observation or b.start < a.end:
                 continue
-            if _DIFFERENTIAL.match(report[a.end:b.start]):
+            if DIFFERENTIAL.match(report[a.end:b.start]):
                 for j in (i, i + 1):
                     if values[j] == POSITIVE:
                         values[j] = UNCERTAIN
-        attrs = [_attributes(report, group, i, clause) for i in range(len(group))]
-        _share_linked_attributes(report, group, attrs)
+        attrs = [mention_attributes(report, group, i, clause) for i in range(len(group))]
+        share_linked_attributes(report, group, attrs)
         for c, v, (side, zone, severity) in zip(group, values, attrs, strict=True):
             head = report[c.head[0]:c.head[1]].lower() if c.head is not None else None
             mentions.append(Mention(
@@ -503,68 +236,6 @@ def _extract(report: str, *, prefilter: bool) -> list[Mention]:
                                         finding=Finding.CARDIOMEGALY, head=None, side=None, zone=None,
                                         severity=None))
     return mentions
-
-
-def _attributes(report: str, group: list[_Candidate], i: int,
-                clause: tuple[int, int, int]) -> tuple[str | None, str | None, str | None]:
-    c = group[i]
-    c_start, c_end, _ = clause
-    prev_end = max([g.end for g in group[:i] if g.end <= c.start], default=c_start)
-    nxt = [g.start for g in group[i + 1:] if g.start >= c.end]
-    next_start = min(nxt, default=c_end)
-    # The mention's own noun phrase: back to the last boundary word before it.
-    pre_full = report[prev_end:c.start]
-    cut = 0
-    for m in _NP_BOUNDARY_PRE.finditer(pre_full):
-        cut = m.end()
-    pre = pre_full[cut:]
-    # The prepositional phrase after it, without the next mention's own pre-modifiers.
-    post = report[c.end:next_start]
-    if nxt:
-        last = None
-        for m in _rx(r"[,;]|\b(?:and|or|with)\b").finditer(post):
-            last = m
-        if last is not None:
-            post = post[:last.start()]
-    stop = _NP_BOUNDARY_POST.search(post)
-    if stop is not None:
-        post = post[:stop.start()]
-    words = list(_WORD.finditer(post))
-    if len(words) > _POST_ATTR_WORDS:
-        post = post[:words[_POST_ATTR_WORDS].start()]
-    phrase = report[c.start:c.end]
-    local = f"{pre}{phrase}{post}"
-    severity = _severity_of(local)
-    if c.observation in _NO_SIDE:
-        return None, None, severity
-    if c.device is not None:
-        side = _side_of(pre + phrase) or _side_of(post)
-    else:
-        side = _side_of(local)
-        head_plural = c.head is not None and report[c.head[1] - 1:c.head[1]].lower() == "s"
-        if side in ("left", "right") and head_plural and _side_of(pre_full) == "bilateral":
-            side = "bilateral"  # "moderate right and small left effusions"
-            severity = _severity_of(f"{pre_full}{phrase}{post}")
-    if c.device is not None:
-        # A device's course ("tube courses below the diaphragm") is not where it sits: only its own noun phrase.
-        zone = _zone_of(pre + phrase, len(pre) + len(phrase) // 2)
-    else:
-        zone = _zone_of(local, len(pre) + len(phrase) // 2)
-    return side, zone, severity
-
-
-def _share_linked_attributes(report: str, group: list[_Candidate],
-                             attrs: list[tuple[str | None, str | None, str | None]]) -> None:
-    """Neighbours joined by "may represent", "versus", "or"... describe one finding: share side and zone."""
-    for i in range(len(group) - 1):
-        a, b = group[i], group[i + 1]
-        if a.observation in _NO_SIDE or b.observation in _NO_SIDE or a.device or b.device or b.start < a.end:
-            continue
-        if not _LINK.search(report[a.end:b.start]):
-            continue
-        (sa, za, va), (sb, zb, vb) = attrs[i], attrs[i + 1]
-        attrs[i + 1] = (sb or sa, zb or za, vb)
-        attrs[i] = (sa or sb, za or zb, va)
 
 
 # --- report labels ----------------------------------------------------------------------------------------------
@@ -592,7 +263,7 @@ def aggregate_mentions(mentions: Iterable[Mention], *, empty: bool = False) -> n
 
 
 def _is_empty(report: str | None) -> bool:
-    return report is None or (isinstance(report, float) and math.isnan(report)) or not _HAS_WORD.search(str(report))
+    return report is None or (isinstance(report, float) and math.isnan(report)) or not HAS_WORD.search(str(report))
 
 
 def _label_array(report: str) -> np.ndarray:

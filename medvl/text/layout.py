@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
+from medvl.text.attributes import SEVERITY_ORDER
 from medvl.text.chexpert import POSITIVE
-from medvl.text.labeler import SEVERITY_ORDER, Mention
+from medvl.text.labeler import Mention
 from medvl.text.phrases import Finding
 
 __all__ = [

@@ -24,7 +24,7 @@ from enum import Enum
 
 from medvl.text.chexpert import NEGATIVE, POSITIVE, UNCERTAIN
 
-__all__ = ["Finding", "PhraseRule", "SubjectRule", "PHRASE_RULES", "SUBJECT_RULES", "DEVICE_KINDS"]
+__all__ = ["Candidate", "Finding", "PhraseRule", "SubjectRule", "PHRASE_RULES", "SUBJECT_RULES", "DEVICE_KINDS"]
 
 
 class Finding(str, Enum):
@@ -95,6 +95,21 @@ class SubjectRule:
     predicate: re.Pattern[str]
     premodifier: re.Pattern[str]
     exclude_after: re.Pattern[str] | None = None
+
+
+@dataclass
+class Candidate:
+    """A match of a rule in a report, before its value and attributes are read: ``start``/``end`` of the phrase,
+    ``head`` the span of the word that names the finding."""
+
+    observation: str
+    finding: Finding
+    start: int
+    end: int
+    head: tuple[int, int] | None
+    device: str | None
+    fixed: float | None  # value decided by the rule (subject predicates, fixed negatives)
+    subject: bool  # found through a subject's predicate: post-mention cues belong to the predicate
 
 
 # --- shared word classes --------------------------------------------------------------------------------------

@@ -29,8 +29,9 @@ from medvl.data.phantom.frame import SEVERITY_SCALE, DrawSpec
 from medvl.data.prepared import PreparedDataset, read_index
 from medvl.data.reports import parse_mimic_report, report_text
 from medvl.errors import DataError
+from medvl.text.attributes import SEVERITY_ORDER
 from medvl.text.chexpert import CHEXPERT_LABELS
-from medvl.text.labeler import SEVERITY_ORDER, extract_mentions, label_reports
+from medvl.text.labeler import extract_mentions, label_reports
 from medvl.text.layout import ALLOWED_ZONES, ZONE_FALLBACK, Device, Side, Zone, stated_sides
 from medvl.text.phrases import Finding
 

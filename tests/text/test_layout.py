@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from medvl.text.labeler import SEVERITY_ORDER, extract_mentions
+from medvl.text.attributes import SEVERITY_ORDER
+from medvl.text.labeler import extract_mentions
 from medvl.text.layout import Device, Side, Zone, allowed_zone, device_of, merge_mentions, stated_layout
 from medvl.text.phrases import Finding
 

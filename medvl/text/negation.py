@@ -1,0 +1,167 @@
+"""Whether a mention is negated, uncertain or positive, from the cues around it in its clause.
+
+A mention is negated when a negation cue ("no", "without", "free of", "clear of", "negative for", "resolved"...)
+precedes it in its clause within a short list-like scope ("no focal consolidation, pleural effusion or
+pneumothorax"), or follows it ("... is not seen", "... has resolved"); otherwise it is uncertain when an
+uncertainty cue precedes or follows it ("may represent", "possible", "cannot be excluded", "versus"); otherwise it
+is positive. Negation wins over uncertainty ("no findings to suggest pneumonia" is negative), as in the CheXpert
+labeler.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from medvl.text.chexpert import NEGATIVE, POSITIVE, UNCERTAIN
+from medvl.text.phrases import Candidate
+from medvl.text.sentences import WORD
+
+
+def _rx(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern, re.IGNORECASE)
+
+
+_NEG_PRE = _rx(
+    r"\b(?:no|not|without|free\s+of|clear\s+of|negative\s+for|absence\s+of|absent|resolution\s+of|resolved|"
+    r"removal\s+of|nor|neither|lack\s+of|never|disappearance\s+of)\b"
+)
+# Cues that look like negation but are not: "no change in", "cannot be excluded", "without interval change".
+_NEG_MASK = _rx(
+    r"\bno\s+(?:\w+\s+){0,2}?(?:change|changes|increase|worsening|progression|improvement|difference|growth)\b"
+    r"|\bwithout\s+(?:\w+\s+)?(?:change|changes)\b"
+    r"|\b(?:can\s*)?not\s+(?:be\s+)?(?:\w+\s+)?(?:exclude[ds]?|ruled?\s+out)\b"
+    r"|\bnot\s+only\b"
+)
+_NEG_POST = _rx(
+    r"\b(?:(?:is|are|was|were|has|have|has\s+been|have\s+been)\s+)?(?:not|no\s+longer)\s+(?:been\s+)?(?:\w+\s+)?"
+    r"(?:seen|identified|present|visualized|visible|demonstrated|evident|noted|appreciated|detected|apparent|"
+    r"shown|observed|suggested|included)\b"
+    r"|\b(?:has|have)\s+(?:since\s+|now\s+|completely\s+)?(?:resolved|cleared|disappeared)\b"
+    r"|\b(?:is|are)\s+(?:now\s+)?(?:resolved|absent|gone)\b"
+    r"|\b(?:has|have)\s+been\s+(?:removed|resolved)\b"
+    r"|(?<!partially\s)(?<!partly\s)(?<!nearly\s)(?<!mostly\s)(?<!largely\s)(?<!almost\s)\bresolved\b"
+    r"|\b(?:is|are|was|were|has\s+been|have\s+been)\s+(?:ruled\s+out|excluded)\b"
+)
+_UNC_PRE = _rx(
+    r"\b(?:may|might|could|possibl[ey]|possibility|probabl[ey]|likely|questionabl[ey]|question(?:ed)?|"
+    r"suspicious|suspect(?:ed)?|suspicion|suggest(?:s|ed|ive|ing|ion)?|concern(?:ing)?\s+for|worrisome|"
+    r"compatible\s+with|can\s*not\s+(?:be\s+)?(?:\w+\s+)?(?:exclude[ds]?|ruled?\s+out)|"
+    r"not\s+(?:be\s+)?(?:\w+\s+)?(?:excluded|ruled\s+out)|rule\s+out|r/o|differential|versus|vs|"
+    r"consider(?:ed|ation)?|presum(?:ed|ably|ptive)|equivocal|indeterminate|borderline|uncertain|"
+    r"favou?r(?:s|ed|ing)?|perhaps|or\s+less\s+likely|evaluat\w*\s+for|assess\w*\s+for)\b|\?"
+)
+_UNC_POST = _rx(
+    r"\b(?:(?:is|are)\s+)?(?:can\s*not|not|could\s+not)\s+(?:be\s+)?(?:\w+\s+)?(?:excluded|ruled\s+out)\b"
+    r"|\b(?:is|are)\s+(?:also\s+|more\s+|less\s+)?(?:possible|suspected|questioned|considered|a\s+consideration|"
+    r"likely|probable|favou?red|difficult\s+to\s+exclude)\b"
+    r"|\b(?:could|may|might)\s+(?:also\s+)?(?:be\s+)?(?:present|considered)\b"
+    r"|\?|\b(?:vs|versus)\b|\bor\s+not\b"
+)
+# Where a cue's reach ends: a new clause-like segment inside the clause.
+_SCOPE_BREAK = _rx(
+    r"\b(?:but|however|although|though|while|whereas|which|that|who|there\s+(?:is|are|was|were|has|have)|with|"
+    r"except|aside|apart|other\s+than|given|because|due\s+to|as\s+well\s+as|persist\w*|remains?|"
+    r"(?:is|are)\s+(?:seen|noted|present|identified|unchanged|stable))\b"
+    # A list item after a comma that starts like a new statement ("no effusion, stable cardiomegaly"); severity
+    # words do not count: "no consolidation, large effusion or pneumothorax" is one negated list.
+    r"|[,;]\s*(?:and\s+|but\s+)?(?:the|a|an|there|stable|persistent|chronic|unchanged|improved|improving|"
+    r"increased|increasing|decreased|decreasing|worsening|worsened|again|old|healed|calcified|however|otherwise|"
+    r"status|s/p|post|likely|probable|possible)\b"
+    r"|\band\s+(?:the|there|a|an)\b"
+)
+#: A hypothetical clause ("if there is concern for fracture, ...") states nothing about the patient.
+HYPOTHETICAL = _rx(r"\W*(?:\d+\s*[.)]\s*)?(?:if|should|in\s+case|whether)\b")
+_PRE_SCOPE_WORDS = 14
+_UNC_SCOPE_WORDS = 10
+_POST_SCOPE_WORDS = 6
+# Two neighbouring mentions joined by one of these are a differential: both uncertain.
+DIFFERENTIAL = _rx(
+    r"^\s*,?\s*(?:or|and/or|versus|vs\.?|/)\s+(?:(?:less|more|most)\s+likely\s+|possibly\s+|perhaps\s+|less\s+"
+    r"likely\s+)?(?:[\w-]+\s+){0,3}?$"
+)
+
+
+def _masked(pattern: re.Pattern[str], text: str, mask: re.Pattern[str] | None) -> list[re.Match[str]]:
+    hits = list(pattern.finditer(text))
+    if mask is None or not hits:
+        return hits
+    spans = [(m.start(), m.end()) for m in mask.finditer(text)]
+    return [h for h in hits if not any(a <= h.start() < b for a, b in spans)]
+
+
+def _gap_text(text: str, start: int, end: int, others: Sequence[tuple[int, int]]) -> str:
+    """``text[start:end]`` with the spans of other mentions blanked (they are list items, not scope words)."""
+    chunk = list(text[start:end])
+    for a, b in others:
+        a, b = max(a, start), min(b, end)
+        for i in range(a - start, b - start):
+            chunk[i] = " "
+    return "".join(chunk)
+
+
+def _cue_before(prefix: str, cue: re.Pattern[str], mask: re.Pattern[str] | None, max_words: int,
+                others: Sequence[tuple[int, int]], offset: int) -> re.Match[str] | None:
+    """The last cue in ``prefix`` whose scope reaches its end (no scope break, few words between)."""
+    hits = _masked(cue, prefix, mask)
+    if not hits:
+        return None
+    last = hits[-1]
+    between = _gap_text(prefix, last.end(), len(prefix), [(a - offset, b - offset) for a, b in others])
+    if _SCOPE_BREAK.search(between) or len(WORD.findall(between)) > max_words:
+        return None
+    return last
+
+
+def _cue_after(suffix: str, cue: re.Pattern[str], mask: re.Pattern[str] | None,
+               others: Sequence[tuple[int, int]], offset: int) -> re.Match[str] | None:
+    hits = _masked(cue, suffix, mask)
+    if not hits:
+        return None
+    first = hits[0]
+    between = _gap_text(suffix, 0, first.start(), [(a - offset, b - offset) for a, b in others])
+    if _SCOPE_BREAK.search(between) or len(WORD.findall(between)) > _POST_SCOPE_WORDS:
+        return None
+    return first
+
+
+# "{mention} is normal" / "... within normal limits" negates only when nothing but other mentions stands between
+# ("heart size and pulmonary vascular engorgement appear within limits of normal").
+_NEG_POST_NORMAL = _rx(
+    r"\b(?:is|are|appears?|remains?|seems?)\s+(?:\w+\s+)?(?:normal|unremarkable|within\s+(?:the\s+)?"
+    r"(?:normal\s+limits|limits\s+of\s+normal))\b"
+)
+_NEG_POST_MASK = _rx(r"\b(?:partially|partly|nearly|mostly|largely|almost|incompletely|not\s+(?:completely|entirely|fully))\s+(?:resolved|cleared)\b")
+
+
+def mention_value(report: str, c: Candidate, clause: tuple[int, int, int], others: list[tuple[int, int]]) -> float:
+    """``c``'s value in its ``clause``: NEGATIVE, UNCERTAIN or POSITIVE (``others``: the spans of the clause's other
+    candidates, list items rather than scope words)."""
+    c_start, c_end, _ = clause
+    prefix = report[c_start:c.start]
+    suffix = report[c.end:c_end]
+    negated = _cue_before(prefix, _NEG_PRE, _NEG_MASK, _PRE_SCOPE_WORDS, others, c_start) is not None
+    if not negated and not c.subject:
+        negated = _cue_after(suffix, _NEG_POST, _NEG_POST_MASK, others, c.end) is not None
+        if not negated:
+            m = _NEG_POST_NORMAL.search(suffix)
+            if m is not None:
+                between = _gap_text(suffix, 0, m.start(), [(a - c.end, b - c.end) for a, b in others])
+                negated = len(WORD.findall(between)) <= 2 and not _SCOPE_BREAK.search(between)
+    if c.fixed is not None:
+        if c.fixed == NEGATIVE or negated:
+            return NEGATIVE
+        base = c.fixed
+    else:
+        if negated:
+            return NEGATIVE
+        base = POSITIVE
+    if base == UNCERTAIN:
+        return UNCERTAIN
+    uncertain = _cue_before(prefix, _UNC_PRE, None, _UNC_SCOPE_WORDS, others, c_start) is not None
+    if not uncertain and c.subject:
+        # "the heart may be mildly enlarged": the cue sits inside the subject's own phrase.
+        uncertain = _UNC_PRE.search(report, c.start, c.end) is not None
+    if not uncertain and not c.subject:
+        uncertain = _cue_after(suffix, _UNC_POST, None, others, c.end) is not None
+    return UNCERTAIN if uncertain else POSITIVE
