@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from medvl.data.images import ResizeFit
-from medvl.data.prepared import PrepareResult, build_image_cache, finish_prepare
+from medvl.data.prepared import PrepareResult, build_image_cache, check_source, finish_prepare
 from medvl.data.reports import (
     IUReport,
     ReportSection,
@@ -96,10 +96,7 @@ def prepare_iuxray(root: str | Path, out: str | Path, *, size: int = 256, sectio
     """Prepare an Open-i IU X-ray download into ``out`` (same layout as :func:`medvl.data.mimic.prepare_mimic`)."""
     started = time.perf_counter()
     root, out = Path(root), Path(out)
-    if not root.is_dir():
-        raise DataError(f"{root}: not a directory")
-    if size < 8:
-        raise DataError(f"size {size} is too small (at least 8 pixels)")
+    check_source(root, size)
     sections = ReportSection(sections)
     views = tuple(v.strip().upper() for v in views)
     images = _index_images(root)

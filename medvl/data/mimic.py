@@ -30,7 +30,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from medvl.data.images import ResizeFit
-from medvl.data.prepared import SPLITS, build_image_cache, finish_prepare
+from medvl.data.prepared import SPLITS, build_image_cache, check_source, finish_prepare
 from medvl.data.prepared import PrepareResult as PrepareResult
 from medvl.data.reports import ReportSection, missing_text_reason, parse_mimic_report, report_text
 from medvl.errors import DataError
@@ -143,10 +143,7 @@ def prepare_mimic(root: str | Path, out: str | Path, *, size: int = 256, views: 
     """
     started = time.perf_counter()
     root, out = Path(root), Path(out)
-    if not root.is_dir():
-        raise DataError(f"{root}: not a directory")
-    if size < 8:
-        raise DataError(f"size {size} is too small (at least 8 pixels)")
+    check_source(root, size)
     if workers < 1:
         raise DataError(f"workers must be at least 1, got {workers}")
     sections = ReportSection(sections)

@@ -449,6 +449,14 @@ def write_prepared(out: str | Path, index: pd.DataFrame, skipped: Sequence[tuple
     _atomic_write(out / META_FILE, json.dumps(meta, indent=1, sort_keys=False, default=str))
 
 
+def check_source(root: Path, size: int) -> None:
+    """What every ``medvl prepare`` source checks first: its root is a folder, and the size is usable."""
+    if not root.is_dir():
+        raise DataError(f"{root}: not a directory")
+    if size < 8:
+        raise DataError(f"size {size} is too small (at least 8 pixels)")
+
+
 def mark_unfinished(out: str | Path) -> None:
     """Remove meta.json so a directory being (re)prepared never reads as complete."""
     path = Path(out) / META_FILE

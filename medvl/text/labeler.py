@@ -37,6 +37,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from medvl.errors import DataError
 from medvl.text.attributes import Severity, Side, Zone, mention_attributes, share_linked_attributes
@@ -288,8 +289,6 @@ def label_reports(reports: Sequence[str], *, progress: bool = False) -> np.ndarr
     cache: dict[str, np.ndarray] = {}
     items: Iterable[tuple[int, str]] = enumerate(reports)
     if progress:
-        from tqdm import tqdm
-
         items = tqdm(items, total=len(reports), desc="labelling reports", unit="report")
     for i, report in items:
         if _is_empty(report):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import multiprocessing as mp
 import shutil
 import textwrap
 import time
@@ -209,8 +210,6 @@ def check_build_args(size: int, seed: int, studies: int | None, workers: int) ->
 def _pool(workers: int) -> ProcessPoolExecutor | None:
     if workers <= 1:
         return None
-    import multiprocessing as mp
-
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
 

@@ -45,17 +45,20 @@ def draw_effusion(fr: Frame, cv: Canvas, spec: DrawSpec, rng: np.random.Generato
     cv.add(spec, fluid > 0.5)
 
 
+def _pleura(fr: Frame, side: int) -> tuple[float, float, np.ndarray, np.ndarray, np.ndarray]:
+    """Lung ``side``'s top and height, and per pixel: medial (0) to lateral (1) position, distance to the lung's
+    border, inside the lung."""
+    bx0, by0, bx1, by1 = fr.side_box[side]
+    medial, lateral = (bx1, bx0) if side == 0 else (bx0, bx1)
+    return by0, by1 - by0, (fr.X - medial) / (lateral - medial), fr.edt(side), fr.lungs[side] > 0.5
+
+
 def draw_pneumothorax(fr: Frame, cv: Canvas, spec: DrawSpec, rng: np.random.Generator) -> None:
     side = side_index(spec.side)
     sev = severity_of(spec, rng, 0.25, 0.55)
     zone = spec.zone or Zone.APEX
-    bx0, by0, bx1, by1 = fr.side_box[side]
-    H = by1 - by0
-    medial, lateral = (bx1, bx0) if side == 0 else (bx0, bx1)
-    lat = (fr.X - medial) / (lateral - medial)
+    by0, H, lat, dist, inside = _pleura(fr, side)
     depth = 0.03 + 0.09 * sev  # width of the air rim between the chest wall and the collapsed lung
-    dist = fr.edt(side)
-    inside = fr.lungs[side] > 0.5
     if zone == Zone.APEX:
         extent = by0 + (0.28 + 0.4 * sev) * H
         where = inside & (fr.Y < extent) & ((lat > 0.3) | (fr.Y < by0 + 0.12 * H))
@@ -161,12 +164,7 @@ def draw_pleural_other(fr: Frame, cv: Canvas, spec: DrawSpec, rng: np.random.Gen
     side = side_index(spec.side)
     sev = severity_of(spec, rng, 0.2, 0.5)
     zone = spec.zone or Zone.APEX
-    bx0, by0, bx1, by1 = fr.side_box[side]
-    H = by1 - by0
-    medial, lateral = (bx1, bx0) if side == 0 else (bx0, bx1)
-    lat = (fr.X - medial) / (lateral - medial)
-    dist = fr.edt(side)
-    inside = fr.lungs[side] > 0.5
+    by0, H, lat, dist, inside = _pleura(fr, side)
     thick = 0.012 + 0.02 * sev
     if zone == Zone.APEX:
         where = inside & (fr.Y < by0 + 0.22 * H)
