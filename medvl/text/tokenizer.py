@@ -33,6 +33,7 @@ import json
 import math
 import re
 import zlib
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -41,6 +42,7 @@ from pathlib import Path
 import torch
 
 from medvl.errors import ConfigError, InvalidReportError
+from medvl.text.labeler import extract_mentions
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 TOKENIZER_META = "medvl_tokenizer.json"
@@ -61,38 +63,9 @@ STOP_WORDS: frozenset[str] = frozenset(
     """.split()
 )
 
-_NEG_CUE = re.compile(
-    r"\b(no|not|without|negative for|free of|absence of|resolution of|resolved|clear of|rule out|"
-    r"ruled out|rather than|no evidence of|no signs? of)\b",
-    re.IGNORECASE,
-)
-_NEG_END = re.compile(r"\b(but|however|although|though|except|which|aside from|apart from|with)\b|[.;:\n]",
-                      re.IGNORECASE)
-_POST_NEG = re.compile(r"\b(has resolved|have resolved|is resolved|are resolved|not seen|is absent|are absent|"
-                       r"has cleared|have cleared|ruled out)\b", re.IGNORECASE)
-_SENTENCE = re.compile(r"[^.;\n]+")
-
-
-def _fallback_negated_spans(text: str) -> list[tuple[int, int]]:
-    """NegEx-style scopes: from a cue to the end of its clause; post-cues negate back to the clause start."""
-    spans: list[tuple[int, int]] = []
-    for sent in _SENTENCE.finditer(text):
-        s0, s = sent.start(), sent.group()
-        for cue in _NEG_CUE.finditer(s):
-            end_match = _NEG_END.search(s, cue.end())
-            end = end_match.start() if end_match else len(s)
-            spans.append((s0 + cue.start(), s0 + end))
-        for post in _POST_NEG.finditer(s):
-            spans.append((s0, s0 + post.end()))
-    return spans
-
 
 @lru_cache(maxsize=65536)
 def _negated_spans_cached(text: str) -> tuple[tuple[int, int], ...]:
-    try:
-        from medvl.text.labeler import extract_mentions
-    except ImportError:
-        return tuple(_fallback_negated_spans(text))
     return tuple((int(m.start), int(m.end)) for m in extract_mentions(text) if float(m.value) == 0.0)
 
 
@@ -221,8 +194,6 @@ class ReportTokenizer:
         ``texts`` (floored at ``floor`` so ubiquitous words still count a little). A report counts for a
         word only where the word is affirmed: "effusion" is in most reports, nearly always as "no effusion",
         and the weight is for the report-to-image score, which sees affirmed words only."""
-        from collections import Counter
-
         df: Counter[str] = Counter()
         n = 0
         for text in texts:
