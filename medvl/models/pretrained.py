@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from medvl.errors import RunError
 from medvl.version import __version__
@@ -101,8 +102,6 @@ def read_config(directory: str | Path, format: str | None, *, what: str | None =
 
 def save_weights(directory: str | Path, state: Mapping[str, torch.Tensor], filename: str = WEIGHTS_FILE) -> Path:
     """``directory/model.safetensors`` from a state dict (tensors moved to the CPU, made contiguous)."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / filename
@@ -113,8 +112,6 @@ def save_weights(directory: str | Path, state: Mapping[str, torch.Tensor], filen
 def load_weights(directory: str | Path, device: str | torch.device = "cpu",
                  filename: str = WEIGHTS_FILE) -> dict[str, torch.Tensor]:
     """The tensors of ``directory/model.safetensors``; :class:`RunError` when the file is missing."""
-    from safetensors.torch import load_file
-
     path = Path(directory) / filename
     if not path.is_file():
         raise RunError(f"{Path(directory)} is incomplete: {filename} is missing")

@@ -37,7 +37,7 @@ def train_tiny_run(data: Path, out: Path, steps: int = 8, overrides: list[str] |
 def gather_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from medvl.models.adamatch import pair_loss
+    from medvl.models.adamatch.losses import pair_loss
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     img, txt, i2t, t2i, groups = gather_inputs()

@@ -354,7 +354,7 @@ def test_negatives_gathered_across_two_processes_match_one_process(tmp_path):
 
     import torch.multiprocessing as mp
 
-    from medvl.models.adamatch import pair_loss
+    from medvl.models.adamatch.losses import pair_loss
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

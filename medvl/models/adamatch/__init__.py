@@ -13,7 +13,6 @@ By job:
 
 from medvl.models.adamatch.losses import (
     contrastive_loss,
-    pair_loss,
     select_words,
     token_scores,
     word_identities,
@@ -35,6 +34,6 @@ from medvl.models.adamatch.run import AdaMatchRun, Keypatches, Keyword
 __all__ = [
     "AdaMatch", "AdaMatchConfig", "AdaMatchRun", "ImagePatches", "TextTokens", "Keyword", "Keypatches",
     "KeywordVocabulary", "KeypatchBank", "MiningConfig", "PatchMode", "build_adamatch", "build_keywords_and_bank",
-    "crop_boxes", "mine_vocabulary", "token_scores", "contrastive_loss", "pair_loss", "select_words",
+    "crop_boxes", "mine_vocabulary", "token_scores", "contrastive_loss", "select_words",
     "word_identities", "word_loss", "word_order",
 ]

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
+from transformers import AutoConfig, AutoModel, BertConfig, BertModel
 
 from medvl.errors import ConfigError
 
@@ -63,8 +65,6 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ConfigError(f"weight file {path} does not exist (weights are read from local disk only)")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -198,8 +198,6 @@ class TextEncoderConfig:
 
 
 def bert_config(cfg: TextEncoderConfig, vocab_size: int, pad_token_id: int):
-    from transformers import BertConfig
-
     return BertConfig(vocab_size=vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
                       num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
                       hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
@@ -236,8 +234,6 @@ class TextEncoder(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: TextEncoderConfig, vocab_size: int, pad_token_id: int, out_dim: int) -> TextEncoder:
-        from transformers import BertModel
-
         cfg.validate()
         return cls(BertModel(bert_config(cfg, vocab_size, pad_token_id), add_pooling_layer=False), out_dim,
                    lexical=cfg.lexical)
@@ -245,8 +241,6 @@ class TextEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, out_dim: int, lexical: bool = False) -> TextEncoder:
         """Any local Hugging Face encoder directory (``local_files_only``: nothing is downloaded)."""
-        from transformers import AutoModel
-
         path = Path(path)
         if not (path / "config.json").exists():
             raise ConfigError(f"text.pretrained: {path} is not a local Hugging Face model directory (no config.json)")
@@ -259,8 +253,6 @@ class TextEncoder(nn.Module):
     @classmethod
     def from_saved_config(cls, directory: str | Path, out_dim: int, lexical: bool = False) -> TextEncoder:
         """Architecture from a saved ``config.json`` (weights come from the run's safetensors)."""
-        from transformers import AutoConfig, AutoModel
-
         config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
         kwargs = {"add_pooling_layer": False} if config.model_type == "bert" else {}
         return cls(AutoModel.from_config(config, **kwargs), out_dim, lexical=lexical)
