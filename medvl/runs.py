@@ -157,21 +157,38 @@ def read_evaluations(run_dir: str | Path) -> list[dict[str, Any]]:
 # ---- a portable set of runs
 
 
-def _portable(info: dict[str, Any], source: Path, target: Path, saved: Mapping[Path, Path]) -> dict[str, Any]:
-    """``info`` (of the run copied from ``source`` to ``target``) with no absolute path: ``from`` entries
-    that name a saved run become paths relative to ``target`` (others are dropped); the dataset's path is
-    left out (its ``meta`` stays)."""
+def _portable_paths(value: Any, where: Path, saved: Mapping[Path, Path]) -> Any:
+    """``value`` (JSON data) with each absolute path made relative to ``where`` when it lies in a saved run,
+    and cut to its last part otherwise, so that a record names no folder of the machine it came from."""
+    if isinstance(value, dict):
+        return {k: _portable_paths(v, where, saved) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_portable_paths(v, where, saved) for v in value]
+    if not (isinstance(value, str) and len(value) > 1 and os.path.isabs(value)):
+        return value
+    path = Path(value).resolve()
+    for source, target in saved.items():
+        if path == source or source in path.parents:
+            return os.path.relpath(target / path.relative_to(source), where)
+    return Path(value).name
+
+
+def _portable_info(info: dict[str, Any], source: Path, target: Path, saved: Mapping[Path, Path]) -> dict[str, Any]:
+    """``stage.json`` of the run copied from ``source`` to ``target``: ``from`` entries that name a saved run
+    become paths relative to ``target`` (others are dropped), the dataset's path is left out (its ``meta``
+    stays), any other path as in :func:`_portable_paths`."""
     info = dict(info)
     deps = (saved.get(dep.resolve()) for dep in source_runs(source, info))
     info["from"] = [os.path.relpath(dep, target) for dep in deps if dep is not None]
     if isinstance(info.get("data"), dict):
         info["data"] = {k: v for k, v in info["data"].items() if k != "path"}
-    return info
+    return _portable_paths(info, target, saved)
 
 
 def save_run_set(runs: Mapping[str, str | Path], dest: str | Path) -> dict[str, Path]:
-    """Copy each run into ``dest/<stage>/`` (without training state) and rewrite every ``stage.json``
-    inside so the folder holds no absolute path: ``from`` entries become relative (``../adamatch``)."""
+    """Copy each run into ``dest/<stage>/`` (without training state) and rewrite every ``stage.json`` and
+    evaluation record inside so the folder names no path of this machine: ``from`` entries become relative
+    (``../adamatch``), the dataset's path is left out, other paths keep their last part."""
     dest = Path(dest)
     sources = {stage: Path(run) for stage, run in runs.items()}
     for run in sources.values():
@@ -188,6 +205,9 @@ def save_run_set(runs: Mapping[str, str | Path], dest: str | Path) -> dict[str, 
         shutil.copytree(run, target, ignore=shutil.ignore_patterns(*TRAINING_STATE))
         for path in sorted(target.rglob(STAGE_FILE)):
             source = run / path.parent.relative_to(target)
-            info = _portable(read_stage_info(path.parent), source, path.parent, saved)
+            info = _portable_info(read_stage_info(path.parent), source, path.parent, saved)
             path.write_text(json.dumps(info, indent=2))
+        for path in sorted(target.rglob(f"{EVAL_DIR}/*.json")):
+            record = _portable_paths(json.loads(path.read_text()), path.parent.parent, saved)
+            path.write_text(json.dumps(record, indent=2))
     return {stage: dest / stage for stage in sources}

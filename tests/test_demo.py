@@ -76,3 +76,45 @@ def test_html_report_loads_in_chromium_with_every_image(demo_dir):
     result = check_page(page)
     assert result.console_errors == [] and result.page_errors == [] and result.failed_requests == []
     assert result.images >= 6 and result.broken_images == []
+
+
+def test_evaluate_cli_prints_headline_and_keeps_a_copy_in_the_run(demo_dir, tmp_path, capsys):
+    from medvl.cli import main
+
+    out = tmp_path / "adamatch.json"
+    assert main(["evaluate", "adamatch", "--run", str(demo_dir / "runs" / "adamatch"), "--data",
+                 str(demo_dir / "data"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "retrieval.i2t_r1" in printed and "localization.pointing_game" in printed
+    metrics = json.loads(out.read_text())
+    kept = json.loads((demo_dir / "runs" / "adamatch" / "eval" / "adamatch-test.json").read_text())
+    assert kept["metrics"] == metrics and kept["data"]["meta"]["source"] == "iu-phantom"
+
+
+def test_pipeline_saved_and_loaded_elsewhere(demo_dir, tmp_path):
+    import shutil
+
+    import medvl
+    from medvl.data.prepared import PreparedDataset
+
+    pipe = medvl.load(demo_dir)
+    folder = pipe.save_pretrained(tmp_path / "saved" / "medvl-phantom")
+    moved = tmp_path / "elsewhere" / "medvl-phantom"
+    shutil.copytree(folder, moved)
+    shutil.rmtree(folder)
+    card = (moved / "README.md").read_text()
+    assert "demonstrations, not clinical models" in card and 'Pipeline.from_pretrained("medvl-phantom")' in card
+    assert "ce.micro.f1" in card and "cyclic.report_image_report.ce_f1" in card and "```yaml" in card
+    for path in moved.rglob("*"):
+        assert path.name not in ("checkpoints", "logs", "best")
+        if path.is_file() and path.suffix in (".json", ".yaml", ".md", ".txt"):
+            text = path.read_text()
+            assert str(demo_dir) not in text and str(tmp_path) not in text, path
+
+    again = medvl.Pipeline.from_pretrained(moved)
+    assert set(again.runs) == set(pipe.runs) and all(p.parent == moved for p in again.runs.values())
+    scan = PreparedDataset(demo_dir / "data", split="test")[0]["image"][0].numpy()
+    assert again.generate_report(scan).text == pipe.generate_report(scan).text
+    a = again.synthesize("Small left pleural effusion.", seed=1).images
+    b = pipe.synthesize("Small left pleural effusion.", seed=1).images
+    assert np.array_equal(a.numpy(), b.numpy())

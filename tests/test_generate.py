@@ -111,3 +111,15 @@ def test_cli_generate_report(runs, real_fixtures, capsys):
     assert json.loads(captured.out)[0]["report"]
     rc = main(["generate-report", str(real_fixtures / "RG1_J2KI.dcm"), "--run", str(runs.report.parent / "nothing")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_cli_decodes_with_the_runs_beams_unless_told(runs, real_fixtures, capsys):
+    from medvl.cli import main
+
+    gen = ReportGenerator.load(runs.report)
+    scan = real_fixtures / "RG1_J2KI.dcm"
+    assert main(["generate-report", str(scan), "--run", str(runs.report), "--json"]) == 0
+    default = json.loads(capsys.readouterr().out)[0]
+    assert gen.generation.beams == 2  # the tiny preset's setting, not the old forced 3
+    assert default["tokens"] == gen.generate([scan], beams=gen.generation.beams)[0].tokens
+    assert default["tokens"] == gen.generate([scan])[0].tokens  # the API's default (and medvl evaluate's)

@@ -100,6 +100,8 @@ def test_evaluation_records(tmp_path, chain):
 
 
 def test_save_run_set_is_portable(chain, tmp_path):
+    record_evaluation(chain["diffusion"], "cyclic", "test", {"meta": {"runs": {"report": str(chain["report"]),
+                                                                                "data": str(tmp_path / "data")}}})
     saved = save_run_set(chain, tmp_path / "pipe")
     assert saved == {stage: tmp_path / "pipe" / stage for stage in chain}
     moved = tmp_path / "elsewhere" / "pipe"
@@ -111,6 +113,8 @@ def test_save_run_set_is_portable(chain, tmp_path):
     assert info["from"] == ["../adamatch", "../report", "../autoencoder"]
     assert source_runs(moved / "diffusion") == [moved / s for s in ("adamatch", "report", "autoencoder")]
     assert read_stage_info(moved / "adamatch")["data"] == {"meta": {"source": "x"}}
+    (record,) = read_evaluations(moved / "diffusion")
+    assert record["metrics"]["meta"]["runs"] == {"report": "../report", "data": "data"}
     for path in moved.rglob("*"):
         assert path.name not in ("checkpoints", "logs", "best")
         if path.is_file():

@@ -60,6 +60,8 @@ def _metrics_section(run_dir: Path) -> list[str]:
 
 def model_card(directory: Path, runs: Mapping[str, Path]) -> str:
     """The card's text for the pipeline folder ``directory`` holding ``runs`` (stage -> run folder)."""
+    order = [*(s for s in registry.STAGES if s in runs), *(s for s in runs if s not in registry.STAGES)]
+    runs = {stage: runs[stage] for stage in order}
     infos = {stage: read_stage_info(run) for stage, run in runs.items()}
     metas = [(info.get("data") or {}).get("meta") for info in infos.values()]
     lines = [
