@@ -7,14 +7,15 @@ the report run holds only what the diffusion stage reads from it, a saved shared
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
 import torch
 
 from medvl.models.memory import MemoryConfig, SharedMemory
-from tests.models.adamatch_fixtures import train_tiny_run
+from tests.models.adamatch_fixtures import one_thread, train_tiny_run
+
+__all__ = ["make_adamatch_run", "make_report_run", "one_thread", "train_plain", "finish_run", "build_tiny_runs"]
 
 DIM = 32  # the tiny AdaMatch preset's embedding width
 
@@ -33,18 +34,6 @@ def make_report_run(root: Path, dim: int = DIM) -> Path:
     memory.save_pretrained(root / SharedMemory.DIRNAME)
     (root / "stage.json").write_text(json.dumps({"stage": "report"}))
     return root
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Tiny models run faster on one thread, and much faster when the cores are shared (OpenMP threads
-    spin-waiting on each other make each small convolution ~30x slower under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def train_plain(stage, steps: int, batch_size: int = 8, lr: float = 2e-3, seed: int = 0):

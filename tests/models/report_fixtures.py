@@ -8,13 +8,15 @@ plumbing, not quality. The report run is trained for a few steps through ``run_s
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from tests.models.adamatch_fixtures import one_thread
+
+__all__ = ["make_tiny_adamatch_run", "train_tiny_report_run", "one_thread", "TinyRuns", "tiny_runs"]
 
 TINY_REPORT_OVERRIDES: list[str] = []  # configs/report/tiny.yaml is already tiny
 
@@ -28,8 +30,8 @@ def make_tiny_adamatch_run(data: Path, out: Path, seed: int = 0) -> Path:
         build_adamatch,
         build_keywords_and_bank,
     )
-    from medvl.models.adamatch.patches import AdaPatchConfig
     from medvl.models.adamatch.encoders import BackboneConfig, TextEncoderConfig
+    from medvl.models.adamatch.patches import AdaPatchConfig
     from medvl.text.tokenizer import ReportTokenizer, train_wordpiece
 
     ds = PreparedDataset(data, "train")
@@ -53,18 +55,6 @@ def train_tiny_report_run(data: Path, adamatch: Path, out: Path, *, overrides: l
     run_stage("report", config="tiny", data=data, out=out, from_runs=[adamatch],
               overrides=TINY_REPORT_OVERRIDES + list(overrides or []))
     return out
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Tiny models run faster on one thread: with 2 threads on a busy 2-core machine, OpenMP's
-    spin-waiting made a 60-step tiny training 12x slower (13 s vs 1.1 s wall)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @dataclass

@@ -244,7 +244,6 @@ def tiny_run(tiny_prepared, tmp_path_factory):
 
 def test_run_roundtrip_keywords_and_keypatches(tiny_run, tiny_prepared):
     from medvl.data.prepared import PreparedDataset
-
     from medvl.version import __version__
 
     run = AdaMatchRun.from_pretrained(tiny_run)
@@ -427,8 +426,8 @@ def test_adamatch_resume_in_a_fresh_stage_is_exact(tiny_prepared, tmp_path):
     DDP rank does): the same weights and tokenizer as an uninterrupted run."""
     from safetensors.torch import load_file
 
-    from medvl.train.stages.adamatch import build_stage
     from medvl.train.loop import fit
+    from medvl.train.stages.adamatch import build_stage
 
     def stage():
         return build_stage(config_path=CONFIG_ROOT / "adamatch" / "tiny.yaml", data=tiny_prepared,

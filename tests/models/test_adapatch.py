@@ -6,8 +6,14 @@ import pytest
 import torch
 
 from medvl.errors import ConfigError
-from medvl.models.adamatch.patches import AdaPatchConfig, AdaptivePatchLayer, PatchMode, grid_centres, patch_stats
 from medvl.models.adamatch.encoders import BackboneConfig, BackboneKind, build_backbone
+from medvl.models.adamatch.patches import (
+    AdaPatchConfig,
+    AdaptivePatchLayer,
+    PatchMode,
+    grid_centres,
+    patch_stats,
+)
 
 
 def _layer(mode: PatchMode, grid: int = 4, points: int = 3, c: int = 8, d: int = 16, **kw) -> AdaptivePatchLayer:
