@@ -50,7 +50,6 @@ class Precision(str, Enum):
     BF16 = "bf16"
 
 
-
 @dataclass
 class NoiseScheduleConfig:
     """The training noise schedule (MONAI's MIMIC recipe by default); samplers are built from the same numbers."""
