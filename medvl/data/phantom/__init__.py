@@ -64,24 +64,16 @@ from medvl.data.phantom.build import (
     build_phantom_raw,
     check_build_args,
 )
-from medvl.data.phantom.plan import (
-    MAX_DRAWN,
-    PlannedImage,
-    labelled_text,
-    load_iu_reports,
-    plan_findings,
-    plan_tree,
-    select_studies,
-)
+from medvl.data.phantom.plan import labelled_text, load_iu_reports, plan_findings
 from medvl.data.phantom.sheet import write_contact_sheet
 from medvl.data.prepared import PrepareResult
 from medvl.errors import DataError
 
 __all__ = [
-    "BUILDING_FILE", "CHEXPERT_COLUMNS", "CONTACT_SHEET", "INFO_FILE", "MANIFEST_FILE", "MAX_DRAWN", "MAX_SIZE",
+    "BUILDING_FILE", "CHEXPERT_COLUMNS", "CONTACT_SHEET", "INFO_FILE", "MANIFEST_FILE", "MAX_SIZE",
     "METADATA_COLUMNS", "MIN_SIZE", "PHANTOM_VERSION", "REGION_COLUMNS", "SPLIT_COLUMNS", "PhantomBuild",
-    "PhantomResult", "PlannedImage", "build_phantom_raw", "labelled_text", "load_iu_reports", "plan_findings",
-    "plan_tree", "prepare_phantom", "select_studies", "write_contact_sheet",
+    "PhantomResult", "build_phantom_raw", "labelled_text", "load_iu_reports", "plan_findings", "prepare_phantom",
+    "write_contact_sheet",
 ]
 
 
