@@ -1,15 +1,18 @@
 """Python API: load trained runs and use them.
 
 >>> import medvl
->>> pipe = medvl.load("demo_out")            # a demo directory, or any run directory
+>>> pipe = medvl.load("demo_out")            # a demo directory, a pipeline folder or any run directory
 >>> rep = pipe.generate_report("scan.dcm")   # GeneratedReport(text, tokens, score, keywords)
 >>> syn = pipe.synthesize("Small left pleural effusion.", seed=0)   # Synthesis (images (1, 1, S, S))
 >>> exp = pipe.explain("scan.png", word="effusion", out="explain.png")
 >>> m = pipe.match("scan.png", "Cardiomegaly.")   # MatchResult: scores and each word's best box
+>>> pipe.save_pretrained("medvl-phantom")     # every run in one folder, with a README.md model card
+>>> pipe = medvl.Pipeline.from_pretrained("medvl-phantom")   # on any machine
 
-``medvl.load`` accepts a demo output directory (``runs/<stage>/`` inside), or one run directory
-of any stage; the runs a stage was built from (``stage.json``'s ``from``) are found too, and
-a report or diffusion run carries its own copy of AdaMatch. Components load on first use.
+``medvl.load`` accepts a demo output directory (``runs/<stage>/`` inside), a pipeline folder
+(``<stage>/`` inside), or one run directory of any stage; the runs a stage was built from
+(``stage.json``'s ``from``) are found too, and a report or diffusion run carries its own copy of
+AdaMatch. Which run gives which part is :data:`medvl.registry.STAGES`'s; parts load on first use.
 """
 
 from __future__ import annotations
