@@ -5,17 +5,20 @@ The evaluations and their functions are listed in :data:`medvl.registry.EVALUATI
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import medvl.registry as registry
 from medvl.errors import RunError
 from medvl.runs import describe_data, find_runs, is_finished, record_evaluation
 
+logger = logging.getLogger(__name__)
+
 
 def evaluate(kind: str, run: Path, data: Path, split: str = "test", out: Path | None = None, **options) -> dict:
     """Score ``run`` on ``split`` of the prepared dataset ``data``; write the metrics to ``out``.
 
-    ``options`` go to the evaluation function (e.g. ``classifier_config``, ``max_studies``). A copy of the
+    ``options`` go to the evaluation function (e.g. ``classifier``, ``max_studies``). A copy of the
     metrics is kept in the run evaluated (``RUN/eval/<kind>-<split>.json``, see :mod:`medvl.runs`)."""
     spec = registry.evaluation(kind)
     run, data = Path(run), Path(data)
@@ -28,6 +31,9 @@ def evaluate(kind: str, run: Path, data: Path, split: str = "test", out: Path | 
     metrics = registry.evaluator(kind)(run=run, data=data, split=split, out=Path(out) if out else None, **options)
     holder = run if is_finished(run) else find_runs(run).get(spec.run)
     if holder is not None:
-        record_evaluation(holder, kind, split, metrics, data=describe_data(data, with_path=False))
+        try:
+            record_evaluation(holder, kind, split, metrics, data=describe_data(data, with_path=False))
+        except OSError as exc:  # a run on a read-only disk: the metrics file is what was asked for
+            logger.warning("the metrics are not kept in %s: %s", holder, exc)
     return metrics
 
