@@ -29,9 +29,21 @@ from medvl.errors import ConfigError
 T = TypeVar("T")
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
-# The installed presets (the repository's configs/, packaged as medvl.configs): a folder on disk, because
-# pip installs wheels unpacked and an editable install maps the package to the checkout's folder.
-CONFIG_ROOT = Path(str(resources.files("medvl.configs")))
+
+
+def _installed_presets() -> Path:
+    """The folder of the installed presets (the repository's configs/, packaged as ``medvl.configs``): a folder
+    on disk, because pip installs wheels unpacked and an editable install maps the package to the checkout's."""
+    try:
+        return Path(str(resources.files("medvl.configs")))
+    except ModuleNotFoundError:
+        raise ImportError(
+            "medvl's presets (the package medvl.configs, from the repository's configs/) are not installed: "
+            "install medvl with `pip install .` or `pip install -e .` instead of importing it from a checkout"
+        ) from None
+
+
+CONFIG_ROOT = _installed_presets()
 
 
 def _type_name(tp: Any) -> str:
