@@ -67,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-extra", action="store_true", help="only the default and the MONAI-recipe rows")
     args = p.parse_args(argv)
 
-    from medvl.eval.classifier import ClassifierConfig, load_or_train_classifier, load_split
+    from medvl.eval.classifier import ClassifierConfig, load_split
     from medvl.inference.synthesize import Synthesizer
+    from medvl.train.classifier import load_or_train_classifier
 
     synth = Synthesizer.load(args.run, device=args.device)
     classifier, _ = load_or_train_classifier(args.data, ClassifierConfig(), device=synth.device)

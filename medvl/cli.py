@@ -244,7 +244,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "evaluate":
         from medvl.eval import evaluate
 
-        metrics = evaluate(args.kind, run=args.run, data=args.data, split=args.split, out=args.out)
+        options = {}
+        if registry.evaluation(args.kind).uses_classifier:
+            from medvl.train.classifier import evaluation_classifier
+
+            options["classifier"] = evaluation_classifier(args.data)  # trained once per dataset, then cached
+        metrics = evaluate(args.kind, run=args.run, data=args.data, split=args.split, out=args.out, **options)
         meta = metrics.get("meta") or {}
         print(f"medvl evaluate {args.kind} ({args.split}, {meta.get('num_samples', '?')} samples): {args.out}")
         table = headline_table(args.kind, metrics)

@@ -59,7 +59,8 @@ class EvaluationSpec:
     ``run`` is the stage of the run ``--run`` names (its evaluation record is kept in that run);
     ``needs`` the stages whose runs must be reachable from ``--run``; ``headline`` the metric keys
     (docs/design.md section 4) printed at the end of ``medvl evaluate``; ``uses_classifier`` whether it
-    scores scans with the evaluation X-ray classifier (it then takes ``classifier_config``).
+    scores scans with the evaluation X-ray classifier (it then takes ``classifier``: a trained one's
+    directory or the loaded model, :func:`medvl.train.classifier.evaluation_classifier`).
     """
 
     name: str

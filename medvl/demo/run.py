@@ -27,9 +27,10 @@ from medvl.config import preset_overrides
 from medvl.data.phantom import prepare_phantom
 from medvl.data.prepared import META_FILE
 from medvl.eval import evaluate
-from medvl.eval.classifier import ClassifierConfig, classifier_cache_dir, load_or_train_classifier
+from medvl.eval.classifier import ClassifierConfig, classifier_cache_dir
 from medvl.report.html import write_report
 from medvl.runs import is_finished
+from medvl.train.classifier import load_or_train_classifier
 from medvl.train.stages import run_stage
 from medvl.version import __version__
 
@@ -93,7 +94,7 @@ def build_steps(out: Path, preset: str) -> list[Step]:
         spec = registry.evaluation(kind)
         options = dict(p["evaluate"].get(kind, {}))
         if spec.uses_classifier:
-            options["classifier_config"] = classifier
+            options["classifier"] = classifier_cache_dir(data, classifier)  # trained by the step before
         evaluate(kind, run=runs / spec.run, data=data, split="test", out=evals / f"{kind}.json", **options)
 
     steps = [

@@ -1,6 +1,7 @@
 """The chest X-ray classifier that scores synthesized scans (docs/design.md sections 4 and 8).
 
-:class:`XrayClassifier` is a small CNN trained here on the *real training scans* of a prepared dataset:
+:class:`XrayClassifier` is a small CNN trained on the *real training scans* of a prepared dataset
+(:mod:`medvl.train.classifier`):
 
 * 14 CheXpert label logits (positive = 1; negative, uncertain and blank = 0: the phantom draws only positive
   findings), for ``image.label_auroc`` / ``image.real_label_auroc``;
@@ -12,7 +13,9 @@
   weights are not on local disk (:func:`fid_extractor`).
 
 Selection is on validation macro AUROC; the trained model is cached next to the data
-(``DATA/classifiers/<hash>/``) so every evaluation of that dataset uses the same one.
+(``DATA/classifiers/<hash>/``, :func:`classifier_cache_dir`) so every evaluation of that dataset uses the same
+one. Evaluations receive it from their caller (a saved directory or a loaded model, :data:`ClassifierLike`);
+this module scores with it and never trains it.
 
 :class:`XrvDenseNetFeatures` wraps torchxrayvision's DenseNet-121 with weights read from a local state-dict
 file (``MEDVL_XRV_DENSENET_WEIGHTS``); nothing is ever downloaded.
@@ -22,8 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,13 +36,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
+from medvl.data.prepared import INDEX_FILE, META_FILE, REGIONS_FILE, PreparedDataset
 from medvl.errors import DataError, RunError
 from medvl.models.pretrained import is_component, load_weights, read_config, save_weights, write_config
 from medvl.text.chexpert import CHEXPERT_LABELS
-
-logger = logging.getLogger(__name__)
 
 XRV_WEIGHTS_ENV = "MEDVL_XRV_DENSENET_WEIGHTS"
 HALVES = ("image_left", "image_right")  # image halves; a PA film shows the patient's left on the image right
@@ -260,7 +259,7 @@ def predict(model: XrayClassifier, images: torch.Tensor | np.ndarray, batch_size
     return torch.cat(probs).numpy(), torch.cat(sides).numpy(), torch.cat(feats).numpy()
 
 
-# ------------------------------------------------------------------------------------- training
+# ------------------------------------------------------------------- the dataset's scans, the saved classifier
 
 
 @dataclass
@@ -274,8 +273,6 @@ class SplitArrays:
 def load_split(data: str | Path, split: str, size: int, views: Sequence[str] = ("PA", "AP"),
                limit: int = 0) -> SplitArrays:
     """Frontal scans of one split, resized to ``size`` (area), with labels, ids and reports."""
-    from medvl.data.prepared import PreparedDataset
-
     ds = PreparedDataset(data, split).select(views=views, keep_blank_view=True, limit=limit)
     if not len(ds):
         raise DataError(f"{data} has no frontal {split} scans")
@@ -289,22 +286,10 @@ def load_split(data: str | Path, split: str, size: int, views: Sequence[str] = (
                        reports=ds.index["report"].tolist())
 
 
-def _regions(data: Path):
-    from medvl.data.prepared import REGIONS_FILE
-
+def read_regions(data: str | Path) -> pd.DataFrame | None:
+    """All ground-truth finding boxes of a prepared dataset (``regions.csv``, every split), or None."""
     path = Path(data) / REGIONS_FILE
     return pd.read_csv(path, dtype={"dicom_id": str}, keep_default_na=False) if path.exists() else None
-
-
-def _shift(x: torch.Tensor, max_shift: float, g: torch.Generator) -> torch.Tensor:
-    """Random integer translation (replicate padding), no flips: left and right must stay put."""
-    if max_shift <= 0:
-        return x
-    s = x.shape[-1]
-    m = max(1, int(round(max_shift * s)))
-    dx, dy = (torch.randint(-m, m + 1, (2,), generator=g)).tolist()
-    x = F.pad(x, (m, m, m, m), mode="replicate")
-    return x[..., m + dy: m + dy + s, m + dx: m + dx + s]
 
 
 @dataclass
@@ -320,67 +305,7 @@ class ClassifierReport:
     side_convention_agreement: float  # stated side vs drawn half on training regions (1.0 expected)
 
 
-def train_classifier(data: str | Path, cfg: ClassifierConfig | None = None,
-                     device: str | torch.device | None = None) -> tuple[XrayClassifier, ClassifierReport]:
-    """Train on the training split's real scans; keep the weights with the best validation macro AUROC."""
-    cfg = cfg or ClassifierConfig()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    data = Path(data)
-    regions = _regions(data)
-    train = load_split(data, "train", cfg.image_size, cfg.views)
-    val = load_split(data, "validate", cfg.image_size, cfg.views)
-    train_regions = regions[regions["dicom_id"].isin(set(train.dicom_ids))] if regions is not None else None
-    findings = one_sided_findings(train_regions, cfg.min_side_regions)
-    y = torch.from_numpy(positive_labels(train.labels))
-    s = torch.from_numpy(side_targets(regions, train.dicom_ids, findings))
-    val_pairs = laterality_pairs(regions, val.dicom_ids, findings)
-    agreement = side_convention_agreement(train_regions)
-    if math.isfinite(agreement) and agreement < 0.9:
-        logger.warning("only %.0f%% of one-sided regions lie in the image half the PA convention predicts; "
-                       "laterality numbers assume patient left = image right", 100 * agreement)
-
-    torch.manual_seed(cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
-    model = XrayClassifier(cfg, findings).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
-    images = torch.from_numpy(train.images)
-    best: tuple[float, int, dict, dict[str, float], float] | None = None
-    n = len(images)
-    pbar = tqdm(range(1, cfg.steps + 1), desc="train classifier", unit="step", leave=False)
-    for step in pbar:
-        model.train()
-        idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=g)
-        x = _shift(images[idx], cfg.max_shift, g).to(device)
-        logits, side = model(x)
-        loss = F.binary_cross_entropy_with_logits(logits, y[idx].to(device))
-        if findings:
-            loss = loss + F.binary_cross_entropy_with_logits(side, s[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            probs, sides, _ = predict(model, val.images, device=device)
-            aucs = label_aurocs(probs, val.labels)
-            macro = float(np.mean(list(aucs.values()))) if aucs else float("nan")
-            lat = laterality_accuracy(sides, val_pairs)
-            pbar.set_postfix(val_auroc=f"{macro:.3f}", loss=f"{loss.item():.3f}")
-            if best is None or (math.isfinite(macro) and macro > best[0]):
-                state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-                best = (macro, step, state, aucs, lat)
-    assert best is not None
-    model.load_state_dict(best[2])
-    model.eval()
-    report = ClassifierReport(val_macro_auroc=best[0], val_per_label_auroc=best[3], val_laterality_accuracy=best[4],
-                              best_step=best[1], side_findings=findings, train_images=n,
-                              side_convention_agreement=agreement)
-    return model, report
-
-
 def _cache_key(data: Path, cfg: ClassifierConfig) -> str:
-    from medvl.data.prepared import INDEX_FILE, META_FILE, REGIONS_FILE
-
     h = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode())
     for name in (META_FILE, INDEX_FILE, REGIONS_FILE):
         p = data / name
@@ -402,18 +327,29 @@ def classifier_cache_dir(data: str | Path, cfg: ClassifierConfig) -> Path:
     return Path.home() / ".cache" / "medvl" / "classifiers" / f"{digest}-{key}"
 
 
-def load_or_train_classifier(data: str | Path, cfg: ClassifierConfig | None = None,
-                             device: str | torch.device | None = None) -> tuple[XrayClassifier, ClassifierReport]:
-    """The dataset's evaluation classifier: from the cache, or trained now and cached."""
-    cfg = cfg or ClassifierConfig()
-    directory = classifier_cache_dir(data, cfg)
-    if is_component(directory, XrayClassifier.FORMAT):
-        model = XrayClassifier.from_pretrained(directory, device=device or "cpu")
-        spec = read_config(directory, XrayClassifier.FORMAT)
-        return model, ClassifierReport(**spec["report"])
-    logger.info("training the evaluation classifier on %s (cached in %s)", data, directory)
-    model, report = train_classifier(data, cfg, device)
-    model.save_pretrained(directory, meta={"report": asdict(report)})
+def is_trained_classifier(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a saved evaluation classifier."""
+    return is_component(directory, XrayClassifier.FORMAT)
+
+
+def load_trained_classifier(directory: str | Path, device: str | torch.device = "cpu"
+                            ) -> tuple[XrayClassifier, ClassifierReport]:
+    """A saved evaluation classifier (in eval mode on ``device``) and its validation report."""
+    model = XrayClassifier.from_pretrained(directory, device=device)
+    spec = read_config(directory, XrayClassifier.FORMAT)
+    return model, ClassifierReport(**spec["report"])
+
+
+#: What an evaluation takes as its classifier: a saved classifier's directory, or one already loaded.
+ClassifierLike = str | Path | tuple[XrayClassifier, ClassifierReport]
+
+
+def resolve_classifier(classifier: ClassifierLike, device: str | torch.device = "cpu"
+                       ) -> tuple[XrayClassifier, ClassifierReport]:
+    """``classifier`` loaded onto ``device`` when it is a directory; a loaded one as it is."""
+    if isinstance(classifier, (str, Path)):
+        return load_trained_classifier(classifier, device=device)
+    model, report = classifier
     return model, report
 
 

@@ -7,6 +7,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from medvl.config import config_hash
+from medvl.runs import CONFIG_FILE
 from medvl.version import __version__
 
 
@@ -20,6 +24,22 @@ def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None  # JSON has no NaN; a missing metric is null with its reason under "missing"
     return value
+
+
+def saved_config(run: str | Path) -> dict[str, Any] | None:
+    """The resolved config a run was trained with, as saved (``RUN/config.yaml``, plain data); None without one."""
+    path = Path(run) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def run_config_hash(run: str | Path) -> str | None:
+    """:func:`medvl.config.config_hash` of the run's saved config (None without one). The file is the typed
+    config's plain-data dump, so this is the hash of the config the run was trained with, read without the
+    stage's config class."""
+    config = saved_config(run)
+    return None if config is None else config_hash(config)
 
 
 def metrics_record(

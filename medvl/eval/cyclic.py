@@ -19,6 +19,7 @@ For the test studies (scan ``I``, reference report ``R``):
 
 from __future__ import annotations
 
+import csv
 import logging
 from pathlib import Path
 
@@ -28,6 +29,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from medvl.errors import RunError
+from medvl.eval.classifier import ClassifierLike, label_aurocs, load_split, predict, resolve_classifier
+from medvl.eval.clinical import ce_metrics, label_reports
+from medvl.eval.common import metrics_record, write_metrics
+from medvl.eval.image import synthesize_reports
+from medvl.inference.generate import ReportGenerator
+from medvl.inference.synthesize import Synthesizer
 from medvl.runs import find_runs
 
 logger = logging.getLogger(__name__)
@@ -90,21 +97,9 @@ def _retrieval_r1(run, images: np.ndarray, texts: list[str], image_to_text: bool
 def evaluate_cyclic(*, run: Path, data: Path, split: str = "test", out: Path | None = None,
                     max_studies: int = 200, steps: int | None = None, guidance: float | None = None,
                     beams: int | None = None, seed: int = 0, device: str | None = None,
-                    classifier_config=None) -> dict:
-    """Score both cycles on up to ``max_studies`` frontal studies of ``split``; write metrics to ``out``."""
-    from medvl.eval.clinical import ce_metrics, label_reports
-    from medvl.eval.common import metrics_record, write_metrics
-    from medvl.eval.image import synthesize_reports
-    from medvl.inference.generate import ReportGenerator
-    from medvl.eval.classifier import (
-        ClassifierConfig,
-        label_aurocs,
-        load_or_train_classifier,
-        load_split,
-        predict,
-    )
-    from medvl.inference.synthesize import Synthesizer
-
+                    classifier: ClassifierLike) -> dict:
+    """Score both cycles on up to ``max_studies`` frontal studies of ``split`` with the dataset's evaluation
+    ``classifier`` (see :mod:`medvl.eval.classifier`); write metrics to ``out``."""
     runs = find_runs(run)
     for need in ("report", "diffusion"):
         if need not in runs:
@@ -112,8 +107,7 @@ def evaluate_cyclic(*, run: Path, data: Path, split: str = "test", out: Path | N
                            "(pass the diffusion run trained --from the report run, or a demo directory)")
     synth = Synthesizer.load(runs["diffusion"], device=device)
     generator = ReportGenerator.load(runs["report"], device=str(synth.device))
-    classifier, _ = load_or_train_classifier(data, classifier_config or ClassifierConfig(),
-                                             device=synth.device)
+    classifier, _ = resolve_classifier(classifier, device=synth.device)
     adamatch = generator.adamatch_run
 
     arrays = load_split(data, split, synth.image_size, limit=max_studies)
@@ -187,8 +181,6 @@ def evaluate_cyclic(*, run: Path, data: Path, split: str = "test", out: Path | N
                                    "max_studies": max_studies})
     write_metrics(out, record)
     if out is not None:
-        import csv
-
         with open(Path(out).with_suffix(".examples.csv"), "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["study", "reference", "generated", "cycle_report"])

@@ -37,6 +37,23 @@ import torch
 from tqdm import tqdm
 
 from medvl.errors import DataError
+from medvl.eval.classifier import (
+    RESOLVABLE_MIN_SIDE,
+    ClassifierLike,
+    fid_extractor,
+    label_aurocs,
+    laterality_accuracy,
+    laterality_pairs,
+    load_split,
+    predict,
+    read_regions,
+    resolve_classifier,
+)
+from medvl.eval.common import metrics_record, run_config_hash, write_metrics
+from medvl.inference.synthesize import Synthesizer
+from medvl.text.chexpert import CHEXPERT_LABELS
+from medvl.text.labeler import extract_mentions
+from medvl.text.layout import stated_sides
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +117,6 @@ def score_scans(classifier, images: np.ndarray, labels: np.ndarray, pairs, prefi
                 all_pairs=None) -> dict[str, float]:
     """``{prefix}label_auroc``, ``{prefix}per_label.<name>.auroc``, ``{prefix}laterality_accuracy`` (resolvable
     findings), ``{prefix}laterality_accuracy_all_sizes`` and per finding kind (``per_finding.<kind>``)."""
-    from medvl.eval.classifier import label_aurocs, laterality_accuracy, predict
-
     probs, sides, _ = predict(classifier, images)
     aucs = label_aurocs(probs, labels)
     real = prefix.endswith("real_")
@@ -122,8 +137,6 @@ def score_scans(classifier, images: np.ndarray, labels: np.ndarray, pairs, prefi
 
 def _grid_rows(labels: np.ndarray, reports: Sequence[str], n: int) -> list[int]:
     """Up to ``n`` test studies for the figure: first one per positive label, then normal ones."""
-    from medvl.text.chexpert import CHEXPERT_LABELS
-
     chosen: list[int] = []
     for k, _name in enumerate(CHEXPERT_LABELS):
         for i in np.flatnonzero(labels[:, k] == 1):
@@ -188,35 +201,23 @@ class ScoringSplit:
 def report_stated_sides(reports: Sequence[str]) -> list[set[tuple[str, str]]]:
     """Per report, the ``(finding, patient side)`` pairs it states (:func:`medvl.text.layout.stated_sides` of
     medvl's labeler's reading; the phantom drew from the same reading)."""
-    from medvl.text.labeler import extract_mentions
-    from medvl.text.layout import stated_sides
-
     return [stated_sides(extract_mentions(r)) for r in reports]
 
 
-def _scoring_inputs(run: Path, data: Path, split: str, max_reports: int, device: str | None, classifier_config):
-    """The diffusion run, the evaluation classifier (trained and cached if absent), its training report, and the
-    split's scorable scans: what :func:`evaluate_diffusion` and :func:`tune_guidance` both score against."""
-    from medvl.eval.classifier import (
-        RESOLVABLE_MIN_SIDE,
-        ClassifierConfig,
-        _regions,
-        laterality_pairs,
-        load_or_train_classifier,
-        load_split,
-    )
-    from medvl.inference.synthesize import Synthesizer
-
+def _scoring_inputs(run: Path, data: Path, split: str, max_reports: int, device: str | None,
+                    classifier: ClassifierLike):
+    """The diffusion run, the evaluation classifier (loaded onto the run's device when given as a directory), its
+    training report, and the split's scorable scans: what :func:`evaluate_diffusion` and :func:`tune_guidance`
+    both score against."""
     synth = Synthesizer.load(run, device=device)
-    classifier, creport = load_or_train_classifier(data, classifier_config or ClassifierConfig(),
-                                                  device=synth.device)
+    classifier, creport = resolve_classifier(classifier, device=synth.device)
     arrays = load_split(data, split, synth.image_size, limit=max_reports)
     reports = [" ".join(r.split()) for r in arrays.reports]
     keep = [i for i, r in enumerate(reports) if r]
     if len(keep) < len(reports):
         logger.warning("%d %s scans have an empty report and are skipped", len(reports) - len(keep), split)
     dicom_ids = [arrays.dicom_ids[i] for i in keep]
-    regions = _regions(data)
+    regions = read_regions(data)
     kept = [reports[i] for i in keep]
     stated = report_stated_sides(kept) if regions is not None else None
     split_in = ScoringSplit(
@@ -231,14 +232,11 @@ def evaluate_diffusion(*, run: Path, data: Path, split: str = "test", out: Path 
                        steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
                        max_reports: int = 0, diversity_reports: int = 32, seed: int = 0,
                        unconditional_baseline: bool = True, grid_studies: int = 8,
-                       device: str | None = None, classifier_config=None) -> dict:
-    """Score the diffusion run ``run`` on ``split`` of ``data``; write the metrics to ``out`` (and a grid PNG)."""
-    from medvl.config import config_hash
-    from medvl.eval.common import metrics_record, write_metrics
-    from medvl.eval.classifier import RESOLVABLE_MIN_SIDE, fid_extractor
-
+                       device: str | None = None, classifier: ClassifierLike) -> dict:
+    """Score the diffusion run ``run`` on ``split`` of ``data`` with the dataset's evaluation ``classifier`` (see
+    :mod:`medvl.eval.classifier`); write the metrics to ``out`` (and a grid PNG)."""
     run, data = Path(run), Path(data)
-    synth, classifier, creport, split_in = _scoring_inputs(run, data, split, max_reports, device, classifier_config)
+    synth, classifier, creport, split_in = _scoring_inputs(run, data, split, max_reports, device, classifier)
     images, labels, reports = split_in.images, split_in.labels, split_in.reports
     pairs, all_pairs = split_in.pairs, split_in.all_pairs
 
@@ -303,16 +301,8 @@ def evaluate_diffusion(*, run: Path, data: Path, split: str = "test", out: Path 
     missing = {}
     if not pairs:
         missing["image.laterality_accuracy"] = "no one-sided findings with regions in this split"
-    try:
-        from medvl.config import load_config
-        from medvl.train.stages.diffusion import DiffusionStageConfig
-
-        chash = config_hash(load_config(DiffusionStageConfig, run / "config.yaml")) \
-            if (run / "config.yaml").exists() else None
-    except Exception:  # a config from another medvl version: the hash is informative only
-        chash = None
     record = metrics_record(metrics, split=split, num_samples=len(reports), conventions=conventions, seed=seed,
-                            config_hash=chash, missing=missing, extra=extra)
+                            config_hash=run_config_hash(run), missing=missing, extra=extra)
     if out is not None:
         write_metrics(out, record)
         rows = _grid_rows(labels, reports, grid_studies)
@@ -324,14 +314,14 @@ def evaluate_diffusion(*, run: Path, data: Path, split: str = "test", out: Path 
 
 def tune_guidance(*, run: Path, data: Path, values: Sequence[float] = (2.0, 3.0, 4.0, 6.0), max_reports: int = 0,
                   seed: int = 0, write: bool = True, device: str | None = None,
-                  classifier_config=None) -> dict[float, dict[str, float]]:
+                  classifier: ClassifierLike) -> dict[float, dict[str, float]]:
     """Pick the run's default guidance on the *validation* split (never test): the value with the best mean of
     ``image.label_auroc`` and ``image.laterality_accuracy``; with ``write`` it becomes the run's default in
     ``diffusion/scheduler_config.json``. Returns the validation scores per value."""
     from medvl.models.diffusion import DiffusionBundle, load_scheduler_config, save_scheduler_config
 
     run, data = Path(run), Path(data)
-    synth, classifier, _, val = _scoring_inputs(run, data, "validate", max_reports, device, classifier_config)
+    synth, classifier, _, val = _scoring_inputs(run, data, "validate", max_reports, device, classifier)
     scores: dict[float, dict[str, float]] = {}
     for g in values:
         fake = synthesize_reports(synth, val.reports, guidance=g, seed=seed, desc=f"guidance {g:g}")

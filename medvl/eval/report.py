@@ -26,11 +26,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from medvl.config import config_hash
+from medvl.data.prepared import PreparedDataset
+from medvl.errors import DataError, RunError
 from medvl.eval.clinical import CE_CONVENTION, ce_metrics, label_reports
-from medvl.eval.common import metrics_record, write_metrics
+from medvl.eval.common import metrics_record, run_config_hash, saved_config, write_metrics
 from medvl.eval.nlg import TOKENISATION, NLGScorer
+from medvl.inference.generate import ReportGenerator
 from medvl.models.report_head import ReportHeadBundle
+from medvl.runs import CONFIG_FILE
 
 ABLATIONS_DIR = "ablations"
 
@@ -40,12 +43,23 @@ def predictions_path(out: Path) -> Path:
     return out.with_name(out.stem + ".predictions.csv") if out.suffix == ".json" else Path(str(out) + ".predictions.csv")
 
 
-def _run_config(run: Path) -> Any:
-    from medvl.config import load_config
-    from medvl.train.stages.report import ReportStageConfig
+def _run_config(run: Path) -> dict[str, Any]:
+    """The report run's saved config (plain data)."""
+    config = saved_config(run)
+    if config is None:
+        raise RunError(f"{run} has no {CONFIG_FILE}; it is not a report run written by `medvl train report`")
+    return config
 
-    path = run / "config.yaml"
-    return load_config(ReportStageConfig, path) if path.exists() else ReportStageConfig()
+
+def report_studies(data: Path, split: str, data_config: dict[str, Any]) -> PreparedDataset:
+    """The images of ``split`` the report stage reads, by the run's ``data:`` settings: its ``views`` (a blank
+    view left out) and, with ``one_image_per_study``, the first such image of each study."""
+    ds = PreparedDataset(data, split).select(views=data_config["views"], keep_blank_view=False,
+                                             one_per_study=data_config["one_image_per_study"])
+    if len(ds) == 0:
+        views = sorted({v.upper() for v in data_config["views"]})
+        raise DataError(f"{data}: the '{split}' split has no reports with views {views}")
+    return ds
 
 
 def generate_for_split(generator: Any, dataset: Any, *, beams: int | None = None, desc: str = "generating"
@@ -119,15 +133,12 @@ def find_ablations(run: Path) -> dict[str, Path]:
 
 def evaluate_report(*, run: Path, data: Path, split: str = "test", out: Path | None = None) -> dict:
     """Score the report run ``run`` on ``split`` of the prepared dataset ``data``; see the module docstring."""
-    from medvl.inference.generate import ReportGenerator
-    from medvl.train.stages.report import report_split
-
     run, data = Path(run), Path(data)
     ReportHeadBundle.read_config(run)  # a one-line RunError when RUN holds no report head (or an older layout)
     cfg = _run_config(run)
     generator = ReportGenerator.load(run)
-    test = report_split(data, split, cfg.data)
-    train = report_split(data, "train", cfg.data)
+    test = report_studies(data, split, cfg["data"])
+    train = report_studies(data, "train", cfg["data"])
     references = [str(r) for r in test.index["report"]]
     ref_labels = label_reports(references)
 
@@ -164,13 +175,13 @@ def evaluate_report(*, run: Path, data: Path, split: str = "test", out: Path | N
         "decoding": ((f"beam search, {g.beams} beams, length_penalty {g.length_penalty}, " if g.beams > 1
                       else "greedy, ") + f"no_repeat_ngram_size {g.no_repeat_ngram_size}, "
                      f"at most {generator.head.cfg.max_length - 1} tokens, KV cache (run's generation settings)"),
-        "samples": f"one frontal image ({', '.join(cfg.data.views)}) per study",
+        "samples": f"one frontal image ({', '.join(cfg['data']['views'])}) per study",
         "baselines.most_frequent": "the most frequent training report for every study",
         "baselines.retrieval": "the training report with the highest AdaMatch s_i2t + s_t2i for the image",
         "ablations": "report runs under RUN/ablations/<name>/, decoded like the main run",
     }
     record = metrics_record(metrics, split=split, num_samples=len(test), conventions=conventions,
-                            seed=cfg.train.seed, config_hash=config_hash(cfg), missing=missing,
+                            seed=cfg["train"]["seed"], config_hash=run_config_hash(run), missing=missing,
                             extra={"run": str(run), "data": str(data), "ablations": sorted(ablations),
                                    "most_frequent_report": baselines["most_frequent"][0]})
     if out is not None:

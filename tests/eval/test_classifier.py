@@ -1,7 +1,10 @@
-"""The evaluation classifier: trains on tiny real scans, caches, scores sides; the torchxrayvision DenseNet
-feature extractor loads local state dicts only."""
+"""The evaluation classifier: its side head, targets and metrics, how an evaluation receives it (a saved
+directory or a loaded model); the torchxrayvision DenseNet feature extractor loads local state dicts only.
+Its training and cache: tests/train/test_classifier.py."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pandas as pd
@@ -11,45 +14,40 @@ import torch
 from medvl.errors import RunError
 from medvl.eval.classifier import (
     ClassifierConfig,
+    ClassifierReport,
     XrayClassifier,
     XrvDenseNetFeatures,
     fid_extractor,
+    is_trained_classifier,
     label_aurocs,
     laterality_accuracy,
     laterality_pairs,
-    load_or_train_classifier,
     one_sided_findings,
     positive_labels,
-    predict,
+    resolve_classifier,
     side_targets,
 )
 from medvl.text.chexpert import CHEXPERT_LABELS
-from tests.models.diffusion_fixtures import one_thread
-
-TINY = ClassifierConfig(image_size=32, channels=[8, 16, 32], steps=60, eval_every=20, batch_size=16, lr=5e-3,
-                        min_side_regions=3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    with one_thread():
-        yield
-
-
-def test_classifier_trains_on_tiny_data_and_is_cached(tiny_prepared):
-    model, report = load_or_train_classifier(tiny_prepared, TINY, device="cpu")
-    assert report.side_findings == ["effusion", "nodule", "opacity"]
-    assert report.side_convention_agreement == 1.0
-    assert report.train_images == 33 and 1 <= report.best_step <= 60
-    # The blob templates are easy: validation labels are ranked well above chance.
-    assert report.val_macro_auroc > 0.7
-    cached, report2 = load_or_train_classifier(tiny_prepared, TINY, device="cpu")
-    assert report2 == report
-    for a, b in zip(model.state_dict().values(), cached.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b)
-    x = torch.zeros(3, 1, 64, 64)
-    probs, sides, feats = predict(cached, x)
-    assert probs.shape == (3, 14) and sides.shape == (3, 3, 2) and feats.shape == (3, cached.feature_dim)
+def test_an_evaluation_takes_a_saved_directory_or_a_loaded_classifier(tmp_path):
+    torch.manual_seed(0)
+    model = XrayClassifier(ClassifierConfig(image_size=32, channels=[8]), ["effusion"]).eval()
+    report = ClassifierReport(val_macro_auroc=0.75, val_per_label_auroc={"Cardiomegaly": 0.75},
+                              val_laterality_accuracy=1.0, best_step=3, side_findings=["effusion"], train_images=9,
+                              side_convention_agreement=1.0)
+    assert not is_trained_classifier(tmp_path / "clf")
+    model.save_pretrained(tmp_path / "clf", meta={"report": dataclasses.asdict(report)})
+    assert is_trained_classifier(tmp_path / "clf")
+    for given in (tmp_path / "clf", str(tmp_path / "clf")):
+        loaded, loaded_report = resolve_classifier(given, device="cpu")
+        assert loaded_report == report and not loaded.training and loaded.side_findings == ("effusion",)
+        for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True):
+            assert torch.equal(a, b)
+    assert resolve_classifier((model, report)) == (model, report)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunError, match="no trained classifier"):
+        resolve_classifier(tmp_path / "empty")
 
 
 def test_side_head_pools_each_image_half_separately():

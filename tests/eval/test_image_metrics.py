@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from medvl.eval.image import evaluate_diffusion, mean_ms_ssim, ms_ssim_weights, tune_guidance
 from medvl.eval.classifier import ClassifierConfig
+from medvl.eval.image import evaluate_diffusion, mean_ms_ssim, ms_ssim_weights, tune_guidance
+from medvl.train.classifier import evaluation_classifier
 from tests.models.diffusion_fixtures import build_tiny_runs, one_thread
 
 TINY_CLASSIFIER = ClassifierConfig(image_size=32, channels=[8, 16, 32], steps=40, eval_every=20, batch_size=16,
@@ -36,8 +37,9 @@ def test_ms_ssim_scales_fit_the_image():
 def test_evaluate_diffusion_writes_the_contract_keys(tiny_prepared, tmp_path):
     run = build_tiny_runs(tmp_path / "runs", tiny_prepared)["diff"]
     out = tmp_path / "eval" / "diffusion.json"
+    classifier = evaluation_classifier(tiny_prepared, TINY_CLASSIFIER, device="cpu")
     record = evaluate_diffusion(run=run, data=tiny_prepared, split="test", out=out, diversity_reports=4,
-                                classifier_config=TINY_CLASSIFIER, steps=3)
+                                classifier=classifier, steps=3)
     saved = json.loads(out.read_text())
     assert saved.keys() == record.keys()
     for key in ("image.fid", "image.ms_ssim_diversity", "image.label_auroc", "image.real_label_auroc",
@@ -58,7 +60,7 @@ def test_evaluate_diffusion_writes_the_contract_keys(tiny_prepared, tmp_path):
 
     # guidance is chosen on the validation split and written into the run
     scores = tune_guidance(run=run, data=tiny_prepared, values=(0.0, 2.0), write=True,
-                           classifier_config=TINY_CLASSIFIER)
+                           classifier=classifier)
     assert set(scores) == {0.0, 2.0}
     from medvl.models.diffusion import load_scheduler_config
 
