@@ -16,13 +16,9 @@ from PIL import Image
 from medvl.data.scans import load_scan
 from medvl.inference.generate import GeneratedReport, ReportGenerator, generate_report_command
 from medvl.text.chexpert import CHEXPERT_LABELS
-from tests.models.report_fixtures import one_thread, tiny_runs
+from tests.models.report_fixtures import tiny_runs
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

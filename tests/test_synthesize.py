@@ -11,14 +11,16 @@ import torch
 from PIL import Image
 
 from medvl.errors import InvalidReportError
-from medvl.inference.synthesize import Synthesizer, check_report, synthesize_command, write_png, write_synthetic_dicom
-from tests.models.diffusion_fixtures import build_tiny_runs, one_thread
+from medvl.inference.synthesize import (
+    Synthesizer,
+    check_report,
+    synthesize_command,
+    write_png,
+    write_synthetic_dicom,
+)
+from tests.models.diffusion_fixtures import build_tiny_runs
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from medvl.eval.alignment import (
 )
 from medvl.models.adamatch import ImagePatches, TextTokens, select_words
 from medvl.text.tokenizer import ReportTokenizer, train_wordpiece
-from tests.models.adamatch_fixtures import train_tiny_run
 
 
 def _enc(img, txt, reports):
@@ -128,13 +127,12 @@ def test_localization_metrics_per_finding():
     assert localization_metrics([]) == {}
 
 
-def test_evaluate_on_tiny_prepared_writes_every_key(tiny_prepared, tmp_path):
+def test_evaluate_on_tiny_prepared_writes_every_key(tiny_prepared, tiny_adamatch_run, tmp_path):
     from medvl.data.prepared import PreparedDataset
     from medvl.eval import evaluate
 
-    run = train_tiny_run(tiny_prepared, tmp_path / "run")
     out = tmp_path / "metrics.json"
-    evaluate("adamatch", run=run, data=tiny_prepared, split="test", out=out)
+    evaluate("adamatch", run=tiny_adamatch_run, data=tiny_prepared, split="test", out=out)
     m = json.loads(out.read_text())
     for key in ("retrieval.i2t_r1", "retrieval.i2t_r5", "retrieval.t2i_r1", "retrieval.t2i_r5",
                 "localization.pointing_game", "localization.pointing_game_chance", "localization.box_iou"):

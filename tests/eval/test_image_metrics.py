@@ -10,16 +10,13 @@ import pytest
 from medvl.eval.classifier import ClassifierConfig
 from medvl.eval.image import evaluate_diffusion, mean_ms_ssim, ms_ssim_weights, tune_guidance
 from medvl.train.classifier import evaluation_classifier
-from tests.models.diffusion_fixtures import build_tiny_runs, one_thread
+from tests.models.diffusion_fixtures import build_tiny_runs
 
 TINY_CLASSIFIER = ClassifierConfig(image_size=32, channels=[8, 16, 32], steps=40, eval_every=20, batch_size=16,
                                    lr=5e-3, min_side_regions=3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_ms_ssim_scales_fit_the_image():

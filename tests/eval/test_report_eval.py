@@ -11,7 +11,9 @@ import pytest
 from medvl.eval import evaluate, nlg
 from medvl.eval.report import most_frequent_report, predictions_path
 from medvl.text.chexpert import CHEXPERT_LABELS
-from tests.models.report_fixtures import one_thread, tiny_runs
+from tests.models.report_fixtures import tiny_runs
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +29,7 @@ def test_evaluate_report_writes_the_contract(runs, tmp_path, monkeypatch):
     # METEOR's Java start-up (~10 s) is covered by tests/eval/test_nlg.py; here it is reported missing.
     monkeypatch.setattr(nlg.shutil, "which", lambda name: None)
     out = tmp_path / "eval" / "report.json"
-    with one_thread():
-        record = evaluate("report", run=runs.report, data=runs.data, split="test", out=out)
+    record = evaluate("report", run=runs.report, data=runs.data, split="test", out=out)
     saved = json.loads(out.read_text())
     assert saved.keys() == record.keys()
     for prefix in ("", "baselines.most_frequent.", "baselines.retrieval.", "ablations.no_memory."):

@@ -1,30 +1,15 @@
-"""Helpers for the AdaMatch tests: a tiny trained run (plain loop, ~2 s), the two-process gather worker (kept in
-this light module so spawned processes do not import the test modules) and :func:`one_thread`, which every tiny
-model test uses."""
+"""Helpers for the AdaMatch tests: a tiny trained run (plain loop, ~2 s; ``tiny_adamatch_run`` in tests/conftest.py
+shares one per test session) and the two-process gather worker (kept in this light module so spawned processes do
+not import the test modules)."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from medvl.config import CONFIG_ROOT
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Tiny models run faster on one thread, and much faster when the cores are shared: OpenMP threads
-    spin-waiting on each other made each small convolution ~30x slower under load, and a 60-step tiny
-    training 12x slower (13 s vs 1.1 s wall) with 2 threads on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def train_tiny_run(data: Path, out: Path, steps: int = 8, overrides: list[str] | None = None) -> Path:

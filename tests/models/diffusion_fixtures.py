@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from medvl.models.memory import MemoryConfig, SharedMemory
-from tests.models.adamatch_fixtures import one_thread, train_tiny_run
+from tests.models.adamatch_fixtures import train_tiny_run
 
-__all__ = ["make_adamatch_run", "make_report_run", "one_thread", "train_plain", "finish_run", "build_tiny_runs"]
+__all__ = ["make_adamatch_run", "make_report_run", "train_plain", "finish_run", "build_tiny_runs"]
 
 DIM = 32  # the tiny AdaMatch preset's embedding width
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from tests.models.adamatch_fixtures import one_thread
+from tests.conftest import one_thread
 
-__all__ = ["make_tiny_adamatch_run", "train_tiny_report_run", "one_thread", "TinyRuns", "tiny_runs"]
+__all__ = ["make_tiny_adamatch_run", "train_tiny_report_run", "TinyRuns", "tiny_runs"]
 
 TINY_REPORT_OVERRIDES: list[str] = []  # configs/report/tiny.yaml is already tiny
 

@@ -30,13 +30,9 @@ from medvl.train.stages.diffusion import (
     build_diffusion_stage,
     resolve_source_runs,
 )
-from tests.models.diffusion_fixtures import build_tiny_runs, finish_run, one_thread, train_plain
+from tests.models.diffusion_fixtures import build_tiny_runs, finish_run, train_plain
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from medvl.models.report_head import (
     encode_reports,
     keyword_hints,
 )
-from tests.models.report_fixtures import one_thread, tiny_runs
+from tests.models.report_fixtures import tiny_runs
 
 REPORTS = ["The lungs are clear. No pleural effusion.", "Small left pleural effusion. Heart size is normal.",
            "Cardiomegaly. No focal consolidation.", "Right lower lobe opacity, 3.5 cm."]
@@ -28,10 +28,7 @@ P, D, K = 6, 12, 3
 KEYWORDS = ["effusion", "cardiomegaly", "opacity", "clear"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def small_cfg(**changes) -> ReportHeadConfig:

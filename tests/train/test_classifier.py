@@ -8,16 +8,12 @@ import torch
 
 from medvl.eval.classifier import ClassifierConfig, classifier_cache_dir, predict
 from medvl.train.classifier import evaluation_classifier, load_or_train_classifier, train_classifier
-from tests.models.diffusion_fixtures import one_thread
 
 TINY = ClassifierConfig(image_size=32, channels=[8, 16, 32], steps=60, eval_every=20, batch_size=16, lr=5e-3,
                         min_side_regions=3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_classifier_trains_on_tiny_data_and_is_cached(tiny_prepared):
