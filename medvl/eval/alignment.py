@@ -30,7 +30,12 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from medvl.config import config_hash
+from medvl.data.prepared import PreparedDataset
+from medvl.errors import DataError
+from medvl.eval.common import metrics_record, write_metrics
 from medvl.models.adamatch import AdaMatch, AdaMatchRun, contrastive_loss, token_scores
 from medvl.text.tokenizer import ReportTokenizer
 
@@ -113,8 +118,6 @@ def encode_split(model: AdaMatch, tokenizer: ReportTokenizer, dataset, *, batch_
                  progress: bool = False) -> SplitEncoding:
     """Encode every image and report of ``dataset`` (``PreparedDataset``-like) and play the pointing game on
     ``regions`` (``dicom_id, word, x0, y0, x1, y1``) as each batch passes."""
-    from tqdm.auto import tqdm
-
     was_training = model.training
     model.eval()
     by_image: dict[str, list] = defaultdict(list)
@@ -226,11 +229,6 @@ def localization_metrics(records: list[PointingRecord]) -> dict[str, float]:
 def evaluate_adamatch(*, run: Path, data: Path, split: str = "test", out: Path | None = None,
                       batch_size: int = 32, device: str = "cpu") -> dict:
     """Score an AdaMatch run on ``split`` of a prepared dataset; write the metrics file to ``out``."""
-    from medvl.config import config_hash
-    from medvl.data.prepared import PreparedDataset
-    from medvl.errors import DataError
-    from medvl.eval.common import metrics_record, write_metrics
-
     am = AdaMatchRun.from_pretrained(run, device=device)
     ds = PreparedDataset(data, split)
     if len(ds) == 0:

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from medvl.text import labeler
 from medvl.text.chexpert import CHEXPERT_5, CHEXPERT_LABELS
 
 CE_CONVENTION = (
@@ -73,6 +74,4 @@ def ce_metrics(reference: np.ndarray, generated: np.ndarray,
 
 def label_reports(texts: Sequence[str]) -> np.ndarray:
     """CheXpert labels of each report by medvl's labeler: (N, 14) float, 1 / 0 / -1, NaN blank."""
-    from medvl.text.labeler import label_reports as _label_reports
-
-    return np.asarray(_label_reports(list(texts)), dtype=np.float64).reshape(len(texts), len(CHEXPERT_LABELS))
+    return np.asarray(labeler.label_reports(list(texts)), dtype=np.float64).reshape(len(texts), len(CHEXPERT_LABELS))

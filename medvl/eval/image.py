@@ -51,6 +51,7 @@ from medvl.eval.classifier import (
 )
 from medvl.eval.common import metrics_record, run_config_hash, write_metrics
 from medvl.inference.synthesize import Synthesizer
+from medvl.models.diffusion import DiffusionBundle, load_scheduler_config, save_scheduler_config
 from medvl.text.chexpert import CHEXPERT_LABELS
 from medvl.text.labeler import extract_mentions
 from medvl.text.layout import stated_sides
@@ -318,8 +319,6 @@ def tune_guidance(*, run: Path, data: Path, values: Sequence[float] = (2.0, 3.0,
     """Pick the run's default guidance on the *validation* split (never test): the value with the best mean of
     ``image.label_auroc`` and ``image.laterality_accuracy``; with ``write`` it becomes the run's default in
     ``diffusion/scheduler_config.json``. Returns the validation scores per value."""
-    from medvl.models.diffusion import DiffusionBundle, load_scheduler_config, save_scheduler_config
-
     run, data = Path(run), Path(data)
     synth, classifier, _, val = _scoring_inputs(run, data, "validate", max_reports, device, classifier)
     scores: dict[float, dict[str, float]] = {}
