@@ -36,7 +36,8 @@ from medvl.models.adamatch import (
 )
 from medvl.text.chexpert import CHEXPERT_LABELS
 from medvl.text.tokenizer import ReportTokenizer, load_hf_tokenizer, train_wordpiece
-from medvl.train.loop import TrainConfig, unwrap
+from medvl.train.distributed import unwrap
+from medvl.train.loop import TrainConfig
 
 
 @dataclass

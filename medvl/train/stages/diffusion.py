@@ -57,7 +57,8 @@ from medvl.models.diffusion import (
 from medvl.models.memory import SharedMemory
 from medvl.models.pretrained import copy_component
 from medvl.runs import stages_of
-from medvl.train.loop import TrainConfig, unwrap
+from medvl.train.distributed import unwrap
+from medvl.train.loop import TrainConfig
 
 logger = logging.getLogger(__name__)
 

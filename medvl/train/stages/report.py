@@ -42,7 +42,8 @@ from medvl.models.report_head import (
     ReportHeadConfig,
 )
 from medvl.runs import find_from_run
-from medvl.train.loop import TrainConfig, unwrap
+from medvl.train.distributed import unwrap
+from medvl.train.loop import TrainConfig, default_param_groups
 
 
 @dataclass
@@ -207,8 +208,6 @@ class ReportStage:
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """AdamW groups: a fine-tuned AdaMatch learns at ``lr * model.adamatch_lr_scale``."""
-        from medvl.train.loop import default_param_groups
-
         head = unwrap(model)
         wd = self.train.weight_decay
         if head.adamatch is None:
