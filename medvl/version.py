@@ -1,3 +1,3 @@
 """The installed medvl version, in a leaf module that every other module may import."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,0 +1,1 @@
+"""Inference with trained runs: reports from scans (generate), scans from reports (synthesize), explanations."""
