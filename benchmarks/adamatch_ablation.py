@@ -26,8 +26,10 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results" / "adamatch_ablation.json"
-PROTOTYPE = {"adaptive": {"pointing_game": 0.54, "box_iou": 0.136, "pointing_game_chance": 0.22},
-             "grid": {"pointing_game": 0.44, "box_iou": 0.054, "pointing_game_chance": 0.12}}
+PROTOTYPE = {
+    "adaptive": {"pointing_game": 0.54, "box_iou": 0.136, "pointing_game_chance": 0.22},
+    "grid": {"pointing_game": 0.44, "box_iou": 0.054, "pointing_game_chance": 0.12},
+}
 
 
 def patch_geometry(run_dir: Path, data: Path, split: str = "test", limit: int = 256) -> dict[str, float]:
@@ -58,10 +60,17 @@ def train_and_score(mode: str, args: argparse.Namespace) -> dict:
         result = run_stage("adamatch", config=args.config, data=args.data, out=run_dir, overrides=overrides)
         fit = json.loads((result.run_dir / "stage.json").read_text())
     train_s = time.perf_counter() - t0
-    metrics = evaluate_adamatch(run=run_dir, data=args.data, split="test", out=args.work / f"{mode}_test.json")
-    return {"overrides": overrides, "stage_seconds": round(train_s, 1), "fit": fit,
-            "geometry": patch_geometry(run_dir, args.data),
-            "metrics": {k: v for k, v in metrics.items() if k != "meta"}, "meta": metrics["meta"]}
+    metrics = evaluate_adamatch(
+        run=run_dir, data=args.data, split="test", out=args.work / f"{mode}_test.json"
+    )
+    return {
+        "overrides": overrides,
+        "stage_seconds": round(train_s, 1),
+        "fit": fit,
+        "geometry": patch_geometry(run_dir, args.data),
+        "metrics": {k: v for k, v in metrics.items() if k != "meta"},
+        "meta": metrics["meta"],
+    }
 
 
 def fmt(v) -> str:
@@ -74,23 +83,45 @@ def fmt(v) -> str:
 
 def print_table(results: dict[str, dict]) -> None:
     modes = list(results)
-    rows = ["retrieval.i2t_r1", "retrieval.i2t_r5", "retrieval.t2i_r1", "retrieval.t2i_r5",
-            "localization.pointing_game", "localization.pointing_game_chance", "localization.box_iou",
-            "localization.count"]
-    words = sorted({k.split(".")[2] for r in results.values() for k in r["metrics"]
-                    if k.startswith("localization.per_finding.")})
+    rows = [
+        "retrieval.i2t_r1",
+        "retrieval.i2t_r5",
+        "retrieval.t2i_r1",
+        "retrieval.t2i_r5",
+        "localization.pointing_game",
+        "localization.pointing_game_chance",
+        "localization.box_iou",
+        "localization.count",
+    ]
+    words = sorted(
+        {
+            k.split(".")[2]
+            for r in results.values()
+            for k in r["metrics"]
+            if k.startswith("localization.per_finding.")
+        }
+    )
     head = f"{'metric':48s}" + "".join(f"{m:>12s}" for m in modes)
     print(head)
     print("-" * len(head))
     for key in rows:
         print(f"{key:48s}" + "".join(f"{fmt(results[m]['metrics'].get(key)):>12s}" for m in modes))
-    print(f"{'pointing_game - chance':48s}" + "".join(
-        f"{fmt(results[m]['metrics']['localization.pointing_game'] - results[m]['metrics']['localization.pointing_game_chance']):>12s}"
-        for m in modes))
+    print(
+        f"{'pointing_game - chance':48s}"
+        + "".join(
+            f"{fmt(results[m]['metrics']['localization.pointing_game'] - results[m]['metrics']['localization.pointing_game_chance']):>12s}"
+            for m in modes
+        )
+    )
     for g in ("mean_shift", "box_size", "box_size_median"):
-        print(f"{'patches.' + g + ' (cells)':48s}" + "".join(f"{fmt(results[m]['geometry'][g]):>12s}" for m in modes))
-    print(f"{'stage seconds (train + select + save)':48s}" + "".join(
-        f"{fmt(results[m]['stage_seconds']):>12s}" for m in modes))
+        print(
+            f"{'patches.' + g + ' (cells)':48s}"
+            + "".join(f"{fmt(results[m]['geometry'][g]):>12s}" for m in modes)
+        )
+    print(
+        f"{'stage seconds (train + select + save)':48s}"
+        + "".join(f"{fmt(results[m]['stage_seconds']):>12s}" for m in modes)
+    )
     print()
     print(f"{'per finding: pointing game / chance / box IoU (n)':48s}")
     for w in words:
@@ -98,8 +129,10 @@ def print_table(results: dict[str, dict]) -> None:
         for m in modes:
             r = results[m]["metrics"]
             base = f"localization.per_finding.{w}."
-            cells.append(f"{r[base + 'pointing_game']:.2f}/{r[base + 'pointing_game_chance']:.2f}/"
-                         f"{r[base + 'box_iou']:.2f} ({r[base + 'count']})")
+            cells.append(
+                f"{r[base + 'pointing_game']:.2f}/{r[base + 'pointing_game_chance']:.2f}/"
+                f"{r[base + 'box_iou']:.2f} ({r[base + 'count']})"
+            )
         print(f"  {w:46s}" + "".join(f"{c:>24s}" for c in cells))
 
 
@@ -108,7 +141,11 @@ def check_targets(results: dict[str, dict]) -> dict[str, dict]:
     if "adaptive" not in results:
         return out
     a = results["adaptive"]["metrics"]
-    pg, chance, iou = a["localization.pointing_game"], a["localization.pointing_game_chance"], a["localization.box_iou"]
+    pg, chance, iou = (
+        a["localization.pointing_game"],
+        a["localization.pointing_game_chance"],
+        a["localization.box_iou"],
+    )
     out["pointing_game >= 0.6"] = {"value": pg, "met": pg >= 0.6}
     out["pointing_game - chance >= 0.3"] = {"value": pg - chance, "met": pg - chance >= 0.3}
     if "grid" in results:
@@ -124,7 +161,9 @@ def main() -> None:
     p.add_argument("--data", type=Path, required=True, help="a prepared IU-Phantom directory")
     p.add_argument("--work", type=Path, default=Path("/tmp/adamatch_ablation"))
     p.add_argument("--config", default="demo")
-    p.add_argument("--modes", nargs="+", default=["adaptive", "grid"], choices=["adaptive", "grid", "freeform"])
+    p.add_argument(
+        "--modes", nargs="+", default=["adaptive", "grid"], choices=["adaptive", "grid", "freeform"]
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
     p.add_argument("--reuse", action="store_true", help="score finished runs in --work instead of retraining")
@@ -141,10 +180,17 @@ def main() -> None:
     print()
     for name, t in targets.items():
         print(f"{'MET ' if t['met'] else 'MISS'} {name}: {t['value']}")
-    record = {"benchmark": "adamatch_ablation", "config": args.config, "data": str(args.data), "seed": args.seed,
-              "extra_overrides": args.set, "machine": {"platform": platform.platform(),
-                                                        "threads": torch.get_num_threads()},
-              "prototype": PROTOTYPE, "targets": targets, "modes": results}
+    record = {
+        "benchmark": "adamatch_ablation",
+        "config": args.config,
+        "data": str(args.data),
+        "seed": args.seed,
+        "extra_overrides": args.set,
+        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
+        "prototype": PROTOTYPE,
+        "targets": targets,
+        "modes": results,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1, default=str))
     print(f"\nwrote {args.out}")

@@ -17,8 +17,13 @@ import statistics
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "adamatch_seeds.json"
-KEYS = ["localization.pointing_game", "localization.pointing_game_chance", "localization.box_iou",
-        "retrieval.i2t_r5", "retrieval.t2i_r5"]
+KEYS = [
+    "localization.pointing_game",
+    "localization.pointing_game_chance",
+    "localization.box_iou",
+    "retrieval.i2t_r5",
+    "retrieval.t2i_r5",
+]
 ALL_KEYS = KEYS + ["pointing_minus_chance"]
 
 
@@ -34,18 +39,28 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the files share no mode")
     table: dict[str, dict] = {}
     for mode in modes:
-        per_seed = {str(r["seed"]): {k: r["modes"][mode]["metrics"].get(k, float("nan")) for k in KEYS} for r in runs}
+        per_seed = {
+            str(r["seed"]): {k: r["modes"][mode]["metrics"].get(k, float("nan")) for k in KEYS} for r in runs
+        }
         for v in per_seed.values():
-            v["pointing_minus_chance"] = v["localization.pointing_game"] - v["localization.pointing_game_chance"]
-        table[mode] = {"per_seed": per_seed,
-                       "mean": {k: statistics.fmean(v[k] for v in per_seed.values()) for k in ALL_KEYS},
-                       "sd": {k: (statistics.stdev(v[k] for v in per_seed.values()) if len(per_seed) > 1 else 0.0)
-                              for k in ALL_KEYS}}
+            v["pointing_minus_chance"] = (
+                v["localization.pointing_game"] - v["localization.pointing_game_chance"]
+            )
+        table[mode] = {
+            "per_seed": per_seed,
+            "mean": {k: statistics.fmean(v[k] for v in per_seed.values()) for k in ALL_KEYS},
+            "sd": {
+                k: (statistics.stdev(v[k] for v in per_seed.values()) if len(per_seed) > 1 else 0.0)
+                for k in ALL_KEYS
+            },
+        }
     ratios = {}
     if {"adaptive", "grid"} <= set(modes):
         for seed in table["adaptive"]["per_seed"]:
-            ratios[seed] = (table["adaptive"]["per_seed"][seed]["localization.box_iou"]
-                            / table["grid"]["per_seed"][seed]["localization.box_iou"])
+            ratios[seed] = (
+                table["adaptive"]["per_seed"][seed]["localization.box_iou"]
+                / table["grid"]["per_seed"][seed]["localization.box_iou"]
+            )
     seeds = ", ".join(str(r["seed"]) for r in runs)
     print(f"AdaMatch ablation over seeds {seeds} (test split, config {runs[0]['config']})")
     print(f"{'metric':34s}" + "  ".join(f"{m + ': mean+-sd (per seed)':36s}" for m in modes))
@@ -65,8 +80,15 @@ def main(argv: list[str] | None = None) -> int:
             print("box IoU adaptive / grid per seed:", {s: round(v, 2) for s, v in ratios.items()})
         for name, ok in targets.items():
             print(("MET  " if ok else "MISS ") + name)
-    out = {"benchmark": "adamatch_seeds", "inputs": [str(f) for f in args.results], "config": runs[0]["config"],
-           "data": runs[0]["data"], "modes": table, "box_iou_ratio_per_seed": ratios, "targets_on_means": targets}
+    out = {
+        "benchmark": "adamatch_seeds",
+        "inputs": [str(f) for f in args.results],
+        "config": runs[0]["config"],
+        "data": runs[0]["data"],
+        "modes": table,
+        "box_iou_ratio_per_seed": ratios,
+        "targets_on_means": targets,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}")

@@ -108,13 +108,25 @@ def measure(mode: str, config: str, data: Path, steps: int, warmup: int) -> dict
             extra = 0.0
         (contrastive_loss(s1 / 0.07) + contrastive_loss(s2.t() / 0.07) + extra).backward()
 
-    parts = {name: _timed(fn, 3) for name, fn in (("backbone", run_backbone), ("patch_layer", run_patches),
-                                                    ("text_encoder", run_text), ("similarity_loss", run_loss))}
+    parts = {
+        name: _timed(fn, 3)
+        for name, fn in (
+            ("backbone", run_backbone),
+            ("patch_layer", run_patches),
+            ("text_encoder", run_text),
+            ("similarity_loss", run_loss),
+        )
+    }
     return {
-        "mode": mode, "batch_size": bs, "image_size": model.cfg.image_size, "patches": model.num_patches,
-        "words_per_report_mean": float(wm.sum(1).float().mean()), "words_padded": int(wm.shape[1]),
+        "mode": mode,
+        "batch_size": bs,
+        "image_size": model.cfg.image_size,
+        "patches": model.num_patches,
+        "words_per_report_mean": float(wm.sum(1).float().mean()),
+        "words_padded": int(wm.shape[1]),
         "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6,
-        "step_seconds": t_step / steps, "collate_seconds": t_collate / steps,
+        "step_seconds": t_step / steps,
+        "collate_seconds": t_collate / steps,
         "images_per_second": bs * steps / (t_step + t_collate),
         "images_per_second_model_only": bs * steps / t_step,
         "part_seconds": parts,
@@ -151,35 +163,62 @@ def main() -> None:
         args.data = make_tiny_prepared(Path(tmp.name) / "toy", n=400, size=128)
     rows = []
     for mode in args.modes:
-        cmd = [sys.executable, __file__, "--child", mode, "--config", args.config, "--data", str(args.data),
-               "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            mode,
+            "--config",
+            args.config,
+            "--data",
+            str(args.data),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
         print(f"measured {mode}", flush=True)
     base = {r["mode"]: r for r in rows}
-    print(f"\n{'mode':10s}{'img/s':>8s}{'step s':>8s}{'collate s':>10s}{'peak MB':>9s}{'backbone':>10s}"
-          f"{'patches':>9s}{'text':>8s}{'sim+loss':>9s}")
+    print(
+        f"\n{'mode':10s}{'img/s':>8s}{'step s':>8s}{'collate s':>10s}{'peak MB':>9s}{'backbone':>10s}"
+        f"{'patches':>9s}{'text':>8s}{'sim+loss':>9s}"
+    )
     for r in rows:
         ps = r["part_seconds"]
-        print(f"{r['mode']:10s}{r['images_per_second']:8.1f}{r['step_seconds']:8.2f}{r['collate_seconds']:10.2f}"
-              f"{r['peak_rss_mb']:9.0f}{ps['backbone']:10.3f}{ps['patch_layer']:9.3f}{ps['text_encoder']:8.3f}"
-              f"{ps['similarity_loss']:9.3f}")
+        print(
+            f"{r['mode']:10s}{r['images_per_second']:8.1f}{r['step_seconds']:8.2f}{r['collate_seconds']:10.2f}"
+            f"{r['peak_rss_mb']:9.0f}{ps['backbone']:10.3f}{ps['patch_layer']:9.3f}{ps['text_encoder']:8.3f}"
+            f"{ps['similarity_loss']:9.3f}"
+        )
     ratios = {}
     if "grid" in base:
         g = base["grid"]
         for m in ("adaptive", "freeform"):
             if m in base:
                 ratios[m] = {
-                    "patch_layer_time_ratio": base[m]["part_seconds"]["patch_layer"] / g["part_seconds"]["patch_layer"],
+                    "patch_layer_time_ratio": base[m]["part_seconds"]["patch_layer"]
+                    / g["part_seconds"]["patch_layer"],
                     "step_time_ratio": base[m]["step_seconds"] / g["step_seconds"],
                 }
-                print(f"{m} over grid: patch layer x{ratios[m]['patch_layer_time_ratio']:.2f}, "
-                      f"whole training step x{ratios[m]['step_time_ratio']:.2f}")
-    record = {"benchmark": "adamatch_throughput", "config": args.config,
-              "data": "toy 128 px (tests/toydata.py)" if tmp else str(args.data),
-              "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                          "threads": torch.get_num_threads(), "device": "cpu"},
-              "rows": rows, "ratios_over_grid": ratios}
+                print(
+                    f"{m} over grid: patch layer x{ratios[m]['patch_layer_time_ratio']:.2f}, "
+                    f"whole training step x{ratios[m]['step_time_ratio']:.2f}"
+                )
+    record = {
+        "benchmark": "adamatch_throughput",
+        "config": args.config,
+        "data": "toy 128 px (tests/toydata.py)" if tmp else str(args.data),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "threads": torch.get_num_threads(),
+            "device": "cpu",
+        },
+        "rows": rows,
+        "ratios_over_grid": ratios,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1))
     print(f"wrote {args.out}")

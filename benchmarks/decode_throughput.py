@@ -47,12 +47,22 @@ def build_head(setting: str, tokens: int, device: torch.device):
 
     s = SETTINGS[setting]
     slots, dim, heads, topk = s["memory"]
-    cfg = ReportHeadConfig(n_embd=s["n_embd"], n_layer=s["n_layer"], n_head=s["n_head"], max_length=tokens + 1,
-                           dropout=0.0, num_keywords=KEYWORDS,
-                           memory=MemoryConfig(num_slots=slots, dim=dim, num_heads=heads, topk=topk, dropout=0.0))
+    cfg = ReportHeadConfig(
+        n_embd=s["n_embd"],
+        n_layer=s["n_layer"],
+        n_head=s["n_head"],
+        max_length=tokens + 1,
+        dropout=0.0,
+        num_keywords=KEYWORDS,
+        memory=MemoryConfig(num_slots=slots, dim=dim, num_heads=heads, topk=topk, dropout=0.0),
+    )
     torch.manual_seed(0)
     keywords = [f"kw{i}" for i in range(200)]
-    return ReportHead(cfg, vocab_size=s["vocab"], visual_dim=VISUAL_DIM, keyword_vocabulary=keywords).to(device).eval()
+    return (
+        ReportHead(cfg, vocab_size=s["vocab"], visual_dim=VISUAL_DIM, keyword_vocabulary=keywords)
+        .to(device)
+        .eval()
+    )
 
 
 def conditioning(batch: int, device: torch.device):
@@ -62,18 +72,31 @@ def conditioning(batch: int, device: torch.device):
     feats = torch.randn(batch, PATCHES, VISUAL_DIM, generator=g).to(device)
     boxes = torch.rand(batch, PATCHES, 4, generator=g).sort(-1).values.to(device)
     ids = torch.randint(1, 201, (batch, KEYWORDS), generator=g)
-    hints = KeywordHints(ids, torch.randn(batch, KEYWORDS, generator=g), torch.rand(batch, KEYWORDS, 4, generator=g),
-                         [[] for _ in range(batch)])
+    hints = KeywordHints(
+        ids,
+        torch.randn(batch, KEYWORDS, generator=g),
+        torch.rand(batch, KEYWORDS, 4, generator=g),
+        [[] for _ in range(batch)],
+    )
     return feats, boxes, hints.to(device)
 
 
-def time_decode(head, feats, boxes, hints, *, beams: int, tokens: int, use_cache: bool, repeats: int,
-                device: torch.device) -> tuple[float, torch.Tensor]:
+def time_decode(
+    head, feats, boxes, hints, *, beams: int, tokens: int, use_cache: bool, repeats: int, device: torch.device
+) -> tuple[float, torch.Tensor]:
     """Best wall time of ``repeats`` decodes (after one warm-up) and the sequences."""
+
     def run():
-        return head.generate(patch_features=feats, patch_boxes=boxes, keywords=hints, num_beams=beams,
-                             max_new_tokens=tokens, min_new_tokens=tokens, no_repeat_ngram_size=3,
-                             use_cache=use_cache)
+        return head.generate(
+            patch_features=feats,
+            patch_boxes=boxes,
+            keywords=hints,
+            num_beams=beams,
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            no_repeat_ngram_size=3,
+            use_cache=use_cache,
+        )
 
     out = run()
     best = float("inf")
@@ -109,25 +132,56 @@ def main() -> None:
         for batch in args.batch:
             feats, boxes, hints = conditioning(batch, device)
             with torch.inference_mode():
-                t_cache, seq_cache = time_decode(head, feats, boxes, hints, beams=args.beams, tokens=args.tokens,
-                                                 use_cache=True, repeats=args.repeats, device=device)
-                t_plain, seq_plain = time_decode(head, feats, boxes, hints, beams=args.beams, tokens=args.tokens,
-                                                 use_cache=False, repeats=args.repeats, device=device)
+                t_cache, seq_cache = time_decode(
+                    head,
+                    feats,
+                    boxes,
+                    hints,
+                    beams=args.beams,
+                    tokens=args.tokens,
+                    use_cache=True,
+                    repeats=args.repeats,
+                    device=device,
+                )
+                t_plain, seq_plain = time_decode(
+                    head,
+                    feats,
+                    boxes,
+                    hints,
+                    beams=args.beams,
+                    tokens=args.tokens,
+                    use_cache=False,
+                    repeats=args.repeats,
+                    device=device,
+                )
             assert seq_cache.shape[1] == args.tokens, seq_cache.shape
-            rows.append({
-                "setting": setting, "params_m": round(params, 2), "batch": batch, "beams": args.beams,
-                "tokens": args.tokens, "kv_cache_reports_per_s": batch / t_cache,
-                "no_cache_reports_per_s": batch / t_plain, "speedup": t_plain / t_cache,
-                "same_sequences": bool(torch.equal(seq_cache, seq_plain)),
-                "kv_cache_s_per_batch": t_cache, "no_cache_s_per_batch": t_plain,
-            })
+            rows.append(
+                {
+                    "setting": setting,
+                    "params_m": round(params, 2),
+                    "batch": batch,
+                    "beams": args.beams,
+                    "tokens": args.tokens,
+                    "kv_cache_reports_per_s": batch / t_cache,
+                    "no_cache_reports_per_s": batch / t_plain,
+                    "speedup": t_plain / t_cache,
+                    "same_sequences": bool(torch.equal(seq_cache, seq_plain)),
+                    "kv_cache_s_per_batch": t_cache,
+                    "no_cache_s_per_batch": t_plain,
+                }
+            )
             r = rows[-1]
-            print(f"{setting:7s} batch {batch:3d}: KV cache {r['kv_cache_reports_per_s']:7.2f} reports/s | "
-                  f"no cache {r['no_cache_reports_per_s']:7.2f} reports/s | x{r['speedup']:.1f} | "
-                  f"same sequences: {r['same_sequences']}", flush=True)
+            print(
+                f"{setting:7s} batch {batch:3d}: KV cache {r['kv_cache_reports_per_s']:7.2f} reports/s | "
+                f"no cache {r['no_cache_reports_per_s']:7.2f} reports/s | x{r['speedup']:.1f} | "
+                f"same sequences: {r['same_sequences']}",
+                flush=True,
+            )
     env = {
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
         "decoding": f"beam {args.beams}, no_repeat_ngram_size 3, {args.tokens} tokens forced, length_penalty 1.0",
@@ -138,8 +192,10 @@ def main() -> None:
     print("| setting | batch | KV cache (reports/s) | no cache (reports/s) | speed-up |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['setting']} | {r['batch']} | {r['kv_cache_reports_per_s']:.2f} | "
-              f"{r['no_cache_reports_per_s']:.2f} | x{r['speedup']:.1f} |")
+        print(
+            f"| {r['setting']} | {r['batch']} | {r['kv_cache_reports_per_s']:.2f} | "
+            f"{r['no_cache_reports_per_s']:.2f} | x{r['speedup']:.1f} |"
+        )
     out = args.out or RESULTS / f"decode_throughput_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"env": env, "rows": rows}, indent=2))

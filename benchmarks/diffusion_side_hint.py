@@ -32,7 +32,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "diffusion_side_hint.jso
 def half_asymmetry(x: torch.Tensor) -> np.ndarray:
     """(N, 1, H, W) -> (N,) mean of the image's right half minus its left half."""
     w = x.shape[-1]
-    return (x[..., w // 2:].mean((1, 2, 3)) - x[..., : w // 2].mean((1, 2, 3))).numpy()
+    return (x[..., w // 2 :].mean((1, 2, 3)) - x[..., : w // 2].mean((1, 2, 3))).numpy()
 
 
 def main() -> None:
@@ -57,7 +57,9 @@ def main() -> None:
     index = pd.read_csv(args.data / "index.csv")
     reports = index.loc[index["split"] == "test", "report"].astype(str).tolist()
     sides = dh.report_sides(reports)
-    chosen = [(r, int(s[1] > 0)) for r, s in zip(reports, sides, strict=True) if float(s.sum()) == 1.0][: args.reports]
+    chosen = [(r, int(s[1] > 0)) for r, s in zip(reports, sides, strict=True) if float(s.sum()) == 1.0][
+        : args.reports
+    ]
     if not chosen:
         raise SystemExit("no test report states a finding on exactly one side")
     texts = [r for r, _ in chosen]
@@ -70,17 +72,27 @@ def main() -> None:
     zones = syn.denoiser.conditioner.cfg.layout == "zones"
     name = "report_layout" if zones else "report_sides"
     original = getattr(dh, name)
-    setattr(dh, name, (lambda *a, **k: original(*a, **k).flip(1).flip(-1)) if zones
-            else (lambda t: original(t).flip(-1)))
+    setattr(
+        dh,
+        name,
+        (lambda *a, **k: original(*a, **k).flip(1).flip(-1)) if zones else (lambda t: original(t).flip(-1)),
+    )
     try:
         swapped = syn.synthesize_with_keypatches(texts, seed=args.seed).images.float()
     finally:
         setattr(dh, name, original)
     gain = (half_asymmetry(stated) - half_asymmetry(swapped)) * expected
     result = {
-        "benchmark": "diffusion_side_hint", "run": str(args.run), "data": str(args.data), "reports": len(texts),
-        "seed": args.seed, "layout": syn.denoiser.conditioner.cfg.layout, "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
-        "sign_agreement": float((gain > 0).mean()), "mean_shift": float(gain.mean()), "shift_std": float(gain.std()),
+        "benchmark": "diffusion_side_hint",
+        "run": str(args.run),
+        "data": str(args.data),
+        "reports": len(texts),
+        "seed": args.seed,
+        "layout": syn.denoiser.conditioner.cfg.layout,
+        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
+        "sign_agreement": float((gain > 0).mean()),
+        "mean_shift": float(gain.mean()),
+        "shift_std": float(gain.std()),
         "mean_abs_change": float((stated - swapped).abs().mean()),
     }
     print(f"{len(texts)} one-sided test reports, run {args.run}")

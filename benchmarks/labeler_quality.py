@@ -86,8 +86,16 @@ MESH_TO_CHEXPERT: dict[str, list[tuple]] = {
     "Breast Implants": [("Support Devices", ())],
 }
 _SIDES = ("left", "right", "bilateral")
-_ZONES = {"base": "base", "lower lobe": "lower", "upper lobe": "upper", "apex": "apex", "middle lobe": "mid",
-          "lingula": "mid", "hilum": "perihilar", "retrocardiac": "retrocardiac"}
+_ZONES = {
+    "base": "base",
+    "lower lobe": "lower",
+    "upper lobe": "upper",
+    "apex": "apex",
+    "middle lobe": "mid",
+    "lingula": "mid",
+    "hilum": "perihilar",
+    "retrocardiac": "retrocardiac",
+}
 
 
 @dataclass
@@ -142,8 +150,11 @@ def _load_iu_local() -> list[tuple[str, str, tuple[str, ...]]]:
             if not m.name.endswith(".xml"):
                 continue
             root = ET.fromstring(tf.extractfile(m).read())
-            text = " ".join(" ".join(e.itertext()).strip() for e in root.iter("AbstractText")
-                            if e.get("Label") in ("FINDINGS", "IMPRESSION") and "".join(e.itertext()).strip())
+            text = " ".join(
+                " ".join(e.itertext()).strip()
+                for e in root.iter("AbstractText")
+                if e.get("Label") in ("FINDINGS", "IMPRESSION") and "".join(e.itertext()).strip()
+            )
             mesh = tuple((e.text or "").strip() for e in root.iter("major"))
             out.append((root.find("uId").get("id"), text, mesh))
     return out
@@ -163,8 +174,16 @@ def _prf(pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     p = tp / (tp + fp) if tp + fp else float("nan")
     r = tp / (tp + fn) if tp + fn else float("nan")
     f = 2 * p * r / (p + r) if tp else 0.0
-    return {"precision": p, "recall": r, "f1": f, "support": int(ref.sum()), "predicted": int(pred.sum()),
-            "tp": tp, "fp": fp, "fn": fn}
+    return {
+        "precision": p,
+        "recall": r,
+        "f1": f,
+        "support": int(ref.sum()),
+        "predicted": int(pred.sum()),
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+    }
 
 
 def main() -> None:
@@ -185,8 +204,9 @@ def main() -> None:
     all_mentions = [extract_mentions(t) for t in texts]
     mentions_s, mentions_cpu = time.perf_counter() - t0, time.process_time() - c0
 
-    keep = [i for i, (_, text, mesh) in enumerate(reports)
-            if text.strip() and mesh and "No Indexing" not in mesh]
+    keep = [
+        i for i, (_, text, mesh) in enumerate(reports) if text.strip() and mesh and "No Indexing" not in mesh
+    ]
     refs = {i: mesh_reference(reports[i][2]) for i in keep}
     names = list(CHEXPERT_LABELS)
     ref_mat = np.array([[n in refs[i].positive for n in names] for i in keep], dtype=bool)
@@ -196,8 +216,10 @@ def main() -> None:
 
     per_label = {}
     for j, name in enumerate(names):
-        per_label[name] = {"positive_or_uncertain": _prf(pred_loose[:, j], ref_mat[:, j]),
-                           "positive_only": _prf(pred_strict[:, j], ref_mat[:, j])}
+        per_label[name] = {
+            "positive_or_uncertain": _prf(pred_loose[:, j], ref_mat[:, j]),
+            "positive_only": _prf(pred_strict[:, j], ref_mat[:, j]),
+        }
     findings = [j for j, n in enumerate(names) if n != "No Finding"]
     micro = _prf(pred_loose[:, findings].ravel(), ref_mat[:, findings].ravel())
     macro_f1 = float(np.mean([per_label[names[j]]["positive_or_uncertain"]["f1"] for j in findings]))
@@ -217,8 +239,11 @@ def main() -> None:
                 side_exact += exact
                 # "bilateral" agrees with MeSH terms for both sides; one side agrees with a bilateral term
                 # (a report that describes the left and the right effusion separately).
-                ok = exact or (m.side == "bilateral" and {"left", "right"} <= mesh_sides) or (
-                    m.side in ("left", "right") and "bilateral" in mesh_sides)
+                ok = (
+                    exact
+                    or (m.side == "bilateral" and {"left", "right"} <= mesh_sides)
+                    or (m.side in ("left", "right") and "bilateral" in mesh_sides)
+                )
                 side_ok += ok
                 if not ok:
                     side_confusion[f"{m.side} vs {'/'.join(sorted(mesh_sides))}"] += 1
@@ -228,24 +253,36 @@ def main() -> None:
                 zone_ok += bool(z & ref.zones[m.observation])
 
     rows = [(n, per_label[n]["positive_or_uncertain"]) for n in names]
-    print(f"IU X-ray: {len(reports)} reports, {len(keep)} compared with NLM MeSH major terms "
-          f"(positive = labeler 1 or -1)")
-    print(f"{'label':28s} {'precision':>9s} {'recall':>7s} {'F1':>6s} {'support':>8s} {'predicted':>9s} "
-          f"{'F1 (1 only)':>11s}")
+    print(
+        f"IU X-ray: {len(reports)} reports, {len(keep)} compared with NLM MeSH major terms "
+        f"(positive = labeler 1 or -1)"
+    )
+    print(
+        f"{'label':28s} {'precision':>9s} {'recall':>7s} {'F1':>6s} {'support':>8s} {'predicted':>9s} "
+        f"{'F1 (1 only)':>11s}"
+    )
     for n, r in rows:
         strict = per_label[n]["positive_only"]["f1"]
-        print(f"{n:28s} {r['precision']:9.3f} {r['recall']:7.3f} {r['f1']:6.3f} {r['support']:8d} {r['predicted']:9d} "
-              f"{strict:11.3f}")
-    print(f"{'micro (13 findings)':28s} {micro['precision']:9.3f} {micro['recall']:7.3f} {micro['f1']:6.3f} "
-          f"{micro['support']:8d} {micro['predicted']:9d}")
+        print(
+            f"{n:28s} {r['precision']:9.3f} {r['recall']:7.3f} {r['f1']:6.3f} {r['support']:8d} {r['predicted']:9d} "
+            f"{strict:11.3f}"
+        )
+    print(
+        f"{'micro (13 findings)':28s} {micro['precision']:9.3f} {micro['recall']:7.3f} {micro['f1']:6.3f} "
+        f"{micro['support']:8d} {micro['predicted']:9d}"
+    )
     print(f"{'macro F1 (13 findings)':28s} {'':9s} {'':7s} {macro_f1:6.3f}")
     side_share = side_ok / side_n if side_n else float("nan")
     zone_share = zone_ok / zone_n if zone_n else float("nan")
-    print(f"laterality agreement: {side_ok}/{side_n} = {side_share:.3f} (exact side: {side_exact}/{side_n} = "
-          f"{side_exact / max(side_n, 1):.3f}); zone agreement: {zone_ok}/{zone_n} = {zone_share:.3f}")
-    print(f"speed: label_reports {label_s:.2f} s wall ({label_cpu:.2f} s CPU) for {len(texts)} reports, identical "
-          f"reports labelled once; extract_mentions on every report {mentions_s:.2f} s wall ({mentions_cpu:.2f} s "
-          f"CPU); reading the archive {load_s:.2f} s")
+    print(
+        f"laterality agreement: {side_ok}/{side_n} = {side_share:.3f} (exact side: {side_exact}/{side_n} = "
+        f"{side_exact / max(side_n, 1):.3f}); zone agreement: {zone_ok}/{zone_n} = {zone_share:.3f}"
+    )
+    print(
+        f"speed: label_reports {label_s:.2f} s wall ({label_cpu:.2f} s CPU) for {len(texts)} reports, identical "
+        f"reports labelled once; extract_mentions on every report {mentions_s:.2f} s wall ({mentions_cpu:.2f} s "
+        f"CPU); reading the archive {load_s:.2f} s"
+    )
 
     result = {
         "dataset": "IU X-ray (Open-i, torchxrayvision NLMCXR_reports.tgz), FINDINGS + IMPRESSION",
@@ -256,14 +293,25 @@ def main() -> None:
         "per_label": per_label,
         "micro_13": micro,
         "macro_f1_13": macro_f1,
-        "laterality": {"agree": side_ok, "compared": side_n, "share": side_share, "exact_agree": side_exact,
-                       "exact_share": side_exact / max(side_n, 1),
-                       "disagreements": dict(side_confusion.most_common())},
+        "laterality": {
+            "agree": side_ok,
+            "compared": side_n,
+            "share": side_share,
+            "exact_agree": side_exact,
+            "exact_share": side_exact / max(side_n, 1),
+            "disagreements": dict(side_confusion.most_common()),
+        },
         "zone": {"agree": zone_ok, "compared": zone_n, "share": zone_share},
-        "speed": {"label_reports_s": label_s, "label_reports_cpu_s": label_cpu, "extract_mentions_all_s": mentions_s,
-                  "extract_mentions_all_cpu_s": mentions_cpu, "reports": len(texts),
-                  "unique_reports": len(set(texts)), "load_average_1min": _loadavg(),
-                  "machine": f"{platform.processor() or platform.machine()}, {platform.python_version()}"},
+        "speed": {
+            "label_reports_s": label_s,
+            "label_reports_cpu_s": label_cpu,
+            "extract_mentions_all_s": mentions_s,
+            "extract_mentions_all_cpu_s": mentions_cpu,
+            "reports": len(texts),
+            "unique_reports": len(set(texts)),
+            "load_average_1min": _loadavg(),
+            "machine": f"{platform.processor() or platform.machine()}, {platform.python_version()}",
+        },
         "mesh_to_chexpert": {k: [[o, *map(list, q)] for o, *q in v] for k, v in MESH_TO_CHEXPERT.items()},
         "command": "python benchmarks/labeler_quality.py",
     }

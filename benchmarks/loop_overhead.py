@@ -27,8 +27,14 @@ RESULTS = Path(__file__).resolve().parent / "results" / "loop_overhead.json"
 
 
 def make_model() -> nn.Module:
-    return nn.Sequential(nn.Linear(DIM, HIDDEN), nn.GELU(), nn.Dropout(0.1), nn.Linear(HIDDEN, HIDDEN), nn.GELU(),
-                         nn.Linear(HIDDEN, 1))
+    return nn.Sequential(
+        nn.Linear(DIM, HIDDEN),
+        nn.GELU(),
+        nn.Dropout(0.1),
+        nn.Linear(HIDDEN, HIDDEN),
+        nn.GELU(),
+        nn.Linear(HIDDEN, 1),
+    )
 
 
 def make_data() -> TensorDataset:
@@ -82,8 +88,9 @@ def bare_loop(cfg: TrainConfig) -> float:
     torch.manual_seed(0)
     model = Net()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, warmup_steps=cfg.warmup_steps,
-                                                           total_steps=cfg.steps, min_lr_ratio=0.0))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, partial(lr_factor, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=0.0)
+    )
     loader = DataLoader(make_data(), batch_size=BATCH, shuffle=True, drop_last=True)
     start, step = time.perf_counter(), 0
     while step < cfg.steps:
@@ -104,8 +111,10 @@ def main() -> None:
     torch.set_num_threads(1)  # the machine is shared: 2 threads under contention time barriers, not the loop
     base = dict(steps=STEPS, batch_size=BATCH, lr=1e-3, warmup_steps=10, eval_every=0, log_every=10)
     # Alternate the variants and keep each one's fastest repeat: the machine is shared.
-    variants = [("medvl fit, no checkpoints", dict(checkpoint_every=0)),
-                ("medvl fit, checkpoint every 50 steps", dict(checkpoint_every=50))]
+    variants = [
+        ("medvl fit, no checkpoints", dict(checkpoint_every=0)),
+        ("medvl fit, checkpoint every 50 steps", dict(checkpoint_every=50)),
+    ]
     best: dict[str, tuple[float, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(REPEATS):
@@ -118,19 +127,40 @@ def main() -> None:
                 best[label] = min(best.get(label, (1e9, 0.0)), (train_seconds, result.seconds))
     bare = best["bare PyTorch loop"][0]
     rows = [(label, *best[label]) for label in ["bare PyTorch loop"] + [v[0] for v in variants]]
-    print(f"\n{STEPS} steps, batch {BATCH}, MLP {sum(p.numel() for p in make_model().parameters()) / 1e6:.2f} M "
-          f"parameters, fp32, {torch.get_num_threads()} threads")
-    print(f"(fastest of {REPEATS} alternating repeats; 'total s' adds start-up, validation, checkpoints, save)")
+    print(
+        f"\n{STEPS} steps, batch {BATCH}, MLP {sum(p.numel() for p in make_model().parameters()) / 1e6:.2f} M "
+        f"parameters, fp32, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"(fastest of {REPEATS} alternating repeats; 'total s' adds start-up, validation, checkpoints, save)"
+    )
     print(f"{'loop':40s} {'train s':>8s} {'steps/s':>8s} {'vs bare':>8s} {'total s':>8s}")
     for label, secs, total in rows:
         print(f"{label:40s} {secs:8.2f} {STEPS / secs:8.1f} {secs / bare:7.2f}x {total:8.2f}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "steps": STEPS, "batch_size": BATCH, "repeats": REPEATS, "machine": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "rows": [{"loop": label, "train_seconds": round(s, 3), "steps_per_second": round(STEPS / s, 2),
-                  "ratio_to_bare": round(s / bare, 3), "fit_total_seconds": round(t, 3)} for label, s, t in rows],
-    }, indent=2))
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "steps": STEPS,
+                "batch_size": BATCH,
+                "repeats": REPEATS,
+                "machine": platform.processor() or platform.machine(),
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "rows": [
+                    {
+                        "loop": label,
+                        "train_seconds": round(s, 3),
+                        "steps_per_second": round(STEPS / s, 2),
+                        "ratio_to_bare": round(s / bare, 3),
+                        "fit_total_seconds": round(t, 3),
+                    }
+                    for label, s, t in rows
+                ],
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -52,7 +52,10 @@ def draw_cpu_ms(sizes: tuple[int, ...], n: int) -> dict[int, float]:
 
     atlas, lesions = load_lung_atlas(), lesion_diameters()
     reports = load_iu_reports()[:n]
-    specs = [plan_findings(extract_mentions(labelled_text(r)), np.random.default_rng(i)) for i, r in enumerate(reports)]
+    specs = [
+        plan_findings(extract_mentions(labelled_text(r)), np.random.default_rng(i))
+        for i, r in enumerate(reports)
+    ]
     out = {}
     for size in sizes:
         render_frontal(specs[0], atlas, 0, size, np.random.default_rng(0), lesions)  # warm-up (noise bank)
@@ -80,18 +83,33 @@ def coverage(out: Path) -> dict[str, dict[str, int]]:
             continue
         pos = set(index.loc[index[name] == 1, "dicom_id"])
         got = drawn.get(name, set())
-        table[name] = {"labelled_positive": len(pos), "with_drawn_region": len(pos & got),
-                       "drawn_without_label": len(got - pos)}
+        table[name] = {
+            "labelled_positive": len(pos),
+            "with_drawn_region": len(pos & got),
+            "drawn_without_label": len(got - pos),
+        }
     normal = index[index["No Finding"] == 1]
     lesions = regions[regions["finding"] != "device"]  # No Finding allows support devices
-    table["No Finding"] = {"labelled_positive": len(normal),
-                           "with_drawn_region": int(np.isin(normal["dicom_id"], lesions["dicom_id"]).sum()),
-                           "drawn_without_label": 0}
+    table["No Finding"] = {
+        "labelled_positive": len(normal),
+        "with_drawn_region": int(np.isin(normal["dicom_id"], lesions["dicom_id"]).sum()),
+        "drawn_without_label": 0,
+    }
     return table
 
 
-LEARN_LABELS = ("Cardiomegaly", "Pleural Effusion", "Lung Lesion", "Lung Opacity", "Atelectasis", "Edema",
-                "Support Devices", "Fracture", "Pneumothorax", "Enlarged Cardiomediastinum")
+LEARN_LABELS = (
+    "Cardiomegaly",
+    "Pleural Effusion",
+    "Lung Lesion",
+    "Lung Opacity",
+    "Atelectasis",
+    "Edema",
+    "Support Devices",
+    "Fracture",
+    "Pneumothorax",
+    "Enlarged Cardiomediastinum",
+)
 
 
 def _auroc(y, p) -> float:
@@ -127,9 +145,18 @@ def learnability(out: Path, epochs: int) -> dict:
     def block(i, o):
         return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
 
-    net = nn.Sequential(*block(1, 16), nn.MaxPool2d(2), *block(16, 32), nn.MaxPool2d(2), *block(32, 64),
-                        nn.MaxPool2d(2), *block(64, 64), nn.AdaptiveMaxPool2d(1), nn.Flatten(),
-                        nn.Linear(64, len(LEARN_LABELS)))
+    net = nn.Sequential(
+        *block(1, 16),
+        nn.MaxPool2d(2),
+        *block(16, 32),
+        nn.MaxPool2d(2),
+        *block(32, 64),
+        nn.MaxPool2d(2),
+        *block(64, 64),
+        nn.AdaptiveMaxPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, len(LEARN_LABELS)),
+    )
     opt = torch.optim.AdamW(net.parameters(), 2e-3)
     pos = ytr.mean(0).clamp(min=0.01)
     weight = ((1 - pos) / pos).clamp(max=30)
@@ -138,22 +165,29 @@ def learnability(out: Path, epochs: int) -> dict:
         net.train()
         perm = torch.randperm(len(xtr))
         for i in range(0, len(xtr), 64):
-            b = perm[i:i + 64]
+            b = perm[i : i + 64]
             loss = F.binary_cross_entropy_with_logits(net(xtr[b]), ytr[b], pos_weight=weight)
             opt.zero_grad()
             loss.backward()
             opt.step()
     net.eval()
     with torch.no_grad():
-        p = torch.cat([net(xte[i:i + 256]) for i in range(0, len(xte), 256)]).sigmoid().numpy()
+        p = torch.cat([net(xte[i : i + 256]) for i in range(0, len(xte), 256)]).sigmoid().numpy()
     y = yte.numpy()
-    return {"epochs": epochs, "train_images": len(xtr), "test_images": len(xte),
-            "seconds": round(time.perf_counter() - t, 1),
-            "parameters": sum(p_.numel() for p_ in net.parameters()),
-            "test_auroc": {n: round(_auroc(y[:, j], p[:, j]), 3) for j, n in enumerate(LEARN_LABELS)
-                           if 0 < y[:, j].sum() < len(y)},
-            "train_positives": {n: int(ytr[:, j].sum()) for j, n in enumerate(LEARN_LABELS)},
-            "test_positives": {n: int(y[:, j].sum()) for j, n in enumerate(LEARN_LABELS)}}
+    return {
+        "epochs": epochs,
+        "train_images": len(xtr),
+        "test_images": len(xte),
+        "seconds": round(time.perf_counter() - t, 1),
+        "parameters": sum(p_.numel() for p_ in net.parameters()),
+        "test_auroc": {
+            n: round(_auroc(y[:, j], p[:, j]), 3)
+            for j, n in enumerate(LEARN_LABELS)
+            if 0 < y[:, j].sum() < len(y)
+        },
+        "train_positives": {n: int(ytr[:, j].sum()) for j, n in enumerate(LEARN_LABELS)},
+        "test_positives": {n: int(y[:, j].sum()) for j, n in enumerate(LEARN_LABELS)},
+    }
 
 
 def main() -> None:
@@ -162,9 +196,16 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--draw-images", type=int, default=60, help="images per size for the CPU-time table")
-    ap.add_argument("--keep", type=Path, default=None, help="build here and keep it (default: a temporary folder)")
-    ap.add_argument("--learnability", type=int, default=0, metavar="EPOCHS",
-                    help="also train a small CNN on the build for EPOCHS epochs and report test AUROC")
+    ap.add_argument(
+        "--keep", type=Path, default=None, help="build here and keep it (default: a temporary folder)"
+    )
+    ap.add_argument(
+        "--learnability",
+        type=int,
+        default=0,
+        metavar="EPOCHS",
+        help="also train a small CNN on the build for EPOCHS epochs and report test AUROC",
+    )
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="phantom_bench_"))
@@ -179,8 +220,10 @@ def main() -> None:
     total = time.perf_counter() - t
     cpu = _cpu_seconds() - cpu0
     load_after = os.getloadavg()
-    stages = {**{k: round(v, 2) for k, v in result.build.seconds.items()},
-              "ingestion (prepare_mimic)": round(result.prepared.seconds, 2)}
+    stages = {
+        **{k: round(v, 2) for k, v in result.build.seconds.items()},
+        "ingestion (prepare_mimic)": round(result.prepared.seconds, 2),
+    }
     stages["rest"] = round(total - sum(stages.values()), 2)
     b = result.build
     cov = coverage(out)
@@ -189,45 +232,73 @@ def main() -> None:
     if args.keep is None:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\nIU-Phantom build: {b.studies} studies, {b.images} images ({b.laterals} lateral, {b.dicoms} DICOM), "
-          f"{b.regions} drawn findings, {args.size} px, {args.workers} workers, {os.cpu_count()} CPUs")
+    print(
+        f"\nIU-Phantom build: {b.studies} studies, {b.images} images ({b.laterals} lateral, {b.dicoms} DICOM), "
+        f"{b.regions} drawn findings, {args.size} px, {args.workers} workers, {os.cpu_count()} CPUs"
+    )
     print(f"{'stage':<28}{'wall s':>9}")
     for k, v in stages.items():
         print(f"{k:<28}{v:>9.2f}")
-    print(f"{'total':<28}{total:>9.2f}   ({b.images / total:.0f} images/s end to end; "
-          f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after)")
-    print(f"{'CPU seconds, all processes':<28}{cpu:>9.2f}   (on {args.workers} idle cores the wall time would be "
-          f"about {cpu / args.workers:.0f} s or more)")
+    print(
+        f"{'total':<28}{total:>9.2f}   ({b.images / total:.0f} images/s end to end; "
+        f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after)"
+    )
+    print(
+        f"{'CPU seconds, all processes':<28}{cpu:>9.2f}   (on {args.workers} idle cores the wall time would be "
+        f"about {cpu / args.workers:.0f} s or more)"
+    )
     print(f"\n{'drawing one frontal image':<28}{'CPU ms':>9}")
     for size, ms in draw.items():
         print(f"{f'{size} px':<28}{ms:>9.1f}")
     print(f"\n{'observation':<28}{'label=1':>9}{'drawn':>9}{'unlabelled':>11}")
     for name, row in cov.items():
-        print(f"{name:<28}{row['labelled_positive']:>9}{row['with_drawn_region']:>9}{row['drawn_without_label']:>11}")
-    print("(No Finding row: normal studies, and how many of them have a drawn region other than a device: must be 0)")
+        print(
+            f"{name:<28}{row['labelled_positive']:>9}{row['with_drawn_region']:>9}{row['drawn_without_label']:>11}"
+        )
+    print(
+        "(No Finding row: normal studies, and how many of them have a drawn region other than a device: must be 0)"
+    )
     print(f"\ndrawn regions by finding: {b.drawn}")
     if learn:
         print(f"\nsmall CNN at {args.size} px, {learn['epochs']} epochs ({learn['seconds']} s), test AUROC:")
         for name, auc in learn["test_auroc"].items():
-            print(f"{name:<28}{auc:>9.3f}   ({learn['train_positives'][name]} train / "
-                  f"{learn['test_positives'][name]} test positives)")
+            print(
+                f"{name:<28}{auc:>9.3f}   ({learn['train_positives'][name]} train / "
+                f"{learn['test_positives'][name]} test positives)"
+            )
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     runs = previous.get("runs", {}) if isinstance(previous.get("runs"), dict) else {}
     runs[f"{args.size}px"] = {
         "command": "python benchmarks/phantom_build.py"
-                   + (f" --studies {args.studies}" if args.studies else "")
-                   + f" --size {args.size} --workers {args.workers}"
-                   + (f" --learnability {args.learnability}" if args.learnability else ""),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "load_average_before": load_before, "load_average_after": load_after},
-        "build": {"studies": b.studies, "subjects": b.subjects, "images": b.images, "laterals": b.laterals,
-                  "dicoms": b.dicoms, "regions": b.regions, "abnormal_studies": b.abnormal_studies,
-                  "drawn": b.drawn, "kept_by_ingestion": result.prepared.kept,
-                  "skipped_by_ingestion": result.prepared.skipped_by_reason},
-        "wall_seconds": {"stages": stages, "total": round(total, 2),
-                         "images_per_second": round(b.images / total, 1)},
+        + (f" --studies {args.studies}" if args.studies else "")
+        + f" --size {args.size} --workers {args.workers}"
+        + (f" --learnability {args.learnability}" if args.learnability else ""),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_average_before": load_before,
+            "load_average_after": load_after,
+        },
+        "build": {
+            "studies": b.studies,
+            "subjects": b.subjects,
+            "images": b.images,
+            "laterals": b.laterals,
+            "dicoms": b.dicoms,
+            "regions": b.regions,
+            "abnormal_studies": b.abnormal_studies,
+            "drawn": b.drawn,
+            "kept_by_ingestion": result.prepared.kept,
+            "skipped_by_ingestion": result.prepared.skipped_by_reason,
+        },
+        "wall_seconds": {
+            "stages": stages,
+            "total": round(total, 2),
+            "images_per_second": round(b.images / total, 1),
+        },
         "cpu_seconds_all_processes": round(cpu, 2),
         "draw_cpu_ms_per_image": {str(k): round(v, 2) for k, v in draw.items()},
         "label_vs_drawn": cov,

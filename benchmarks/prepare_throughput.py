@@ -52,7 +52,7 @@ def naive_pad_resize(img: np.ndarray, size: int) -> np.ndarray:
     scaled = sk_resize(img, geom.resized, order=1, anti_aliasing=True, preserve_range=True).astype(np.float32)
     out = np.full((size, size), LOW, np.float32)
     top, left = geom.offset
-    out[top:top + geom.resized[0], left:left + geom.resized[1]] = scaled
+    out[top : top + geom.resized[0], left : left + geom.resized[1]] = scaled
     return out
 
 
@@ -95,14 +95,19 @@ def make_data(tmp: Path, n_jpg: int, n_dcm: int) -> tuple[list[Path], list[Path]
         meta.append((dicom_id, subject, study))
     for i in range(n_dcm):
         unit = bases[i % 2] + rng.normal(0, 0.008, (H, W))
-        ds = chest_dataset(unit, bits=12, photometric="MONOCHROME1" if i % 2 else "MONOCHROME2",
-                           window=(2048.0 if i % 2 == 0 else 2047.0, 3500.0))
+        ds = chest_dataset(
+            unit,
+            bits=12,
+            photometric="MONOCHROME1" if i % 2 else "MONOCHROME2",
+            window=(2048.0 if i % 2 == 0 else 2047.0, 3500.0),
+        )
         dcms.append(write_dicom(ds, tmp / f"dicom_{i:03d}.dcm"))
     ids = pd.DataFrame(meta, columns=["dicom_id", "subject_id", "study_id"])
     ids.assign(ViewPosition="PA").to_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz", index=False)
     ids.assign(split="train").to_csv(root / "mimic-cxr-2.0.0-split.csv.gz", index=False)
     ids[["subject_id", "study_id"]].assign(**{c: "" for c in CHEXPERT_LABELS}).to_csv(
-        root / "mimic-cxr-2.0.0-chexpert.csv.gz", index=False)
+        root / "mimic-cxr-2.0.0-chexpert.csv.gz", index=False
+    )
     return jpgs, dcms, root
 
 
@@ -125,7 +130,10 @@ def main() -> None:
         def ours(path: Path) -> np.ndarray:
             return _read_and_resize(str(path), size, "pad", False)[0]
 
-        for kind, files, naive in (("JPG 2500x3000", jpgs, naive_jpg), ("DICOM 12-bit 2500x3000", dcms, naive_dicom)):
+        for kind, files, naive in (
+            ("JPG 2500x3000", jpgs, naive_jpg),
+            ("DICOM 12-bit 2500x3000", dcms, naive_dicom),
+        ):
             if not files:
                 continue
             ours(files[0])  # warm-up: imports, allocator
@@ -139,18 +147,30 @@ def main() -> None:
                 dt, out = timed(lambda x, nv=naive: nv(x, size), [f])
                 t_naive += dt
                 b += out
-            diff = float(np.mean([np.abs(x.astype(int) - y.astype(int)).mean() for x, y in zip(a, b, strict=True)]))
-            rows.append({"what": f"{kind} -> {size}px cache row", "n": len(files),
-                         "ours_img_s": len(files) / t_ours, "naive_img_s": len(files) / t_naive,
-                         "speedup": t_naive / t_ours, "mean_abs_diff_uint8": diff})
+            diff = float(
+                np.mean([np.abs(x.astype(int) - y.astype(int)).mean() for x, y in zip(a, b, strict=True)])
+            )
+            rows.append(
+                {
+                    "what": f"{kind} -> {size}px cache row",
+                    "n": len(files),
+                    "ours_img_s": len(files) / t_ours,
+                    "naive_img_s": len(files) / t_naive,
+                    "speedup": t_naive / t_ours,
+                    "mean_abs_diff_uint8": diff,
+                }
+            )
 
         prepare = {}
         for workers in (1, 2):
             out = tmp / f"prepared_w{workers}"
             start = time.perf_counter()
             result = prepare_mimic(root, out, size=size, workers=workers)
-            prepare[workers] = {"seconds": time.perf_counter() - start, "images": result.kept,
-                                "img_s": result.kept / (time.perf_counter() - start)}
+            prepare[workers] = {
+                "seconds": time.perf_counter() - start,
+                "images": result.kept,
+                "img_s": result.kept / (time.perf_counter() - start),
+            }
 
         ds = PreparedDataset(tmp / "prepared_w1")
         ds[0]
@@ -162,26 +182,51 @@ def main() -> None:
             reps += 1
         read_s = (time.perf_counter() - start) / (reps * len(ds))
         t_decode, _ = timed(ours, jpgs)
-        read = {"prepared_img_s": 1.0 / read_s, "decode_again_img_s": len(jpgs) / t_decode,
-                "ratio": (t_decode / len(jpgs)) / read_s}
+        read = {
+            "prepared_img_s": 1.0 / read_s,
+            "decode_again_img_s": len(jpgs) / t_decode,
+            "ratio": (t_decode / len(jpgs)) / read_s,
+        }
 
-        print(f"\nmedvl prepare throughput  ({os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
-              f"{args.images} JPGs of {jpg_mb:.2f} MB, {args.dicoms} DICOMs; data generated in {gen_s:.0f}s)\n")
-        print(f"{'what':<42}{'n':>4}{'ours img/s':>12}{'naive img/s':>13}{'speedup':>9}{'|diff| (0-255)':>16}")
+        print(
+            f"\nmedvl prepare throughput  ({os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
+            f"{args.images} JPGs of {jpg_mb:.2f} MB, {args.dicoms} DICOMs; data generated in {gen_s:.0f}s)\n"
+        )
+        print(
+            f"{'what':<42}{'n':>4}{'ours img/s':>12}{'naive img/s':>13}{'speedup':>9}{'|diff| (0-255)':>16}"
+        )
         for r in rows:
-            print(f"{r['what']:<42}{r['n']:>4}{r['ours_img_s']:>12.1f}{r['naive_img_s']:>13.2f}{r['speedup']:>8.1f}x"
-                  f"{r['mean_abs_diff_uint8']:>16.2f}")
+            print(
+                f"{r['what']:<42}{r['n']:>4}{r['ours_img_s']:>12.1f}{r['naive_img_s']:>13.2f}{r['speedup']:>8.1f}x"
+                f"{r['mean_abs_diff_uint8']:>16.2f}"
+            )
         for w, v in prepare.items():
             print(f"{'prepare_mimic, JPG tree, --workers ' + str(w):<42}{v['images']:>4}{v['img_s']:>12.1f}")
         print(f"{'read PreparedDataset[i] (1 worker)':<42}{len(ds):>4}{read['prepared_img_s']:>12.0f}")
-        print(f"{'decode the JPGs again (ours)':<42}{len(jpgs):>4}{read['decode_again_img_s']:>12.1f}"
-              f"{'':>13}{read['ratio']:>8.0f}x  (cache vs decode)")
-        record = {"settings": {"images": args.images, "dicoms": args.dicoms, "size": size, "shape": [H, W],
-                               "jpeg_quality": 95, "mean_jpg_mb": jpg_mb},
-                  "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                              "processor": platform.processor(), "load_average_1m": os.getloadavg()[0]},
-                  "decode_and_resize": rows, "prepare_mimic": {f"workers_{w}": v for w, v in prepare.items()},
-                  "read": read, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        print(
+            f"{'decode the JPGs again (ours)':<42}{len(jpgs):>4}{read['decode_again_img_s']:>12.1f}"
+            f"{'':>13}{read['ratio']:>8.0f}x  (cache vs decode)"
+        )
+        record = {
+            "settings": {
+                "images": args.images,
+                "dicoms": args.dicoms,
+                "size": size,
+                "shape": [H, W],
+                "jpeg_quality": 95,
+                "mean_jpg_mb": jpg_mb,
+            },
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "processor": platform.processor(),
+                "load_average_1m": os.getloadavg()[0],
+            },
+            "decode_and_resize": rows,
+            "prepare_mimic": {f"workers_{w}": v for w, v in prepare.items()},
+            "read": read,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=1))
         print(f"\nwrote {args.out}")

@@ -29,12 +29,24 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "report_quality.json"
-ROWS = (("report head", ""), ("ablation: no memory", "ablations.no_memory."),
-        ("ablation: no keyword hints", "ablations.no_keywords."),
-        ("baseline: most frequent report", "baselines.most_frequent."),
-        ("baseline: AdaMatch retrieval", "baselines.retrieval."))
-COLUMNS = ("ce.micro5.f1", "ce.micro.f1", "ce.macro.f1", "ce.per_label.Cardiomegaly.f1",
-           "ce.per_label.Pleural Effusion.f1", "nlg.bleu4", "nlg.cider", "nlg.meteor", "nlg.rouge_l")
+ROWS = (
+    ("report head", ""),
+    ("ablation: no memory", "ablations.no_memory."),
+    ("ablation: no keyword hints", "ablations.no_keywords."),
+    ("baseline: most frequent report", "baselines.most_frequent."),
+    ("baseline: AdaMatch retrieval", "baselines.retrieval."),
+)
+COLUMNS = (
+    "ce.micro5.f1",
+    "ce.micro.f1",
+    "ce.macro.f1",
+    "ce.per_label.Cardiomegaly.f1",
+    "ce.per_label.Pleural Effusion.f1",
+    "nlg.bleu4",
+    "nlg.cider",
+    "nlg.meteor",
+    "nlg.rouge_l",
+)
 ABLATIONS = {"no_memory": ["model.use_memory=false"], "no_keywords": ["model.use_keywords=false"]}
 
 
@@ -44,8 +56,14 @@ def train(run: Path, args: argparse.Namespace, extra: list[str]) -> float:
     if (run / "stage.json").exists() and args.reuse:
         return json.loads((run / "stage.json").read_text()).get("seconds", float("nan"))
     t0 = time.perf_counter()
-    run_stage("report", config=args.config, data=args.data, out=run, from_runs=[args.adamatch],
-              overrides=[*args.set, *extra])
+    run_stage(
+        "report",
+        config=args.config,
+        data=args.data,
+        out=run,
+        from_runs=[args.adamatch],
+        overrides=[*args.set, *extra],
+    )
     return time.perf_counter() - t0
 
 
@@ -78,8 +96,13 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="overrides for every run")
     p.add_argument("--no-ablations", action="store_true")
     p.add_argument("--reuse", action="store_true", help="keep finished runs under WORK")
-    p.add_argument("--also-beams", type=int, nargs="*", default=[3],
-                   help="also score the report head decoded with these beam widths (reported, not selected on)")
+    p.add_argument(
+        "--also-beams",
+        type=int,
+        nargs="*",
+        default=[3],
+        help="also score the report head decoded with these beam widths (reported, not selected on)",
+    )
     args = p.parse_args()
 
     from medvl.eval.report import evaluate_report
@@ -98,8 +121,10 @@ def main() -> None:
         rows.insert(1, (f"report head, beam {beams}", f"decoding.beam{beams}."))
         record.update(score_with_beams(main_run, args.data, beams))
 
-    print(f"\nIU-Phantom test split, {record['meta']['num_samples']} studies "
-          f"({record['meta']['conventions']['decoding']})\n")
+    print(
+        f"\nIU-Phantom test split, {record['meta']['num_samples']} studies "
+        f"({record['meta']['conventions']['decoding']})\n"
+    )
     print("| | " + " | ".join(c.replace("ce.per_label.", "F1 ").replace(".f1", "") for c in COLUMNS) + " |")
     print("|---" * (len(COLUMNS) + 1) + "|")
     for label, prefix in rows:
@@ -118,13 +143,21 @@ def main() -> None:
         print(f"target {name}: {'met' if ok else 'NOT met'}")
     print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "command": f"python benchmarks/report_quality.py --data {args.data} --adamatch {args.adamatch} "
-                   f"--work {args.work} --config {args.config}" + "".join(f" --set {s}" for s in args.set),
-        "metrics": {k: v for k, v in record.items() if k != "meta"}, "meta": record["meta"],
-        "targets": targets, "seconds": seconds, "cpu_count": os.cpu_count(),
-        "load_average_1min": os.getloadavg()[0],
-    }, indent=2))
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "command": f"python benchmarks/report_quality.py --data {args.data} --adamatch {args.adamatch} "
+                f"--work {args.work} --config {args.config}" + "".join(f" --set {s}" for s in args.set),
+                "metrics": {k: v for k, v in record.items() if k != "meta"},
+                "meta": record["meta"],
+                "targets": targets,
+                "seconds": seconds,
+                "cpu_count": os.cpu_count(),
+                "load_average_1min": os.getloadavg()[0],
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {RESULTS}")
 
 

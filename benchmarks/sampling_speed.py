@@ -30,30 +30,65 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_row(synth, reports, labels, classifier, *, sampler: str, steps: int, guidance: float, precision: str,
-            batch: int, seed: int = 0) -> dict:
+def run_row(
+    synth,
+    reports,
+    labels,
+    classifier,
+    *,
+    sampler: str,
+    steps: int,
+    guidance: float,
+    precision: str,
+    batch: int,
+    seed: int = 0,
+) -> dict:
     from medvl.eval.classifier import label_aurocs, predict
 
-    synth.synthesize(reports[:batch], steps=steps, guidance=guidance, sampler=sampler, seed=seed,
-                     batch_size=batch, precision=precision)  # warm-up
+    synth.synthesize(
+        reports[:batch],
+        steps=steps,
+        guidance=guidance,
+        sampler=sampler,
+        seed=seed,
+        batch_size=batch,
+        precision=precision,
+    )  # warm-up
     if synth.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     images = []
     for i in range(0, len(reports), batch):
-        images.append(synth.synthesize(reports[i:i + batch], steps=steps, guidance=guidance, sampler=sampler,
-                                       seed=seed + i, batch_size=batch, precision=precision))
+        images.append(
+            synth.synthesize(
+                reports[i : i + batch],
+                steps=steps,
+                guidance=guidance,
+                sampler=sampler,
+                seed=seed + i,
+                batch_size=batch,
+                precision=precision,
+            )
+        )
     if synth.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     images = torch.cat(images).numpy()
     probs, _, _ = predict(classifier, images)
     aucs = label_aurocs(probs, labels)
-    return {"sampler": sampler, "steps": steps, "guidance": guidance, "precision": precision, "batch": batch,
-            "images": len(reports), "seconds": round(seconds, 2), "s_per_image": seconds / len(reports),
-            "label_auroc": float(np.mean(list(aucs.values()))) if aucs else float("nan"),
-            "auroc_cardiomegaly": aucs.get("Cardiomegaly", float("nan")),
-            "auroc_pleural_effusion": aucs.get("Pleural Effusion", float("nan"))}
+    return {
+        "sampler": sampler,
+        "steps": steps,
+        "guidance": guidance,
+        "precision": precision,
+        "batch": batch,
+        "images": len(reports),
+        "seconds": round(seconds, 2),
+        "s_per_image": seconds / len(reports),
+        "label_auroc": float(np.mean(list(aucs.values()))) if aucs else float("nan"),
+        "auroc_cardiomegaly": aucs.get("Cardiomegaly", float("nan")),
+        "auroc_pleural_effusion": aucs.get("Pleural Effusion", float("nan")),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,8 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     reports = [" ".join(r.split()) for r in test.reports]
     g = float(synth.sampler.guidance)
     rows = {
-        "default": dict(sampler=synth.sampler.name.value, steps=synth.sampler.steps, guidance=g,
-                        precision=synth.sampler.precision.value),
+        "default": dict(
+            sampler=synth.sampler.name.value,
+            steps=synth.sampler.steps,
+            guidance=g,
+            precision=synth.sampler.precision.value,
+        ),
         "monai_recipe": dict(sampler="ddim", steps=50, guidance=g, precision="fp32"),
     }
     if not args.no_extra:
@@ -88,25 +127,47 @@ def main(argv: list[str] | None = None) -> int:
     for name, spec in rows.items():
         results[name] = run_row(synth, reports, test.labels, classifier, batch=args.batch, **spec)
         r = results[name]
-        print(f"  {name}: {r['s_per_image']:.4f} s/image, label AUROC {r['label_auroc']:.3f}", file=sys.stderr)
+        print(
+            f"  {name}: {r['s_per_image']:.4f} s/image, label AUROC {r['label_auroc']:.3f}", file=sys.stderr
+        )
     base = results["monai_recipe"]["s_per_image"]
     device = synth.device
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    print(f"\nSampling speed on {device_name}, {len(reports)} test reports, batch {args.batch}, run {args.run}\n")
-    print("| row | sampler | steps | precision | s/image | speed-up | label AUROC | Cardiomegaly | Effusion |")
+    device_name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    )
+    print(
+        f"\nSampling speed on {device_name}, {len(reports)} test reports, batch {args.batch}, run {args.run}\n"
+    )
+    print(
+        "| row | sampler | steps | precision | s/image | speed-up | label AUROC | Cardiomegaly | Effusion |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['sampler']} | {r['steps']} | {r['precision']} | {r['s_per_image']:.4f} | "
-              f"{base / r['s_per_image']:.1f}x | {r['label_auroc']:.3f} | {r['auroc_cardiomegaly']:.3f} | "
-              f"{r['auroc_pleural_effusion']:.3f} |")
+        print(
+            f"| {name} | {r['sampler']} | {r['steps']} | {r['precision']} | {r['s_per_image']:.4f} | "
+            f"{base / r['s_per_image']:.1f}x | {r['label_auroc']:.3f} | {r['auroc_cardiomegaly']:.3f} | "
+            f"{r['auroc_pleural_effusion']:.3f} |"
+        )
     out = args.out or REPO / "benchmarks" / "results" / f"sampling_speed_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "device": device_name, "torch": torch.__version__, "run": str(args.run), "data": str(args.data),
-        "reports": len(reports), "batch": args.batch, "rows": results,
-        "command": "python benchmarks/sampling_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-    }, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "device": device_name,
+                "torch": torch.__version__,
+                "run": str(args.run),
+                "data": str(args.data),
+                "reports": len(reports),
+                "batch": args.batch,
+                "rows": results,
+                "command": "python benchmarks/sampling_speed.py "
+                + " ".join(argv if argv is not None else sys.argv[1:]),
+            },
+            indent=2,
+        )
+    )
     print(f"\nwrote {out}")
     return 0
 

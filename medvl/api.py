@@ -87,8 +87,9 @@ class Pipeline:
         """The inference object of the ``stage`` run (``registry.STAGES[stage].loader``), loaded once."""
         if stage not in self._parts:
             if stage not in self.runs:
-                raise RunError(f"no {stage} run loaded: train one with `medvl train {stage}` "
-                               "(or load a demo directory)")
+                raise RunError(
+                    f"no {stage} run loaded: train one with `medvl train {stage}` (or load a demo directory)"
+                )
             self._parts[stage] = registry.loader(stage)(self.runs[stage], device=self.device)
         return self._parts[stage]
 
@@ -129,7 +130,9 @@ class Pipeline:
             elif scans.ndim in (3, 4):
                 items, single = list(scans), False
             else:
-                raise InvalidImageError(f"scans must be (H, W), (B, H, W) or (B, 1, H, W); got {tuple(scans.shape)}")
+                raise InvalidImageError(
+                    f"scans must be (H, W), (B, H, W) or (B, 1, H, W); got {tuple(scans.shape)}"
+                )
         else:
             items, single = list(scans), False
         if not items:
@@ -145,8 +148,13 @@ class Pipeline:
         out = rep.generate(images, beams=beams)
         return out[0] if single else out
 
-    def synthesize(self, reports: str | Sequence[str], steps: int | None = None, guidance: float | None = None,
-                   seed: int = 0):
+    def synthesize(
+        self,
+        reports: str | Sequence[str],
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int = 0,
+    ):
         """Report(s) -> :class:`~medvl.inference.synthesize.Synthesis`: ``images`` (B, 1, S, S) in [-1024, 1024] and
         the keypatch boxes that guided each. Same seed, same image."""
         if isinstance(reports, str) and not reports.strip():
@@ -180,8 +188,14 @@ class Pipeline:
         for pos in torch.nonzero(text.word_mask[0]).flatten().tolist():
             w = tok.words[0][word_ids[pos]]
             best = int(sim[pos].argmax())
-            words.append(WordMatch(w.text, tuple(float(v) for v in patches.boxes[0, best].tolist()),
-                                   float(sim[pos, best]), w.negated))
+            words.append(
+                WordMatch(
+                    w.text,
+                    tuple(float(v) for v in patches.boxes[0, best].tolist()),
+                    float(sim[pos, best]),
+                    w.negated,
+                )
+            )
         return MatchResult(float(s_i2t[0, 0]), float(s_t2i[0, 0]), words)
 
 
@@ -206,5 +220,13 @@ def synthesize_command(*args, **kwargs) -> int:
     return command(*args, **kwargs)
 
 
-__all__ = ["Pipeline", "MatchResult", "WordMatch", "load", "find_runs", "generate_report_command",
-           "synthesize_command", "explain_command"]
+__all__ = [
+    "Pipeline",
+    "MatchResult",
+    "WordMatch",
+    "load",
+    "find_runs",
+    "generate_report_command",
+    "synthesize_command",
+    "explain_command",
+]

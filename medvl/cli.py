@@ -44,11 +44,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _command(sub: Any, name: str, summary: str, description: str, example: str,
-             details: str = "") -> argparse.ArgumentParser:
+def _command(
+    sub: Any, name: str, summary: str, description: str, example: str, details: str = ""
+) -> argparse.ArgumentParser:
     text = textwrap.fill(description, width=100) + (f"\n\n{details}" if details else "")
-    return sub.add_parser(name, help=summary, description=text, formatter_class=_HelpFormatter,
-                          epilog="example:\n" + "\n".join(f"  {line}" for line in example.strip().splitlines()))
+    return sub.add_parser(
+        name,
+        help=summary,
+        description=text,
+        formatter_class=_HelpFormatter,
+        epilog="example:\n" + "\n".join(f"  {line}" for line in example.strip().splitlines()),
+    )
 
 
 def _entry(name: str, text: str) -> str:
@@ -59,15 +65,21 @@ def _runs(stages: tuple[str, ...]) -> str:
     return f"the {' and '.join(stages)} run{'s' if len(stages) > 1 else ''}"
 
 
-def _prepared_options(parser: argparse.ArgumentParser, root: str | None = None, sections: str | None = None) -> None:
+def _prepared_options(
+    parser: argparse.ArgumentParser, root: str | None = None, sections: str | None = None
+) -> None:
     """The options every ``medvl prepare SOURCE`` shares (``--root`` and ``--sections`` for raw data)."""
     if root is not None:
         parser.add_argument("--root", type=Path, required=True, help=root)
     parser.add_argument("--out", type=Path, required=True, help="prepared dataset directory to write")
     parser.add_argument("--size", type=_positive_int, default=256, help="image side in pixels")
     if sections is not None:
-        parser.add_argument("--sections", choices=["findings", "impression", "both"], default=sections,
-                            help="report sections used as the report text")
+        parser.add_argument(
+            "--sections",
+            choices=["findings", "impression", "both"],
+            default=sections,
+            help="report sections used as the report text",
+        )
     parser.add_argument("--workers", type=_positive_int, default=1, help="worker processes")
 
 
@@ -89,113 +101,213 @@ def _evaluate_epilog() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medvl", description=__doc__.splitlines()[0], formatter_class=_HelpFormatter,
-                                epilog="Run `medvl COMMAND --help` for a command's options and an example.")
+    p = argparse.ArgumentParser(
+        prog="medvl",
+        description=__doc__.splitlines()[0],
+        formatter_class=_HelpFormatter,
+        epilog="Run `medvl COMMAND --help` for a command's options and an example.",
+    )
     p.add_argument("--version", action="version", version=f"medvl {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    d = _command(sub, "demo", "build IU-Phantom, train every stage, evaluate, write metrics.json and report.html",
-                 "Build the embedded IU-Phantom dataset, train every stage with the preset, evaluate each and write "
-                 "OUT/metrics.json and OUT/report.html. Rerunning with the same --out keeps what is finished and "
-                 "resumes an interrupted stage.",
-                 "medvl demo --out demo_out --preset quick")
+    d = _command(
+        sub,
+        "demo",
+        "build IU-Phantom, train every stage, evaluate, write metrics.json and report.html",
+        "Build the embedded IU-Phantom dataset, train every stage with the preset, evaluate each and write "
+        "OUT/metrics.json and OUT/report.html. Rerunning with the same --out keeps what is finished and "
+        "resumes an interrupted stage.",
+        "medvl demo --out demo_out --preset quick",
+    )
     d.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory")
-    d.add_argument("--preset", choices=["quick", "full"], default="quick",
-                   help="quick: short schedules, under 10 minutes on 2 CPU cores; full: the results tables' runs")
+    d.add_argument(
+        "--preset",
+        choices=["quick", "full"],
+        default="quick",
+        help="quick: short schedules, under 10 minutes on 2 CPU cores; full: the results tables' runs",
+    )
 
-    pr = _command(sub, "prepare", "turn raw data into a prepared dataset",
-                  "Turn raw data into a prepared dataset (index.csv, skipped.csv, an image cache) that "
-                  "`medvl train --data` takes.",
-                  "medvl prepare phantom --out data/phantom --studies 400 --size 128")
+    pr = _command(
+        sub,
+        "prepare",
+        "turn raw data into a prepared dataset",
+        "Turn raw data into a prepared dataset (index.csv, skipped.csv, an image cache) that "
+        "`medvl train --data` takes.",
+        "medvl prepare phantom --out data/phantom --studies 400 --size 128",
+    )
     psub = pr.add_subparsers(dest="source", required=True, metavar="SOURCE")
-    ph = _command(psub, "phantom", "build the embedded IU-Phantom dataset and prepare it",
-                  "Draw IU-Phantom, medvl's synthetic chest X-ray dataset with reports and finding boxes, "
-                  "and prepare it.",
-                  "medvl prepare phantom --out data/phantom --studies 400 --size 128")
+    ph = _command(
+        psub,
+        "phantom",
+        "build the embedded IU-Phantom dataset and prepare it",
+        "Draw IU-Phantom, medvl's synthetic chest X-ray dataset with reports and finding boxes, "
+        "and prepare it.",
+        "medvl prepare phantom --out data/phantom --studies 400 --size 128",
+    )
     _prepared_options(ph)
-    ph.add_argument("--studies", type=_positive_int, default=None, help="number of studies (default: all 3,955)")
+    ph.add_argument(
+        "--studies", type=_positive_int, default=None, help="number of studies (default: all 3,955)"
+    )
     ph.add_argument("--seed", type=int, default=0, help="random seed of the drawing")
-    mc = _command(psub, "mimic-cxr", "MIMIC-CXR (DICOM) or MIMIC-CXR-JPG tree",
-                  "Prepare MIMIC-CXR (DICOM) or MIMIC-CXR-JPG: files/p??/p<subject>/s<study>/ with the "
-                  "metadata, split and CheXpert tables at the root.",
-                  "medvl prepare mimic-cxr --root /data/mimic-cxr-jpg --out data/mimic --size 256 --workers 8")
+    mc = _command(
+        psub,
+        "mimic-cxr",
+        "MIMIC-CXR (DICOM) or MIMIC-CXR-JPG tree",
+        "Prepare MIMIC-CXR (DICOM) or MIMIC-CXR-JPG: files/p??/p<subject>/s<study>/ with the "
+        "metadata, split and CheXpert tables at the root.",
+        "medvl prepare mimic-cxr --root /data/mimic-cxr-jpg --out data/mimic --size 256 --workers 8",
+    )
     _prepared_options(mc, root="the raw MIMIC-CXR or MIMIC-CXR-JPG tree", sections="findings")
-    mc.add_argument("--views", type=_views, default=["PA", "AP"],
-                    help="comma-separated view positions to keep (default: PA,AP)")
-    mc.add_argument("--jpg-compatible", action="store_true",
-                    help="read DICOMs the way MIMIC-CXR-JPG was made (min-max, invert, histogram equalisation); "
-                         "default: off (VOI windowing)")
-    iu = _command(psub, "iu-xray", "IU X-ray (Open-i) XML reports and PNG images",
-                  "Prepare IU X-ray (Open-i): its XML reports and PNG images under one folder.",
-                  "medvl prepare iu-xray --root /data/iu-xray --out data/iu")
+    mc.add_argument(
+        "--views",
+        type=_views,
+        default=["PA", "AP"],
+        help="comma-separated view positions to keep (default: PA,AP)",
+    )
+    mc.add_argument(
+        "--jpg-compatible",
+        action="store_true",
+        help="read DICOMs the way MIMIC-CXR-JPG was made (min-max, invert, histogram equalisation); "
+        "default: off (VOI windowing)",
+    )
+    iu = _command(
+        psub,
+        "iu-xray",
+        "IU X-ray (Open-i) XML reports and PNG images",
+        "Prepare IU X-ray (Open-i): its XML reports and PNG images under one folder.",
+        "medvl prepare iu-xray --root /data/iu-xray --out data/iu",
+    )
     _prepared_options(iu, root="folder with the XML reports and PNG images", sections="both")
 
-    t = _command(sub, "train", "train one stage",
-                 "Train one stage into a self-contained run directory (weights, resolved config, tokenizer, "
-                 "keywords, keypatch bank...).",
-                 "medvl train adamatch --config demo --data data/phantom --out runs/adamatch\n"
-                 "medvl train report --config demo --data data/phantom --out runs/report --from runs/adamatch\n"
-                 "medvl train diffusion --config demo --data data/phantom --out runs/diffusion "
-                 "--from runs/adamatch --from runs/report --from runs/autoencoder",
-                 _train_epilog())
+    t = _command(
+        sub,
+        "train",
+        "train one stage",
+        "Train one stage into a self-contained run directory (weights, resolved config, tokenizer, "
+        "keywords, keypatch bank...).",
+        "medvl train adamatch --config demo --data data/phantom --out runs/adamatch\n"
+        "medvl train report --config demo --data data/phantom --out runs/report --from runs/adamatch\n"
+        "medvl train diffusion --config demo --data data/phantom --out runs/diffusion "
+        "--from runs/adamatch --from runs/report --from runs/autoencoder",
+        _train_epilog(),
+    )
     t.add_argument("stage", choices=list(registry.STAGES), help="the stage to train (see the list above)")
     t.add_argument("--config", required=True, help="YAML file or preset name (tiny, demo, base)")
     t.add_argument("--data", type=Path, required=True, help="prepared dataset (made by `medvl prepare`)")
     t.add_argument("--out", type=Path, required=True, help="run directory to write")
-    t.add_argument("--from", dest="from_runs", type=Path, nargs="+", action="extend", default=[], metavar="RUN",
-                   help="an earlier run this stage builds on; repeat the flag (or list several) for several "
-                        "(default: none)")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. train.steps=100; repeat for several (default: none)")
-    t.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from its last checkpoint (default: off)")
+    t.add_argument(
+        "--from",
+        dest="from_runs",
+        type=Path,
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="RUN",
+        help="an earlier run this stage builds on; repeat the flag (or list several) for several "
+        "(default: none)",
+    )
+    t.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. train.steps=100; repeat for several (default: none)",
+    )
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from its last checkpoint (default: off)",
+    )
 
-    e = _command(sub, "evaluate", "score a run; writes a metrics JSON file",
-                 "Score a run on a split of a prepared dataset, write the metrics to --out, keep a copy in the "
-                 "run (RUN/eval/<kind>-<split>.json) and print the headline figures.",
-                 "medvl evaluate report --run runs/report --data data/phantom --out eval/report.json",
-                 _evaluate_epilog())
+    e = _command(
+        sub,
+        "evaluate",
+        "score a run; writes a metrics JSON file",
+        "Score a run on a split of a prepared dataset, write the metrics to --out, keep a copy in the "
+        "run (RUN/eval/<kind>-<split>.json) and print the headline figures.",
+        "medvl evaluate report --run runs/report --data data/phantom --out eval/report.json",
+        _evaluate_epilog(),
+    )
     e.add_argument("kind", choices=list(registry.EVALUATIONS), help="what to evaluate (see the list above)")
     e.add_argument("--run", type=Path, required=True, help="run directory (or a demo directory)")
     e.add_argument("--data", type=Path, required=True, help="prepared dataset")
     e.add_argument("--split", choices=["train", "validate", "test"], default="test", help="split to score")
     e.add_argument("--out", type=Path, required=True, help="metrics JSON file to write")
 
-    g = _command(sub, "generate-report", "write a report for each scan",
-                 "Write a report for each scan (DICOM, PNG or JPG) with a report run, with the AdaMatch keywords "
-                 "given to the decoder as hints.",
-                 "medvl generate-report scan1.dcm scan2.png --run runs/report --explain explain.png")
+    g = _command(
+        sub,
+        "generate-report",
+        "write a report for each scan",
+        "Write a report for each scan (DICOM, PNG or JPG) with a report run, with the AdaMatch keywords "
+        "given to the decoder as hints.",
+        "medvl generate-report scan1.dcm scan2.png --run runs/report --explain explain.png",
+    )
     g.add_argument("scans", type=Path, nargs="+", metavar="SCAN", help="DICOM, PNG or JPG chest X-ray")
     g.add_argument("--run", type=Path, required=True, help="report run directory")
-    g.add_argument("--beams", type=_positive_int, default=None,
-                   help="beam width, 1 = greedy (default: the run's generation.beams)")
-    g.add_argument("--explain", type=Path, default=None, metavar="OUT.png",
-                   help="also draw each scan's keyword boxes into this PNG (default: none)")
-    g.add_argument("--json", action="store_true",
-                   help="print one JSON list (report, score, tokens, labels, keywords) (default: text)")
+    g.add_argument(
+        "--beams",
+        type=_positive_int,
+        default=None,
+        help="beam width, 1 = greedy (default: the run's generation.beams)",
+    )
+    g.add_argument(
+        "--explain",
+        type=Path,
+        default=None,
+        metavar="OUT.png",
+        help="also draw each scan's keyword boxes into this PNG (default: none)",
+    )
+    g.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON list (report, score, tokens, labels, keywords) (default: text)",
+    )
 
-    s = _command(sub, "synthesize", "draw a scan from a report",
-                 "Draw a chest X-ray from a report with a diffusion run; a .dcm output is marked synthetic.",
-                 'medvl synthesize "Small left pleural effusion." --run runs/diffusion --out scan.png --seed 1')
+    s = _command(
+        sub,
+        "synthesize",
+        "draw a scan from a report",
+        "Draw a chest X-ray from a report with a diffusion run; a .dcm output is marked synthetic.",
+        'medvl synthesize "Small left pleural effusion." --run runs/diffusion --out scan.png --seed 1',
+    )
     s.add_argument("report", help="the report text")
     s.add_argument("--run", type=Path, required=True, help="diffusion run directory")
     s.add_argument("--out", type=Path, required=True, help="FILE.png or FILE.dcm")
-    s.add_argument("--steps", type=_positive_int, default=None, help="sampling steps (default: the run's sampler)")
-    s.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (default: the run's sampler)")
+    s.add_argument(
+        "--steps", type=_positive_int, default=None, help="sampling steps (default: the run's sampler)"
+    )
+    s.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale (default: the run's sampler)",
+    )
     s.add_argument("--seed", type=int, default=0, help="random seed: same seed, same image")
 
-    lb = _command(sub, "label", "CheXpert's 14 observations for reports, as CSV on standard output",
-                  "Label reports with CheXpert's 14 observations (1, 0, -1, blank), one CSV row per report in "
-                  "input order.",
-                  'medvl label reports.csv > labels.csv\necho "Small left pleural effusion." | medvl label')
-    lb.add_argument("file", nargs="?", default="-",
-                    help="CSV with a 'report' column, or - for one report on stdin (default: -)")
+    lb = _command(
+        sub,
+        "label",
+        "CheXpert's 14 observations for reports, as CSV on standard output",
+        "Label reports with CheXpert's 14 observations (1, 0, -1, blank), one CSV row per report in "
+        "input order.",
+        'medvl label reports.csv > labels.csv\necho "Small left pleural effusion." | medvl label',
+    )
+    lb.add_argument(
+        "file",
+        nargs="?",
+        default="-",
+        help="CSV with a 'report' column, or - for one report on stdin (default: -)",
+    )
 
-    x = _command(sub, "explain", "draw a scan's adaptive boxes with their matched keywords",
-                 "Draw a scan's adaptive patches with the keywords they match best (an AdaMatch run, or a run "
-                 "that carries one).",
-                 "medvl explain scan.png --run runs/adamatch --out explain.png --word effusion")
+    x = _command(
+        sub,
+        "explain",
+        "draw a scan's adaptive boxes with their matched keywords",
+        "Draw a scan's adaptive patches with the keywords they match best (an AdaMatch run, or a run "
+        "that carries one).",
+        "medvl explain scan.png --run runs/adamatch --out explain.png --word effusion",
+    )
     x.add_argument("scan", type=Path, help="DICOM, PNG or JPG chest X-ray")
     x.add_argument("--run", type=Path, required=True, help="AdaMatch run (or a report or diffusion run)")
     x.add_argument("--out", type=Path, required=True, help="PNG to write")
@@ -210,8 +322,10 @@ def headline_table(kind: str, metrics: dict) -> str:
     if not rows:
         return ""
     width = max(len(key) for key, _ in rows)
-    return "\n".join(f"  {key:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {key:<{width}}  {value}"
-                     for key, value in rows)
+    return "\n".join(
+        f"  {key:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {key:<{width}}  {value}"
+        for key, value in rows
+    )
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -224,12 +338,21 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.source == "phantom":
             from medvl.data.phantom import prepare_phantom
 
-            prepare_phantom(args.out, studies=args.studies, size=args.size, seed=args.seed, workers=args.workers)
+            prepare_phantom(
+                args.out, studies=args.studies, size=args.size, seed=args.seed, workers=args.workers
+            )
         elif args.source == "mimic-cxr":
             from medvl.data.mimic import prepare_mimic
 
-            prepare_mimic(args.root, args.out, size=args.size, views=args.views, sections=args.sections,
-                          workers=args.workers, jpg_compatible=args.jpg_compatible)
+            prepare_mimic(
+                args.root,
+                args.out,
+                size=args.size,
+                views=args.views,
+                sections=args.sections,
+                workers=args.workers,
+                jpg_compatible=args.jpg_compatible,
+            )
         else:
             from medvl.data.iuxray import prepare_iuxray
 
@@ -238,8 +361,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":
         from medvl.train.stages import run_stage
 
-        run_stage(args.stage, config=args.config, data=args.data, out=args.out, from_runs=args.from_runs,
-                  overrides=args.overrides, resume=args.resume)
+        run_stage(
+            args.stage,
+            config=args.config,
+            data=args.data,
+            out=args.out,
+            from_runs=args.from_runs,
+            overrides=args.overrides,
+            resume=args.resume,
+        )
         return 0
     if args.command == "evaluate":
         from medvl.eval import evaluate
@@ -251,7 +381,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             options["classifier"] = evaluation_classifier(args.data)  # trained once per dataset, then cached
         metrics = evaluate(args.kind, run=args.run, data=args.data, split=args.split, out=args.out, **options)
         meta = metrics.get("meta") or {}
-        print(f"medvl evaluate {args.kind} ({args.split}, {meta.get('num_samples', '?')} samples): {args.out}")
+        print(
+            f"medvl evaluate {args.kind} ({args.split}, {meta.get('num_samples', '?')} samples): {args.out}"
+        )
         table = headline_table(args.kind, metrics)
         if table:
             print(table)
@@ -264,13 +396,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "generate-report":
         from medvl.api import generate_report_command
 
-        return generate_report_command(args.scans, run=args.run, beams=args.beams, explain=args.explain,
-                                       as_json=args.json)
+        return generate_report_command(
+            args.scans, run=args.run, beams=args.beams, explain=args.explain, as_json=args.json
+        )
     if args.command == "synthesize":
         from medvl.api import synthesize_command
 
-        return synthesize_command(args.report, run=args.run, out=args.out, steps=args.steps,
-                                  guidance=args.guidance, seed=args.seed)
+        return synthesize_command(
+            args.report, run=args.run, out=args.out, steps=args.steps, guidance=args.guidance, seed=args.seed
+        )
     if args.command == "explain":
         from medvl.api import explain_command
 

@@ -126,24 +126,47 @@ EVALUATIONS: dict[str, EvaluationSpec] = {
             summary="retrieval recall and localization (pointing game, box IoU) of an AdaMatch run",
             evaluator="medvl.eval.alignment:evaluate_adamatch",
             run="adamatch",
-            headline=("retrieval.i2t_r1", "retrieval.i2t_r5", "retrieval.t2i_r1", "retrieval.t2i_r5",
-                      "localization.pointing_game", "localization.pointing_game_chance", "localization.box_iou"),
+            headline=(
+                "retrieval.i2t_r1",
+                "retrieval.i2t_r5",
+                "retrieval.t2i_r1",
+                "retrieval.t2i_r5",
+                "localization.pointing_game",
+                "localization.pointing_game_chance",
+                "localization.box_iou",
+            ),
         ),
         EvaluationSpec(
             name="report",
             summary="generated reports: BLEU, METEOR, ROUGE-L, CIDEr and CheXpert clinical efficacy",
             evaluator="medvl.eval.report:evaluate_report",
             run="report",
-            headline=("nlg.bleu1", "nlg.bleu4", "nlg.meteor", "nlg.rouge_l", "nlg.cider", "ce.micro.precision",
-                      "ce.micro.recall", "ce.micro.f1", "ce.macro.f1", "ce.micro5.f1"),
+            headline=(
+                "nlg.bleu1",
+                "nlg.bleu4",
+                "nlg.meteor",
+                "nlg.rouge_l",
+                "nlg.cider",
+                "ce.micro.precision",
+                "ce.micro.recall",
+                "ce.micro.f1",
+                "ce.macro.f1",
+                "ce.micro5.f1",
+            ),
         ),
         EvaluationSpec(
             name="diffusion",
             summary="synthesized scans: FID, MS-SSIM diversity, label AUROC, laterality",
             evaluator="medvl.eval.image:evaluate_diffusion",
             run="diffusion",
-            headline=("image.fid", "image.fid_features", "image.ms_ssim_diversity", "image.label_auroc",
-                      "image.real_label_auroc", "image.laterality_accuracy"),
+            headline=(
+                "image.fid",
+                "image.fid_features",
+                "image.ms_ssim_diversity",
+                "image.label_auroc",
+                "image.real_label_auroc",
+                "image.laterality_accuracy",
+            ),
             uses_classifier=True,
         ),
         EvaluationSpec(
@@ -181,8 +204,9 @@ def resolve(ref: str, what: str) -> Any:
         obj: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name is not None and module_name.startswith(exc.name):
-            raise RunError(f"{what} is not available in this version of medvl (module {module_name} is missing)"
-                           ) from None
+            raise RunError(
+                f"{what} is not available in this version of medvl (module {module_name} is missing)"
+            ) from None
         raise  # a dependency of that module is missing: a real error, keep its message
     for part in attr.split("."):
         obj = getattr(obj, part, None)

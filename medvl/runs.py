@@ -68,7 +68,10 @@ def source_runs(run_dir: str | Path, info: Mapping[str, Any] | None = None) -> l
     against ``run_dir``."""
     run_dir = Path(run_dir)
     info = read_stage_info(run_dir) if info is None else info
-    return [p if p.is_absolute() else Path(os.path.normpath(run_dir / p)) for p in map(Path, info.get("from") or [])]
+    return [
+        p if p.is_absolute() else Path(os.path.normpath(run_dir / p))
+        for p in map(Path, info.get("from") or [])
+    ]
 
 
 def find_runs(path: str | Path) -> dict[str, Path]:
@@ -80,8 +83,13 @@ def find_runs(path: str | Path) -> dict[str, Path]:
         raise RunError(f"{path} does not exist")
     todo = deque([path])
     if not is_finished(path):
-        todo.extend(sub for folder in (path / "runs", path) if folder.is_dir()
-                    for sub in sorted(folder.iterdir()) if is_finished(sub))
+        todo.extend(
+            sub
+            for folder in (path / "runs", path)
+            if folder.is_dir()
+            for sub in sorted(folder.iterdir())
+            if is_finished(sub)
+        )
     found: dict[str, Path] = {}
     seen: set[Path] = set()
     while todo:
@@ -93,7 +101,9 @@ def find_runs(path: str | Path) -> dict[str, Path]:
         found.setdefault(info["stage"], run)
         todo.extend(dep for dep in source_runs(run, info) if dep.exists())
     if not found:
-        raise RunError(f"{path} holds no medvl run (no {STAGE_FILE}); train one with `medvl train` or `medvl demo`")
+        raise RunError(
+            f"{path} holds no medvl run (no {STAGE_FILE}); train one with `medvl train` or `medvl demo`"
+        )
     return found
 
 
@@ -133,8 +143,13 @@ def evaluation_file(run_dir: str | Path, kind: str, split: str) -> Path:
     return Path(run_dir) / EVAL_DIR / f"{kind}-{split}.json"
 
 
-def record_evaluation(run_dir: str | Path, kind: str, split: str, metrics: Mapping[str, Any],
-                      data: Mapping[str, Any] | None = None) -> Path:
+def record_evaluation(
+    run_dir: str | Path,
+    kind: str,
+    split: str,
+    metrics: Mapping[str, Any],
+    data: Mapping[str, Any] | None = None,
+) -> Path:
     """Keep a copy of ``medvl evaluate``'s metrics in the run (``RUN/eval/<kind>-<split>.json``), so the run
     (and a pipeline folder made from it) says how it scored. ``data`` describes the prepared dataset."""
     path = evaluation_file(run_dir, kind, split)
@@ -173,7 +188,9 @@ def _portable_paths(value: Any, where: Path, saved: Mapping[Path, Path]) -> Any:
     return Path(value).name
 
 
-def _portable_info(info: dict[str, Any], source: Path, target: Path, saved: Mapping[Path, Path]) -> dict[str, Any]:
+def _portable_info(
+    info: dict[str, Any], source: Path, target: Path, saved: Mapping[Path, Path]
+) -> dict[str, Any]:
     """``stage.json`` of the run copied from ``source`` to ``target``: ``from`` entries that name a saved run
     become paths relative to ``target`` (others are dropped), the dataset's path is left out (its ``meta``
     stays), any other path as in :func:`_portable_paths`."""
@@ -193,9 +210,14 @@ def save_run_set(runs: Mapping[str, str | Path], dest: str | Path) -> dict[str, 
     sources = {stage: Path(run) for stage, run in runs.items()}
     for run in sources.values():
         read_stage_info(run)
-        inside = dest.resolve() in (run.resolve(), *run.resolve().parents) or run.resolve() in dest.resolve().parents
+        inside = (
+            dest.resolve() in (run.resolve(), *run.resolve().parents)
+            or run.resolve() in dest.resolve().parents
+        )
         if inside:
-            raise RunError(f"cannot save the run {run} into {dest} (one holds the other); choose another folder")
+            raise RunError(
+                f"cannot save the run {run} into {dest} (one holds the other); choose another folder"
+            )
     dest.mkdir(parents=True, exist_ok=True)
     saved = {run.resolve(): dest / stage for stage, run in sources.items()}
     for stage, run in sources.items():

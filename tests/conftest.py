@@ -52,7 +52,9 @@ def real_fixtures() -> Path:
     """Real files beside the checkout: RG1_J2KI.dcm (chest CR, MONOCHROME1, JPEG 2000) and two NIH PNGs."""
     path = _shared_fixtures()
     if not (path / "RG1_J2KI.dcm").exists():
-        pytest.fail(f"real fixtures not found at {path}; set MEDVL_FIXTURES to the folder holding RG1_J2KI.dcm")
+        pytest.fail(
+            f"real fixtures not found at {path}; set MEDVL_FIXTURES to the folder holding RG1_J2KI.dcm"
+        )
     return path
 
 

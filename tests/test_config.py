@@ -40,13 +40,20 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.inner.dim == 16 and cfg.inner.act == "gelu"
     assert cfg.use_memory is False and cfg.lr == pytest.approx(3e-4)
     assert to_dict(cfg)["inner"] == {"dim": 16, "act": "gelu"}
-    assert config_hash(cfg) == config_hash(load_config(Outer, p, ["inner.act=gelu", "use_memory=false", "lr=3e-4"]))
+    assert config_hash(cfg) == config_hash(
+        load_config(Outer, p, ["inner.act=gelu", "use_memory=false", "lr=3e-4"])
+    )
 
 
 @pytest.mark.parametrize(
     "override, key",
-    [("inner.dimm=3", "inner.dimm"), ("inner.dim=abc", "inner.dim"), ("use_memory=yes please", "use_memory"),
-     ("inner.act=tanh", "inner.act"), ("views=PA", "views")],
+    [
+        ("inner.dimm=3", "inner.dimm"),
+        ("inner.dim=abc", "inner.dim"),
+        ("use_memory=yes please", "use_memory"),
+        ("inner.act=tanh", "inner.act"),
+        ("views=PA", "views"),
+    ],
 )
 def test_bad_keys_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -22,12 +22,27 @@ def demo_dir(tmp_path_factory):
 
 def test_demo_writes_every_contract_key(demo_dir):
     metrics = json.loads((demo_dir / "metrics.json").read_text())
-    for key in ("retrieval.i2t_r1", "retrieval.t2i_r5", "localization.pointing_game",
-                "localization.pointing_game_chance", "localization.box_iou",
-                "nlg.bleu4", "nlg.cider", "nlg.rouge_l", "ce.micro.f1", "ce.micro5.f1", "ce.macro.f1",
-                "image.fid", "image.fid_features", "image.label_auroc", "image.real_label_auroc",
-                "cyclic.report_image_report.ce_f1", "cyclic.image_report_image.label_auroc",
-                "cyclic.one_way.image_to_report.ce_f1", "cyclic.one_way.report_to_image.label_auroc"):
+    for key in (
+        "retrieval.i2t_r1",
+        "retrieval.t2i_r5",
+        "localization.pointing_game",
+        "localization.pointing_game_chance",
+        "localization.box_iou",
+        "nlg.bleu4",
+        "nlg.cider",
+        "nlg.rouge_l",
+        "ce.micro.f1",
+        "ce.micro5.f1",
+        "ce.macro.f1",
+        "image.fid",
+        "image.fid_features",
+        "image.label_auroc",
+        "image.real_label_auroc",
+        "cyclic.report_image_report.ce_f1",
+        "cyclic.image_report_image.label_auroc",
+        "cyclic.one_way.image_to_report.ce_f1",
+        "cyclic.one_way.report_to_image.label_auroc",
+    ):
         assert key in metrics, key
     stages = metrics["meta"]["stages"]
     assert set(stages) == {"adamatch", "report", "diffusion", "cyclic"}
@@ -82,8 +97,21 @@ def test_evaluate_cli_prints_headline_and_keeps_a_copy_in_the_run(demo_dir, tmp_
     from medvl.cli import main
 
     out = tmp_path / "adamatch.json"
-    assert main(["evaluate", "adamatch", "--run", str(demo_dir / "runs" / "adamatch"), "--data",
-                 str(demo_dir / "data"), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "adamatch",
+                "--run",
+                str(demo_dir / "runs" / "adamatch"),
+                "--data",
+                str(demo_dir / "data"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "retrieval.i2t_r1" in printed and "localization.pointing_game" in printed
     metrics = json.loads(out.read_text())
@@ -103,7 +131,9 @@ def test_pipeline_saved_and_loaded_elsewhere(demo_dir, tmp_path):
     shutil.copytree(folder, moved)
     shutil.rmtree(folder)
     card = (moved / "README.md").read_text()
-    assert "demonstrations, not clinical models" in card and 'Pipeline.from_pretrained("medvl-phantom")' in card
+    assert (
+        "demonstrations, not clinical models" in card and 'Pipeline.from_pretrained("medvl-phantom")' in card
+    )
     assert "ce.micro.f1" in card and "cyclic.report_image_report.ce_f1" in card and "```yaml" in card
     for path in moved.rglob("*"):
         assert path.name not in ("checkpoints", "logs", "best")

@@ -12,9 +12,12 @@ from tests.models.adamatch_fixtures import train_tiny_run
 @pytest.fixture(scope="module")
 def runs(tiny_prepared, tmp_path_factory):
     root = tmp_path_factory.mktemp("explain")
-    return {"adaptive": train_tiny_run(tiny_prepared, root / "adaptive", steps=3),
-            "freeform": train_tiny_run(tiny_prepared, root / "freeform", steps=3,
-                                       overrides=["model.patches.mode=freeform"])}
+    return {
+        "adaptive": train_tiny_run(tiny_prepared, root / "adaptive", steps=3),
+        "freeform": train_tiny_run(
+            tiny_prepared, root / "freeform", steps=3, overrides=["model.patches.mode=freeform"]
+        ),
+    }
 
 
 def _scan_png(tiny_prepared, path):
@@ -51,8 +54,9 @@ def test_freeform_run_draws_point_sets(runs, tiny_prepared, tmp_path):
 
     run = AdaMatchRun.from_pretrained(runs["freeform"])
     assert run.config.patches.mode.value == "freeform"
-    exp = explain_image(run, PreparedDataset(tiny_prepared, "test").image(0), out=tmp_path / "ff.png",
-                        word="cardiomegaly")
+    exp = explain_image(
+        run, PreparedDataset(tiny_prepared, "test").image(0), out=tmp_path / "ff.png", word="cardiomegaly"
+    )
     assert (tmp_path / "ff.png").stat().st_size > 1000
     assert exp.word_map is not None and exp.word_map.shape == (64, 64)
     assert len(exp.keywords) > 0 and exp.boxes.shape == (run.model.num_patches, 4)

@@ -100,12 +100,23 @@ def test_not_a_report_run(tmp_path):
 def test_cli_generate_report(runs, real_fixtures, capsys):
     from medvl.cli import main
 
-    rc = main(["generate-report", str(real_fixtures / "RG1_J2KI.dcm"), "--run", str(runs.report), "--beams", "2",
-               "--json"])
+    rc = main(
+        [
+            "generate-report",
+            str(real_fixtures / "RG1_J2KI.dcm"),
+            "--run",
+            str(runs.report),
+            "--beams",
+            "2",
+            "--json",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert json.loads(captured.out)[0]["report"]
-    rc = main(["generate-report", str(real_fixtures / "RG1_J2KI.dcm"), "--run", str(runs.report.parent / "nothing")])
+    rc = main(
+        ["generate-report", str(real_fixtures / "RG1_J2KI.dcm"), "--run", str(runs.report.parent / "nothing")]
+    )
     assert rc == 2 and "does not exist" in capsys.readouterr().err
 
 

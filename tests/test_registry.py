@@ -45,21 +45,29 @@ def test_unknown_and_missing_entries_are_clear_errors(monkeypatch):
     monkeypatch.setitem(registry.STAGES, "report", gone)
     with pytest.raises(RunError, match="stage 'report' is not available in this version of medvl"):
         registry.builder("report")
-    monkeypatch.setitem(registry.STAGES, "autoencoder", dataclasses.replace(registry.STAGES["autoencoder"], loader=None))
+    monkeypatch.setitem(
+        registry.STAGES, "autoencoder", dataclasses.replace(registry.STAGES["autoencoder"], loader=None)
+    )
     with pytest.raises(RunError, match="not used on its own"):
         registry.loader("autoencoder")
 
 
 def test_a_registered_stage_reaches_the_cli(monkeypatch):
-    extra = registry.StageSpec(name="segmentation", summary="segmentation head: scan -> masks",
-                               config="tests.train.toy_stage:ToyConfig", builder="tests.train.toy_stage:build_stage",
-                               needs=("adamatch",))
+    extra = registry.StageSpec(
+        name="segmentation",
+        summary="segmentation head: scan -> masks",
+        config="tests.train.toy_stage:ToyConfig",
+        builder="tests.train.toy_stage:build_stage",
+        needs=("adamatch",),
+    )
     monkeypatch.setitem(registry.STAGES, "segmentation", extra)
     parser = build_parser()
     args = parser.parse_args(["train", "segmentation", "--config", "c.yaml", "--data", "d", "--out", "o"])
     assert args.stage == "segmentation"
     train = _subparsers(parser)["train"]
-    assert "segmentation head: scan -> masks; --from the adamatch run" in " ".join(train.format_help().split())
+    assert "segmentation head: scan -> masks; --from the adamatch run" in " ".join(
+        train.format_help().split()
+    )
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -75,8 +83,18 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 def test_every_option_has_help_and_a_default_and_every_command_an_example():
     parser = build_parser()
     assert list(_subparsers(parser)) == [
-        "demo", "prepare", "prepare phantom", "prepare mimic-cxr", "prepare iu-xray", "train", "evaluate",
-        "generate-report", "synthesize", "label", "explain"]
+        "demo",
+        "prepare",
+        "prepare phantom",
+        "prepare mimic-cxr",
+        "prepare iu-xray",
+        "train",
+        "evaluate",
+        "generate-report",
+        "synthesize",
+        "label",
+        "explain",
+    ]
     for name, sub in _subparsers(parser).items():
         assert sub.description, name
         assert sub.epilog and "example:" in sub.epilog and "medvl " in sub.epilog, name
@@ -88,7 +106,9 @@ def test_every_option_has_help_and_a_default_and_every_command_an_example():
             if action.option_strings and not action.required:
                 shown = " ".join(sub._get_formatter()._get_help_string(action).split())
                 assert "default" in shown, f"{name} {action.option_strings}"
-                assert " ".join((shown % {"default": action.default}).split()) in text, f"{name} {action.dest}"
+                assert " ".join((shown % {"default": action.default}).split()) in text, (
+                    f"{name} {action.dest}"
+                )
 
 
 def test_choices_come_from_the_registry():
@@ -99,13 +119,21 @@ def test_choices_come_from_the_registry():
     assert list(kind.choices) == list(registry.EVALUATIONS)
 
 
-@pytest.mark.parametrize("argv", [["--from", "a", "--from", "b"], ["--from", "a", "b"], ["--from", "a", "--from", "b",
-                                                                                     "--set", "x=1"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["--from", "a", "--from", "b"], ["--from", "a", "b"], ["--from", "a", "--from", "b", "--set", "x=1"]],
+)
 def test_from_keeps_every_run(argv):
-    args = build_parser().parse_args(["train", "diffusion", "--config", "demo", "--data", "d", "--out", "o", *argv])
+    args = build_parser().parse_args(
+        ["train", "diffusion", "--config", "demo", "--data", "d", "--out", "o", *argv]
+    )
     assert [str(p) for p in args.from_runs] == ["a", "b"]
-    assert build_parser().parse_args(["train", "adamatch", "--config", "demo", "--data", "d",
-                                      "--out", "o"]).from_runs == []
+    assert (
+        build_parser()
+        .parse_args(["train", "adamatch", "--config", "demo", "--data", "d", "--out", "o"])
+        .from_runs
+        == []
+    )
 
 
 def test_generate_report_uses_the_runs_beams_by_default():
@@ -120,7 +148,17 @@ def test_headline_table_lists_present_headline_keys_in_order():
 
 
 def test_cli_reports_a_missing_run_in_one_line(tmp_path, capsys):
-    code = main(["evaluate", "report", "--run", str(tmp_path / "none"), "--data", str(tmp_path), "--out",
-                 str(tmp_path / "m.json")])
+    code = main(
+        [
+            "evaluate",
+            "report",
+            "--run",
+            str(tmp_path / "none"),
+            "--data",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "m.json"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("medvl: error: ")

@@ -43,7 +43,9 @@ def _run(path: Path, stage: str, *sources: Path, data: dict | None = None) -> Pa
 
 @pytest.fixture
 def chain(tmp_path):
-    a = _run(tmp_path / "work" / "am", "adamatch", data={"path": str(tmp_path / "data"), "meta": {"source": "x"}})
+    a = _run(
+        tmp_path / "work" / "am", "adamatch", data={"path": str(tmp_path / "data"), "meta": {"source": "x"}}
+    )
     r = _run(tmp_path / "work" / "rep", "report", a)
     ae = _run(tmp_path / "work" / "ae", "autoencoder")
     d = _run(tmp_path / "work" / "diff", "diffusion", a, r, ae)
@@ -100,8 +102,12 @@ def test_evaluation_records(tmp_path, chain):
 
 
 def test_save_run_set_is_portable(chain, tmp_path):
-    record_evaluation(chain["diffusion"], "cyclic", "test", {"meta": {"runs": {"report": str(chain["report"]),
-                                                                                "data": str(tmp_path / "data")}}})
+    record_evaluation(
+        chain["diffusion"],
+        "cyclic",
+        "test",
+        {"meta": {"runs": {"report": str(chain["report"]), "data": str(tmp_path / "data")}}},
+    )
     saved = save_run_set(chain, tmp_path / "pipe")
     assert saved == {stage: tmp_path / "pipe" / stage for stage in chain}
     moved = tmp_path / "elsewhere" / "pipe"

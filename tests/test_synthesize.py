@@ -77,8 +77,18 @@ def test_synthetic_dicom_has_no_patient_data_and_reads_back(run, tmp_path, real_
     assert ds.PatientIdentityRemoved == "YES"
     # nothing of a real study leaks in (the writer never reads one): none of its identifying values appear
     raw = out.read_bytes()
-    for tag in ("PatientName", "PatientID", "PatientBirthDate", "StudyInstanceUID", "SeriesInstanceUID",
-                "SOPInstanceUID", "AccessionNumber", "InstitutionName", "StudyID", "ReferringPhysicianName"):
+    for tag in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+        "AccessionNumber",
+        "InstitutionName",
+        "StudyID",
+        "ReferringPhysicianName",
+    ):
         value = str(real.get(tag, "") or "").strip()
         if len(value) >= 3:
             assert value.encode() not in raw, tag

@@ -32,8 +32,12 @@ TEMPLATES = [
     ("Small right pleural effusion. No pneumothorax.", "Pleural Effusion", "right"),
     ("Left upper lobe nodule. Lungs otherwise clear.", "Lung Lesion", "left"),
 ]
-WORDS = {"Pleural Effusion": ("effusion", "effusion"), "Lung Opacity": ("opacity", "opacity"),
-         "Cardiomegaly": ("cardiomegaly", "cardiomegaly"), "Lung Lesion": ("nodule", "nodule")}
+WORDS = {
+    "Pleural Effusion": ("effusion", "effusion"),
+    "Lung Opacity": ("opacity", "opacity"),
+    "Cardiomegaly": ("cardiomegaly", "cardiomegaly"),
+    "Lung Lesion": ("nodule", "nodule"),
+}
 
 
 def make_tiny_prepared(root: str | Path, n: int = 48, size: int = 64, seed: int = 0) -> Path:
@@ -59,14 +63,37 @@ def make_tiny_prepared(root: str | Path, n: int = 48, size: int = 64, seed: int 
             cy = 0.6 + rng.uniform(-0.05, 0.05)
             r = 0.12
             img += 1200.0 * (((xx - cx) ** 2 + (yy - cy) ** 2) < r**2)
-            regions.append({"dicom_id": f"d{i:04d}", "finding": WORDS[obs][1], "side": side, "zone": "lower",
-                            "x0": cx - r, "y0": cy - r, "x1": cx + r, "y1": cy + r,
-                            "observation": obs, "word": WORDS[obs][0]})
+            regions.append(
+                {
+                    "dicom_id": f"d{i:04d}",
+                    "finding": WORDS[obs][1],
+                    "side": side,
+                    "zone": "lower",
+                    "x0": cx - r,
+                    "y0": cy - r,
+                    "x1": cx + r,
+                    "y1": cy + r,
+                    "observation": obs,
+                    "word": WORDS[obs][0],
+                }
+            )
         images[i] = to_uint8(np.clip(img, -1024, 1024))
         split = "train" if i < int(n * 0.7) else ("validate" if i < int(n * 0.8) else "test")
-        rows.append({"row": i, "dicom_id": f"d{i:04d}", "subject_id": f"1{i:07d}", "study_id": f"5{i:07d}",
-                     "split": split, "view": "PA", "source": f"toy/{i}.jpg", "findings": report,
-                     "impression": "", "report": report, **labels})
+        rows.append(
+            {
+                "row": i,
+                "dicom_id": f"d{i:04d}",
+                "subject_id": f"1{i:07d}",
+                "study_id": f"5{i:07d}",
+                "split": split,
+                "view": "PA",
+                "source": f"toy/{i}.jpg",
+                "findings": report,
+                "impression": "",
+                "report": report,
+                **labels,
+            }
+        )
     np.save(root / CACHE_FILE, images)
     pd.DataFrame(rows).to_csv(root / INDEX_FILE, index=False)
     pd.DataFrame(columns=["path", "reason"]).to_csv(root / SKIPPED_FILE, index=False)

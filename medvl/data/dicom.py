@@ -53,10 +53,44 @@ from medvl.data.xray import ImageFormat, XRay, invalid
 CHEST_MODALITIES = frozenset({"CR", "DX", "DR", "RG", "SC", "OT", ""})
 _CHEST_WORDS = ("CHEST", "THORA", "LUNG", "RIB", "STERN", "TORSO", "TRUNK", "BODY")
 _NOT_CHEST_WORDS = (
-    "HEAD", "SKULL", "BRAIN", "FACE", "SINUS", "NECK", "SPINE", "ABD",
-    "PELVIS", "HIP", "KNEE", "LEG", "FOOT", "FEET", "ANKLE", "TOE", "HAND", "FINGER", "WRIST", "ARM", "ELBOW",
-    "FOREARM", "HUMERUS", "FEMUR", "TIBIA", "FIBULA", "EXTREMITY", "BREAST", "DENTAL", "TEETH", "JAW", "MANDIBLE",
-    "ORBIT", "SHOULDER", "CLAVICLE", "KIDNEY", "BLADDER", "COLON",
+    "HEAD",
+    "SKULL",
+    "BRAIN",
+    "FACE",
+    "SINUS",
+    "NECK",
+    "SPINE",
+    "ABD",
+    "PELVIS",
+    "HIP",
+    "KNEE",
+    "LEG",
+    "FOOT",
+    "FEET",
+    "ANKLE",
+    "TOE",
+    "HAND",
+    "FINGER",
+    "WRIST",
+    "ARM",
+    "ELBOW",
+    "FOREARM",
+    "HUMERUS",
+    "FEMUR",
+    "TIBIA",
+    "FIBULA",
+    "EXTREMITY",
+    "BREAST",
+    "DENTAL",
+    "TEETH",
+    "JAW",
+    "MANDIBLE",
+    "ORBIT",
+    "SHOULDER",
+    "CLAVICLE",
+    "KIDNEY",
+    "BLADDER",
+    "COLON",
 )
 
 #: Which pip package decodes which compressed transfer syntax (pylibjpeg-libjpeg is GPL: never suggested).
@@ -91,8 +125,15 @@ def read_dicom(path: str | Path, *, jpg_compatible: bool = False) -> XRay:
         pixels, how, note = _display_pipeline(path, ds, raw, photometric)
         if note:
             meta["notes"].append(note)
-    return XRay(pixels=pixels, path=path, format=ImageFormat.DICOM, shape=(int(raw.shape[0]), int(raw.shape[1])),
-                photometric=photometric, intensity=how, **meta)
+    return XRay(
+        pixels=pixels,
+        path=path,
+        format=ImageFormat.DICOM,
+        shape=(int(raw.shape[0]), int(raw.shape[1])),
+        photometric=photometric,
+        intensity=how,
+        **meta,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- open and check
@@ -142,7 +183,9 @@ def _check_is_chest_image(path: Path, ds: pydicom.Dataset) -> None:
         raise invalid(path, f"multi-frame object ({frames} frames): a chest radiograph has one frame")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     if photometric == "PALETTE COLOR":
-        raise invalid(path, "colour data (PhotometricInterpretation PALETTE COLOR): a chest X-ray is greyscale")
+        raise invalid(
+            path, "colour data (PhotometricInterpretation PALETTE COLOR): a chest X-ray is greyscale"
+        )
     if int(ds.get("SamplesPerPixel", 1) or 1) not in (1, 3):
         raise invalid(path, f"{ds.SamplesPerPixel} samples per pixel: not a greyscale image")
 
@@ -153,27 +196,41 @@ def _check_is_chest_image(path: Path, ds: pydicom.Dataset) -> None:
 def _decode(path: Path, ds: pydicom.Dataset) -> np.ndarray:
     tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if tsyntax is None:
-        raise invalid(path, "no Transfer Syntax UID in the file meta information: cannot decode the pixel data")
+        raise invalid(
+            path, "no Transfer Syntax UID in the file meta information: cannot decode the pixel data"
+        )
     tsyntax = UID(str(tsyntax))
     try:
         decoder = get_decoder(tsyntax)
     except NotImplementedError:
-        raise invalid(path, f"unsupported transfer syntax {tsyntax} ({tsyntax.name}): no DICOM pixel decoder "
-                            "exists for it") from None
+        raise invalid(
+            path,
+            f"unsupported transfer syntax {tsyntax} ({tsyntax.name}): no DICOM pixel decoder exists for it",
+        ) from None
     if not decoder.is_available:
         package = _CODEC_PACKAGES.get(str(tsyntax), "a pydicom pixel-data plugin")
-        raise invalid(path, f"cannot decode {tsyntax.name} pixel data: no decoder installed; install {package}")
+        raise invalid(
+            path, f"cannot decode {tsyntax.name} pixel data: no decoder installed; install {package}"
+        )
     if not tsyntax.is_compressed:
-        expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
-                    * int(ds.BitsAllocated) // 8)
+        expected = (
+            int(ds.Rows)
+            * int(ds.Columns)
+            * int(ds.get("SamplesPerPixel", 1) or 1)
+            * int(ds.BitsAllocated)
+            // 8
+        )
         have = len(ds.PixelData)
         if have < expected:
             raise invalid(path, f"truncated file: pixel data has {have} of {expected} bytes")
     try:
         arr = ds.pixel_array
     except Exception as exc:
-        raise invalid(path, f"could not decode {tsyntax.name} pixel data; the file may be truncated or corrupt "
-                            f"({type(exc).__name__}: {exc})") from None
+        raise invalid(
+            path,
+            f"could not decode {tsyntax.name} pixel data; the file may be truncated or corrupt "
+            f"({type(exc).__name__}: {exc})",
+        ) from None
     if arr.ndim not in (2, 3) or arr.size == 0:
         raise invalid(path, f"decoded pixel data has shape {arr.shape}, expected (rows, columns)")
     return arr
@@ -189,8 +246,11 @@ def _to_grey(path: Path, arr: np.ndarray, photometric: str) -> tuple[np.ndarray,
     spread = arr.max(axis=-1).astype(np.int64) - arr.min(axis=-1).astype(np.int64)
     limit = max(1, int(arr.max()) // 25)  # a few levels of rounding noise from YBR conversion
     if float(np.percentile(spread, 99)) > limit:
-        raise invalid(path, f"colour data (PhotometricInterpretation {photometric or 'RGB'}, channels differ by "
-                            f"up to {int(spread.max())}): a chest X-ray is greyscale")
+        raise invalid(
+            path,
+            f"colour data (PhotometricInterpretation {photometric or 'RGB'}, channels differ by "
+            f"up to {int(spread.max())}): a chest X-ray is greyscale",
+        )
     return arr[..., 0], "MONOCHROME2"
 
 
@@ -282,7 +342,9 @@ def _voi_lut_range(ds: pydicom.Dataset) -> tuple[float, float] | None:
     if values.dtype.kind not in "iuf":
         # pydicom keeps an OW LUT as bytes; read it with the descriptor's bit depth.
         descriptor = item.LUTDescriptor
-        values = np.frombuffer(bytes(values.tobytes()), dtype=np.uint8 if int(descriptor[2]) <= 8 else np.uint16)
+        values = np.frombuffer(
+            bytes(values.tobytes()), dtype=np.uint8 if int(descriptor[2]) <= 8 else np.uint16
+        )
     if values.size == 0:
         return None
     return float(values.min()), float(values.max())
@@ -306,8 +368,9 @@ def _nominal_range(ds: pydicom.Dataset) -> tuple[float, float] | None:
     return (lo, hi) if hi > lo else None
 
 
-def _display_pipeline(path: Path, ds: pydicom.Dataset, raw: np.ndarray,
-                      photometric: str) -> tuple[np.ndarray, str, str]:
+def _display_pipeline(
+    path: Path, ds: pydicom.Dataset, raw: np.ndarray, photometric: str
+) -> tuple[np.ndarray, str, str]:
     table = _value_table(raw)
     domain = table[0] if table is not None else raw
     modality_out = apply_modality_lut(domain, ds)
@@ -349,7 +412,9 @@ def _display_pipeline(path: Path, ds: pydicom.Dataset, raw: np.ndarray,
     return np.ascontiguousarray(pixels, dtype=np.float32), how, note
 
 
-def _jpg_compatible(path: Path, ds: pydicom.Dataset, raw: np.ndarray, photometric: str) -> tuple[np.ndarray, str]:
+def _jpg_compatible(
+    path: Path, ds: pydicom.Dataset, raw: np.ndarray, photometric: str
+) -> tuple[np.ndarray, str]:
     """MIMIC-CXR-JPG's recipe: min-max to uint8, invert MONOCHROME1, histogram equalisation, ``/ 255``."""
     table = _value_table(raw)
     domain = table[0] if table is not None else raw
@@ -386,8 +451,15 @@ def equalize_histogram_u8(img: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------------ writing
 
 
-def grey_dicom(values: np.ndarray, *, sop_class: str, photometric: str = "MONOCHROME2", bits_stored: int = 12,
-               signed: bool = False, sop_instance_uid: str | None = None) -> pydicom.Dataset:
+def grey_dicom(
+    values: np.ndarray,
+    *,
+    sop_class: str,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int = 12,
+    signed: bool = False,
+    sop_instance_uid: str | None = None,
+) -> pydicom.Dataset:
     """A single-frame greyscale DICOM dataset, uncompressed (Explicit VR Little Endian), of ``values``
     (rows, columns): integers in ``[0, 2**bits_stored - 1]`` as displayed (bright = dense).
 
@@ -403,7 +475,9 @@ def grey_dicom(values: np.ndarray, *, sop_class: str, photometric: str = "MONOCH
     if signed:
         stored = stored - 2 ** (bits_stored - 1)
     bits_allocated = 16 if bits_stored > 8 else 8
-    dtype = {(16, False): "<u2", (16, True): "<i2", (8, False): "u1", (8, True): "i1"}[(bits_allocated, signed)]
+    dtype = {(16, False): "<u2", (16, True): "<i2", (8, False): "u1", (8, True): "i1"}[
+        (bits_allocated, signed)
+    ]
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UID(sop_class)
     meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid) if sop_instance_uid else generate_uid()

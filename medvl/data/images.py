@@ -58,7 +58,9 @@ def sniff_format(path: str | Path, head: bytes) -> ImageFormat | None:
     return None
 
 
-def read_xray_with_meta(path: str | Path, *, jpg_compatible: bool = False, min_side: int | None = None) -> XRay:
+def read_xray_with_meta(
+    path: str | Path, *, jpg_compatible: bool = False, min_side: int | None = None
+) -> XRay:
     """Read a DICOM, PNG or JPG chest X-ray with what its file says about it.
 
     ``jpg_compatible`` (DICOM only) reproduces how MIMIC-CXR-JPG was made from the DICOMs (min-max to 8 bits,
@@ -98,7 +100,9 @@ def _read_raster(path: Path, *, min_side: int | None) -> XRay:
     try:
         im = Image.open(path)
     except Image.UnidentifiedImageError:
-        raise invalid(path, "not an image: neither DICOM nor a format PIL reads (PNG, JPG, TIFF...)") from None
+        raise invalid(
+            path, "not an image: neither DICOM nor a format PIL reads (PNG, JPG, TIFF...)"
+        ) from None
     except OSError as exc:
         raise invalid(path, f"unreadable image file ({exc})") from None
     with im:
@@ -117,7 +121,9 @@ def _read_raster(path: Path, *, min_side: int | None) -> XRay:
         except (SyntaxError, ValueError) as exc:
             raise invalid(path, f"corrupt image file ({exc})") from None
         pixels, how = _raster_to_xray_range(path, im)
-    return XRay(pixels=pixels, path=path, format=fmt, shape=full_shape, photometric="MONOCHROME2", intensity=how)
+    return XRay(
+        pixels=pixels, path=path, format=fmt, shape=full_shape, photometric="MONOCHROME2", intensity=how
+    )
 
 
 def _raster_to_xray_range(path: Path, im: Image.Image) -> tuple[np.ndarray, str]:
@@ -140,8 +146,11 @@ def _raster_to_xray_range(path: Path, im: Image.Image) -> tuple[np.ndarray, str]
             rgb = arr[..., :3]
             spread = rgb.max(axis=-1).astype(np.int16) - rgb.min(axis=-1).astype(np.int16)
             if float(np.percentile(spread, 99)) > _GREY_SPREAD_TOLERANCE:
-                raise invalid(path, f"colour image ({mode}, channels differ by up to {int(spread.max())} levels);"
-                                    " a chest X-ray is greyscale")
+                raise invalid(
+                    path,
+                    f"colour image ({mode}, channels differ by up to {int(spread.max())} levels);"
+                    " a chest X-ray is greyscale",
+                )
             grey = rgb.astype(np.float32).mean(axis=-1)
         return _scale(grey, 255.0), "8-bit (grey saved as colour)"
     if mode == "L":
@@ -202,7 +211,9 @@ class ResizeGeometry:
         return fx(x0), fy(y0), fx(x1), fy(y1)
 
 
-def resize_geometry(shape: tuple[int, int], size: int, fit: ResizeFit | str = ResizeFit.PAD) -> ResizeGeometry:
+def resize_geometry(
+    shape: tuple[int, int], size: int, fit: ResizeFit | str = ResizeFit.PAD
+) -> ResizeGeometry:
     """Where an image of ``shape`` (H, W) lands in a ``size`` x ``size`` square."""
     fit = ResizeFit(fit)
     h, w = int(shape[0]), int(shape[1])
@@ -212,12 +223,18 @@ def resize_geometry(shape: tuple[int, int], size: int, fit: ResizeFit | str = Re
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     if fit is ResizeFit.PAD:
         nh, nw = min(nh, size), min(nw, size)
-    return ResizeGeometry(source_shape=(h, w), size=size, resized=(nh, nw),
-                          offset=((size - nh) // 2, (size - nw) // 2))
+    return ResizeGeometry(
+        source_shape=(h, w), size=size, resized=(nh, nw), offset=((size - nh) // 2, (size - nw) // 2)
+    )
 
 
-def resize_xray(img: np.ndarray, size: int, *, fit: ResizeFit | str = ResizeFit.PAD,
-                source_shape: tuple[int, int] | None = None) -> np.ndarray:
+def resize_xray(
+    img: np.ndarray,
+    size: int,
+    *,
+    fit: ResizeFit | str = ResizeFit.PAD,
+    source_shape: tuple[int, int] | None = None,
+) -> np.ndarray:
     """Resize a float32 (H, W) X-ray to (size, size) keeping its aspect ratio.
 
     ``fit="pad"`` (default) scales the long side to ``size`` and pads the short side symmetrically with -1024;
@@ -236,12 +253,14 @@ def resize_xray(img: np.ndarray, size: int, *, fit: ResizeFit | str = ResizeFit.
         scaled = arr
     else:
         pil = Image.fromarray(arr)  # float32 -> PIL mode "F"
-        scaled = np.asarray(pil.resize((nw, nh), Image.Resampling.LANCZOS, reducing_gap=3.0), dtype=np.float32)
+        scaled = np.asarray(
+            pil.resize((nw, nh), Image.Resampling.LANCZOS, reducing_gap=3.0), dtype=np.float32
+        )
     out = np.full((size, size), LOW, dtype=np.float32)
     top, left = geom.offset
     # Paste the scaled image into the square; negative offsets crop.
     sy0, sx0 = max(0, -top), max(0, -left)
     dy0, dx0 = max(0, top), max(0, left)
     hh, ww = min(nh - sy0, size - dy0), min(nw - sx0, size - dx0)
-    out[dy0:dy0 + hh, dx0:dx0 + ww] = scaled[sy0:sy0 + hh, sx0:sx0 + ww]
+    out[dy0 : dy0 + hh, dx0 : dx0 + ww] = scaled[sy0 : sy0 + hh, sx0 : sx0 + ww]
     return np.clip(out, LOW, HIGH, out=out)

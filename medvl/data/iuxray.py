@@ -61,7 +61,9 @@ def iu_views(metadata_csv: str | Path | None = None) -> dict[str, str]:
     if not path.exists():
         return {}
     df = pd.read_csv(path, usecols=["imageid", "View Position"], dtype=str, keep_default_na=False)
-    return {i: v.strip().upper() for i, v in zip(df["imageid"], df["View Position"], strict=True) if v.strip()}
+    return {
+        i: v.strip().upper() for i, v in zip(df["imageid"], df["View Position"], strict=True) if v.strip()
+    }
 
 
 def _find_reports(root: Path) -> Path:
@@ -90,9 +92,17 @@ def _index_images(root: Path) -> dict[str, Path]:
     return found
 
 
-def prepare_iuxray(root: str | Path, out: str | Path, *, size: int = 256, sections: ReportSection | str = "both",
-                   workers: int = 1, views: Sequence[str] = ("PA", "AP"), seed: int = 0,
-                   meta_extra: dict | None = None) -> PrepareResult:
+def prepare_iuxray(
+    root: str | Path,
+    out: str | Path,
+    *,
+    size: int = 256,
+    sections: ReportSection | str = "both",
+    workers: int = 1,
+    views: Sequence[str] = ("PA", "AP"),
+    seed: int = 0,
+    meta_extra: dict | None = None,
+) -> PrepareResult:
     """Prepare an Open-i IU X-ray download into ``out`` (same layout as :func:`medvl.data.mimic.prepare_mimic`)."""
     started = time.perf_counter()
     root, out = Path(root), Path(out)
@@ -134,26 +144,74 @@ def prepare_iuxray(root: str | Path, out: str | Path, *, size: int = 256, sectio
                 skipped.append((shown, "image file missing"))
                 continue
             unknown_views += not view
-            rows.append({"dicom_id": image_id, "subject_id": report.uid, "study_id": report.uid, "split": split,
-                         "view": view, "source": rel(path), "findings": report.findings,
-                         "impression": report.impression, "report": chosen,
-                         **{name: blank for name in CHEXPERT_LABELS}, "path": str(path)})
+            rows.append(
+                {
+                    "dicom_id": image_id,
+                    "subject_id": report.uid,
+                    "study_id": report.uid,
+                    "split": split,
+                    "view": view,
+                    "source": rel(path),
+                    "findings": report.findings,
+                    "impression": report.impression,
+                    "report": chosen,
+                    **{name: blank for name in CHEXPERT_LABELS},
+                    "path": str(path),
+                }
+            )
 
-    candidates = pd.DataFrame(rows, columns=["dicom_id", "subject_id", "study_id", "split", "view", "source",
-                                             "findings", "impression", "report", *CHEXPERT_LABELS, "path"])
+    candidates = pd.DataFrame(
+        rows,
+        columns=[
+            "dicom_id",
+            "subject_id",
+            "study_id",
+            "split",
+            "view",
+            "source",
+            "findings",
+            "impression",
+            "report",
+            *CHEXPERT_LABELS,
+            "path",
+        ],
+    )
     fit = ResizeFit.PAD.value
-    outcomes, decoded, reused = build_image_cache(out, list(candidates["path"]), size=size, fit=fit,
-                                                  workers=workers, desc="prepare iu-xray",
-                                                  selection={"source": "iu-xray", "views": list(views),
-                                                             "sections": sections.value, "seed": seed})
+    outcomes, decoded, reused = build_image_cache(
+        out,
+        list(candidates["path"]),
+        size=size,
+        fit=fit,
+        workers=workers,
+        desc="prepare iu-xray",
+        selection={"source": "iu-xray", "views": list(views), "sections": sections.value, "seed": seed},
+    )
     notes = ["Open-i has no CheXpert labels: label columns are blank"]
     if unknown_views:
-        notes.append(f"{unknown_views} images kept with an unknown view (not in torchxrayvision's DICOM metadata);"
-                     " some may be laterals")
-    meta = {"source": "iu-xray", "root": str(root.resolve()), "reports": str(reports_source),
-            "sections": sections.value, "views": list(views), "split": {"seed": seed,
-                                                                        "fractions": dict(SPLIT_FRACTIONS)},
-            "unknown_views_kept": int(unknown_views), **(meta_extra or {})}
-    return finish_prepare(out, candidates=candidates.drop(columns=["path"]), outcomes=outcomes, skipped=skipped,
-                          meta=meta, size=size, fit=fit, decoded=decoded, reused=reused, started=started,
-                          notes=notes)
+        notes.append(
+            f"{unknown_views} images kept with an unknown view (not in torchxrayvision's DICOM metadata);"
+            " some may be laterals"
+        )
+    meta = {
+        "source": "iu-xray",
+        "root": str(root.resolve()),
+        "reports": str(reports_source),
+        "sections": sections.value,
+        "views": list(views),
+        "split": {"seed": seed, "fractions": dict(SPLIT_FRACTIONS)},
+        "unknown_views_kept": int(unknown_views),
+        **(meta_extra or {}),
+    }
+    return finish_prepare(
+        out,
+        candidates=candidates.drop(columns=["path"]),
+        outcomes=outcomes,
+        skipped=skipped,
+        meta=meta,
+        size=size,
+        fit=fit,
+        decoded=decoded,
+        reused=reused,
+        started=started,
+        notes=notes,
+    )

@@ -49,8 +49,9 @@ class MimicTables:
 
 
 def _find_table(root: Path, kind: str) -> Path | None:
-    hits = sorted(p for pattern in (f"mimic-cxr-*-{kind}.csv", f"mimic-cxr-*-{kind}.csv.gz")
-                  for p in root.glob(pattern))
+    hits = sorted(
+        p for pattern in (f"mimic-cxr-*-{kind}.csv", f"mimic-cxr-*-{kind}.csv.gz") for p in root.glob(pattern)
+    )
     return hits[-1] if hits else None
 
 
@@ -62,7 +63,8 @@ def find_mimic_tables(root: str | Path) -> MimicTables:
     if missing:
         raise DataError(
             f"{root}: no mimic-cxr-2.0.0-{missing[0]}.csv(.gz); a MIMIC-CXR root needs the metadata and split tables "
-            "(MIMIC-CXR DICOM users: copy them from MIMIC-CXR-JPG into the root)")
+            "(MIMIC-CXR DICOM users: copy them from MIMIC-CXR-JPG into the root)"
+        )
     return MimicTables(metadata=metadata, split=split, chexpert=_find_table(root, "chexpert"))
 
 
@@ -88,8 +90,9 @@ def read_chexpert(path: Path) -> dict[tuple[str, str], np.ndarray]:
         col = pd.to_numeric(df[name].replace("", np.nan), errors="coerce").to_numpy(dtype=np.float32)
         bad = ~np.isnan(col) & ~np.isin(col, (1.0, 0.0, -1.0))
         if bad.any():
-            raise DataError(f"{path}: column {name!r} has values other than 1, 0, -1, blank "
-                            f"(e.g. {col[bad][0]})")
+            raise DataError(
+                f"{path}: column {name!r} has values other than 1, 0, -1, blank (e.g. {col[bad][0]})"
+            )
         values[:, j] = col
     return {(s, t): values[i] for i, (s, t) in enumerate(zip(df["subject_id"], df["study_id"], strict=True))}
 
@@ -131,9 +134,17 @@ def _normalise_views(views: Sequence[str] | str) -> tuple[str, ...]:
     return out
 
 
-def prepare_mimic(root: str | Path, out: str | Path, *, size: int = 256, views: Sequence[str] = ("PA", "AP"),
-                  sections: ReportSection | str = "findings", workers: int = 1, jpg_compatible: bool = False,
-                  meta_extra: dict | None = None) -> PrepareResult:
+def prepare_mimic(
+    root: str | Path,
+    out: str | Path,
+    *,
+    size: int = 256,
+    views: Sequence[str] = ("PA", "AP"),
+    sections: ReportSection | str = "findings",
+    workers: int = 1,
+    jpg_compatible: bool = False,
+    meta_extra: dict | None = None,
+) -> PrepareResult:
     """Prepare a MIMIC-CXR or MIMIC-CXR-JPG tree (JPG and DICOM files may be mixed) into ``out``.
 
     Writes ``out/index.csv``, ``skipped.csv``, ``images.npy`` (uint8 (N, size, size)), ``meta.json`` and, when
@@ -152,8 +163,9 @@ def prepare_mimic(root: str | Path, out: str | Path, *, size: int = 256, views: 
         raise DataError(f"{root}: no files/ folder; expected files/pXX/pSUBJECT/sSTUDY/<dicom_id>.jpg|.dcm")
     tables = find_mimic_tables(root)
     metadata = _read_table(tables.metadata, METADATA_COLUMNS)
-    metadata = metadata.drop_duplicates("dicom_id").sort_values(["subject_id", "study_id", "dicom_id"],
-                                                                 kind="stable")
+    metadata = metadata.drop_duplicates("dicom_id").sort_values(
+        ["subject_id", "study_id", "dicom_id"], kind="stable"
+    )
     split_df = _read_table(tables.split, SPLIT_COLUMNS)
     split_of = dict(zip(split_df["dicom_id"], split_df["split"], strict=True))
     labels_of = read_chexpert(tables.chexpert) if tables.chexpert is not None else {}
@@ -170,16 +182,23 @@ def prepare_mimic(root: str | Path, out: str | Path, *, size: int = 256, views: 
                 listings[folder] = frozenset(os.listdir(root / folder))
             except (FileNotFoundError, NotADirectoryError):
                 listings[folder] = frozenset()
-        return next((f"{folder}/{dicom_id}{s}" for s in IMAGE_SUFFIXES if f"{dicom_id}{s}" in listings[folder]),
-                    None)
+        return next(
+            (f"{folder}/{dicom_id}{s}" for s in IMAGE_SUFFIXES if f"{dicom_id}{s}" in listings[folder]), None
+        )
 
     skipped: list[tuple[str, str]] = []
     rows: list[dict] = []
     suffix_counts = {s: 0 for s in IMAGE_SUFFIXES}
-    table = zip(metadata["dicom_id"], metadata["subject_id"], metadata["study_id"], metadata["ViewPosition"],
-                strict=True)
-    for dicom_id, subject_id, study_id, view in tqdm(table, total=len(metadata), desc="reading tables and reports",
-                                                     unit="img", mininterval=1.0):
+    table = zip(
+        metadata["dicom_id"],
+        metadata["subject_id"],
+        metadata["study_id"],
+        metadata["ViewPosition"],
+        strict=True,
+    )
+    for dicom_id, subject_id, study_id, view in tqdm(
+        table, total=len(metadata), desc="reading tables and reports", unit="img", mininterval=1.0
+    ):
         folder = study_dir(subject_id, study_id)
         image = find_image(folder, dicom_id)
         shown = image or f"{folder}/{dicom_id}"  # no suffix: the file is not there
@@ -202,8 +221,12 @@ def prepare_mimic(root: str | Path, out: str | Path, *, size: int = 256, views: 
             else:
                 report = parse_mimic_report(raw)
                 chosen = report_text(report, sections)
-                texts[report_rel] = (report.findings, report.impression, chosen,
-                                     "" if chosen else missing_text_reason(report, sections))
+                texts[report_rel] = (
+                    report.findings,
+                    report.impression,
+                    chosen,
+                    "" if chosen else missing_text_reason(report, sections),
+                )
         entry = texts[report_rel]
         if entry is None:
             skipped.append((shown, f"no report file ({report_rel})"))
@@ -217,31 +240,82 @@ def prepare_mimic(root: str | Path, out: str | Path, *, size: int = 256, views: 
             continue
         suffix_counts[Path(image).suffix] += 1
         labels = labels_of.get((subject_id, study_id), blank)
-        rows.append({"dicom_id": dicom_id, "subject_id": subject_id, "study_id": study_id, "split": split,
-                     "view": view, "source": image, "findings": findings, "impression": impression,
-                     "report": chosen, **{name: float(labels[j]) for j, name in enumerate(CHEXPERT_LABELS)},
-                     "path": str(root / image)})
+        rows.append(
+            {
+                "dicom_id": dicom_id,
+                "subject_id": subject_id,
+                "study_id": study_id,
+                "split": split,
+                "view": view,
+                "source": image,
+                "findings": findings,
+                "impression": impression,
+                "report": chosen,
+                **{name: float(labels[j]) for j, name in enumerate(CHEXPERT_LABELS)},
+                "path": str(root / image),
+            }
+        )
 
-    candidates = pd.DataFrame(rows, columns=["dicom_id", "subject_id", "study_id", "split", "view", "source",
-                                             "findings", "impression", "report", *CHEXPERT_LABELS, "path"])
+    candidates = pd.DataFrame(
+        rows,
+        columns=[
+            "dicom_id",
+            "subject_id",
+            "study_id",
+            "split",
+            "view",
+            "source",
+            "findings",
+            "impression",
+            "report",
+            *CHEXPERT_LABELS,
+            "path",
+        ],
+    )
     fit = ResizeFit.PAD.value
-    outcomes, decoded, reused = build_image_cache(out, list(candidates["path"]), size=size, fit=fit,
-                                                  jpg_compatible=jpg_compatible, workers=workers,
-                                                  desc="prepare mimic-cxr",
-                                                  selection={"source": "mimic-cxr", "views": list(views),
-                                                             "sections": sections.value})
+    outcomes, decoded, reused = build_image_cache(
+        out,
+        list(candidates["path"]),
+        size=size,
+        fit=fit,
+        jpg_compatible=jpg_compatible,
+        workers=workers,
+        desc="prepare mimic-cxr",
+        selection={"source": "mimic-cxr", "views": list(views), "sections": sections.value},
+    )
     notes = []
     if tables.chexpert is None:
         notes.append("no chexpert table: labels are blank")
     if suffix_counts[".dcm"] and suffix_counts[".jpg"]:
-        notes.append(f"mixed tree: {suffix_counts['.jpg']} JPG and {suffix_counts['.dcm']} DICOM images"
-                     + (" (DICOMs read JPG-compatible)" if jpg_compatible else ""))
-    meta = {"source": "mimic-cxr", "root": str(root.resolve()), "sections": sections.value, "views": list(views),
-            "jpg_compatible": bool(jpg_compatible),
-            "tables": {"metadata": tables.metadata.name, "split": tables.split.name,
-                       "chexpert": tables.chexpert.name if tables.chexpert else None},
-            "image_files": {s.lstrip("."): n for s, n in suffix_counts.items()},
-            **(meta_extra or {})}
-    return finish_prepare(out, candidates=candidates.drop(columns=["path"]), outcomes=outcomes, skipped=skipped,
-                          meta=meta, size=size, fit=fit, decoded=decoded, reused=reused, started=started,
-                          regions_csv=root / "regions.csv", notes=notes)
+        notes.append(
+            f"mixed tree: {suffix_counts['.jpg']} JPG and {suffix_counts['.dcm']} DICOM images"
+            + (" (DICOMs read JPG-compatible)" if jpg_compatible else "")
+        )
+    meta = {
+        "source": "mimic-cxr",
+        "root": str(root.resolve()),
+        "sections": sections.value,
+        "views": list(views),
+        "jpg_compatible": bool(jpg_compatible),
+        "tables": {
+            "metadata": tables.metadata.name,
+            "split": tables.split.name,
+            "chexpert": tables.chexpert.name if tables.chexpert else None,
+        },
+        "image_files": {s.lstrip("."): n for s, n in suffix_counts.items()},
+        **(meta_extra or {}),
+    }
+    return finish_prepare(
+        out,
+        candidates=candidates.drop(columns=["path"]),
+        outcomes=outcomes,
+        skipped=skipped,
+        meta=meta,
+        size=size,
+        fit=fit,
+        decoded=decoded,
+        reused=reused,
+        started=started,
+        regions_csv=root / "regions.csv",
+        notes=notes,
+    )

@@ -103,9 +103,23 @@ def read_index(root: str | Path) -> pd.DataFrame:
     path = root / INDEX_FILE
     if not path.exists():
         raise DataError(f"{root} has no {INDEX_FILE}; run `medvl prepare ...` first")
-    text_cols = {c: str for c in ("dicom_id", "subject_id", "study_id", "split", "view", "source",
-                                  "findings", "impression", "report")}
-    df = pd.read_csv(path, dtype=text_cols, keep_default_na=False, na_values={c: [""] for c in CHEXPERT_LABELS})
+    text_cols = {
+        c: str
+        for c in (
+            "dicom_id",
+            "subject_id",
+            "study_id",
+            "split",
+            "view",
+            "source",
+            "findings",
+            "impression",
+            "report",
+        )
+    }
+    df = pd.read_csv(
+        path, dtype=text_cols, keep_default_na=False, na_values={c: [""] for c in CHEXPERT_LABELS}
+    )
     missing = [c for c in INDEX_COLUMNS if c not in df.columns]
     if missing:
         raise DataError(f"{path} lacks columns {missing}")
@@ -178,8 +192,14 @@ class PreparedDataset(Dataset):
             "index": i,
         }
 
-    def positions(self, *, views: Sequence[str] | None = None, keep_blank_view: bool = True,
-                  one_per_study: bool = False, limit: int = 0) -> np.ndarray:
+    def positions(
+        self,
+        *,
+        views: Sequence[str] | None = None,
+        keep_blank_view: bool = True,
+        one_per_study: bool = False,
+        limit: int = 0,
+    ) -> np.ndarray:
         """The rows :meth:`select` keeps, as positions into this dataset (int64, in order)."""
         keep = np.ones(len(self.index), dtype=bool)
         if views is not None:
@@ -195,8 +215,14 @@ class PreparedDataset(Dataset):
             pos = pos[:limit]
         return pos.astype(np.int64)
 
-    def select(self, *, views: Sequence[str] | None = None, keep_blank_view: bool = True,
-               one_per_study: bool = False, limit: int = 0) -> PreparedDataset:
+    def select(
+        self,
+        *,
+        views: Sequence[str] | None = None,
+        keep_blank_view: bool = True,
+        one_per_study: bool = False,
+        limit: int = 0,
+    ) -> PreparedDataset:
         """A dataset of some of these rows, in their order, ``index`` and ``labels`` aligned with its items.
 
         ``views``: the rows whose ``view`` is one of these (any case); a blank ``view`` (an image whose view its
@@ -204,8 +230,9 @@ class PreparedDataset(Dataset):
         ``one_per_study``: then the first row of each study. ``limit``: then the first ``limit`` rows (0: all).
         The split is chosen when the dataset is opened (``PreparedDataset(root, split)``).
         """
-        pos = self.positions(views=views, keep_blank_view=keep_blank_view, one_per_study=one_per_study,
-                             limit=limit)
+        pos = self.positions(
+            views=views, keep_blank_view=keep_blank_view, one_per_study=one_per_study, limit=limit
+        )
         out = copy.copy(self)
         out.index = self.index.iloc[pos].reset_index(drop=True)
         out.labels = self.labels[torch.from_numpy(pos)]
@@ -238,8 +265,10 @@ class PrepareResult:
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        lines = [f"prepared {self.kept} images into {self.out} in {self.seconds:.1f}s "
-                 f"({self.decoded} decoded now, {self.reused} reused from an earlier run); {self.skipped} skipped"]
+        lines = [
+            f"prepared {self.kept} images into {self.out} in {self.seconds:.1f}s "
+            f"({self.decoded} decoded now, {self.reused} reused from an earlier run); {self.skipped} skipped"
+        ]
         for reason, n in sorted(self.skipped_by_reason.items(), key=lambda kv: -kv[1]):
             lines.append(f"  skipped {n:>7}  {reason}")
         lines.extend(f"  note: {note}" for note in self.notes)
@@ -267,13 +296,18 @@ class _CacheSettings:
 
     def differences(self, other: dict) -> list[str]:
         mine = self.__dict__
-        diffs = [f"{k} {other.get(k)!r} -> {mine[k]!r}" for k in ("size", "fit", "jpg_compatible")
-                 if other.get(k) != mine[k]]
+        diffs = [
+            f"{k} {other.get(k)!r} -> {mine[k]!r}"
+            for k in ("size", "fit", "jpg_compatible")
+            if other.get(k) != mine[k]
+        ]
         theirs = other.get("selection") or {}
         diffs += [f"{k} {theirs.get(k)!r} -> {v!r}" for k, v in self.selection.items() if theirs.get(k) != v]
         if not diffs and (other.get("n") != self.n or other.get("paths_sha1") != self.paths_sha1):
-            diffs.append(f"the images to prepare changed ({other.get('n')} -> {self.n} files): the raw tree or "
-                         "its tables changed since the earlier run")
+            diffs.append(
+                f"the images to prepare changed ({other.get('n')} -> {self.n} files): the raw tree or "
+                "its tables changed since the earlier run"
+            )
         return diffs
 
 
@@ -292,7 +326,9 @@ def reason_kind(reason: str) -> str:
     return reason.split(";")[0].split(" (")[0].strip()
 
 
-def _read_and_resize(path: str, size: int, fit: str, jpg_compatible: bool) -> tuple[np.ndarray, tuple[int, int]]:
+def _read_and_resize(
+    path: str, size: int, fit: str, jpg_compatible: bool
+) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode (at reduced resolution where the format allows) and resize one image: (S, S) uint8, source shape."""
     xray = read_xray_with_meta(path, jpg_compatible=jpg_compatible, min_side=size)
     img = resize_xray(xray.pixels, size, fit=fit, source_shape=xray.shape)
@@ -327,10 +363,18 @@ def _pool_context() -> mp.context.BaseContext:
     return mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
 
 
-def build_image_cache(out: str | Path, paths: Sequence[str], *, size: int, fit: ResizeFit | str = ResizeFit.PAD,
-                      jpg_compatible: bool = False, workers: int = 1, desc: str = "prepare",
-                      selection: dict | None = None, chunk_size: int | None = None,
-                      ) -> tuple[list[ImageOutcome], int, int]:
+def build_image_cache(
+    out: str | Path,
+    paths: Sequence[str],
+    *,
+    size: int,
+    fit: ResizeFit | str = ResizeFit.PAD,
+    jpg_compatible: bool = False,
+    workers: int = 1,
+    desc: str = "prepare",
+    selection: dict | None = None,
+    chunk_size: int | None = None,
+) -> tuple[list[ImageOutcome], int, int]:
     """Decode and resize ``paths`` into ``out/images.npy`` (uint8 (N, S, S); row i is paths[i]).
 
     Resumable: each finished chunk leaves a done-marker in ``out/.prepare/``; a rerun with the same settings decodes
@@ -348,18 +392,29 @@ def build_image_cache(out: str | Path, paths: Sequence[str], *, size: int, fit: 
     cache_path = out / CACHE_FILE
     previous = json.loads(state_file.read_text()) if state_file.exists() else None
     if chunk_size is None:
-        chunk_size = int(previous["chunk_size"]) if previous else max(1, min(128, -(-n // (max(1, workers) * 4))))
-    settings = _CacheSettings(size=size, fit=fit, jpg_compatible=bool(jpg_compatible),
-                              selection=json.loads(json.dumps(selection or {})), n=n, paths_sha1=sha,
-                              chunk_size=chunk_size)
+        chunk_size = (
+            int(previous["chunk_size"]) if previous else max(1, min(128, -(-n // (max(1, workers) * 4))))
+        )
+    settings = _CacheSettings(
+        size=size,
+        fit=fit,
+        jpg_compatible=bool(jpg_compatible),
+        selection=json.loads(json.dumps(selection or {})),
+        n=n,
+        paths_sha1=sha,
+        chunk_size=chunk_size,
+    )
     if previous is not None:
         diffs = settings.differences(previous)
         if diffs:
-            raise DataError(f"{out} holds a preparation made with other settings ({'; '.join(diffs)}); "
-                            "use another --out, or delete it to start again")
+            raise DataError(
+                f"{out} holds a preparation made with other settings ({'; '.join(diffs)}); "
+                "use another --out, or delete it to start again"
+            )
         if int(previous["chunk_size"]) != chunk_size:
-            raise DataError(f"{out}: chunk size {chunk_size} differs from the interrupted run's "
-                            f"{previous['chunk_size']}")
+            raise DataError(
+                f"{out}: chunk size {chunk_size} differs from the interrupted run's {previous['chunk_size']}"
+            )
     elif (out / INDEX_FILE).exists() or cache_path.exists():
         raise DataError(f"{out} already holds a prepared dataset without resume state; use another --out")
 
@@ -397,8 +452,16 @@ def build_image_cache(out: str | Path, paths: Sequence[str], *, size: int, fit: 
             record(k, json.loads(mp_path.read_text())["results"])
             reused += len(rows)
         else:
-            todo.append(_ChunkJob(index=k, cache=str(cache_path), items=tuple((r, paths[r]) for r in rows),
-                                  size=size, fit=fit, jpg_compatible=bool(jpg_compatible)))
+            todo.append(
+                _ChunkJob(
+                    index=k,
+                    cache=str(cache_path),
+                    items=tuple((r, paths[r]) for r in rows),
+                    size=size,
+                    fit=fit,
+                    jpg_compatible=bool(jpg_compatible),
+                )
+            )
 
     def finish(k: int, results: list) -> None:
         _atomic_write(marker_path(k), json.dumps({"results": results}))
@@ -425,8 +488,14 @@ def _label_text(value: float) -> str:
     return "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(int(value))
 
 
-def write_prepared(out: str | Path, index: pd.DataFrame, skipped: Sequence[tuple[str, str]], meta: dict,
-                   *, regions: pd.DataFrame | None = None) -> None:
+def write_prepared(
+    out: str | Path,
+    index: pd.DataFrame,
+    skipped: Sequence[tuple[str, str]],
+    meta: dict,
+    *,
+    regions: pd.DataFrame | None = None,
+) -> None:
     """Write index.csv, skipped.csv, regions.csv (if given) and, last, meta.json (the completion mark)."""
     out = Path(out)
     missing = [c for c in INDEX_COLUMNS if c not in index.columns]
@@ -477,9 +546,21 @@ def map_regions(regions: pd.DataFrame, geometry: dict[str, ResizeGeometry]) -> p
     return kept.reset_index(drop=True)
 
 
-def finish_prepare(out: Path, *, candidates: pd.DataFrame, outcomes: Sequence[ImageOutcome],
-                   skipped: list[tuple[str, str]], meta: dict, size: int, fit: str, decoded: int, reused: int,
-                   started: float, regions_csv: Path | None = None, notes: Sequence[str] = ()) -> PrepareResult:
+def finish_prepare(
+    out: Path,
+    *,
+    candidates: pd.DataFrame,
+    outcomes: Sequence[ImageOutcome],
+    skipped: list[tuple[str, str]],
+    meta: dict,
+    size: int,
+    fit: str,
+    decoded: int,
+    reused: int,
+    started: float,
+    regions_csv: Path | None = None,
+    notes: Sequence[str] = (),
+) -> PrepareResult:
     """Turn the candidates and their decode outcomes into index/skipped/regions/meta; print and return counts.
 
     ``candidates``: one row per cache row (``row`` = position) with INDEX_COLUMNS except ``row``, plus ``path``
@@ -495,17 +576,35 @@ def finish_prepare(out: Path, *, candidates: pd.DataFrame, outcomes: Sequence[Im
     regions = None
     if regions_csv is not None and regions_csv.exists():
         raw = pd.read_csv(regions_csv, dtype={"dicom_id": str}, keep_default_na=False)
-        geometry = {d: resize_geometry(outcomes[r].shape, size, fit) for d, r in zip(index["dicom_id"], index["row"],
-                                                                                     strict=True)}
+        geometry = {
+            d: resize_geometry(outcomes[r].shape, size, fit)
+            for d, r in zip(index["dicom_id"], index["row"], strict=True)
+        }
         regions = map_regions(raw, geometry)
     by_reason = Counter(reason_kind(r) for _, r in skipped)
-    meta = {**meta, "size": size, "fit": fit,
-            "counts": {"images": int(ok.sum()), "skipped": len(skipped), "by_split": {
-                s: int((index["split"] == s).sum()) for s in SPLITS}, "skipped_by_reason": dict(by_reason)},
-            "notes": list(notes),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    meta = {
+        **meta,
+        "size": size,
+        "fit": fit,
+        "counts": {
+            "images": int(ok.sum()),
+            "skipped": len(skipped),
+            "by_split": {s: int((index["split"] == s).sum()) for s in SPLITS},
+            "skipped_by_reason": dict(by_reason),
+        },
+        "notes": list(notes),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     write_prepared(out, index, skipped, meta, regions=regions)
-    result = PrepareResult(out=out, kept=int(ok.sum()), skipped=len(skipped), skipped_by_reason=dict(by_reason),
-                           decoded=decoded, reused=reused, seconds=time.perf_counter() - started, notes=list(notes))
+    result = PrepareResult(
+        out=out,
+        kept=int(ok.sum()),
+        skipped=len(skipped),
+        skipped_by_reason=dict(by_reason),
+        decoded=decoded,
+        reused=reused,
+        seconds=time.perf_counter() - started,
+        notes=list(notes),
+    )
     print(result.summary())
     return result

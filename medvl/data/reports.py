@@ -43,20 +43,71 @@ class ReportSection(str, enum.Enum):
 
 #: Header spellings (lower case, single spaces) that mean findings or impression, typos seen in MIMIC-CXR included.
 SECTION_ALIASES: dict[str, str] = {
-    **{k: "findings" for k in (
-        "findings", "finding", "findngs", "findins", "findnings", "finidngs", "findgings", "findindgs",
-        "reference findings", "findings on chest radiograph",
-    )},
-    **{k: "impression" for k in (
-        "impression", "impressions", "impresson", "impresion", "impession", "imprssion", "imprression",
-        "imoression", "impressoin", "imperssion", "mpression", "conclusion", "conclusions",
-        "findings and impression", "findings/impression", "findings / impression", "impression and findings",
-    )},
-    **{k: "indication" for k in ("indication", "indications", "reason for examination", "reason for exam",
-                                 "clinical indication", "idication")},
-    **{k: "history" for k in ("history", "clinical history", "clinical information", "patient history", "pfi")},
-    **{k: "comparison" for k in ("comparison", "comparisons", "comparison exam", "comparison film", "reference exam",
-                                 "comparision", "comparsion", "comparrison")},
+    **{
+        k: "findings"
+        for k in (
+            "findings",
+            "finding",
+            "findngs",
+            "findins",
+            "findnings",
+            "finidngs",
+            "findgings",
+            "findindgs",
+            "reference findings",
+            "findings on chest radiograph",
+        )
+    },
+    **{
+        k: "impression"
+        for k in (
+            "impression",
+            "impressions",
+            "impresson",
+            "impresion",
+            "impession",
+            "imprssion",
+            "imprression",
+            "imoression",
+            "impressoin",
+            "imperssion",
+            "mpression",
+            "conclusion",
+            "conclusions",
+            "findings and impression",
+            "findings/impression",
+            "findings / impression",
+            "impression and findings",
+        )
+    },
+    **{
+        k: "indication"
+        for k in (
+            "indication",
+            "indications",
+            "reason for examination",
+            "reason for exam",
+            "clinical indication",
+            "idication",
+        )
+    },
+    **{
+        k: "history"
+        for k in ("history", "clinical history", "clinical information", "patient history", "pfi")
+    },
+    **{
+        k: "comparison"
+        for k in (
+            "comparison",
+            "comparisons",
+            "comparison exam",
+            "comparison film",
+            "reference exam",
+            "comparision",
+            "comparsion",
+            "comparrison",
+        )
+    },
     **{k: "examination" for k in ("examination", "exam", "type of examination", "procedure")},
     **{k: "technique" for k in ("technique", "techniques")},
     **{k: "notification" for k in ("notification", "notifications")},
@@ -65,8 +116,19 @@ SECTION_ALIASES: dict[str, str] = {
     **{k: "addendum" for k in ("addendum",)},
 }
 #: Sections whose text is bookkeeping, never report content for the last-paragraph fallback.
-META_SECTIONS = frozenset({"indication", "history", "comparison", "examination", "technique", "notification",
-                           "recommendations", "wet read", "addendum"})
+META_SECTIONS = frozenset(
+    {
+        "indication",
+        "history",
+        "comparison",
+        "examination",
+        "technique",
+        "notification",
+        "recommendations",
+        "wet read",
+        "addendum",
+    }
+)
 
 _HEADER = re.compile(r"^([A-Z][A-Z0-9 ,&/()'\-]{0,60}?)\s*:(.*)$")
 _MARKER = re.compile(r"^(?:FINAL|PRELIMINARY)?\s*(ADDENDUM|REPORT)\s*$")
@@ -162,8 +224,7 @@ def parse_mimic_report(text: str) -> ReportSections:
         if header and _is_header(header.group(1)):
             name = _normalise_header(header.group(1))
             doc = docs[-1]
-            if name == "addendum" and doc.kind == "report" and any(
-                    n != "preamble" for n, _ in doc.sections):
+            if name == "addendum" and doc.kind == "report" and any(n != "preamble" for n, _ in doc.sections):
                 # An ADDENDUM: header after a report's sections starts an addendum of its own.
                 docs.append(_Doc("addendum"))
                 doc = docs[-1]
@@ -190,12 +251,17 @@ def parse_mimic_report(text: str) -> ReportSections:
             impression = impression or t.get("impression", "")
         if not last:
             last = next((d.last_paragraph() for d in reversed(addendum_docs) if d.last_paragraph()), "")
-    return ReportSections(findings=findings, impression=impression, last_paragraph=last, addendum=addendum,
-                          sections=sections)
+    return ReportSections(
+        findings=findings, impression=impression, last_paragraph=last, addendum=addendum, sections=sections
+    )
 
 
-def report_text(sections: ReportSections | IUReport, which: ReportSection | str = ReportSection.FINDINGS,
-                *, fallback: bool = True) -> str:
+def report_text(
+    sections: ReportSections | IUReport,
+    which: ReportSection | str = ReportSection.FINDINGS,
+    *,
+    fallback: bool = True,
+) -> str:
     """The text for ``which`` (findings, impression, or both joined by a space); ``""`` when there is none.
 
     With ``fallback`` a report that has *neither* findings nor impression gives its last paragraph (MIMIC only;
@@ -296,7 +362,9 @@ def torchxrayvision_data_dir() -> Path:
     """``Path(torchxrayvision.__file__).parent / "data"``, found without importing torchxrayvision (4 s)."""
     spec = importlib.util.find_spec("torchxrayvision")
     if spec is None or not spec.origin:
-        raise FileNotFoundError("torchxrayvision is not installed; its data folder holds the IU X-ray reports")
+        raise FileNotFoundError(
+            "torchxrayvision is not installed; its data folder holds the IU X-ray reports"
+        )
     return Path(spec.origin).parent / "data"
 
 

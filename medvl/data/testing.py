@@ -73,11 +73,19 @@ def write_png(path: str | Path, unit: np.ndarray, *, bits: int = 8) -> Path:
     return path
 
 
-def chest_dataset(unit: np.ndarray, *, bits: int = 12, photometric: str = "MONOCHROME2", modality: str = "DX",
-                  body_part: str | None = "CHEST", view: str | None = "PA",
-                  window: tuple[float, float] | None = None, signed: bool = False,
-                  rescale: tuple[float, float] | None = None, sop_class: str = "1.2.840.10008.5.1.4.1.1.1.1",
-                  ) -> Dataset:
+def chest_dataset(
+    unit: np.ndarray,
+    *,
+    bits: int = 12,
+    photometric: str = "MONOCHROME2",
+    modality: str = "DX",
+    body_part: str | None = "CHEST",
+    view: str | None = "PA",
+    window: tuple[float, float] | None = None,
+    signed: bool = False,
+    rescale: tuple[float, float] | None = None,
+    sop_class: str = "1.2.840.10008.5.1.4.1.1.1.1",
+) -> Dataset:
     """An uncompressed DICOM dataset of ``unit`` (display values in [0, 1], lungs dark) stored with ``bits``.
 
     MONOCHROME1 stores ``max - value`` so that both photometrics display the same picture. ``window`` is
@@ -136,14 +144,26 @@ def transcode_with_gdcm(src: str | Path, dst: str | Path, transfer_syntax: str) 
 
 #: MIMIC-CXR-JPG's chexpert table order (alphabetical), not CheXpert's own.
 MIMIC_CHEXPERT_ORDER = tuple(sorted(CHEXPERT_LABELS))
-METADATA_COLUMNS = ("dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition",
-                    "Rows", "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
-                    "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning")
+METADATA_COLUMNS = (
+    "dicom_id",
+    "subject_id",
+    "study_id",
+    "PerformedProcedureStepDescription",
+    "ViewPosition",
+    "Rows",
+    "Columns",
+    "StudyDate",
+    "StudyTime",
+    "ProcedureCodeSequence_CodeMeaning",
+    "ViewCodeSequence_CodeMeaning",
+    "PatientOrientationCodeSequence_CodeMeaning",
+)
 
-_FULL = (" FINAL REPORT\n EXAMINATION:  CHEST (PA AND LAT)\n \n INDICATION:  ___F with cough.\n \n"
-         " COMPARISON:  ___\n \n FINDINGS: \n \n {findings}\n \n IMPRESSION: \n \n {impression}\n")
-_ADDENDUM = (" FINAL ADDENDUM\n ADDENDUM:\n Findings were discussed with Dr. ___ by telephone.\n \n"
-             + _FULL)
+_FULL = (
+    " FINAL REPORT\n EXAMINATION:  CHEST (PA AND LAT)\n \n INDICATION:  ___F with cough.\n \n"
+    " COMPARISON:  ___\n \n FINDINGS: \n \n {findings}\n \n IMPRESSION: \n \n {impression}\n"
+)
+_ADDENDUM = " FINAL ADDENDUM\n ADDENDUM:\n Findings were discussed with Dr. ___ by telephone.\n \n" + _FULL
 _IMPRESSION_ONLY = " FINAL REPORT\n INDICATION:  ___M with fever.\n \n IMPRESSION: \n \n {impression}\n"
 _PLAIN = " FINAL REPORT\n INDICATION:  chest pain.\n \n PA and lateral views were obtained.\n \n {findings}\n"
 
@@ -213,7 +233,9 @@ class MimicTreeSpec:
 
 
 def _report_text(s: FakeStudy) -> str:
-    template = {"full": _FULL, "addendum": _ADDENDUM, "impression_only": _IMPRESSION_ONLY, "plain": _PLAIN}[s.report]
+    template = {"full": _FULL, "addendum": _ADDENDUM, "impression_only": _IMPRESSION_ONLY, "plain": _PLAIN}[
+        s.report
+    ]
     return template.format(findings=s.findings, impression=s.impression)
 
 
@@ -222,8 +244,14 @@ def _did(n: int) -> str:
     return f"{n:08x}-0000beef-1234abcd-00c0ffee-{n:08x}"
 
 
-def write_mimic_tree(root: str | Path, *, image_format: str = "jpg", gz: bool = True, shape: tuple[int, int] = (48, 40),
-                     with_regions: bool = True) -> MimicTreeSpec:
+def write_mimic_tree(
+    root: str | Path,
+    *,
+    image_format: str = "jpg",
+    gz: bool = True,
+    shape: tuple[int, int] = (48, 40),
+    with_regions: bool = True,
+) -> MimicTreeSpec:
     """Write a small fake MIMIC-CXR(-JPG) tree: ``image_format`` "jpg", "dcm" or "mixed" (MONOCHROME1 among the
     DICOMs). It holds a lateral view, a blank view, a study without a report, a report without FINDINGS, a report
     with an addendum on top, a plain-paragraph report, a corrupt (truncated) image, an image listed but missing,
@@ -231,20 +259,55 @@ def write_mimic_tree(root: str | Path, *, image_format: str = "jpg", gz: bool = 
     root = Path(root)
     pos = {"No Finding": 1.0}
     studies = [
-        FakeStudy("10000001", "50000001", "full", "Heart size is normal. The lungs are clear.",
-                  "No acute cardiopulmonary process.", pos),
-        FakeStudy("10000001", "50000002", "addendum", "Small left pleural effusion. No pneumothorax.",
-                  "Left effusion.", {"Pleural Effusion": 1.0, "Pneumothorax": 0.0}),
+        FakeStudy(
+            "10000001",
+            "50000001",
+            "full",
+            "Heart size is normal. The lungs are clear.",
+            "No acute cardiopulmonary process.",
+            pos,
+        ),
+        FakeStudy(
+            "10000001",
+            "50000002",
+            "addendum",
+            "Small left pleural effusion. No pneumothorax.",
+            "Left effusion.",
+            {"Pleural Effusion": 1.0, "Pneumothorax": 0.0},
+        ),
         FakeStudy("10000002", "50000003", None),
-        FakeStudy("10000002", "50000004", "impression_only", impression="Possible right lower lobe pneumonia.",
-                  labels={"Pneumonia": -1.0, "Lung Opacity": 1.0}),
-        FakeStudy("11000003", "50000005", "full", "Cardiomegaly with mild edema.", "Cardiomegaly, edema.",
-                  {"Cardiomegaly": 1.0, "Edema": 1.0}),
-        FakeStudy("11000003", "50000006", "full", "A right PICC ends in the lower SVC. Lungs are clear.",
-                  "Support device in place.", {"Support Devices": 1.0, "No Finding": 1.0}),
+        FakeStudy(
+            "10000002",
+            "50000004",
+            "impression_only",
+            impression="Possible right lower lobe pneumonia.",
+            labels={"Pneumonia": -1.0, "Lung Opacity": 1.0},
+        ),
+        FakeStudy(
+            "11000003",
+            "50000005",
+            "full",
+            "Cardiomegaly with mild edema.",
+            "Cardiomegaly, edema.",
+            {"Cardiomegaly": 1.0, "Edema": 1.0},
+        ),
+        FakeStudy(
+            "11000003",
+            "50000006",
+            "full",
+            "A right PICC ends in the lower SVC. Lungs are clear.",
+            "Support device in place.",
+            {"Support Devices": 1.0, "No Finding": 1.0},
+        ),
         FakeStudy("12000004", "50000007", "full", "No focal consolidation.", "Normal chest.", pos),
-        FakeStudy("12000004", "50000008", "full", "Mild atelectasis at the left base.", "Atelectasis.",
-                  {"Atelectasis": 1.0}),
+        FakeStudy(
+            "12000004",
+            "50000008",
+            "full",
+            "Mild atelectasis at the left base.",
+            "Atelectasis.",
+            {"Atelectasis": 1.0},
+        ),
         FakeStudy("12000005", "50000009", "plain", "The lungs are clear without effusion.", labels=pos),
     ]
     images = [
@@ -273,7 +336,9 @@ def write_mimic_tree(root: str | Path, *, image_format: str = "jpg", gz: bool = 
         if spec.suffix(img) == ".jpg":
             write_jpg(path, unit)
         else:
-            write_dicom(chest_dataset(unit, bits=12, photometric=img.photometric, view=img.view or None), path)
+            write_dicom(
+                chest_dataset(unit, bits=12, photometric=img.photometric, view=img.view or None), path
+            )
         if img.kind == "corrupt":
             data = path.read_bytes()
             path.write_bytes(data[: len(data) * 2 // 3])
@@ -284,16 +349,45 @@ def write_mimic_tree(root: str | Path, *, image_format: str = "jpg", gz: bool = 
             rp.parent.mkdir(parents=True, exist_ok=True)
             rp.write_text(_report_text(s))
 
-    meta = pd.DataFrame([{
-        "dicom_id": i.dicom_id, "subject_id": i.subject_id, "study_id": i.study_id,
-        "PerformedProcedureStepDescription": "CHEST (PA AND LAT)", "ViewPosition": i.view, "Rows": h, "Columns": w,
-        "StudyDate": 21800101, "StudyTime": 101010.0, "ProcedureCodeSequence_CodeMeaning": "CHEST (PA AND LAT)",
-        "ViewCodeSequence_CodeMeaning": {"PA": "postero-anterior", "AP": "antero-posterior"}.get(i.view, "lateral"),
-        "PatientOrientationCodeSequence_CodeMeaning": "Erect"} for i in images], columns=list(METADATA_COLUMNS))
-    split = pd.DataFrame([{"dicom_id": i.dicom_id, "study_id": i.study_id, "subject_id": i.subject_id,
-                           "split": i.split} for i in images if i.split is not None])
-    chex = pd.DataFrame([{"subject_id": s.subject_id, "study_id": s.study_id,
-                          **{name: s.labels.get(name, np.nan) for name in MIMIC_CHEXPERT_ORDER}} for s in studies])
+    meta = pd.DataFrame(
+        [
+            {
+                "dicom_id": i.dicom_id,
+                "subject_id": i.subject_id,
+                "study_id": i.study_id,
+                "PerformedProcedureStepDescription": "CHEST (PA AND LAT)",
+                "ViewPosition": i.view,
+                "Rows": h,
+                "Columns": w,
+                "StudyDate": 21800101,
+                "StudyTime": 101010.0,
+                "ProcedureCodeSequence_CodeMeaning": "CHEST (PA AND LAT)",
+                "ViewCodeSequence_CodeMeaning": {"PA": "postero-anterior", "AP": "antero-posterior"}.get(
+                    i.view, "lateral"
+                ),
+                "PatientOrientationCodeSequence_CodeMeaning": "Erect",
+            }
+            for i in images
+        ],
+        columns=list(METADATA_COLUMNS),
+    )
+    split = pd.DataFrame(
+        [
+            {"dicom_id": i.dicom_id, "study_id": i.study_id, "subject_id": i.subject_id, "split": i.split}
+            for i in images
+            if i.split is not None
+        ]
+    )
+    chex = pd.DataFrame(
+        [
+            {
+                "subject_id": s.subject_id,
+                "study_id": s.study_id,
+                **{name: s.labels.get(name, np.nan) for name in MIMIC_CHEXPERT_ORDER},
+            }
+            for s in studies
+        ]
+    )
     for name, df in (("metadata", meta), ("split", split), ("chexpert", chex)):
         text = df.to_csv(index=False)
         if gz:
@@ -301,8 +395,21 @@ def write_mimic_tree(root: str | Path, *, image_format: str = "jpg", gz: bool = 
         else:
             (root / f"mimic-cxr-2.0.0-{name}.csv").write_text(text)
     if with_regions:
-        regions = pd.DataFrame([{"dicom_id": i.dicom_id, "finding": "marker", "side": "right", "zone": "upper",
-                                 "x0": 0.04, "y0": 0.04, "x1": 0.16, "y1": 0.12} for i in images])
+        regions = pd.DataFrame(
+            [
+                {
+                    "dicom_id": i.dicom_id,
+                    "finding": "marker",
+                    "side": "right",
+                    "zone": "upper",
+                    "x0": 0.04,
+                    "y0": 0.04,
+                    "x1": 0.16,
+                    "y1": 0.12,
+                }
+                for i in images
+            ]
+        )
         regions.to_csv(root / "regions.csv", index=False)
     return spec
 
@@ -319,5 +426,14 @@ def expected_labels(spec: MimicTreeSpec, dicom_ids: Sequence[str]) -> np.ndarray
     return out
 
 
-__all__ = ["MARKER_BOX", "MimicTreeSpec", "chest_dataset", "expected_labels", "synthetic_chest",
-           "transcode_with_gdcm", "write_jpg", "write_mimic_tree", "write_png"]
+__all__ = [
+    "MARKER_BOX",
+    "MimicTreeSpec",
+    "chest_dataset",
+    "expected_labels",
+    "synthetic_chest",
+    "transcode_with_gdcm",
+    "write_jpg",
+    "write_mimic_tree",
+    "write_png",
+]

@@ -63,14 +63,16 @@ def problem_of(error: Exception, path: str | Path) -> str:
     """The message of ``error`` without the ``"<path>: "`` prefix :func:`invalid` adds (for skipped.csv)."""
     text = str(error)
     prefix = f"{path}: "
-    return text[len(prefix):] if text.startswith(prefix) else text
+    return text[len(prefix) :] if text.startswith(prefix) else text
 
 
 def check_xray_range(pixels: np.ndarray, source: str = "image") -> None:
     """Warn when an array does not look like medvl's [-1024, 1024] convention (as torchxrayvision does)."""
     lo, hi = float(pixels.min()), float(pixels.max())
     if lo < LOW - 1 or hi > HIGH + 1:
-        warnings.warn(f"{source} has values in [{lo:.1f}, {hi:.1f}], outside [-1024, 1024]: is it normalised?",
-                      stacklevel=2)
+        warnings.warn(
+            f"{source} has values in [{lo:.1f}, {hi:.1f}], outside [-1024, 1024]: is it normalised?",
+            stacklevel=2,
+        )
     elif hi - lo < 16:
         warnings.warn(f"{source} spans only [{lo:.1f}, {hi:.1f}]: is it normalised?", stacklevel=2)

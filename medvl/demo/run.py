@@ -38,22 +38,55 @@ from medvl.version import __version__
 # (configs/<name>.yaml) or None, the evaluation classifier's settings, options of some evaluations, and the
 # measured seconds of each step on 2 idle CPU cores (docs/results.md) for the progress estimate.
 PRESETS: dict[str, dict] = {
-    "quick": {"studies": 800, "size": 128, "configs": "demo", "overrides": "demo_quick",
-              "classifier": {"steps": 150, "eval_every": 50}, "evaluate": {"cyclic": {"max_studies": 64}},
-              "estimates": {"prepare IU-Phantom": 4, "train the evaluation classifier (real training scans)": 17,
-                            "train adamatch": 85, "train report": 105, "train autoencoder": 31,
-                            "train diffusion": 86, "evaluate adamatch": 1, "evaluate report": 7,
-                            "evaluate diffusion": 18, "evaluate cyclic": 8}},
-    "full": {"studies": None, "size": 128, "configs": "demo", "overrides": None,
-             "classifier": {}, "evaluate": {"cyclic": {"max_studies": 200}},
-             "estimates": {"prepare IU-Phantom": 10, "train the evaluation classifier (real training scans)": 55,
-                           "train adamatch": 245, "train report": 450, "train autoencoder": 130,
-                           "train diffusion": 1050, "evaluate adamatch": 10, "evaluate report": 40,
-                           "evaluate diffusion": 85, "evaluate cyclic": 30}},
+    "quick": {
+        "studies": 800,
+        "size": 128,
+        "configs": "demo",
+        "overrides": "demo_quick",
+        "classifier": {"steps": 150, "eval_every": 50},
+        "evaluate": {"cyclic": {"max_studies": 64}},
+        "estimates": {
+            "prepare IU-Phantom": 4,
+            "train the evaluation classifier (real training scans)": 17,
+            "train adamatch": 85,
+            "train report": 105,
+            "train autoencoder": 31,
+            "train diffusion": 86,
+            "evaluate adamatch": 1,
+            "evaluate report": 7,
+            "evaluate diffusion": 18,
+            "evaluate cyclic": 8,
+        },
+    },
+    "full": {
+        "studies": None,
+        "size": 128,
+        "configs": "demo",
+        "overrides": None,
+        "classifier": {},
+        "evaluate": {"cyclic": {"max_studies": 200}},
+        "estimates": {
+            "prepare IU-Phantom": 10,
+            "train the evaluation classifier (real training scans)": 55,
+            "train adamatch": 245,
+            "train report": 450,
+            "train autoencoder": 130,
+            "train diffusion": 1050,
+            "evaluate adamatch": 10,
+            "evaluate report": 40,
+            "evaluate diffusion": 85,
+            "evaluate cyclic": 30,
+        },
+    },
     # Not offered by the CLI: the tests' end-to-end run (tiny configs, seconds per stage, quality meaningless).
-    "tiny": {"studies": 60, "size": 64, "configs": "tiny", "overrides": None,
-             "classifier": {"steps": 20, "eval_every": 10, "channels": [8, 16]},
-             "evaluate": {"cyclic": {"max_studies": 8}}},
+    "tiny": {
+        "studies": 60,
+        "size": 64,
+        "configs": "tiny",
+        "overrides": None,
+        "classifier": {"steps": 20, "eval_every": 10, "channels": [8, 16]},
+        "evaluate": {"cyclic": {"max_studies": 8}},
+    },
 }
 DEFAULT_ESTIMATE_S = 60.0  # a step the preset has no measurement for
 
@@ -86,9 +119,15 @@ def build_steps(out: Path, preset: str) -> list[Step]:
     def train(stage: str) -> None:
         overrides = preset_overrides(p["overrides"], stage) if p["overrides"] else []
         run_dir = runs / stage
-        run_stage(stage, config=p["configs"], data=data, out=run_dir,
-                  from_runs=[runs / s for s in registry.stage(stage).sources], overrides=overrides,
-                  resume=(run_dir / "checkpoints").exists())
+        run_stage(
+            stage,
+            config=p["configs"],
+            data=data,
+            out=run_dir,
+            from_runs=[runs / s for s in registry.stage(stage).sources],
+            overrides=overrides,
+            resume=(run_dir / "checkpoints").exists(),
+        )
 
     def score(kind: str) -> None:
         spec = registry.evaluation(kind)
@@ -98,22 +137,34 @@ def build_steps(out: Path, preset: str) -> list[Step]:
         evaluate(kind, run=runs / spec.run, data=data, split="test", out=evals / f"{kind}.json", **options)
 
     steps = [
-        Step("prepare IU-Phantom", lambda: (data / META_FILE).exists() and (data / "index.csv").exists(), prepare),
-        Step("train the evaluation classifier (real training scans)",
-             lambda: (classifier_cache_dir(data, classifier) / "model.safetensors").is_file(),
-             train_classifier),
+        Step(
+            "prepare IU-Phantom",
+            lambda: (data / META_FILE).exists() and (data / "index.csv").exists(),
+            prepare,
+        ),
+        Step(
+            "train the evaluation classifier (real training scans)",
+            lambda: (classifier_cache_dir(data, classifier) / "model.safetensors").is_file(),
+            train_classifier,
+        ),
     ]
-    steps += [Step(f"train {stage}", (lambda s=stage: is_finished(runs / s)), (lambda s=stage: train(s)))
-              for stage in registry.STAGES]
-    steps += [Step(f"evaluate {kind}", (lambda k=kind: (evals / f"{k}.json").exists()), (lambda k=kind: score(k)))
-              for kind in registry.EVALUATIONS]
+    steps += [
+        Step(f"train {stage}", (lambda s=stage: is_finished(runs / s)), (lambda s=stage: train(s)))
+        for stage in registry.STAGES
+    ]
+    steps += [
+        Step(f"evaluate {kind}", (lambda k=kind: (evals / f"{k}.json").exists()), (lambda k=kind: score(k)))
+        for kind in registry.EVALUATIONS
+    ]
     for step in steps:
         step.estimate_s = float(p.get("estimates", {}).get(step.name, step.estimate_s))
     return steps
 
 
 def merge_metrics(out: Path, preset: str, timings: dict[str, float]) -> dict:
-    merged: dict = {"meta": {"preset": preset, "medvl_version": __version__, "timings_s": timings, "stages": {}}}
+    merged: dict = {
+        "meta": {"preset": preset, "medvl_version": __version__, "timings_s": timings, "stages": {}}
+    }
     for path in sorted((out / "eval").glob("*.json")):
         record = json.loads(path.read_text())
         meta = record.pop("meta", {})

@@ -15,7 +15,9 @@ from medvl.runs import describe_data, find_runs, is_finished, record_evaluation
 logger = logging.getLogger(__name__)
 
 
-def evaluate(kind: str, run: Path, data: Path, split: str = "test", out: Path | None = None, **options) -> dict:
+def evaluate(
+    kind: str, run: Path, data: Path, split: str = "test", out: Path | None = None, **options
+) -> dict:
     """Score ``run`` on ``split`` of the prepared dataset ``data``; write the metrics to ``out``.
 
     ``options`` go to the evaluation function (e.g. ``classifier``, ``max_studies``). A copy of the
@@ -26,9 +28,13 @@ def evaluate(kind: str, run: Path, data: Path, split: str = "test", out: Path | 
         reachable = find_runs(run)
         missing = [stage for stage in spec.needs if stage not in reachable]
         if missing:
-            raise RunError(f"{kind} evaluation needs a {' and a '.join(missing)} run; {run} leads to "
-                           f"{sorted(reachable)} only (pass a run built from the others, or a demo directory)")
-    metrics = registry.evaluator(kind)(run=run, data=data, split=split, out=Path(out) if out else None, **options)
+            raise RunError(
+                f"{kind} evaluation needs a {' and a '.join(missing)} run; {run} leads to "
+                f"{sorted(reachable)} only (pass a run built from the others, or a demo directory)"
+            )
+    metrics = registry.evaluator(kind)(
+        run=run, data=data, split=split, out=Path(out) if out else None, **options
+    )
     holder = run if is_finished(run) else find_runs(run).get(spec.run)
     if holder is not None:
         try:
@@ -36,4 +42,3 @@ def evaluate(kind: str, run: Path, data: Path, split: str = "test", out: Path | 
         except OSError as exc:  # a run on a read-only disk: the metrics file is what was asked for
             logger.warning("the metrics are not kept in %s: %s", holder, exc)
     return metrics
-

@@ -43,15 +43,15 @@ WIDEN = 0.05  # region boxes widened by 5% of the image size on each side for th
 
 CONVENTIONS = {
     "retrieval": "i2t ranks the split's reports by s_i2t (mean over patches of best word), t2i ranks images by "
-                 "s_t2i (mean, idf-weighted when the model says so, over affirmed content words of best patch); "
-                 "a hit is any retrieved item whose report text equals the query's (case/whitespace normalised)",
+    "s_t2i (mean, idf-weighted when the model says so, over affirmed content words of best patch); "
+    "a hit is any retrieved item whose report text equals the query's (case/whitespace normalised)",
     "pointing_game": "one record per (image, finding word): best patch (max cosine) for the word in the image's own "
-                     "report; hit if the patch centre lies in any of that word's region boxes in the image, each "
-                     "widened by 5% of the image size on each side",
+    "report; hit if the patch centre lies in any of that word's region boxes in the image, each "
+    "widened by 5% of the image size on each side",
     "pointing_game_chance": "expected hit rate of a patch drawn uniformly from the model's own patches of the image",
     "box_iou": "IoU of the best patch's box with the closest (highest-IoU) of the word's unwidened region boxes",
     "words": "region word matched to report words case-insensitively, plurals included (a multi-word region "
-             "word by its last word); affirmed occurrence preferred; regions without a word are skipped",
+    "word by its last word); affirmed occurrence preferred; regions without a word are skipped",
 }
 
 
@@ -100,8 +100,11 @@ def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
     x0, y0 = max(float(a[0]), float(b[0])), max(float(a[1]), float(b[1]))
     x1, y1 = min(float(a[2]), float(b[2])), min(float(a[3]), float(b[3]))
     inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
-    area = (float(a[2]) - float(a[0])) * (float(a[3]) - float(a[1])) + (float(b[2]) - float(b[0])) * (
-        float(b[3]) - float(b[1])) - inter
+    area = (
+        (float(a[2]) - float(a[0])) * (float(a[3]) - float(a[1]))
+        + (float(b[2]) - float(b[0])) * (float(b[3]) - float(b[1]))
+        - inter
+    )
     return inter / area if area > 0 else 0.0
 
 
@@ -113,9 +116,16 @@ def _pad_to(t: torch.Tensor, w: int, value=0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_split(model: AdaMatch, tokenizer: ReportTokenizer, dataset, *, batch_size: int = 32,
-                 regions: pd.DataFrame | None = None, device: str | torch.device = "cpu",
-                 progress: bool = False) -> SplitEncoding:
+def encode_split(
+    model: AdaMatch,
+    tokenizer: ReportTokenizer,
+    dataset,
+    *,
+    batch_size: int = 32,
+    regions: pd.DataFrame | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> SplitEncoding:
     """Encode every image and report of ``dataset`` (``PreparedDataset``-like) and play the pointing game on
     ``regions`` (``dicom_id, word, x0, y0, x1, y1``) as each batch passes."""
     was_training = model.training
@@ -163,8 +173,11 @@ def encode_split(model: AdaMatch, tokenizer: ReportTokenizer, dataset, *, batch_
                     continue
                 affirmed = [j for j, neg in occ if not neg]
                 chosen = affirmed or [j for j, _ in occ]
-                pos = [int(torch.nonzero(enc.word_ids[b] == j)[0]) for j in chosen
-                       if bool((enc.word_ids[b] == j).any())]
+                pos = [
+                    int(torch.nonzero(enc.word_ids[b] == j)[0])
+                    for j in chosen
+                    if bool((enc.word_ids[b] == j).any())
+                ]
                 if not pos:
                     skipped["word_truncated"] += 1
                     continue
@@ -172,23 +185,47 @@ def encode_split(model: AdaMatch, tokenizer: ReportTokenizer, dataset, *, batch_
                 p = int(sim.amax(1).argmax())
                 c = patches.centres[b].float().cpu()
                 best_box = patches.boxes[b, p].cpu()
-                region_boxes = torch.tensor([[r.x0, r.y0, r.x1, r.y1] for r in rows], dtype=torch.float32)  # (R, 4)
+                region_boxes = torch.tensor(
+                    [[r.x0, r.y0, r.x1, r.y1] for r in rows], dtype=torch.float32
+                )  # (R, 4)
                 wide = region_boxes + torch.tensor([-WIDEN, -WIDEN, WIDEN, WIDEN])
-                inside = ((c[:, None, 0] >= wide[:, 0]) & (c[:, None, 0] <= wide[:, 2])
-                          & (c[:, None, 1] >= wide[:, 1]) & (c[:, None, 1] <= wide[:, 3])).any(1)  # (P,)
+                inside = (
+                    (c[:, None, 0] >= wide[:, 0])
+                    & (c[:, None, 0] <= wide[:, 2])
+                    & (c[:, None, 1] >= wide[:, 1])
+                    & (c[:, None, 1] <= wide[:, 3])
+                ).any(1)  # (P,)
                 iou = max(_iou(best_box, region) for region in region_boxes)
-                records.append(PointingRecord(str(item["dicom_id"]), region_word, float(inside[p]),
-                                              float(inside.float().mean()), iou, negated_fallback=not affirmed,
-                                              regions=len(rows)))
+                records.append(
+                    PointingRecord(
+                        str(item["dicom_id"]),
+                        region_word,
+                        float(inside[p]),
+                        float(inside.float().mean()),
+                        iou,
+                        negated_fallback=not affirmed,
+                        regions=len(rows),
+                    )
+                )
     model.train(was_training)
     w = max(t.shape[1] for t in words)
     weight = torch.cat([_pad_to(t, w) for t in wweight]) if wweight else None
-    return SplitEncoding(torch.cat(feats), torch.cat(boxes), torch.cat([_pad_to(t.float(), w) for t in words]),
-                         torch.cat([_pad_to(t, w, False) for t in wmask]),
-                         torch.cat([_pad_to(t, w, False) for t in mmask]), reports, records, dict(skipped), weight)
+    return SplitEncoding(
+        torch.cat(feats),
+        torch.cat(boxes),
+        torch.cat([_pad_to(t.float(), w) for t in words]),
+        torch.cat([_pad_to(t, w, False) for t in wmask]),
+        torch.cat([_pad_to(t, w, False) for t in mmask]),
+        reports,
+        records,
+        dict(skipped),
+        weight,
+    )
 
 
-def retrieval_metrics(enc: SplitEncoding, chunk: int = 16, logit_scale: float | None = None) -> dict[str, float]:
+def retrieval_metrics(
+    enc: SplitEncoding, chunk: int = 16, logit_scale: float | None = None
+) -> dict[str, float]:
     """R@1 / R@5 both ways (identical reports count as correct), plus the split's InfoNCE loss when
     ``logit_scale`` is given."""
     s_i2t, s_t2i = token_scores(enc.patches, enc.words, enc.word_mask, enc.match_mask, chunk, enc.word_weight)
@@ -216,8 +253,12 @@ def localization_metrics(records: list[PointingRecord]) -> dict[str, float]:
     if not records:
         return {}
     df = pd.DataFrame([r.__dict__ for r in records])
-    out = {"pointing_game": float(df.hit.mean()), "pointing_game_chance": float(df.chance.mean()),
-           "box_iou": float(df.iou.mean()), "count": int(len(df))}
+    out = {
+        "pointing_game": float(df.hit.mean()),
+        "pointing_game_chance": float(df.chance.mean()),
+        "box_iou": float(df.iou.mean()),
+        "count": int(len(df)),
+    }
     for word, grp in df.groupby("word"):
         out[f"per_finding.{word}.pointing_game"] = float(grp.hit.mean())
         out[f"per_finding.{word}.pointing_game_chance"] = float(grp.chance.mean())
@@ -226,16 +267,24 @@ def localization_metrics(records: list[PointingRecord]) -> dict[str, float]:
     return out
 
 
-def evaluate_adamatch(*, run: Path, data: Path, split: str = "test", out: Path | None = None,
-                      batch_size: int = 32, device: str = "cpu") -> dict:
+def evaluate_adamatch(
+    *,
+    run: Path,
+    data: Path,
+    split: str = "test",
+    out: Path | None = None,
+    batch_size: int = 32,
+    device: str = "cpu",
+) -> dict:
     """Score an AdaMatch run on ``split`` of a prepared dataset; write the metrics file to ``out``."""
     am = AdaMatchRun.from_pretrained(run, device=device)
     ds = PreparedDataset(data, split)
     if len(ds) == 0:
         raise DataError(f"split '{split}' of {data} has no images with reports")
     regions = ds.regions()
-    enc = encode_split(am.model, am.tokenizer, ds, batch_size=batch_size, regions=regions, device=device,
-                       progress=True)
+    enc = encode_split(
+        am.model, am.tokenizer, ds, batch_size=batch_size, regions=regions, device=device, progress=True
+    )
     metrics: dict[str, float] = {}
     missing: dict[str, str] = {}
     ret = retrieval_metrics(enc, am.model.cfg.chunk_size)
@@ -246,17 +295,33 @@ def evaluate_adamatch(*, run: Path, data: Path, split: str = "test", out: Path |
         for k, v in loc.items():
             metrics[f"localization.{k}"] = v
     else:
-        reason = ("the dataset has no regions.csv (ground-truth boxes exist only for IU-Phantom)" if regions is None
-                  else "no region word of this split was found in its report")
+        reason = (
+            "the dataset has no regions.csv (ground-truth boxes exist only for IU-Phantom)"
+            if regions is None
+            else "no region word of this split was found in its report"
+        )
         for k in ("pointing_game", "pointing_game_chance", "box_iou"):
             metrics[f"localization.{k}"] = math.nan
             missing[f"localization.{k}"] = reason
     record = metrics_record(
-        metrics, split=split, num_samples=len(ds), conventions=CONVENTIONS, seed=None,
-        config_hash=config_hash(am.model.cfg), missing=missing,
-        extra={"run": str(run), "data": str(data), "skipped_regions": enc.skipped,
-               "negated_fallback_regions": int(sum(r.negated_fallback for r in enc.pointing)),
-               "patch_mode": str(am.model.cfg.patches.mode.value if hasattr(am.model.cfg.patches.mode, "value")
-                                 else am.model.cfg.patches.mode)})
+        metrics,
+        split=split,
+        num_samples=len(ds),
+        conventions=CONVENTIONS,
+        seed=None,
+        config_hash=config_hash(am.model.cfg),
+        missing=missing,
+        extra={
+            "run": str(run),
+            "data": str(data),
+            "skipped_regions": enc.skipped,
+            "negated_fallback_regions": int(sum(r.negated_fallback for r in enc.pointing)),
+            "patch_mode": str(
+                am.model.cfg.patches.mode.value
+                if hasattr(am.model.cfg.patches.mode, "value")
+                else am.model.cfg.patches.mode
+            ),
+        },
+    )
     write_metrics(out, record)
     return record

@@ -58,7 +58,9 @@ class ClassifierConfig:
     weight_decay: float = 1e-4
     eval_every: int = 100
     max_shift: float = 0.04  # random translation (fraction of the side) as augmentation; never flips
-    min_side_regions: int = 10  # a finding kind joins the laterality head with this many one-sided train regions
+    min_side_regions: int = (
+        10  # a finding kind joins the laterality head with this many one-sided train regions
+    )
     views: list[str] = field(default_factory=lambda: ["PA", "AP"])
     seed: int = 0
 
@@ -75,9 +77,15 @@ class XrayClassifier(nn.Module):
         layers: list[nn.Module] = []
         c_in = 1
         for c in cfg.channels:
-            layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
-                       nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
-                       nn.MaxPool2d(2)]
+            layers += [
+                nn.Conv2d(c_in, c, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(c, c, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
             c_in = c
         self.body = nn.Sequential(*layers)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -106,7 +114,7 @@ class XrayClassifier(nn.Module):
         fmap = self.feature_map(x)
         w = fmap.shape[-1]
         pooled = self.dropout(fmap.mean((2, 3)))
-        halves = torch.stack([fmap[..., : w // 2].mean((2, 3)), fmap[..., w - w // 2:].mean((2, 3))], 1)
+        halves = torch.stack([fmap[..., : w // 2].mean((2, 3)), fmap[..., w - w // 2 :].mean((2, 3))], 1)
         side = self.side_head(self.dropout(halves)).transpose(1, 2)  # (B, F, 2)
         return self.label_head(pooled), side
 
@@ -118,7 +126,9 @@ class XrayClassifier(nn.Module):
         """``config.json`` (format medvl.classifier: config, side findings, ``meta``) and ``model.safetensors``."""
         directory = Path(directory)
         save_weights(directory, self.state_dict())
-        write_config(directory, self.FORMAT, asdict(self.cfg), side_findings=list(self.side_findings), **(meta or {}))
+        write_config(
+            directory, self.FORMAT, asdict(self.cfg), side_findings=list(self.side_findings), **(meta or {})
+        )
         return directory
 
     @classmethod
@@ -140,7 +150,9 @@ def positive_labels(labels: np.ndarray | torch.Tensor) -> np.ndarray:
     return (arr == 1.0).astype(np.float32)
 
 
-def side_targets(regions: pd.DataFrame | None, dicom_ids: Sequence[str], findings: Sequence[str]) -> np.ndarray:
+def side_targets(
+    regions: pd.DataFrame | None, dicom_ids: Sequence[str], findings: Sequence[str]
+) -> np.ndarray:
     """(N, F, 2) {0, 1}: finding kind f drawn in image half h (box centre left / right of the middle).
 
     Regions without a side (left / right / bilateral) are ignored; a bilateral finding counts on both halves.
@@ -188,9 +200,13 @@ def side_convention_agreement(regions: pd.DataFrame | None) -> float:
 RESOLVABLE_MIN_SIDE = 0.1
 
 
-def laterality_pairs(regions: pd.DataFrame | None, dicom_ids: Sequence[str], findings: Sequence[str],
-                     min_side: float = 0.0,
-                     stated: Sequence[set[tuple[str, str]]] | None = None) -> list[tuple[int, int, int]]:
+def laterality_pairs(
+    regions: pd.DataFrame | None,
+    dicom_ids: Sequence[str],
+    findings: Sequence[str],
+    min_side: float = 0.0,
+    stated: Sequence[set[tuple[str, str]]] | None = None,
+) -> list[tuple[int, int, int]]:
     """(image index, finding index, drawn image half) for each finding drawn on exactly one side of an image
     whose largest box of that finding has a shorter side of at least ``min_side`` (fraction of the image).
 
@@ -212,9 +228,14 @@ def laterality_pairs(regions: pd.DataFrame | None, dicom_ids: Sequence[str], fin
             sides.setdefault((i, j), set()).add(str(r.side).lower())
             short = min(float(r.x1) - float(r.x0), float(r.y1) - float(r.y0))
             size[(i, j)] = max(size.get((i, j), 0.0), short)
-    return sorted((i, j, PATIENT_SIDE_TO_HALF[next(iter(s))]) for (i, j), s in sides.items()
-                  if len(s) == 1 and next(iter(s)) in PATIENT_SIDE_TO_HALF and size[(i, j)] >= min_side
-                  and (stated is None or (findings[j], next(iter(s))) in stated[i]))
+    return sorted(
+        (i, j, PATIENT_SIDE_TO_HALF[next(iter(s))])
+        for (i, j), s in sides.items()
+        if len(s) == 1
+        and next(iter(s)) in PATIENT_SIDE_TO_HALF
+        and size[(i, j)] >= min_side
+        and (stated is None or (findings[j], next(iter(s))) in stated[i])
+    )
 
 
 # ------------------------------------------------------------------------------------- metrics
@@ -242,15 +263,19 @@ def laterality_accuracy(side_logits: np.ndarray, pairs: Sequence[tuple[int, int,
 
 
 @torch.no_grad()
-def predict(model: XrayClassifier, images: torch.Tensor | np.ndarray, batch_size: int = 128,
-            device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def predict(
+    model: XrayClassifier,
+    images: torch.Tensor | np.ndarray,
+    batch_size: int = 128,
+    device: str | torch.device | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """images (N, 1, S, S) in [-1024, 1024] -> (label probabilities (N, 14), side logits (N, F, 2),
     features (N, D))."""
     model.eval()
     device = torch.device(device) if device else next(model.parameters()).device
     probs, sides, feats = [], [], []
     for i in range(0, len(images), batch_size):
-        x = torch.as_tensor(np.asarray(images[i:i + batch_size], dtype=np.float32)).to(device)
+        x = torch.as_tensor(np.asarray(images[i : i + batch_size], dtype=np.float32)).to(device)
         fmap = model.feature_map(x)
         logits, side = model(x)
         probs.append(torch.sigmoid(logits).cpu())
@@ -270,8 +295,9 @@ class SplitArrays:
     reports: list[str]
 
 
-def load_split(data: str | Path, split: str, size: int, views: Sequence[str] = ("PA", "AP"),
-               limit: int = 0) -> SplitArrays:
+def load_split(
+    data: str | Path, split: str, size: int, views: Sequence[str] = ("PA", "AP"), limit: int = 0
+) -> SplitArrays:
     """Frontal scans of one split, resized to ``size`` (area), with labels, ids and reports."""
     ds = PreparedDataset(data, split).select(views=views, keep_blank_view=True, limit=limit)
     if not len(ds):
@@ -282,8 +308,12 @@ def load_split(data: str | Path, split: str, size: int, views: Sequence[str] = (
         if x.shape[-1] != size:
             x = F.interpolate(x, size=(size, size), mode="area" if x.shape[-1] > size else "bilinear")
         out[n] = x[0].numpy()
-    return SplitArrays(images=out, labels=ds.labels.numpy(), dicom_ids=ds.index["dicom_id"].tolist(),
-                       reports=ds.index["report"].tolist())
+    return SplitArrays(
+        images=out,
+        labels=ds.labels.numpy(),
+        dicom_ids=ds.index["dicom_id"].tolist(),
+        reports=ds.index["report"].tolist(),
+    )
 
 
 def read_regions(data: str | Path) -> pd.DataFrame | None:
@@ -332,8 +362,9 @@ def is_trained_classifier(directory: str | Path) -> bool:
     return is_component(directory, XrayClassifier.FORMAT)
 
 
-def load_trained_classifier(directory: str | Path, device: str | torch.device = "cpu"
-                            ) -> tuple[XrayClassifier, ClassifierReport]:
+def load_trained_classifier(
+    directory: str | Path, device: str | torch.device = "cpu"
+) -> tuple[XrayClassifier, ClassifierReport]:
     """A saved evaluation classifier (in eval mode on ``device``) and its validation report."""
     model = XrayClassifier.from_pretrained(directory, device=device)
     spec = read_config(directory, XrayClassifier.FORMAT)
@@ -344,8 +375,9 @@ def load_trained_classifier(directory: str | Path, device: str | torch.device = 
 ClassifierLike = str | Path | tuple[XrayClassifier, ClassifierReport]
 
 
-def resolve_classifier(classifier: ClassifierLike, device: str | torch.device = "cpu"
-                       ) -> tuple[XrayClassifier, ClassifierReport]:
+def resolve_classifier(
+    classifier: ClassifierLike, device: str | torch.device = "cpu"
+) -> tuple[XrayClassifier, ClassifierReport]:
     """``classifier`` loaded onto ``device`` when it is a directory; a loaded one as it is."""
     if isinstance(classifier, (str, Path)):
         return load_trained_classifier(classifier, device=device)
@@ -379,9 +411,11 @@ class XrvDenseNetFeatures(nn.Module):
             try:
                 state = torch.load(weights, map_location="cpu", weights_only=True)
             except Exception as exc:
-                raise RunError(f"{weights} is not a plain state dict ({type(exc).__name__}); torchxrayvision's "
-                               "cache holds pickled models: convert it to a state dict first (see "
-                               "XrvDenseNetFeatures)") from None
+                raise RunError(
+                    f"{weights} is not a plain state dict ({type(exc).__name__}); torchxrayvision's "
+                    "cache holds pickled models: convert it to a state dict first (see "
+                    "XrvDenseNetFeatures)"
+                ) from None
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
         num_classes = state["classifier.weight"].shape[0] if "classifier.weight" in state else 18
@@ -390,8 +424,10 @@ class XrvDenseNetFeatures(nn.Module):
         missing, unexpected = self.net.load_state_dict(state, strict=False)
         missing = [k for k in missing if k != "op_threshs"]
         if missing or unexpected:
-            raise RunError(f"{weights} does not fit torchxrayvision's DenseNet-121 (missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]})")
+            raise RunError(
+                f"{weights} does not fit torchxrayvision's DenseNet-121 (missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]})"
+            )
         self.weights_name = weights.name
         self.eval()
 

@@ -45,12 +45,15 @@ def _prf(tp: float, fp: float, fn: float) -> tuple[float, float, float]:
     return precision, recall, f1
 
 
-def ce_metrics(reference: np.ndarray, generated: np.ndarray,
-               label_names: Sequence[str] = CHEXPERT_LABELS) -> dict[str, float]:
+def ce_metrics(
+    reference: np.ndarray, generated: np.ndarray, label_names: Sequence[str] = CHEXPERT_LABELS
+) -> dict[str, float]:
     """reference, generated: (N, L) label arrays (1 / 0 / -1 / NaN) in ``label_names`` order -> ``ce.*`` keys."""
     ref, gen = positives(reference), positives(generated)
     if ref.shape != gen.shape or ref.ndim != 2 or ref.shape[1] != len(label_names):
-        raise ValueError(f"label arrays must both be (N, {len(label_names)}), got {ref.shape} and {gen.shape}")
+        raise ValueError(
+            f"label arrays must both be (N, {len(label_names)}), got {ref.shape} and {gen.shape}"
+        )
     tp = (ref & gen).sum(0).astype(float)
     fp = (~ref & gen).sum(0).astype(float)
     fn = (ref & ~gen).sum(0).astype(float)
@@ -64,8 +67,14 @@ def ce_metrics(reference: np.ndarray, generated: np.ndarray,
     for j, name in enumerate(label_names):
         p, r, f = _prf(tp[j], fp[j], fn[j])
         support = tp[j] + fn[j]
-        out.update({f"ce.per_label.{name}.precision": p, f"ce.per_label.{name}.recall": r,
-                    f"ce.per_label.{name}.f1": f, f"ce.per_label.{name}.support": float(support)})
+        out.update(
+            {
+                f"ce.per_label.{name}.precision": p,
+                f"ce.per_label.{name}.recall": r,
+                f"ce.per_label.{name}.f1": f,
+                f"ce.per_label.{name}.support": float(support),
+            }
+        )
         if support > 0:
             f1s.append(f)
     out["ce.macro.f1"] = float(np.mean(f1s)) if f1s else math.nan
@@ -74,4 +83,6 @@ def ce_metrics(reference: np.ndarray, generated: np.ndarray,
 
 def label_reports(texts: Sequence[str]) -> np.ndarray:
     """CheXpert labels of each report by medvl's labeler: (N, 14) float, 1 / 0 / -1, NaN blank."""
-    return np.asarray(labeler.label_reports(list(texts)), dtype=np.float64).reshape(len(texts), len(CHEXPERT_LABELS))
+    return np.asarray(labeler.label_reports(list(texts)), dtype=np.float64).reshape(
+        len(texts), len(CHEXPERT_LABELS)
+    )

@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 def _generate(generator, images: np.ndarray, beams: int | None, batch_size: int, desc: str) -> list[str]:
     texts: list[str] = []
     for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
-        batch = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size]))
+        batch = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size]))
         texts.extend(r.text for r in generator.generate(batch, beams=beams))
     return texts
 
@@ -58,7 +58,7 @@ def _safe_reports(texts: list[str]) -> list[str]:
 def _global_image(run, images: np.ndarray, batch_size: int = 64) -> torch.Tensor:
     feats = []
     for i in range(0, len(images), batch_size):
-        p = run.encode_images(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])))
+        p = run.encode_images(torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])))
         feats.append(F.normalize(p.features.mean(1), dim=-1).cpu())
     return torch.cat(feats)
 
@@ -67,7 +67,7 @@ def _global_image(run, images: np.ndarray, batch_size: int = 64) -> torch.Tensor
 def _global_text(run, texts: list[str], batch_size: int = 64) -> torch.Tensor:
     feats = []
     for i in range(0, len(texts), batch_size):
-        tok = run.encode_reports(texts[i:i + batch_size])
+        tok = run.encode_reports(texts[i : i + batch_size])
         m = tok.word_mask.unsqueeze(-1).float()
         pooled = (tok.features * m).sum(1) / m.sum(1).clamp(min=1.0)
         feats.append(F.normalize(pooled, dim=-1).cpu())
@@ -75,13 +75,17 @@ def _global_text(run, texts: list[str], batch_size: int = 64) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _retrieval_r1(run, images: np.ndarray, texts: list[str], image_to_text: bool, batch_size: int = 64) -> float:
+def _retrieval_r1(
+    run, images: np.ndarray, texts: list[str], image_to_text: bool, batch_size: int = 64
+) -> float:
     """Share of items whose own partner scores highest among all N (AdaMatch token-wise score)."""
-    patches = [run.encode_images(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])))
-               for i in range(0, len(images), batch_size)]
+    patches = [
+        run.encode_images(torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])))
+        for i in range(0, len(images), batch_size)
+    ]
     rows = []
     for i in range(0, len(texts), batch_size):
-        tok = run.encode_reports(texts[i:i + batch_size])
+        tok = run.encode_reports(texts[i : i + batch_size])
         cols = [run.model.scores(p, tok) for p in patches]
         s = torch.cat([c[0] if image_to_text else c[1] for c in cols], 0)  # (N_images, b_texts)
         rows.append(s.cpu())
@@ -94,17 +98,29 @@ def _retrieval_r1(run, images: np.ndarray, texts: list[str], image_to_text: bool
     return float(hits.float().mean())
 
 
-def evaluate_cyclic(*, run: Path, data: Path, split: str = "test", out: Path | None = None,
-                    max_studies: int = 200, steps: int | None = None, guidance: float | None = None,
-                    beams: int | None = None, seed: int = 0, device: str | None = None,
-                    classifier: ClassifierLike) -> dict:
+def evaluate_cyclic(
+    *,
+    run: Path,
+    data: Path,
+    split: str = "test",
+    out: Path | None = None,
+    max_studies: int = 200,
+    steps: int | None = None,
+    guidance: float | None = None,
+    beams: int | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    classifier: ClassifierLike,
+) -> dict:
     """Score both cycles on up to ``max_studies`` frontal studies of ``split`` with the dataset's evaluation
     ``classifier`` (see :mod:`medvl.eval.classifier`); write metrics to ``out``."""
     runs = find_runs(run)
     for need in ("report", "diffusion"):
         if need not in runs:
-            raise RunError(f"cyclic evaluation needs a {need} run; {run} leads to {sorted(runs)} only "
-                           "(pass the diffusion run trained --from the report run, or a demo directory)")
+            raise RunError(
+                f"cyclic evaluation needs a {need} run; {run} leads to {sorted(runs)} only "
+                "(pass the diffusion run trained --from the report run, or a demo directory)"
+            )
     synth = Synthesizer.load(runs["diffusion"], device=device)
     generator = ReportGenerator.load(runs["report"], device=str(synth.device))
     classifier, _ = resolve_classifier(classifier, device=synth.device)
@@ -121,14 +137,21 @@ def evaluate_cyclic(*, run: Path, data: Path, split: str = "test", out: Path | N
     guidance = float(synth.sampler.guidance if guidance is None else guidance)
 
     # report -> scan (one way), then -> report (cycle)
-    synth_from_ref = synthesize_reports(synth, references, steps=steps, guidance=guidance, seed=seed,
-                                        desc="report->scan")
+    synth_from_ref = synthesize_reports(
+        synth, references, steps=steps, guidance=guidance, seed=seed, desc="report->scan"
+    )
     cycle_reports = _generate(generator, synth_from_ref, beams, bs, "scan'->report")
     # scan -> report (one way), then -> scan (cycle)
     generated = _generate(generator, images, beams, bs, "scan->report")
     empty = sum(not t.strip() for t in generated)
-    cycle_images = synthesize_reports(synth, _safe_reports(generated), steps=steps, guidance=guidance,
-                                      seed=seed + 500_009, desc="report'->scan")
+    cycle_images = synthesize_reports(
+        synth,
+        _safe_reports(generated),
+        steps=steps,
+        guidance=guidance,
+        seed=seed + 500_009,
+        desc="report'->scan",
+    )
 
     ref_labels = label_reports(references)
     metrics: dict[str, float] = {}
@@ -153,32 +176,47 @@ def evaluate_cyclic(*, run: Path, data: Path, split: str = "test", out: Path | N
         metrics[f"cyclic.image_report_image.per_label.{name}.auroc"] = v
 
     metrics["cyclic.image_report_image.adamatch_similarity"] = float(
-        (_global_image(adamatch, images) * _global_image(adamatch, cycle_images)).sum(1).mean())
+        (_global_image(adamatch, images) * _global_image(adamatch, cycle_images)).sum(1).mean()
+    )
     metrics["cyclic.report_image_report.adamatch_similarity"] = float(
-        (_global_text(adamatch, references) * _global_text(adamatch, _safe_reports(cycle_reports))).sum(1).mean())
-    metrics["cyclic.one_way.image_to_report.adamatch_r1"] = _retrieval_r1(adamatch, images, _safe_reports(generated),
-                                                                          image_to_text=False)
-    metrics["cyclic.one_way.report_to_image.adamatch_r1"] = _retrieval_r1(adamatch, synth_from_ref, references,
-                                                                          image_to_text=True)
+        (_global_text(adamatch, references) * _global_text(adamatch, _safe_reports(cycle_reports)))
+        .sum(1)
+        .mean()
+    )
+    metrics["cyclic.one_way.image_to_report.adamatch_r1"] = _retrieval_r1(
+        adamatch, images, _safe_reports(generated), image_to_text=False
+    )
+    metrics["cyclic.one_way.report_to_image.adamatch_r1"] = _retrieval_r1(
+        adamatch, synth_from_ref, references, image_to_text=True
+    )
     metrics["cyclic.real.adamatch_r1"] = _retrieval_r1(adamatch, images, references, image_to_text=True)
 
     conventions = {
         "cyclic.*.ce_f1": "micro F1 over CheXpert's 14 labels by medvl's labeler, R2Gen convention (uncertain and "
-                          "blank negative), against the reference report's labels",
+        "blank negative), against the reference report's labels",
         "cyclic.*.label_auroc": "macro ROC AUC over labels with both classes, medvl's evaluation classifier "
-                                "(trained on real train scans, selected on validation), against the reference "
-                                "report's labels",
+        "(trained on real train scans, selected on validation), against the reference "
+        "report's labels",
         "cyclic.*.adamatch_similarity": "cosine of AdaMatch global features (mean of patch / content-word "
-                                        "features) between the original and its cycle reconstruction",
+        "features) between the original and its cycle reconstruction",
         "cyclic.*.adamatch_r1": f"AdaMatch retrieval R@1 of the generated item's own source among the {n} "
-                                f"studies (chance {1 / max(n, 1):.4f})",
+        f"studies (chance {1 / max(n, 1):.4f})",
         "sampling": f"{synth.sampler.name.value}, {steps} steps, guidance {guidance:g}; beams "
-                    f"{beams or generator.generation.beams}",
+        f"{beams or generator.generation.beams}",
     }
-    record = metrics_record(metrics, split=split, num_samples=n, conventions=conventions, seed=seed,
-                            config_hash=None,
-                            extra={"runs": {k: str(v) for k, v in runs.items()}, "empty_generated": empty,
-                                   "max_studies": max_studies})
+    record = metrics_record(
+        metrics,
+        split=split,
+        num_samples=n,
+        conventions=conventions,
+        seed=seed,
+        config_hash=None,
+        extra={
+            "runs": {k: str(v) for k, v in runs.items()},
+            "empty_generated": empty,
+            "max_studies": max_studies,
+        },
+    )
     write_metrics(out, record)
     if out is not None:
         with open(Path(out).with_suffix(".examples.csv"), "w", newline="") as fh:

@@ -61,14 +61,30 @@ logger = logging.getLogger(__name__)
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
 
-def synthesize_reports(synth, reports: Sequence[str], *, steps: int | None = None, guidance: float | None = None,
-                       sampler: str | None = None, seed: int = 0, batch_size: int = 32,
-                       desc: str = "synthesize") -> np.ndarray:
+def synthesize_reports(
+    synth,
+    reports: Sequence[str],
+    *,
+    steps: int | None = None,
+    guidance: float | None = None,
+    sampler: str | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    desc: str = "synthesize",
+) -> np.ndarray:
     """(N, 1, S, S) float32 scans, report i drawn with noise seed ``seed + i``."""
     out = []
     for i in tqdm(range(0, len(reports), batch_size), desc=desc, unit="batch", leave=False):
-        out.append(synth.synthesize(list(reports[i:i + batch_size]), steps=steps, guidance=guidance,
-                                    seed=seed + i, sampler=sampler, batch_size=batch_size).numpy())
+        out.append(
+            synth.synthesize(
+                list(reports[i : i + batch_size]),
+                steps=steps,
+                guidance=guidance,
+                seed=seed + i,
+                sampler=sampler,
+                batch_size=batch_size,
+            ).numpy()
+        )
     return np.concatenate(out)
 
 
@@ -96,7 +112,7 @@ def reconstruct(autoencoder, images: np.ndarray, batch_size: int = 64) -> np.nda
     """(N, 1, S, S) real scans -> autoencoder reconstructions from the posterior means, same shape."""
     out = []
     for i in range(0, len(images), batch_size):
-        mu, _ = autoencoder.encode(torch.from_numpy(images[i:i + batch_size]))
+        mu, _ = autoencoder.encode(torch.from_numpy(images[i : i + batch_size]))
         out.append(autoencoder.decode(mu * autoencoder.latent.scale_factor).cpu().numpy())
     return np.concatenate(out)
 
@@ -108,14 +124,19 @@ def fid(extractor, real: np.ndarray, fake: np.ndarray, batch_size: int = 64) -> 
 
     @torch.no_grad()
     def feats(x: np.ndarray) -> torch.Tensor:
-        return torch.cat([extractor.features(torch.from_numpy(x[i:i + batch_size]).to(device)).float().cpu()
-                          for i in range(0, len(x), batch_size)])
+        return torch.cat(
+            [
+                extractor.features(torch.from_numpy(x[i : i + batch_size]).to(device)).float().cpu()
+                for i in range(0, len(x), batch_size)
+            ]
+        )
 
     return float(FIDMetric()(feats(fake), feats(real)))
 
 
-def score_scans(classifier, images: np.ndarray, labels: np.ndarray, pairs, prefix: str,
-                all_pairs=None) -> dict[str, float]:
+def score_scans(
+    classifier, images: np.ndarray, labels: np.ndarray, pairs, prefix: str, all_pairs=None
+) -> dict[str, float]:
     """``{prefix}label_auroc``, ``{prefix}per_label.<name>.auroc``, ``{prefix}laterality_accuracy`` (resolvable
     findings), ``{prefix}laterality_accuracy_all_sizes`` and per finding kind (``per_finding.<kind>``)."""
     probs, sides, _ = predict(classifier, images)
@@ -124,15 +145,19 @@ def score_scans(classifier, images: np.ndarray, labels: np.ndarray, pairs, prefi
     per = "real_per_label" if real else "per_label"
     per_finding = "real_per_finding" if real else "per_finding"
     base = prefix[: -len("real_")] if real else prefix
-    out = {f"{prefix}label_auroc": float(np.mean(list(aucs.values()))) if aucs else float("nan"),
-           f"{prefix}laterality_accuracy": laterality_accuracy(sides, pairs)}
+    out = {
+        f"{prefix}label_auroc": float(np.mean(list(aucs.values()))) if aucs else float("nan"),
+        f"{prefix}laterality_accuracy": laterality_accuracy(sides, pairs),
+    }
     out.update({f"{base}{per}.{name}.auroc": v for name, v in aucs.items()})
     if all_pairs is not None:
         out[f"{prefix}laterality_accuracy_all_sizes"] = laterality_accuracy(sides, all_pairs)
         for j, kind in enumerate(classifier.side_findings):
             kind_pairs = [p for p in pairs if p[1] == j]
             if kind_pairs:
-                out[f"{base}{per_finding}.{kind}.laterality_accuracy"] = laterality_accuracy(sides, kind_pairs)
+                out[f"{base}{per_finding}.{kind}.laterality_accuracy"] = laterality_accuracy(
+                    sides, kind_pairs
+                )
     return out
 
 
@@ -154,8 +179,14 @@ def _grid_rows(labels: np.ndarray, reports: Sequence[str], n: int) -> list[int]:
     return chosen[:n]
 
 
-def write_grid(path: str | Path, real: np.ndarray, fake: np.ndarray, reports: Sequence[str], rows: Sequence[int],
-               title: str = "") -> Path:
+def write_grid(
+    path: str | Path,
+    real: np.ndarray,
+    fake: np.ndarray,
+    reports: Sequence[str],
+    rows: Sequence[int],
+    title: str = "",
+) -> Path:
     """A PNG: each column pair is a real test scan and the scan synthesized from its report."""
     import matplotlib
 
@@ -176,7 +207,9 @@ def write_grid(path: str | Path, real: np.ndarray, fake: np.ndarray, reports: Se
             ax = axes[r, 2 * c + j]
             ax.imshow(img[0], cmap="gray", vmin=-1024, vmax=1024)
             ax.set_title(label, fontsize=8)
-        axes[r, 2 * c].text(0.0, -0.02, text, transform=axes[r, 2 * c].transAxes, fontsize=6, va="top", ha="left")
+        axes[r, 2 * c].text(
+            0.0, -0.02, text, transform=axes[r, 2 * c].transAxes, fontsize=6, va="top", ha="left"
+        )
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -205,8 +238,9 @@ def report_stated_sides(reports: Sequence[str]) -> list[set[tuple[str, str]]]:
     return [stated_sides(extract_mentions(r)) for r in reports]
 
 
-def _scoring_inputs(run: Path, data: Path, split: str, max_reports: int, device: str | None,
-                    classifier: ClassifierLike):
+def _scoring_inputs(
+    run: Path, data: Path, split: str, max_reports: int, device: str | None, classifier: ClassifierLike
+):
     """The diffusion run, the evaluation classifier (loaded onto the run's device when given as a directory), its
     training report, and the split's scorable scans: what :func:`evaluate_diffusion` and :func:`tune_guidance`
     both score against."""
@@ -222,18 +256,34 @@ def _scoring_inputs(run: Path, data: Path, split: str, max_reports: int, device:
     kept = [reports[i] for i in keep]
     stated = report_stated_sides(kept) if regions is not None else None
     split_in = ScoringSplit(
-        images=arrays.images[keep], labels=arrays.labels[keep], reports=kept,
-        pairs=laterality_pairs(regions, dicom_ids, classifier.side_findings, min_side=RESOLVABLE_MIN_SIDE,
-                               stated=stated),
-        all_pairs=laterality_pairs(regions, dicom_ids, classifier.side_findings, stated=stated))
+        images=arrays.images[keep],
+        labels=arrays.labels[keep],
+        reports=kept,
+        pairs=laterality_pairs(
+            regions, dicom_ids, classifier.side_findings, min_side=RESOLVABLE_MIN_SIDE, stated=stated
+        ),
+        all_pairs=laterality_pairs(regions, dicom_ids, classifier.side_findings, stated=stated),
+    )
     return synth, classifier, creport, split_in
 
 
-def evaluate_diffusion(*, run: Path, data: Path, split: str = "test", out: Path | None = None,
-                       steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
-                       max_reports: int = 0, diversity_reports: int = 32, seed: int = 0,
-                       unconditional_baseline: bool = True, grid_studies: int = 8,
-                       device: str | None = None, classifier: ClassifierLike) -> dict:
+def evaluate_diffusion(
+    *,
+    run: Path,
+    data: Path,
+    split: str = "test",
+    out: Path | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    sampler: str | None = None,
+    max_reports: int = 0,
+    diversity_reports: int = 32,
+    seed: int = 0,
+    unconditional_baseline: bool = True,
+    grid_studies: int = 8,
+    device: str | None = None,
+    classifier: ClassifierLike,
+) -> dict:
     """Score the diffusion run ``run`` on ``split`` of ``data`` with the dataset's evaluation ``classifier`` (see
     :mod:`medvl.eval.classifier`); write the metrics to ``out`` (and a grid PNG)."""
     run, data = Path(run), Path(data)
@@ -251,13 +301,22 @@ def evaluate_diffusion(*, run: Path, data: Path, split: str = "test", out: Path 
     metrics.update(score_scans(classifier, images, labels, pairs, "image.real_", all_pairs))
     extractor = fid_extractor(classifier)
     metrics["image.fid"] = fid(extractor, images, fake)
-    metrics["image.fid_features"] = (extractor.name if extractor is not classifier
-                                     else f"medvl-classifier (penultimate, {classifier.feature_dim}-d, trained on "
-                                          f"{data.name} train split)")
+    metrics["image.fid_features"] = (
+        extractor.name
+        if extractor is not classifier
+        else f"medvl-classifier (penultimate, {classifier.feature_dim}-d, trained on {data.name} train split)"
+    )
     nd = min(diversity_reports, len(reports))
     if nd >= 2:
-        second = synthesize_reports(synth, reports[:nd], steps=steps, guidance=guidance, sampler=sampler,
-                                    seed=seed + 100_003, desc="diversity")
+        second = synthesize_reports(
+            synth,
+            reports[:nd],
+            steps=steps,
+            guidance=guidance,
+            sampler=sampler,
+            seed=seed + 100_003,
+            desc="diversity",
+        )
         metrics["image.ms_ssim_diversity"], scales = mean_ms_ssim(fake[:nd], second)
         g = np.random.default_rng(seed)
         a, b = g.choice(len(images), nd), g.choice(len(images), nd)
@@ -272,50 +331,83 @@ def evaluate_diffusion(*, run: Path, data: Path, split: str = "test", out: Path 
     for k, v in score_scans(classifier, recon, labels, pairs, "image.", all_pairs).items():
         metrics[f"baselines.autoencoder_reconstruction.{k}"] = v
     if unconditional_baseline:
-        uncond = synthesize_reports(synth, reports, steps=steps, guidance=0.0, sampler=sampler, seed=seed,
-                                    desc="unconditional baseline")
+        uncond = synthesize_reports(
+            synth,
+            reports,
+            steps=steps,
+            guidance=0.0,
+            sampler=sampler,
+            seed=seed,
+            desc="unconditional baseline",
+        )
         for k, v in score_scans(classifier, uncond, labels, pairs, "image.", all_pairs).items():
             metrics[f"baselines.unconditional.{k}"] = v
 
     conventions = {
         "image.label_auroc": "macro ROC AUC over CheXpert labels with both classes among the test reports; "
-                             "positive = label 1 (0, -1 and blank negative); classifier trained on real train "
-                             "scans, selected on validation",
+        "positive = label 1 (0, -1 and blank negative); classifier trained on real train "
+        "scans, selected on validation",
         "image.laterality_accuracy": "pairs (scan, finding drawn on one side, the side its report states, box's "
-                                     f"shorter side >= {RESOLVABLE_MIN_SIDE:g} of the image; a side the phantom "
-                                     "drew at random for a sideless mention is left out); correct when the "
-                                     "classifier's "
-                                     "half-image logit of that finding is higher on the stated side "
-                                     "(patient left = image right); _all_sizes: the same without the size limit",
+        f"shorter side >= {RESOLVABLE_MIN_SIDE:g} of the image; a side the phantom "
+        "drew at random for a sideless mention is left out); correct when the "
+        "classifier's "
+        "half-image logit of that finding is higher on the stated side "
+        "(patient left = image right); _all_sizes: the same without the size limit",
         "image.fid": "Frechet distance (MONAI FIDMetric) between real test scans and scans synthesized from "
-                     "their reports, on image.fid_features",
+        "their reports, on image.fid_features",
         "image.ms_ssim_diversity": f"mean MS-SSIM (MONAI, {scales} scales, 11-px Gaussian kernel) between two "
-                                   "seeds of the same report; lower = more diverse",
+        "seeds of the same report; lower = more diverse",
         "sampling": f"{sampler}, {steps} steps, guidance {guidance:g}, seeds {seed}+i",
     }
-    extra = {"run": str(run), "data": str(data), "classifier": {"val_macro_auroc": creport.val_macro_auroc,
-                                                                 "val_laterality_accuracy":
-                                                                     creport.val_laterality_accuracy,
-                                                                 "side_findings": creport.side_findings,
-                                                                 "side_convention_agreement":
-                                                                     creport.side_convention_agreement}}
+    extra = {
+        "run": str(run),
+        "data": str(data),
+        "classifier": {
+            "val_macro_auroc": creport.val_macro_auroc,
+            "val_laterality_accuracy": creport.val_laterality_accuracy,
+            "side_findings": creport.side_findings,
+            "side_convention_agreement": creport.side_convention_agreement,
+        },
+    }
     missing = {}
     if not pairs:
         missing["image.laterality_accuracy"] = "no one-sided findings with regions in this split"
-    record = metrics_record(metrics, split=split, num_samples=len(reports), conventions=conventions, seed=seed,
-                            config_hash=run_config_hash(run), missing=missing, extra=extra)
+    record = metrics_record(
+        metrics,
+        split=split,
+        num_samples=len(reports),
+        conventions=conventions,
+        seed=seed,
+        config_hash=run_config_hash(run),
+        missing=missing,
+        extra=extra,
+    )
     if out is not None:
         write_metrics(out, record)
         rows = _grid_rows(labels, reports, grid_studies)
-        write_grid(Path(out).with_suffix(".grid.png"), images, fake, reports, rows,
-                   title=f"real (left) vs synthesized from its report (right) - {run.name}, {sampler} {steps} "
-                         f"steps, guidance {guidance:g}")
+        write_grid(
+            Path(out).with_suffix(".grid.png"),
+            images,
+            fake,
+            reports,
+            rows,
+            title=f"real (left) vs synthesized from its report (right) - {run.name}, {sampler} {steps} "
+            f"steps, guidance {guidance:g}",
+        )
     return record
 
 
-def tune_guidance(*, run: Path, data: Path, values: Sequence[float] = (2.0, 3.0, 4.0, 6.0), max_reports: int = 0,
-                  seed: int = 0, write: bool = True, device: str | None = None,
-                  classifier: ClassifierLike) -> dict[float, dict[str, float]]:
+def tune_guidance(
+    *,
+    run: Path,
+    data: Path,
+    values: Sequence[float] = (2.0, 3.0, 4.0, 6.0),
+    max_reports: int = 0,
+    seed: int = 0,
+    write: bool = True,
+    device: str | None = None,
+    classifier: ClassifierLike,
+) -> dict[float, dict[str, float]]:
     """Pick the run's default guidance on the *validation* split (never test): the value with the best mean of
     ``image.label_auroc`` and ``image.laterality_accuracy``; with ``write`` it becomes the run's default in
     ``diffusion/scheduler_config.json``. Returns the validation scores per value."""

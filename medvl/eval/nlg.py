@@ -21,10 +21,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-TOKENISATION = ("lowercase; tokens = decimal numbers, runs of [a-z0-9], and '.' as its own token; other "
-                "punctuation dropped; repeated '.' collapsed; "
-                "space-joined; references not truncated; pycocoevalcap BLEU(closest), METEOR 1.5 (-l en -norm), "
-                "ROUGE-L, CIDEr-D")
+TOKENISATION = (
+    "lowercase; tokens = decimal numbers, runs of [a-z0-9], and '.' as its own token; other "
+    "punctuation dropped; repeated '.' collapsed; "
+    "space-joined; references not truncated; pycocoevalcap BLEU(closest), METEOR 1.5 (-l en -norm), "
+    "ROUGE-L, CIDEr-D"
+)
 
 _TOKEN = re.compile(r"\d+\.\d+|[a-z0-9]+|\.")
 

@@ -40,7 +40,11 @@ ABLATIONS_DIR = "ablations"
 
 def predictions_path(out: Path) -> Path:
     """``eval/report.json`` -> ``eval/report.predictions.csv``."""
-    return out.with_name(out.stem + ".predictions.csv") if out.suffix == ".json" else Path(str(out) + ".predictions.csv")
+    return (
+        out.with_name(out.stem + ".predictions.csv")
+        if out.suffix == ".json"
+        else Path(str(out) + ".predictions.csv")
+    )
 
 
 def _run_config(run: Path) -> dict[str, Any]:
@@ -54,16 +58,18 @@ def _run_config(run: Path) -> dict[str, Any]:
 def report_studies(data: Path, split: str, data_config: dict[str, Any]) -> PreparedDataset:
     """The images of ``split`` the report stage reads, by the run's ``data:`` settings: its ``views`` (a blank
     view left out) and, with ``one_image_per_study``, the first such image of each study."""
-    ds = PreparedDataset(data, split).select(views=data_config["views"], keep_blank_view=False,
-                                             one_per_study=data_config["one_image_per_study"])
+    ds = PreparedDataset(data, split).select(
+        views=data_config["views"], keep_blank_view=False, one_per_study=data_config["one_image_per_study"]
+    )
     if len(ds) == 0:
         views = sorted({v.upper() for v in data_config["views"]})
         raise DataError(f"{data}: the '{split}' split has no reports with views {views}")
     return ds
 
 
-def generate_for_split(generator: Any, dataset: Any, *, beams: int | None = None, desc: str = "generating"
-                       ) -> list[str]:
+def generate_for_split(
+    generator: Any, dataset: Any, *, beams: int | None = None, desc: str = "generating"
+) -> list[str]:
     """Decode every item of ``dataset`` (PreparedDataset-like) with a :class:`ReportGenerator`."""
     bs = generator.generation.batch_size
     texts: list[str] = []
@@ -84,16 +90,26 @@ def most_frequent_report(reports: Sequence[str]) -> str:
 
 
 @torch.no_grad()
-def retrieve_reports(adamatch_run: Any, dataset: Any, candidates: Sequence[str], *, image_batch: int = 32,
-                     report_batch: int = 256) -> list[str]:
+def retrieve_reports(
+    adamatch_run: Any,
+    dataset: Any,
+    candidates: Sequence[str],
+    *,
+    image_batch: int = 32,
+    report_batch: int = 256,
+) -> list[str]:
     """For each image of ``dataset`` the candidate report with the highest AdaMatch score s_i2t + s_t2i."""
     candidates = list(candidates)
     reports_tokens = []
     for start in range(0, len(candidates), report_batch):
-        reports_tokens.append(adamatch_run.encode_reports(candidates[start:start + report_batch]))
+        reports_tokens.append(adamatch_run.encode_reports(candidates[start : start + report_batch]))
     chosen: list[str] = []
-    for start in tqdm(range(0, len(dataset), image_batch), desc="retrieval baseline", unit="batch", leave=False):
-        images = torch.stack([dataset[i]["image"] for i in range(start, min(len(dataset), start + image_batch))])
+    for start in tqdm(
+        range(0, len(dataset), image_batch), desc="retrieval baseline", unit="batch", leave=False
+    ):
+        images = torch.stack(
+            [dataset[i]["image"] for i in range(start, min(len(dataset), start + image_batch))]
+        )
         patches = adamatch_run.encode_images(images)
         scores = []
         for tokens in reports_tokens:
@@ -108,18 +124,26 @@ def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
     return {f"{prefix}{k}": v for k, v in metrics.items()} if prefix else dict(metrics)
 
 
-def score_reports(scorer: NLGScorer, references: list[str], ref_labels: np.ndarray, generated: list[str],
-                  prefix: str = "") -> tuple[dict[str, float], dict[str, str]]:
+def score_reports(
+    scorer: NLGScorer, references: list[str], ref_labels: np.ndarray, generated: list[str], prefix: str = ""
+) -> tuple[dict[str, float], dict[str, str]]:
     """``nlg.*`` and ``ce.*`` of ``generated`` against ``references`` (keys under ``prefix``)."""
     nlg = scorer.score(references, generated)
     ce = ce_metrics(ref_labels, label_reports(generated))
     metrics = _prefixed(prefix, {**nlg.scores, **ce})
     missing = _prefixed(prefix, nlg.missing)
-    undefined = sorted({k.split(".")[2] for k, v in ce.items()
-                        if k.startswith("ce.per_label.") and k.endswith(".f1") and math.isnan(v)})
+    undefined = sorted(
+        {
+            k.split(".")[2]
+            for k, v in ce.items()
+            if k.startswith("ce.per_label.") and k.endswith(".f1") and math.isnan(v)
+        }
+    )
     if undefined:
-        missing[prefix + "ce.per_label"] = ("F1 and recall null (no positive reference and no positive prediction) "
-                                            "for: " + ", ".join(undefined))
+        missing[prefix + "ce.per_label"] = (
+            "F1 and recall null (no positive reference and no positive prediction) "
+            "for: " + ", ".join(undefined)
+        )
     return metrics, missing
 
 
@@ -134,7 +158,9 @@ def find_ablations(run: Path) -> dict[str, Path]:
 def evaluate_report(*, run: Path, data: Path, split: str = "test", out: Path | None = None) -> dict:
     """Score the report run ``run`` on ``split`` of the prepared dataset ``data``; see the module docstring."""
     run, data = Path(run), Path(data)
-    ReportHeadBundle.read_config(run)  # a one-line RunError when RUN holds no report head (or an older layout)
+    ReportHeadBundle.read_config(
+        run
+    )  # a one-line RunError when RUN holds no report head (or an older layout)
     cfg = _run_config(run)
     generator = ReportGenerator.load(run)
     test = report_studies(data, split, cfg["data"])
@@ -147,8 +173,9 @@ def evaluate_report(*, run: Path, data: Path, split: str = "test", out: Path | N
     generated = generate_for_split(generator, test, desc=f"report head ({split})")
     baselines = {
         "most_frequent": [most_frequent_report(list(train.index["report"]))] * len(test),
-        "retrieval": retrieve_reports(generator.adamatch_run, test,
-                                      sorted({" ".join(r.split()) for r in train.index["report"]})),
+        "retrieval": retrieve_reports(
+            generator.adamatch_run, test, sorted({" ".join(r.split()) for r in train.index["report"]})
+        ),
     }
     ablations = {}
     for name, path in find_ablations(run).items():
@@ -172,18 +199,35 @@ def evaluate_report(*, run: Path, data: Path, split: str = "test", out: Path | N
     conventions = {
         "nlg": TOKENISATION,
         "ce": CE_CONVENTION,
-        "decoding": ((f"beam search, {g.beams} beams, length_penalty {g.length_penalty}, " if g.beams > 1
-                      else "greedy, ") + f"no_repeat_ngram_size {g.no_repeat_ngram_size}, "
-                     f"at most {generator.head.cfg.max_length - 1} tokens, KV cache (run's generation settings)"),
+        "decoding": (
+            (
+                f"beam search, {g.beams} beams, length_penalty {g.length_penalty}, "
+                if g.beams > 1
+                else "greedy, "
+            )
+            + f"no_repeat_ngram_size {g.no_repeat_ngram_size}, "
+            f"at most {generator.head.cfg.max_length - 1} tokens, KV cache (run's generation settings)"
+        ),
         "samples": f"one frontal image ({', '.join(cfg['data']['views'])}) per study",
         "baselines.most_frequent": "the most frequent training report for every study",
         "baselines.retrieval": "the training report with the highest AdaMatch s_i2t + s_t2i for the image",
         "ablations": "report runs under RUN/ablations/<name>/, decoded like the main run",
     }
-    record = metrics_record(metrics, split=split, num_samples=len(test), conventions=conventions,
-                            seed=cfg["train"]["seed"], config_hash=run_config_hash(run), missing=missing,
-                            extra={"run": str(run), "data": str(data), "ablations": sorted(ablations),
-                                   "most_frequent_report": baselines["most_frequent"][0]})
+    record = metrics_record(
+        metrics,
+        split=split,
+        num_samples=len(test),
+        conventions=conventions,
+        seed=cfg["train"]["seed"],
+        config_hash=run_config_hash(run),
+        missing=missing,
+        extra={
+            "run": str(run),
+            "data": str(data),
+            "ablations": sorted(ablations),
+            "most_frequent_report": baselines["most_frequent"][0],
+        },
+    )
     if out is not None:
         out = Path(out)
         write_metrics(out, record)
@@ -196,4 +240,10 @@ def evaluate_report(*, run: Path, data: Path, split: str = "test", out: Path | N
     return record
 
 
-__all__ = ["evaluate_report", "find_ablations", "most_frequent_report", "predictions_path", "retrieve_reports"]
+__all__ = [
+    "evaluate_report",
+    "find_ablations",
+    "most_frequent_report",
+    "predictions_path",
+    "retrieve_reports",
+]

@@ -15,8 +15,18 @@ import torch
 
 from medvl.models.adamatch import AdaMatchRun, ImagePatches, Keyword
 
-_COLOURS = ("#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c",
-            "#fabebe")
+_COLOURS = (
+    "#e6194b",
+    "#3cb44b",
+    "#ffe119",
+    "#4363d8",
+    "#f58231",
+    "#911eb4",
+    "#46f0f0",
+    "#f032e6",
+    "#bcf60c",
+    "#fabebe",
+)
 
 
 @dataclass
@@ -42,7 +52,9 @@ def similarity_map(boxes: np.ndarray, scores: np.ndarray, size: int) -> np.ndarr
     return np.where(np.isfinite(vals), vals, np.nan)
 
 
-def _draw_patches(ax, patches: ImagePatches, b: int, size: int, keywords: list[Keyword] | None, freeform: bool):
+def _draw_patches(
+    ax, patches: ImagePatches, b: int, size: int, keywords: list[Keyword] | None, freeform: bool
+):
     from matplotlib.patches import Polygon, Rectangle
 
     boxes = patches.boxes[b].detach().cpu().numpy() * size
@@ -65,8 +77,14 @@ def _draw_patches(ax, patches: ImagePatches, b: int, size: int, keywords: list[K
         else:
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.6, ec=colour))
         label = ", ".join(kw.word for kw in kws)
-        ax.text(x0 + 1, max(y0 - 1, 6), label, color="black", fontsize=7,
-                bbox={"facecolor": colour, "alpha": 0.85, "pad": 1, "lw": 0})
+        ax.text(
+            x0 + 1,
+            max(y0 - 1, 6),
+            label,
+            color="black",
+            fontsize=7,
+            bbox={"facecolor": colour, "alpha": 0.85, "pad": 1, "lw": 0},
+        )
 
 
 def _convex_hull(pts: np.ndarray) -> np.ndarray:
@@ -78,8 +96,10 @@ def _convex_hull(pts: np.ndarray) -> np.ndarray:
     def half(seq):
         h: list[tuple[float, float]] = []
         for q in seq:
-            while len(h) >= 2 and (h[-1][0] - h[-2][0]) * (q[1] - h[-2][1]) - (h[-1][1] - h[-2][1]) * (
-                    q[0] - h[-2][0]) <= 0:
+            while (
+                len(h) >= 2
+                and (h[-1][0] - h[-2][0]) * (q[1] - h[-2][1]) - (h[-1][1] - h[-2][1]) * (q[0] - h[-2][0]) <= 0
+            ):
                 h.pop()
             h.append(q)
         return h
@@ -88,9 +108,18 @@ def _convex_hull(pts: np.ndarray) -> np.ndarray:
     return np.array(lower[:-1] + upper[:-1])
 
 
-def render_explanation(image: np.ndarray, patches: ImagePatches, b: int = 0, *, keywords: list[Keyword] | None,
-                       word: str | None = None, word_scores: np.ndarray | None = None, title: str | None = None,
-                       freeform: bool = False, out: str | Path | None = None) -> np.ndarray:
+def render_explanation(
+    image: np.ndarray,
+    patches: ImagePatches,
+    b: int = 0,
+    *,
+    keywords: list[Keyword] | None,
+    word: str | None = None,
+    word_scores: np.ndarray | None = None,
+    title: str | None = None,
+    freeform: bool = False,
+    out: str | Path | None = None,
+) -> np.ndarray:
     """Draw one scan (S, S) in [-1024, 1024] with its patches; returns the figure as (H, W, 3) uint8 and
     writes it as PNG to ``out`` when given. With ``word_scores`` (P,) a second panel shows the word's map."""
     import matplotlib
@@ -132,24 +161,39 @@ def render_explanation(image: np.ndarray, patches: ImagePatches, b: int = 0, *, 
     return rgb
 
 
-def explain_image(run: AdaMatchRun, image: np.ndarray | torch.Tensor, *, out: str | Path | None = None,
-                  word: str | None = None, top_k: int = 6) -> Explanation:
+def explain_image(
+    run: AdaMatchRun,
+    image: np.ndarray | torch.Tensor,
+    *,
+    out: str | Path | None = None,
+    word: str | None = None,
+    top_k: int = 6,
+) -> Explanation:
     """Explain one image (S, S) already in the run's frame and [-1024, 1024]; draws it to ``out`` (PNG)."""
     img = torch.as_tensor(np.asarray(image, dtype=np.float32))
     if img.dim() == 3:
         img = img[0]
     s = run.image_size
     if img.shape != (s, s):
-        img = torch.nn.functional.interpolate(img[None, None], size=(s, s), mode="bilinear", antialias=True,
-                                              align_corners=False)[0, 0]
+        img = torch.nn.functional.interpolate(
+            img[None, None], size=(s, s), mode="bilinear", antialias=True, align_corners=False
+        )[0, 0]
     patches = run.encode_images(img[None, None])
     keywords = run.image_keywords(None, top_k, patches=patches)[0] if run.keywords is not None else []
     word_scores = None
     if word:
         word_scores = run.word_similarity(img[None, None], word)[0].cpu().numpy()
     freeform = str(getattr(run.config.patches.mode, "value", run.config.patches.mode)) == "freeform"
-    render_explanation(img.numpy(), patches, 0, keywords=keywords, word=word, word_scores=word_scores,
-                       freeform=freeform, out=out)
+    render_explanation(
+        img.numpy(),
+        patches,
+        0,
+        keywords=keywords,
+        word=word,
+        word_scores=word_scores,
+        freeform=freeform,
+        out=out,
+    )
     smap = similarity_map(patches.boxes[0].cpu().numpy(), word_scores, s) if word_scores is not None else None
     return Explanation(keywords, patches.boxes[0].cpu().numpy(), word, smap, Path(out) if out else None)
 

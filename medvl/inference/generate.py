@@ -77,7 +77,9 @@ class ReportGenerator:
         memory_dir = run / SharedMemory.DIRNAME
         memory = SharedMemory.from_pretrained(memory_dir) if memory_dir.is_dir() else None
         adamatch_run = AdaMatchRun.from_pretrained(run, device=device)
-        report = ReportHeadBundle.from_pretrained(run, device=device, memory=memory, adamatch=adamatch_run.model)
+        report = ReportHeadBundle.from_pretrained(
+            run, device=device, memory=memory, adamatch=adamatch_run.model
+        )
         adamatch_run.model.eval()
         return cls(report, adamatch_run, device)
 
@@ -90,7 +92,9 @@ class ReportGenerator:
         return torch.stack([load_scan(p, self.image_size) for p in paths])
 
     @torch.no_grad()
-    def conditions(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, KeywordHints, list[list[Any]]]:
+    def conditions(
+        self, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, KeywordHints, list[list[Any]]]:
         """images (B, 1, S, S) -> patch features (B, P, D), boxes (B, P, 4), keyword hints, AdaMatch keywords."""
         images = images.to(self.device, torch.float32)
         patches = self.adamatch_run.encode_images(images)
@@ -102,8 +106,14 @@ class ReportGenerator:
         return patches.features.float(), patches.boxes.float(), hints, keywords
 
     @torch.no_grad()
-    def generate(self, images: torch.Tensor | Sequence[str | Path], *, beams: int | None = None,
-                 batch_size: int | None = None, max_new_tokens: int | None = None) -> list[GeneratedReport]:
+    def generate(
+        self,
+        images: torch.Tensor | Sequence[str | Path],
+        *,
+        beams: int | None = None,
+        batch_size: int | None = None,
+        max_new_tokens: int | None = None,
+    ) -> list[GeneratedReport]:
         """Reports for ``images`` (B, 1, S, S) in [-1024, 1024] (or paths to scans), in input order.
 
         ``beams`` defaults to the run's ``generation.beams`` (1 = greedy); length penalty and n-gram
@@ -120,15 +130,28 @@ class ReportGenerator:
         bs = batch_size or g.batch_size
         out: list[GeneratedReport] = []
         for start in range(0, images.shape[0], bs):
-            feats, boxes, hints, _ = self.conditions(images[start:start + bs])
-            dec = self.head.generate(patch_features=feats, patch_boxes=boxes,
-                                     keywords=hints if self.uses_keywords else None, num_beams=beams,
-                                     max_new_tokens=max_new_tokens or g.max_new_tokens or None,
-                                     length_penalty=g.length_penalty, no_repeat_ngram_size=g.no_repeat_ngram_size)
+            feats, boxes, hints, _ = self.conditions(images[start : start + bs])
+            dec = self.head.generate(
+                patch_features=feats,
+                patch_boxes=boxes,
+                keywords=hints if self.uses_keywords else None,
+                num_beams=beams,
+                max_new_tokens=max_new_tokens or g.max_new_tokens or None,
+                length_penalty=g.length_penalty,
+                no_repeat_ngram_size=g.no_repeat_ngram_size,
+            )
             texts, tokens = rh.decode_sequences(self.tokenizer, dec.sequences, self.head.eos_id)
             for i, (text, toks) in enumerate(zip(texts, tokens, strict=True)):
-                used = [UsedKeyword(w, float(hints.scores[i, j]), tuple(float(v) for v in hints.boxes[i, j].tolist()))
-                        for j, w in enumerate(hints.words[i])] if self.uses_keywords else []
+                used = (
+                    [
+                        UsedKeyword(
+                            w, float(hints.scores[i, j]), tuple(float(v) for v in hints.boxes[i, j].tolist())
+                        )
+                        for j, w in enumerate(hints.words[i])
+                    ]
+                    if self.uses_keywords
+                    else []
+                )
                 out.append(GeneratedReport(text, toks, float(dec.scores[i]), used))
         return out
 
@@ -144,13 +167,16 @@ def _labels_of(texts: list[str]) -> tuple[list[dict[str, float | None]] | None, 
         arr = label_reports(texts)
     except ImportError as exc:
         return None, f"labeler not available: {exc}"
-    rows = [{name: (None if np.isnan(v) else float(v)) for name, v in zip(CHEXPERT_LABELS, row, strict=True)}
-            for row in arr]
+    rows = [
+        {name: (None if np.isnan(v) else float(v)) for name, v in zip(CHEXPERT_LABELS, row, strict=True)}
+        for row in arr
+    ]
     return rows, None
 
 
-def _draw_explanations(gen: ReportGenerator, images: torch.Tensor, reports: list[GeneratedReport],
-                       names: list[str], out: Path) -> None:
+def _draw_explanations(
+    gen: ReportGenerator, images: torch.Tensor, reports: list[GeneratedReport], names: list[str], out: Path
+) -> None:
     """One panel per scan (stacked vertically in one PNG): keyword boxes and words, report as the title."""
     from PIL import Image
 
@@ -158,30 +184,44 @@ def _draw_explanations(gen: ReportGenerator, images: torch.Tensor, reports: list
 
     panels = []
     for i in range(images.shape[0]):
-        img = images[i:i + 1].to(gen.device)
+        img = images[i : i + 1].to(gen.device)
         patches = gen.adamatch_run.encode_images(img)
-        kws = gen.adamatch_run.image_keywords(None, top_k=gen.head.cfg.num_keywords, patches=patches)[0] \
-            if gen.adamatch_run.keywords is not None else []
+        kws = (
+            gen.adamatch_run.image_keywords(None, top_k=gen.head.cfg.num_keywords, patches=patches)[0]
+            if gen.adamatch_run.keywords is not None
+            else []
+        )
         if gen.uses_keywords:
             used = {k.word for k in reports[i].keywords}
             kws = [k for k in kws if k.word in used]
         title = names[i] + "\n" + "\n".join(textwrap.wrap(reports[i].text or "(empty report)", 60)[:6])
         s = gen.adamatch_run.image_size
-        frame = torch.nn.functional.interpolate(img, size=(s, s), mode="bilinear", antialias=True,
-                                                align_corners=False)[0, 0].cpu().numpy()
+        frame = (
+            torch.nn.functional.interpolate(
+                img, size=(s, s), mode="bilinear", antialias=True, align_corners=False
+            )[0, 0]
+            .cpu()
+            .numpy()
+        )
         panels.append(render_explanation(frame, patches, 0, keywords=kws, title=title))
     width = max(p.shape[1] for p in panels)
     canvas = np.full((sum(p.shape[0] for p in panels), width, 3), 255, np.uint8)
     y = 0
     for p in panels:
-        canvas[y:y + p.shape[0], : p.shape[1]] = p
+        canvas[y : y + p.shape[0], : p.shape[1]] = p
         y += p.shape[0]
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(canvas).save(out, format="PNG")
 
 
-def generate_report_command(scans: Sequence[str | Path], *, run: str | Path, beams: int | None = None,
-                            explain: str | Path | None = None, as_json: bool = False) -> int:
+def generate_report_command(
+    scans: Sequence[str | Path],
+    *,
+    run: str | Path,
+    beams: int | None = None,
+    explain: str | Path | None = None,
+    as_json: bool = False,
+) -> int:
     """``medvl generate-report SCAN... --run RUN [--beams N] [--explain OUT.png] [--json]``.
 
     Every readable scan gets a report; an unreadable one gets a one-line error on stderr (and an
@@ -209,11 +249,16 @@ def generate_report_command(scans: Sequence[str | Path], *, run: str | Path, bea
         reports = gen.generate(images, beams=beams)
         labels, why = _labels_of([r.text for r in reports])
         for j, (i, rep) in enumerate(zip(ok_index, reports, strict=True)):
-            records[i].update({
-                "report": rep.text, "score": rep.score, "tokens": rep.tokens,
-                "labels": labels[j] if labels is not None else None,
-                "keywords": [asdict(k) for k in rep.keywords], "image_size": gen.image_size,
-            })
+            records[i].update(
+                {
+                    "report": rep.text,
+                    "score": rep.score,
+                    "tokens": rep.tokens,
+                    "labels": labels[j] if labels is not None else None,
+                    "keywords": [asdict(k) for k in rep.keywords],
+                    "image_size": gen.image_size,
+                }
+            )
             if why:
                 records[i]["labels_missing"] = why
         if explain is not None:
@@ -233,6 +278,8 @@ def generate_report_command(scans: Sequence[str | Path], *, run: str | Path, bea
         print(f"explanation written to {explain}", file=sys.stderr)
     failed = sum("error" in r for r in records)
     if failed:
-        print(f"medvl: {failed} of {len(records)} scan(s) could not be read; reports written for the rest",
-              file=sys.stderr)
+        print(
+            f"medvl: {failed} of {len(records)} scan(s) could not be read; reports written for the rest",
+            file=sys.stderr,
+        )
     return 1 if failed else 0

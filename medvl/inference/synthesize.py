@@ -46,8 +46,10 @@ def check_report(text: str) -> str:
         raise InvalidReportError(f"a report must be text, got {type(text).__name__}")
     stripped = " ".join(text.split())
     if not stripped:
-        raise InvalidReportError("the report is empty (or only whitespace): write the findings to draw, "
-                                 "e.g. \"Small left pleural effusion.\"")
+        raise InvalidReportError(
+            "the report is empty (or only whitespace): write the findings to draw, "
+            'e.g. "Small left pleural effusion."'
+        )
     return stripped
 
 
@@ -73,8 +75,16 @@ class Synthesis:
 class Synthesizer:
     """A diffusion run loaded for inference: AdaMatch text side, memory, denoiser (EMA), autoencoder."""
 
-    def __init__(self, run_dir: Path, denoiser: Denoiser, autoencoder: AutoencoderBundle, encoder: ReportEncoder,
-                 noise: NoiseScheduleConfig, sampler: SamplerConfig, device: torch.device):
+    def __init__(
+        self,
+        run_dir: Path,
+        denoiser: Denoiser,
+        autoencoder: AutoencoderBundle,
+        encoder: ReportEncoder,
+        noise: NoiseScheduleConfig,
+        sampler: SamplerConfig,
+        device: torch.device,
+    ):
         self.run_dir, self.denoiser, self.autoencoder, self.encoder = run_dir, denoiser, autoencoder, encoder
         self.noise, self.sampler, self.device = noise, sampler, device
 
@@ -85,8 +95,10 @@ class Synthesizer:
         run = Path(run)
         head_dir = run / DiffusionBundle.DIRNAME
         if not head_dir.is_dir():
-            raise RunError(f"{run} is not a diffusion run (no {DiffusionBundle.DIRNAME}/); train one with "
-                           "`medvl train diffusion`")
+            raise RunError(
+                f"{run} is not a diffusion run (no {DiffusionBundle.DIRNAME}/); train one with "
+                "`medvl train diffusion`"
+            )
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         memory_dir = run / SharedMemory.DIRNAME
         memory = SharedMemory.from_pretrained(memory_dir) if memory_dir.is_dir() else None
@@ -101,10 +113,16 @@ class Synthesizer:
         return self.autoencoder.cfg.image_size
 
     @torch.no_grad()
-    def synthesize_with_keypatches(self, texts: str | Sequence[str], steps: int | None = None,
-                                   guidance: float | None = None, seed: int = 0,
-                                   sampler: SamplerName | str | None = None, batch_size: int = 16,
-                                   precision: Precision | str | None = None) -> Synthesis:
+    def synthesize_with_keypatches(
+        self,
+        texts: str | Sequence[str],
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int = 0,
+        sampler: SamplerName | str | None = None,
+        batch_size: int = 16,
+        precision: Precision | str | None = None,
+    ) -> Synthesis:
         """Draw one scan per report. Report ``i`` uses noise seed ``seed + i`` (independent of batching)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
@@ -122,28 +140,45 @@ class Synthesizer:
         shape = self.autoencoder.latent.latent_shape
         images, boxes, masks = [], [], []
         for i in range(0, len(texts), batch_size):
-            chunk = texts[i:i + batch_size]
+            chunk = texts[i : i + batch_size]
             feats = self.encoder.encode(chunk, batch_size=batch_size)
             f = feats.to(self.device)
             context = self.denoiser.conditioner(**f.as_kwargs())
             noise = initial_noise(shape, [seed + i + j for j in range(len(chunk))], self.device)
-            latents = sample_latents(self.denoiser, context, noise, scheduler, steps, guidance, precision,
-                                     sides=f.sides)
+            latents = sample_latents(
+                self.denoiser, context, noise, scheduler, steps, guidance, precision, sides=f.sides
+            )
             images.append(self.autoencoder.decode(latents).cpu())
             boxes.append(feats.keypatch_boxes)
             masks.append(feats.keypatch_mask)
-        return Synthesis(images=torch.cat(images), reports=texts, keypatch_boxes=torch.cat(boxes),
-                         keypatch_mask=torch.cat(masks),
-                         seeds=[seed + i for i in range(len(texts))], sampler=name, steps=steps, guidance=guidance)
+        return Synthesis(
+            images=torch.cat(images),
+            reports=texts,
+            keypatch_boxes=torch.cat(boxes),
+            keypatch_mask=torch.cat(masks),
+            seeds=[seed + i for i in range(len(texts))],
+            sampler=name,
+            steps=steps,
+            guidance=guidance,
+        )
 
-    def synthesize(self, texts: str | Sequence[str], steps: int | None = None, guidance: float | None = None,
-                   seed: int = 0, **kwargs) -> torch.Tensor:
+    def synthesize(
+        self,
+        texts: str | Sequence[str],
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int = 0,
+        **kwargs,
+    ) -> torch.Tensor:
         """Reports (B,) -> scans (B, 1, S, S) float32 in [-1024, 1024]; see :meth:`synthesize_with_keypatches`."""
-        return self.synthesize_with_keypatches(texts, steps=steps, guidance=guidance, seed=seed, **kwargs).images
+        return self.synthesize_with_keypatches(
+            texts, steps=steps, guidance=guidance, seed=seed, **kwargs
+        ).images
 
     @torch.no_grad()
-    def unconditional(self, n: int, steps: int | None = None, seed: int = 0,
-                      sampler: SamplerName | str | None = None) -> torch.Tensor:
+    def unconditional(
+        self, n: int, steps: int | None = None, seed: int = 0, sampler: SamplerName | str | None = None
+    ) -> torch.Tensor:
         """(n, 1, S, S) scans from the learned null context only (what guidance 0 gives for any report)."""
         steps = int(steps or self.sampler.steps)
         scheduler = build_sampler(self.noise, SamplerName(sampler or self.sampler.name))
@@ -174,8 +209,9 @@ def _provenance(report: str, info: dict | None) -> dict:
     return out
 
 
-def write_png(image: torch.Tensor | np.ndarray, path: str | Path, *, report: str = "",
-              info: dict | None = None) -> Path:
+def write_png(
+    image: torch.Tensor | np.ndarray, path: str | Path, *, report: str = "", info: dict | None = None
+) -> Path:
     """8-bit greyscale PNG with a ``medvl`` text chunk saying it is synthetic and how it was made (sampler
     settings and the report's SHA-256, not its text)."""
     from PIL import Image, PngImagePlugin
@@ -189,8 +225,9 @@ def write_png(image: torch.Tensor | np.ndarray, path: str | Path, *, report: str
     return path
 
 
-def write_synthetic_dicom(image: torch.Tensor | np.ndarray, path: str | Path, *, report: str = "",
-                          info: dict | None = None) -> Path:
+def write_synthetic_dicom(
+    image: torch.Tensor | np.ndarray, path: str | Path, *, report: str = "", info: dict | None = None
+) -> Path:
     """A Secondary Capture DICOM that says everywhere that it is synthetic and holds no patient data.
 
     Fresh Study / Series / SOP Instance UIDs; ``ImageType`` DERIVED\\SECONDARY; ``ConversionType`` SYN
@@ -209,8 +246,15 @@ def write_synthetic_dicom(image: torch.Tensor | np.ndarray, path: str | Path, *,
     ds.SeriesInstanceUID = generate_uid()
     ds.FrameOfReferenceUID = generate_uid()
     # Patient and study modules: type 2, present and empty. No patient data from anywhere.
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "ReferringPhysicianName",
-                    "StudyID", "AccessionNumber"):
+    for keyword in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "ReferringPhysicianName",
+        "StudyID",
+        "AccessionNumber",
+    ):
         setattr(ds, keyword, "")
     ds.PatientIdentityRemoved = "YES"
     ds.StudyDate = ds.ContentDate = now.strftime("%Y%m%d")
@@ -240,8 +284,15 @@ def write_synthetic_dicom(image: torch.Tensor | np.ndarray, path: str | Path, *,
     return write_dicom(ds, path)
 
 
-def synthesize_command(report: str, *, run: str | Path, out: str | Path, steps: int | None = None,
-                       guidance: float | None = None, seed: int = 0) -> int:
+def synthesize_command(
+    report: str,
+    *,
+    run: str | Path,
+    out: str | Path,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+) -> int:
     """``medvl synthesize "REPORT" --run RUN --out FILE.png|FILE.dcm``: draw, write, print the path."""
     report = check_report(report)
     out = Path(out)
@@ -250,12 +301,20 @@ def synthesize_command(report: str, *, run: str | Path, out: str | Path, steps: 
         raise ValueError(f"--out {out}: use a .png or .dcm file name")
     synth = Synthesizer.load(run)
     result = synth.synthesize_with_keypatches([report], steps=steps, guidance=guidance, seed=seed)
-    info = {"seed": seed, "steps": result.steps, "guidance": result.guidance, "sampler": result.sampler.value,
-            "run": str(Path(run).resolve().name)}
+    info = {
+        "seed": seed,
+        "steps": result.steps,
+        "guidance": result.guidance,
+        "sampler": result.sampler.value,
+        "run": str(Path(run).resolve().name),
+    }
     if suffix == ".png":
         write_png(result.images[0], out, report=report, info=info)
     else:
         write_synthetic_dicom(result.images[0], out, report=report, info=info)
-    print(f"wrote {out} ({result.images.shape[-1]} px, {result.sampler.value} {result.steps} steps, "
-          f"guidance {result.guidance:g}, seed {seed})", file=sys.stderr)
+    print(
+        f"wrote {out} ({result.images.shape[-1]} px, {result.sampler.value} {result.steps} steps, "
+        f"guidance {result.guidance:g}, seed {seed})",
+        file=sys.stderr,
+    )
     return 0

@@ -33,7 +33,9 @@ class MemoryConfig:
 
     def validate(self) -> None:
         if self.dim % self.num_heads:
-            raise ConfigError(f"memory.dim ({self.dim}) must be divisible by memory.num_heads ({self.num_heads})")
+            raise ConfigError(
+                f"memory.dim ({self.dim}) must be divisible by memory.num_heads ({self.num_heads})"
+            )
         if not 0 < self.topk <= self.num_slots:
             raise ConfigError(f"memory.topk must be in 1..num_slots ({self.num_slots}), got {self.topk}")
 
@@ -92,7 +94,9 @@ class SharedMemory(nn.Module):
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> SharedMemory:
         """Load ``directory`` (or ``directory/memory/`` when ``directory`` is a run)."""
         directory = component_dir(directory, cls.DIRNAME)
-        meta = read_config(directory, cls.FORMAT, what="shared memory", hint="a report run with model.use_memory")
+        meta = read_config(
+            directory, cls.FORMAT, what="shared memory", hint="a report run with model.use_memory"
+        )
         mem = cls(from_dict(MemoryConfig, meta["config"], "memory."))
         mem.load_state_dict(load_weights(directory, device))
         return mem

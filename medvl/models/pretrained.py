@@ -39,23 +39,55 @@ SCHEDULER_CONFIG_FILE = "scheduler_config.json"
 #: The medvl releases that wrote each older layout (named in the error for a folder in that layout).
 OLDER_LAYOUTS = {1: "0.1.x"}
 #: Files that only layout 1 wrote, one or more in every component folder (or run root) of that layout.
-LAYOUT1_FILES = ("adamatch.json", "keywords.json", "keypatches.json", "memory.yaml", "memory.safetensors",
-                 "autoencoder.yaml", "latent.json", "autoencoder.safetensors", "head.json", "denoiser.safetensors",
-                 "scheduler.json", "report_head.json", "report_head.safetensors", "classifier.json",
-                 "classifier.safetensors")
+LAYOUT1_FILES = (
+    "adamatch.json",
+    "keywords.json",
+    "keypatches.json",
+    "memory.yaml",
+    "memory.safetensors",
+    "autoencoder.yaml",
+    "latent.json",
+    "autoencoder.safetensors",
+    "head.json",
+    "denoiser.safetensors",
+    "scheduler.json",
+    "report_head.json",
+    "report_head.safetensors",
+    "classifier.json",
+    "classifier.safetensors",
+)
 
-__all__ = ["LAYOUT", "CONFIG_FILE", "WEIGHTS_FILE", "SCHEDULER_CONFIG_FILE", "write_config", "read_config",
-           "save_weights", "load_weights", "component_dir", "is_component", "copy_component"]
+__all__ = [
+    "LAYOUT",
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "SCHEDULER_CONFIG_FILE",
+    "write_config",
+    "read_config",
+    "save_weights",
+    "load_weights",
+    "component_dir",
+    "is_component",
+    "copy_component",
+]
 
 
 def _older_layout_error(directory: Path, layout: int, version: str | None = None) -> RunError:
     by = version or OLDER_LAYOUTS.get(layout, "an older release")
-    return RunError(f"{directory} was saved by medvl {by} (layout {layout}); this medvl {__version__} reads layout "
-                    f"{LAYOUT}: load it with medvl {by} or train it again")
+    return RunError(
+        f"{directory} was saved by medvl {by} (layout {layout}); this medvl {__version__} reads layout "
+        f"{LAYOUT}: load it with medvl {by} or train it again"
+    )
 
 
-def write_config(directory: str | Path, format: str, config: Mapping[str, Any] | None = None, *,
-                 filename: str = CONFIG_FILE, **fields: Any) -> Path:
+def write_config(
+    directory: str | Path,
+    format: str,
+    config: Mapping[str, Any] | None = None,
+    *,
+    filename: str = CONFIG_FILE,
+    **fields: Any,
+) -> Path:
     """Write ``directory/filename`` (``config.json``): format name, layout, medvl version, the component's
     resolved ``config`` and any further JSON ``fields``. Creates ``directory``; returns the file."""
     directory = Path(directory)
@@ -69,8 +101,14 @@ def write_config(directory: str | Path, format: str, config: Mapping[str, Any] |
     return path
 
 
-def read_config(directory: str | Path, format: str | None, *, what: str | None = None, hint: str = "",
-                filename: str = CONFIG_FILE) -> dict[str, Any]:
+def read_config(
+    directory: str | Path,
+    format: str | None,
+    *,
+    what: str | None = None,
+    hint: str = "",
+    filename: str = CONFIG_FILE,
+) -> dict[str, Any]:
     """The ``config.json`` (or ``filename``) of a saved component, checked to be of this layout and of ``format``
     (any format when None).
 
@@ -100,7 +138,9 @@ def read_config(directory: str | Path, format: str | None, *, what: str | None =
     return data
 
 
-def save_weights(directory: str | Path, state: Mapping[str, torch.Tensor], filename: str = WEIGHTS_FILE) -> Path:
+def save_weights(
+    directory: str | Path, state: Mapping[str, torch.Tensor], filename: str = WEIGHTS_FILE
+) -> Path:
     """``directory/model.safetensors`` from a state dict (tensors moved to the CPU, made contiguous)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -109,8 +149,9 @@ def save_weights(directory: str | Path, state: Mapping[str, torch.Tensor], filen
     return path
 
 
-def load_weights(directory: str | Path, device: str | torch.device = "cpu",
-                 filename: str = WEIGHTS_FILE) -> dict[str, torch.Tensor]:
+def load_weights(
+    directory: str | Path, device: str | torch.device = "cpu", filename: str = WEIGHTS_FILE
+) -> dict[str, torch.Tensor]:
     """The tensors of ``directory/model.safetensors``; :class:`RunError` when the file is missing."""
     path = Path(directory) / filename
     if not path.is_file():
@@ -136,7 +177,11 @@ def is_component(directory: str | Path, format: str | None = None) -> bool:
         data = json.loads((Path(directory) / CONFIG_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return isinstance(data, dict) and data.get("layout") == LAYOUT and (format is None or data.get("format") == format)
+    return (
+        isinstance(data, dict)
+        and data.get("layout") == LAYOUT
+        and (format is None or data.get("format") == format)
+    )
 
 
 def copy_component(source: str | Path, destination: str | Path) -> Path:
@@ -153,4 +198,3 @@ def copy_component(source: str | Path, destination: str | Path) -> Path:
         shutil.rmtree(destination)
     shutil.copytree(src, destination)
     return destination
-

@@ -53,9 +53,24 @@ from medvl.models.report_tokenizer import (
     encode_reports,
 )
 
-__all__ = ["ReportHeadConfig", "GenerationSettings", "ReportHead", "ReportHeadBundle", "LabelQueries", "KeywordHints",
-           "keyword_hints", "keyword_word", "DecodeOutput", "SPECIAL_TOKENS", "build_report_tokenizer", "detokenize",
-           "encode_reports", "decode_sequences", "DECODER_DIR", "TOKENIZER_DIR"]
+__all__ = [
+    "ReportHeadConfig",
+    "GenerationSettings",
+    "ReportHead",
+    "ReportHeadBundle",
+    "LabelQueries",
+    "KeywordHints",
+    "keyword_hints",
+    "keyword_word",
+    "DecodeOutput",
+    "SPECIAL_TOKENS",
+    "build_report_tokenizer",
+    "detokenize",
+    "encode_reports",
+    "decode_sequences",
+    "DECODER_DIR",
+    "TOKENIZER_DIR",
+]
 
 DECODER_DIR = "decoder"
 TOKENIZER_DIR = "tokenizer"
@@ -99,16 +114,22 @@ class ReportHeadConfig:
     finetune_adamatch: bool = False  # False: AdaMatch frozen (features computed once per image)
     adamatch_lr_scale: float = 0.1  # fine-tuned AdaMatch learns at train.lr times this
     label_loss_weight: float = 0.0  # auxiliary: predict the report's 14 CheXpert positives from the patches
-    use_label_hints: bool = False  # 14 label tokens (per-label patch summary + predicted probability) as hints
+    use_label_hints: bool = (
+        False  # 14 label tokens (per-label patch summary + predicted probability) as hints
+    )
     tokenizer_min_freq: int = 2
     tokenizer_max_vocab: int = 4000
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def validate(self) -> None:
         if self.n_embd % self.n_head:
-            raise ConfigError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+            raise ConfigError(
+                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
+            )
         if self.max_length < 3:
-            raise ConfigError(f"model.max_length must be at least 3 (BOS, a word, EOS), got {self.max_length}")
+            raise ConfigError(
+                f"model.max_length must be at least 3 (BOS, a word, EOS), got {self.max_length}"
+            )
         if self.num_keywords < 1 and self.use_keywords:
             raise ConfigError("model.num_keywords must be positive when model.use_keywords is true")
 
@@ -198,9 +219,19 @@ class ReportHead(nn.Module):
             with the head when ``cfg.finetune_adamatch``, else frozen and kept in eval mode.
     """
 
-    def __init__(self, cfg: ReportHeadConfig, *, vocab_size: int, visual_dim: int,
-                 keyword_vocabulary: Sequence[str], pad_id: int = 0, bos_id: int = 1, eos_id: int = 2,
-                 unk_id: int = 3, adamatch: nn.Module | None = None):
+    def __init__(
+        self,
+        cfg: ReportHeadConfig,
+        *,
+        vocab_size: int,
+        visual_dim: int,
+        keyword_vocabulary: Sequence[str],
+        pad_id: int = 0,
+        bos_id: int = 1,
+        eos_id: int = 2,
+        unk_id: int = 3,
+        adamatch: nn.Module | None = None,
+    ):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
@@ -209,9 +240,17 @@ class ReportHead(nn.Module):
         self.pad_id, self.bos_id, self.eos_id, self.unk_id = pad_id, bos_id, eos_id, unk_id
         e, dm = cfg.n_embd, cfg.memory.dim
         gpt_cfg = GPT2Config(
-            vocab_size=vocab_size, n_positions=cfg.max_length + 1, n_embd=e, n_layer=cfg.n_layer,
-            n_head=cfg.n_head, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-            add_cross_attention=True, bos_token_id=bos_id, eos_token_id=eos_id,
+            vocab_size=vocab_size,
+            n_positions=cfg.max_length + 1,
+            n_embd=e,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
+            add_cross_attention=True,
+            bos_token_id=bos_id,
+            eos_token_id=eos_id,
             # pad_token_id stays unset in the GPT-2 config (generate() gets it explicitly): finished beams are
             # padded after EOS, which would trip transformers' "input_ids may be padded" warning at every call.
         )
@@ -250,12 +289,19 @@ class ReportHead(nn.Module):
     def _word_memory_hook(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
         return output + self.word_out(self.memory.respond(self.word_in(output)))
 
-    def encode_conditions(self, patch_features: torch.Tensor, patch_boxes: torch.Tensor,
-                          keyword_ids: torch.Tensor | None = None, keyword_scores: torch.Tensor | None = None,
-                          keyword_boxes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_conditions(
+        self,
+        patch_features: torch.Tensor,
+        patch_boxes: torch.Tensor,
+        keyword_ids: torch.Tensor | None = None,
+        keyword_scores: torch.Tensor | None = None,
+        keyword_boxes: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """patch_features (B, P, D), patch_boxes (B, P, 4), keyword_* (B, K), (B, K), (B, K, 4)
         -> conditioning states (B, N, E) and their attention mask (B, N) long, N = P [+ P] [+ K] [+ 14]."""
-        cond, mask, _ = self._conditions(patch_features, patch_boxes, keyword_ids, keyword_scores, keyword_boxes)
+        cond, mask, _ = self._conditions(
+            patch_features, patch_boxes, keyword_ids, keyword_scores, keyword_boxes
+        )
         return cond, mask
 
     def predict_labels(self, patch_features: torch.Tensor, patch_boxes: torch.Tensor) -> torch.Tensor:
@@ -264,8 +310,9 @@ class ReportHead(nn.Module):
             raise ValueError("this report head has no label head (model.label_loss_weight = 0)")
         return torch.sigmoid(self.label_head(self._patch_tokens(patch_features, patch_boxes)[0])[1])
 
-    def _patch_tokens(self, patch_features: torch.Tensor, patch_boxes: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _patch_tokens(
+        self, patch_features: torch.Tensor, patch_boxes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         v = self.patch_in(self.patch_norm(patch_features.float()))  # (B, P, Dm)
         return self.cond_out(v) + self.box_embed(patch_boxes.float()) + self.type_embed.weight[_PATCH], v
 
@@ -280,16 +327,22 @@ class ReportHead(nn.Module):
             pooled, label_logits = self.label_head(patch_tokens)
             if self.cfg.use_label_hints:
                 prob = torch.sigmoid(label_logits).unsqueeze(-1)  # (B, 14, 1)
-                parts.append(pooled + self.label_embed.weight + self.label_prob(prob) + self.type_embed.weight[_LABEL])
+                parts.append(
+                    pooled + self.label_embed.weight + self.label_prob(prob) + self.type_embed.weight[_LABEL]
+                )
                 masks.append(torch.ones(b, NUM_LABELS, dtype=torch.long, device=device))
         if self.cfg.use_memory:
             parts.append(self.cond_out(self.memory.respond(v)) + self.type_embed.weight[_MEMORY])
             masks.append(masks[0])
         if self.cfg.use_keywords:
             if keyword_ids is None:
-                raise ValueError("this report head was trained with keyword hints: pass keyword_ids/scores/boxes")
+                raise ValueError(
+                    "this report head was trained with keyword hints: pass keyword_ids/scores/boxes"
+                )
             geom = torch.cat([keyword_boxes.float(), keyword_scores.float().unsqueeze(-1)], dim=-1)
-            parts.append(self.keyword_embed(keyword_ids) + self.keyword_geom(geom) + self.type_embed.weight[_KEYWORD])
+            parts.append(
+                self.keyword_embed(keyword_ids) + self.keyword_geom(geom) + self.type_embed.weight[_KEYWORD]
+            )
             # An image with no known keyword still gets one (empty) hint slot so no row is fully masked.
             kmask = (keyword_ids > 0).long()
             kmask[:, 0] = 1
@@ -304,11 +357,20 @@ class ReportHead(nn.Module):
             patches = self.adamatch.encode_image(images)
         return patches.features, patches.boxes
 
-    def forward(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
-                images: torch.Tensor | None = None, patch_features: torch.Tensor | None = None,
-                patch_boxes: torch.Tensor | None = None, keyword_ids: torch.Tensor | None = None,
-                keyword_scores: torch.Tensor | None = None, keyword_boxes: torch.Tensor | None = None,
-                report_labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        *,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+        patch_features: torch.Tensor | None = None,
+        patch_boxes: torch.Tensor | None = None,
+        keyword_ids: torch.Tensor | None = None,
+        keyword_scores: torch.Tensor | None = None,
+        keyword_boxes: torch.Tensor | None = None,
+        report_labels: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Teacher-forced pass. input_ids / attention_mask / labels (B, T) from :func:`encode_reports`;
         either ``images`` (B, 1, S, S) (fine-tuning AdaMatch) or precomputed ``patch_features`` (B, P, D)
         and ``patch_boxes`` (B, P, 4). ``report_labels`` (B, 14) CheXpert values of the reference report
@@ -318,14 +380,22 @@ class ReportHead(nn.Module):
             if images is None:
                 raise ValueError("pass images or patch_features")
             patch_features, patch_boxes = self.image_patches(images)
-        cond, cond_mask, label_logits = self._conditions(patch_features, patch_boxes, keyword_ids, keyword_scores,
-                                                         keyword_boxes)
-        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=cond,
-                           encoder_attention_mask=cond_mask, use_cache=False)
+        cond, cond_mask, label_logits = self._conditions(
+            patch_features, patch_boxes, keyword_ids, keyword_scores, keyword_boxes
+        )
+        out = self.decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=cond,
+            encoder_attention_mask=cond_mask,
+            use_cache=False,
+        )
         result = {"logits": out.logits}
         if labels is not None:
             # Next-token cross-entropy: position t predicts token t + 1; padding labels are -100.
-            lm = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            lm = F.cross_entropy(
+                out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
             result["lm_loss"] = lm
             result["loss"] = lm
             if self.cfg.label_loss_weight > 0 and report_labels is not None:
@@ -335,10 +405,19 @@ class ReportHead(nn.Module):
         return result
 
     @torch.no_grad()
-    def generate(self, *, patch_features: torch.Tensor, patch_boxes: torch.Tensor,
-                 keywords: KeywordHints | None = None, num_beams: int = 3, max_new_tokens: int | None = None,
-                 min_new_tokens: int = 0, length_penalty: float = 1.0, no_repeat_ngram_size: int = 3,
-                 use_cache: bool = True) -> DecodeOutput:
+    def generate(
+        self,
+        *,
+        patch_features: torch.Tensor,
+        patch_boxes: torch.Tensor,
+        keywords: KeywordHints | None = None,
+        num_beams: int = 3,
+        max_new_tokens: int | None = None,
+        min_new_tokens: int = 0,
+        length_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 3,
+        use_cache: bool = True,
+    ) -> DecodeOutput:
         """Greedy (``num_beams=1``) or beam search from BOS with Hugging Face ``generate()``.
 
         patch_features (B, P, D), patch_boxes (B, P, 4); ``keywords`` required when the head uses hints.
@@ -351,18 +430,32 @@ class ReportHead(nn.Module):
             device = patch_features.device
             kw = keywords.to(device) if keywords is not None else None
             cond, cond_mask = self.encode_conditions(
-                patch_features, patch_boxes, kw.ids if kw else None, kw.scores if kw else None,
-                kw.boxes if kw else None)
+                patch_features,
+                patch_boxes,
+                kw.ids if kw else None,
+                kw.scores if kw else None,
+                kw.boxes if kw else None,
+            )
             limit = self.cfg.max_length - 1
             max_new = min(max_new_tokens or limit, limit)
             start = torch.full((b, 1), self.bos_id, dtype=torch.long, device=device)
             out = self.decoder.generate(
-                input_ids=start, attention_mask=torch.ones_like(start), encoder_hidden_states=cond,
-                encoder_attention_mask=cond_mask, num_beams=num_beams, do_sample=False,
-                max_new_tokens=max_new, min_new_tokens=min(min_new_tokens, max_new),
-                length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size or None,
-                eos_token_id=self.eos_id, pad_token_id=self.pad_id, bos_token_id=self.bos_id,
-                use_cache=use_cache, output_scores=True, return_dict_in_generate=True,
+                input_ids=start,
+                attention_mask=torch.ones_like(start),
+                encoder_hidden_states=cond,
+                encoder_attention_mask=cond_mask,
+                num_beams=num_beams,
+                do_sample=False,
+                max_new_tokens=max_new,
+                min_new_tokens=min(min_new_tokens, max_new),
+                length_penalty=length_penalty,
+                no_repeat_ngram_size=no_repeat_ngram_size or None,
+                eos_token_id=self.eos_id,
+                pad_token_id=self.pad_id,
+                bos_token_id=self.bos_id,
+                use_cache=use_cache,
+                output_scores=True,
+                return_dict_in_generate=True,
                 suppress_tokens=[self.pad_id, self.bos_id, self.unk_id],
                 early_stopping=True if num_beams > 1 else None,
             )
@@ -414,8 +507,13 @@ class ReportHeadBundle:
     FORMAT: ClassVar[str] = "medvl.report_head"
     DIRNAME: ClassVar[str] = "report_head"
 
-    def __init__(self, head: ReportHead, tokenizer: PreTrainedTokenizerFast, image_size: int,
-                 generation: GenerationSettings | None = None):
+    def __init__(
+        self,
+        head: ReportHead,
+        tokenizer: PreTrainedTokenizerFast,
+        image_size: int,
+        generation: GenerationSettings | None = None,
+    ):
         self.head, self.tokenizer, self.image_size = head, tokenizer, int(image_size)
         self.generation = generation or GenerationSettings()
 
@@ -428,22 +526,38 @@ class ReportHeadBundle:
         self.tokenizer.save_pretrained(directory / TOKENIZER_DIR)
         skip = _own_state_keys(head.cfg)
         save_weights(directory, {k: v for k, v in head.state_dict().items() if not k.startswith(skip)})
-        write_config(directory, self.FORMAT, to_dict(head.cfg), generation=to_dict(self.generation),
-                     visual_dim=head.visual_dim, keyword_vocabulary=head.keyword_vocabulary,
-                     image_size=self.image_size,
-                     special_ids={"pad": head.pad_id, "bos": head.bos_id, "eos": head.eos_id, "unk": head.unk_id})
+        write_config(
+            directory,
+            self.FORMAT,
+            to_dict(head.cfg),
+            generation=to_dict(self.generation),
+            visual_dim=head.visual_dim,
+            keyword_vocabulary=head.keyword_vocabulary,
+            image_size=self.image_size,
+            special_ids={"pad": head.pad_id, "bos": head.bos_id, "eos": head.eos_id, "unk": head.unk_id},
+        )
         return directory
 
     @classmethod
     def read_config(cls, directory: str | Path) -> dict[str, Any]:
         """The checked ``config.json`` of ``directory`` (or of ``directory/report_head/``); a one-line
         :class:`RunError` when it holds no report head of this layout."""
-        return read_config(component_dir(directory, cls.DIRNAME), cls.FORMAT, what="report head",
-                           hint="train one with `medvl train report`")
+        return read_config(
+            component_dir(directory, cls.DIRNAME),
+            cls.FORMAT,
+            what="report head",
+            hint="train one with `medvl train report`",
+        )
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu", *,
-                        memory: SharedMemory | None = None, adamatch: nn.Module | None = None) -> ReportHeadBundle:
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        device: str | torch.device = "cpu",
+        *,
+        memory: SharedMemory | None = None,
+        adamatch: nn.Module | None = None,
+    ) -> ReportHeadBundle:
         """Load ``directory`` (or ``directory/report_head/`` when ``directory`` is a run), the head in eval mode.
 
         ``memory``: the run's shared memory (``RUN/memory/``), needed when the head uses it; ``adamatch``: the
@@ -456,15 +570,27 @@ class ReportHeadBundle:
                 raise RunError(f"report head {directory} is incomplete: {needed} is missing")
         cfg = from_dict(ReportHeadConfig, meta["config"], prefix="model.")
         if cfg.finetune_adamatch and adamatch is None:
-            raise RunError(f"{directory} fine-tuned AdaMatch: pass the AdaMatch model to load its fine-tuned weights")
+            raise RunError(
+                f"{directory} fine-tuned AdaMatch: pass the AdaMatch model to load its fine-tuned weights"
+            )
         if cfg.use_memory and memory is None:
-            raise RunError(f"{directory} reads the shared memory: pass the report run's memory "
-                           f"(SharedMemory.from_pretrained(RUN/{SharedMemory.DIRNAME}))")
+            raise RunError(
+                f"{directory} reads the shared memory: pass the report run's memory "
+                f"(SharedMemory.from_pretrained(RUN/{SharedMemory.DIRNAME}))"
+            )
         tokenizer = PreTrainedTokenizerFast.from_pretrained(directory / TOKENIZER_DIR)
         ids = meta["special_ids"]
-        head = ReportHead(cfg, vocab_size=len(tokenizer), visual_dim=int(meta["visual_dim"]),
-                          keyword_vocabulary=meta["keyword_vocabulary"], pad_id=ids["pad"], bos_id=ids["bos"],
-                          eos_id=ids["eos"], unk_id=ids["unk"], adamatch=adamatch if cfg.finetune_adamatch else None)
+        head = ReportHead(
+            cfg,
+            vocab_size=len(tokenizer),
+            visual_dim=int(meta["visual_dim"]),
+            keyword_vocabulary=meta["keyword_vocabulary"],
+            pad_id=ids["pad"],
+            bos_id=ids["bos"],
+            eos_id=ids["eos"],
+            unk_id=ids["unk"],
+            adamatch=adamatch if cfg.finetune_adamatch else None,
+        )
         with _quiet_transformers():
             head.decoder = GPT2LMHeadModel.from_pretrained(directory / DECODER_DIR)
         head.decoder.config.pad_token_id = None  # see ReportHead.__init__
@@ -474,7 +600,9 @@ class ReportHeadBundle:
         missing, unexpected = head.load_state_dict(load_weights(directory), strict=False)
         missing = [k for k in missing if not k.startswith(_own_state_keys(cfg))]
         if missing or unexpected:
-            raise RunError(f"{directory}/model.safetensors does not match the head config "
-                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise RunError(
+                f"{directory}/model.safetensors does not match the head config "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
         generation = from_dict(GenerationSettings, meta["generation"], prefix="generation.")
         return cls(head.to(device).eval(), tokenizer, int(meta["image_size"]), generation)

@@ -13,15 +13,25 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-__all__ = ["PAD", "BOS", "EOS", "UNK", "SPECIAL_TOKENS", "build_report_tokenizer", "detokenize", "encode_reports",
-           "decode_sequences"]
+__all__ = [
+    "PAD",
+    "BOS",
+    "EOS",
+    "UNK",
+    "SPECIAL_TOKENS",
+    "build_report_tokenizer",
+    "detokenize",
+    "encode_reports",
+    "decode_sequences",
+]
 
 PAD, BOS, EOS, UNK = "[PAD]", "[BOS]", "[EOS]", "[UNK]"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # ids 0, 1, 2, 3
 
 
-def build_report_tokenizer(texts: Sequence[str], *, min_freq: int = 2, max_vocab: int = 4000
-                           ) -> PreTrainedTokenizerFast:
+def build_report_tokenizer(
+    texts: Sequence[str], *, min_freq: int = 2, max_vocab: int = 4000
+) -> PreTrainedTokenizerFast:
     """Train a word-level tokenizer on report texts.
 
     Normalisation: NFKC, lowercase. Pre-tokenisation: runs of word characters and runs of punctuation
@@ -34,11 +44,13 @@ def build_report_tokenizer(texts: Sequence[str], *, min_freq: int = 2, max_vocab
     tok = Tokenizer(models.WordLevel(unk_token=UNK))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.WordLevelTrainer(vocab_size=max_vocab, min_frequency=min_freq,
-                                        special_tokens=list(SPECIAL_TOKENS))
+    trainer = trainers.WordLevelTrainer(
+        vocab_size=max_vocab, min_frequency=min_freq, special_tokens=list(SPECIAL_TOKENS)
+    )
     tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS,
-                                   unk_token=UNK)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK
+    )
 
 
 _SPACE_BEFORE = re.compile(r"\s+([.,;:!?%)])")
@@ -57,8 +69,9 @@ def detokenize(tokens: Sequence[str]) -> str:
     return _SENTENCE_START.sub(lambda m: m.group(1) + m.group(2).upper(), text).strip()
 
 
-def encode_reports(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str], max_length: int
-                   ) -> dict[str, torch.Tensor]:
+def encode_reports(
+    tokenizer: PreTrainedTokenizerFast, texts: Sequence[str], max_length: int
+) -> dict[str, torch.Tensor]:
     """Reports -> ``input_ids`` (B, T) = [BOS] words [EOS] [PAD]..., ``attention_mask`` (B, T), ``labels``
     (B, T) with -100 on padding. Reports longer than ``max_length`` are cut (and then carry no EOS)."""
     enc = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
@@ -73,8 +86,9 @@ def encode_reports(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str], max
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def decode_sequences(tokenizer: PreTrainedTokenizerFast, sequences: torch.Tensor, eos_id: int
-                     ) -> tuple[list[str], list[list[str]]]:
+def decode_sequences(
+    tokenizer: PreTrainedTokenizerFast, sequences: torch.Tensor, eos_id: int
+) -> tuple[list[str], list[list[str]]]:
     """Generated ids (B, L) -> report texts and their word tokens (stopping at the first EOS)."""
     texts, token_lists = [], []
     for row in sequences.tolist():

@@ -35,8 +35,10 @@ def describe_source(meta: Mapping[str, Any] | None) -> str:
 def _data_statement(metas: list[Mapping[str, Any] | None]) -> str:
     sources = {(m or {}).get("source") for m in metas}
     if PHANTOM_SOURCE in sources:
-        return ("**These models were trained on IU-Phantom, medvl's synthetic chest X-ray dataset: they are "
-                "demonstrations, not clinical models.**")
+        return (
+            "**These models were trained on IU-Phantom, medvl's synthetic chest X-ray dataset: they are "
+            "demonstrations, not clinical models.**"
+        )
     return "Research models: not validated for clinical use."
 
 
@@ -51,9 +53,14 @@ def _metrics_section(run_dir: Path) -> list[str]:
         spec = registry.EVALUATIONS.get(kind)
         rows = spec.headline_of(metrics) if spec else []
         meta = metrics.get("meta") or {}
-        lines += ["", f"Last `medvl evaluate {kind} --split {record.get('split')}` "
-                      f"({meta.get('num_samples', '?')} samples; data: {describe_source((record.get('data') or {}).get('meta'))}):",
-                  "", "| metric | value |", "| --- | --- |"]
+        lines += [
+            "",
+            f"Last `medvl evaluate {kind} --split {record.get('split')}` "
+            f"({meta.get('num_samples', '?')} samples; data: {describe_source((record.get('data') or {}).get('meta'))}):",
+            "",
+            "| metric | value |",
+            "| --- | --- |",
+        ]
         lines += [f"| `{key}` | {_fmt(value)} |" for key, value in rows]
     return lines or ["", "No evaluation recorded (run `medvl evaluate` on the run before saving)."]
 
@@ -77,8 +84,14 @@ def model_card(directory: Path, runs: Mapping[str, Path]) -> str:
         f'pipe = medvl.Pipeline.from_pretrained("{directory.name}")   # or medvl.load("{directory.name}")',
     ]
     lines += [spec.usage for stage, spec in registry.STAGES.items() if stage in runs and spec.usage]
-    lines += ["```", "", f"Saved by medvl {__version__}. Each folder below is a run directory "
-              "(`--run` of the `medvl` commands takes it).", "", "## Runs"]
+    lines += [
+        "```",
+        "",
+        f"Saved by medvl {__version__}. Each folder below is a run directory "
+        "(`--run` of the `medvl` commands takes it).",
+        "",
+        "## Runs",
+    ]
     for stage, run in runs.items():
         info = infos[stage]
         spec = registry.STAGES.get(stage)
@@ -97,8 +110,16 @@ def model_card(directory: Path, runs: Mapping[str, Path]) -> str:
         lines += _metrics_section(run)
         config = run / CONFIG_FILE
         if config.is_file():
-            lines += ["", f"<details><summary>config ({CONFIG_FILE})</summary>", "", "```yaml",
-                      config.read_text().rstrip(), "```", "", "</details>"]
+            lines += [
+                "",
+                f"<details><summary>config ({CONFIG_FILE})</summary>",
+                "",
+                "```yaml",
+                config.read_text().rstrip(),
+                "```",
+                "",
+                "</details>",
+            ]
     return "\n".join(lines) + "\n"
 
 

@@ -112,8 +112,11 @@ def collect_examples(out_dir: str | Path, num_studies: int = 6) -> list[StudyExa
     for i in rows:
         item = ds[i]
         image = item["image"][0].numpy()
-        ex = StudyExample(study_id=str(item["study_id"]), reference=item["report"],
-                          labels_reference=_labels_text(label_reports([item["report"]])[0]))
+        ex = StudyExample(
+            study_id=str(item["study_id"]),
+            reference=item["report"],
+            labels_reference=_labels_text(label_reports([item["report"]])[0]),
+        )
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 expl = explain_image(pipe.adamatch, image, out=Path(tmp) / "scan.png")

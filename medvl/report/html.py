@@ -67,25 +67,37 @@ def metrics_tables(metrics: dict) -> str:
     parts = []
     for family, rows in groups.items():
         body = "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in rows)
-        parts.append(f"<h3>{html.escape(family)}</h3><table><tr><th>metric</th><th>value</th></tr>{body}</table>")
+        parts.append(
+            f"<h3>{html.escape(family)}</h3><table><tr><th>metric</th><th>value</th></tr>{body}</table>"
+        )
     meta = metrics.get("meta", {})
     conventions = {}
     for stage_meta in (meta.get("stages") or {}).values():
         conventions.update(stage_meta.get("conventions") or {})
     if conventions:
-        rows = "".join(f"<tr><td>{html.escape(k)}</td><td style='text-align:left'>{html.escape(str(v))}</td></tr>"
-                       for k, v in conventions.items())
+        rows = "".join(
+            f"<tr><td>{html.escape(k)}</td><td style='text-align:left'>{html.escape(str(v))}</td></tr>"
+            for k, v in conventions.items()
+        )
         parts.append(f"<h3>conventions</h3><table><tr><th>metric</th><th>convention</th></tr>{rows}</table>")
     return "\n".join(parts)
 
 
-def render_html(title: str, examples: list[StudyExample], metrics: dict, notes: list[str] | None = None) -> str:
+def render_html(
+    title: str, examples: list[StudyExample], metrics: dict, notes: list[str] | None = None
+) -> str:
     studies = []
     for ex in examples:
-        scan = (f'<img alt="scan {html.escape(ex.study_id)} with adaptive boxes" src="{png_data_uri(ex.scan_png)}">'
-                if ex.scan_png else "<p>(no scan)</p>")
-        synth = (f'<img alt="synthesized from the reference report" src="{png_data_uri(ex.synthesized_png)}">'
-                 if ex.synthesized_png else "<p>(no synthesis)</p>")
+        scan = (
+            f'<img alt="scan {html.escape(ex.study_id)} with adaptive boxes" src="{png_data_uri(ex.scan_png)}">'
+            if ex.scan_png
+            else "<p>(no scan)</p>"
+        )
+        synth = (
+            f'<img alt="synthesized from the reference report" src="{png_data_uri(ex.synthesized_png)}">'
+            if ex.synthesized_png
+            else "<p>(no synthesis)</p>"
+        )
         studies.append(
             f"""<div class="study"><div><h3>study {html.escape(ex.study_id)}</h3>{scan}
 <div class="caption">adaptive boxes with matched keywords: {html.escape(", ".join(ex.keywords))}</div></div>
@@ -109,7 +121,9 @@ def render_html(title: str, examples: list[StudyExample], metrics: dict, notes: 
 def write_report(out_dir: str | Path, path: str | Path, num_studies: int = 6) -> Path:
     """Render ``out_dir`` (a demo directory: data/, runs/, metrics.json) to a self-contained HTML page."""
     out_dir = Path(out_dir)
-    metrics = json.loads((out_dir / "metrics.json").read_text()) if (out_dir / "metrics.json").exists() else {}
+    metrics = (
+        json.loads((out_dir / "metrics.json").read_text()) if (out_dir / "metrics.json").exists() else {}
+    )
     examples = collect_examples(out_dir, num_studies=num_studies)
     page = render_html(
         "medvl demo report",

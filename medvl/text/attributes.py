@@ -96,36 +96,37 @@ def severity_of(text: str) -> str | None:
     return SEVERITY_ORDER[max(found)] if found else None
 
 
-def mention_attributes(report: str, group: list[Candidate], i: int,
-                       clause: tuple[int, int, int]) -> tuple[str | None, str | None, str | None]:
+def mention_attributes(
+    report: str, group: list[Candidate], i: int, clause: tuple[int, int, int]
+) -> tuple[str | None, str | None, str | None]:
     """``(side, zone, severity)`` of ``group[i]``, one of the candidates of ``clause`` (report order), read from
     its own noun phrase and the prepositional phrase after it (up to the next candidate)."""
     c = group[i]
     c_start, c_end, _ = clause
     prev_end = max([g.end for g in group[:i] if g.end <= c.start], default=c_start)
-    nxt = [g.start for g in group[i + 1:] if g.start >= c.end]
+    nxt = [g.start for g in group[i + 1 :] if g.start >= c.end]
     next_start = min(nxt, default=c_end)
     # The mention's own noun phrase: back to the last boundary word before it.
-    pre_full = report[prev_end:c.start]
+    pre_full = report[prev_end : c.start]
     cut = 0
     for m in _NP_BOUNDARY_PRE.finditer(pre_full):
         cut = m.end()
     pre = pre_full[cut:]
     # The prepositional phrase after it, without the next mention's own pre-modifiers.
-    post = report[c.end:next_start]
+    post = report[c.end : next_start]
     if nxt:
         last = None
         for m in _rx(r"[,;]|\b(?:and|or|with)\b").finditer(post):
             last = m
         if last is not None:
-            post = post[:last.start()]
+            post = post[: last.start()]
     stop = _NP_BOUNDARY_POST.search(post)
     if stop is not None:
-        post = post[:stop.start()]
+        post = post[: stop.start()]
     words = list(WORD.finditer(post))
     if len(words) > _POST_ATTR_WORDS:
-        post = post[:words[_POST_ATTR_WORDS].start()]
-    phrase = report[c.start:c.end]
+        post = post[: words[_POST_ATTR_WORDS].start()]
+    phrase = report[c.start : c.end]
     local = f"{pre}{phrase}{post}"
     severity = severity_of(local)
     if c.observation in _NO_SIDE:
@@ -134,7 +135,7 @@ def mention_attributes(report: str, group: list[Candidate], i: int,
         side = side_of(pre + phrase) or side_of(post)
     else:
         side = side_of(local)
-        head_plural = c.head is not None and report[c.head[1] - 1:c.head[1]].lower() == "s"
+        head_plural = c.head is not None and report[c.head[1] - 1 : c.head[1]].lower() == "s"
         if side in ("left", "right") and head_plural and side_of(pre_full) == "bilateral":
             side = "bilateral"  # "moderate right and small left effusions"
             severity = severity_of(f"{pre_full}{phrase}{post}")
@@ -146,14 +147,15 @@ def mention_attributes(report: str, group: list[Candidate], i: int,
     return side, zone, severity
 
 
-def share_linked_attributes(report: str, group: list[Candidate],
-                             attrs: list[tuple[str | None, str | None, str | None]]) -> None:
+def share_linked_attributes(
+    report: str, group: list[Candidate], attrs: list[tuple[str | None, str | None, str | None]]
+) -> None:
     """Neighbours joined by "may represent", "versus", "or"... describe one finding: share side and zone."""
     for i in range(len(group) - 1):
         a, b = group[i], group[i + 1]
         if a.observation in _NO_SIDE or b.observation in _NO_SIDE or a.device or b.device or b.start < a.end:
             continue
-        if not _LINK.search(report[a.end:b.start]):
+        if not _LINK.search(report[a.end : b.start]):
             continue
         (sa, za, va), (sb, zb, vb) = attrs[i], attrs[i + 1]
         attrs[i + 1] = (sb or sa, zb or za, vb)

@@ -47,8 +47,18 @@ from medvl.text.phrases import PHRASE_RULES, SUBJECT_RULES, Candidate, Finding, 
 from medvl.text.sentences import HAS_WORD, WORD, split_clauses, split_sentences
 
 __all__ = [
-    "Finding", "Mention", "Side", "Zone", "Severity", "extract_mentions", "label_report", "label_reports",
-    "aggregate_mentions", "split_sentences", "label_command", "format_label",
+    "Finding",
+    "Mention",
+    "Side",
+    "Zone",
+    "Severity",
+    "extract_mentions",
+    "label_report",
+    "label_reports",
+    "aggregate_mentions",
+    "split_sentences",
+    "label_command",
+    "format_label",
 ]
 
 _LABEL_INDEX = {name: i for i, name in enumerate(CHEXPERT_LABELS)}
@@ -98,16 +108,22 @@ def _head_span(m: re.Match[str]) -> tuple[int, int] | None:
 
 def _phrase_candidates(report: str, rule: PhraseRule) -> Iterable[Candidate]:
     for m in rule.pattern.finditer(report):
-        if rule.exclude_before is not None and rule.exclude_before.search(report, max(0, m.start() - 40), m.start()):
+        if rule.exclude_before is not None and rule.exclude_before.search(
+            report, max(0, m.start() - 40), m.start()
+        ):
             continue
         if rule.exclude_after is not None and rule.exclude_after.match(report, m.end()):
             continue
         head = _head_span(m)
-        yield Candidate(rule.observation, rule.finding, m.start(), m.end(), head, rule.device, rule.value, False)
+        yield Candidate(
+            rule.observation, rule.finding, m.start(), m.end(), head, rule.device, rule.value, False
+        )
 
 
 # "XXXX" is IU X-ray's de-identification mark; in "heart size XXXX mildly enlarged" it stands for a verb.
-_SUBJECT_VERB = _rx(r"\b(?:is|are|was|were|appears?|appearing|remains?|seems?|looks?|has|have|measures?|xxxx)\b")
+_SUBJECT_VERB = _rx(
+    r"\b(?:is|are|was|were|appears?|appearing|remains?|seems?|looks?|has|have|measures?|xxxx)\b"
+)
 _SUBJECT_ADJACENT = _rx(r"[\s,]*(?:(?:at|near|within|to|in)\s+)?(?:the\s+)?(?:\w+ly\s+)?")
 _SUBJECT_STOP = _rx(r";|\b(?:with|but|which|there|however|although|whereas)\b")
 _SUBJECT_WORDS = 8
@@ -115,43 +131,60 @@ _PREMOD_CHARS = 48
 _VALUE_OF_GROUP = {"pos": POSITIVE, "neg": NEGATIVE, "unc": UNCERTAIN}
 
 
-def _subject_candidates(report: str, rule: SubjectRule, clauses: list[tuple[int, int, int]],
-                        starts: list[int]) -> Iterable[Candidate]:
+def _subject_candidates(
+    report: str, rule: SubjectRule, clauses: list[tuple[int, int, int]], starts: list[int]
+) -> Iterable[Candidate]:
     for m in rule.subject.finditer(report):
         if rule.exclude_after is not None and rule.exclude_after.match(report, m.end()):
             continue
         c_start, c_end, _ = clauses[_clause_of(clauses, starts, m.start())]
         head = _head_span(m)
-        pre = report[max(c_start, m.start() - _PREMOD_CHARS):m.start()]
+        pre = report[max(c_start, m.start() - _PREMOD_CHARS) : m.start()]
         pm = rule.premodifier.search(pre)
         if pm is not None:
             start = m.start() - len(pre) + pm.start()
-            yield Candidate(rule.observation, rule.finding, start, m.end(), head, None,
-                             _VALUE_OF_GROUP[pm.lastgroup], True)
+            yield Candidate(
+                rule.observation,
+                rule.finding,
+                start,
+                m.end(),
+                head,
+                None,
+                _VALUE_OF_GROUP[pm.lastgroup],
+                True,
+            )
             continue
         # The predicate: a few words after the subject, stopping where another statement begins.
         window_end = min(c_end, m.end() + 120)
-        window = report[m.end():window_end]
+        window = report[m.end() : window_end]
         stop = _SUBJECT_STOP.search(window)
         if stop is not None:
-            window = window[:stop.start()]
+            window = window[: stop.start()]
         comma = window.find(",")
         if comma >= 0 and _SUBJECT_VERB.search(window, 0, comma):
             window = window[:comma]
         words = list(WORD.finditer(window))
         if len(words) > _SUBJECT_WORDS:
-            window = window[:words[_SUBJECT_WORDS].start()]
+            window = window[: words[_SUBJECT_WORDS].start()]
         pred = rule.predicate.search(window)
         if pred is None:
             continue
         # The predicate must be the subject's: after a copula ("heart size is ... enlarged") or right after it
         # ("heart size normal", "heart size at the upper limits of normal"), not "mediastinal nodes as well as
         # large calcifications".
-        between = window[:pred.start()]
+        between = window[: pred.start()]
         if not (_SUBJECT_VERB.search(between) or _SUBJECT_ADJACENT.fullmatch(between)):
             continue
-        yield Candidate(rule.observation, rule.finding, m.start(), m.end() + pred.end(), head, None,
-                         _VALUE_OF_GROUP[pred.lastgroup], True)
+        yield Candidate(
+            rule.observation,
+            rule.finding,
+            m.start(),
+            m.end() + pred.end(),
+            head,
+            None,
+            _VALUE_OF_GROUP[pred.lastgroup],
+            True,
+        )
 
 
 def _dedupe(cands: list[Candidate]) -> list[Candidate]:
@@ -212,30 +245,52 @@ def _extract(report: str, *, prefilter: bool) -> list[Mention]:
     for ci, group in sorted(by_clause.items()):
         clause = clauses[ci]
         spans = [(c.start, c.end) for c in group]
-        values = [mention_value(report, c, clause, [s for s in spans if s != (c.start, c.end)]) for c in group]
+        values = [
+            mention_value(report, c, clause, [s for s in spans if s != (c.start, c.end)]) for c in group
+        ]
         # "atelectasis or pneumonia", "edema versus infection": a differential leaves each uncertain.
         for i in range(len(group) - 1):
             a, b = group[i], group[i + 1]
             if a.observation == b.observation or b.start < a.end:
                 continue
-            if DIFFERENTIAL.match(report[a.end:b.start]):
+            if DIFFERENTIAL.match(report[a.end : b.start]):
                 for j in (i, i + 1):
                     if values[j] == POSITIVE:
                         values[j] = UNCERTAIN
         attrs = [mention_attributes(report, group, i, clause) for i in range(len(group))]
         share_linked_attributes(report, group, attrs)
         for c, v, (side, zone, severity) in zip(group, values, attrs, strict=True):
-            head = report[c.head[0]:c.head[1]].lower() if c.head is not None else None
-            mentions.append(Mention(
-                observation=c.observation, value=v, finding=c.finding, phrase=report[c.start:c.end], head=head,
-                side=side, zone=zone, severity=severity, device=c.device, sentence=clause[2], start=c.start,
-                end=c.end,
-            ))
+            head = report[c.head[0] : c.head[1]].lower() if c.head is not None else None
+            mentions.append(
+                Mention(
+                    observation=c.observation,
+                    value=v,
+                    finding=c.finding,
+                    phrase=report[c.start : c.end],
+                    head=head,
+                    side=side,
+                    zone=zone,
+                    severity=severity,
+                    device=c.device,
+                    sentence=clause[2],
+                    start=c.start,
+                    end=c.end,
+                )
+            )
             if c.observation == "Edema" and v != NEGATIVE and head in ("chf", "failure", "congestive"):
                 # CheXpert's exception: heart failure makes Cardiomegaly uncertain.
-                mentions.append(replace(mentions[-1], observation="Cardiomegaly", value=UNCERTAIN,
-                                        finding=Finding.CARDIOMEGALY, head=None, side=None, zone=None,
-                                        severity=None))
+                mentions.append(
+                    replace(
+                        mentions[-1],
+                        observation="Cardiomegaly",
+                        value=UNCERTAIN,
+                        finding=Finding.CARDIOMEGALY,
+                        head=None,
+                        side=None,
+                        zone=None,
+                        severity=None,
+                    )
+                )
     return mentions
 
 
@@ -257,14 +312,20 @@ def aggregate_mentions(mentions: Iterable[Mention], *, empty: bool = False) -> n
     for j, v in best.items():
         out[j] = v
     if not empty:
-        finding = any(v in (POSITIVE, UNCERTAIN) for j, v in best.items() if CHEXPERT_LABELS[j] != _SUPPORT_DEVICES)
+        finding = any(
+            v in (POSITIVE, UNCERTAIN) for j, v in best.items() if CHEXPERT_LABELS[j] != _SUPPORT_DEVICES
+        )
         if not finding:
             out[_LABEL_INDEX[_NO_FINDING]] = POSITIVE
     return out
 
 
 def _is_empty(report: str | None) -> bool:
-    return report is None or (isinstance(report, float) and math.isnan(report)) or not HAS_WORD.search(str(report))
+    return (
+        report is None
+        or (isinstance(report, float) and math.isnan(report))
+        or not HAS_WORD.search(str(report))
+    )
 
 
 def _label_array(report: str) -> np.ndarray:
@@ -320,7 +381,9 @@ def _read_reports(file: str) -> list[str]:
         reader = csv.DictReader(fh)
         if reader.fieldnames is None or "report" not in reader.fieldnames:
             cols = ", ".join(reader.fieldnames or []) or "none"
-            raise DataError(f"{file}: no 'report' column (columns: {cols}); medvl label reads the column 'report'")
+            raise DataError(
+                f"{file}: no 'report' column (columns: {cols}); medvl label reads the column 'report'"
+            )
         return [row["report"] or "" for row in reader]
 
 

@@ -23,8 +23,21 @@ from medvl.text.labeler import Mention
 from medvl.text.phrases import Finding
 
 __all__ = [
-    "Side", "Zone", "Device", "SIDED_DEVICES", "CENTRAL_KINDS", "ALLOWED_ZONES", "ZONE_FALLBACK", "DEFAULT_ZONES",
-    "LayoutEntry", "device_of", "allowed_zone", "is_sided", "merge_mentions", "stated_layout", "stated_sides",
+    "Side",
+    "Zone",
+    "Device",
+    "SIDED_DEVICES",
+    "CENTRAL_KINDS",
+    "ALLOWED_ZONES",
+    "ZONE_FALLBACK",
+    "DEFAULT_ZONES",
+    "LayoutEntry",
+    "device_of",
+    "allowed_zone",
+    "is_sided",
+    "merge_mentions",
+    "stated_layout",
+    "stated_sides",
 ]
 
 
@@ -65,8 +78,16 @@ class Device(str, Enum):
 
 
 #: Devices that lie on one side of the chest (their region row records the side); the others are central.
-SIDED_DEVICES = frozenset({Device.PACEMAKER, Device.CENTRAL_LINE, Device.PORT, Device.CHEST_TUBE, Device.CLIPS,
-                           Device.SHOULDER_PROSTHESIS})
+SIDED_DEVICES = frozenset(
+    {
+        Device.PACEMAKER,
+        Device.CENTRAL_LINE,
+        Device.PORT,
+        Device.CHEST_TUBE,
+        Device.CLIPS,
+        Device.SHOULDER_PROSTHESIS,
+    }
+)
 
 #: Findings without a side (one organ, or both lungs at once).
 CENTRAL_KINDS = frozenset({Finding.CARDIOMEGALY, Finding.ENLARGED_CARDIOMEDIASTINUM, Finding.EDEMA})
@@ -78,7 +99,10 @@ ALLOWED_ZONES: dict[Finding, frozenset[Zone]] = {
     Finding.PLEURAL_OTHER: frozenset({Zone.APEX, Zone.UPPER, Zone.MID, Zone.LOWER, Zone.BASE}),
 }
 ZONE_FALLBACK: dict[Zone, Zone] = {
-    Zone.APEX: Zone.UPPER, Zone.BASE: Zone.LOWER, Zone.PERIHILAR: Zone.MID, Zone.RETROCARDIAC: Zone.LOWER,
+    Zone.APEX: Zone.UPPER,
+    Zone.BASE: Zone.LOWER,
+    Zone.PERIHILAR: Zone.MID,
+    Zone.RETROCARDIAC: Zone.LOWER,
 }
 #: The usual zones of each one-sided finding (the first is the fallback of :func:`allowed_zone`; the phantom draws
 #: one of them at random where a report gives no zone).
@@ -106,8 +130,11 @@ def device_of(device: str | None, phrase: str) -> Device:
     if device in ("tube", "drain"):
         if device == "drain" or re.search(r"chest|thoracostomy|pigtail|pleural", p):
             return Device.CHEST_TUBE
-        if re.search(r"naso|\bng\b|\bog\b|orogastric|feeding|enteric|gastric|dobb?hoff|gastrostomy|jejunostomy|"
-                     r"\bg\b|\bj\b", p):
+        if re.search(
+            r"naso|\bng\b|\bog\b|orogastric|feeding|enteric|gastric|dobb?hoff|gastrostomy|jejunostomy|"
+            r"\bg\b|\bj\b",
+            p,
+        ):
             return Device.NG_TUBE
         return Device.ET_TUBE
     if device in ("line", "catheter"):
@@ -117,7 +144,9 @@ def device_of(device: str | None, phrase: str) -> Device:
     if device in ("clip", "coil", "filter"):
         return Device.CLIPS
     if device == "wire":
-        return Device.ECG_LEADS if re.search(r"ecg|ekg|telemetry|monitor|electrode", p) else Device.STERNAL_WIRES
+        return (
+            Device.ECG_LEADS if re.search(r"ecg|ekg|telemetry|monitor|electrode", p) else Device.STERNAL_WIRES
+        )
     if device == "stent":
         return Device.STENT
     if device == "valve":
@@ -192,18 +221,40 @@ def merge_mentions(mentions: Sequence[Mention]) -> list[LayoutEntry]:
         if kind == Finding.EFFUSION and severity is None and head.startswith("blunt"):
             severity = "trace"  # blunting of the costophrenic angle
         plural = kind in (Finding.NODULE, Finding.GRANULOMA, Finding.MASS) and (
-            head.endswith("s") or head == "granulomatous")
+            head.endswith("s") or head == "granulomatous"
+        )
         for side in sides:
-            match = next((e for e in entries if e.kind == kind and e.device == dev
-                          and (side is None or e.side is None or e.side == side)
-                          and (zone is None or e.zone is None or e.zone == zone)), None)
+            match = next(
+                (
+                    e
+                    for e in entries
+                    if e.kind == kind
+                    and e.device == dev
+                    and (side is None or e.side is None or e.side == side)
+                    and (zone is None or e.zone is None or e.zone == zone)
+                ),
+                None,
+            )
             if match is None:
-                entries.append(LayoutEntry(kind, dev, side, zone, severity, m.finding.value, m.observation, head,
-                                           2 if plural else 1))
+                entries.append(
+                    LayoutEntry(
+                        kind,
+                        dev,
+                        side,
+                        zone,
+                        severity,
+                        m.finding.value,
+                        m.observation,
+                        head,
+                        2 if plural else 1,
+                    )
+                )
                 continue
             match.side = match.side or side
             match.zone = match.zone or zone
-            if severity and (match.severity is None or _SEVERITY_RANK[severity] > _SEVERITY_RANK[match.severity]):
+            if severity and (
+                match.severity is None or _SEVERITY_RANK[severity] > _SEVERITY_RANK[match.severity]
+            ):
                 match.severity = severity
             match.word = match.word or head
             match.count = max(match.count, 2 if plural else 1)

@@ -100,8 +100,14 @@ def _gap_text(text: str, start: int, end: int, others: Sequence[tuple[int, int]]
     return "".join(chunk)
 
 
-def _cue_before(prefix: str, cue: re.Pattern[str], mask: re.Pattern[str] | None, max_words: int,
-                others: Sequence[tuple[int, int]], offset: int) -> re.Match[str] | None:
+def _cue_before(
+    prefix: str,
+    cue: re.Pattern[str],
+    mask: re.Pattern[str] | None,
+    max_words: int,
+    others: Sequence[tuple[int, int]],
+    offset: int,
+) -> re.Match[str] | None:
     """The last cue in ``prefix`` whose scope reaches its end (no scope break, few words between)."""
     hits = _masked(cue, prefix, mask)
     if not hits:
@@ -113,8 +119,13 @@ def _cue_before(prefix: str, cue: re.Pattern[str], mask: re.Pattern[str] | None,
     return last
 
 
-def _cue_after(suffix: str, cue: re.Pattern[str], mask: re.Pattern[str] | None,
-               others: Sequence[tuple[int, int]], offset: int) -> re.Match[str] | None:
+def _cue_after(
+    suffix: str,
+    cue: re.Pattern[str],
+    mask: re.Pattern[str] | None,
+    others: Sequence[tuple[int, int]],
+    offset: int,
+) -> re.Match[str] | None:
     hits = _masked(cue, suffix, mask)
     if not hits:
         return None
@@ -131,15 +142,19 @@ _NEG_POST_NORMAL = _rx(
     r"\b(?:is|are|appears?|remains?|seems?)\s+(?:\w+\s+)?(?:normal|unremarkable|within\s+(?:the\s+)?"
     r"(?:normal\s+limits|limits\s+of\s+normal))\b"
 )
-_NEG_POST_MASK = _rx(r"\b(?:partially|partly|nearly|mostly|largely|almost|incompletely|not\s+(?:completely|entirely|fully))\s+(?:resolved|cleared)\b")
+_NEG_POST_MASK = _rx(
+    r"\b(?:partially|partly|nearly|mostly|largely|almost|incompletely|not\s+(?:completely|entirely|fully))\s+(?:resolved|cleared)\b"
+)
 
 
-def mention_value(report: str, c: Candidate, clause: tuple[int, int, int], others: list[tuple[int, int]]) -> float:
+def mention_value(
+    report: str, c: Candidate, clause: tuple[int, int, int], others: list[tuple[int, int]]
+) -> float:
     """``c``'s value in its ``clause``: NEGATIVE, UNCERTAIN or POSITIVE (``others``: the spans of the clause's other
     candidates, list items rather than scope words)."""
     c_start, c_end, _ = clause
-    prefix = report[c_start:c.start]
-    suffix = report[c.end:c_end]
+    prefix = report[c_start : c.start]
+    suffix = report[c.end : c_end]
     negated = _cue_before(prefix, _NEG_PRE, _NEG_MASK, _PRE_SCOPE_WORDS, others, c_start) is not None
     if not negated and not c.subject:
         negated = _cue_after(suffix, _NEG_POST, _NEG_POST_MASK, others, c.end) is not None

@@ -95,25 +95,45 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int = 4000, min_frequency:
     # (huggingface/tokenizers#1794): the same reports gave vocabularies differing in ~250 of 2,000 ids, which
     # broke same-seed reproducibility and made a resumed run (or another DDP rank) retrain a different tokenizer.
     # Registering every "##c" up front, in sorted order, leaves nothing to the hash order.
-    inner = sorted({c for t in texts for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(t))
-                    for c in w[1:]})
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=[*SPECIAL_TOKENS, *(f"##{c}" for c in inner)],
-                                        show_progress=False)
+    inner = sorted(
+        {
+            c
+            for t in texts
+            for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(t))
+            for c in w[1:]
+        }
+    )
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[*SPECIAL_TOKENS, *(f"##{c}" for c in inner)],
+        show_progress=False,
+    )
     trained = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     trained.normalizer, trained.pre_tokenizer = normalizer, pre_tokenizer
     trained.train_from_iterator(texts, trainer)
     # The same vocabulary in a fresh model, so that only the real special tokens are special.
-    tok = Tokenizer(models.WordPiece(vocab=trained.get_vocab(), unk_token="[UNK]", continuing_subword_prefix="##"))
+    tok = Tokenizer(
+        models.WordPiece(vocab=trained.get_vocab(), unk_token="[UNK]", continuing_subword_prefix="##")
+    )
     tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
     tok.add_special_tokens(list(SPECIAL_TOKENS))
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
     tok.decoder = decoders.WordPiece()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=512,
+    )
 
 
 def load_hf_tokenizer(path: str | Path):
@@ -164,8 +184,14 @@ class TokenizedReports:
     word_key: torch.Tensor  # (B, T) int64: word_key_id at each content word's first piece, else 0
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "word_ids": self.word_ids,
-                "word_mask": self.word_mask, "match_mask": self.match_mask, "word_weight": self.word_weight}
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "word_ids": self.word_ids,
+            "word_mask": self.word_mask,
+            "match_mask": self.match_mask,
+            "word_weight": self.word_weight,
+        }
 
 
 def _is_punct(word: str) -> bool:
@@ -179,8 +205,14 @@ class ReportTokenizer:
     lesson: the batch x batch x patches x words similarity grows with words).
     """
 
-    def __init__(self, tokenizer, max_tokens: int = 128, max_words: int = 64, idf: dict[str, float] | None = None,
-                 idf_default: float = 1.0):
+    def __init__(
+        self,
+        tokenizer,
+        max_tokens: int = 128,
+        max_words: int = 64,
+        idf: dict[str, float] | None = None,
+        idf_default: float = 1.0,
+    ):
         if not getattr(tokenizer, "is_fast", False):
             raise ConfigError("ReportTokenizer needs a fast tokenizer (word alignment uses word_ids)")
         self.hf = tokenizer
@@ -221,8 +253,14 @@ class ReportTokenizer:
         for i, t in enumerate(texts):
             if not isinstance(t, str) or not t.strip():
                 raise InvalidReportError(f"report {i} is empty")
-        enc = self.hf(list(texts), padding=True, truncation=True, max_length=self.max_tokens,
-                      return_tensors="pt", return_offsets_mapping=True)
+        enc = self.hf(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_tokens,
+            return_tensors="pt",
+            return_offsets_mapping=True,
+        )
         b, t = enc["input_ids"].shape
         word_ids = torch.full((b, t), -1, dtype=torch.long)
         word_mask = torch.zeros((b, t), dtype=torch.bool)
@@ -241,7 +279,7 @@ class ReportTokenizer:
                     continue
                 if wid not in seen:
                     cs = enc.word_to_chars(i, wid)
-                    raw = text[cs.start:cs.end]
+                    raw = text[cs.start : cs.end]
                     low = raw.lower()
                     neg = any(a <= cs.start < e for a, e in spans)
                     w = Word(raw, cs.start, cs.end, stop=low in STOP_WORDS, punct=_is_punct(raw), negated=neg)
@@ -255,8 +293,16 @@ class ReportTokenizer:
                         word_key[i, pos] = word_key_id(low)
                 word_ids[i, pos] = seen[wid]
             all_words.append(words)
-        return TokenizedReports(enc["input_ids"], enc["attention_mask"], word_ids, word_mask, match_mask,
-                                word_weight, all_words, word_key)
+        return TokenizedReports(
+            enc["input_ids"],
+            enc["attention_mask"],
+            word_ids,
+            word_mask,
+            match_mask,
+            word_weight,
+            all_words,
+            word_key,
+        )
 
     def __call__(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """``dict(input_ids, attention_mask, word_ids, word_mask, match_mask, word_weight)``, each ``(B, T)``."""
@@ -267,9 +313,17 @@ class ReportTokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.hf.save_pretrained(str(directory))
-        (directory / TOKENIZER_META).write_text(json.dumps(
-            {"max_tokens": self.max_tokens, "max_words": self.max_words, "idf_default": self.idf_default,
-             "idf": dict(sorted(self.idf.items()))}, indent=0))
+        (directory / TOKENIZER_META).write_text(
+            json.dumps(
+                {
+                    "max_tokens": self.max_tokens,
+                    "max_words": self.max_words,
+                    "idf_default": self.idf_default,
+                    "idf": dict(sorted(self.idf.items())),
+                },
+                indent=0,
+            )
+        )
         return directory
 
     @classmethod
@@ -311,6 +365,14 @@ def content_words(text: str) -> list[Word]:
     words = []
     for m in re.finditer(r"[A-Za-z0-9]+|[^\sA-Za-z0-9]", text):
         raw = m.group()
-        words.append(Word(raw, m.start(), m.end(), stop=raw.lower() in STOP_WORDS, punct=_is_punct(raw),
-                          negated=any(a <= m.start() < e for a, e in spans)))
+        words.append(
+            Word(
+                raw,
+                m.start(),
+                m.end(),
+                stop=raw.lower() in STOP_WORDS,
+                punct=_is_punct(raw),
+                negated=any(a <= m.start() < e for a, e in spans),
+            )
+        )
     return words

@@ -43,8 +43,17 @@ class MicroBatches(Dataset):
     draws from the main process's generators, which checkpoints restore.
     """
 
-    def __init__(self, dataset: Dataset, collate: Callable[[list[Any]], Any], *, seed: int, rank: int,
-                 world_size: int, batch_size: int, total: int) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        collate: Callable[[list[Any]], Any],
+        *,
+        seed: int,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        total: int,
+    ) -> None:
         self.dataset = dataset
         self.collate = collate
         self.seed, self.rank, self.world_size, self.batch_size = seed, rank, world_size, batch_size
@@ -75,7 +84,7 @@ class MicroBatches(Dataset):
             self._perm = torch.randperm(self.num_samples, generator=g)
             self._epoch = epoch
         start = (k * self.world_size + self.rank) * self.batch_size
-        return self._perm[start:start + self.batch_size].tolist()
+        return self._perm[start : start + self.batch_size].tolist()
 
     def __getitem__(self, c: int) -> Any:
         idx = self.indices(c)
@@ -86,10 +95,17 @@ class MicroBatches(Dataset):
         return self.collate(items)
 
 
-def micro_batch_loader(micro: MicroBatches, *, start: int, num_workers: int, pin_memory: bool,
-                       seed: int) -> DataLoader:
+def micro_batch_loader(
+    micro: MicroBatches, *, start: int, num_workers: int, pin_memory: bool, seed: int
+) -> DataLoader:
     """Micro-batches ``start, start + 1, ...`` of ``micro`` in order (``num_workers`` processes load ahead)."""
-    return DataLoader(micro, batch_size=None, sampler=range(start, len(micro)), num_workers=num_workers,
-                      collate_fn=keep_batch, pin_memory=pin_memory,
-                      # its own generator: creating the iterator must not draw from the global one
-                      generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        micro,
+        batch_size=None,
+        sampler=range(start, len(micro)),
+        num_workers=num_workers,
+        collate_fn=keep_batch,
+        pin_memory=pin_memory,
+        # its own generator: creating the iterator must not draw from the global one
+        generator=torch.Generator().manual_seed(seed),
+    )

@@ -45,7 +45,13 @@ BEST_WEIGHTS_FILE = "model.pt"
 
 # Keys that may change between a run and its resumption without changing what is trained.
 RESUMABLE_KEYS = frozenset(
-    {"train.num_workers", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints"}
+    {
+        "train.num_workers",
+        "train.log_every",
+        "train.eval_every",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+    }
 )
 
 RunKind = Literal["new", "finished", "partial"]
@@ -89,8 +95,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     root = Path(run_dir) / CHECKPOINT_DIR
     if not root.is_dir():
         return None
-    found = [(int(p.name.split("_", 1)[1]), p) for p in root.glob("step_*")
-             if p.name.split("_", 1)[1].isdigit() and (p / LOOP_STATE_FILE).is_file()]
+    found = [
+        (int(p.name.split("_", 1)[1]), p)
+        for p in root.glob("step_*")
+        if p.name.split("_", 1)[1].isdigit() and (p / LOOP_STATE_FILE).is_file()
+    ]
     return max(found)[1] if found else None
 
 
@@ -136,19 +145,24 @@ def check_run_dir(out: Path, resume: bool, config_dump: dict[str, Any]) -> RunKi
         info = read_stage_info(out)
         if resume:
             raise RunError(f"{out} holds a finished '{info.get('stage')}' run; there is nothing to resume")
-        raise RunError(f"{out} already holds a finished '{info.get('stage')}' run; choose another --out "
-                       "(medvl never overwrites a run)")
+        raise RunError(
+            f"{out} already holds a finished '{info.get('stage')}' run; choose another --out "
+            "(medvl never overwrites a run)"
+        )
     if kind == "partial" and not resume:
         ckpt = latest_checkpoint(out)
         where = f"last checkpoint: step {ckpt.name.split('_')[1]}" if ckpt else "no checkpoint yet"
-        raise RunError(f"{out} holds an unfinished run ({where}); pass --resume to continue it, "
-                       "or choose another --out")
+        raise RunError(
+            f"{out} holds an unfinished run ({where}); pass --resume to continue it, or choose another --out"
+        )
     saved_cfg = out / CONFIG_FILE
     if kind == "partial" and saved_cfg.is_file():
         changes = config_changes(yaml.safe_load(saved_cfg.read_text()) or {}, config_dump)
         if changes:
-            raise RunError(f"cannot resume {out}: the config differs from the run's in {', '.join(changes)}; "
-                           "start a new run (or restore those values)")
+            raise RunError(
+                f"cannot resume {out}: the config differs from the run's in {', '.join(changes)}; "
+                "start a new run (or restore those values)"
+            )
     return kind
 
 
@@ -159,8 +173,9 @@ def clear_unfinished_writes(out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def open_run_dir(accelerator: Accelerator, out: Path, kind: RunKind, *, resume: bool,
-                 config_dump: dict[str, Any]) -> Path | None:
+def open_run_dir(
+    accelerator: Accelerator, out: Path, kind: RunKind, *, resume: bool, config_dump: dict[str, Any]
+) -> Path | None:
     """Write the resolved config and clear interrupted checkpoint writes (rank 0); the checkpoint to resume
     from, if any (``kind`` from :func:`check_run_dir`)."""
     checkpoint = latest_checkpoint(out) if kind == "partial" else None
@@ -186,8 +201,9 @@ def best_weights_file(out: Path, step: int) -> Path:
     return out / BEST_DIR / f"step_{step}" / BEST_WEIGHTS_FILE
 
 
-def save_best_weights(out: Path, step: int, state_dict: dict[str, torch.Tensor] | None,
-                      metrics: dict[str, float]) -> None:
+def save_best_weights(
+    out: Path, step: int, state_dict: dict[str, torch.Tensor] | None, metrics: dict[str, float]
+) -> None:
     """``RUN/best/step_N/``: the weights and validation metrics of a new best step (rank 0)."""
     root = out / BEST_DIR
     target = root / f"step_{step}"
@@ -230,8 +246,9 @@ def commit_checkpoint(tmp: Path, state: LoopState, *, keep: int) -> None:
     prune_best(root.parent, state.best_step)
 
 
-def restore_checkpoint(accelerator: Accelerator, checkpoint: Path, *, out: Path,
-                       num_samples: int, batches_per_epoch: int) -> LoopState:
+def restore_checkpoint(
+    accelerator: Accelerator, checkpoint: Path, *, out: Path, num_samples: int, batches_per_epoch: int
+) -> LoopState:
     """Load model, optimiser, scheduler, stage state and RNG per rank from ``checkpoint``; returns its loop state.
 
     :class:`RunError` when the launch has another number of processes or the training set another size
@@ -241,11 +258,15 @@ def restore_checkpoint(accelerator: Accelerator, checkpoint: Path, *, out: Path,
     saved = LoopState.read(checkpoint / LOOP_STATE_FILE)
     world = accelerator.num_processes
     if saved.world_size != world:
-        raise RunError(f"cannot resume {out}: it was trained on {saved.world_size} process(es), "
-                       f"this launch has {world}; resume with the same number of processes")
+        raise RunError(
+            f"cannot resume {out}: it was trained on {saved.world_size} process(es), "
+            f"this launch has {world}; resume with the same number of processes"
+        )
     if saved.num_samples != num_samples:
-        raise RunError(f"cannot resume {out}: its training set had {saved.num_samples} samples, this one has "
-                       f"{num_samples}; resume with the same --data")
+        raise RunError(
+            f"cannot resume {out}: its training set had {saved.num_samples} samples, this one has "
+            f"{num_samples}; resume with the same --data"
+        )
     accelerator.load_state(str(checkpoint))  # model, optimiser, scheduler, stage state, RNG per rank
     state = saved
     if accelerator.is_main_process:
@@ -253,6 +274,8 @@ def restore_checkpoint(accelerator: Accelerator, checkpoint: Path, *, out: Path,
             logger.warning("best weights of step %d are missing; model selection restarts", state.best_step)
             state.best_step, state.best_value, state.best_metrics = -1, None, {}
         prune_best(out, state.best_step)  # written after the checkpoint: not on this timeline
-        tqdm.write(f"resuming {out} from {checkpoint.name} (epoch {state.epoch}, micro-batch "
-                   f"{state.batch_in_epoch} of {batches_per_epoch})")
+        tqdm.write(
+            f"resuming {out} from {checkpoint.name} (epoch {state.epoch}, micro-batch "
+            f"{state.batch_in_epoch} of {batches_per_epoch})"
+        )
     return state

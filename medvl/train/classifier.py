@@ -55,11 +55,12 @@ def _shift(x: torch.Tensor, max_shift: float, g: torch.Generator) -> torch.Tenso
     m = max(1, int(round(max_shift * s)))
     dx, dy = (torch.randint(-m, m + 1, (2,), generator=g)).tolist()
     x = F.pad(x, (m, m, m, m), mode="replicate")
-    return x[..., m + dy: m + dy + s, m + dx: m + dx + s]
+    return x[..., m + dy : m + dy + s, m + dx : m + dx + s]
 
 
-def train_classifier(data: str | Path, cfg: ClassifierConfig | None = None,
-                     device: str | torch.device | None = None) -> tuple[XrayClassifier, ClassifierReport]:
+def train_classifier(
+    data: str | Path, cfg: ClassifierConfig | None = None, device: str | torch.device | None = None
+) -> tuple[XrayClassifier, ClassifierReport]:
     """Train on the training split's real scans; keep the weights with the best validation macro AUROC."""
     cfg = cfg or ClassifierConfig()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -74,8 +75,11 @@ def train_classifier(data: str | Path, cfg: ClassifierConfig | None = None,
     val_pairs = laterality_pairs(regions, val.dicom_ids, findings)
     agreement = side_convention_agreement(train_regions)
     if math.isfinite(agreement) and agreement < 0.9:
-        logger.warning("only %.0f%% of one-sided regions lie in the image half the PA convention predicts; "
-                       "laterality numbers assume patient left = image right", 100 * agreement)
+        logger.warning(
+            "only %.0f%% of one-sided regions lie in the image half the PA convention predicts; "
+            "laterality numbers assume patient left = image right",
+            100 * agreement,
+        )
 
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -110,14 +114,21 @@ def train_classifier(data: str | Path, cfg: ClassifierConfig | None = None,
     assert best is not None
     model.load_state_dict(best[2])
     model.eval()
-    report = ClassifierReport(val_macro_auroc=best[0], val_per_label_auroc=best[3], val_laterality_accuracy=best[4],
-                              best_step=best[1], side_findings=findings, train_images=n,
-                              side_convention_agreement=agreement)
+    report = ClassifierReport(
+        val_macro_auroc=best[0],
+        val_per_label_auroc=best[3],
+        val_laterality_accuracy=best[4],
+        best_step=best[1],
+        side_findings=findings,
+        train_images=n,
+        side_convention_agreement=agreement,
+    )
     return model, report
 
 
-def load_or_train_classifier(data: str | Path, cfg: ClassifierConfig | None = None,
-                             device: str | torch.device | None = None) -> tuple[XrayClassifier, ClassifierReport]:
+def load_or_train_classifier(
+    data: str | Path, cfg: ClassifierConfig | None = None, device: str | torch.device | None = None
+) -> tuple[XrayClassifier, ClassifierReport]:
     """The dataset's evaluation classifier: from the cache, or trained now and cached."""
     cfg = cfg or ClassifierConfig()
     directory = classifier_cache_dir(data, cfg)
@@ -129,8 +140,9 @@ def load_or_train_classifier(data: str | Path, cfg: ClassifierConfig | None = No
     return model, report
 
 
-def evaluation_classifier(data: str | Path, cfg: ClassifierConfig | None = None,
-                          device: str | torch.device | None = None) -> Path:
+def evaluation_classifier(
+    data: str | Path, cfg: ClassifierConfig | None = None, device: str | torch.device | None = None
+) -> Path:
     """The directory of the dataset's evaluation classifier for ``cfg`` (default config), trained on ``device``
     (the CUDA device when there is one) and cached first when it is not there yet."""
     cfg = cfg or ClassifierConfig()

@@ -57,8 +57,10 @@ def make_accelerator(*, precision: str, grad_accum: int, find_unused_parameters:
         ],
     )
     if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
-        raise ConfigError(f"{accelerator.distributed_type.value} launches are not supported by medvl's training "
-                          "loop; launch with DDP (the default of torchrun / accelerate launch) or FSDP")
+        raise ConfigError(
+            f"{accelerator.distributed_type.value} launches are not supported by medvl's training "
+            "loop; launch with DDP (the default of torchrun / accelerate launch) or FSDP"
+        )
     return accelerator
 
 

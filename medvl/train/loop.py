@@ -97,16 +97,26 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"config key 'train.{name}' must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "checkpoint_every", "eval_every", "num_workers", "weight_decay",
-                     "max_grad_norm"):
+        for name in (
+            "warmup_steps",
+            "checkpoint_every",
+            "eval_every",
+            "num_workers",
+            "weight_decay",
+            "max_grad_norm",
+        ):
             if getattr(self, name) < 0:
-                raise ConfigError(f"config key 'train.{name}' must not be negative, got {getattr(self, name)}")
+                raise ConfigError(
+                    f"config key 'train.{name}' must not be negative, got {getattr(self, name)}"
+                )
         if not self.lr > 0:
             raise ConfigError(f"config key 'train.lr' must be positive, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"config key 'train.min_lr_ratio' must lie in [0, 1], got {self.min_lr_ratio}")
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
-            raise ConfigError(f"config key 'train.adam_betas' must be two numbers in [0, 1), got {self.adam_betas}")
+            raise ConfigError(
+                f"config key 'train.adam_betas' must be two numbers in [0, 1), got {self.adam_betas}"
+            )
         if not self.select_metric:
             raise ConfigError("config key 'train.select_metric' must name a validation metric")
 
@@ -254,8 +264,9 @@ class _Training:
     the loop state, logs and the progress bar; validation with model selection, checkpoints and the final
     save. The training step itself is written out in :func:`fit`."""
 
-    def __init__(self, stage: Stage, accelerator: Accelerator, out: Path, checkpoint: Path | None,
-                 started: float) -> None:
+    def __init__(
+        self, stage: Stage, accelerator: Accelerator, out: Path, checkpoint: Path | None, started: float
+    ) -> None:
         cfg = self.cfg = stage.train
         self.stage, self.accelerator, self.out, self.started = stage, accelerator, out, started
         self.main, self.world = accelerator.is_main_process, accelerator.num_processes
@@ -268,34 +279,72 @@ class _Training:
         # the same on every rank; DDP also broadcasts rank 0's weights
         set_seed(cfg.seed)
         model = stage.build_model()
-        self.micro = MicroBatches(stage.train_dataset(), stage.collate, seed=cfg.seed,
-                                  rank=accelerator.process_index, world_size=self.world,
-                                  batch_size=cfg.batch_size, total=cfg.steps * cfg.grad_accum)
-        optimizer = torch.optim.AdamW(_param_groups(stage, model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                      betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+        self.micro = MicroBatches(
+            stage.train_dataset(),
+            stage.collate,
+            seed=cfg.seed,
+            rank=accelerator.process_index,
+            world_size=self.world,
+            batch_size=cfg.batch_size,
+            total=cfg.steps * cfg.grad_accum,
+        )
+        optimizer = torch.optim.AdamW(
+            _param_groups(stage, model, cfg),
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            betas=tuple(cfg.adam_betas),
+            eps=cfg.adam_eps,
+        )
         # Not handed to accelerator.prepare: Accelerate would step a prepared scheduler once per process.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, partial(lr_factor, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
-                               min_lr_ratio=cfg.min_lr_ratio))
+            optimizer,
+            partial(
+                lr_factor, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio
+            ),
+        )
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         accelerator.register_for_checkpointing(self.scheduler)
         if callable(getattr(stage, "state_dict", None)) and callable(getattr(stage, "load_state_dict", None)):
             accelerator.register_for_checkpointing(stage)
         set_seed(cfg.seed, device_specific=True)  # different dropout masks on each rank
 
-        self.state = LoopState(world_size=self.world, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                               num_samples=self.micro.num_samples)
+        self.state = LoopState(
+            world_size=self.world,
+            batch_size=cfg.batch_size,
+            grad_accum=cfg.grad_accum,
+            num_samples=self.micro.num_samples,
+        )
         if checkpoint is not None:
-            self.state = restore_checkpoint(accelerator, checkpoint, out=out, num_samples=self.micro.num_samples,
-                                            batches_per_epoch=self.micro.batches_per_epoch)
+            self.state = restore_checkpoint(
+                accelerator,
+                checkpoint,
+                out=out,
+                num_samples=self.micro.num_samples,
+                batches_per_epoch=self.micro.batches_per_epoch,
+            )
         start_step = self.state.step
-        self.batches = iter(micro_batch_loader(self.micro, start=self.state.micro_batches,
-                                               num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                                               seed=cfg.seed))
-        self.writer = SummaryWriter(str(out / LOG_DIR), purge_step=start_step if checkpoint is not None else None) \
-            if self.main else None
-        self.pbar = tqdm(total=cfg.steps, initial=start_step, disable=not self.main, desc=f"train {stage.name}",
-                         unit="step", dynamic_ncols=True)
+        self.batches = iter(
+            micro_batch_loader(
+                self.micro,
+                start=self.state.micro_batches,
+                num_workers=cfg.num_workers,
+                pin_memory=device.type == "cuda",
+                seed=cfg.seed,
+            )
+        )
+        self.writer = (
+            SummaryWriter(str(out / LOG_DIR), purge_step=start_step if checkpoint is not None else None)
+            if self.main
+            else None
+        )
+        self.pbar = tqdm(
+            total=cfg.steps,
+            initial=start_step,
+            disable=not self.main,
+            desc=f"train {stage.name}",
+            unit="step",
+            dynamic_ncols=True,
+        )
         self.seconds_before = self.state.seconds  # of earlier launches of this run
         self.train_seconds, self.samples = 0.0, 0
         self.loss_sum, self.loss_steps = torch.zeros((), device=device), 0  # since the last log line
@@ -313,8 +362,10 @@ class _Training:
         self.loss_sum.zero_()
         self.loss_steps = 0
         if not math.isfinite(mean_loss):
-            raise RunError(f"training of stage '{self.stage.name}' diverged: loss is {mean_loss} at step "
-                           f"{step}; lower train.lr, raise train.warmup_steps or use fp32")
+            raise RunError(
+                f"training of stage '{self.stage.name}' diverged: loss is {mean_loss} at step "
+                f"{step}; lower train.lr, raise train.warmup_steps or use fp32"
+            )
         if self.main:
             lr = self.scheduler.get_last_lr()[0]
             self.writer.add_scalar("train/loss", mean_loss, step)
@@ -342,8 +393,10 @@ class _Training:
             images = stage.log_images(net, step) if callable(getattr(stage, "log_images", None)) else {}
         net.train(was_training)
         if self.cfg.select_metric not in metrics:
-            raise ConfigError(f"train.select_metric '{self.cfg.select_metric}' is not among the validation metrics "
-                              f"of stage '{stage.name}': {', '.join(sorted(metrics)) or 'none'}")
+            raise ConfigError(
+                f"train.select_metric '{self.cfg.select_metric}' is not among the validation metrics "
+                f"of stage '{stage.name}': {', '.join(sorted(metrics)) or 'none'}"
+            )
         return metrics, images
 
     def evaluate(self) -> None:
@@ -360,8 +413,11 @@ class _Training:
                 weights = sd if sd is not None else full_state_dict(self.accelerator, self.model)
                 save_best_weights(self.out, state.step, weights, metrics)
                 state.best_step, state.best_value, state.best_metrics = state.step, value, metrics
-            self.pbar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items()))
-                            + (" (best)" if state.best_step == state.step else ""))
+            self.pbar.write(
+                f"step {state.step}: "
+                + ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items()))
+                + (" (best)" if state.best_step == state.step else "")
+            )
         state.last_eval_step = state.step
         self.accelerator.wait_for_everyone()
 
@@ -416,7 +472,9 @@ class _Training:
                 "select_metric": cfg.select_metric,
                 "steps": state.step,
                 "seconds": round(seconds, 3),
-                "images_per_second": round(self.samples / self.train_seconds, 3) if self.train_seconds > 0 else 0.0,
+                "images_per_second": round(self.samples / self.train_seconds, 3)
+                if self.train_seconds > 0
+                else 0.0,
                 "peak_memory_mb": round(_peak_memory_mb(self.device), 1),
                 "world_size": self.world,
                 "precision": cfg.precision,
@@ -425,13 +483,26 @@ class _Training:
             write_json_atomic(self.out / STAGE_FILE, result)
         result = broadcast_from_main(result, self.world)
         self.accelerator.wait_for_everyone()
-        return FitResult(run_dir=self.out, steps=result["steps"], best_step=result["best_step"],
-                         best_metrics=result["best_metrics"], seconds=result["seconds"],
-                         images_per_second=result["images_per_second"], peak_memory_mb=result["peak_memory_mb"])
+        return FitResult(
+            run_dir=self.out,
+            steps=result["steps"],
+            best_step=result["best_step"],
+            best_metrics=result["best_metrics"],
+            seconds=result["seconds"],
+            images_per_second=result["images_per_second"],
+            peak_memory_mb=result["peak_memory_mb"],
+        )
 
 
-def fit(stage: Stage, out: Path, *, resume: bool = False, config_dump: dict | None = None,
-        from_runs: list[Path] | None = None, data_info: dict | None = None) -> FitResult:
+def fit(
+    stage: Stage,
+    out: Path,
+    *,
+    resume: bool = False,
+    config_dump: dict | None = None,
+    from_runs: list[Path] | None = None,
+    data_info: dict | None = None,
+) -> FitResult:
     """Train ``stage`` into the run directory ``out``; see the module docstring.
 
     Raises :class:`RunError` if ``out`` holds a finished run, or an unfinished one without
@@ -447,8 +518,9 @@ def fit(stage: Stage, out: Path, *, resume: bool = False, config_dump: dict | No
     config_dump = json.loads(json.dumps(config_dump, default=str))  # plain data (paths as strings)
     from_abs = [str(Path(p).resolve()) for p in (from_runs or [])]
     kind = check_run_dir(out, resume, config_dump)  # every rank checks before anyone writes
-    accelerator = make_accelerator(precision=cfg.precision, grad_accum=cfg.grad_accum,
-                                   find_unused_parameters=cfg.find_unused_parameters)
+    accelerator = make_accelerator(
+        precision=cfg.precision, grad_accum=cfg.grad_accum, find_unused_parameters=cfg.find_unused_parameters
+    )
     checkpoint = open_run_dir(accelerator, out, kind, resume=resume, config_dump=config_dump)
     run = _Training(stage, accelerator, out, checkpoint, started)
     model, optimizer, scheduler, state = run.model, run.optimizer, run.scheduler, run.state
@@ -466,15 +538,20 @@ def fit(stage: Stage, out: Path, *, resume: bool = False, config_dump: dict | No
                     with accelerator.autocast():
                         loss, logs = stage.training_step(model, batch)
                     if loss.ndim != 0:
-                        raise RunError(f"stage '{stage.name}': training_step must return a scalar loss, "
-                                       f"got shape {tuple(loss.shape)}")
+                        raise RunError(
+                            f"stage '{stage.name}': training_step must return a scalar loss, "
+                            f"got shape {tuple(loss.shape)}"
+                        )
                     accelerator.backward(loss)  # divides by grad_accum
                 step_loss += loss.detach().float() / cfg.grad_accum
                 for k, v in logs.items():
                     step_logs[k] = step_logs.get(k, 0.0) + _as_float(v) / cfg.grad_accum
                 state.micro_batches += 1
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) \
-                if cfg.max_grad_norm > 0 else None
+            grad_norm = (
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                if cfg.max_grad_norm > 0
+                else None
+            )
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

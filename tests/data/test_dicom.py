@@ -75,7 +75,9 @@ def test_sigmoid_window(tmp_path):
 
 def test_voi_lut_sequence(tmp_path):
     """A VOI LUT (a gamma curve, 10-bit output) is used in preference to the window and normalised by its range."""
-    ds = chest_dataset(UNIT, bits=12, window=(100.0, 10.0))  # a window that would clip everything: must be ignored
+    ds = chest_dataset(
+        UNIT, bits=12, window=(100.0, 10.0)
+    )  # a window that would clip everything: must be ignored
     n_entries = 4096
     lut = np.rint((np.arange(n_entries) / (n_entries - 1)) ** 0.5 * 1023).astype(np.uint16)
     item = Dataset()
@@ -133,16 +135,25 @@ def _encode(tmp_path, syntax) -> object:
     return src, dst
 
 
-@pytest.mark.parametrize("syntax", [JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless],
-                         ids=["jpeg2000", "jpeg-lossless", "jpeg-ls", "rle"])
+@pytest.mark.parametrize(
+    "syntax",
+    [JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless],
+    ids=["jpeg2000", "jpeg-lossless", "jpeg-ls", "rle"],
+)
 def test_compressed_encodings_decode_to_the_same_image(tmp_path, syntax):
     src, dst = _encode(tmp_path, syntax)
     assert pydicom.dcmread(dst).file_meta.TransferSyntaxUID == syntax
     np.testing.assert_array_equal(read_xray(dst), read_xray(src))
 
 
-@pytest.mark.parametrize("syntax,package", [(JPEGLSLossless, "python-gdcm"), (JPEGLosslessSV1, "python-gdcm"),
-                                            (JPEG2000Lossless, "pylibjpeg-openjpeg")])
+@pytest.mark.parametrize(
+    "syntax,package",
+    [
+        (JPEGLSLossless, "python-gdcm"),
+        (JPEGLosslessSV1, "python-gdcm"),
+        (JPEG2000Lossless, "pylibjpeg-openjpeg"),
+    ],
+)
 def test_missing_decoder_names_the_package(tmp_path, monkeypatch, syntax, package):
     _src, dst = _encode(tmp_path, syntax)
     monkeypatch.setattr(get_decoder(syntax), "_available", {})  # as if no plugin were installed
@@ -176,10 +187,13 @@ def _no_pixel_object(sop_class: str, modality: str) -> Dataset:
     return ds
 
 
-@pytest.mark.parametrize("sop_class,modality,name", [
-    ("1.2.840.10008.5.1.4.1.1.88.11", "SR", "Basic Text SR"),
-    ("1.2.840.10008.5.1.4.1.1.481.5", "RTPLAN", "RT Plan"),
-])
+@pytest.mark.parametrize(
+    "sop_class,modality,name",
+    [
+        ("1.2.840.10008.5.1.4.1.1.88.11", "SR", "Basic Text SR"),
+        ("1.2.840.10008.5.1.4.1.1.481.5", "RTPLAN", "RT Plan"),
+    ],
+)
 def test_objects_without_pixel_data(tmp_path, sop_class, modality, name):
     path = write_dicom(_no_pixel_object(sop_class, modality), tmp_path / "x.dcm")
     with pytest.raises(InvalidImageError, match=f"no pixel data .*{name}"):
@@ -197,7 +211,10 @@ def test_not_dicom(tmp_path):
 
 def test_colour_dicom_rejected_and_grey_rgb_accepted(tmp_path):
     grey = np.rint(UNIT * 255).astype(np.uint8)
-    for name, rgb in (("colour", np.stack([grey, 255 - grey, grey // 3], -1)), ("grey", np.stack([grey] * 3, -1))):
+    for name, rgb in (
+        ("colour", np.stack([grey, 255 - grey, grey // 3], -1)),
+        ("grey", np.stack([grey] * 3, -1)),
+    ):
         ds = chest_dataset(UNIT, bits=8)
         ds.SamplesPerPixel = 3
         ds.PhotometricInterpretation = "RGB"
@@ -206,20 +223,24 @@ def test_colour_dicom_rejected_and_grey_rgb_accepted(tmp_path):
         write_dicom(ds, tmp_path / f"{name}.dcm")
     with pytest.raises(InvalidImageError, match="colour data"):
         read_xray(tmp_path / "colour.dcm")
-    np.testing.assert_allclose(read_xray(tmp_path / "grey.dcm"), read_xray(write(tmp_path, "g8.dcm", bits=8)),
-                               atol=1e-3)
+    np.testing.assert_allclose(
+        read_xray(tmp_path / "grey.dcm"), read_xray(write(tmp_path, "g8.dcm", bits=8)), atol=1e-3
+    )
     ds = chest_dataset(UNIT, bits=8)
     ds.PhotometricInterpretation = "PALETTE COLOR"
     with pytest.raises(InvalidImageError, match="PALETTE COLOR"):
         read_xray(write_dicom(ds, tmp_path / "pal.dcm"))
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"modality": "CT"}, "Modality CT"),
-    ({"modality": "MG"}, "Modality MG"),
-    ({"body_part": "ABDOMEN"}, "BodyPartExamined is 'ABDOMEN'"),
-    ({"body_part": "SKULL"}, "BodyPartExamined is 'SKULL'"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"modality": "CT"}, "Modality CT"),
+        ({"modality": "MG"}, "Modality MG"),
+        ({"body_part": "ABDOMEN"}, "BodyPartExamined is 'ABDOMEN'"),
+        ({"body_part": "SKULL"}, "BodyPartExamined is 'SKULL'"),
+    ],
+)
 def test_not_a_chest(tmp_path, kwargs, match):
     with pytest.raises(InvalidImageError, match=f"not a chest radiograph: {match}"):
         read_xray(write(tmp_path, **kwargs))

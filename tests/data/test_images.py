@@ -17,8 +17,10 @@ def lung_and_mediastinum(img: np.ndarray) -> tuple[float, float]:
     """Medians of the two lateral-third lung fields (mid height) and of the central strip."""
     h, w = img.shape
     rows = slice(int(0.3 * h), int(0.6 * h))
-    lungs = np.concatenate([img[rows, int(0.12 * w):int(0.3 * w)].ravel(), img[rows, int(0.7 * w):int(0.88 * w)].ravel()])
-    centre = img[rows, int(0.45 * w):int(0.55 * w)]
+    lungs = np.concatenate(
+        [img[rows, int(0.12 * w) : int(0.3 * w)].ravel(), img[rows, int(0.7 * w) : int(0.88 * w)].ravel()]
+    )
+    centre = img[rows, int(0.45 * w) : int(0.55 * w)]
     return float(np.median(lungs)), float(np.median(centre))
 
 
@@ -27,8 +29,8 @@ def marker_contrast(img: np.ndarray) -> float:
     h, w = img.shape
     x0, y0, x1, y1 = MARKER_BOX
     rows = slice(int(y0 * h) + 1, max(int(y1 * h) - 1, int(y0 * h) + 2))
-    left = img[rows, int(x0 * w) + 1:max(int(x1 * w) - 1, int(x0 * w) + 2)]
-    right = img[rows, w - max(int(x1 * w) - 1, int(x0 * w) + 2):w - int(x0 * w) - 1]
+    left = img[rows, int(x0 * w) + 1 : max(int(x1 * w) - 1, int(x0 * w) + 2)]
+    right = img[rows, w - max(int(x1 * w) - 1, int(x0 * w) + 2) : w - int(x0 * w) - 1]
     return float(left.mean() - right.mean())
 
 
@@ -77,7 +79,7 @@ def test_orientation_survives_reading_and_resizing(real_fixtures, tmp_path, fmt)
     unit = unit[:, 40:440].copy()  # 512 x 400: a transpose would change the shape
     h, w = unit.shape
     x0, y0, x1, y1 = MARKER_BOX
-    unit[int(y0 * h):int(y1 * h), int(x0 * w):int(x1 * w)] = 1.0
+    unit[int(y0 * h) : int(y1 * h), int(x0 * w) : int(x1 * w)] = 1.0
     if fmt == "png":
         path = write_png(tmp_path / "a.png", unit)
     elif fmt == "jpg":
@@ -91,7 +93,7 @@ def test_orientation_survives_reading_and_resizing(real_fixtures, tmp_path, fmt)
     assert small.shape == (64, 64)
     geom = resize_geometry(img.shape, 64)
     top, left = geom.offset
-    inner = small[top:top + geom.resized[0], left:left + geom.resized[1]]
+    inner = small[top : top + geom.resized[0], left : left + geom.resized[1]]
     assert marker_contrast(inner) > 400
 
 
@@ -110,7 +112,9 @@ def test_grey_saved_as_rgb_is_accepted_and_colour_is_not(tmp_path):
     unit = synthetic_chest(40, 32)
     grey = (unit * 255).round().astype(np.uint8)
     Image.fromarray(np.stack([grey] * 3, -1)).save(tmp_path / "grey_rgb.png")
-    np.testing.assert_allclose(read_xray(tmp_path / "grey_rgb.png"), read_xray(write_png(tmp_path / "g.png", unit)))
+    np.testing.assert_allclose(
+        read_xray(tmp_path / "grey_rgb.png"), read_xray(write_png(tmp_path / "g.png", unit))
+    )
     Image.fromarray(np.stack([grey] * 3, -1)).save(tmp_path / "grey_rgb.jpg", quality=90)
     assert read_xray(tmp_path / "grey_rgb.jpg").shape == (40, 32)
     colour = np.stack([grey, 255 - grey, grey // 2], -1)

@@ -19,12 +19,16 @@ SIZE = 32
 
 
 def openi_xml(uid: str, findings: str, impression: str, images: list[str]) -> str:
-    texts = "".join(f'<AbstractText Label="{label}">{text}</AbstractText>'
-                    for label, text in (("FINDINGS", findings), ("IMPRESSION", impression)))
+    texts = "".join(
+        f'<AbstractText Label="{label}">{text}</AbstractText>'
+        for label, text in (("FINDINGS", findings), ("IMPRESSION", impression))
+    )
     parents = "".join(f'<parentImage id="{i}"><figureId>F</figureId></parentImage>' for i in images)
-    return (f'<?xml version="1.0" encoding="utf-8"?><eCitation><uId id="{uid}"/><IUXRId id="{uid[3:]}"/>'
-            f"<MedlineCitation><Article><Abstract>{texts}</Abstract></Article></MedlineCitation>"
-            f"<MeSH><major>normal</major></MeSH>{parents}</eCitation>")
+    return (
+        f'<?xml version="1.0" encoding="utf-8"?><eCitation><uId id="{uid}"/><IUXRId id="{uid[3:]}"/>'
+        f"<MedlineCitation><Article><Abstract>{texts}</Abstract></Article></MedlineCitation>"
+        f"<MeSH><major>normal</major></MeSH>{parents}</eCitation>"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +63,9 @@ def test_prepare_iuxray(iu_root, tmp_path):
     assert list(index["subject_id"]) == ["CXR99001", "CXR99002", "CXR99002"]
     assert index.loc[0, "report"] == "Heart size normal. Lungs are clear. Normal chest."
     assert index.loc[0, "source"] == f"NLMCXR_png/{iu_root['pa'][0]}.png"
-    assert index[[c for c in index.columns if c[0].isupper()]].isna().all().all()  # no CheXpert labels in Open-i
+    assert (
+        index[[c for c in index.columns if c[0].isupper()]].isna().all().all()
+    )  # no CheXpert labels in Open-i
     assert list(index["split"]) == [iu_split("CXR99001"), iu_split("CXR99002"), iu_split("CXR99002")]
     skipped = pd.read_csv(tmp_path / "out" / "skipped.csv", dtype=str)
     reasons = dict(zip(skipped["path"], skipped["reason"], strict=True))

@@ -23,7 +23,10 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def trees(tmp_path_factory):
     base = tmp_path_factory.mktemp("mimic")
-    return {fmt: write_mimic_tree(base / fmt, image_format=fmt, gz=(fmt != "dcm")) for fmt in ("jpg", "dcm", "mixed")}
+    return {
+        fmt: write_mimic_tree(base / fmt, image_format=fmt, gz=(fmt != "dcm"))
+        for fmt in ("jpg", "dcm", "mixed")
+    }
 
 
 def skipped_table(out) -> dict[str, str]:
@@ -42,7 +45,9 @@ def check_prepared(spec, out, sections="findings"):
     for path, reason in skipped.items():
         assert got[path].startswith(reason) or reason in got[path], (path, got[path], reason)
     # labels mapped by name (the tree's table is alphabetical, CheXpert's order is not)
-    np.testing.assert_array_equal(index[list(CHEXPERT_LABELS)].to_numpy(np.float32), expected_labels(spec, kept))
+    np.testing.assert_array_equal(
+        index[list(CHEXPERT_LABELS)].to_numpy(np.float32), expected_labels(spec, kept)
+    )
     by_id = {i.dicom_id: i for i in spec.images}
     assert list(index["split"]) == [by_id[d].split for d in kept]
     assert list(index["view"]) == [by_id[d].view for d in kept]
@@ -66,7 +71,9 @@ def test_prepare_tree_gives_exactly_the_expected_rows(trees, tmp_path, fmt):
     spec = trees[fmt]
     result = prepare_mimic(spec.root, tmp_path / "out", size=SIZE)
     index = check_prepared(spec, tmp_path / "out")
-    assert result.kept == len(index) == 5 and result.skipped == 8 and result.decoded == 6 and result.reused == 0
+    assert (
+        result.kept == len(index) == 5 and result.skipped == 8 and result.decoded == 6 and result.reused == 0
+    )
     findings = {s.study_id: s for s in spec.studies}
     for _, row in index.iterrows():
         study = findings[row["study_id"]]
@@ -103,10 +110,10 @@ def test_dicom_and_jpg_trees_agree_and_keep_orientation(trees, tmp_path):
     for i in range(len(a)):
         ia, ib = a[i]["image"][0].numpy(), b[i]["image"][0].numpy()
         assert np.abs(ia - ib).mean() < 20  # JPEG q95 vs lossless 12-bit
-        inner = ib[top:top + h, left:left + w]
+        inner = ib[top : top + h, left : left + w]
         ys = slice(int(y0 * h), int(np.ceil(y1 * h)))
-        marker = inner[ys, int(x0 * w):int(np.ceil(x1 * w))].max()
-        mirrored = inner[ys, w - int(np.ceil(x1 * w)):w - int(x0 * w)].max()
+        marker = inner[ys, int(x0 * w) : int(np.ceil(x1 * w))].max()
+        mirrored = inner[ys, w - int(np.ceil(x1 * w)) : w - int(x0 * w)].max()
         assert marker > mirrored + 300, (i, marker, mirrored)
 
 
@@ -118,7 +125,9 @@ def test_regions_follow_the_kept_images_and_the_padding(trees, tmp_path):
     assert regions is not None and list(regions["dicom_id"]) == list(ds.index["dicom_id"])
     geom = resize_geometry((48, 40), SIZE)
     expected = geom.map_box(*MARKER_BOX)
-    np.testing.assert_allclose(regions[["x0", "y0", "x1", "y1"]].to_numpy(), [expected] * len(regions), atol=1e-6)
+    np.testing.assert_allclose(
+        regions[["x0", "y0", "x1", "y1"]].to_numpy(), [expected] * len(regions), atol=1e-6
+    )
     assert expected[0] > MARKER_BOX[0]  # a 48 x 40 image is padded left and right, so x moves right
 
 
@@ -188,7 +197,9 @@ def test_two_workers_give_the_same_result(trees, tmp_path):
     result = prepare_mimic(spec.root, tmp_path / "two", size=SIZE, workers=2)
     assert result.decoded == 6
     assert (tmp_path / "one" / "index.csv").read_text() == (tmp_path / "two" / "index.csv").read_text()
-    np.testing.assert_array_equal(np.load(tmp_path / "one" / "images.npy"), np.load(tmp_path / "two" / "images.npy"))
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "one" / "images.npy"), np.load(tmp_path / "two" / "images.npy")
+    )
 
 
 def test_jpg_compatible_and_view_choice(trees, tmp_path):
@@ -211,11 +222,25 @@ def test_bad_roots(tmp_path, trees):
 
 
 def test_cli(trees, tmp_path, capsys):
-    rc = cli_main(["prepare", "mimic-cxr", "--root", str(trees["jpg"].root), "--out", str(tmp_path / "out"),
-                   "--size", str(SIZE), "--sections", "both"])
+    rc = cli_main(
+        [
+            "prepare",
+            "mimic-cxr",
+            "--root",
+            str(trees["jpg"].root),
+            "--out",
+            str(tmp_path / "out"),
+            "--size",
+            str(SIZE),
+            "--sections",
+            "both",
+        ]
+    )
     assert rc == 0
     assert "prepared 6 images" in capsys.readouterr().out
-    rc = cli_main(["prepare", "mimic-cxr", "--root", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")])
+    rc = cli_main(
+        ["prepare", "mimic-cxr", "--root", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")]
+    )
     assert rc == 2
     assert "medvl: error:" in capsys.readouterr().err
 

@@ -40,11 +40,28 @@ STUDIES, SIZE, SEED = 24, 128, 0
 #: Where a box centre may lie, as a fraction of its lung's height (top 0, bottom 1): the anatomical meaning of each
 #: zone with a margin, independent of the drawing code's own spans.
 ZONE_RANGE = {
-    "apex": (0.0, 0.3), "upper": (0.0, 0.5), "mid": (0.25, 0.75), "lower": (0.5, 1.0), "base": (0.55, 1.05),
-    "perihilar": (0.2, 0.75), "retrocardiac": (0.45, 1.0),
+    "apex": (0.0, 0.3),
+    "upper": (0.0, 0.5),
+    "mid": (0.25, 0.75),
+    "lower": (0.5, 1.0),
+    "base": (0.55, 1.05),
+    "perihilar": (0.2, 0.75),
+    "retrocardiac": (0.45, 1.0),
 }
-LUNG_KINDS = {"effusion", "pneumothorax", "consolidation", "opacity", "pneumonia", "atelectasis", "edema", "nodule",
-              "mass", "granuloma", "pleural_other", "fracture"}
+LUNG_KINDS = {
+    "effusion",
+    "pneumothorax",
+    "consolidation",
+    "opacity",
+    "pneumonia",
+    "atelectasis",
+    "edema",
+    "nodule",
+    "mass",
+    "granuloma",
+    "pleural_other",
+    "fracture",
+}
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +76,11 @@ def _read_gz(path: Path) -> pd.DataFrame:
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _lung_boxes(anatomy: np.ndarray) -> list[tuple[float, float, float, float]]:
@@ -105,7 +125,10 @@ def test_raw_tree_layout_and_tables(built):
     assert tuple(chex.columns) == CHEXPERT_COLUMNS and list(chex.columns[2:]) == sorted(CHEXPERT_LABELS)
     assert len(chex) == STUDIES and chex["study_id"].is_unique
     assert set(meta["dicom_id"]) == set(split["dicom_id"])
-    assert set(meta["ViewPosition"]) <= {"PA", "AP", "LATERAL"} and (meta["ViewPosition"] == "LATERAL").sum() >= 1
+    assert (
+        set(meta["ViewPosition"]) <= {"PA", "AP", "LATERAL"}
+        and (meta["ViewPosition"] == "LATERAL").sum() >= 1
+    )
     assert meta["subject_id"].str.fullmatch(r"1\d{7}").all()
     assert meta["study_id"].str.fullmatch(r"5\d{7}").all()
     assert meta["dicom_id"].str.fullmatch(r"[0-9a-f]{8}(-[0-9a-f]{8}){4}").all()
@@ -154,8 +177,11 @@ def test_ingestion_skips_only_laterals(built):
     raw_regions = pd.read_csv(raw / "regions.csv", dtype={"dicom_id": str}, keep_default_na=False)
     prepared_regions = PreparedDataset(built).regions()
     assert len(prepared_regions) == len(raw_regions) > 0
-    assert np.allclose(prepared_regions[["x0", "y0", "x1", "y1"]].to_numpy(float),
-                       raw_regions[["x0", "y0", "x1", "y1"]].to_numpy(float), atol=1e-6)
+    assert np.allclose(
+        prepared_regions[["x0", "y0", "x1", "y1"]].to_numpy(float),
+        raw_regions[["x0", "y0", "x1", "y1"]].to_numpy(float),
+        atol=1e-6,
+    )
 
 
 def test_labels_are_the_labelers(built):
@@ -183,15 +209,20 @@ def test_regions_lie_on_the_reported_side_and_zone(built):
             masks, anatomy = z["regions"], z["anatomy"]
         assert masks.shape == (len(rows), SIZE, SIZE) and anatomy.shape == (4, SIZE, SIZE)
         txt = (raw / "files" / f"p{m.subject_id[:2]}" / f"p{m.subject_id}" / f"s{m.study_id}.txt").read_text()
-        mentions = [x for x in extract_mentions(report_text(parse_mimic_report(txt), "both"))
-                    if x.value == 1 and x.finding is not None]
+        mentions = [
+            x
+            for x in extract_mentions(report_text(parse_mimic_report(txt), "both"))
+            if x.value == 1 and x.finding is not None
+        ]
         for k, row in enumerate(rows.itertuples()):
             _check_box(row, anatomy)
             ys, xs = np.nonzero(masks[k])  # the box is the mask's box
             assert abs(xs.min() / SIZE - row.x0) < 1e-3 and abs((ys.max() + 1) / SIZE - row.y1) < 1e-3
             same = [x for x in mentions if x.finding.value == row.finding]
             assert same, f"{row.finding} drawn without a positive mention"
-            stated = {s for x in same for s in (("left", "right") if x.side == "bilateral" else (x.side,)) if s}
+            stated = {
+                s for x in same for s in (("left", "right") if x.side == "bilateral" else (x.side,)) if s
+            }
             if row.side and stated and row.finding != "device":
                 assert row.side in stated, (row, stated)
                 checked_side += 1
@@ -218,8 +249,9 @@ def test_normal_reports_draw_nothing(built):
     for d in normal["dicom_id"][:3]:
         with np.load(built / "raw" / "masks" / f"{d}.npz") as z:
             assert z["regions"].shape[0] == 0
-    abnormal = index[index[[c for c in CHEXPERT_LABELS if c not in ("No Finding", "Support Devices")]].eq(1).any(
-        axis=1)]
+    abnormal = index[
+        index[[c for c in CHEXPERT_LABELS if c not in ("No Finding", "Support Devices")]].eq(1).any(axis=1)
+    ]
     assert set(abnormal["dicom_id"]) <= set(regions["dicom_id"])
 
 
@@ -227,7 +259,9 @@ def test_orientation_and_intensity_of_prepared_images(built):
     """In every prepared image (JPG and DICOM, MONOCHROME1 included) the heart's mass is right of the image centre
     and the lungs are darker than the heart and mediastinum."""
     ds = PreparedDataset(built)
-    fmt = pd.read_csv(built / "raw" / "phantom_images.csv", dtype=str, keep_default_na=False).set_index("dicom_id")
+    fmt = pd.read_csv(built / "raw" / "phantom_images.csv", dtype=str, keep_default_na=False).set_index(
+        "dicom_id"
+    )
     seen = set()
     for i in range(len(ds)):
         d = ds.index.at[i, "dicom_id"]
@@ -273,13 +307,16 @@ def test_other_seed_other_phantom(built, tmp_path):
         prepare_phantom(other, studies=8, size=64, seed=2)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"size": 32}, "64 to 1024"),
-    ({"studies": 0}, "positive"),
-    ({"studies": 100_000}, "only 3927"),
-    ({"seed": -1}, "non-negative"),
-    ({"workers": 0}, "at least 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"size": 32}, "64 to 1024"),
+        ({"studies": 0}, "positive"),
+        ({"studies": 100_000}, "only 3927"),
+        ({"seed": -1}, "non-negative"),
+        ({"workers": 0}, "at least 1"),
+    ],
+)
 def test_bad_arguments(tmp_path, kwargs, match):
     with pytest.raises(DataError, match=match):
         prepare_phantom(tmp_path / "x", **{"studies": 4, "size": 64, **kwargs})
@@ -386,9 +423,17 @@ def test_every_kind_is_drawn_where_asked(atlas, kind):
         fr = render_frontal([spec], atlas, (7 * i + 3) % len(atlas), SIZE, np.random.default_rng(i), lesions)
         assert fr.regions, spec
         for r in fr.regions:
-            row = pd.Series({"finding": kind.value, "side": r.spec.side.value if r.spec.side else "",
-                             "zone": r.spec.zone.value if r.spec.zone else "", "x0": r.box[0], "y0": r.box[1],
-                             "x1": r.box[2], "y1": r.box[3]})
+            row = pd.Series(
+                {
+                    "finding": kind.value,
+                    "side": r.spec.side.value if r.spec.side else "",
+                    "zone": r.spec.zone.value if r.spec.zone else "",
+                    "x0": r.box[0],
+                    "y0": r.box[1],
+                    "x1": r.box[2],
+                    "y1": r.box[3],
+                }
+            )
             _check_box(row, fr.anatomy)
             assert r.mask.sum() >= 4  # visible: at least a few pixels at 128 px
         if kind == Finding.EDEMA:
@@ -398,8 +443,12 @@ def test_every_kind_is_drawn_where_asked(atlas, kind):
 def test_findings_change_the_pixels(atlas):
     """A drawn finding is visible: the image differs inside its region from the same image drawn without it."""
     lesions = lesion_diameters()
-    for kind, side, zone in [(Finding.EFFUSION, Side.LEFT, Zone.BASE), (Finding.NODULE, Side.RIGHT, Zone.MID),
-                             (Finding.PNEUMOTHORAX, Side.RIGHT, Zone.APEX), (Finding.CONSOLIDATION, Side.LEFT, Zone.LOWER)]:
+    for kind, side, zone in [
+        (Finding.EFFUSION, Side.LEFT, Zone.BASE),
+        (Finding.NODULE, Side.RIGHT, Zone.MID),
+        (Finding.PNEUMOTHORAX, Side.RIGHT, Zone.APEX),
+        (Finding.CONSOLIDATION, Side.LEFT, Zone.LOWER),
+    ]:
         spec = DrawSpec(kind, side, zone, "moderate")
         with_f = render_frontal([spec], atlas, 5, SIZE, np.random.default_rng(9), lesions)
         without = render_frontal([], atlas, 5, SIZE, np.random.default_rng(9), lesions)
@@ -413,8 +462,9 @@ def test_devices_are_drawn(atlas):
     lesions = lesion_diameters()
     for i, dev in enumerate(Device):
         side = Side.LEFT if i % 2 else Side.RIGHT
-        fr = render_frontal([DrawSpec(Finding.DEVICE, side, device=dev)], atlas, i, SIZE, np.random.default_rng(i),
-                            lesions)
+        fr = render_frontal(
+            [DrawSpec(Finding.DEVICE, side, device=dev)], atlas, i, SIZE, np.random.default_rng(i), lesions
+        )
         assert len(fr.regions) == 1, dev
         assert fr.image[fr.regions[0].mask].mean() > 140, dev  # metal is bright
 

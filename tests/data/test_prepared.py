@@ -55,10 +55,23 @@ def test_unprepared_directories(tmp_path):
 def test_map_regions_and_reason_kind():
     import pandas as pd
 
-    regions = pd.DataFrame({"dicom_id": ["a", "b"], "finding": ["effusion", "nodule"],
-                            "x0": [0.0, 0.1], "y0": [0.0, 0.1], "x1": [1.0, 0.2], "y1": [1.0, 0.2]})
+    regions = pd.DataFrame(
+        {
+            "dicom_id": ["a", "b"],
+            "finding": ["effusion", "nodule"],
+            "x0": [0.0, 0.1],
+            "y0": [0.0, 0.1],
+            "x1": [1.0, 0.2],
+            "y1": [1.0, 0.2],
+        }
+    )
     out = map_regions(regions, {"a": resize_geometry((100, 50), 40)})
-    assert list(out["dicom_id"]) == ["a"] and out.loc[0, ["x0", "y0", "x1", "y1"]].tolist() == [0.25, 0, 0.75, 1]
+    assert list(out["dicom_id"]) == ["a"] and out.loc[0, ["x0", "y0", "x1", "y1"]].tolist() == [
+        0.25,
+        0,
+        0.75,
+        1,
+    ]
     assert reason_kind("truncated JPEG file (image file is truncated)") == "truncated JPEG file"
     assert reason_kind("no report file (files/p10/p1/s2.txt)") == "no report file"
 
@@ -78,9 +91,20 @@ def _views_dataset(root) -> PreparedDataset:
 
     root.mkdir()
     n = len(VIEWS)
-    index = pd.DataFrame({"row": range(n), "dicom_id": [f"d{k}" for k in range(n)], "subject_id": "p1",
-                          "study_id": STUDIES, "split": "train", "view": VIEWS, "source": "x.jpg", "findings": "",
-                          "impression": "", "report": [f"report {k}" for k in range(n)]})
+    index = pd.DataFrame(
+        {
+            "row": range(n),
+            "dicom_id": [f"d{k}" for k in range(n)],
+            "subject_id": "p1",
+            "study_id": STUDIES,
+            "split": "train",
+            "view": VIEWS,
+            "source": "x.jpg",
+            "findings": "",
+            "impression": "",
+            "report": [f"report {k}" for k in range(n)],
+        }
+    )
     for j, c in enumerate(CHEXPERT_LABELS):
         index[c] = [float(k) if j == 0 else np.nan for k in range(n)]
     np.save(root / CACHE_FILE, np.repeat(np.arange(n, dtype=np.uint8)[:, None, None], 4, 1).repeat(4, 2))

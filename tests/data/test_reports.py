@@ -38,7 +38,9 @@ FULL = """                                 FINAL REPORT
 
 def test_full_report():
     r = parse_mimic_report(FULL)
-    assert r.findings == "The heart is mildly enlarged. There is a small left pleural effusion. No pneumothorax."
+    assert (
+        r.findings == "The heart is mildly enlarged. There is a small left pleural effusion. No pneumothorax."
+    )
     assert r.impression == "1. Mild cardiomegaly. 2. Small left effusion."
     assert r.sections["indication"] == "___ M with shortness of breath."
     assert r.sections["comparison"] == "___"
@@ -51,7 +53,7 @@ def test_full_report():
 
 
 def test_addendum_on_top_is_kept_apart():
-    text = (" FINAL ADDENDUM\n ADDENDUM:\n The findings were telephoned to Dr. ___ at 14:20.\n \n" + FULL)
+    text = " FINAL ADDENDUM\n ADDENDUM:\n The findings were telephoned to Dr. ___ at 14:20.\n \n" + FULL
     r = parse_mimic_report(text)
     assert r.addendum == "The findings were telephoned to Dr. ___ at 14:20."
     assert r.findings.startswith("The heart is mildly enlarged.") and "telephoned" not in r.findings
@@ -59,8 +61,10 @@ def test_addendum_on_top_is_kept_apart():
 
 
 def test_addendum_used_only_when_the_report_has_no_sections():
-    text = (" FINAL ADDENDUM\n ADDENDUM:\n IMPRESSION: Right upper lobe nodule, new.\n \n FINAL REPORT\n"
-            " INDICATION: cough\n")
+    text = (
+        " FINAL ADDENDUM\n ADDENDUM:\n IMPRESSION: Right upper lobe nodule, new.\n \n FINAL REPORT\n"
+        " INDICATION: cough\n"
+    )
     r = parse_mimic_report(text)
     assert r.impression == "Right upper lobe nodule, new."
 
@@ -92,8 +96,10 @@ def test_missing_sections_and_last_paragraph_fallback():
     assert report_text(r, "findings") == ""  # impression present: no fallback for findings
     assert missing_text_reason(r, "findings") == "report has no FINDINGS section"
     assert report_text(r, "both") == "No pneumonia."
-    plain = parse_mimic_report(" FINAL REPORT\n INDICATION: chest pain\n \n PA and lateral views.\n \n"
-                               " The lungs are clear.  No effusion.\n")
+    plain = parse_mimic_report(
+        " FINAL REPORT\n INDICATION: chest pain\n \n PA and lateral views.\n \n"
+        " The lungs are clear.  No effusion.\n"
+    )
     assert plain.findings == plain.impression == ""
     assert plain.last_paragraph == "The lungs are clear. No effusion."
     for which in ("findings", "impression", "both"):

@@ -23,8 +23,14 @@ from medvl.text.tokenizer import ReportTokenizer, train_wordpiece
 def _enc(img, txt, reports):
     n, w = txt.shape[:2]
     mask = torch.ones(n, w, dtype=torch.bool)
-    return SplitEncoding(F.normalize(img, dim=-1), torch.zeros(n, img.shape[1], 4), F.normalize(txt, dim=-1),
-                         mask, mask, reports)
+    return SplitEncoding(
+        F.normalize(img, dim=-1),
+        torch.zeros(n, img.shape[1], 4),
+        F.normalize(txt, dim=-1),
+        mask,
+        mask,
+        reports,
+    )
 
 
 def test_retrieval_perfect_shuffled_and_duplicates():
@@ -54,7 +60,9 @@ class StandIn(nn.Module):
 
     def encode_image(self, images):
         b = images.shape[0]
-        boxes = torch.tensor([[0, 0, .5, .5], [.5, 0, 1, .5], [0, .5, .5, 1], [.5, .5, 1, 1]]).expand(b, 4, 4)
+        boxes = torch.tensor([[0, 0, 0.5, 0.5], [0.5, 0, 1, 0.5], [0, 0.5, 0.5, 1], [0.5, 0.5, 1, 1]]).expand(
+            b, 4, 4
+        )
         feats = torch.eye(4).expand(b, 4, 4)
         centres = (boxes[..., :2] + boxes[..., 2:]) / 2
         z = torch.zeros(b, 4, 2)
@@ -69,18 +77,44 @@ class StandIn(nn.Module):
         return TextTokens(feats, word_mask, match_mask)
 
     def select(self, tokens):
-        return (*select_words(F.normalize(tokens.features, dim=-1), tokens.word_mask, tokens.match_mask), None)
+        return (
+            *select_words(F.normalize(tokens.features, dim=-1), tokens.word_mask, tokens.match_mask),
+            None,
+        )
 
 
 def test_pointing_game_counts_hits_chance_iou_and_skips():
     reports = ["Large right pleural effusion.", "Small left effusions.", "Cardiomegaly."]
     tok = ReportTokenizer(train_wordpiece(reports * 3, 100, 1))
     data = [{"image": torch.zeros(1, 8, 8), "report": r, "dicom_id": f"d{i}"} for i, r in enumerate(reports)]
-    regions = pd.DataFrame([
-        {"dicom_id": "d0", "word": "effusion", "x0": .5, "y0": .5, "x1": 1.0, "y1": 1.0},  # patch 3 exactly
-        {"dicom_id": "d1", "word": "effusion", "x0": 0.0, "y0": 0.0, "x1": .3, "y1": .3},  # plural; elsewhere
-        {"dicom_id": "d2", "word": "effusion", "x0": 0.0, "y0": 0.0, "x1": .3, "y1": .3},  # not in the report
-    ])
+    regions = pd.DataFrame(
+        [
+            {
+                "dicom_id": "d0",
+                "word": "effusion",
+                "x0": 0.5,
+                "y0": 0.5,
+                "x1": 1.0,
+                "y1": 1.0,
+            },  # patch 3 exactly
+            {
+                "dicom_id": "d1",
+                "word": "effusion",
+                "x0": 0.0,
+                "y0": 0.0,
+                "x1": 0.3,
+                "y1": 0.3,
+            },  # plural; elsewhere
+            {
+                "dicom_id": "d2",
+                "word": "effusion",
+                "x0": 0.0,
+                "y0": 0.0,
+                "x1": 0.3,
+                "y1": 0.3,
+            },  # not in the report
+        ]
+    )
     enc = encode_split(StandIn(tok), tok, data, batch_size=2, regions=regions)
     assert enc.skipped == {"word_not_in_report": 1}
     r0, r1 = enc.pointing
@@ -97,12 +131,28 @@ def test_pointing_game_scores_a_word_once_per_image_over_all_its_boxes():
     reports = ["Bilateral pleural effusions.", "Left effusion."]
     tok = ReportTokenizer(train_wordpiece(reports * 3, 100, 1))
     data = [{"image": torch.zeros(1, 8, 8), "report": r, "dicom_id": f"d{i}"} for i, r in enumerate(reports)]
-    regions = pd.DataFrame([
-        {"dicom_id": "d0", "word": "effusion", "x0": .5, "y0": .5, "x1": 1.0, "y1": 1.0},  # patch 3
-        {"dicom_id": "d0", "word": "effusion", "x0": 0.0, "y0": .5, "x1": .5, "y1": 1.0},  # patch 2
-        {"dicom_id": "d1", "word": "effusion", "x0": 0.0, "y0": 0.0, "x1": .3, "y1": .3},  # patch 0: a miss
-        {"dicom_id": "d1", "word": "effusion", "x0": 0.0, "y0": .6, "x1": .3, "y1": .9},  # patch 2: a miss too
-    ])
+    regions = pd.DataFrame(
+        [
+            {"dicom_id": "d0", "word": "effusion", "x0": 0.5, "y0": 0.5, "x1": 1.0, "y1": 1.0},  # patch 3
+            {"dicom_id": "d0", "word": "effusion", "x0": 0.0, "y0": 0.5, "x1": 0.5, "y1": 1.0},  # patch 2
+            {
+                "dicom_id": "d1",
+                "word": "effusion",
+                "x0": 0.0,
+                "y0": 0.0,
+                "x1": 0.3,
+                "y1": 0.3,
+            },  # patch 0: a miss
+            {
+                "dicom_id": "d1",
+                "word": "effusion",
+                "x0": 0.0,
+                "y0": 0.6,
+                "x1": 0.3,
+                "y1": 0.9,
+            },  # patch 2: a miss too
+        ]
+    )
     enc = encode_split(StandIn(tok), tok, data, batch_size=2, regions=regions)
     assert [r.regions for r in enc.pointing] == [2, 2]
     r0, r1 = enc.pointing
@@ -118,8 +168,11 @@ def test_word_variants():
 
 
 def test_localization_metrics_per_finding():
-    recs = [PointingRecord("a", "effusion", 1.0, 0.2, 0.5), PointingRecord("b", "effusion", 0.0, 0.1, 0.1),
-            PointingRecord("c", "nodule", 1.0, 0.05, 0.3)]
+    recs = [
+        PointingRecord("a", "effusion", 1.0, 0.2, 0.5),
+        PointingRecord("b", "effusion", 0.0, 0.1, 0.1),
+        PointingRecord("c", "nodule", 1.0, 0.05, 0.3),
+    ]
     m = localization_metrics(recs)
     assert m["pointing_game"] == pytest.approx(2 / 3)
     assert m["pointing_game_chance"] == pytest.approx(0.35 / 3)
@@ -134,8 +187,15 @@ def test_evaluate_on_tiny_prepared_writes_every_key(tiny_prepared, tiny_adamatch
     out = tmp_path / "metrics.json"
     evaluate("adamatch", run=tiny_adamatch_run, data=tiny_prepared, split="test", out=out)
     m = json.loads(out.read_text())
-    for key in ("retrieval.i2t_r1", "retrieval.i2t_r5", "retrieval.t2i_r1", "retrieval.t2i_r5",
-                "localization.pointing_game", "localization.pointing_game_chance", "localization.box_iou"):
+    for key in (
+        "retrieval.i2t_r1",
+        "retrieval.i2t_r5",
+        "retrieval.t2i_r1",
+        "retrieval.t2i_r5",
+        "localization.pointing_game",
+        "localization.pointing_game_chance",
+        "localization.box_iou",
+    ):
         assert 0.0 <= m[key] <= 1.0, key
     words = set(PreparedDataset(tiny_prepared, "test").regions()["word"])
     for w in words:

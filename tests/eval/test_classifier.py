@@ -33,9 +33,15 @@ from medvl.text.chexpert import CHEXPERT_LABELS
 def test_an_evaluation_takes_a_saved_directory_or_a_loaded_classifier(tmp_path):
     torch.manual_seed(0)
     model = XrayClassifier(ClassifierConfig(image_size=32, channels=[8]), ["effusion"]).eval()
-    report = ClassifierReport(val_macro_auroc=0.75, val_per_label_auroc={"Cardiomegaly": 0.75},
-                              val_laterality_accuracy=1.0, best_step=3, side_findings=["effusion"], train_images=9,
-                              side_convention_agreement=1.0)
+    report = ClassifierReport(
+        val_macro_auroc=0.75,
+        val_per_label_auroc={"Cardiomegaly": 0.75},
+        val_laterality_accuracy=1.0,
+        best_step=3,
+        side_findings=["effusion"],
+        train_images=9,
+        side_convention_agreement=1.0,
+    )
     assert not is_trained_classifier(tmp_path / "clf")
     model.save_pretrained(tmp_path / "clf", meta={"report": dataclasses.asdict(report)})
     assert is_trained_classifier(tmp_path / "clf")
@@ -62,28 +68,89 @@ def test_side_head_pools_each_image_half_separately():
 
 
 def test_side_targets_and_laterality_pairs():
-    regions = pd.DataFrame([
-        {"dicom_id": "a", "finding": "effusion", "side": "left", "x0": 0.6, "x1": 0.9, "y0": 0.6, "y1": 0.9},
-        {"dicom_id": "b", "finding": "effusion", "side": "right", "x0": 0.1, "x1": 0.4, "y0": 0.6, "y1": 0.9},
-        {"dicom_id": "c", "finding": "effusion", "side": "left", "x0": 0.6, "x1": 0.9, "y0": 0.6, "y1": 0.9},
-        {"dicom_id": "c", "finding": "effusion", "side": "right", "x0": 0.1, "x1": 0.4, "y0": 0.6, "y1": 0.9},
-        {"dicom_id": "d", "finding": "cardiomegaly", "side": "", "x0": 0.3, "x1": 0.7, "y0": 0.4, "y1": 0.8},
-    ])
+    regions = pd.DataFrame(
+        [
+            {
+                "dicom_id": "a",
+                "finding": "effusion",
+                "side": "left",
+                "x0": 0.6,
+                "x1": 0.9,
+                "y0": 0.6,
+                "y1": 0.9,
+            },
+            {
+                "dicom_id": "b",
+                "finding": "effusion",
+                "side": "right",
+                "x0": 0.1,
+                "x1": 0.4,
+                "y0": 0.6,
+                "y1": 0.9,
+            },
+            {
+                "dicom_id": "c",
+                "finding": "effusion",
+                "side": "left",
+                "x0": 0.6,
+                "x1": 0.9,
+                "y0": 0.6,
+                "y1": 0.9,
+            },
+            {
+                "dicom_id": "c",
+                "finding": "effusion",
+                "side": "right",
+                "x0": 0.1,
+                "x1": 0.4,
+                "y0": 0.6,
+                "y1": 0.9,
+            },
+            {
+                "dicom_id": "d",
+                "finding": "cardiomegaly",
+                "side": "",
+                "x0": 0.3,
+                "x1": 0.7,
+                "y0": 0.4,
+                "y1": 0.8,
+            },
+        ]
+    )
     ids = ["a", "b", "c", "d"]
     assert one_sided_findings(regions, 2) == ["effusion"]
     t = side_targets(regions, ids, ["effusion"])
     assert t[:, 0].tolist() == [[0, 1], [1, 0], [1, 1], [0, 0]]  # patient left is drawn on the image right
     pairs = laterality_pairs(regions, ids, ["effusion"])
     assert pairs == [(0, 0, 1), (1, 0, 0)]  # c has both sides: no stated side
-    small = pd.concat([regions, pd.DataFrame([{"dicom_id": "d", "finding": "effusion", "side": "right", "x0": 0.1,
-                                               "x1": 0.15, "y0": 0.6, "y1": 0.9}])])
+    small = pd.concat(
+        [
+            regions,
+            pd.DataFrame(
+                [
+                    {
+                        "dicom_id": "d",
+                        "finding": "effusion",
+                        "side": "right",
+                        "x0": 0.1,
+                        "x1": 0.15,
+                        "y0": 0.6,
+                        "y1": 0.9,
+                    }
+                ]
+            ),
+        ]
+    )
     assert laterality_pairs(small, ids, ["effusion"]) == [(0, 0, 1), (1, 0, 0), (3, 0, 0)]
     assert laterality_pairs(small, ids, ["effusion"], min_side=0.1) == [(0, 0, 1), (1, 0, 0)]  # 0.05 wide
     # only the sides the reports state: b's report gave no side (the phantom chose one), c's says left but c has
     # both sides drawn, d's states the right side
     stated = [{("effusion", "left")}, set(), {("effusion", "left")}, {("effusion", "right")}]
     assert laterality_pairs(small, ids, ["effusion"], stated=stated) == [(0, 0, 1), (3, 0, 0)]
-    assert laterality_pairs(small, ids, ["effusion"], stated=[{("effusion", "right")}] * 4) == [(1, 0, 0), (3, 0, 0)]
+    assert laterality_pairs(small, ids, ["effusion"], stated=[{("effusion", "right")}] * 4) == [
+        (1, 0, 0),
+        (3, 0, 0),
+    ]
     logits = np.zeros((4, 1, 2))
     logits[0, 0] = [0.0, 2.0]
     logits[1, 0] = [0.0, 2.0]

@@ -27,14 +27,18 @@ def test_uncertain_and_blank_count_as_negative():
 
 
 def test_counts_by_hand():
-    ref = rows({"Cardiomegaly": 1, "Pleural Effusion": 1},   # 2 positives
-               {"No Finding": 1},
-               {"Edema": 1, "Cardiomegaly": -1},              # uncertain cardiomegaly = negative
-               {"Pleural Effusion": 0})
-    gen = rows({"Cardiomegaly": 1},                           # TP cardiomegaly, FN effusion
-               {"No Finding": 1, "Pleural Effusion": 1},      # TP no finding, FP effusion
-               {"Cardiomegaly": 1},                           # FP cardiomegaly, FN edema
-               {"Pleural Effusion": -1})                      # nothing
+    ref = rows(
+        {"Cardiomegaly": 1, "Pleural Effusion": 1},  # 2 positives
+        {"No Finding": 1},
+        {"Edema": 1, "Cardiomegaly": -1},  # uncertain cardiomegaly = negative
+        {"Pleural Effusion": 0},
+    )
+    gen = rows(
+        {"Cardiomegaly": 1},  # TP cardiomegaly, FN effusion
+        {"No Finding": 1, "Pleural Effusion": 1},  # TP no finding, FP effusion
+        {"Cardiomegaly": 1},  # FP cardiomegaly, FN edema
+        {"Pleural Effusion": -1},
+    )  # nothing
     m = ce_metrics(ref, gen)
     # 14 labels: TP = 2 (cardiomegaly, no finding), FP = 2, FN = 2
     assert m["ce.micro.precision"] == pytest.approx(0.5)

@@ -12,8 +12,9 @@ from medvl.eval.image import evaluate_diffusion, mean_ms_ssim, ms_ssim_weights, 
 from medvl.train.classifier import evaluation_classifier
 from tests.models.diffusion_fixtures import build_tiny_runs
 
-TINY_CLASSIFIER = ClassifierConfig(image_size=32, channels=[8, 16, 32], steps=40, eval_every=20, batch_size=16,
-                                   lr=5e-3, min_side_regions=3)
+TINY_CLASSIFIER = ClassifierConfig(
+    image_size=32, channels=[8, 16, 32], steps=40, eval_every=20, batch_size=16, lr=5e-3, min_side_regions=3
+)
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -35,16 +36,31 @@ def test_evaluate_diffusion_writes_the_contract_keys(tiny_prepared, tmp_path):
     run = build_tiny_runs(tmp_path / "runs", tiny_prepared)["diff"]
     out = tmp_path / "eval" / "diffusion.json"
     classifier = evaluation_classifier(tiny_prepared, TINY_CLASSIFIER, device="cpu")
-    record = evaluate_diffusion(run=run, data=tiny_prepared, split="test", out=out, diversity_reports=4,
-                                classifier=classifier, steps=3)
+    record = evaluate_diffusion(
+        run=run,
+        data=tiny_prepared,
+        split="test",
+        out=out,
+        diversity_reports=4,
+        classifier=classifier,
+        steps=3,
+    )
     saved = json.loads(out.read_text())
     assert saved.keys() == record.keys()
-    for key in ("image.fid", "image.ms_ssim_diversity", "image.label_auroc", "image.real_label_auroc",
-                "image.laterality_accuracy", "image.real_laterality_accuracy",
-                "image.laterality_accuracy_all_sizes", "image.real_per_finding.effusion.laterality_accuracy",
-                "image.per_label.Pleural Effusion.auroc", "image.real_per_label.Cardiomegaly.auroc",
-                "baselines.unconditional.image.label_auroc",
-                "baselines.autoencoder_reconstruction.image.label_auroc"):
+    for key in (
+        "image.fid",
+        "image.ms_ssim_diversity",
+        "image.label_auroc",
+        "image.real_label_auroc",
+        "image.laterality_accuracy",
+        "image.real_laterality_accuracy",
+        "image.laterality_accuracy_all_sizes",
+        "image.real_per_finding.effusion.laterality_accuracy",
+        "image.per_label.Pleural Effusion.auroc",
+        "image.real_per_label.Cardiomegaly.auroc",
+        "baselines.unconditional.image.label_auroc",
+        "baselines.autoencoder_reconstruction.image.label_auroc",
+    ):
         assert isinstance(saved[key], float) and np.isfinite(saved[key]), key
     assert saved["image.fid"] >= 0 and 0 <= saved["image.ms_ssim_diversity"] <= 1
     assert saved["image.fid_features"].startswith("medvl-classifier")
@@ -56,8 +72,7 @@ def test_evaluate_diffusion_writes_the_contract_keys(tiny_prepared, tmp_path):
     assert (tmp_path / "eval" / "diffusion.grid.png").stat().st_size > 1000
 
     # guidance is chosen on the validation split and written into the run
-    scores = tune_guidance(run=run, data=tiny_prepared, values=(0.0, 2.0), write=True,
-                           classifier=classifier)
+    scores = tune_guidance(run=run, data=tiny_prepared, values=(0.0, 2.0), write=True, classifier=classifier)
     assert set(scores) == {0.0, 2.0}
     from medvl.models.diffusion import load_scheduler_config
 

@@ -24,7 +24,10 @@ HYPS = [
 
 
 def test_tokenisation_is_the_stated_one():
-    assert tokenize_report("Heart size is NORMAL... XXXX-year-old, 3.5 cm!") == "heart size is normal . xxxx year old 3.5 cm"
+    assert (
+        tokenize_report("Heart size is NORMAL... XXXX-year-old, 3.5 cm!")
+        == "heart size is normal . xxxx year old 3.5 cm"
+    )
     assert tokenize_report("  ") == ""
 
 
@@ -36,8 +39,14 @@ def _coco(gts, res):
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     rouge, _ = Rouge().compute_score(gts, res)
     cider, _ = Cider().compute_score(gts, res)
-    return {"nlg.bleu1": bleu[0], "nlg.bleu2": bleu[1], "nlg.bleu3": bleu[2], "nlg.bleu4": bleu[3],
-            "nlg.rouge_l": rouge, "nlg.cider": cider}
+    return {
+        "nlg.bleu1": bleu[0],
+        "nlg.bleu2": bleu[1],
+        "nlg.bleu3": bleu[2],
+        "nlg.bleu4": bleu[3],
+        "nlg.rouge_l": rouge,
+        "nlg.cider": cider,
+    }
 
 
 def test_parity_with_pycocoevalcap_on_fixed_strings():

@@ -33,8 +33,19 @@ def test_evaluate_report_writes_the_contract(runs, tmp_path, monkeypatch):
     saved = json.loads(out.read_text())
     assert saved.keys() == record.keys()
     for prefix in ("", "baselines.most_frequent.", "baselines.retrieval.", "ablations.no_memory."):
-        for key in ("nlg.bleu1", "nlg.bleu2", "nlg.bleu3", "nlg.bleu4", "nlg.rouge_l", "nlg.cider",
-                    "ce.micro.precision", "ce.micro.recall", "ce.micro.f1", "ce.macro.f1", "ce.micro5.f1"):
+        for key in (
+            "nlg.bleu1",
+            "nlg.bleu2",
+            "nlg.bleu3",
+            "nlg.bleu4",
+            "nlg.rouge_l",
+            "nlg.cider",
+            "ce.micro.precision",
+            "ce.micro.recall",
+            "ce.micro.f1",
+            "ce.macro.f1",
+            "ce.micro5.f1",
+        ):
             assert isinstance(saved[prefix + key], float), prefix + key
         assert f"{prefix}ce.per_label.Cardiomegaly.f1" in saved
         assert f"{prefix}nlg.meteor" not in saved
@@ -46,5 +57,7 @@ def test_evaluate_report_writes_the_contract(runs, tmp_path, monkeypatch):
     # The most-frequent baseline says the same thing for every study.
     pred = pd.read_csv(predictions_path(out), dtype=str, keep_default_na=False)
     assert list(pred.columns) == ["study_id", "reference", "generated"] and len(pred) == 10
-    assert set(pred["study_id"]) == set(pd.read_csv(runs.data / "index.csv", dtype=str).query("split == 'test'")["study_id"])
+    assert set(pred["study_id"]) == set(
+        pd.read_csv(runs.data / "index.csv", dtype=str).query("split == 'test'")["study_id"]
+    )
     assert set(CHEXPERT_LABELS) >= {k.split(".")[2] for k in saved if k.startswith("ce.per_label.")}

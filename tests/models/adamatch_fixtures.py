@@ -17,7 +17,9 @@ def train_tiny_run(data: Path, out: Path, steps: int = 8, overrides: list[str] |
     from medvl.train.stages.adamatch import build_stage
 
     torch.manual_seed(0)
-    stage = build_stage(config_path=CONFIG_ROOT / "adamatch" / "tiny.yaml", overrides=overrides or [], data=data)
+    stage = build_stage(
+        config_path=CONFIG_ROOT / "adamatch" / "tiny.yaml", overrides=overrides or [], data=data
+    )
     model = stage.build_model()
     opt = torch.optim.AdamW(stage.param_groups(model), lr=stage.train.lr)
     ds = stage.train_dataset()
@@ -47,8 +49,9 @@ def gather_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     # ranks hold different word counts: the gather pads them
     w = int(i2t[sl].sum(1).max())
     x = img[sl].clone().requires_grad_(True)
-    li, lt = pair_loss(x, txt[sl, :w], i2t[sl, :w], t2i[sl, :w], torch.tensor(10.0), groups[sl], chunk=2,
-                       gather=True)
+    li, lt = pair_loss(
+        x, txt[sl, :w], i2t[sl, :w], t2i[sl, :w], torch.tensor(10.0), groups[sl], chunk=2, gather=True
+    )
     loss = 0.5 * (li + lt)
     loss.backward()
     torch.save({"loss": loss.detach(), "grad": x.grad}, f"{out_dir}/rank{rank}.pt")

@@ -35,25 +35,40 @@ def make_tiny_adamatch_run(data: Path, out: Path, seed: int = 0) -> Path:
     from medvl.text.tokenizer import ReportTokenizer, train_wordpiece
 
     ds = PreparedDataset(data, "train")
-    tok = ReportTokenizer(train_wordpiece(ds.index["report"], vocab_size=200, min_frequency=1), max_tokens=48,
-                          max_words=24)
-    cfg = AdaMatchConfig(image_size=64, embed_dim=32, backbone=BackboneConfig(channels=[8, 16]),
-                         patches=AdaPatchConfig(grid=4, points=2),
-                         text=TextEncoderConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64))
+    tok = ReportTokenizer(
+        train_wordpiece(ds.index["report"], vocab_size=200, min_frequency=1), max_tokens=48, max_words=24
+    )
+    cfg = AdaMatchConfig(
+        image_size=64,
+        embed_dim=32,
+        backbone=BackboneConfig(channels=[8, 16]),
+        patches=AdaPatchConfig(grid=4, points=2),
+        text=TextEncoderConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
+    )
     torch.manual_seed(seed)
     model = build_adamatch(cfg, tok)
-    vocab, bank = build_keywords_and_bank(model, tok, ds, MiningConfig(min_count=1, bank_per_word=4), progress=False)
+    vocab, bank = build_keywords_and_bank(
+        model, tok, ds, MiningConfig(min_count=1, bank_per_word=4), progress=False
+    )
     AdaMatchRun(model, tok, vocab, bank).save_pretrained(out / AdaMatchRun.DIRNAME)
     (out / "stage.json").write_text(json.dumps({"stage": "adamatch"}))
     return out
 
 
-def train_tiny_report_run(data: Path, adamatch: Path, out: Path, *, overrides: list[str] | None = None) -> Path:
+def train_tiny_report_run(
+    data: Path, adamatch: Path, out: Path, *, overrides: list[str] | None = None
+) -> Path:
     """A tiny report run through the real entry point (``run_stage`` -> ``fit``)."""
     from medvl.train.stages import run_stage
 
-    run_stage("report", config="tiny", data=data, out=out, from_runs=[adamatch],
-              overrides=TINY_REPORT_OVERRIDES + list(overrides or []))
+    run_stage(
+        "report",
+        config="tiny",
+        data=data,
+        out=out,
+        from_runs=[adamatch],
+        overrides=TINY_REPORT_OVERRIDES + list(overrides or []),
+    )
     return out
 
 
@@ -73,7 +88,11 @@ def tiny_runs(root: Path, data: Path) -> TinyRuns:
         with one_thread():
             adamatch = make_tiny_adamatch_run(data, root / "adamatch")
             report = train_tiny_report_run(data, adamatch, root / "report")
-            train_tiny_report_run(data, adamatch, report / "ablations" / "no_memory",
-                                  overrides=["model.use_memory=false", "train.steps=6"])
+            train_tiny_report_run(
+                data,
+                adamatch,
+                report / "ablations" / "no_memory",
+                overrides=["model.use_memory=false", "train.steps=6"],
+            )
         _CACHE[data] = TinyRuns(data, adamatch, report)
     return _CACHE[data]

@@ -32,12 +32,15 @@ def slow_scores(img, txt, i2t_mask, t2i_mask, weight=None):
     for i in range(bi):
         for j in range(bt):
             words = [w for w in range(txt.shape[1]) if i2t_mask[j, w]]
-            s_i2t[i, j] = sum(max(float(img[i, p] @ txt[j, w]) for w in words) for p in range(img.shape[1])) / \
-                img.shape[1]
+            s_i2t[i, j] = (
+                sum(max(float(img[i, p] @ txt[j, w]) for w in words) for p in range(img.shape[1]))
+                / img.shape[1]
+            )
             real = [w for w in range(txt.shape[1]) if t2i_mask[j, w]]
             wt = {w: (1.0 if weight is None else float(weight[j, w])) for w in real}
-            s_t2i[i, j] = sum(wt[w] * max(float(img[i, p] @ txt[j, w]) for p in range(img.shape[1]))
-                              for w in real) / max(sum(wt.values()), 1e-6)
+            s_t2i[i, j] = sum(
+                wt[w] * max(float(img[i, p] @ txt[j, w]) for p in range(img.shape[1])) for w in real
+            ) / max(sum(wt.values()), 1e-6)
     return s_i2t, s_t2i
 
 
@@ -90,12 +93,19 @@ def slow_word_loss(img, txt, affirmed, ids, scale):
         for w in range(txt.shape[1]):
             if not affirmed[j, w]:
                 continue
-            logits = [scale * max(float(img[i, p] @ txt[j, w]) for p in range(img.shape[1])) for i in range(b)]
-            pos = [i for i in range(b) if i == j or any(affirmed[i, v] and ids[i, v] == ids[j, w]
-                                                       for v in range(txt.shape[1]))]
+            logits = [
+                scale * max(float(img[i, p] @ txt[j, w]) for p in range(img.shape[1])) for i in range(b)
+            ]
+            pos = [
+                i
+                for i in range(b)
+                if i == j or any(affirmed[i, v] and ids[i, v] == ids[j, w] for v in range(txt.shape[1]))
+            ]
             m = max(logits)
-            terms.append(math.log(sum(math.exp(x - m) for x in logits)) - math.log(sum(math.exp(logits[i] - m)
-                                                                                          for i in pos)))
+            terms.append(
+                math.log(sum(math.exp(x - m) for x in logits))
+                - math.log(sum(math.exp(logits[i] - m) for i in pos))
+            )
     return sum(terms) / len(terms)
 
 
@@ -117,7 +127,8 @@ def test_word_loss_matches_the_slow_reference(chunk):
     distinct = torch.arange(b * w).view(b, w)
     assert float(word_loss(best, affirmed, distinct, scale)) != pytest.approx(float(fast), rel=1e-3)
     assert float(word_loss(best, affirmed, distinct, scale)) == pytest.approx(
-        slow_word_loss(img, txt, affirmed, distinct, float(scale)), rel=1e-4)
+        slow_word_loss(img, txt, affirmed, distinct, float(scale)), rel=1e-4
+    )
 
 
 def test_model_with_the_word_term_adds_it_to_the_loss(toy):
@@ -127,7 +138,9 @@ def test_model_with_the_word_term_adds_it_to_the_loss(toy):
         model.cfg.word_loss_weight = 0.5
         both = model(images, **batch)
     assert float(both["loss_word"]) > 0 and "loss_word" not in base
-    assert float(both["loss"]) == pytest.approx(float(base["loss"]) + 0.5 * float(both["loss_word"]), rel=1e-5)
+    assert float(both["loss"]) == pytest.approx(
+        float(base["loss"]) + 0.5 * float(both["loss_word"]), rel=1e-5
+    )
 
 
 def test_select_words_keeps_masked_positions_in_order():
@@ -211,17 +224,25 @@ def test_local_pretrained_text_encoder(tmp_path, toy):
 
     ds, tok = toy
     bert_dir = tmp_path / "tiny-bert"
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=64)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(1)
     BertModel(cfg).save_pretrained(str(bert_dir))
     tok.hf.save_pretrained(str(bert_dir))
-    stage_cfg = load_config(AdaMatchStageConfig, CONFIG_ROOT / "adamatch" / "tiny.yaml",
-                            [f"model.text.pretrained={bert_dir}"])
+    stage_cfg = load_config(
+        AdaMatchStageConfig, CONFIG_ROOT / "adamatch" / "tiny.yaml", [f"model.text.pretrained={bert_dir}"]
+    )
     model = build_adamatch(stage_cfg.model, tok)
     ref = BertModel.from_pretrained(str(bert_dir), local_files_only=True)
-    assert torch.equal(model.text_encoder.encoder.embeddings.word_embeddings.weight,
-                       ref.embeddings.word_embeddings.weight)
+    assert torch.equal(
+        model.text_encoder.encoder.embeddings.word_embeddings.weight, ref.embeddings.word_embeddings.weight
+    )
     items = [ds[i] for i in range(4)]
     out = model(torch.stack([x["image"] for x in items]), **tok([x["report"] for x in items]))
     out["loss"].backward()
@@ -234,7 +255,9 @@ def test_local_pretrained_text_encoder(tmp_path, toy):
     shutil.rmtree(bert_dir)
     again = AdaMatchRun.from_pretrained(tmp_path / "run")
     x = torch.stack([x["image"] for x in items])
-    assert torch.allclose(again.scores(x, ["Cardiomegaly."])[1], run.scores(x, ["Cardiomegaly."])[1], atol=1e-5)
+    assert torch.allclose(
+        again.scores(x, ["Cardiomegaly."])[1], run.scores(x, ["Cardiomegaly."])[1], atol=1e-5
+    )
 
 
 @pytest.fixture(scope="module")
@@ -317,14 +340,46 @@ def test_medvl_train_adamatch_through_the_shared_loop(tiny_prepared, tmp_path):
     from medvl.cli import main
 
     out = tmp_path / "run"
-    assert main(["train", "adamatch", "--config", "tiny", "--data", str(tiny_prepared), "--out", str(out),
-                 "--set", "train.steps=2", "--set", "train.eval_every=2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "adamatch",
+                "--config",
+                "tiny",
+                "--data",
+                str(tiny_prepared),
+                "--out",
+                str(out),
+                "--set",
+                "train.steps=2",
+                "--set",
+                "train.eval_every=2",
+            ]
+        )
+        == 0
+    )
     info = json.loads((out / "stage.json").read_text())
     assert info["stage"] == "adamatch" and "val_score" in info["best_metrics"]
     run = AdaMatchRun.from_pretrained(out)
     assert len(run.keywords) > 0 and len(run.keypatch_bank) > 0
-    assert main(["train", "adamatch", "--config", "tiny", "--data", str(tiny_prepared), "--out", str(tmp_path / "r2"),
-                 "--set", "model.patches.grid=two"]) == 2  # a bad override is a one-line error
+    assert (
+        main(
+            [
+                "train",
+                "adamatch",
+                "--config",
+                "tiny",
+                "--data",
+                str(tiny_prepared),
+                "--out",
+                str(tmp_path / "r2"),
+                "--set",
+                "model.patches.grid=two",
+            ]
+        )
+        == 2
+    )  # a bad override is a one-line error
 
 
 def test_groups_merge_identical_and_normal_reports_and_abnormal_oversampling(tiny_prepared):
@@ -337,8 +392,11 @@ def test_groups_merge_identical_and_normal_reports_and_abnormal_oversampling(tin
     g = report_groups(["Clear.", "Effusion.", " effusion. ", "Normal chest."])
     assert g[0] != g[3] and g[1] == g[2]
 
-    stage = build_stage(config_path=CONFIG_ROOT / "adamatch" / "tiny.yaml", overrides=["oversample_abnormal=3"],
-                        data=tiny_prepared)
+    stage = build_stage(
+        config_path=CONFIG_ROOT / "adamatch" / "tiny.yaml",
+        overrides=["oversample_abnormal=3"],
+        data=tiny_prepared,
+    )
     base = stage.train_ds
     abnormal = int((base.labels[:, 0] != 1.0).sum())
     assert len(stage.train_dataset()) == len(base) + 2 * abnormal
@@ -402,8 +460,11 @@ def test_lexical_path_keeps_word_identity(toy):
         feats = model.encode_text(**enc.tensors()).features
         # the lexical path is the projected input embeddings, pooled per word
         emb = model.text_encoder.encoder.get_input_embeddings()(enc.input_ids)
-        ctx = model.text_encoder.proj(model.text_encoder.encoder(input_ids=enc.input_ids,
-                                                                 attention_mask=enc.attention_mask).last_hidden_state)
+        ctx = model.text_encoder.proj(
+            model.text_encoder.encoder(
+                input_ids=enc.input_ids, attention_mask=enc.attention_mask
+            ).last_hidden_state
+        )
     expected = pool_words(ctx + model.text_encoder.lexical(emb), enc.word_ids)
     assert torch.allclose(feats, expected, atol=1e-5)
 
@@ -430,8 +491,11 @@ def test_adamatch_resume_in_a_fresh_stage_is_exact(tiny_prepared, tmp_path):
     from medvl.train.stages.adamatch import build_stage
 
     def stage():
-        return build_stage(config_path=CONFIG_ROOT / "adamatch" / "tiny.yaml", data=tiny_prepared,
-                           overrides=["train.eval_every=0", "model.word_loss_weight=1.0"])
+        return build_stage(
+            config_path=CONFIG_ROOT / "adamatch" / "tiny.yaml",
+            data=tiny_prepared,
+            overrides=["train.eval_every=0", "model.word_loss_weight=1.0"],
+        )
 
     fit(stage(), tmp_path / "straight")
     crashing = stage()
@@ -450,6 +514,8 @@ def test_adamatch_resume_in_a_fresh_stage_is_exact(tiny_prepared, tmp_path):
     fit(stage(), tmp_path / "resumed", resume=True)
     a, b = (load_file(str(tmp_path / r / "adamatch" / "model.safetensors")) for r in ("straight", "resumed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    vocab = [json.loads((tmp_path / r / "adamatch" / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
-             for r in ("straight", "resumed")]
+    vocab = [
+        json.loads((tmp_path / r / "adamatch" / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
+        for r in ("straight", "resumed")
+    ]
     assert vocab[0] == vocab[1]

@@ -16,7 +16,9 @@ from medvl.models.adamatch.patches import (
 )
 
 
-def _layer(mode: PatchMode, grid: int = 4, points: int = 3, c: int = 8, d: int = 16, **kw) -> AdaptivePatchLayer:
+def _layer(
+    mode: PatchMode, grid: int = 4, points: int = 3, c: int = 8, d: int = 16, **kw
+) -> AdaptivePatchLayer:
     torch.manual_seed(0)
     return AdaptivePatchLayer(c, d, AdaPatchConfig(mode=mode, grid=grid, points=points, **kw))
 
@@ -69,8 +71,10 @@ def test_shift_and_scale_are_bounded():
     assert torch.allclose(out.size[..., 0] * cell, out.boxes[..., 2] - out.boxes[..., 0])
 
 
-@pytest.mark.parametrize("mode, box_embedding", [(PatchMode.ADAPTIVE, False), (PatchMode.FREEFORM, False),
-                                                 (PatchMode.ADAPTIVE, True)])
+@pytest.mark.parametrize(
+    "mode, box_embedding",
+    [(PatchMode.ADAPTIVE, False), (PatchMode.FREEFORM, False), (PatchMode.ADAPTIVE, True)],
+)
 def test_zero_initialised_predictor_equals_the_fixed_grid(mode, box_embedding):
     fmap = torch.randn(2, 8, 5, 5)
     grid = _layer(PatchMode.GRID, grid=4, points=3, box_embedding=box_embedding)

@@ -68,9 +68,16 @@ def test_tiny_autoencoder_trains_and_saves_its_latent_scale(tiny_prepared, tmp_p
 
 
 def test_adversarial_terms_give_each_network_only_its_own_gradient(tiny_prepared):
-    stage = build_autoencoder_stage(config_path="tiny", data=tiny_prepared,
-                                    overrides=["loss.adversarial_weight=1.0", "loss.discriminator_channels=8",
-                                               "loss.discriminator_layers=2", "loss.kl_weight=0.0"])
+    stage = build_autoencoder_stage(
+        config_path="tiny",
+        data=tiny_prepared,
+        overrides=[
+            "loss.adversarial_weight=1.0",
+            "loss.discriminator_channels=8",
+            "loss.discriminator_layers=2",
+            "loss.kl_weight=0.0",
+        ],
+    )
     torch.manual_seed(0)
     model = stage.build_model().train()
     x = torch.stack([stage.train_dataset()[i] for i in range(4)])
@@ -85,8 +92,10 @@ def test_adversarial_terms_give_each_network_only_its_own_gradient(tiny_prepared
     model.step.zero_()
     torch.manual_seed(1)
     recon, _, _ = model.autoencoder(x)
-    d_loss = 0.5 * (model.adversarial(model.discriminator(recon.detach())[-1], False, True)
-                    + model.adversarial(model.discriminator(x)[-1], True, True))
+    d_loss = 0.5 * (
+        model.adversarial(model.discriminator(recon.detach())[-1], False, True)
+        + model.adversarial(model.discriminator(x)[-1], True, True)
+    )
     d_loss.backward()
     for n, p in model.discriminator.named_parameters():
         torch.testing.assert_close(d_grads[n], p.grad, rtol=1e-4, atol=1e-6)
@@ -94,15 +103,21 @@ def test_adversarial_terms_give_each_network_only_its_own_gradient(tiny_prepared
 
 def test_perceptual_loss_needs_local_weights(tiny_prepared):
     with pytest.raises(ConfigError, match="perceptual_weights"):
-        build_autoencoder_stage(config_path="tiny", data=tiny_prepared, overrides=["loss.perceptual_weight=0.1"])
+        build_autoencoder_stage(
+            config_path="tiny", data=tiny_prepared, overrides=["loss.perceptual_weight=0.1"]
+        )
     with pytest.raises(ConfigError, match="does not exist"):
-        build_autoencoder_stage(config_path="tiny", data=tiny_prepared,
-                                overrides=["loss.perceptual_weight=0.1", "loss.perceptual_weights=/nope.pt"])
+        build_autoencoder_stage(
+            config_path="tiny",
+            data=tiny_prepared,
+            overrides=["loss.perceptual_weight=0.1", "loss.perceptual_weights=/nope.pt"],
+        )
 
 
 def test_tiny_unet_trains_with_frozen_memory_and_ema(runs, tiny_prepared):
-    stage = build_diffusion_stage(config_path="tiny", overrides=[], data=tiny_prepared,
-                                  from_runs=[runs["ada"], runs["rep"], runs["ae"]])
+    stage = build_diffusion_stage(
+        config_path="tiny", overrides=[], data=tiny_prepared, from_runs=[runs["ada"], runs["rep"], runs["ae"]]
+    )
     torch.manual_seed(0)
     fresh = stage.build_model()
     model, losses = train_plain(stage, 6)
@@ -118,8 +133,9 @@ def test_tiny_unet_trains_with_frozen_memory_and_ema(runs, tiny_prepared):
 
 
 def test_training_latents_are_encoded_once(runs, tiny_prepared, monkeypatch):
-    stage = build_diffusion_stage(config_path="tiny", overrides=[], data=tiny_prepared,
-                                  from_runs=[runs["ada"], runs["rep"], runs["ae"]])
+    stage = build_diffusion_stage(
+        config_path="tiny", overrides=[], data=tiny_prepared, from_runs=[runs["ada"], runs["rep"], runs["ae"]]
+    )
     calls = []
     encode = stage.autoencoder.encode
     monkeypatch.setattr(stage.autoencoder, "encode", lambda x: calls.append(len(x)) or encode(x))
@@ -134,8 +150,12 @@ def test_diffusion_run_is_self_contained(runs):
     from medvl.version import __version__
 
     diff = runs["diff"]
-    formats = {"diffusion": "medvl.diffusion", "autoencoder": "medvl.autoencoder", "adamatch": "medvl.adamatch",
-               "memory": "medvl.memory"}
+    formats = {
+        "diffusion": "medvl.diffusion",
+        "autoencoder": "medvl.autoencoder",
+        "adamatch": "medvl.adamatch",
+        "memory": "medvl.memory",
+    }
     for folder, fmt in formats.items():
         assert (diff / folder / "model.safetensors").is_file(), folder
         config = json.loads((diff / folder / "config.json").read_text())
@@ -185,8 +205,9 @@ def test_guidance_zero_equals_unconditional(synth):
 
 
 def test_scheduler_config_round_trips(tmp_path):
-    noise = NoiseScheduleConfig(num_train_timesteps=500, schedule="scaled_linear_beta", beta_start=0.001,
-                                beta_end=0.02)
+    noise = NoiseScheduleConfig(
+        num_train_timesteps=500, schedule="scaled_linear_beta", beta_start=0.001, beta_end=0.02
+    )
     sampler = SamplerConfig(name=SamplerName.DDIM, steps=33, guidance=4.5)
     save_scheduler_config(tmp_path, noise, sampler)
     assert (tmp_path / "scheduler_config.json").is_file()
@@ -202,8 +223,10 @@ def test_scheduler_config_round_trips(tmp_path):
         load_scheduler_config(tmp_path / "missing")
 
 
-@pytest.mark.parametrize("name,steps,tol", [("ddim", 10, 1e-3), ("dpm_solver_2m", 10, 1e-3), ("dpm_solver_2m", 1, 1e-3),
-                                            ("plms", 10, 0.1)])
+@pytest.mark.parametrize(
+    "name,steps,tol",
+    [("ddim", 10, 1e-3), ("dpm_solver_2m", 10, 1e-3), ("dpm_solver_2m", 1, 1e-3), ("plms", 10, 0.1)],
+)
 def test_samplers_recover_the_data_point_with_an_oracle_model(name, steps, tol):
     """For data concentrated on one point x0 the exact v-prediction is known in closed form; every ODE
     sampler must land on x0 (PLMS stops at t=0, not at the clean sample, hence the looser tolerance)."""
@@ -259,8 +282,12 @@ def test_presets_validate(preset):
 
 
 def test_abnormal_reports_can_be_repeated(runs, tiny_prepared):
-    stage = build_diffusion_stage(config_path="tiny", overrides=["data.abnormal_repeat=2"], data=tiny_prepared,
-                                  from_runs=[runs["ada"], runs["rep"], runs["ae"]])
+    stage = build_diffusion_stage(
+        config_path="tiny",
+        overrides=["data.abnormal_repeat=2"],
+        data=tiny_prepared,
+        from_runs=[runs["ada"], runs["rep"], runs["ae"]],
+    )
     ds = stage.train_dataset()
     assert len(ds) == 6 + 2 * 27  # 33 training scans, 6 of them normal
     normal = [t for t in ds.texts if t.startswith("The lungs are clear")]
@@ -272,9 +299,13 @@ def test_abnormal_reports_can_be_repeated(runs, tiny_prepared):
 
 
 def test_negated_words_are_marked_and_left_out_of_the_summary(synth):
-    feats = synth.encoder.encode(["No pleural effusion.", "Small left pleural effusion.", "No effusion. Cardiomegaly."])
-    kinds = [[int(k) for k, m in zip(row, mask, strict=True) if m] for row, mask in zip(feats.word_kind, feats.word_mask,
-                                                                                          strict=True)]
+    feats = synth.encoder.encode(
+        ["No pleural effusion.", "Small left pleural effusion.", "No effusion. Cardiomegaly."]
+    )
+    kinds = [
+        [int(k) for k, m in zip(row, mask, strict=True) if m]
+        for row, mask in zip(feats.word_kind, feats.word_mask, strict=True)
+    ]
     # [CLS], no (stop word), pleural, effusion (negated), ".", [SEP]
     assert kinds[0] == [0, 0, 1, 1, 0, 0]
     assert kinds[1] == [0, 2, 2, 2, 2, 0, 0]
@@ -299,15 +330,24 @@ def test_coordinate_channels_tell_left_from_right(synth):
     finally:
         hook.remove()
     xs, ys = seen[0][:, 3], seen[0][:, 4]
-    assert torch.equal(xs[:, :, 0], torch.full((2, 16), -1.0)) and torch.equal(xs[:, :, -1], torch.ones(2, 16))
+    assert torch.equal(xs[:, :, 0], torch.full((2, 16), -1.0)) and torch.equal(
+        xs[:, :, -1], torch.ones(2, 16)
+    )
     assert (xs.diff(dim=-1) > 0).all() and (ys.diff(dim=-2) > 0).all()
 
 
 def test_side_maps_follow_the_positive_findings_of_the_report(synth):
     from medvl.models.diffusion import report_sides
 
-    sides = report_sides(["Small left pleural effusion.", "No right effusion. Right lower lobe opacity.",
-                          "No left effusion.", "Bilateral effusions.", "Cardiomegaly."])
+    sides = report_sides(
+        [
+            "Small left pleural effusion.",
+            "No right effusion. Right lower lobe opacity.",
+            "No left effusion.",
+            "Bilateral effusions.",
+            "Cardiomegaly.",
+        ]
+    )
     assert sides.tolist() == [[0, 1], [1, 0], [0, 0], [1, 1], [0, 0]]  # [patient right, patient left]
     den = synth.denoiser
     seen = []
@@ -316,8 +356,15 @@ def test_side_maps_follow_the_positive_findings_of_the_report(synth):
     ctx = den.conditioner(**feats.as_kwargs())
     try:
         with torch.no_grad():
-            guided_velocity(den, torch.zeros(1, 3, 16, 16), torch.tensor([300]), ctx,
-                            den.conditioner.null_context(1), 2.0, sides=feats.sides)
+            guided_velocity(
+                den,
+                torch.zeros(1, 3, 16, 16),
+                torch.tensor([300]),
+                ctx,
+                den.conditioner.null_context(1),
+                2.0,
+                sides=feats.sides,
+            )
     finally:
         hook.remove()
     maps = seen[0][:, 5:]  # (2, 2, 16, 16): conditional half, then unconditional half
@@ -332,26 +379,75 @@ def test_layout_maps_draw_stated_findings_where_the_prior_puts_them():
     from medvl.models.diffusion import layout_prior_from_regions, report_layout
 
     regions = pd.DataFrame(
-        [{"dicom_id": f"a{i}", "finding": "effusion", "side": "left", "zone": "base", "x0": 0.6, "y0": 0.5 + i / 100,
-          "x1": 0.9, "y1": 0.7 + i / 100} for i in range(5)]
-        + [{"dicom_id": "b", "finding": "effusion", "side": "right", "zone": "base", "x0": 0.1, "y0": 0.5,
-            "x1": 0.4, "y1": 0.7},  # one box only: below min_count, left out
-           {"dicom_id": "c", "finding": "cardiomegaly", "side": "", "zone": "", "x0": 0.3, "y0": 0.3, "x1": 0.7,
-            "y1": 0.7}])
+        [
+            {
+                "dicom_id": f"a{i}",
+                "finding": "effusion",
+                "side": "left",
+                "zone": "base",
+                "x0": 0.6,
+                "y0": 0.5 + i / 100,
+                "x1": 0.9,
+                "y1": 0.7 + i / 100,
+            }
+            for i in range(5)
+        ]
+        + [
+            {
+                "dicom_id": "b",
+                "finding": "effusion",
+                "side": "right",
+                "zone": "base",
+                "x0": 0.1,
+                "y0": 0.5,
+                "x1": 0.4,
+                "y1": 0.7,
+            },  # one box only: below min_count, left out
+            {
+                "dicom_id": "c",
+                "finding": "cardiomegaly",
+                "side": "",
+                "zone": "",
+                "x0": 0.3,
+                "y0": 0.3,
+                "x1": 0.7,
+                "y1": 0.7,
+            },
+        ]
+    )
     prior = layout_prior_from_regions(regions, [f"a{i}" for i in range(5)] + ["b", "c"])
-    assert prior["effusion/left/base"] == prior["effusion/left/any"] == prior["*/left/any"] == [0.75, 0.62, 0.3, 0.2]
+    assert (
+        prior["effusion/left/base"]
+        == prior["effusion/left/any"]
+        == prior["*/left/any"]
+        == [0.75, 0.62, 0.3, 0.2]
+    )
     assert not any("right" in k or "cardiomegaly" in k for k in prior)
     assert layout_prior_from_regions(regions, ["c"]) == {}
 
-    maps = report_layout(["Small left pleural effusion.", "Pleural effusion.", "Bilateral effusions.",
-                          "No left effusion. Right upper lobe opacity.", "Cardiomegaly."], prior, grid=20)
+    maps = report_layout(
+        [
+            "Small left pleural effusion.",
+            "Pleural effusion.",
+            "Bilateral effusions.",
+            "No left effusion. Right upper lobe opacity.",
+            "Cardiomegaly.",
+        ],
+        prior,
+        grid=20,
+    )
     assert maps.shape == (5, 2, 20, 20) and 0 <= maps.min() and maps.max() <= 1
     left, centres = maps[0, 1], (torch.arange(20) + 0.5) / 20
-    cx, cy = float((left.sum(0) * centres).sum() / left.sum()), float((left.sum(1) * centres).sum() / left.sum())
+    cx, cy = (
+        float((left.sum(0) * centres).sum() / left.sum()),
+        float((left.sum(1) * centres).sum() / left.sum()),
+    )
     assert abs(cx - 0.75) < 0.02 and abs(cy - 0.62) < 0.02 and maps[0, 0].sum() == 0  # the prior's box centre
     assert maps[1].sum() == 0  # no side stated: nothing drawn
     assert maps[2, 0].sum() > 0 and maps[2, 1].sum() > 0
-    assert maps[3, 1].sum() == 0 and divmod(int(maps[3, 0].argmax()), 20)[1] < 10  # patient right = image left
+    assert (
+        maps[3, 1].sum() == 0 and divmod(int(maps[3, 0].argmax()), 20)[1] < 10
+    )  # patient right = image left
     assert divmod(int(maps[3, 0].argmax()), 20)[0] < 10  # upper zone (the built-in prior)
     assert maps[4].sum() == 0
 
@@ -359,8 +455,12 @@ def test_layout_maps_draw_stated_findings_where_the_prior_puts_them():
 def test_a_zone_layout_run_keeps_its_prior_and_feeds_maps(tiny_prepared, runs, tmp_path):
     from medvl.inference.synthesize import Synthesizer
 
-    stage = build_diffusion_stage(config_path="tiny", overrides=["condition.layout=zones"], data=tiny_prepared,
-                                  from_runs=[runs["ada"], runs["rep"], runs["ae"]])
+    stage = build_diffusion_stage(
+        config_path="tiny",
+        overrides=["condition.layout=zones"],
+        data=tiny_prepared,
+        from_runs=[runs["ada"], runs["rep"], runs["ae"]],
+    )
     assert stage.config.condition.layout_prior  # estimated from the toy data's regions.csv
     model, _ = train_plain(stage, 2)
     synth = Synthesizer.load(finish_run(stage, model, tmp_path / "zones"), device="cpu")
@@ -373,8 +473,15 @@ def test_a_zone_layout_run_keeps_its_prior_and_feeds_maps(tiny_prepared, runs, t
     assert feats.sides.shape == (1, 2, cond.layout_grid, cond.layout_grid)
     try:
         with torch.no_grad():
-            guided_velocity(den, torch.zeros(1, 3, 16, 16), torch.tensor([300]), den.conditioner(**feats.as_kwargs()),
-                            den.conditioner.null_context(1), 2.0, sides=feats.sides)
+            guided_velocity(
+                den,
+                torch.zeros(1, 3, 16, 16),
+                torch.tensor([300]),
+                den.conditioner(**feats.as_kwargs()),
+                den.conditioner.null_context(1),
+                2.0,
+                sides=feats.sides,
+            )
     finally:
         hook.remove()
     maps = seen[0][:, 5:]

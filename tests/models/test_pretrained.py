@@ -29,8 +29,13 @@ def test_config_and_weights_round_trip(tmp_path):
     path = write_config(tmp_path / "c", "medvl.test", {"width": 3}, words=["a", "b"])
     assert path == tmp_path / "c" / CONFIG_FILE
     data = read_config(tmp_path / "c", "medvl.test")
-    assert data == {"format": "medvl.test", "layout": LAYOUT, "medvl_version": __version__, "config": {"width": 3},
-                    "words": ["a", "b"]}
+    assert data == {
+        "format": "medvl.test",
+        "layout": LAYOUT,
+        "medvl_version": __version__,
+        "config": {"width": 3},
+        "words": ["a", "b"],
+    }
     assert is_component(tmp_path / "c") and is_component(tmp_path / "c", "medvl.test")
     assert not is_component(tmp_path / "c", "medvl.other") and not is_component(tmp_path)
     state = {"w": torch.arange(6.0).view(2, 3), "i": torch.tensor([1, 2], dtype=torch.long)}
@@ -54,22 +59,38 @@ def test_wrong_or_missing_components_are_one_line_errors(tmp_path):
         read_config(tmp_path / "c", "medvl.test")
 
 
-@pytest.mark.parametrize("old_file", ["adamatch.json", "memory.yaml", "latent.json", "head.json", "report_head.json",
-                                      "classifier.json", "keywords.json", "scheduler.json"])
+@pytest.mark.parametrize(
+    "old_file",
+    [
+        "adamatch.json",
+        "memory.yaml",
+        "latent.json",
+        "head.json",
+        "report_head.json",
+        "classifier.json",
+        "keywords.json",
+        "scheduler.json",
+    ],
+)
 def test_a_folder_in_the_older_layout_names_the_medvl_that_reads_it(tmp_path, old_file):
     (tmp_path / old_file).write_text("{}")
     with pytest.raises(RunError) as err:
         read_config(tmp_path, "medvl.memory")
     message = str(err.value)
     assert "\n" not in message
-    assert message == (f"{tmp_path} was saved by medvl 0.1.x (layout 1); this medvl {__version__} reads layout "
-                       f"{LAYOUT}: load it with medvl 0.1.x or train it again")
+    assert message == (
+        f"{tmp_path} was saved by medvl 0.1.x (layout 1); this medvl {__version__} reads layout "
+        f"{LAYOUT}: load it with medvl 0.1.x or train it again"
+    )
 
 
 def test_a_newer_layout_names_the_version_that_wrote_it(tmp_path):
-    (tmp_path / CONFIG_FILE).write_text(json.dumps({"format": "medvl.memory", "layout": LAYOUT + 1,
-                                                    "medvl_version": "9.9.9"}))
-    with pytest.raises(RunError, match=rf"saved by medvl 9.9.9 \(layout {LAYOUT + 1}\); this medvl {__version__}"):
+    (tmp_path / CONFIG_FILE).write_text(
+        json.dumps({"format": "medvl.memory", "layout": LAYOUT + 1, "medvl_version": "9.9.9"})
+    )
+    with pytest.raises(
+        RunError, match=rf"saved by medvl 9.9.9 \(layout {LAYOUT + 1}\); this medvl {__version__}"
+    ):
         read_config(tmp_path, "medvl.memory")
 
 
@@ -78,7 +99,10 @@ def test_components_load_from_their_folder_or_the_run_holding_it(tmp_path):
     mem = SharedMemory(MemoryConfig(num_slots=8, dim=8, num_heads=2, topk=2, dropout=0.0))
     run = tmp_path / "run"
     mem.save_pretrained(run / SharedMemory.DIRNAME)
-    assert component_dir(run, "memory") == run / "memory" and component_dir(run / "memory", "memory") == run / "memory"
+    assert (
+        component_dir(run, "memory") == run / "memory"
+        and component_dir(run / "memory", "memory") == run / "memory"
+    )
     for where in (run, run / "memory"):
         assert torch.equal(SharedMemory.from_pretrained(where).memory, mem.memory)
     # copied into another run: replaces what is there, refuses a folder in the older layout
@@ -88,7 +112,9 @@ def test_components_load_from_their_folder_or_the_run_holding_it(tmp_path):
     assert copy_component(run, other / "memory") == other / "memory"
     assert sorted(p.name for p in (other / "memory").iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
     assert torch.equal(SharedMemory.from_pretrained(other).memory, mem.memory)
-    assert copy_component(other / "memory", other / "memory") == other / "memory"  # onto itself: nothing to do
+    assert (
+        copy_component(other / "memory", other / "memory") == other / "memory"
+    )  # onto itself: nothing to do
     old = tmp_path / "old" / "memory"
     old.mkdir(parents=True)
     (old / "memory.yaml").write_text("dim: 8\n")

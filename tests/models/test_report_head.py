@@ -22,8 +22,12 @@ from medvl.models.report_head import (
 )
 from tests.models.report_fixtures import tiny_runs
 
-REPORTS = ["The lungs are clear. No pleural effusion.", "Small left pleural effusion. Heart size is normal.",
-           "Cardiomegaly. No focal consolidation.", "Right lower lobe opacity, 3.5 cm."]
+REPORTS = [
+    "The lungs are clear. No pleural effusion.",
+    "Small left pleural effusion. Heart size is normal.",
+    "Cardiomegaly. No focal consolidation.",
+    "Right lower lobe opacity, 3.5 cm.",
+]
 P, D, K = 6, 12, 3
 KEYWORDS = ["effusion", "cardiomegaly", "opacity", "clear"]
 
@@ -32,8 +36,15 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def small_cfg(**changes) -> ReportHeadConfig:
-    base = dict(n_embd=32, n_layer=2, n_head=4, max_length=16, dropout=0.0, num_keywords=K,
-                memory=MemoryConfig(num_slots=16, dim=24, num_heads=4, topk=4, dropout=0.0))
+    base = dict(
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        max_length=16,
+        dropout=0.0,
+        num_keywords=K,
+        memory=MemoryConfig(num_slots=16, dim=24, num_heads=4, topk=4, dropout=0.0),
+    )
     base.update(changes)
     return ReportHeadConfig(**base)
 
@@ -45,9 +56,16 @@ def tokenizer():
 
 def make_head(tokenizer, **changes) -> ReportHead:
     torch.manual_seed(0)
-    return ReportHead(small_cfg(**changes), vocab_size=len(tokenizer), visual_dim=D, keyword_vocabulary=KEYWORDS,
-                      pad_id=tokenizer.pad_token_id, bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
-                      unk_id=tokenizer.unk_token_id).eval()
+    return ReportHead(
+        small_cfg(**changes),
+        vocab_size=len(tokenizer),
+        visual_dim=D,
+        keyword_vocabulary=KEYWORDS,
+        pad_id=tokenizer.pad_token_id,
+        bos_id=tokenizer.bos_token_id,
+        eos_id=tokenizer.eos_token_id,
+        unk_id=tokenizer.unk_token_id,
+    ).eval()
 
 
 def inputs(b: int = 3, seed: int = 0):
@@ -56,8 +74,12 @@ def inputs(b: int = 3, seed: int = 0):
     boxes = torch.rand(b, P, 4, generator=g)
     ids = torch.randint(1, len(KEYWORDS) + 1, (b, K), generator=g)
     ids[0, 1:] = 0  # an image with a single keyword
-    hints = KeywordHints(ids, torch.randn(b, K, generator=g), torch.rand(b, K, 4, generator=g),
-                         [[KEYWORDS[i - 1] for i in row if i] for row in ids.tolist()])
+    hints = KeywordHints(
+        ids,
+        torch.randn(b, K, generator=g),
+        torch.rand(b, K, 4, generator=g),
+        [[KEYWORDS[i - 1] for i in row if i] for row in ids.tolist()],
+    )
     return feats, boxes, hints
 
 
@@ -71,7 +93,7 @@ def test_tokenizer_and_detokenize(tokenizer):
     n0 = int(enc["attention_mask"][0].sum())
     assert ids[0, n0 - 1] == tokenizer.eos_token_id
     assert (enc["labels"][0, n0:] == -100).all()
-    words = tokenizer.convert_ids_to_tokens(ids[1, 1: int(enc["attention_mask"][1].sum()) - 1].tolist())
+    words = tokenizer.convert_ids_to_tokens(ids[1, 1 : int(enc["attention_mask"][1].sum()) - 1].tolist())
     assert detokenize(words) == "Small left pleural effusion. Heart size is normal."
     assert detokenize(["opacity", ",", "3", ".", "5", "cm", "."]) == "Opacity, 3.5 cm."
     cut = encode_reports(tokenizer, [REPORTS[1]], max_length=5)["input_ids"]
@@ -83,7 +105,9 @@ def test_keyword_hints_map_words_and_drop_unknown():
         def __init__(self, word, score, box):
             self.word, self.score, self.box = word, score, box
 
-    hints = keyword_hints([[Kw("opacity", 2.0, (0, 0, .5, .5)), Kw("zebra", 9.0, (0, 0, 1, 1))], []], KEYWORDS, 3)
+    hints = keyword_hints(
+        [[Kw("opacity", 2.0, (0, 0, 0.5, 0.5)), Kw("zebra", 9.0, (0, 0, 1, 1))], []], KEYWORDS, 3
+    )
     assert hints.ids.tolist() == [[3, 0, 0], [0, 0, 0]]
     assert hints.words == [["opacity"], []]
     assert hints.boxes[0, 0].tolist() == [0, 0, 0.5, 0.5]
@@ -95,15 +119,25 @@ def test_keyword_hints_map_words_and_drop_unknown():
 def test_forward_shapes_loss_and_ablations(tokenizer):
     feats, boxes, hints = inputs()
     enc = encode_reports(tokenizer, REPORTS[:3], 16)
-    for changes, n_cond in (({}, 2 * P + K), ({"use_memory": False}, P + K), ({"use_keywords": False}, 2 * P),
-                            ({"use_label_hints": True, "label_loss_weight": 1.0}, 2 * P + K + 14)):
+    for changes, n_cond in (
+        ({}, 2 * P + K),
+        ({"use_memory": False}, P + K),
+        ({"use_keywords": False}, 2 * P),
+        ({"use_label_hints": True, "label_loss_weight": 1.0}, 2 * P + K + 14),
+    ):
         head = make_head(tokenizer, **changes)
         cond, mask = head.encode_conditions(feats, boxes, hints.ids, hints.scores, hints.boxes)
         assert cond.shape == (3, n_cond, 32) and mask.shape == (3, n_cond)
         if head.cfg.use_keywords:
             assert mask[0, -K:].tolist() == [1, 0, 0]  # padding keywords are masked out
-        out = head(**enc, patch_features=feats, patch_boxes=boxes, keyword_ids=hints.ids,
-                   keyword_scores=hints.scores, keyword_boxes=hints.boxes)
+        out = head(
+            **enc,
+            patch_features=feats,
+            patch_boxes=boxes,
+            keyword_ids=hints.ids,
+            keyword_scores=hints.scores,
+            keyword_boxes=hints.boxes,
+        )
         assert out["logits"].shape == (3, enc["input_ids"].shape[1], len(tokenizer))
         assert torch.isfinite(out["loss"])
         assert hasattr(head, "memory") == head.cfg.use_memory
@@ -118,8 +152,15 @@ def test_auxiliary_label_loss(tokenizer):
     labels = torch.full((3, 14), float("nan"))
     labels[0, 2] = 1.0
     labels[1, 2] = -1.0  # uncertain counts as negative
-    out = head(**enc, patch_features=feats, patch_boxes=boxes, keyword_ids=hints.ids, keyword_scores=hints.scores,
-               keyword_boxes=hints.boxes, report_labels=labels)
+    out = head(
+        **enc,
+        patch_features=feats,
+        patch_boxes=boxes,
+        keyword_ids=hints.ids,
+        keyword_scores=hints.scores,
+        keyword_boxes=hints.boxes,
+        report_labels=labels,
+    )
     expected = float((out["lm_loss"] + 0.5 * out["label_loss"]).detach())
     assert float(out["loss"].detach()) == pytest.approx(expected, rel=1e-5)
     out["loss"].backward()
@@ -136,10 +177,14 @@ def test_word_embeddings_query_the_memory(tokenizer):
     feats, boxes, hints = inputs()
     enc = encode_reports(tokenizer, REPORTS[:3], 16)
     cond, mask = head.encode_conditions(feats, boxes, hints.ids, hints.scores, hints.boxes)
-    before = head.decoder(input_ids=enc["input_ids"], encoder_hidden_states=cond, encoder_attention_mask=mask).logits
+    before = head.decoder(
+        input_ids=enc["input_ids"], encoder_hidden_states=cond, encoder_attention_mask=mask
+    ).logits
     with torch.no_grad():
         head.memory.memory.mul_(-3.0)
-    after = head.decoder(input_ids=enc["input_ids"], encoder_hidden_states=cond, encoder_attention_mask=mask).logits
+    after = head.decoder(
+        input_ids=enc["input_ids"], encoder_hidden_states=cond, encoder_attention_mask=mask
+    ).logits
     assert not torch.allclose(before, after)  # same conditioning, different memory -> different logits
 
 
@@ -150,8 +195,14 @@ def test_training_reduces_loss_and_reaches_memory(tokenizer):
     opt = torch.optim.AdamW(head.parameters(), lr=3e-3)
     losses = []
     for _ in range(60):
-        loss = head(**enc, patch_features=feats, patch_boxes=boxes, keyword_ids=hints.ids.repeat(2, 1)[:4],
-                    keyword_scores=hints.scores.repeat(2, 1)[:4], keyword_boxes=hints.boxes.repeat(2, 1, 1)[:4])["loss"]
+        loss = head(
+            **enc,
+            patch_features=feats,
+            patch_boxes=boxes,
+            keyword_ids=hints.ids.repeat(2, 1)[:4],
+            keyword_scores=hints.scores.repeat(2, 1)[:4],
+            keyword_boxes=hints.boxes.repeat(2, 1, 1)[:4],
+        )["loss"]
         opt.zero_grad()
         loss.backward()
         if not losses:
@@ -168,8 +219,15 @@ def _greedy_reference(head: ReportHead, feats, boxes, hints, steps: int) -> torc
     seq = torch.full((b, 1), head.bos_id)
     suppressed = [head.pad_id, head.bos_id, head.unk_id]
     for _ in range(steps):
-        logits = head(input_ids=seq, attention_mask=torch.ones_like(seq), patch_features=feats, patch_boxes=boxes,
-                      keyword_ids=hints.ids, keyword_scores=hints.scores, keyword_boxes=hints.boxes)["logits"][:, -1]
+        logits = head(
+            input_ids=seq,
+            attention_mask=torch.ones_like(seq),
+            patch_features=feats,
+            patch_boxes=boxes,
+            keyword_ids=hints.ids,
+            keyword_scores=hints.scores,
+            keyword_boxes=hints.boxes,
+        )["logits"][:, -1]
         logits[:, suppressed] = -float("inf")
         seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
     out = seq[:, 1:]
@@ -180,12 +238,15 @@ def _greedy_reference(head: ReportHead, feats, boxes, hints, steps: int) -> torc
 def test_beam_one_equals_greedy_and_cache_changes_nothing(tokenizer):
     head = make_head(tokenizer)
     feats, boxes, hints = inputs()
-    greedy = head.generate(patch_features=feats, patch_boxes=boxes, keywords=hints, num_beams=1,
-                           no_repeat_ngram_size=0)
+    greedy = head.generate(
+        patch_features=feats, patch_boxes=boxes, keywords=hints, num_beams=1, no_repeat_ngram_size=0
+    )
     reference = _greedy_reference(head, feats, boxes, hints, steps=greedy.sequences.shape[1])
     assert torch.equal(greedy.sequences, reference)
     beam_cached = head.generate(patch_features=feats, patch_boxes=boxes, keywords=hints, num_beams=3)
-    beam_plain = head.generate(patch_features=feats, patch_boxes=boxes, keywords=hints, num_beams=3, use_cache=False)
+    beam_plain = head.generate(
+        patch_features=feats, patch_boxes=boxes, keywords=hints, num_beams=3, use_cache=False
+    )
     assert torch.equal(beam_cached.sequences, beam_plain.sequences)
     assert torch.allclose(beam_cached.scores, beam_plain.scores, atol=1e-5)
 
@@ -198,8 +259,9 @@ def test_decoding_stops_at_eos(tokenizer):
         ln.weight.zero_()
         ln.bias.copy_(head.decoder.transformer.wte.weight[head.eos_id] * 10)
     for beams in (1, 3):
-        out = head.generate(patch_features=feats, patch_boxes=boxes, keywords=hints, num_beams=beams,
-                            max_new_tokens=10)
+        out = head.generate(
+            patch_features=feats, patch_boxes=boxes, keywords=hints, num_beams=beams, max_new_tokens=10
+        )
         assert out.sequences.shape[1] == 1 and out.sequences[:, 0].eq(head.eos_id).all()
         texts, tokens = decode_sequences(tokenizer, out.sequences, head.eos_id)
         assert texts == ["", "", ""] and tokens == [[], [], []]
@@ -212,13 +274,26 @@ def test_decoding_respects_max_length(tokenizer):
         head.decoder.transformer.wte.weight[head.eos_id] = 0.0
         head.decoder.lm_head.weight[head.eos_id] = 0.0  # tied, but be explicit
     for beams in (1, 2):
-        out = head.generate(patch_features=feats, patch_boxes=boxes, keywords=hints, num_beams=beams,
-                            max_new_tokens=7, no_repeat_ngram_size=0)
+        out = head.generate(
+            patch_features=feats,
+            patch_boxes=boxes,
+            keywords=hints,
+            num_beams=beams,
+            max_new_tokens=7,
+            no_repeat_ngram_size=0,
+        )
         assert out.sequences.shape == (3, 7)
         assert head.eos_id not in out.sequences.tolist()[0] or beams > 1
     # Never beyond the trained positions: max_length 16 includes BOS.
-    long = head.generate(patch_features=feats, patch_boxes=boxes, keywords=hints, num_beams=1, max_new_tokens=500,
-                         min_new_tokens=500, no_repeat_ngram_size=0)
+    long = head.generate(
+        patch_features=feats,
+        patch_boxes=boxes,
+        keywords=hints,
+        num_beams=1,
+        max_new_tokens=500,
+        min_new_tokens=500,
+        no_repeat_ngram_size=0,
+    )
     assert long.sequences.shape[1] == head.cfg.max_length - 1
 
 
@@ -235,7 +310,11 @@ def test_save_load_roundtrip(tokenizer, tmp_path):
     mem = SharedMemory.from_pretrained(tmp_path / "memory")  # what the diffusion stage reads
     assert torch.equal(mem.memory, head.memory.memory)
     loaded = ReportHeadBundle.from_pretrained(tmp_path, memory=mem)
-    assert loaded.image_size == 64 and loaded.head.keyword_vocabulary == KEYWORDS and loaded.generation == settings
+    assert (
+        loaded.image_size == 64
+        and loaded.head.keyword_vocabulary == KEYWORDS
+        and loaded.generation == settings
+    )
     after = loaded.head.generate(patch_features=feats, patch_boxes=boxes, keywords=hints, num_beams=2)
     assert torch.equal(before.sequences, after.sequences)
     assert loaded.tokenizer.get_vocab() == tokenizer.get_vocab()
@@ -253,8 +332,12 @@ def test_stage_overfits_a_batch_and_validates(runs):
     from medvl.config import resolve_config_path
     from medvl.train.stages.report import build_stage
 
-    stage = build_stage(config_path=resolve_config_path("report", "tiny"), overrides=["model.dropout=0.0"],
-                        data=runs.data, from_runs=[runs.adamatch])
+    stage = build_stage(
+        config_path=resolve_config_path("report", "tiny"),
+        overrides=["model.dropout=0.0"],
+        data=runs.data,
+        from_runs=[runs.adamatch],
+    )
     model = stage.build_model().train()
     ds = stage.train_dataset()
     assert "patch_features" in ds[0]  # frozen AdaMatch: features computed once
@@ -282,9 +365,12 @@ def test_stage_without_precompute_matches_precomputed_features(runs):
 
     losses = []
     for pre in (True, False):
-        stage = build_stage(config_path=resolve_config_path("report", "tiny"),
-                            overrides=[f"data.precompute_features={str(pre).lower()}", "model.dropout=0.0"],
-                            data=runs.data, from_runs=[runs.adamatch])
+        stage = build_stage(
+            config_path=resolve_config_path("report", "tiny"),
+            overrides=[f"data.precompute_features={str(pre).lower()}", "model.dropout=0.0"],
+            data=runs.data,
+            from_runs=[runs.adamatch],
+        )
         model = stage.build_model().eval()
         ds = stage.train_dataset()
         batch = stage.collate([ds[i] for i in range(4)])
@@ -298,9 +384,17 @@ def test_report_run_is_self_contained(runs):
     from medvl.models.adamatch import AdaMatchRun
 
     run = runs.report
-    for needed in ("stage.json", "config.yaml", "report_head/config.json", "report_head/model.safetensors",
-                   "report_head/decoder/model.safetensors", "report_head/tokenizer/tokenizer.json",
-                   "memory/config.json", "memory/model.safetensors", "adamatch/config.json"):
+    for needed in (
+        "stage.json",
+        "config.yaml",
+        "report_head/config.json",
+        "report_head/model.safetensors",
+        "report_head/decoder/model.safetensors",
+        "report_head/tokenizer/tokenizer.json",
+        "memory/config.json",
+        "memory/model.safetensors",
+        "adamatch/config.json",
+    ):
         assert (run / needed).exists(), needed
     AdaMatchRun.from_pretrained(run)  # the copy loads alone
     assert not (run / "ablations" / "no_memory" / "memory").exists()  # the ablation has no memory

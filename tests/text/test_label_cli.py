@@ -95,6 +95,6 @@ def test_all_iu_reports_label_without_error(iu_texts) -> None:
     for text in iu_texts[::40]:
         assert _extract(text, prefilter=True) == _extract(text, prefilter=False)
         for m in extract_mentions(text):
-            assert text[m.start:m.end] == m.phrase
+            assert text[m.start : m.end] == m.phrase
             assert m.head is None or m.head in text.lower()
             assert m.value in (1.0, 0.0, -1.0)

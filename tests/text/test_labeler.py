@@ -29,7 +29,11 @@ def _one(report: str, observation: str) -> Mention:
     ("report", "observation", "finding"),
     [
         ("The mediastinum is widened.", "Enlarged Cardiomediastinum", Finding.ENLARGED_CARDIOMEDIASTINUM),
-        ("Enlarged cardiomediastinal silhouette.", "Enlarged Cardiomediastinum", Finding.ENLARGED_CARDIOMEDIASTINUM),
+        (
+            "Enlarged cardiomediastinal silhouette.",
+            "Enlarged Cardiomediastinum",
+            Finding.ENLARGED_CARDIOMEDIASTINUM,
+        ),
         ("Cardiomegaly.", "Cardiomegaly", Finding.CARDIOMEGALY),
         ("The heart is enlarged.", "Cardiomegaly", Finding.CARDIOMEGALY),
         ("Enlarged heart.", "Cardiomegaly", Finding.CARDIOMEGALY),
@@ -59,7 +63,7 @@ def test_each_observation_positive(report: str, observation: str, finding: Findi
     m = _one(report, observation)
     assert m.value == 1.0
     assert m.finding is finding
-    assert report[m.start:m.end] == m.phrase
+    assert report[m.start : m.end] == m.phrase
     assert _labels(report)[observation] == 1.0
 
 

@@ -151,7 +151,9 @@ def test_precedence_positive_over_uncertain_over_negative() -> None:
 def test_no_finding_rule() -> None:
     # Nothing positive or uncertain: No Finding is 1 (even with negatives and non-CheXpert findings).
     assert _labels("Heart size normal. Lungs clear. Degenerative changes of the spine.") == {
-        "No Finding": 1.0, "Cardiomegaly": 0.0}
+        "No Finding": 1.0,
+        "Cardiomegaly": 0.0,
+    }
     # Support Devices alone keeps No Finding.
     assert _labels("Left chest pacemaker. Lungs are clear.") == {"No Finding": 1.0, "Support Devices": 1.0}
     # An uncertain finding removes it (blank, never 0).
@@ -179,7 +181,13 @@ def test_label_report_rejects_non_text() -> None:
         ("Large right pleural effusion.", "Pleural Effusion", "right", None, "large"),
         ("Moderate bilateral pleural effusions.", "Pleural Effusion", "bilateral", None, "moderate"),
         ("Trace right pleural effusion.", "Pleural Effusion", "right", None, "trace"),
-        ("Moderate right and small left pleural effusions.", "Pleural Effusion", "bilateral", None, "moderate"),
+        (
+            "Moderate right and small left pleural effusions.",
+            "Pleural Effusion",
+            "bilateral",
+            None,
+            "moderate",
+        ),
         ("Right lower lobe opacity.", "Lung Opacity", "right", "lower", None),
         ("Opacity in the right lower lobe.", "Lung Opacity", "right", "lower", None),
         ("RLL consolidation.", "Consolidation", "right", "lower", None),
@@ -200,8 +208,9 @@ def test_label_report_rejects_non_text() -> None:
         ("Opacities in the right and left lower lobes.", "Lung Opacity", "bilateral", "lower", None),
     ],
 )
-def test_attributes(report: str, observation: str, side: str | None, zone: str | None,
-                    severity: str | None) -> None:
+def test_attributes(
+    report: str, observation: str, side: str | None, zone: str | None, severity: str | None
+) -> None:
     m = _one(report, observation)
     assert (m.side, m.zone, m.severity) == (side, zone, severity)
 
@@ -215,7 +224,10 @@ def test_attributes_stay_with_their_own_finding() -> None:
 
 
 def test_linked_findings_share_side_and_zone() -> None:
-    ms = {m.observation: m for m in extract_mentions("Opacity at the left base which may represent atelectasis.")}
+    ms = {
+        m.observation: m
+        for m in extract_mentions("Opacity at the left base which may represent atelectasis.")
+    }
     assert (ms["Atelectasis"].side, ms["Atelectasis"].zone) == ("left", "base")
     assert ms["Atelectasis"].value == -1.0
 
@@ -230,16 +242,25 @@ def test_heads_are_report_tokens() -> None:
     words = report.lower().replace(".", " ").split()
     for m in extract_mentions(report):
         assert m.head is None or m.head in words
-        assert report[m.start:m.end] == m.phrase
+        assert report[m.start : m.end] == m.phrase
 
 
 def test_devices() -> None:
-    kinds = {m.device for m in extract_mentions(
-        "Left chest wall pacemaker. Right IJ central venous catheter. ET tube 4 cm above the carina. "
-        "NG tube in the stomach. Right PICC line. Surgical clips in the right upper quadrant. Sternotomy wires.")}
+    kinds = {
+        m.device
+        for m in extract_mentions(
+            "Left chest wall pacemaker. Right IJ central venous catheter. ET tube 4 cm above the carina. "
+            "NG tube in the stomach. Right PICC line. Surgical clips in the right upper quadrant. Sternotomy wires."
+        )
+    }
     assert {"pacemaker", "catheter", "tube", "line", "clip", "wire"} <= kinds
-    ms = _mentions("Left chest wall pacemaker with leads in the right atrium and right ventricle.", "Support Devices")
-    assert [(m.head, m.side, m.device) for m in ms] == [("pacemaker", "left", "pacemaker"), ("leads", None, "pacemaker")]
+    ms = _mentions(
+        "Left chest wall pacemaker with leads in the right atrium and right ventricle.", "Support Devices"
+    )
+    assert [(m.head, m.side, m.device) for m in ms] == [
+        ("pacemaker", "left", "pacemaker"),
+        ("leads", None, "pacemaker"),
+    ]
 
 
 def test_keyword_prefilter_covers_every_pattern() -> None:

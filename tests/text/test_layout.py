@@ -15,9 +15,13 @@ def _layout(text: str) -> list[tuple[str, str, str | None]]:
 def test_stated_layout_maps_zones_a_finding_cannot_have():
     assert _layout("Small left apical pleural effusion.") == [("effusion", "left", "base")]
     assert _layout("Right perihilar effusion. Left lower lobe opacity.") == [
-        ("effusion", "right", "base"), ("opacity", "left", "lower")]
-    assert _layout("Bilateral lower lobe atelectasis.") == [("atelectasis", "left", "lower"),
-                                                             ("atelectasis", "right", "lower")]
+        ("effusion", "right", "base"),
+        ("opacity", "left", "lower"),
+    ]
+    assert _layout("Bilateral lower lobe atelectasis.") == [
+        ("atelectasis", "left", "lower"),
+        ("atelectasis", "right", "lower"),
+    ]
     assert allowed_zone(Finding.FRACTURE, Zone.APEX) == Zone.UPPER
     assert allowed_zone(Finding.NODULE, Zone.PERIHILAR) == Zone.PERIHILAR  # no restriction
 

@@ -25,7 +25,9 @@ REPORTS = [
 
 @pytest.fixture(scope="module")
 def tok() -> ReportTokenizer:
-    return ReportTokenizer(train_wordpiece(REPORTS, vocab_size=120, min_frequency=1), max_tokens=64, max_words=32)
+    return ReportTokenizer(
+        train_wordpiece(REPORTS, vocab_size=120, min_frequency=1), max_tokens=64, max_words=32
+    )
 
 
 def test_pieces_map_to_words_and_masks_mark_content(tok):
@@ -94,16 +96,37 @@ def test_idf_weights_favour_rare_affirmed_words(tok):
     assert (w[~enc.word_mask[0]] == 0).all() and (w[enc.word_mask[0]] > 0).all()
 
 
-@pytest.mark.parametrize("forms", [("granuloma", "granulomas", "granulomatous", "granulomata", "Granuloma"),
-                                   ("opacity", "opacities"), ("effusion", "effusions"), ("mass", "masses"),
-                                   ("atelectasis", "atelectatic"), ("emphysema", "emphysematous")])
+@pytest.mark.parametrize(
+    "forms",
+    [
+        ("granuloma", "granulomas", "granulomatous", "granulomata", "Granuloma"),
+        ("opacity", "opacities"),
+        ("effusion", "effusions"),
+        ("mass", "masses"),
+        ("atelectasis", "atelectatic"),
+        ("emphysema", "emphysematous"),
+    ],
+)
 def test_word_stem_pools_a_words_forms(forms):
     assert len({word_stem(w) for w in forms}) == 1
 
 
 def test_word_stem_keeps_different_words_apart():
-    words = ["granuloma", "nodule", "mass", "opacity", "effusion", "atelectasis", "cardiomegaly", "cardiomediastinal",
-             "hiatus", "lung", "lungs", "clip", "clips"]
+    words = [
+        "granuloma",
+        "nodule",
+        "mass",
+        "opacity",
+        "effusion",
+        "atelectasis",
+        "cardiomegaly",
+        "cardiomediastinal",
+        "hiatus",
+        "lung",
+        "lungs",
+        "clip",
+        "clips",
+    ]
     assert len({word_stem(w) for w in words}) == len(words) - 2  # lung(s) and clip(s) pool, nothing else
 
 
@@ -111,8 +134,11 @@ def test_word_keys_mark_content_words_by_stem(tok):
     enc = tok.encode(["Small left pleural effusions. No pneumothorax.", "Right pleural effusion."])
     assert enc.word_key.shape == enc.input_ids.shape
     assert ((enc.word_key > 0) == enc.word_mask).all()  # a key exactly where a content word starts
-    key = {enc.words[b][int(enc.word_ids[b, t])].text: int(enc.word_key[b, t])
-           for b in range(2) for t in torch.nonzero(enc.word_mask[b]).flatten()}
+    key = {
+        enc.words[b][int(enc.word_ids[b, t])].text: int(enc.word_key[b, t])
+        for b in range(2)
+        for t in torch.nonzero(enc.word_mask[b]).flatten()
+    }
     assert key["effusions"] == key["effusion"] == word_key_id("effusion")
     assert key["left"] != key["Right"] and key["pleural"] == word_key_id("pleural")
 
@@ -120,10 +146,14 @@ def test_word_keys_mark_content_words_by_stem(tok):
 def test_wordpiece_training_is_deterministic():
     # tokenizers' trainer numbers "##c" pieces in hash-map order (huggingface/tokenizers#1794): on these two
     # reports it gave a different vocabulary in each of 30 runs before medvl registered the pieces up front.
-    texts = ["Mild cardiomegaly with a small left pleural effusion and bibasilar atelectasis.",
-             "Calcified granuloma in the right upper lobe. No pneumothorax or focal consolidation."] * 2
-    vocabs = {tuple(sorted(train_wordpiece(texts, vocab_size=80, min_frequency=1).get_vocab().items()))
-              for _ in range(10)}
+    texts = [
+        "Mild cardiomegaly with a small left pleural effusion and bibasilar atelectasis.",
+        "Calcified granuloma in the right upper lobe. No pneumothorax or focal consolidation.",
+    ] * 2
+    vocabs = {
+        tuple(sorted(train_wordpiece(texts, vocab_size=80, min_frequency=1).get_vocab().items()))
+        for _ in range(10)
+    }
     assert len(vocabs) == 1
     tok = train_wordpiece(texts, vocab_size=80, min_frequency=1)
     assert sorted(tok.all_special_tokens) == sorted(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])

@@ -29,7 +29,9 @@ class DumpingStage(ToyStage):
     def on_step_end(self, model: torch.nn.Module, step: int) -> None:
         if step == self.train.steps:
             rank = int(os.environ.get("RANK", "0"))
-            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, self.dump / f"rank_{rank}.pt")
+            torch.save(
+                {k: v.detach().cpu() for k, v in model.state_dict().items()}, self.dump / f"rank_{rank}.pt"
+            )
         super().on_step_end(model, step)
 
 
@@ -43,9 +45,18 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    cfg = ToyConfig(model=ToyModelConfig(dropout=0.0, samples=40),
-                    train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=1e-2, warmup_steps=1,
-                                      checkpoint_every=2, eval_every=2, log_every=1))
+    cfg = ToyConfig(
+        model=ToyModelConfig(dropout=0.0, samples=40),
+        train=TrainConfig(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=1e-2,
+            warmup_steps=1,
+            checkpoint_every=2,
+            eval_every=2,
+            log_every=1,
+        ),
+    )
     fit(DumpingStage(cfg, args.dump, args.interrupt_at), args.out, resume=args.resume)
     finish_distributed_process(0)
 

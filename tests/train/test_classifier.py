@@ -9,8 +9,9 @@ import torch
 from medvl.eval.classifier import ClassifierConfig, classifier_cache_dir, predict
 from medvl.train.classifier import evaluation_classifier, load_or_train_classifier, train_classifier
 
-TINY = ClassifierConfig(image_size=32, channels=[8, 16, 32], steps=60, eval_every=20, batch_size=16, lr=5e-3,
-                        min_side_regions=3)
+TINY = ClassifierConfig(
+    image_size=32, channels=[8, 16, 32], steps=60, eval_every=20, batch_size=16, lr=5e-3, min_side_regions=3
+)
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -38,8 +39,9 @@ def test_classifier_trains_on_tiny_data_and_is_cached(tiny_prepared):
 
 
 def test_training_is_deterministic_and_keeps_the_best_validation_step(tiny_prepared):
-    cfg = ClassifierConfig(image_size=32, channels=[8, 16], steps=12, eval_every=4, batch_size=16, lr=5e-3,
-                           min_side_regions=3)
+    cfg = ClassifierConfig(
+        image_size=32, channels=[8, 16], steps=12, eval_every=4, batch_size=16, lr=5e-3, min_side_regions=3
+    )
     a, report_a = train_classifier(tiny_prepared, cfg, device="cpu")
     b, report_b = train_classifier(tiny_prepared, cfg, device="cpu")
     assert report_a == report_b and report_a.best_step in (4, 8, 12)

@@ -21,13 +21,27 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "ACCELERATE_USE_CPU": "true",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     env["CUDA_VISIBLE_DEVICES"] = ""  # CPU processes even on a GPU machine
     if sys.platform.startswith("linux"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
     # --standalone: torchrun picks a free localhost port itself (no race with other test runs)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(WORKER),
+        *args,
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
@@ -55,13 +69,17 @@ def test_two_processes_hold_identical_weights(tmp_path):
     # rank r takes slice r of each global batch: 2 x 4 per step is the same data as 1 x 8, so one
     # process with batch 8 ends at the same weights up to float rounding (its only validation is at
     # the end, so save_run receives the step-4 weights)
-    single = ToyStage(ToyConfig(model=ToyModelConfig(dropout=0.0, samples=40),
-                                train=TrainConfig(steps=4, batch_size=8, lr=1e-2, warmup_steps=1,
-                                                  checkpoint_every=0, eval_every=0, log_every=1)))
+    single = ToyStage(
+        ToyConfig(
+            model=ToyModelConfig(dropout=0.0, samples=40),
+            train=TrainConfig(
+                steps=4, batch_size=8, lr=1e-2, warmup_steps=1, checkpoint_every=0, eval_every=0, log_every=1
+            ),
+        )
+    )
     fit(single, tmp_path / "single")
     for k in r0:
         torch.testing.assert_close(r0[k], single.saved[k], rtol=1e-4, atol=1e-5)
-
 
 
 @pytest.mark.slow

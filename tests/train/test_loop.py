@@ -51,15 +51,20 @@ def test_loss_decreases(tmp_path):
     assert last < 0.5 * first
     info = json.loads((tmp_path / "run" / "stage.json").read_text())
     assert info["stage"] == "toy" and info["steps"] == 40 and result.steps == 40
-    assert info["best_step"] == result.best_step and info["images_per_second"] > 0 and info["peak_memory_mb"] > 0
+    assert (
+        info["best_step"] == result.best_step and info["images_per_second"] > 0 and info["peak_memory_mb"] > 0
+    )
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["steps"] == 40
     assert (tmp_path / "run" / "model.safetensors").is_file()
     assert not (tmp_path / "run" / "best").exists()
     assert list((tmp_path / "run" / "logs").glob("events.out.tfevents.*"))
 
 
-@pytest.mark.parametrize("variant", [dict(num_workers=0), dict(num_workers=1, grad_accum=2, augment=0.3)],
-                         ids=["main-process", "worker-augment-accum"])
+@pytest.mark.parametrize(
+    "variant",
+    [dict(num_workers=0), dict(num_workers=1, grad_accum=2, augment=0.3)],
+    ids=["main-process", "worker-augment-accum"],
+)
 def test_resume_is_exact(tmp_path, variant):
     # 40 samples, batch 8: an epoch is 5 micro-batches, so the runs cross epoch boundaries; dropout on.
     cfg = make_config(samples=40, dropout=0.3, **variant)
@@ -98,13 +103,16 @@ def test_validation_does_not_change_training(tmp_path):
 
 
 def test_best_by_validation_is_saved(tmp_path):
-    cfg = make_config(select_metric="scripted", select_mode="max", eval_every=2, checkpoint_every=2,
-                      keep_checkpoints=3)
+    cfg = make_config(
+        select_metric="scripted", select_mode="max", eval_every=2, checkpoint_every=2, keep_checkpoints=3
+    )
     stage = ToyStage(cfg, validate_metrics=[0.1, 0.9, 0.3])  # at steps 2, 4, 6
     result = fit(stage, tmp_path / "run")
     assert result.best_step == 4 and result.best_metrics["scripted"] == pytest.approx(0.9)
     assert_same(stage.saved, checkpoint_tensors(tmp_path / "run", 4))
-    assert not torch.equal(stage.saved["net.0.weight"], checkpoint_tensors(tmp_path / "run", 6)["net.0.weight"])
+    assert not torch.equal(
+        stage.saved["net.0.weight"], checkpoint_tensors(tmp_path / "run", 6)["net.0.weight"]
+    )
     info = json.loads((tmp_path / "run" / "stage.json").read_text())
     assert info["best_step"] == 4
 
@@ -223,12 +231,25 @@ def test_run_stage_through_the_registry(tmp_path, monkeypatch):
     toy = dataclasses.replace(registry.STAGES["adamatch"], builder="tests.train.toy_stage:build_stage")
     monkeypatch.setitem(registry.STAGES, "adamatch", toy)
     cfg_file = tmp_path / "toy.yaml"
-    cfg_file.write_text(yaml.safe_dump({"model": {"dropout": 0.0},
-                                        "train": {"steps": 3, "batch_size": 8, "eval_every": 0, "log_every": 1}}))
+    cfg_file.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"dropout": 0.0},
+                "train": {"steps": 3, "batch_size": 8, "eval_every": 0, "log_every": 1},
+            }
+        )
+    )
     data = tmp_path / "data"
     data.mkdir()
-    result = stages_mod.run_stage("adamatch", config=cfg_file, data=data, out=tmp_path / "run",
-                                  from_runs=[], overrides=["train.lr=0.005"], resume=False)
+    result = stages_mod.run_stage(
+        "adamatch",
+        config=cfg_file,
+        data=data,
+        out=tmp_path / "run",
+        from_runs=[],
+        overrides=["train.lr=0.005"],
+        resume=False,
+    )
     assert result.steps == 3
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["train"]["lr"] == 0.005 and saved["model"]["dropout"] == 0.0
@@ -249,7 +270,9 @@ def test_missing_stage_module_is_a_clear_error(tmp_path, monkeypatch, capsys):
         registry.builder("report")
     with pytest.raises(ConfigError, match="unknown stage 'foo'"):
         registry.builder("foo")
-    code = main(["train", "report", "--config", "tiny", "--data", str(tmp_path), "--out", str(tmp_path / "r")])
+    code = main(
+        ["train", "report", "--config", "tiny", "--data", str(tmp_path), "--out", str(tmp_path / "r")]
+    )
     assert code == 2 and "not available in this version" in capsys.readouterr().err
 
 

@@ -36,8 +36,11 @@ class ToyModelConfig:
 @dataclass
 class ToyConfig:
     model: ToyModelConfig = field(default_factory=ToyModelConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=6, batch_size=8, lr=1e-2, warmup_steps=2, checkpoint_every=3, eval_every=2, log_every=1))
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            steps=6, batch_size=8, lr=1e-2, warmup_steps=2, checkpoint_every=3, eval_every=2, log_every=1
+        )
+    )
 
 
 class ToyData(Dataset):
@@ -79,7 +82,9 @@ class ToyNet(nn.Module):
 class ToyStage:
     name = "toy"
 
-    def __init__(self, config: ToyConfig, *, interrupt_at: int | None = None, validate_metrics: list | None = None):
+    def __init__(
+        self, config: ToyConfig, *, interrupt_at: int | None = None, validate_metrics: list | None = None
+    ):
         self.config = config
         self.train = config.train
         self.interrupt_at = interrupt_at
@@ -96,8 +101,11 @@ class ToyStage:
         return ToyData(self.config.model.samples, seed=7, augment=self.config.model.augment)
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"x": torch.stack([it["x"] for it in items]), "y": torch.stack([it["y"] for it in items]),
-                "id": [it["id"] for it in items]}
+        return {
+            "x": torch.stack([it["x"] for it in items]),
+            "y": torch.stack([it["y"] for it in items]),
+            "id": [it["id"] for it in items],
+        }
 
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         assert all(isinstance(i, str) for i in batch["id"])
@@ -126,6 +134,8 @@ class ToyStage:
         save_file(self.saved, str(run_dir / "model.safetensors"))
 
 
-def build_stage(*, config_path: Path | None, overrides: list[str], data: Path, from_runs: list[Path]) -> ToyStage:
+def build_stage(
+    *, config_path: Path | None, overrides: list[str], data: Path, from_runs: list[Path]
+) -> ToyStage:
     """The registry entry point (tests point ``STAGE_BUILDERS`` here)."""
     return ToyStage(load_config(ToyConfig, config_path, overrides))

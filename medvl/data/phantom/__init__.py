@@ -70,9 +70,24 @@ from medvl.data.prepared import PrepareResult
 from medvl.errors import DataError
 
 __all__ = [
-    "BUILDING_FILE", "CHEXPERT_COLUMNS", "CONTACT_SHEET", "INFO_FILE", "MANIFEST_FILE", "MAX_SIZE",
-    "METADATA_COLUMNS", "MIN_SIZE", "PHANTOM_VERSION", "REGION_COLUMNS", "SPLIT_COLUMNS", "PhantomBuild",
-    "PhantomResult", "build_phantom_raw", "labelled_text", "load_iu_reports", "plan_findings", "prepare_phantom",
+    "BUILDING_FILE",
+    "CHEXPERT_COLUMNS",
+    "CONTACT_SHEET",
+    "INFO_FILE",
+    "MANIFEST_FILE",
+    "MAX_SIZE",
+    "METADATA_COLUMNS",
+    "MIN_SIZE",
+    "PHANTOM_VERSION",
+    "REGION_COLUMNS",
+    "SPLIT_COLUMNS",
+    "PhantomBuild",
+    "PhantomResult",
+    "build_phantom_raw",
+    "labelled_text",
+    "load_iu_reports",
+    "plan_findings",
+    "prepare_phantom",
     "write_contact_sheet",
 ]
 
@@ -87,8 +102,9 @@ class PhantomResult:
     seconds: float
 
 
-def prepare_phantom(out: str | Path, *, studies: int | None = None, size: int = 256, seed: int = 0,
-                    workers: int = 1) -> PhantomResult:
+def prepare_phantom(
+    out: str | Path, *, studies: int | None = None, size: int = 256, seed: int = 0, workers: int = 1
+) -> PhantomResult:
     """``medvl prepare phantom``: build IU-Phantom under ``out/raw/`` and prepare it into ``out/`` through the
     MIMIC-CXR ingestion (``views=("PA", "AP")``, ``sections="both"``); write ``out/contact_sheet.png``."""
     started = time.perf_counter()
@@ -96,19 +112,40 @@ def prepare_phantom(out: str | Path, *, studies: int | None = None, size: int = 
     check_build_args(size, seed, studies, workers)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} is a file; --out must be a directory")
-    if out.exists() and any(out.iterdir()) and not any((out / "raw" / f).exists() for f in (INFO_FILE, BUILDING_FILE)):
+    if (
+        out.exists()
+        and any(out.iterdir())
+        and not any((out / "raw" / f).exists() for f in (INFO_FILE, BUILDING_FILE))
+    ):
         raise DataError(f"{out} is not empty and holds no IU-Phantom; use another --out")
     build = build_phantom_raw(out / "raw", studies=studies, size=size, seed=seed, workers=workers)
     if build.reused:
         print(f"IU-Phantom: reusing the raw tree in {build.raw} (same arguments)")
     else:
-        print(f"IU-Phantom: {build.studies} studies, {build.images} images ({build.laterals} lateral, {build.dicoms} "
-              f"DICOM), {build.regions} drawn findings in {sum(build.seconds.values()):.1f}s")
-    prepared = prepare_mimic(out / "raw", out, size=size, views=("PA", "AP"), sections="both", workers=workers,
-                             meta_extra={"source": "iu-phantom", "ingested_as": "mimic-cxr",
-                                         "phantom": {**build_params(studies, size, seed), "raw": "raw",
-                                                     "masks": "raw/masks/<dicom_id>.npz"}})
+        print(
+            f"IU-Phantom: {build.studies} studies, {build.images} images ({build.laterals} lateral, {build.dicoms} "
+            f"DICOM), {build.regions} drawn findings in {sum(build.seconds.values()):.1f}s"
+        )
+    prepared = prepare_mimic(
+        out / "raw",
+        out,
+        size=size,
+        views=("PA", "AP"),
+        sections="both",
+        workers=workers,
+        meta_extra={
+            "source": "iu-phantom",
+            "ingested_as": "mimic-cxr",
+            "phantom": {
+                **build_params(studies, size, seed),
+                "raw": "raw",
+                "masks": "raw/masks/<dicom_id>.npz",
+            },
+        },
+    )
     t = time.perf_counter()
     sheet = write_contact_sheet(out / "raw", out / CONTACT_SHEET)
     build.seconds["contact_sheet"] = time.perf_counter() - t
-    return PhantomResult(build=build, prepared=prepared, contact_sheet=sheet, seconds=time.perf_counter() - started)
+    return PhantomResult(
+        build=build, prepared=prepared, contact_sheet=sheet, seconds=time.perf_counter() - started
+    )

@@ -193,7 +193,12 @@ def _atlas_from_results(results: list[_MaskResult]) -> LungAtlas:
         for side, sl in enumerate((slice(0, sc), slice(sc, res))):
             ys, xs = np.nonzero(fg[:, sl])
             off = sl.start
-            boxes[i, side] = ((xs.min() + off) / res, ys.min() / res, (xs.max() + off + 1) / res, (ys.max() + 1) / res)
+            boxes[i, side] = (
+                (xs.min() + off) / res,
+                ys.min() / res,
+                (xs.max() + off + 1) / res,
+                (ys.max() + 1) / res,
+            )
         lo, hi = int(boxes[i, 1, 1] * res), int(boxes[i, 1, 3] * res)
         half = slice(lo + (hi - lo) // 2, hi)
         medial = [np.nonzero(r[sc:])[0] for r in fg[half]]

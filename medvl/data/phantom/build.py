@@ -44,8 +44,17 @@ PHANTOM_VERSION = 1
 MIN_SIZE, MAX_SIZE = 64, 1024
 REGION_COLUMNS = ("dicom_id", "finding", "side", "zone", "x0", "y0", "x1", "y1", "observation", "word")
 METADATA_COLUMNS = (
-    "dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows", "Columns",
-    "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning", "ViewCodeSequence_CodeMeaning",
+    "dicom_id",
+    "subject_id",
+    "study_id",
+    "PerformedProcedureStepDescription",
+    "ViewPosition",
+    "Rows",
+    "Columns",
+    "StudyDate",
+    "StudyTime",
+    "ProcedureCodeSequence_CodeMeaning",
+    "ViewCodeSequence_CodeMeaning",
     "PatientOrientationCodeSequence_CodeMeaning",
 )
 SPLIT_COLUMNS = ("dicom_id", "study_id", "subject_id", "split")
@@ -72,7 +81,13 @@ def _write_dicom(path: Path, pixels: np.ndarray, im: PlannedImage) -> None:
     """A 12-bit DX DICOM of an 8-bit image (``value * 4095 / 255``), MONOCHROME1 stored inverted."""
     uid = generate_uid(entropy_srcs=["medvl-phantom", im.dicom_id])
     v = np.rint(pixels.astype(np.float32) * (4095.0 / 255.0)).astype(np.uint16)
-    ds = grey_dicom(v, sop_class=DigitalXRayImageStorageForPresentation, photometric=im.fmt, bits_stored=12, sop_instance_uid=uid)
+    ds = grey_dicom(
+        v,
+        sop_class=DigitalXRayImageStorageForPresentation,
+        photometric=im.fmt,
+        bits_stored=12,
+        sop_instance_uid=uid,
+    )
     ds.StudyInstanceUID = generate_uid(entropy_srcs=["medvl-phantom-study", im.study_id])
     ds.SeriesInstanceUID = generate_uid(entropy_srcs=["medvl-phantom-series", im.dicom_id])
     ds.PatientID = im.subject_id
@@ -94,7 +109,9 @@ def _report_file(report: IUReport, examination: str) -> str:
     """A MIMIC-style report: all-caps headers, lines starting with one space."""
 
     def block(text: str) -> str:
-        return textwrap.fill(text, width=77, initial_indent=" ", subsequent_indent=" ", break_on_hyphens=False)
+        return textwrap.fill(
+            text, width=77, initial_indent=" ", subsequent_indent=" ", break_on_hyphens=False
+        )
 
     parts = [" " * 33 + "FINAL REPORT", f" EXAMINATION:  {examination}", " "]
     if report.indication:
@@ -136,8 +153,15 @@ def _render_job(job: _RenderJob) -> list[tuple[dict, list[dict]]]:
         path = raw / im.filename
         path.parent.mkdir(parents=True, exist_ok=True)
         regions: list[dict] = []
-        info = {"dicom_id": im.dicom_id, "subject_id": im.subject_id, "study_id": im.study_id, "view": im.view,
-                "file": im.filename, "format": im.fmt, "split": im.split}
+        info = {
+            "dicom_id": im.dicom_id,
+            "subject_id": im.subject_id,
+            "study_id": im.study_id,
+            "view": im.view,
+            "file": im.filename,
+            "format": im.fmt,
+            "split": im.split,
+        }
         if im.view == "LATERAL":
             pixels = render_lateral(job.size, rng)
             info.update(lung_mask="", ctr="", angle="", scale="", drawn="", masks="")
@@ -145,22 +169,41 @@ def _render_job(job: _RenderJob) -> list[tuple[dict, list[dict]]]:
             fr = render_frontal(list(im.specs), atlas, im.mask, job.size, rng, lesions)
             pixels = fr.image
             for r in fr.regions:
-                regions.append({
-                    "dicom_id": im.dicom_id, "finding": r.spec.finding or r.spec.kind.value,
-                    "side": r.spec.side.value if r.spec.side else "", "zone": r.spec.zone.value if r.spec.zone else "",
-                    "x0": r.box[0], "y0": r.box[1], "x1": r.box[2], "y1": r.box[3],
-                    "observation": r.spec.observation, "word": r.spec.word,
-                })
+                regions.append(
+                    {
+                        "dicom_id": im.dicom_id,
+                        "finding": r.spec.finding or r.spec.kind.value,
+                        "side": r.spec.side.value if r.spec.side else "",
+                        "zone": r.spec.zone.value if r.spec.zone else "",
+                        "x0": r.box[0],
+                        "y0": r.box[1],
+                        "x1": r.box[2],
+                        "y1": r.box[3],
+                        "observation": r.spec.observation,
+                        "word": r.spec.word,
+                    }
+                )
             mask_rel = f"masks/{im.dicom_id}.npz"
             (raw / "masks").mkdir(exist_ok=True)
-            (raw / mask_rel).write_bytes(npz_bytes(
-                regions=np.stack([r.mask for r in fr.regions]) if fr.regions
-                else np.zeros((0, job.size, job.size), bool),
-                anatomy=fr.anatomy))
-            drawn = ";".join(f"{r.spec.kind.value}{':' + r.spec.device.value if r.spec.device else ''}"
-                             for r in fr.regions)
-            info.update(lung_mask=fr.params["mask"], ctr=fr.params["ctr"], angle=fr.params["angle"],
-                        scale=fr.params["scale"], drawn=drawn, masks=mask_rel)
+            (raw / mask_rel).write_bytes(
+                npz_bytes(
+                    regions=np.stack([r.mask for r in fr.regions])
+                    if fr.regions
+                    else np.zeros((0, job.size, job.size), bool),
+                    anatomy=fr.anatomy,
+                )
+            )
+            drawn = ";".join(
+                f"{r.spec.kind.value}{':' + r.spec.device.value if r.spec.device else ''}" for r in fr.regions
+            )
+            info.update(
+                lung_mask=fr.params["mask"],
+                ctr=fr.params["ctr"],
+                angle=fr.params["angle"],
+                scale=fr.params["scale"],
+                drawn=drawn,
+                masks=mask_rel,
+            )
         if im.fmt == "jpg":
             Image.fromarray(pixels).save(path, format="JPEG", quality=95)
         else:
@@ -214,8 +257,9 @@ def _pool(workers: int) -> ProcessPoolExecutor | None:
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
 
 
-def build_phantom_raw(raw: str | Path, *, studies: int | None = None, size: int = 256, seed: int = 0,
-                      workers: int = 1) -> PhantomBuild:
+def build_phantom_raw(
+    raw: str | Path, *, studies: int | None = None, size: int = 256, seed: int = 0, workers: int = 1
+) -> PhantomBuild:
     """Write the IU-Phantom raw tree (MIMIC-CXR-JPG layout, see the module docstring) into ``raw``.
 
     ``studies``: how many IU reports to use (default all 3,927 with a section), drawn for ``seed`` with the share of
@@ -230,8 +274,10 @@ def build_phantom_raw(raw: str | Path, *, studies: int | None = None, size: int 
         info = json.loads(info_path.read_text())
         if info.get("params") == params:
             return PhantomBuild(raw=raw, **info["counts"], seconds={}, reused=True)
-        raise DataError(f"{raw} holds an IU-Phantom built with {info.get('params')}, not {params}; "
-                        "use another --out, or delete it")
+        raise DataError(
+            f"{raw} holds an IU-Phantom built with {info.get('params')}, not {params}; "
+            "use another --out, or delete it"
+        )
     building = raw / BUILDING_FILE
     if raw.exists() and any(raw.iterdir()):
         if not building.exists():
@@ -253,10 +299,15 @@ def build_phantom_raw(raw: str | Path, *, studies: int | None = None, size: int 
         texts = [labelled_text(r) for r in reports]
         found = _MENTIONS  # the labeler is deterministic: a second build in this process reuses its mentions
         unique = sorted(set(texts) - found.keys())
-        chunks = [unique[i:i + 64] for i in range(0, len(unique), 64)]
+        chunks = [unique[i : i + 64] for i in range(0, len(unique), 64)]
         results = pool.map(_mentions_chunk, chunks) if pool else map(_mentions_chunk, chunks)
-        for chunk, res in zip(chunks, tqdm(results, total=len(chunks), desc="phantom: labelling reports",
-                                           unit="chunk", mininterval=1.0), strict=True):
+        for chunk, res in zip(
+            chunks,
+            tqdm(
+                results, total=len(chunks), desc="phantom: labelling reports", unit="chunk", mininterval=1.0
+            ),
+            strict=True,
+        ):
             found.update(zip(chunk, res, strict=True))
         mentions = [found[t_] for t_ in texts]
         labels = np.stack([_labels_of(m) for m in mentions])
@@ -279,7 +330,10 @@ def build_phantom_raw(raw: str | Path, *, studies: int | None = None, size: int 
 
         t = time.perf_counter()
         per_job = 24
-        jobs = [_RenderJob(str(raw), size, seed, tuple(images[i:i + per_job])) for i in range(0, len(images), per_job)]
+        jobs = [
+            _RenderJob(str(raw), size, seed, tuple(images[i : i + per_job]))
+            for i in range(0, len(images), per_job)
+        ]
         done = pool.map(_render_job, jobs) if pool else map(_render_job, jobs)
         rendered: list[tuple[dict, list[dict]]] = []
         with tqdm(total=len(images), desc="phantom: drawing", unit="img", mininterval=1.0) as bar:
@@ -298,23 +352,36 @@ def build_phantom_raw(raw: str | Path, *, studies: int | None = None, size: int 
     for im in images:
         by_study.setdefault(im.study_id, im)
     for study, im in by_study.items():
-        exam = {"AP": "CHEST (PORTABLE AP)"}.get(im.view, "CHEST (PA AND LAT)" if study in has_lateral
-                                                  else "CHEST (PA)")
+        exam = {"AP": "CHEST (PORTABLE AP)"}.get(
+            im.view, "CHEST (PA AND LAT)" if study in has_lateral else "CHEST (PA)"
+        )
         (raw / f"{im.folder}.txt").write_text(_report_file(reports[im.report], exam))
     meta_rows, split_rows = [], []
     for im in images:
-        exam = {"AP": "CHEST (PORTABLE AP)"}.get(by_study[im.study_id].view,
-                                                 "CHEST (PA AND LAT)" if im.study_id in has_lateral else "CHEST (PA)")
-        meta_rows.append({
-            "dicom_id": im.dicom_id, "subject_id": im.subject_id, "study_id": im.study_id,
-            "PerformedProcedureStepDescription": exam, "ViewPosition": im.view, "Rows": size, "Columns": size,
-            "StudyDate": im.study_date, "StudyTime": im.study_time, "ProcedureCodeSequence_CodeMeaning": exam,
-            "ViewCodeSequence_CodeMeaning": {"PA": "postero-anterior", "AP": "antero-posterior"}.get(im.view,
-                                                                                                     "lateral"),
-            "PatientOrientationCodeSequence_CodeMeaning": "Recumbent" if im.view == "AP" else "Erect",
-        })
-        split_rows.append({"dicom_id": im.dicom_id, "study_id": im.study_id, "subject_id": im.subject_id,
-                           "split": im.split})
+        exam = {"AP": "CHEST (PORTABLE AP)"}.get(
+            by_study[im.study_id].view, "CHEST (PA AND LAT)" if im.study_id in has_lateral else "CHEST (PA)"
+        )
+        meta_rows.append(
+            {
+                "dicom_id": im.dicom_id,
+                "subject_id": im.subject_id,
+                "study_id": im.study_id,
+                "PerformedProcedureStepDescription": exam,
+                "ViewPosition": im.view,
+                "Rows": size,
+                "Columns": size,
+                "StudyDate": im.study_date,
+                "StudyTime": im.study_time,
+                "ProcedureCodeSequence_CodeMeaning": exam,
+                "ViewCodeSequence_CodeMeaning": {"PA": "postero-anterior", "AP": "antero-posterior"}.get(
+                    im.view, "lateral"
+                ),
+                "PatientOrientationCodeSequence_CodeMeaning": "Recumbent" if im.view == "AP" else "Erect",
+            }
+        )
+        split_rows.append(
+            {"dicom_id": im.dicom_id, "study_id": im.study_id, "subject_id": im.subject_id, "split": im.split}
+        )
     _write_csv_gz(raw / "mimic-cxr-2.0.0-metadata.csv.gz", pd.DataFrame(meta_rows, columns=METADATA_COLUMNS))
     _write_csv_gz(raw / "mimic-cxr-2.0.0-split.csv.gz", pd.DataFrame(split_rows, columns=SPLIT_COLUMNS))
     chex_rows = []
@@ -330,8 +397,15 @@ def build_phantom_raw(raw: str | Path, *, studies: int | None = None, size: int 
     manifest = []
     for im, (info, rs) in zip(images, rendered, strict=True):
         rep = reports[im.report]
-        manifest.append({**info, "iu_uid": rep.uid, "iu_source": rep.source, "regions": len(rs),
-                         "planned": len(im.specs) if im.view != "LATERAL" else 0})
+        manifest.append(
+            {
+                **info,
+                "iu_uid": rep.uid,
+                "iu_source": rep.source,
+                "regions": len(rs),
+                "planned": len(im.specs) if im.view != "LATERAL" else 0,
+            }
+        )
     pd.DataFrame(manifest).to_csv(raw / MANIFEST_FILE, index=False, quoting=csv.QUOTE_MINIMAL)
     frontal = [im for im in images if im.view != "LATERAL"]
     counts = {
@@ -345,11 +419,16 @@ def build_phantom_raw(raw: str | Path, *, studies: int | None = None, size: int 
         "drawn": dict(sorted(Counter(r["finding"] for r in region_rows).items())),
     }
     seconds["write_tables"] = time.perf_counter() - t
-    info = {"params": params, "counts": counts,
-            "sources": {"reports": "torchxrayvision NLMCXR_reports.tgz (IU X-ray, Open-i; CC BY-NC-ND 4.0)",
-                        "lung_masks": f"torchxrayvision semantic_masks_v7labs_lungs.zip ({len(atlas)} usable)",
-                        "lesion_sizes": "torchxrayvision BBox_List_2017.csv.gz (NIH ChestX-ray14)"},
-            "lung_masks_skipped": [list(s) for s in atlas.skipped]}
+    info = {
+        "params": params,
+        "counts": counts,
+        "sources": {
+            "reports": "torchxrayvision NLMCXR_reports.tgz (IU X-ray, Open-i; CC BY-NC-ND 4.0)",
+            "lung_masks": f"torchxrayvision semantic_masks_v7labs_lungs.zip ({len(atlas)} usable)",
+            "lesion_sizes": "torchxrayvision BBox_List_2017.csv.gz (NIH ChestX-ray14)",
+        },
+        "lung_masks_skipped": [list(s) for s in atlas.skipped],
+    }
     info_path.write_text(json.dumps(info, indent=1))  # written last: marks the tree complete
     building.unlink()
     seconds["other"] = time.perf_counter() - t0 - sum(seconds.values())

@@ -76,7 +76,9 @@ def render_frontal(
     kinds = {s.kind for s in specs}
     cardio = next((s for s in specs if s.kind == Finding.CARDIOMEGALY), None)
     ecm = next((s for s in specs if s.kind == Finding.ENLARGED_CARDIOMEDIASTINUM), None)
-    ctr = float(rng.uniform(0.4, 0.47)) if cardio is None else 0.53 + 0.16 * severity_of(cardio, rng, 0.3, 0.6)
+    ctr = (
+        float(rng.uniform(0.4, 0.47)) if cardio is None else 0.53 + 0.16 * severity_of(cardio, rng, 0.3, 0.6)
+    )
     med_w = float(rng.uniform(0.12, 0.15)) if ecm is None else 0.2 + 0.08 * severity_of(ecm, rng, 0.3, 0.6)
 
     # Body: neck, sloping shoulders, chest wall; soft tissue thicker centrally; humeral heads at the corners.
@@ -118,7 +120,11 @@ def render_frontal(
     heart_gt = (ellipse > 0) & (Y < fr.dome_y)
     t_med = np.clip((Y - (top - 0.02)) / (cy - top), 0.0, 1.0)
     med_half = med_w / 2 + (0.38 * Wh - med_w / 2) * t_med**2
-    med = sig((med_half - np.abs(X - xm - 0.012 * t_med)) / 0.008) * sig((cy - Y) / 0.02) * sig((Y - top + 0.04) / 0.01)
+    med = (
+        sig((med_half - np.abs(X - xm - 0.012 * t_med)) / 0.008)
+        * sig((cy - Y) / 0.02)
+        * sig((Y - top + 0.04) / 0.01)
+    )
     knob_x, knob_y = xm + med_w / 2 - 0.002, top + 0.2 * H
     med = np.maximum(med, sig((0.028 - hypot(X - knob_x, Y - knob_y)) / 0.006))
     cardiomed = np.maximum(heart, med)
@@ -155,8 +161,11 @@ def render_frontal(
             draw_device(fr, cv, spec, rng)
 
     # Air depth: more towards the bases, less at the medial and lateral borders (thinner lung there).
-    lat_frac = np.where(X >= xm, (X - fr.side_box[1][0]) / (fr.side_box[1][2] - fr.side_box[1][0]),
-                        (fr.side_box[0][2] - X) / (fr.side_box[0][2] - fr.side_box[0][0]))
+    lat_frac = np.where(
+        X >= xm,
+        (X - fr.side_box[1][0]) / (fr.side_box[1][2] - fr.side_box[1][0]),
+        (fr.side_box[0][2] - X) / (fr.side_box[0][2] - fr.side_box[0][0]),
+    )
     edge = np.sqrt(np.clip(np.sin(np.pi * np.clip(lat_frac, 0.0, 1.0)), 0.0, 1.0))
     air_depth = (0.25 + 0.06 * (Y - top) / H) * (0.7 + 0.3 * edge) + 0.05
     D -= air_depth * lung * (1.0 - 0.97 * np.maximum(cardiomed, abdomen)) * cv.keep_air
@@ -187,8 +196,12 @@ def render_frontal(
     Xb, Yb = X[rs, cs], Y[rs, cs]
     trachea = sig((0.015 - np.abs(Xb - xm + 0.004)) / 0.004) * sig((carina - Yb) / 0.01)
     bronchi = np.minimum(
-        polyline_distance(Xb, Yb, np.array([[xm - 0.004, carina], [hil[0][0] + 0.01, hil[0][1] - 0.01]], np.float32)),
-        polyline_distance(Xb, Yb, np.array([[xm - 0.004, carina], [hil[1][0] - 0.01, hil[1][1] - 0.02]], np.float32)),
+        polyline_distance(
+            Xb, Yb, np.array([[xm - 0.004, carina], [hil[0][0] + 0.01, hil[0][1] - 0.01]], np.float32)
+        ),
+        polyline_distance(
+            Xb, Yb, np.array([[xm - 0.004, carina], [hil[1][0] - 0.01, hil[1][1] - 0.02]], np.float32)
+        ),
     )
     D[rs, cs] -= 0.09 * np.maximum(trachea, sig((0.008 - bronchi) / 0.003) * (1 - lung[rs, cs]))
 
@@ -198,7 +211,7 @@ def render_frontal(
     clav_y = top + 0.04 - 0.08 * s_c + 0.015 * np.sin(np.pi * s_c) + rng.uniform(-0.015, 0.015)
     clav_w = 0.032 - 0.01 * s_c
     dcl = np.abs(Y - clav_y)
-    clav = (sig((clav_w / 2 - dcl) / 0.003) * 0.6 + 0.4 * np.exp(-(((dcl - clav_w / 2) / 0.004) ** 2)))
+    clav = sig((clav_w / 2 - dcl) / 0.003) * 0.6 + 0.4 * np.exp(-(((dcl - clav_w / 2) / 0.004) ** 2))
     clav *= sig(s_c * 25) * sig((1 - s_c) * 25)
     D += 0.12 * clav
 
@@ -214,7 +227,9 @@ def render_frontal(
     img = ndimage.gaussian_filter(img, sigma, truncate=2.5)
     image = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
-    anatomy = np.stack([fr.lungs[0] > 0.5, fr.lungs[1] > 0.5, heart_gt, (med > 0.5) & (lung < 0.5) & ~heart_gt])
+    anatomy = np.stack(
+        [fr.lungs[0] > 0.5, fr.lungs[1] > 0.5, heart_gt, (med > 0.5) & (lung < 0.5) & ~heart_gt]
+    )
     params = {
         "mask": atlas.names[mask_index],
         "ctr": round(ctr, 3),

@@ -75,14 +75,20 @@ def draw_pneumothorax(fr: Frame, cv: Canvas, spec: DrawSpec, rng: np.random.Gene
     cv.add(spec, rim | line)
 
 
-def _patch(fr: Frame, spec: DrawSpec, rng: np.random.Generator, default_zone: Zone, radius: tuple[float, float],
-           soft: float) -> tuple[np.ndarray, int]:
+def _patch(
+    fr: Frame,
+    spec: DrawSpec,
+    rng: np.random.Generator,
+    default_zone: Zone,
+    radius: tuple[float, float],
+    soft: float,
+) -> tuple[np.ndarray, int]:
     side = side_index(spec.side)
     sev = severity_of(spec, rng)
     r = radius[0] + (radius[1] - radius[0]) * sev
     cx, cy = fr.zone_point(side, spec.zone or default_zone, rng, radius=0.3 * r)
     rx, ry = r * rng.uniform(0.8, 1.2), r * rng.uniform(0.7, 1.0)
-    env = np.exp(-((fr.X - cx) / rx) ** 2 - ((fr.Y - cy) / ry) ** 2)
+    env = np.exp(-(((fr.X - cx) / rx) ** 2) - ((fr.Y - cy) / ry) ** 2)
     tex = smooth_noise(rng, fr.S, cells=int(rng.integers(9, 15)))
     blob = sig((env * (0.5 + 1.0 * tex) - 0.45) * soft) * fr.lungs[side]
     return blob.astype(np.float32), side
@@ -125,8 +131,16 @@ def draw_edema(fr: Frame, cv: Canvas, spec: DrawSpec, rng: np.random.Generator) 
         haze = np.exp(-(((fr.X - hx) / (1.1 * R)) ** 2) - ((fr.Y - hy) / (1.5 * R)) ** 2) * fr.lungs[side]
         cv.fill((0.4 + 0.35 * sev) * haze)
         cv.keep_vessels *= 1.0 - 0.5 * haze
-        sub = DrawSpec(spec.kind, Side.RIGHT if side == 0 else Side.LEFT, Zone.PERIHILAR, spec.severity,
-                       None, spec.finding, spec.observation, spec.word)
+        sub = DrawSpec(
+            spec.kind,
+            Side.RIGHT if side == 0 else Side.LEFT,
+            Zone.PERIHILAR,
+            spec.severity,
+            None,
+            spec.finding,
+            spec.observation,
+            spec.word,
+        )
         cv.add(sub, haze > 0.4)
 
 
@@ -141,7 +155,9 @@ def draw_lesion(fr: Frame, cv: Canvas, spec: DrawSpec, rng: np.random.Generator,
         diam = float(np.quantile(dist, q)) * 0.85
         diam = float(np.clip(diam, 0.07, 0.22) if spec.kind == Finding.MASS else np.clip(diam, 0.035, 0.1))
     r0 = diam / 2
-    cx, cy = fr.zone_point(side, spec.zone or Zone(rng.choice(["upper", "mid", "lower"])), rng, radius=r0 * 1.1)
+    cx, cy = fr.zone_point(
+        side, spec.zone or Zone(rng.choice(["upper", "mid", "lower"])), rng, radius=r0 * 1.1
+    )
     dx, dy = fr.X - cx, fr.Y - cy
     rr = np.sqrt(dx * dx + dy * dy)
     if spec.kind == Finding.MASS:
@@ -211,8 +227,9 @@ def draw_fracture(fr: Frame, cv: Canvas, spec: DrawSpec, rng: np.random.Generato
     cv.add(spec, ndimage.binary_dilation(cut, iterations=max(1, fr.S // 128)))
 
 
-def _device_pts(fr: Frame, dev: Device, side: Side | None, rng: np.random.Generator) -> list[tuple[np.ndarray, float,
-                                                                                                      float]]:
+def _device_pts(
+    fr: Frame, dev: Device, side: Side | None, rng: np.random.Generator
+) -> list[tuple[np.ndarray, float, float]]:
     """Polylines of a device: ``(points (N, 2), width, density)`` in anatomy coordinates."""
     xm, top, bot = fr.xm, fr.box[1], fr.box[3]
     H = bot - top
@@ -225,17 +242,21 @@ def _device_pts(fr: Frame, dev: Device, side: Side | None, rng: np.random.Genera
         out += [(pts, 0.014, 0.12), (pts, 0.004, 0.25)]
     elif dev == Device.NG_TUBE:
         dome = top + 0.95 * H
-        pts = np.concatenate([
-            np.array([[xm + 0.004, -0.05], [xm + 0.008, carina]], np.float32),
-            bezier((xm + 0.012, top + 0.8 * H), (xm + 0.03, dome + 0.06), (xm + 0.17, dome + 0.07)),
-        ])
+        pts = np.concatenate(
+            [
+                np.array([[xm + 0.004, -0.05], [xm + 0.008, carina]], np.float32),
+                bezier((xm + 0.012, top + 0.8 * H), (xm + 0.03, dome + 0.06), (xm + 0.17, dome + 0.07)),
+            ]
+        )
         out.append((pts, 0.006, 0.22))
     elif dev in (Device.CENTRAL_LINE, Device.PORT):
         start = (xm + sgn * (fr.half_width + 0.04), top + 0.02)
-        pts = np.concatenate([
-            bezier(start, (xm + sgn * 0.12, top - 0.01), (xm - 0.035, top + 0.16 * H)),
-            np.array([[xm - 0.035, top + rng.uniform(0.36, 0.46) * H]], np.float32),
-        ])
+        pts = np.concatenate(
+            [
+                bezier(start, (xm + sgn * 0.12, top - 0.01), (xm - 0.035, top + 0.16 * H)),
+                np.array([[xm - 0.035, top + rng.uniform(0.36, 0.46) * H]], np.float32),
+            ]
+        )
         out.append((pts, 0.006, 0.35))
         if dev == Device.PORT:
             c = np.array([[xm + sgn * 0.2, top + 0.04]], np.float32)
@@ -247,8 +268,18 @@ def _device_pts(fr: Frame, dev: Device, side: Side | None, rng: np.random.Genera
         ra = (xm - 0.02, top + 0.55 * H)
         rv = (fr.notch + 0.02, top + 0.8 * H)
         out.append((bezier((gx - sgn * 0.03, gy), (xm - 0.02, top + 0.05), ra), 0.006, 0.5))
-        out.append((np.concatenate([bezier((gx - sgn * 0.03, gy + 0.01), (xm - 0.04, top + 0.1), ra),
-                                    bezier(ra, (xm + 0.02, top + 0.8 * H), rv)[1:]]), 0.006, 0.5))
+        out.append(
+            (
+                np.concatenate(
+                    [
+                        bezier((gx - sgn * 0.03, gy + 0.01), (xm - 0.04, top + 0.1), ra),
+                        bezier(ra, (xm + 0.02, top + 0.8 * H), rv)[1:],
+                    ]
+                ),
+                0.006,
+                0.5,
+            )
+        )
     elif dev == Device.STERNAL_WIRES:
         n = int(rng.integers(4, 7))
         for yy in np.linspace(top + 0.12 * H, top + 0.62 * H, n):
@@ -260,8 +291,11 @@ def _device_pts(fr: Frame, dev: Device, side: Side | None, rng: np.random.Genera
         sb = fr.side_box[0 if side == Side.RIGHT else 1]
         lat_x, med_x = (sb[0], sb[2]) if side == Side.RIGHT else (sb[2], sb[0])
         entry = (lat_x + sgn * 0.04, sb[1] + 0.78 * (sb[3] - sb[1]))
-        pts = bezier(entry, (lat_x + 0.25 * (med_x - lat_x), sb[1] + 0.5 * (sb[3] - sb[1])),
-                      (lat_x + 0.45 * (med_x - lat_x), sb[1] + 0.1 * (sb[3] - sb[1])))
+        pts = bezier(
+            entry,
+            (lat_x + 0.25 * (med_x - lat_x), sb[1] + 0.5 * (sb[3] - sb[1])),
+            (lat_x + 0.45 * (med_x - lat_x), sb[1] + 0.1 * (sb[3] - sb[1])),
+        )
         out += [(pts, 0.014, 0.14), (pts, 0.004, 0.3)]
     elif dev == Device.STENT:
         c = np.array([xm + rng.uniform(0.03, 0.08), top + rng.uniform(0.55, 0.7) * H], np.float32)
@@ -289,10 +323,22 @@ def _device_pts(fr: Frame, dev: Device, side: Side | None, rng: np.random.Genera
         for _ in range(int(rng.integers(3, 5))):
             ex, ey = xm + rng.uniform(-0.3, 0.3), top + rng.uniform(0.0, 0.9) * H
             t = np.linspace(0, 2 * np.pi, 11)
-            out.append((np.stack([ex + 0.012 * np.cos(t), ey + 0.012 * np.sin(t)], 1).astype(np.float32), 0.004,
-                        0.45))
-            out.append((bezier((ex, ey), (ex + rng.uniform(-0.1, 0.1), ey + 0.1), (ex + rng.uniform(-0.2, 0.2),
-                                                                                  1.05)), 0.003, 0.25))
+            out.append(
+                (
+                    np.stack([ex + 0.012 * np.cos(t), ey + 0.012 * np.sin(t)], 1).astype(np.float32),
+                    0.004,
+                    0.45,
+                )
+            )
+            out.append(
+                (
+                    bezier(
+                        (ex, ey), (ex + rng.uniform(-0.1, 0.1), ey + 0.1), (ex + rng.uniform(-0.2, 0.2), 1.05)
+                    ),
+                    0.003,
+                    0.25,
+                )
+            )
     elif dev == Device.LOOP_RECORDER:
         cx, cy = xm + rng.uniform(0.06, 0.14), top + rng.uniform(0.3, 0.45) * H
         out.append((np.array([[cx - 0.015, cy + 0.015], [cx + 0.015, cy - 0.015]], np.float32), 0.012, 0.7))

@@ -74,7 +74,6 @@ class Region:
     mask: np.ndarray
 
 
-
 def sig(z: np.ndarray | float) -> np.ndarray:
     """Smooth step 0 -> 1 around z = 0 (logistic through tanh, fast in numpy)."""
     return 0.5 + 0.5 * np.tanh(z)
@@ -100,9 +99,11 @@ def noise_field(rng: np.random.Generator, size: int) -> np.ndarray:
     flipped at random. Drawing fresh normals for every image costs more than the rest of the exposure step."""
     bank = _NOISE.get(size)
     if bank is None:
-        bank = _NOISE[size] = np.random.default_rng(20240611).standard_normal((2 * size, 2 * size), dtype=np.float32)
+        bank = _NOISE[size] = np.random.default_rng(20240611).standard_normal(
+            (2 * size, 2 * size), dtype=np.float32
+        )
     oy, ox = (int(v) for v in rng.integers(0, size, 2))
-    win = bank[oy:oy + size, ox:ox + size]
+    win = bank[oy : oy + size, ox : ox + size]
     flip = int(rng.integers(0, 4))
     return win[:: (-1 if flip & 1 else 1), :: (-1 if flip & 2 else 1)]
 
@@ -174,8 +175,9 @@ class Frame:
         i = (np.clip(iv, -1.0, float(m)) + 1.0).astype(np.int32)
         lung = padded[i, j].astype(np.float32) * np.float32(1.0 / 255.0)
         right_of_split = self.X >= self.xm
-        self.lungs = np.stack([np.where(right_of_split, 0.0, lung), np.where(right_of_split, lung, 0.0)]).astype(
-            np.float32)  # (2, S, S)
+        self.lungs = np.stack(
+            [np.where(right_of_split, 0.0, lung), np.where(right_of_split, lung, 0.0)]
+        ).astype(np.float32)  # (2, S, S)
         j = np.clip(j - 1, 0, m - 1)
         # Per-lung boxes and landmarks in anatomy coordinates.
         b = atlas.boxes[k]
@@ -222,7 +224,9 @@ class Frame:
             return 0.0
         return float(self._atlas_mask[i, j]) / 255.0
 
-    def zone_point(self, side: int, zone: Zone, rng: np.random.Generator, radius: float = 0.0) -> tuple[float, float]:
+    def zone_point(
+        self, side: int, zone: Zone, rng: np.random.Generator, radius: float = 0.0
+    ) -> tuple[float, float]:
         """A point in ``zone`` of lung ``side`` (0 image-left, 1 image-right), inside the lung by ``radius``."""
         bx0, by0, bx1, by1 = self.side_box[side]
         ya, yb, fa, fb = ZONE_SPAN[zone]
@@ -239,11 +243,26 @@ class Frame:
             if len(xs) == 0:
                 continue
             xs = xs + (0 if side == 0 else sc)
-            lo, hi = (self.box[0] + xs.min() / self._m * self.W, self.box[0] + (xs.max() + 1) / self._m * self.W)
+            lo, hi = (
+                self.box[0] + xs.min() / self._m * self.W,
+                self.box[0] + (xs.max() + 1) / self._m * self.W,
+            )
             med_x, lat_x = (hi, lo) if side == 0 else (lo, hi)
             u = med_x + f * (lat_x - med_x)
-            score = min(self.lung_at(u + dx * radius, v + dy * radius) for dx, dy in
-                        ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1), (0.7, 0.7), (-0.7, 0.7), (0.7, -0.7), (-0.7, -0.7)))
+            score = min(
+                self.lung_at(u + dx * radius, v + dy * radius)
+                for dx, dy in (
+                    (0, 0),
+                    (1, 0),
+                    (-1, 0),
+                    (0, 1),
+                    (0, -1),
+                    (0.7, 0.7),
+                    (-0.7, 0.7),
+                    (0.7, -0.7),
+                    (-0.7, -0.7),
+                )
+            )
             if zone != Zone.RETROCARDIAC:
                 # Keep lesions out of the heart's shadow, where they would barely show (retrocardiac ones excepted).
                 score -= max(self.occluded_at(u + dx * radius, v) for dx in (-1, 0, 1))
@@ -272,7 +291,9 @@ class Frame:
 
     def edt(self, side: int) -> np.ndarray:
         """Distance (anatomy units) from each pixel inside lung ``side`` to its border; 0 outside."""
-        return (ndimage.distance_transform_edt(self.lungs[side] > 0.5) / (self.S * self.scale)).astype(np.float32)
+        return (ndimage.distance_transform_edt(self.lungs[side] > 0.5) / (self.S * self.scale)).astype(
+            np.float32
+        )
 
 
 def region_of(spec: DrawSpec, mask: np.ndarray) -> Region | None:
@@ -334,8 +355,11 @@ class Ribs:
         self.core = sig((width - d) / 0.03)
         e = (d - width) / 0.05
         cortex = np.maximum(1.0 - e * e, 0.0)
-        window = (sig((s - 0.09) / 0.025) * sig((1.04 - s) / 0.015)
-                  * ((self.index >= 0) & (self.index < self.count)))
+        window = (
+            sig((s - 0.09) / 0.025)
+            * sig((1.04 - s) / 0.015)
+            * ((self.index >= 0) & (self.index < self.count))
+        )
         dens = (0.035 * self.core + 0.045 * cortex) * window
         # Anterior ribs: fainter, running down towards the midline, ending at the costal cartilages.
         pa = (Y - self.y0 - 0.04 - 0.3 * fr.H * (1.0 - s)) / (self.spacing * 1.25)

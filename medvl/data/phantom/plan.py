@@ -41,7 +41,9 @@ MAX_DRAWN = 10
 
 #: The side a one-sided device is drawn on when its report gives none.
 DEFAULT_DEVICE_SIDE: dict[Device, Side] = {
-    Device.PACEMAKER: Side.LEFT, Device.CENTRAL_LINE: Side.RIGHT, Device.PORT: Side.RIGHT,
+    Device.PACEMAKER: Side.LEFT,
+    Device.CENTRAL_LINE: Side.RIGHT,
+    Device.PORT: Side.RIGHT,
 }
 
 
@@ -71,8 +73,18 @@ def plan_findings(mentions: Sequence, rng: np.random.Generator, *, limit: int = 
         zone = _zone_for(e.kind, e.zone, rng)
         n = e.count + (int(rng.integers(0, 2)) if e.count > 1 else 0)
         for _ in range(n):
-            specs.append(DrawSpec(kind=e.kind, side=side if sided else None, zone=zone, severity=e.severity,
-                                  device=e.device, finding=e.finding, observation=e.observation, word=e.word))
+            specs.append(
+                DrawSpec(
+                    kind=e.kind,
+                    side=side if sided else None,
+                    zone=zone,
+                    severity=e.severity,
+                    device=e.device,
+                    finding=e.finding,
+                    observation=e.observation,
+                    word=e.word,
+                )
+            )
     return specs[:limit]
 
 
@@ -162,8 +174,9 @@ def _dicom_ids(rng: np.random.Generator, n: int) -> list[str]:
     return out
 
 
-def plan_tree(reports: Sequence[IUReport], chosen: np.ndarray, specs: dict[int, list[DrawSpec]], n_masks: int,
-              seed: int) -> list[PlannedImage]:
+def plan_tree(
+    reports: Sequence[IUReport], chosen: np.ndarray, specs: dict[int, list[DrawSpec]], n_masks: int, seed: int
+) -> list[PlannedImage]:
     """Patients, studies, images, views, file formats and the patient-disjoint split, all fixed by ``seed``."""
     rng = np.random.default_rng([seed, 23])
     order = rng.permutation(chosen)
@@ -172,7 +185,7 @@ def plan_tree(reports: Sequence[IUReport], chosen: np.ndarray, specs: dict[int, 
     i = 0
     while i < len(order):
         k = int(rng.choice(sizes, p=probs))
-        groups.append([int(r) for r in order[i:i + k]])
+        groups.append([int(r) for r in order[i : i + k]])
         i += k
     n_sub = len(groups)
     subject_ids = _unique_ids(rng, n_sub, 10_000_000, 20_000_000)
@@ -183,7 +196,7 @@ def plan_tree(reports: Sequence[IUReport], chosen: np.ndarray, specs: dict[int, 
     n_test = int(round(SPLIT_SHARES[2] * n_sub)) if n_sub >= 10 else int(n_sub >= 2)
     split_of = np.full(n_sub, "train", dtype=object)
     split_of[perm[:n_test]] = "test"
-    split_of[perm[n_test:n_test + n_val]] = "validate"
+    split_of[perm[n_test : n_test + n_val]] = "validate"
     masks = rng.integers(0, n_masks, n_sub)
     studies: list[tuple[int, str, str, int, str, str]] = []  # (report, subject, study, mask, split, date)
     for g, members in enumerate(groups):
@@ -194,7 +207,9 @@ def plan_tree(reports: Sequence[IUReport], chosen: np.ndarray, specs: dict[int, 
             date = f"{year}{1 + rest // 31 % 12:02d}{1 + rest % 28:02d}"
             studies.append((r, subject_ids[g], next(study_ids), int(masks[g]), str(split_of[g]), date))
     n_st = len(studies)
-    lateral = set(rng.choice(n_st, min(n_st, max(1, int(round(LATERAL_SHARE * n_st)))), replace=False).tolist())
+    lateral = set(
+        rng.choice(n_st, min(n_st, max(1, int(round(LATERAL_SHARE * n_st)))), replace=False).tolist()
+    )
     n_dcm = min(n_st, max(2, int(round(DICOM_SHARE * n_st)))) if n_st >= 2 else n_st
     dicom = rng.choice(n_st, n_dcm, replace=False).tolist()
     fmt_of = {s: ("MONOCHROME1" if j % 2 == 0 else "MONOCHROME2") for j, s in enumerate(dicom)}
@@ -203,8 +218,21 @@ def plan_tree(reports: Sequence[IUReport], chosen: np.ndarray, specs: dict[int, 
     images: list[PlannedImage] = []
     for s, (r, subject, study, mask, split, date) in enumerate(studies):
         t = f"{int(rng.integers(0, 24)):02d}{int(rng.integers(0, 60)):02d}{int(rng.integers(0, 60)):02d}.000"
-        images.append(PlannedImage(next(ids), subject, study, "AP" if ap[s] else "PA", fmt_of.get(s, "jpg"), split,
-                                   date, t, r, mask, tuple(specs[r])))
+        images.append(
+            PlannedImage(
+                next(ids),
+                subject,
+                study,
+                "AP" if ap[s] else "PA",
+                fmt_of.get(s, "jpg"),
+                split,
+                date,
+                t,
+                r,
+                mask,
+                tuple(specs[r]),
+            )
+        )
         if s in lateral:
             images.append(PlannedImage(next(ids), subject, study, "LATERAL", "jpg", split, date, t, r, mask))
     images.sort(key=lambda im: (im.subject_id, im.study_id, im.view == "LATERAL", im.dicom_id))

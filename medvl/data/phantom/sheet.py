@@ -12,16 +12,27 @@ from medvl.data.phantom.build import MANIFEST_FILE
 from medvl.errors import DataError
 
 _COLOURS = {
-    "cardiomegaly": (255, 80, 80), "effusion": (80, 160, 255), "pneumothorax": (255, 220, 0),
-    "consolidation": (255, 140, 0), "opacity": (255, 170, 90), "pneumonia": (255, 110, 40),
-    "atelectasis": (200, 120, 255), "edema": (0, 220, 220), "nodule": (120, 255, 120), "mass": (60, 220, 60),
-    "granuloma": (170, 255, 170), "device": (255, 120, 220), "fracture": (255, 255, 255),
-    "enlarged_cardiomediastinum": (255, 60, 160), "pleural_other": (150, 200, 255),
+    "cardiomegaly": (255, 80, 80),
+    "effusion": (80, 160, 255),
+    "pneumothorax": (255, 220, 0),
+    "consolidation": (255, 140, 0),
+    "opacity": (255, 170, 90),
+    "pneumonia": (255, 110, 40),
+    "atelectasis": (200, 120, 255),
+    "edema": (0, 220, 220),
+    "nodule": (120, 255, 120),
+    "mass": (60, 220, 60),
+    "granuloma": (170, 255, 170),
+    "device": (255, 120, 220),
+    "fracture": (255, 255, 255),
+    "enlarged_cardiomediastinum": (255, 60, 160),
+    "pleural_other": (150, 200, 255),
 }
 
 
-def write_contact_sheet(raw: str | Path, out_png: str | Path, *, n: int = 16, columns: int = 4,
-                        tile: int = 256) -> Path:
+def write_contact_sheet(
+    raw: str | Path, out_png: str | Path, *, n: int = 16, columns: int = 4, tile: int = 256
+) -> Path:
     """A grid of ``n`` frontal JPG images of a phantom raw tree with their finding boxes and labels drawn.
 
     Images are chosen to show as many kinds of finding as possible, plus a few normal ones.

@@ -72,7 +72,8 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise ConfigError(
             f"{path} is not a plain state dict ({type(exc).__name__}). torchxrayvision ships pickled models; "
             "convert once with: python -c \"import torch; m = torch.load('IN.pt', weights_only=False); "
-            "torch.save(m.state_dict(), 'OUT.pt')\" and point backbone.weights at OUT.pt") from None
+            "torch.save(m.state_dict(), 'OUT.pt')\" and point backbone.weights at OUT.pt"
+        ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -89,11 +90,21 @@ class SmallCNN(nn.Module):
         c_in = 1
         k, pad = second_kernel, second_kernel // 2
         for c in channels:
-            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
-                       nn.Conv2d(c, c, k, padding=pad, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(c),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(c, c, k, padding=pad, bias=False),
+                nn.BatchNorm2d(c),
+                nn.ReLU(inplace=True),
+            ]
             c_in = c
         for _ in range(extra_convs):
-            layers += [nn.Conv2d(c_in, c_in, k, padding=pad, bias=False), nn.BatchNorm2d(c_in), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(c_in, c_in, k, padding=pad, bias=False),
+                nn.BatchNorm2d(c_in),
+                nn.ReLU(inplace=True),
+            ]
         self.body = nn.Sequential(*layers)
         self.out_channels = c_in
         self.to(memory_format=torch.channels_last)  # faster convolutions on CPU (oneDNN) and GPU
@@ -118,8 +129,10 @@ class ResNetBackbone(nn.Module):
             state = {k: v for k, v in state.items() if not k.startswith("fc.")}
             missing, unexpected = net.load_state_dict(state, strict=False)
             if unexpected or [m for m in missing if not m.startswith("fc.")]:
-                raise ConfigError(f"{weights} does not match {kind.value}: missing {missing[:3]}, "
-                                  f"unexpected {unexpected[:3]}")
+                raise ConfigError(
+                    f"{weights} does not match {kind.value}: missing {missing[:3]}, "
+                    f"unexpected {unexpected[:3]}"
+                )
         else:
             net.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)
         blocks = [net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3]
@@ -150,8 +163,10 @@ class XRVDenseNetBackbone(nn.Module):
             missing, unexpected = net.load_state_dict(state, strict=False)
             missing = [m for m in missing if m.startswith("features.")]
             if missing or unexpected:
-                raise ConfigError(f"{weights} does not match torchxrayvision's DenseNet-121: missing {missing[:3]}, "
-                                  f"unexpected {unexpected[:3]}")
+                raise ConfigError(
+                    f"{weights} does not match torchxrayvision's DenseNet-121: missing {missing[:3]}, "
+                    f"unexpected {unexpected[:3]}"
+                )
         self.features = net.features
         self.out_channels = 1024
 
@@ -177,7 +192,9 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
 
 @dataclass
 class TextEncoderConfig:
-    pretrained: str | None = None  # a local Hugging Face model directory; None: build BERT from the fields below
+    pretrained: str | None = (
+        None  # a local Hugging Face model directory; None: build BERT from the fields below
+    )
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 4
@@ -198,10 +215,17 @@ class TextEncoderConfig:
 
 
 def bert_config(cfg: TextEncoderConfig, vocab_size: int, pad_token_id: int):
-    return BertConfig(vocab_size=vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-                      num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
-                      hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
-                      max_position_embeddings=max(cfg.max_tokens, 32), pad_token_id=pad_token_id)
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout,
+        max_position_embeddings=max(cfg.max_tokens, 32),
+        pad_token_id=pad_token_id,
+    )
 
 
 def pool_words(hidden: torch.Tensor, word_ids: torch.Tensor) -> torch.Tensor:
@@ -233,17 +257,24 @@ class TextEncoder(nn.Module):
             self.lexical = nn.Linear(int(emb.weight.shape[1]), out_dim)
 
     @classmethod
-    def from_config(cls, cfg: TextEncoderConfig, vocab_size: int, pad_token_id: int, out_dim: int) -> TextEncoder:
+    def from_config(
+        cls, cfg: TextEncoderConfig, vocab_size: int, pad_token_id: int, out_dim: int
+    ) -> TextEncoder:
         cfg.validate()
-        return cls(BertModel(bert_config(cfg, vocab_size, pad_token_id), add_pooling_layer=False), out_dim,
-                   lexical=cfg.lexical)
+        return cls(
+            BertModel(bert_config(cfg, vocab_size, pad_token_id), add_pooling_layer=False),
+            out_dim,
+            lexical=cfg.lexical,
+        )
 
     @classmethod
     def from_pretrained(cls, path: str | Path, out_dim: int, lexical: bool = False) -> TextEncoder:
         """Any local Hugging Face encoder directory (``local_files_only``: nothing is downloaded)."""
         path = Path(path)
         if not (path / "config.json").exists():
-            raise ConfigError(f"text.pretrained: {path} is not a local Hugging Face model directory (no config.json)")
+            raise ConfigError(
+                f"text.pretrained: {path} is not a local Hugging Face model directory (no config.json)"
+            )
         try:
             enc = AutoModel.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError) as exc:
@@ -260,8 +291,9 @@ class TextEncoder(nn.Module):
     def save_config(self, directory: str | Path) -> None:
         self.encoder.config.save_pretrained(str(directory))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                word_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, word_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (features (B, T, D), global (B, D)) before normalisation; global is the first token's."""
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         feats = self.proj(hidden)

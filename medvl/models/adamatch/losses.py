@@ -19,12 +19,23 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-__all__ = ["effective_masks", "word_order", "select_words", "token_scores", "word_identities", "word_loss",
-           "contrastive_loss", "distributed_world", "gather_pairs", "pair_loss"]
+__all__ = [
+    "effective_masks",
+    "word_order",
+    "select_words",
+    "token_scores",
+    "word_identities",
+    "word_loss",
+    "contrastive_loss",
+    "distributed_world",
+    "gather_pairs",
+    "pair_loss",
+]
 
 
-def effective_masks(word_mask: torch.Tensor, match_mask: torch.Tensor, real: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def effective_masks(
+    word_mask: torch.Tensor, match_mask: torch.Tensor, real: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fallbacks per report: no content word -> all real pieces; no affirmed word -> all content words.
     All (B, T) bool."""
     word = torch.where(word_mask.any(1, keepdim=True), word_mask, real)
@@ -38,8 +49,12 @@ def word_order(word_mask: torch.Tensor) -> torch.Tensor:
     return torch.argsort((~word_mask).to(torch.int8), dim=1, stable=True)[:, :w]
 
 
-def select_words(features: torch.Tensor, word_mask: torch.Tensor, match_mask: torch.Tensor,
-                 weight: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+def select_words(
+    features: torch.Tensor,
+    word_mask: torch.Tensor,
+    match_mask: torch.Tensor,
+    weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
     """Gather the masked positions to the front: (B, T, D) -> (B, W, D), masks (B, W) [, weights (B, W)];
     W = max count. Cuts the similarity tensor from pieces (stop words, punctuation, padding) to content words.
     """
@@ -51,9 +66,15 @@ def select_words(features: torch.Tensor, word_mask: torch.Tensor, match_mask: to
     return (*out, weight.gather(1, order))
 
 
-def token_scores(img: torch.Tensor, txt: torch.Tensor, i2t_mask: torch.Tensor, t2i_mask: torch.Tensor,
-                 chunk: int = 16, t2i_weight: torch.Tensor | None = None, word_best: bool = False
-                 ) -> tuple[torch.Tensor, ...]:
+def token_scores(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    i2t_mask: torch.Tensor,
+    t2i_mask: torch.Tensor,
+    chunk: int = 16,
+    t2i_weight: torch.Tensor | None = None,
+    word_best: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Fine-grained scores of every image against every report.
 
     img (Bi, P, D) and txt (Bt, W, D) L2-normalised; i2t_mask, t2i_mask (Bt, W) bool; t2i_weight (Bt, W)
@@ -69,7 +90,7 @@ def token_scores(img: torch.Tensor, txt: torch.Tensor, i2t_mask: torch.Tensor, t
     off = ~i2t_mask[None, :, None, :]  # (1, Bt, 1, W)
     out_i2t, out_t2i, out_best = [], [], []
     for a in range(0, img.shape[0], max(1, chunk)):
-        s = torch.einsum("ipd,jwd->ijpw", img[a:a + chunk], txt)  # (c, Bt, P, W)
+        s = torch.einsum("ipd,jwd->ijpw", img[a : a + chunk], txt)  # (c, Bt, P, W)
         out_i2t.append(s.masked_fill(off, neg).amax(-1).mean(-1))
         best = s.amax(2)  # (c, Bt, W)
         out_t2i.append((best * t2i).sum(-1) / n_t2i)
@@ -80,8 +101,9 @@ def token_scores(img: torch.Tensor, txt: torch.Tensor, i2t_mask: torch.Tensor, t
     return torch.cat(out_i2t), torch.cat(out_t2i)
 
 
-def word_identities(input_ids: torch.Tensor, order: torch.Tensor, word_key: torch.Tensor | None = None
-                    ) -> torch.Tensor:
+def word_identities(
+    input_ids: torch.Tensor, order: torch.Tensor, word_key: torch.Tensor | None = None
+) -> torch.Tensor:
     """(B, W) ids for :func:`word_loss` of the words at ``order`` (from :func:`word_order`): their stem ids from
     ``word_key`` (B, T), so a word's forms are one word; without ``word_key``, or at fallback pieces without a stem,
     the first piece (as ``-1 - id`` where stems exist, so the two kinds of id never meet)."""
@@ -92,7 +114,9 @@ def word_identities(input_ids: torch.Tensor, order: torch.Tensor, word_key: torc
     return torch.where(stems > 0, stems, -1 - pieces)
 
 
-def word_loss(best: torch.Tensor, word_mask: torch.Tensor, word_ids: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def word_loss(
+    best: torch.Tensor, word_mask: torch.Tensor, word_ids: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
     """Word-level InfoNCE over images: for every affirmed word w of report j, the images of the batch compete on
     their best patch for w (``best`` (Bi, Bt, W) from :func:`token_scores`, Bi = Bt = B, image i paired with
     report i). Positives: image j and every image whose report also affirms w (``word_ids`` (B, W): one id per
@@ -104,16 +128,21 @@ def word_loss(best: torch.Tensor, word_mask: torch.Tensor, word_ids: torch.Tenso
     has to find what only its positive images share.
     """
     b = best.shape[0]
-    same = (word_ids[:, :, None, None] == word_ids[None, None]) & word_mask[:, :, None, None]  # (Bi, Wi, Bt, W)
+    same = (word_ids[:, :, None, None] == word_ids[None, None]) & word_mask[
+        :, :, None, None
+    ]  # (Bi, Wi, Bt, W)
     pos = same.any(1) | torch.eye(b, dtype=torch.bool, device=best.device)[:, :, None]  # (Bi, Bt, W)
     logits = scale * best.float()
-    per_word = torch.logsumexp(logits, 0) - torch.logsumexp(logits.masked_fill(~pos, float("-inf")), 0)  # (Bt, W)
+    per_word = torch.logsumexp(logits, 0) - torch.logsumexp(
+        logits.masked_fill(~pos, float("-inf")), 0
+    )  # (Bt, W)
     valid = word_mask.to(per_word.dtype)
     return (per_word * valid).sum() / valid.sum().clamp_min(1.0)
 
 
-def contrastive_loss(logits: torch.Tensor, groups: torch.Tensor | None = None,
-                     col_groups: torch.Tensor | None = None) -> torch.Tensor:
+def contrastive_loss(
+    logits: torch.Tensor, groups: torch.Tensor | None = None, col_groups: torch.Tensor | None = None
+) -> torch.Tensor:
     """InfoNCE over rows of ``logits`` (B, N). Positives: the diagonal when ``groups`` is None; otherwise
     every column whose ``col_groups`` (N,) (default: ``groups``) equals the row's ``groups`` (B,) value
     (identical or all-normal reports). Several positives are pooled as in MIL-NCE,
@@ -136,8 +165,14 @@ def distributed_world() -> tuple[int, int]:
     return 0, 1
 
 
-def gather_pairs(img: torch.Tensor, txt: torch.Tensor, i2t_mask: torch.Tensor, t2i_mask: torch.Tensor,
-                 groups: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def gather_pairs(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    i2t_mask: torch.Tensor,
+    t2i_mask: torch.Tensor,
+    groups: torch.Tensor,
+    weight: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
     """Every rank's img (B, P, D), txt (B, W, D) (words padded to the ranks' max), masks, word weights and
     groups, concatenated in rank order; then this rank's padded txt, masks and weights. Features keep
     gradients (``torch.distributed.nn.all_gather``): each rank's slice gets every rank's loss gradient."""
@@ -157,13 +192,31 @@ def gather_pairs(img: torch.Tensor, txt: torch.Tensor, i2t_mask: torch.Tensor, t
         dist.all_gather(out, t.contiguous())
         return torch.cat(out)
 
-    return (torch.cat(all_gather(img.contiguous())), torch.cat(all_gather(txt.contiguous())),
-            plain(i2t_mask), plain(t2i_mask), plain(weight), plain(groups), txt, i2t_mask, t2i_mask, weight)
+    return (
+        torch.cat(all_gather(img.contiguous())),
+        torch.cat(all_gather(txt.contiguous())),
+        plain(i2t_mask),
+        plain(t2i_mask),
+        plain(weight),
+        plain(groups),
+        txt,
+        i2t_mask,
+        t2i_mask,
+        weight,
+    )
 
 
-def pair_loss(img: torch.Tensor, txt: torch.Tensor, i2t_mask: torch.Tensor, t2i_mask: torch.Tensor,
-              scale: torch.Tensor, groups: torch.Tensor | None = None, chunk: int = 16,
-              gather: bool = False, t2i_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_loss(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    i2t_mask: torch.Tensor,
+    t2i_mask: torch.Tensor,
+    scale: torch.Tensor,
+    groups: torch.Tensor | None = None,
+    chunk: int = 16,
+    gather: bool = False,
+    t2i_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss_i2t, loss_t2i) of this process's pairs: img (B, P, D), txt (B, W, D) normalised.
 
     With ``gather`` under torch.distributed, the negatives are every rank's pairs: this rank's images
@@ -178,7 +231,11 @@ def pair_loss(img: torch.Tensor, txt: torch.Tensor, i2t_mask: torch.Tensor, t2i_
         groups = torch.arange(b, device=img.device) + rank * b
     weight = t2i_weight if t2i_weight is not None else torch.ones_like(t2i_mask, dtype=img.dtype)
     img_all, txt_all, i2t_all, t2i_all, w_all, g_all, txt, i2t_mask, t2i_mask, weight = gather_pairs(
-        img, txt, i2t_mask, t2i_mask, groups, weight)
+        img, txt, i2t_mask, t2i_mask, groups, weight
+    )
     s_i2t, _ = token_scores(img, txt_all, i2t_all, t2i_all, chunk, w_all)  # (B, world*B)
     _, s_t2i = token_scores(img_all, txt, i2t_mask, t2i_mask, chunk, weight)  # (world*B, B)
-    return (contrastive_loss(scale * s_i2t, groups, g_all), contrastive_loss(scale * s_t2i.t(), groups, g_all))
+    return (
+        contrastive_loss(scale * s_i2t, groups, g_all),
+        contrastive_loss(scale * s_t2i.t(), groups, g_all),
+    )

@@ -24,8 +24,14 @@ from medvl.models.pretrained import load_weights, read_config, save_weights, wri
 from medvl.text.labeler import extract_mentions
 from medvl.text.tokenizer import ReportTokenizer
 
-__all__ = ["KeywordVocabulary", "KeypatchBank", "MiningConfig", "crop_boxes", "mine_vocabulary",
-           "build_keywords_and_bank"]
+__all__ = [
+    "KeywordVocabulary",
+    "KeypatchBank",
+    "MiningConfig",
+    "crop_boxes",
+    "mine_vocabulary",
+    "build_keywords_and_bank",
+]
 
 
 @dataclass
@@ -83,8 +89,16 @@ class KeypatchBank:
         word_index, crops); returns the folder."""
         directory = Path(directory)
         write_config(directory, self.FORMAT, sources=self.sources)
-        save_weights(directory, {"features": self.features, "boxes": self.boxes, "scores": self.scores,
-                                 "word_index": self.word_index, "crops": self.crops})
+        save_weights(
+            directory,
+            {
+                "features": self.features,
+                "boxes": self.boxes,
+                "scores": self.scores,
+                "word_index": self.word_index,
+                "crops": self.crops,
+            },
+        )
         return directory
 
     @classmethod
@@ -119,17 +133,24 @@ class MiningConfig:
     batch_size: int = 32
 
 
-def mine_vocabulary(tokenizer: ReportTokenizer, reports: Sequence[str], cfg: MiningConfig) -> list[tuple[str, int]]:
+def mine_vocabulary(
+    tokenizer: ReportTokenizer, reports: Sequence[str], cfg: MiningConfig
+) -> list[tuple[str, int]]:
     """Keywords: affirmed content words of training reports by document frequency, plus the head words of
     the labeler's positive mentions (kept even when rarer than ``min_count``)."""
     counts: Counter[str] = Counter()
     heads: set[str] = set()
     for start in range(0, len(reports), 256):
-        batch = list(reports[start:start + 256])
+        batch = list(reports[start : start + 256])
         enc = tokenizer.encode(batch)
         for words in enc.words:
-            counts.update({w.text.lower() for w in words if w.content and not w.negated and w.text.isalpha()
-                           and len(w.text) >= cfg.min_length})
+            counts.update(
+                {
+                    w.text.lower()
+                    for w in words
+                    if w.content and not w.negated and w.text.isalpha() and len(w.text) >= cfg.min_length
+                }
+            )
     for text in reports:
         for m in extract_mentions(text):
             if m.head and float(m.value) == 1.0 and str(m.head).isalpha():
@@ -140,9 +161,14 @@ def mine_vocabulary(tokenizer: ReportTokenizer, reports: Sequence[str], cfg: Min
 
 
 @torch.no_grad()
-def build_keywords_and_bank(model: AdaMatch, tokenizer: ReportTokenizer, dataset, cfg: MiningConfig,
-                            device: str | torch.device = "cpu", progress: bool = True
-                            ) -> tuple[KeywordVocabulary, KeypatchBank]:
+def build_keywords_and_bank(
+    model: AdaMatch,
+    tokenizer: ReportTokenizer,
+    dataset,
+    cfg: MiningConfig,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> tuple[KeywordVocabulary, KeypatchBank]:
     """Mine the keyword vocabulary and the keypatch bank from a training split (``PreparedDataset``-like).
 
     Keyword embeddings are the mean of the keyword's affirmed, in-context word features over the
@@ -150,11 +176,16 @@ def build_keywords_and_bank(model: AdaMatch, tokenizer: ReportTokenizer, dataset
     the paired image, keeping the ``bank_per_word`` best per keyword.
     """
     model.eval()
-    reports = [dataset[i]["report"] for i in range(len(dataset))] if not hasattr(dataset, "index") else list(
-        dataset.index["report"])
+    reports = (
+        [dataset[i]["report"] for i in range(len(dataset))]
+        if not hasattr(dataset, "index")
+        else list(dataset.index["report"])
+    )
     vocab = mine_vocabulary(tokenizer, reports, cfg)
     if not vocab:
-        raise InvalidReportError("no keyword occurs often enough in the training reports (keywords.min_count)")
+        raise InvalidReportError(
+            "no keyword occurs often enough in the training reports (keywords.min_count)"
+        )
     word_to_id = {w: i for i, (w, _) in enumerate(vocab)}
     k, d = len(vocab), model.embed_dim
     emb_sum = torch.zeros(k, d)
@@ -193,8 +224,13 @@ def build_keywords_and_bank(model: AdaMatch, tokenizer: ReportTokenizer, dataset
     for pn in patch_cache:
         img_best.append((pn @ embeddings.t()).amax(1))  # (b, K)
     best = torch.cat(img_best)
-    vocab_out = KeywordVocabulary([w for w, _ in vocab], [c for _, c in vocab], embeddings, best.mean(0),
-                                  best.std(0).clamp_min(1e-4) if best.shape[0] > 1 else torch.ones(k))
+    vocab_out = KeywordVocabulary(
+        [w for w, _ in vocab],
+        [c for _, c in vocab],
+        embeddings,
+        best.mean(0),
+        best.std(0).clamp_min(1e-4) if best.shape[0] > 1 else torch.ones(k),
+    )
     if not cand["score"]:
         raise InvalidReportError("no keyword occurrence found to build the keypatch bank")
     scores = torch.tensor(cand["score"])
@@ -209,6 +245,12 @@ def build_keywords_and_bank(model: AdaMatch, tokenizer: ReportTokenizer, dataset
     src_rows = [cand["src"][i][0] for i in keep_idx.tolist()]
     images = torch.stack([dataset[r]["image"] for r in src_rows])
     crops = crop_boxes(images.float(), boxes, cfg.crop_size)
-    bank = KeypatchBank(torch.stack(cand["feat"])[keep_idx], boxes, scores[keep_idx], words[keep_idx], crops,
-                        [cand["src"][i][1] for i in keep_idx.tolist()])
+    bank = KeypatchBank(
+        torch.stack(cand["feat"])[keep_idx],
+        boxes,
+        scores[keep_idx],
+        words[keep_idx],
+        crops,
+        [cand["src"][i][1] for i in keep_idx.tolist()],
+    )
     return vocab_out, bank

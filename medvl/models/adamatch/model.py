@@ -80,7 +80,6 @@ class TextTokens:
     word_weight: torch.Tensor | None = None  # (B, T) float, idf at each word's first piece
 
 
-
 class AdaMatch(nn.Module):
     """Adaptive-patch image encoder + word-level text encoder + learnable temperature."""
 
@@ -118,9 +117,15 @@ class AdaMatch(nn.Module):
         """images (B, 1, S, S) in [-1024, 1024] -> :class:`ImagePatches` (features (B, P, D))."""
         return self.patches(self.backbone(self.prepare_images(images)))
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    word_ids: torch.Tensor | None = None, word_mask: torch.Tensor | None = None,
-                    match_mask: torch.Tensor | None = None, word_weight: torch.Tensor | None = None) -> TextTokens:
+    def encode_text(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        word_ids: torch.Tensor | None = None,
+        word_mask: torch.Tensor | None = None,
+        match_mask: torch.Tensor | None = None,
+        word_weight: torch.Tensor | None = None,
+    ) -> TextTokens:
         """input_ids, attention_mask (B, T) [+ word_ids, word_mask, match_mask, word_weight from ``tokenize``]
         -> :class:`TextTokens` (features (B, T, D)). Without word information each piece is a word and
         every real piece but the first and last (the special tokens) is a content word."""
@@ -135,14 +140,18 @@ class AdaMatch(nn.Module):
         match_mask = word_mask if match_mask is None else match_mask.bool()
         word_mask, match_mask = effective_masks(word_mask, match_mask, real)
         if word_weight is not None:  # fallback masks may select pieces without a weight: give them 1
-            word_weight = torch.where(word_mask & (word_weight <= 0), torch.ones_like(word_weight), word_weight)
+            word_weight = torch.where(
+                word_mask & (word_weight <= 0), torch.ones_like(word_weight), word_weight
+            )
         return TextTokens(feats, word_mask, match_mask, glob, word_weight)
 
     def t2i_weights(self, tokens: TextTokens) -> torch.Tensor | None:
         """The word weights the report-to-image score uses (None: plain mean)."""
         return tokens.word_weight if self.cfg.word_weighting == "idf" else None
 
-    def select(self, tokens: TextTokens) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def select(
+        self, tokens: TextTokens
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Normalised content-word features (B, W, D), masks (B, W) and t2i weights (B, W) or None."""
         feats = F.normalize(tokens.features, dim=-1)
         weight = self.t2i_weights(tokens)
@@ -156,10 +165,18 @@ class AdaMatch(nn.Module):
         txt, wm, mm, weight = self.select(tokens)
         return token_scores(img, txt, wm, mm, self.cfg.chunk_size, weight)
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                word_ids: torch.Tensor | None = None, word_mask: torch.Tensor | None = None,
-                match_mask: torch.Tensor | None = None, groups: torch.Tensor | None = None,
-                word_weight: torch.Tensor | None = None, word_key: torch.Tensor | None = None) -> dict:
+    def forward(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        word_ids: torch.Tensor | None = None,
+        word_mask: torch.Tensor | None = None,
+        match_mask: torch.Tensor | None = None,
+        groups: torch.Tensor | None = None,
+        word_weight: torch.Tensor | None = None,
+        word_key: torch.Tensor | None = None,
+    ) -> dict:
         """The whole training computation (so DDP sees it): returns ``loss`` and detached logs.
 
         ``word_key`` (B, T) (from the tokenizer: each content word's stem id at its first piece) decides which words
@@ -172,16 +189,36 @@ class AdaMatch(nn.Module):
         txt, wm, mm, weight = self.select(tokens)
         if self.cfg.word_loss_weight > 0 and (not self.cfg.gather_negatives or distributed_world()[1] == 1):
             s_i2t, s_t2i, best = token_scores(img, txt, wm, mm, self.cfg.chunk_size, weight, word_best=True)
-            loss_i2t, loss_t2i = contrastive_loss(scale * s_i2t, groups), contrastive_loss(scale * s_t2i.t(), groups)
+            loss_i2t, loss_t2i = (
+                contrastive_loss(scale * s_i2t, groups),
+                contrastive_loss(scale * s_t2i.t(), groups),
+            )
         else:
-            loss_i2t, loss_t2i = pair_loss(img, txt, wm, mm, scale, groups, self.cfg.chunk_size,
-                                           gather=self.cfg.gather_negatives, t2i_weight=weight)
-            if self.cfg.word_loss_weight > 0:  # under DDP with gathered negatives: the word term on local pairs
+            loss_i2t, loss_t2i = pair_loss(
+                img,
+                txt,
+                wm,
+                mm,
+                scale,
+                groups,
+                self.cfg.chunk_size,
+                gather=self.cfg.gather_negatives,
+                t2i_weight=weight,
+            )
+            if (
+                self.cfg.word_loss_weight > 0
+            ):  # under DDP with gathered negatives: the word term on local pairs
                 _, _, best = token_scores(img, txt, wm, mm, self.cfg.chunk_size, weight, word_best=True)
         loss = 0.5 * (loss_i2t + loss_t2i) + patches.penalty
-        out = {"loss_i2t": loss_i2t.detach(), "loss_t2i": loss_t2i.detach(), "size_penalty": patches.penalty.detach()}
+        out = {
+            "loss_i2t": loss_i2t.detach(),
+            "loss_t2i": loss_t2i.detach(),
+            "size_penalty": patches.penalty.detach(),
+        }
         if self.cfg.word_loss_weight > 0:
-            ids = word_identities(input_ids, word_order(tokens.word_mask), word_key)  # the words select() gathered
+            ids = word_identities(
+                input_ids, word_order(tokens.word_mask), word_key
+            )  # the words select() gathered
             loss_word = word_loss(best, mm, ids, scale)
             loss = loss + self.cfg.word_loss_weight * loss_word
             out["loss_word"] = loss_word.detach()
@@ -204,7 +241,9 @@ def build_adamatch(cfg: AdaMatchConfig, tokenizer: ReportTokenizer) -> AdaMatch:
     if cfg.text.pretrained:
         text = TextEncoder.from_pretrained(cfg.text.pretrained, cfg.embed_dim, lexical=cfg.text.lexical)
         if text.encoder.config.vocab_size < tokenizer.vocab_size:
-            raise ConfigError(f"text encoder in {cfg.text.pretrained} has a smaller vocabulary than its tokenizer")
+            raise ConfigError(
+                f"text encoder in {cfg.text.pretrained} has a smaller vocabulary than its tokenizer"
+            )
     else:
         text = TextEncoder.from_config(cfg.text, tokenizer.vocab_size, tokenizer.pad_token_id, cfg.embed_dim)
     return AdaMatch(cfg, text)

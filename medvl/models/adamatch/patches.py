@@ -98,9 +98,13 @@ def point_layout(k: int, device=None, dtype=torch.float32) -> torch.Tensor:
 
 def sample_points(fmap: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Bilinear features at normalised points: fmap (B, C, H, W), points (B, P, K, 2) -> (B, P, K, C)."""
-    grid = points * 2.0 - 1.0  # [0, 1] image coords -> grid_sample's [-1, 1] (align_corners=False: pixel edges)
+    grid = (
+        points * 2.0 - 1.0
+    )  # [0, 1] image coords -> grid_sample's [-1, 1] (align_corners=False: pixel edges)
     # grid_sample reads channels-last input faster on CPU; its output is (B, C, P, K).
-    out = F.grid_sample(fmap, grid.to(fmap.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+    out = F.grid_sample(
+        fmap, grid.to(fmap.dtype), mode="bilinear", padding_mode="border", align_corners=False
+    )
     return out.permute(0, 2, 3, 1)  # (B, C, P, K) -> (B, P, K, C)
 
 
@@ -155,8 +159,11 @@ class AdaptivePatchLayer(nn.Module):
             cell_feat = F.adaptive_avg_pool2d(fmap, cfg.grid).flatten(2).transpose(1, 2)  # (B, P, C)
             out = self.predictor(cell_feat)
             shift = torch.tanh(out[..., :2]) * cfg.max_shift  # cells
-            log_scale = zeros if self.mode is PatchMode.FREEFORM else torch.tanh(out[..., 2:4]) * math.log(
-                cfg.max_scale)
+            log_scale = (
+                zeros
+                if self.mode is PatchMode.FREEFORM
+                else torch.tanh(out[..., 2:4]) * math.log(cfg.max_scale)
+            )
         centre = (centres + shift * cell).clamp(0, 1)
         if self.mode is PatchMode.FREEFORM:
             offsets = torch.tanh(out[..., 2:]).view(b, self.num_patches, -1, 2) * cfg.max_offset  # cells
@@ -183,13 +190,24 @@ class AdaptivePatchLayer(nn.Module):
         if self.box_embed is not None:
             geometry = torch.cat([centres, boxes[..., 2:] - boxes[..., :2]], dim=-1)  # (B, P, 4) in [0, 1]
             features = features + self.box_embed(geometry * 2 - 1)
-        return ImagePatches(features=features, boxes=boxes, centres=centres, points=points, shift=shift, size=size,
-                            penalty=penalty, global_features=features.mean(1))
+        return ImagePatches(
+            features=features,
+            boxes=boxes,
+            centres=centres,
+            points=points,
+            shift=shift,
+            size=size,
+            penalty=penalty,
+            global_features=features.mean(1),
+        )
 
 
 def patch_stats(layout: ImagePatches) -> dict[str, float]:
     """Mean centre shift and box side (both in cells) for logs."""
     with torch.no_grad():
         side = layout.size.prod(-1).clamp_min(0).sqrt()
-        return {"mean_shift": float(layout.shift.norm(dim=-1).mean()), "box_size": float(side.mean()),
-                "box_size_median": float(side.median())}
+        return {
+            "mean_shift": float(layout.shift.norm(dim=-1).mean()),
+            "box_size": float(side.mean()),
+            "box_size_median": float(side.median()),
+        }

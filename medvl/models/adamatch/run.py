@@ -73,8 +73,14 @@ class AdaMatchRun:
     FORMAT: ClassVar[str] = "medvl.adamatch"
     DIRNAME: ClassVar[str] = "adamatch"
 
-    def __init__(self, model: AdaMatch, tokenizer: ReportTokenizer, keywords: KeywordVocabulary | None = None,
-                 keypatch_bank: KeypatchBank | None = None, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        model: AdaMatch,
+        tokenizer: ReportTokenizer,
+        keywords: KeywordVocabulary | None = None,
+        keypatch_bank: KeypatchBank | None = None,
+        device: str | torch.device = "cpu",
+    ):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
@@ -118,14 +124,20 @@ class AdaMatchRun:
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> AdaMatchRun:
         """Load the component at ``directory`` (or ``directory/adamatch/`` when ``directory`` is a run)."""
         art = component_dir(directory, cls.DIRNAME)
-        meta = read_config(art, cls.FORMAT, what="AdaMatch model", hint="train one with `medvl train adamatch`")
+        meta = read_config(
+            art, cls.FORMAT, what="AdaMatch model", hint="train one with `medvl train adamatch`"
+        )
         cfg = from_dict(AdaMatchConfig, meta["config"])
         tokenizer = ReportTokenizer.from_pretrained(art / TOKENIZER_DIR)
-        model = AdaMatch(cfg, TextEncoder.from_saved_config(art / TEXT_ENCODER_DIR, cfg.embed_dim, cfg.text.lexical))
+        model = AdaMatch(
+            cfg, TextEncoder.from_saved_config(art / TEXT_ENCODER_DIR, cfg.embed_dim, cfg.text.lexical)
+        )
         missing, unexpected = model.load_state_dict(load_weights(art), strict=False)
         if missing or unexpected:
-            raise RunError(f"{art}/model.safetensors does not match its config: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}")
+            raise RunError(
+                f"{art}/model.safetensors does not match its config: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}"
+            )
         kw_dir = art / KeywordVocabulary.DIRNAME
         keywords = KeywordVocabulary.from_pretrained(kw_dir) if kw_dir.is_dir() else None
         bank_dir = art / KeypatchBank.DIRNAME
@@ -150,8 +162,11 @@ class AdaMatchRun:
         if images.numel() and (images.min() < -1100 or images.max() > 1100):
             raise InvalidImageError("images must be in medvl's [-1024, 1024] range (see medvl.data.prepared)")
         if images.numel() and images.min() >= 0:
-            warnings.warn("images look like [0, 1] or [0, 255] pixels (no negative value); medvl expects "
-                          "[-1024, 1024] with dark lungs (medvl.data.read_xray gives that)", stacklevel=3)
+            warnings.warn(
+                "images look like [0, 1] or [0, 255] pixels (no negative value); medvl expects "
+                "[-1024, 1024] with dark lungs (medvl.data.read_xray gives that)",
+                stacklevel=3,
+            )
         return images
 
     @torch.no_grad()
@@ -181,7 +196,9 @@ class AdaMatchRun:
         return F.normalize(patches.features, dim=-1) @ w
 
     @torch.no_grad()
-    def image_keywords(self, images, top_k: int = 5, patches: ImagePatches | None = None) -> list[list[Keyword]]:
+    def image_keywords(
+        self, images, top_k: int = 5, patches: ImagePatches | None = None
+    ) -> list[list[Keyword]]:
         """Ranked keywords per image with the box of each keyword's best patch.
 
         For each keyword the best patch (max cosine) is found; keywords are ranked by that cosine
@@ -200,8 +217,15 @@ class AdaMatchRun:
             row = []
             for score, kw in zip(top.values[b].tolist(), top.indices[b].tolist(), strict=True):
                 p = int(where[b, kw])
-                row.append(Keyword(self.keywords.words[kw], float(score), float(best[b, kw]),
-                                   tuple(float(v) for v in patches.boxes[b, p].tolist()), p))
+                row.append(
+                    Keyword(
+                        self.keywords.words[kw],
+                        float(score),
+                        float(best[b, kw]),
+                        tuple(float(v) for v in patches.boxes[b, p].tolist()),
+                        p,
+                    )
+                )
             out.append(row)
         return out
 
@@ -220,7 +244,13 @@ class AdaMatchRun:
         idx_cpu = idx.cpu()
         dev = self.device
         return Keypatches(
-            features=bank.features.to(dev)[idx], boxes=bank.boxes.to(dev)[idx], scores=scores,
-            words=[[self.keywords.words[int(bank.word_index[i])] if self.keywords else "" for i in row]
-                   for row in idx_cpu.tolist()],
-            crops=bank.crops[idx_cpu], sources=[[bank.sources[i] for i in row] for row in idx_cpu.tolist()])
+            features=bank.features.to(dev)[idx],
+            boxes=bank.boxes.to(dev)[idx],
+            scores=scores,
+            words=[
+                [self.keywords.words[int(bank.word_index[i])] if self.keywords else "" for i in row]
+                for row in idx_cpu.tolist()
+            ],
+            crops=bank.crops[idx_cpu],
+            sources=[[bank.sources[i] for i in row] for row in idx_cpu.tolist()],
+        )

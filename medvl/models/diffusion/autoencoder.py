@@ -19,8 +19,15 @@ from medvl.config import from_dict, to_dict
 from medvl.errors import ConfigError
 from medvl.models.pretrained import component_dir, load_weights, read_config, save_weights, write_config
 
-__all__ = ["XRAY_RANGE", "AutoencoderConfig", "build_autoencoder", "to_model_range", "from_model_range", "LatentInfo",
-           "AutoencoderBundle"]
+__all__ = [
+    "XRAY_RANGE",
+    "AutoencoderConfig",
+    "build_autoencoder",
+    "to_model_range",
+    "from_model_range",
+    "LatentInfo",
+    "AutoencoderBundle",
+]
 
 #: Scans are stored in torchxrayvision's convention; the networks see [-1, 1].
 XRAY_RANGE = 1024.0
@@ -42,7 +49,9 @@ class AutoencoderConfig:
         if len(self.channels) != len(self.attention_levels):
             raise ConfigError("model.channels and model.attention_levels need the same length")
         if any(c % self.norm_num_groups for c in self.channels):
-            raise ConfigError(f"every model.channels entry must be divisible by norm_num_groups ({self.norm_num_groups})")
+            raise ConfigError(
+                f"every model.channels entry must be divisible by norm_num_groups ({self.norm_num_groups})"
+            )
         if self.image_size % self.downsampling:
             raise ConfigError(f"model.image_size {self.image_size} must be divisible by {self.downsampling}")
 
@@ -54,7 +63,6 @@ class AutoencoderConfig:
     def latent_shape(self) -> tuple[int, int, int]:
         s = self.image_size // self.downsampling
         return (self.latent_channels, s, s)
-
 
 
 def build_autoencoder(cfg: AutoencoderConfig) -> AutoencoderKL:
@@ -79,7 +87,9 @@ def to_model_range(images: torch.Tensor, size: int) -> torch.Tensor:
     x = images.float() / XRAY_RANGE
     if x.shape[-1] != size or x.shape[-2] != size:
         mode = "area" if x.shape[-1] > size else "bilinear"
-        x = F.interpolate(x, size=(size, size), mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
+        x = F.interpolate(
+            x, size=(size, size), mode=mode, **({"align_corners": False} if mode == "bilinear" else {})
+        )
     return x.clamp(-1.0, 1.0)
 
 
@@ -118,8 +128,9 @@ class AutoencoderBundle:
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> AutoencoderBundle:
         """Load ``directory`` (or ``directory/autoencoder/`` when ``directory`` is a run)."""
         directory = component_dir(directory, cls.DIRNAME)
-        meta = read_config(directory, cls.FORMAT, what="trained autoencoder",
-                           hint="train one with `medvl train autoencoder`")
+        meta = read_config(
+            directory, cls.FORMAT, what="trained autoencoder", hint="train one with `medvl train autoencoder`"
+        )
         cfg = from_dict(AutoencoderConfig, meta["config"], "model.")
         model = build_autoencoder(cfg)
         model.load_state_dict(load_weights(directory))

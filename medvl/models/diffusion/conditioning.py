@@ -55,7 +55,6 @@ class ConditionConfig:
             raise ConfigError("condition.dropout must be in [0, 1)")
 
 
-
 @dataclass
 class ReportFeatures:
     """The frozen text side of one batch of reports.
@@ -78,7 +77,9 @@ class ReportFeatures:
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> ReportFeatures:
         def move(t: torch.Tensor) -> torch.Tensor:
-            return t.to(device, dtype=dtype) if (dtype is not None and t.is_floating_point()) else t.to(device)
+            return (
+                t.to(device, dtype=dtype) if (dtype is not None and t.is_floating_point()) else t.to(device)
+            )
 
         return ReportFeatures(*(move(getattr(self, f.name)) for f in fields(self)))
 
@@ -90,11 +91,12 @@ class ReportFeatures:
 
     @staticmethod
     def cat(parts: Sequence[ReportFeatures]) -> ReportFeatures:
-        return ReportFeatures(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(ReportFeatures)))
+        return ReportFeatures(
+            *(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(ReportFeatures))
+        )
 
     def __len__(self) -> int:
         return self.words.shape[0]
-
 
 
 class ReportEncoder:
@@ -111,7 +113,9 @@ class ReportEncoder:
     @torch.no_grad()
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> ReportFeatures:
         """Texts (B,) -> features on CPU, float32, padded / cut to ``max_tokens`` tokens."""
-        parts = [self._encode_batch(list(texts[i:i + batch_size])) for i in range(0, len(texts), batch_size)]
+        parts = [
+            self._encode_batch(list(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)
+        ]
         return ReportFeatures.cat(parts)
 
     def _encode_batch(self, texts: list[str]) -> ReportFeatures:
@@ -120,7 +124,9 @@ class ReportEncoder:
         attention = tokens["attention_mask"]
         out = model.encode_text(**tokens)  # input_ids, attention_mask (+ word_ids, masks: word pooling)
         words = out.features.float()
-        mask = (attention.bool() if self.cfg.token_mask == "attention" else out.word_mask.bool()).to(words.device)
+        mask = (attention.bool() if self.cfg.token_mask == "attention" else out.word_mask.bool()).to(
+            words.device
+        )
         # The tokenizer's own masks (before AdaMatch's fallbacks, which call every word affirmed in a report
         # without any affirmed word).
         content = tokens["word_mask"].bool()
@@ -149,9 +155,14 @@ class ReportEncoder:
         else:
             feats, boxes = words.new_zeros(b, 0, d), words.new_zeros(b, 0, 4)
             kmask = torch.zeros(b, 0, dtype=torch.bool)
-        hint = (report_layout(texts, self.cfg.layout_prior, self.cfg.layout_grid) if self.cfg.layout == "zones"
-                else report_sides(texts))
-        return ReportFeatures(words.cpu(), mask.cpu(), kind.cpu(), feats.cpu(), boxes.cpu(), kmask.cpu(), hint)
+        hint = (
+            report_layout(texts, self.cfg.layout_prior, self.cfg.layout_grid)
+            if self.cfg.layout == "zones"
+            else report_sides(texts)
+        )
+        return ReportFeatures(
+            words.cpu(), mask.cpu(), kind.cpu(), feats.cpu(), boxes.cpu(), kmask.cpu(), hint
+        )
 
 
 class ReportConditioner(nn.Module):
@@ -169,8 +180,14 @@ class ReportConditioner(nn.Module):
     unconditional half of guidance).
     """
 
-    def __init__(self, cfg: ConditionConfig, word_dim: int, keypatch_dim: int, context_dim: int,
-                 memory: SharedMemory | None = None):
+    def __init__(
+        self,
+        cfg: ConditionConfig,
+        word_dim: int,
+        keypatch_dim: int,
+        context_dim: int,
+        memory: SharedMemory | None = None,
+    ):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
@@ -181,7 +198,9 @@ class ReportConditioner(nn.Module):
         self.memory = memory if cfg.use_memory else None
         if cfg.use_memory:
             if memory is None:
-                raise ConfigError("condition.use_memory is true but no shared memory was given (a report run)")
+                raise ConfigError(
+                    "condition.use_memory is true but no shared memory was given (a report run)"
+                )
             mem_dim = int(memory.cfg.dim)
             # The memory space is the report head's (it queries through its own learned maps), not AdaMatch's:
             # the diffusion head learns its own query map into it; the memory matrix itself stays frozen.
@@ -220,9 +239,17 @@ class ReportConditioner(nn.Module):
         """(B, L, C) learned unconditional context."""
         return self.null.unsqueeze(0).expand(batch, -1, -1)
 
-    def forward(self, words: torch.Tensor, word_mask: torch.Tensor, word_kind: torch.Tensor,
-                keypatches: torch.Tensor, keypatch_boxes: torch.Tensor, keypatch_mask: torch.Tensor,
-                sides: torch.Tensor | None = None, drop: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        words: torch.Tensor,
+        word_mask: torch.Tensor,
+        word_kind: torch.Tensor,
+        keypatches: torch.Tensor,
+        keypatch_boxes: torch.Tensor,
+        keypatch_mask: torch.Tensor,
+        sides: torch.Tensor | None = None,
+        drop: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The context (B, L, C); ``sides`` is not part of it (the denoiser takes it as image maps)."""
         b = words.shape[0]
         mask = word_mask.bool().unsqueeze(-1)
@@ -232,8 +259,10 @@ class ReportConditioner(nn.Module):
         count = affirmed.sum(1)  # (B, 1)
         summary = (projected * affirmed).sum(1) / count.clamp(min=1)
         summary = torch.where(count > 0, summary, self.nothing_affirmed.to(summary.dtype)).unsqueeze(1)
-        blocks = [summary + self.kind[3],
-                  torch.where(mask, projected + kinds + self.position + self.kind[0], self.pad)]
+        blocks = [
+            summary + self.kind[3],
+            torch.where(mask, projected + kinds + self.position + self.kind[0], self.pad),
+        ]
         if self.memory is not None:
             grad = torch.enable_grad() if self.cfg.memory_trainable else torch.no_grad()
             with grad:
@@ -241,7 +270,11 @@ class ReportConditioner(nn.Module):
             mem = self.memory_proj(self.memory_norm(response)) + kinds + self.position + self.kind[1]
             blocks.append(torch.where(mask, mem, self.pad))
         if self.cfg.keypatches > 0:
-            kp = self.keypatch_proj(self.keypatch_norm(keypatches)) + self.box_proj(keypatch_boxes * 2 - 1) + self.kind[2]
+            kp = (
+                self.keypatch_proj(self.keypatch_norm(keypatches))
+                + self.box_proj(keypatch_boxes * 2 - 1)
+                + self.kind[2]
+            )
             blocks.append(torch.where(keypatch_mask.bool().unsqueeze(-1), kp, self.pad))
         context = self.out_norm(torch.cat(blocks, 1))
         if drop is not None:

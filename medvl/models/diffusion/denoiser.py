@@ -41,7 +41,9 @@ class UNetConfig:
     channels: list[int] = field(default_factory=lambda: [64, 128, 128])
     num_res_blocks: int = 1
     attention_levels: list[bool] = field(default_factory=lambda: [False, True, True])
-    num_head_channels: int | list[int] = 32  # per level (MONAI); a list like [0, 512, 768] = one head per level
+    num_head_channels: int | list[int] = (
+        32  # per level (MONAI); a list like [0, 512, 768] = one head per level
+    )
     transformer_num_layers: int = 1
     cross_attention_dim: int = 128
     norm_num_groups: int = 32
@@ -63,8 +65,9 @@ class UNetConfig:
         if len(self.channels) != len(self.attention_levels):
             raise ConfigError("unet.channels and unet.attention_levels need the same length")
         if any(c % self.norm_num_groups for c in self.channels):
-            raise ConfigError(f"every unet.channels entry must be divisible by norm_num_groups ({self.norm_num_groups})")
-
+            raise ConfigError(
+                f"every unet.channels entry must be divisible by norm_num_groups ({self.norm_num_groups})"
+            )
 
 
 class Denoiser(nn.Module):
@@ -83,8 +86,11 @@ class Denoiser(nn.Module):
             channels=tuple(unet_cfg.channels),
             attention_levels=tuple(unet_cfg.attention_levels),
             norm_num_groups=unet_cfg.norm_num_groups,
-            num_head_channels=(unet_cfg.num_head_channels if isinstance(unet_cfg.num_head_channels, int)
-                               else tuple(unet_cfg.num_head_channels)),
+            num_head_channels=(
+                unet_cfg.num_head_channels
+                if isinstance(unet_cfg.num_head_channels, int)
+                else tuple(unet_cfg.num_head_channels)
+            ),
             with_conditioning=True,
             transformer_num_layers=unet_cfg.transformer_num_layers,
             cross_attention_dim=conditioner.context_dim,
@@ -95,15 +101,21 @@ class Denoiser(nn.Module):
             # MONAI adds ``class_embedding(class_labels)`` to the timestep embedding; a continuous map from the
             # summary token takes the place of its lookup table. Zero-initialised: training starts as without it.
             time_dim = self.unet.time_embed[-1].out_features
-            pooled = nn.Sequential(nn.Linear(conditioner.context_dim, time_dim), nn.SiLU(),
-                                   nn.Linear(time_dim, time_dim))
+            pooled = nn.Sequential(
+                nn.Linear(conditioner.context_dim, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim)
+            )
             nn.init.zeros_(pooled[-1].weight)
             nn.init.zeros_(pooled[-1].bias)
             self.unet.class_embedding = pooled
             self.unet.num_class_embeds = 1
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                sides: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        sides: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """x (B, C, h, w), timesteps (B,), context (B, L, Cc), sides (B, 2) halves or (B, 2, g, g) layout maps, or
         None (no hint) -> v (B, C, h, w)."""
         pooled = context[:, 0] if self.unet_cfg.global_condition else None  # the summary token
@@ -116,8 +128,11 @@ class Denoiser(nn.Module):
         if self.unet_cfg.side_maps:
             s = x.new_zeros(b, 2) if sides is None else sides.to(x.dtype)
             if s.dim() == 4:  # zone layout maps (condition.layout "zones")
-                extra.append(F.interpolate(s, size=(h, w), mode="bilinear", align_corners=False)
-                             if s.shape[-2:] != (h, w) else s)
+                extra.append(
+                    F.interpolate(s, size=(h, w), mode="bilinear", align_corners=False)
+                    if s.shape[-2:] != (h, w)
+                    else s
+                )
             else:  # halves
                 extra += [s[:, 0].view(b, 1, 1, 1) * (xs < 0), s[:, 1].view(b, 1, 1, 1) * (xs > 0)]
         if extra:
@@ -152,12 +167,23 @@ class LatentDiffusion(nn.Module):
         self.ema.eval()
         return self
 
-    def forward(self, latent_mu: torch.Tensor, latent_sigma: torch.Tensor, words: torch.Tensor,
-                word_mask: torch.Tensor, word_kind: torch.Tensor, keypatches: torch.Tensor,
-                keypatch_boxes: torch.Tensor, keypatch_mask: torch.Tensor, sides: torch.Tensor | None = None,
-                *, noise: torch.Tensor | None = None,
-                timesteps: torch.Tensor | None = None, drop: torch.Tensor | None = None,
-                use_ema: bool = False) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        latent_mu: torch.Tensor,
+        latent_sigma: torch.Tensor,
+        words: torch.Tensor,
+        word_mask: torch.Tensor,
+        word_kind: torch.Tensor,
+        keypatches: torch.Tensor,
+        keypatch_boxes: torch.Tensor,
+        keypatch_mask: torch.Tensor,
+        sides: torch.Tensor | None = None,
+        *,
+        noise: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+        drop: torch.Tensor | None = None,
+        use_ema: bool = False,
+    ) -> dict[str, torch.Tensor]:
         net = self.ema if use_ema else self.denoiser
         b = latent_mu.shape[0]
         z = latent_mu.float()
@@ -175,8 +201,9 @@ class LatentDiffusion(nn.Module):
             target = self.scheduler.get_velocity(z, noise, timesteps)
         else:
             target = noise
-        context = net.conditioner(words, word_mask, word_kind, keypatches, keypatch_boxes, keypatch_mask,
-                                  drop=drop)
+        context = net.conditioner(
+            words, word_mask, word_kind, keypatches, keypatch_boxes, keypatch_mask, drop=drop
+        )
         if sides is not None:
             drop_view = drop.view(b, *([1] * (sides.dim() - 1)))
             sides = torch.where(drop_view, torch.zeros_like(sides), sides)  # the null condition: no hint
@@ -186,8 +213,11 @@ class LatentDiffusion(nn.Module):
             acp = self.scheduler.alphas_cumprod.to(z.device)[timesteps].float()
             snr = acp / (1 - acp)
             gamma = self.noise_cfg.min_snr_gamma
-            weight = snr.clamp(max=gamma) / (snr + 1) if self.noise_cfg.prediction_type == "v_prediction" \
+            weight = (
+                snr.clamp(max=gamma) / (snr + 1)
+                if self.noise_cfg.prediction_type == "v_prediction"
                 else snr.clamp(max=gamma) / snr
+            )
             per_sample = per_sample * weight
         keep = (~drop).float()
         loss_cond = (per_sample * keep).sum() / keep.sum().clamp(min=1.0)
@@ -219,28 +249,40 @@ class DiffusionBundle:
         den = self.denoiser
         cond = den.conditioner
         save_weights(directory, den.inference_state_dict())
-        write_config(directory, self.FORMAT, {"unet": to_dict(den.unet_cfg), "condition": to_dict(cond.cfg)},
-                     word_dim=cond.word_dim, keypatch_dim=cond.keypatch_dim, latent_channels=den.latent_channels,
-                     context_dim=cond.context_dim)
+        write_config(
+            directory,
+            self.FORMAT,
+            {"unet": to_dict(den.unet_cfg), "condition": to_dict(cond.cfg)},
+            word_dim=cond.word_dim,
+            keypatch_dim=cond.keypatch_dim,
+            latent_channels=den.latent_channels,
+            context_dim=cond.context_dim,
+        )
         save_scheduler_config(directory, self.noise, self.sampler)
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu", *,
-                        memory: SharedMemory | None = None) -> DiffusionBundle:
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device = "cpu", *, memory: SharedMemory | None = None
+    ) -> DiffusionBundle:
         """Load ``directory`` (or ``directory/diffusion/`` when ``directory`` is a run); ``memory`` is the shared
         memory the head was trained with (``RUN/memory/``), needed when its ``condition.use_memory`` is on."""
         directory = component_dir(directory, cls.DIRNAME)
-        spec = read_config(directory, cls.FORMAT, what="diffusion head", hint="train one with `medvl train diffusion`")
+        spec = read_config(
+            directory, cls.FORMAT, what="diffusion head", hint="train one with `medvl train diffusion`"
+        )
         unet_cfg = from_dict(UNetConfig, spec["config"]["unet"], "unet.")
         cond_cfg = from_dict(ConditionConfig, spec["config"]["condition"], "condition.")
-        conditioner = ReportConditioner(cond_cfg, spec["word_dim"], spec["keypatch_dim"], spec["context_dim"],
-                                        memory=memory)
+        conditioner = ReportConditioner(
+            cond_cfg, spec["word_dim"], spec["keypatch_dim"], spec["context_dim"], memory=memory
+        )
         denoiser = Denoiser(unet_cfg, spec["latent_channels"], conditioner)
         missing, unexpected = denoiser.load_state_dict(load_weights(directory), strict=False)
         missing = [k for k in missing if not k.startswith("conditioner.memory.")]
         if missing or unexpected:
-            raise RunError(f"{directory}: weights do not match the saved head config (missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]})")
+            raise RunError(
+                f"{directory}: weights do not match the saved head config (missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]})"
+            )
         noise, sampler = load_scheduler_config(directory)
         return cls(denoiser.to(device).eval(), noise, sampler)

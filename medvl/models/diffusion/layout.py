@@ -43,18 +43,27 @@ def report_sides(texts: Sequence[str]) -> torch.Tensor:
 #: Where one-sided findings sit on a PA film by zone, patient right (image left); the patient's left mirrors x.
 #: [cx, cy, w, h] in normalised image coordinates, rough adult PA framing (lungs from about 10% to 75% of the
 #: height). Used when the training data has no region boxes to estimate a prior from.
-_RIGHT_ZONES = {"apex": [0.30, 0.15, 0.16, 0.12], "upper": [0.31, 0.27, 0.20, 0.15], "mid": [0.30, 0.42, 0.20, 0.15],
-                "lower": [0.30, 0.56, 0.22, 0.15], "base": [0.27, 0.67, 0.26, 0.12],
-                "perihilar": [0.40, 0.42, 0.14, 0.25], "any": [0.30, 0.45, 0.28, 0.50]}
+_RIGHT_ZONES = {
+    "apex": [0.30, 0.15, 0.16, 0.12],
+    "upper": [0.31, 0.27, 0.20, 0.15],
+    "mid": [0.30, 0.42, 0.20, 0.15],
+    "lower": [0.30, 0.56, 0.22, 0.15],
+    "base": [0.27, 0.67, 0.26, 0.12],
+    "perihilar": [0.40, 0.42, 0.14, 0.25],
+    "any": [0.30, 0.45, 0.28, 0.50],
+}
 DEFAULT_LAYOUT_PRIOR: dict[str, list[float]] = {
     **{f"*/right/{z}": v for z, v in _RIGHT_ZONES.items()},
     **{f"*/left/{z}": [1 - v[0], *v[1:]] for z, v in _RIGHT_ZONES.items()},
     "*/left/retrocardiac": [0.58, 0.58, 0.14, 0.16],
-    "effusion/right/any": _RIGHT_ZONES["base"], "effusion/left/any": [1 - _RIGHT_ZONES["base"][0], 0.67, 0.26, 0.12],
+    "effusion/right/any": _RIGHT_ZONES["base"],
+    "effusion/left/any": [1 - _RIGHT_ZONES["base"][0], 0.67, 0.26, 0.12],
 }
 
 
-def layout_prior_from_regions(regions, dicom_ids: Sequence[str], min_count: int = 5) -> dict[str, list[float]]:
+def layout_prior_from_regions(
+    regions, dicom_ids: Sequence[str], min_count: int = 5
+) -> dict[str, list[float]]:
     """Mean box [cx, cy, w, h] per "finding/side/zone", "finding/side/any", "*/side/zone" and "*/side/any" over
     the one-sided region boxes of ``dicom_ids`` (a ``regions.csv`` frame); keys with fewer than ``min_count``
     boxes are left out (:func:`report_layout` falls back to coarser keys, then to DEFAULT_LAYOUT_PRIOR)."""
@@ -62,10 +71,17 @@ def layout_prior_from_regions(regions, dicom_ids: Sequence[str], min_count: int 
     r = r[r["side"].astype(str).str.lower().isin(["left", "right"])]
     if not len(r):
         return {}
-    r = pd.DataFrame({"finding": r["finding"].astype(str), "side": r["side"].astype(str).str.lower(),
-                      "zone": r["zone"].astype(str).replace({"": "any", "nan": "any"}),
-                      "cx": (r["x0"] + r["x1"]) / 2, "cy": (r["y0"] + r["y1"]) / 2,
-                      "w": r["x1"] - r["x0"], "h": r["y1"] - r["y0"]})
+    r = pd.DataFrame(
+        {
+            "finding": r["finding"].astype(str),
+            "side": r["side"].astype(str).str.lower(),
+            "zone": r["zone"].astype(str).replace({"": "any", "nan": "any"}),
+            "cx": (r["x0"] + r["x1"]) / 2,
+            "cy": (r["y0"] + r["y1"]) / 2,
+            "w": r["x1"] - r["x0"],
+            "h": r["y1"] - r["y0"],
+        }
+    )
     out: dict[str, list[float]] = {}
     for finding_key, zone_key in (("finding", "zone"), ("finding", None), (None, "zone"), (None, None)):
         keys = [k for k in (finding_key, "side", zone_key) if k]
@@ -78,7 +94,9 @@ def layout_prior_from_regions(regions, dicom_ids: Sequence[str], min_count: int 
     return out
 
 
-def report_layout(texts: Sequence[str], prior: dict[str, list[float]] | None = None, grid: int = 16) -> torch.Tensor:
+def report_layout(
+    texts: Sequence[str], prior: dict[str, list[float]] | None = None, grid: int = 16
+) -> torch.Tensor:
     """(B, 2, grid, grid) float in [0, 1]: where the report puts its one-sided positive findings, channel 0 for
     the patient's right, 1 for the left (the order of :func:`report_sides`).
 
@@ -94,8 +112,11 @@ def report_layout(texts: Sequence[str], prior: dict[str, list[float]] | None = N
     for i, text in enumerate(texts):
         for finding, side, zone in stated_layout(extract_mentions(text)):
             z = zone or "any"
-            box = next(table[k] for k in (f"{finding}/{side}/{z}", f"{finding}/{side}/any", f"*/{side}/{z}",
-                                          f"*/{side}/any") if k in table)
+            box = next(
+                table[k]
+                for k in (f"{finding}/{side}/{z}", f"{finding}/{side}/any", f"*/{side}/{z}", f"*/{side}/any")
+                if k in table
+            )
             cx, cy, w, h = box
             gx = torch.exp(-0.5 * ((centres - cx) / max(w / 2, 0.5 / grid)) ** 2)
             gy = torch.exp(-0.5 * ((centres - cy) / max(h / 2, 0.5 / grid)) ** 2)

@@ -29,9 +29,22 @@ from medvl.models.pretrained import SCHEDULER_CONFIG_FILE, read_config, write_co
 if TYPE_CHECKING:
     from medvl.models.diffusion.denoiser import Denoiser
 
-__all__ = ["SamplerName", "Precision", "NoiseScheduleConfig", "SamplerConfig", "build_train_scheduler",
-           "DPMSolverMultistepScheduler", "build_sampler", "SCHEDULER_FORMAT", "save_scheduler_config",
-           "load_scheduler_config", "autocast_context", "initial_noise", "guided_velocity", "sample_latents"]
+__all__ = [
+    "SamplerName",
+    "Precision",
+    "NoiseScheduleConfig",
+    "SamplerConfig",
+    "build_train_scheduler",
+    "DPMSolverMultistepScheduler",
+    "build_sampler",
+    "SCHEDULER_FORMAT",
+    "save_scheduler_config",
+    "load_scheduler_config",
+    "autocast_context",
+    "initial_noise",
+    "guided_velocity",
+    "sample_latents",
+]
 
 SCHEDULER_FORMAT = "medvl.scheduler"
 
@@ -77,10 +90,14 @@ class SamplerConfig:
 
 def build_train_scheduler(cfg: NoiseScheduleConfig) -> DDPMScheduler:
     """MONAI DDPM schedule used for training (``clip_sample=False``: latents are not in [-1, 1])."""
-    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, schedule=cfg.schedule,
-                         beta_start=cfg.beta_start, beta_end=cfg.beta_end,
-                         prediction_type=cfg.prediction_type, clip_sample=False)
-
+    return DDPMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        schedule=cfg.schedule,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        prediction_type=cfg.prediction_type,
+        clip_sample=False,
+    )
 
 
 class DPMSolverMultistepScheduler(Scheduler):
@@ -93,8 +110,13 @@ class DPMSolverMultistepScheduler(Scheduler):
     the first step and the last are first order (the stable choice at few steps).
     """
 
-    def __init__(self, num_train_timesteps: int = 1000, schedule: str = "linear_beta",
-                 prediction_type: str = "v_prediction", **schedule_args) -> None:
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        schedule: str = "linear_beta",
+        prediction_type: str = "v_prediction",
+        **schedule_args,
+    ) -> None:
         super().__init__(num_train_timesteps, schedule, **schedule_args)
         if prediction_type not in ("v_prediction", "epsilon"):
             raise ValueError(f"prediction_type must be v_prediction or epsilon, got {prediction_type!r}")
@@ -104,7 +126,9 @@ class DPMSolverMultistepScheduler(Scheduler):
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         if not 1 <= num_inference_steps <= self.num_train_timesteps:
-            raise ValueError(f"num_inference_steps must be in 1..{self.num_train_timesteps}, got {num_inference_steps}")
+            raise ValueError(
+                f"num_inference_steps must be in 1..{self.num_train_timesteps}, got {num_inference_steps}"
+            )
         self.num_inference_steps = num_inference_steps
         ts = np.linspace(self.num_train_timesteps - 1, 0, num_inference_steps).round().astype(np.int64)
         self.timesteps = torch.from_numpy(ts).to(device)
@@ -118,8 +142,9 @@ class DPMSolverMultistepScheduler(Scheduler):
         acp = float(self.alphas_cumprod[t])
         return math.sqrt(acp), math.sqrt(1.0 - acp)
 
-    def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor,
-             sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(
+        self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         i = self._index
         t = int(timestep)
         s = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else -1
@@ -147,8 +172,12 @@ class DPMSolverMultistepScheduler(Scheduler):
 def build_sampler(noise: NoiseScheduleConfig, name: SamplerName | str) -> Scheduler:
     """A sampling scheduler with exactly the training noise schedule (never ``clip_sample``)."""
     name = SamplerName(name)
-    common = {"num_train_timesteps": noise.num_train_timesteps, "schedule": noise.schedule,
-              "beta_start": noise.beta_start, "beta_end": noise.beta_end}
+    common = {
+        "num_train_timesteps": noise.num_train_timesteps,
+        "schedule": noise.schedule,
+        "beta_start": noise.beta_start,
+        "beta_end": noise.beta_end,
+    }
     if name is SamplerName.DDIM:
         return DDIMScheduler(**common, clip_sample=False, prediction_type=noise.prediction_type)
     if name is SamplerName.PLMS:
@@ -159,17 +188,28 @@ def build_sampler(noise: NoiseScheduleConfig, name: SamplerName | str) -> Schedu
 def save_scheduler_config(directory: str | Path, noise: NoiseScheduleConfig, sampler: SamplerConfig) -> Path:
     """``directory/scheduler_config.json`` (the diffusion component): the training noise schedule and the default
     sampler, read back by inference. Returns the file."""
-    return write_config(directory, SCHEDULER_FORMAT, filename=SCHEDULER_CONFIG_FILE,
-                        train={"class": "DDPMScheduler", "clip_sample": False, **to_dict(noise)},
-                        sampler=to_dict(sampler))
+    return write_config(
+        directory,
+        SCHEDULER_FORMAT,
+        filename=SCHEDULER_CONFIG_FILE,
+        train={"class": "DDPMScheduler", "clip_sample": False, **to_dict(noise)},
+        sampler=to_dict(sampler),
+    )
 
 
 def load_scheduler_config(directory: str | Path) -> tuple[NoiseScheduleConfig, SamplerConfig]:
     """(noise schedule, default sampler) from ``directory/scheduler_config.json`` (see :func:`save_scheduler_config`)."""
-    data = read_config(directory, SCHEDULER_FORMAT, filename=SCHEDULER_CONFIG_FILE, what="scheduler config",
-                       hint="not a diffusion run, or an incomplete one")
+    data = read_config(
+        directory,
+        SCHEDULER_FORMAT,
+        filename=SCHEDULER_CONFIG_FILE,
+        what="scheduler config",
+        hint="not a diffusion run, or an incomplete one",
+    )
     train = {k: v for k, v in data["train"].items() if k not in ("class", "clip_sample")}
-    return from_dict(NoiseScheduleConfig, train, "train."), from_dict(SamplerConfig, data["sampler"], "sampler.")
+    return from_dict(NoiseScheduleConfig, train, "train."), from_dict(
+        SamplerConfig, data["sampler"], "sampler."
+    )
 
 
 def autocast_context(device: torch.device, precision: Precision | str) -> contextlib.AbstractContextManager:
@@ -194,9 +234,16 @@ def initial_noise(shape: Sequence[int], seeds: Sequence[int], device: torch.devi
 
 
 @torch.no_grad()
-def guided_velocity(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                    null: torch.Tensor, guidance: float, batched: bool = True,
-                    sides: torch.Tensor | None = None) -> torch.Tensor:
+def guided_velocity(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    context: torch.Tensor,
+    null: torch.Tensor,
+    guidance: float,
+    batched: bool = True,
+    sides: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Classifier-free guidance: v_u + g (v_c - v_u); one forward over [cond; uncond] (2B).
 
     The unconditional half gets the learned null context and no side hint. g = 0 runs only the unconditional
@@ -216,9 +263,16 @@ def guided_velocity(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, contex
 
 
 @torch.no_grad()
-def sample_latents(denoiser: Denoiser, context: torch.Tensor, noise: torch.Tensor, scheduler: Scheduler,
-                   steps: int, guidance: float, precision: Precision | str = Precision.AUTO,
-                   sides: torch.Tensor | None = None) -> torch.Tensor:
+def sample_latents(
+    denoiser: Denoiser,
+    context: torch.Tensor,
+    noise: torch.Tensor,
+    scheduler: Scheduler,
+    steps: int,
+    guidance: float,
+    precision: Precision | str = Precision.AUTO,
+    sides: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Integrate from ``noise`` (B, C, h, w) to scaled latents with ``scheduler`` in ``steps`` model calls.
 
     context (B, L, Cc) is the conditional context; the null context comes from the denoiser's conditioner.

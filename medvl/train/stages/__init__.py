@@ -16,9 +16,16 @@ from medvl.runs import describe_data, read_stage_info
 from medvl.train.loop import FitResult, fit
 
 
-def run_stage(stage: str, *, config: str | Path, data: str | Path, out: str | Path,
-              from_runs: list[Path] | None = None, overrides: list[str] | None = None,
-              resume: bool = False) -> FitResult:
+def run_stage(
+    stage: str,
+    *,
+    config: str | Path,
+    data: str | Path,
+    out: str | Path,
+    from_runs: list[Path] | None = None,
+    overrides: list[str] | None = None,
+    resume: bool = False,
+) -> FitResult:
     """``medvl train STAGE --config C --data D --out RUN [--from RUN...] [--set k=v] [--resume]``."""
     builder = registry.builder(stage)
     config_path = resolve_config_path(stage, config)

@@ -54,7 +54,9 @@ class AugmentConfig:
 @dataclass
 class AdaMatchStageConfig:
     model: AdaMatchConfig = field(default_factory=AdaMatchConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(select_metric="val_score", select_mode="max"))
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(select_metric="val_score", select_mode="max")
+    )
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     keywords: MiningConfig = field(default_factory=MiningConfig)
     temperature_lr_scale: float = 10.0  # the temperature barely moves at the base lr (prototype)
@@ -94,10 +96,15 @@ def augment_images(images: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
     zoom = 1 + (torch.rand(b) * 2 - 1) * cfg.scale
     shift = (torch.rand(b, 2) * 2 - 1) * cfg.shift * 2  # affine_grid units span 2 per image side
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], -1), torch.stack([sin, cos, shift[:, 1]], -1)], 1)
+    theta = torch.stack(
+        [torch.stack([cos, -sin, shift[:, 0]], -1), torch.stack([sin, cos, shift[:, 1]], -1)], 1
+    )
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     # Outside the image is air-dark background: pad with the minimum intensity.
-    out = F.grid_sample(images + 1024.0, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1024.0
+    out = (
+        F.grid_sample(images + 1024.0, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        - 1024.0
+    )
     contrast = 1 + (torch.rand(b, 1, 1, 1) * 2 - 1) * cfg.intensity
     bright = (torch.rand(b, 1, 1, 1) * 2 - 1) * cfg.intensity * 1024.0
     return (out * contrast + bright).clamp(-1024.0, 1024.0)
@@ -143,7 +150,12 @@ class AdaMatchStage:
         reports = [x["report"] for x in items]
         labels = torch.stack([x["labels"] for x in items]) if self.config.merge_normal else None
         enc = self.tokenizer.encode(reports)
-        return {"images": images, **enc.tensors(), "word_key": enc.word_key, "groups": report_groups(reports, labels)}
+        return {
+            "images": images,
+            **enc.tensors(),
+            "word_key": enc.word_key,
+            "groups": report_groups(reports, labels),
+        }
 
     def training_step(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         out = model(**batch)
@@ -161,18 +173,28 @@ class AdaMatchStage:
                 decay.append(p)
             else:
                 no_decay.append(p)
-        groups = [{"params": decay, "weight_decay": self.train.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        groups = [
+            {"params": decay, "weight_decay": self.train.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
         if temp:
-            groups.append({"params": temp, "weight_decay": 0.0, "lr": self.train.lr * self.config.temperature_lr_scale})
+            groups.append(
+                {"params": temp, "weight_decay": 0.0, "lr": self.train.lr * self.config.temperature_lr_scale}
+            )
         return [g for g in groups if g["params"]]
 
     @torch.no_grad()
     def validate(self, model: nn.Module) -> dict[str, float]:
         model = unwrap(model)
         device = next(model.parameters()).device
-        enc = encode_split(model, self.tokenizer, self.val_ds, batch_size=self.config.val_batch_size,
-                           regions=self.val_regions, device=device)
+        enc = encode_split(
+            model,
+            self.tokenizer,
+            self.val_ds,
+            batch_size=self.config.val_batch_size,
+            regions=self.val_regions,
+            device=device,
+        )
         scale = float(model.logit_scale.clamp(max=math.log(100.0)).exp())
         ret = retrieval_metrics(enc, model.cfg.chunk_size, logit_scale=scale)
         out = {f"val_{k}": v for k, v in ret.items()}
@@ -199,10 +221,12 @@ class AdaMatchStage:
         model = unwrap(model)
         assert isinstance(model, AdaMatch)
         device = next(model.parameters()).device
-        keywords, bank = build_keywords_and_bank(model, self.tokenizer, self.train_ds, self.config.keywords,
-                                                 device=device)
+        keywords, bank = build_keywords_and_bank(
+            model, self.tokenizer, self.train_ds, self.config.keywords, device=device
+        )
         AdaMatchRun(model, self.tokenizer, keywords, bank, device=device).save_pretrained(
-            Path(run_dir) / AdaMatchRun.DIRNAME)
+            Path(run_dir) / AdaMatchRun.DIRNAME
+        )
 
 
 def build_tokenizer(cfg: AdaMatchStageConfig, train_reports: list[str]) -> ReportTokenizer:
@@ -216,8 +240,13 @@ def build_tokenizer(cfg: AdaMatchStageConfig, train_reports: list[str]) -> Repor
     return tok
 
 
-def build_stage(*, config_path: str | Path | None, overrides: list[str] | None, data: str | Path,
-                from_runs: list[Path] | None = None) -> AdaMatchStage:
+def build_stage(
+    *,
+    config_path: str | Path | None,
+    overrides: list[str] | None,
+    data: str | Path,
+    from_runs: list[Path] | None = None,
+) -> AdaMatchStage:
     """The AdaMatch stage from a YAML config (+ ``--set`` overrides) over a prepared dataset."""
     cfg = load_config(AdaMatchStageConfig, config_path, overrides)
     if from_runs:

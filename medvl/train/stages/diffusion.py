@@ -74,7 +74,9 @@ class ScanDataConfig:
     views: list[str] = field(default_factory=lambda: ["PA", "AP"])  # frontal only; blank views are kept
     max_train_images: int = 0  # 0: all
     val_images: int = 128  # validation scans per evaluation (fixed subset)
-    crop_size: int = 0  # autoencoder only: train on random crops of this size (it is fully convolutional); 0: whole
+    crop_size: int = (
+        0  # autoencoder only: train on random crops of this size (it is fully convolutional); 0: whole
+    )
 
 
 class RandomCrop(Dataset):
@@ -92,7 +94,7 @@ class RandomCrop(Dataset):
         if self.size >= s:
             return x
         y0, x0 = torch.randint(0, s - self.size + 1, (2,)).tolist()
-        return x[..., y0:y0 + self.size, x0:x0 + self.size]
+        return x[..., y0 : y0 + self.size, x0 : x0 + self.size]
 
 
 def select_scans(ds: PreparedDataset, views: list[str], limit: int = 0) -> list[int]:
@@ -133,13 +135,17 @@ class AutoencoderLossConfig:
     discriminator_channels: int = 32
     discriminator_layers: int = 3
     perceptual_weight: float = 0.0  # needs perceptual_weights
-    perceptual_weights: str | None = None  # local torchvision ResNet-50 state dict; nothing is ever downloaded
+    perceptual_weights: str | None = (
+        None  # local torchvision ResNet-50 state dict; nothing is ever downloaded
+    )
 
     def validate(self) -> None:
         if self.perceptual_weight > 0:
             if not self.perceptual_weights:
-                raise ConfigError("loss.perceptual_weight > 0 needs loss.perceptual_weights: a local ResNet-50 "
-                                  "state dict (MONAI's PerceptualLoss would download weights otherwise)")
+                raise ConfigError(
+                    "loss.perceptual_weight > 0 needs loss.perceptual_weights: a local ResNet-50 "
+                    "state dict (MONAI's PerceptualLoss would download weights otherwise)"
+                )
             if not Path(self.perceptual_weights).is_file():
                 raise ConfigError(f"loss.perceptual_weights: {self.perceptual_weights} does not exist")
 
@@ -173,16 +179,25 @@ class AutoencoderTrainer(nn.Module):
             from monai.losses import PatchAdversarialLoss
             from monai.networks.nets import PatchDiscriminator
 
-            self.discriminator = PatchDiscriminator(spatial_dims=2, num_layers_d=cfg.loss.discriminator_layers,
-                                                    channels=cfg.loss.discriminator_channels, in_channels=1,
-                                                    out_channels=1, norm="INSTANCE")
+            self.discriminator = PatchDiscriminator(
+                spatial_dims=2,
+                num_layers_d=cfg.loss.discriminator_layers,
+                channels=cfg.loss.discriminator_channels,
+                in_channels=1,
+                out_channels=1,
+                norm="INSTANCE",
+            )
             self.adversarial = PatchAdversarialLoss(criterion="least_squares")
         if cfg.loss.perceptual_weight > 0:
             from monai.losses import PerceptualLoss
 
             cfg.loss.validate()
-            self.perceptual = PerceptualLoss(spatial_dims=2, network_type="resnet50", pretrained=True,
-                                             pretrained_path=cfg.loss.perceptual_weights)
+            self.perceptual = PerceptualLoss(
+                spatial_dims=2,
+                network_type="resnet50",
+                pretrained=True,
+                pretrained_path=cfg.loss.perceptual_weights,
+            )
             self.perceptual.requires_grad_(False)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -201,10 +216,12 @@ class AutoencoderTrainer(nn.Module):
             frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
             fake_logits = torch.func.functional_call(self.discriminator, frozen, (recon.float(),))[-1]
             g_adv = self.adversarial(fake_logits, target_is_real=True, for_discriminator=False)
-            d_fake = self.adversarial(self.discriminator(recon.detach().float())[-1], target_is_real=False,
-                                      for_discriminator=True)
-            d_real = self.adversarial(self.discriminator(images.float())[-1], target_is_real=True,
-                                      for_discriminator=True)
+            d_fake = self.adversarial(
+                self.discriminator(recon.detach().float())[-1], target_is_real=False, for_discriminator=True
+            )
+            d_real = self.adversarial(
+                self.discriminator(images.float())[-1], target_is_real=True, for_discriminator=True
+            )
             d_loss = 0.5 * (d_fake + d_real)
             loss = loss + on * self.cfg.loss.adversarial_weight * (g_adv + d_loss)
             out.update(adv_g=g_adv.detach(), adv_d=d_loss.detach())
@@ -234,7 +251,9 @@ class AutoencoderStage:
         crop = self.config.data.crop_size
         if crop:
             if crop % self.config.model.downsampling:
-                raise ConfigError(f"data.crop_size {crop} must be divisible by {self.config.model.downsampling}")
+                raise ConfigError(
+                    f"data.crop_size {crop} must be divisible by {self.config.model.downsampling}"
+                )
             return RandomCrop(self._train, crop)
         return self._train
 
@@ -268,20 +287,23 @@ class AutoencoderStage:
 
     def save_run(self, model: nn.Module, run_dir: Path) -> None:
         ae = unwrap(model).autoencoder.eval()
-        latent = compute_latent_info(ae, self._train, self.config.model, self.config.scale_images,
-                                     seed=self.train.seed)
+        latent = compute_latent_info(
+            ae, self._train, self.config.model, self.config.scale_images, seed=self.train.seed
+        )
         AutoencoderBundle(ae, self.config.model, latent).save_pretrained(Path(run_dir) / AUTOENCODER_DIR)
 
 
 @torch.no_grad()
-def compute_latent_info(ae: nn.Module, scans: Dataset, cfg: AutoencoderConfig, n: int, seed: int = 0) -> LatentInfo:
+def compute_latent_info(
+    ae: nn.Module, scans: Dataset, cfg: AutoencoderConfig, n: int, seed: int = 0
+) -> LatentInfo:
     """Scale factor 1 / std of posterior samples of up to ``n`` training scans (MONAI's LDM recipe)."""
     device = next(ae.parameters()).device
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(scans), generator=g)[:n].tolist()
     zs = []
     for i in range(0, len(pick), 32):
-        x = torch.stack([scans[j] for j in pick[i:i + 32]]).to(device)
+        x = torch.stack([scans[j] for j in pick[i : i + 32]]).to(device)
         mu, sigma = ae.encode(x)
         eps = torch.randn(mu.shape, generator=g).to(device)
         zs.append((mu + sigma * eps).float().cpu())
@@ -289,12 +311,21 @@ def compute_latent_info(ae: nn.Module, scans: Dataset, cfg: AutoencoderConfig, n
     std = float(z.std())
     if not math.isfinite(std) or std <= 0:
         raise RunError(f"autoencoder latents have std {std}; training failed")
-    return LatentInfo(scale_factor=1.0 / std, latent_shape=list(cfg.latent_shape), image_size=cfg.image_size,
-                      num_images=len(pick))
+    return LatentInfo(
+        scale_factor=1.0 / std,
+        latent_shape=list(cfg.latent_shape),
+        image_size=cfg.image_size,
+        num_images=len(pick),
+    )
 
 
-def build_autoencoder_stage(*, config_path: str | Path, overrides: list[str] | None, data: str | Path,
-                            from_runs: list[Path] | None = None) -> AutoencoderStage:
+def build_autoencoder_stage(
+    *,
+    config_path: str | Path,
+    overrides: list[str] | None,
+    data: str | Path,
+    from_runs: list[Path] | None = None,
+) -> AutoencoderStage:
     """``medvl train autoencoder``: no ``--from`` runs are used."""
     cfg = load_config(AutoencoderStageConfig, resolve_config_path("autoencoder", config_path), overrides)
     cfg.loss.validate()
@@ -368,23 +399,33 @@ def resolve_source_runs(from_runs: list[Path] | None, need_memory: bool) -> Sour
             ae, adamatch = ae or run / AUTOENCODER_DIR, adamatch or run
             memory = memory or (run / MEMORY_DIR if (run / MEMORY_DIR).is_dir() else None)
         else:
-            raise RunError(f"{run} is a '{stage}' run; diffusion builds on autoencoder, adamatch and report runs")
+            raise RunError(
+                f"{run} is a '{stage}' run; diffusion builds on autoencoder, adamatch and report runs"
+            )
     if adamatch is None and report_run is not None and (report_run / ADAMATCH_DIR).is_dir():
         adamatch = report_run  # its adamatch/ copy
     if ae is None:
-        raise RunError("diffusion needs the autoencoder run: add --from RUN_AE (made by `medvl train autoencoder`)")
+        raise RunError(
+            "diffusion needs the autoencoder run: add --from RUN_AE (made by `medvl train autoencoder`)"
+        )
     if adamatch is None:
-        raise RunError("diffusion needs the AdaMatch run (its text encoder and keypatch bank): add --from RUN_ADAMATCH")
+        raise RunError(
+            "diffusion needs the AdaMatch run (its text encoder and keypatch bank): add --from RUN_ADAMATCH"
+        )
     if need_memory and (memory is None or not memory.is_dir()):
-        raise RunError("condition.use_memory is true but no report run with memory/ was given: add --from "
-                       "RUN_REPORT, or --set condition.use_memory=false")
+        raise RunError(
+            "condition.use_memory is true but no report run with memory/ was given: add --from "
+            "RUN_REPORT, or --set condition.use_memory=false"
+        )
     return SourceRuns(autoencoder=ae, adamatch=adamatch, memory=memory if need_memory else None)
 
 
 class _CachedSet(Dataset):
     """Item i: latent posterior (mu, sigma) and either cached report features or the report text."""
 
-    def __init__(self, mu: torch.Tensor, sigma: torch.Tensor, features: ReportFeatures | None, texts: list[str]):
+    def __init__(
+        self, mu: torch.Tensor, sigma: torch.Tensor, features: ReportFeatures | None, texts: list[str]
+    ):
         self.mu, self.sigma, self.features, self.texts = mu, sigma, features, texts
 
     def __len__(self) -> int:
@@ -399,8 +440,12 @@ class _CachedSet(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         item: dict[str, Any] = {"latent_mu": self.mu[i].float(), "latent_sigma": self.sigma[i].float()}
         if self.features is not None:
-            item.update({k: (v[i].float() if v.is_floating_point() else v[i])
-                         for k, v in self.features.as_kwargs().items()})
+            item.update(
+                {
+                    k: (v[i].float() if v.is_floating_point() else v[i])
+                    for k, v in self.features.as_kwargs().items()
+                }
+            )
         else:
             item["report"] = self.texts[i]
         return item
@@ -417,8 +462,11 @@ def estimate_layout_prior(data: Path, views: list[str]) -> dict[str, list[float]
         return {}
     ids = [str(ds.index.at[j, "dicom_id"]) for j in select_scans(ds, views, 0)]
     prior = layout_prior_from_regions(regions, ids)
-    logger.info("condition.layout zones: prior of %d finding/side/zone boxes from %d training scans' regions",
-                len(prior), len(ids))
+    logger.info(
+        "condition.layout zones: prior of %d finding/side/zone boxes from %d training scans' regions",
+        len(prior),
+        len(ids),
+    )
     return prior
 
 
@@ -427,8 +475,13 @@ class DiffusionStage:
 
     name = "diffusion"
 
-    def __init__(self, cfg: DiffusionStageConfig, data: Path, sources: SourceRuns,
-                 device: str | torch.device | None = None):
+    def __init__(
+        self,
+        cfg: DiffusionStageConfig,
+        data: Path,
+        sources: SourceRuns,
+        device: str | torch.device | None = None,
+    ):
         self.config = cfg
         self.train = cfg.train
         self.data = Path(data)
@@ -458,7 +511,7 @@ class DiffusionStage:
             mus, sigmas = [], []
             bs = dcfg.encode_batch_size
             for i in tqdm(range(0, len(idx), bs), desc=f"encode {split} latents", unit="batch", leave=False):
-                images = torch.stack([torch.from_numpy(ds.image(j)) for j in idx[i:i + bs]])[:, None]
+                images = torch.stack([torch.from_numpy(ds.image(j)) for j in idx[i : i + bs]])[:, None]
                 mu, sigma = self.autoencoder.encode(images)
                 mus.append(mu.half().cpu())
                 sigmas.append(sigma.half().cpu())
@@ -469,18 +522,34 @@ class DiffusionStage:
             cached = _CachedSet(torch.cat(mus), torch.cat(sigmas), features, texts)
             if split == "train" and dcfg.abnormal_repeat > 1:
                 labels = np.nan_to_num(ds.labels.numpy()[idx][:, 1:]) == 1  # any finding but No Finding
-                pos = [p for p, a in enumerate(labels.any(1)) for _ in range(dcfg.abnormal_repeat if a else 1)]
-                logger.info("training set: %d scans, %d with findings seen %d times -> %d items per epoch",
-                            len(idx), int(labels.any(1).sum()), dcfg.abnormal_repeat, len(pos))
+                pos = [
+                    p for p, a in enumerate(labels.any(1)) for _ in range(dcfg.abnormal_repeat if a else 1)
+                ]
+                logger.info(
+                    "training set: %d scans, %d with findings seen %d times -> %d items per epoch",
+                    len(idx),
+                    int(labels.any(1).sum()),
+                    dcfg.abnormal_repeat,
+                    len(pos),
+                )
                 cached = cached.repeat(pos)
             self._cache[split] = cached
         return self._cache[split]
 
     def encode_reports(self, texts: list[str]) -> ReportFeatures:
         feats = self.encoder.encode(texts, batch_size=self.config.data.encode_batch_size)
-        self._keypatch_dim = feats.keypatches.shape[-1] if feats.keypatches.shape[1] else self.encoder.word_dim
-        return ReportFeatures(feats.words.half(), feats.word_mask, feats.word_kind, feats.keypatches.half(),
-                              feats.keypatch_boxes, feats.keypatch_mask, feats.sides)
+        self._keypatch_dim = (
+            feats.keypatches.shape[-1] if feats.keypatches.shape[1] else self.encoder.word_dim
+        )
+        return ReportFeatures(
+            feats.words.half(),
+            feats.word_mask,
+            feats.word_kind,
+            feats.keypatches.half(),
+            feats.keypatch_boxes,
+            feats.keypatch_mask,
+            feats.sides,
+        )
 
     @property
     def keypatch_dim(self) -> int:
@@ -495,8 +564,13 @@ class DiffusionStage:
         if cfg.condition.use_memory:
             memory = SharedMemory(self.memory.cfg)
             memory.load_state_dict(self.memory.state_dict())
-        conditioner = ReportConditioner(cfg.condition, self.encoder.word_dim, self.keypatch_dim,
-                                        cfg.unet.cross_attention_dim, memory=memory)
+        conditioner = ReportConditioner(
+            cfg.condition,
+            self.encoder.word_dim,
+            self.keypatch_dim,
+            cfg.unet.cross_attention_dim,
+            memory=memory,
+        )
         denoiser = Denoiser(cfg.unet, self.autoencoder.cfg.latent_channels, conditioner)
         return LatentDiffusion(denoiser, cfg.noise, self.autoencoder.latent.scale_factor)
 
@@ -513,13 +587,26 @@ class DiffusionStage:
     def _features_kwargs(self, batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
         if "report" in batch:  # cache_text: false
             return self.encode_reports(list(batch["report"])).to(device, torch.float32).as_kwargs()
-        return {k: batch[k] for k in ("words", "word_mask", "word_kind", "keypatches", "keypatch_boxes",
-                                      "keypatch_mask", "sides")}
+        return {
+            k: batch[k]
+            for k in (
+                "words",
+                "word_mask",
+                "word_kind",
+                "keypatches",
+                "keypatch_boxes",
+                "keypatch_mask",
+                "sides",
+            )
+        }
 
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         device = batch["latent_mu"].device
-        out = model(latent_mu=batch["latent_mu"], latent_sigma=batch["latent_sigma"],
-                    **self._features_kwargs(batch, device))
+        out = model(
+            latent_mu=batch["latent_mu"],
+            latent_sigma=batch["latent_sigma"],
+            **self._features_kwargs(batch, device),
+        )
         return out["loss"], {"loss_cond": float(out["loss_cond"]), "dropped": float(out["dropped"])}
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
@@ -530,8 +617,10 @@ class DiffusionStage:
                 continue
             embedding = name.split(".")[-1] in ("position", "kind", "pad", "null")
             (no_decay if p.ndim < 2 or embedding else decay).append(p)
-        return [{"params": decay, "weight_decay": self.train.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
+        return [
+            {"params": decay, "weight_decay": self.train.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
 
     def on_step_end(self, model: nn.Module, step: int) -> None:
         decay = self.config.ema.decay
@@ -558,24 +647,37 @@ class DiffusionStage:
             t = torch.randint(0, T, (b,), generator=g).to(device)
             feats = val.features.select(sl).to(device, torch.float32).as_kwargs()
             for kind, drop in (("cond", False), ("uncond", True)):
-                out = net(latent_mu=mu, latent_sigma=None, **feats, noise=noise, timesteps=t,
-                          drop=torch.full((b,), drop, device=device), use_ema=True)
+                out = net(
+                    latent_mu=mu,
+                    latent_sigma=None,
+                    **feats,
+                    noise=noise,
+                    timesteps=t,
+                    drop=torch.full((b,), drop, device=device),
+                    use_ema=True,
+                )
                 total[kind] += float(out["loss"]) * b
-        return {"val_loss": total["cond"] / n, "val_loss_uncond": total["uncond"] / n,
-                "val_condition_gain": (total["uncond"] - total["cond"]) / n}
+        return {
+            "val_loss": total["cond"] / n,
+            "val_loss_uncond": total["uncond"] / n,
+            "val_condition_gain": (total["uncond"] - total["cond"]) / n,
+        }
 
     def save_run(self, model: nn.Module, run_dir: Path) -> None:
         run_dir = Path(run_dir)
         ema = unwrap(model).ema
-        DiffusionBundle(ema, self.config.noise, self.config.sampler).save_pretrained(run_dir / DiffusionBundle.DIRNAME)
+        DiffusionBundle(ema, self.config.noise, self.config.sampler).save_pretrained(
+            run_dir / DiffusionBundle.DIRNAME
+        )
         copy_component(self.sources.autoencoder, run_dir / AUTOENCODER_DIR)
         copy_component(self.sources.adamatch, run_dir / ADAMATCH_DIR)
         if ema.conditioner.memory is not None:
             ema.conditioner.memory.save_pretrained(run_dir / MEMORY_DIR)
 
 
-def build_diffusion_stage(*, config_path: str | Path, overrides: list[str] | None, data: str | Path,
-                          from_runs: list[Path] | None) -> DiffusionStage:
+def build_diffusion_stage(
+    *, config_path: str | Path, overrides: list[str] | None, data: str | Path, from_runs: list[Path] | None
+) -> DiffusionStage:
     """``medvl train diffusion --from RUN_ADAMATCH RUN_REPORT RUN_AE``."""
     cfg = load_config(DiffusionStageConfig, resolve_config_path("diffusion", config_path), overrides)
     sources = resolve_source_runs(from_runs, need_memory=cfg.condition.use_memory)

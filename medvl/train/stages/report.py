@@ -68,7 +68,9 @@ class ReportStageConfig:
     model: ReportHeadConfig = field(default_factory=ReportHeadConfig)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     data: ReportDataConfig = field(default_factory=ReportDataConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(select_metric="val_loss", select_mode="min"))
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(select_metric="val_loss", select_mode="min")
+    )
 
 
 VAL_METRICS_WITH_LABELER = ("val_ce_micro_f1", "val_ce_micro5_f1")
@@ -88,8 +90,9 @@ def labeler_available() -> bool:
 def report_split(data: str | Path, split: str, cfg: ReportDataConfig) -> PreparedDataset:
     """A split of the prepared dataset restricted to ``cfg.views`` (and one image per study). A blank (unknown)
     view is left out: the report head trains on images known to be frontal."""
-    ds = PreparedDataset(data, split).select(views=cfg.views, keep_blank_view=False,
-                                             one_per_study=cfg.one_image_per_study)
+    ds = PreparedDataset(data, split).select(
+        views=cfg.views, keep_blank_view=False, one_per_study=cfg.one_image_per_study
+    )
     if len(ds) == 0:
         views = sorted({v.upper() for v in cfg.views})
         raise DataError(f"{data}: the '{split}' split has no reports with views {views}")
@@ -107,8 +110,9 @@ class ImageConditions:
 
 
 @torch.no_grad()
-def image_conditions(adamatch_run: Any, images: torch.Tensor, *, num_keywords: int,
-                     keyword_vocabulary: list[str]) -> ImageConditions:
+def image_conditions(
+    adamatch_run: Any, images: torch.Tensor, *, num_keywords: int, keyword_vocabulary: list[str]
+) -> ImageConditions:
     """images (B, 1, S, S) in [-1024, 1024] -> patch features, boxes and keyword hints (AdaMatch, no grad)."""
     patches = adamatch_run.encode_images(images)
     if keyword_vocabulary:
@@ -119,22 +123,37 @@ def image_conditions(adamatch_run: Any, images: torch.Tensor, *, num_keywords: i
     return ImageConditions(patches.features.float(), patches.boxes.float(), hints)
 
 
-def precompute_conditions(adamatch_run: Any, dataset: Dataset, *, num_keywords: int, keyword_vocabulary: list[str],
-                          batch_size: int, device: torch.device, desc: str) -> ImageConditions:
+def precompute_conditions(
+    adamatch_run: Any,
+    dataset: Dataset,
+    *,
+    num_keywords: int,
+    keyword_vocabulary: list[str],
+    batch_size: int,
+    device: torch.device,
+    desc: str,
+) -> ImageConditions:
     """Encode every image of ``dataset`` once: features stored as float16 on the CPU."""
     feats, boxes, ids, scores, kboxes, words = [], [], [], [], [], []
     n = len(dataset)
     for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", leave=False):
-        images = torch.stack([dataset[i]["image"] for i in range(start, min(n, start + batch_size))]).to(device)
-        c = image_conditions(adamatch_run, images, num_keywords=num_keywords, keyword_vocabulary=keyword_vocabulary)
+        images = torch.stack([dataset[i]["image"] for i in range(start, min(n, start + batch_size))]).to(
+            device
+        )
+        c = image_conditions(
+            adamatch_run, images, num_keywords=num_keywords, keyword_vocabulary=keyword_vocabulary
+        )
         feats.append(c.patch_features.half().cpu())
         boxes.append(c.patch_boxes.cpu())
         ids.append(c.keywords.ids)
         scores.append(c.keywords.scores)
         kboxes.append(c.keywords.boxes)
         words.extend(c.keywords.words)
-    return ImageConditions(torch.cat(feats), torch.cat(boxes),
-                           KeywordHints(torch.cat(ids), torch.cat(scores), torch.cat(kboxes), words))
+    return ImageConditions(
+        torch.cat(feats),
+        torch.cat(boxes),
+        KeywordHints(torch.cat(ids), torch.cat(scores), torch.cat(kboxes), words),
+    )
 
 
 class ReportTrainingSet(Dataset):
@@ -151,12 +170,23 @@ class ReportTrainingSet(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         if self.conditions is None:
             item = self.base[i]
-            return {"image": item["image"], "report": item["report"], "index": i, "report_labels": item["labels"]}
+            return {
+                "image": item["image"],
+                "report": item["report"],
+                "index": i,
+                "report_labels": item["labels"],
+            }
         c = self.conditions
-        return {"report": str(self.base.index.at[i, "report"]), "index": i, "report_labels": self.base.labels[i],
-                "patch_features": c.patch_features[i], "patch_boxes": c.patch_boxes[i],
-                "keyword_ids": c.keywords.ids[i], "keyword_scores": c.keywords.scores[i],
-                "keyword_boxes": c.keywords.boxes[i]}
+        return {
+            "report": str(self.base.index.at[i, "report"]),
+            "index": i,
+            "report_labels": self.base.labels[i],
+            "patch_features": c.patch_features[i],
+            "patch_boxes": c.patch_boxes[i],
+            "keyword_ids": c.keywords.ids[i],
+            "keyword_scores": c.keywords.scores[i],
+            "keyword_boxes": c.keywords.boxes[i],
+        }
 
 
 # ------------------------------------------------------------------------------------------------ stage
@@ -177,14 +207,19 @@ class ReportStage:
         vocab = getattr(self.adamatch_run, "keywords", None)
         self.keyword_vocabulary = list(vocab.words) if vocab is not None else []
         if config.model.use_keywords and not self.keyword_vocabulary:
-            raise RunError(f"AdaMatch run {self.adamatch_dir} has no keyword vocabulary; "
-                           "train with model.use_keywords=false or retrain AdaMatch")
+            raise RunError(
+                f"AdaMatch run {self.adamatch_dir} has no keyword vocabulary; "
+                "train with model.use_keywords=false or retrain AdaMatch"
+            )
         self.train_base = report_split(self.data, "train", config.data)
         self.val_base = report_split(self.data, "validate", config.data)
         self.image_size = self.train_base.size
         m = config.model
-        self.tokenizer = rh.build_report_tokenizer(list(self.train_base.index["report"]),
-                                                   min_freq=m.tokenizer_min_freq, max_vocab=m.tokenizer_max_vocab)
+        self.tokenizer = rh.build_report_tokenizer(
+            list(self.train_base.index["report"]),
+            min_freq=m.tokenizer_min_freq,
+            max_vocab=m.tokenizer_max_vocab,
+        )
         self._precompute = config.data.precompute_features and not m.finetune_adamatch
         self._train_set: ReportTrainingSet | None = None
         self._val_conditions: ImageConditions | None = None
@@ -201,10 +236,17 @@ class ReportStage:
         if not m.finetune_adamatch:
             adamatch.requires_grad_(False).eval()
         # Only a fine-tuned AdaMatch is part of the trained module; a frozen one stays with the run.
-        return ReportHead(m, vocab_size=len(tok), visual_dim=int(self.adamatch_run.embed_dim),
-                          keyword_vocabulary=self.keyword_vocabulary, pad_id=tok.pad_token_id,
-                          bos_id=tok.bos_token_id, eos_id=tok.eos_token_id, unk_id=tok.unk_token_id,
-                          adamatch=adamatch if m.finetune_adamatch else None)
+        return ReportHead(
+            m,
+            vocab_size=len(tok),
+            visual_dim=int(self.adamatch_run.embed_dim),
+            keyword_vocabulary=self.keyword_vocabulary,
+            pad_id=tok.pad_token_id,
+            bos_id=tok.bos_token_id,
+            eos_id=tok.eos_token_id,
+            unk_id=tok.unk_token_id,
+            adamatch=adamatch if m.finetune_adamatch else None,
+        )
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """AdamW groups: a fine-tuned AdaMatch learns at ``lr * model.adamatch_lr_scale``."""
@@ -227,13 +269,16 @@ class ReportStage:
         if self._train_set is None:
             conditions = None
             if self._precompute:
-                conditions = self._conditions(self.train_base, range(len(self.train_base)), "AdaMatch features (train)")
+                conditions = self._conditions(
+                    self.train_base, range(len(self.train_base)), "AdaMatch features (train)"
+                )
             self._train_set = ReportTrainingSet(self.train_base, conditions)
         return self._train_set
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        batch: dict[str, Any] = rh.encode_reports(self.tokenizer, [it["report"] for it in items],
-                                                  self.config.model.max_length)
+        batch: dict[str, Any] = rh.encode_reports(
+            self.tokenizer, [it["report"] for it in items], self.config.model.max_length
+        )
         keys = ("patch_features", "patch_boxes", "keyword_ids", "keyword_scores", "keyword_boxes")
         if "image" in items[0]:
             keys = ("image",)
@@ -257,9 +302,11 @@ class ReportStage:
                 del inputs["images"]
                 inputs.update(patch_features=patches.features, patch_boxes=patches.boxes)
             if m.use_keywords:
-                hints = rh.keyword_hints(self.adamatch_run.image_keywords(None, top_k=m.num_keywords,
-                                                                          patches=patches),
-                                         self.keyword_vocabulary, m.num_keywords).to(images.device)
+                hints = rh.keyword_hints(
+                    self.adamatch_run.image_keywords(None, top_k=m.num_keywords, patches=patches),
+                    self.keyword_vocabulary,
+                    m.num_keywords,
+                ).to(images.device)
                 inputs.update(keyword_ids=hints.ids, keyword_scores=hints.scores, keyword_boxes=hints.boxes)
         out = model(**inputs)
         logs = {k: float(out[k].detach()) for k in ("loss", "lm_loss", "label_loss") if k in out}
@@ -276,23 +323,43 @@ class ReportStage:
         losses, weights, texts = [], [], []
         for start in range(0, len(refs), bs):
             sl = slice(start, start + bs)
-            kw = KeywordHints(cond.keywords.ids[sl], cond.keywords.scores[sl], cond.keywords.boxes[sl],
-                              cond.keywords.words[sl]).to(device)
+            kw = KeywordHints(
+                cond.keywords.ids[sl],
+                cond.keywords.scores[sl],
+                cond.keywords.boxes[sl],
+                cond.keywords.words[sl],
+            ).to(device)
             feats, boxes = cond.patch_features[sl].float().to(device), cond.patch_boxes[sl].to(device)
-            enc = {k: v.to(device) for k, v in rh.encode_reports(self.tokenizer, refs[sl],
-                                                                 self.config.model.max_length).items()}
-            out = head(**enc, patch_features=feats, patch_boxes=boxes, keyword_ids=kw.ids,
-                       keyword_scores=kw.scores, keyword_boxes=kw.boxes)
+            enc = {
+                k: v.to(device)
+                for k, v in rh.encode_reports(self.tokenizer, refs[sl], self.config.model.max_length).items()
+            }
+            out = head(
+                **enc,
+                patch_features=feats,
+                patch_boxes=boxes,
+                keyword_ids=kw.ids,
+                keyword_scores=kw.scores,
+                keyword_boxes=kw.boxes,
+            )
             n = float((enc["labels"][:, 1:] != -100).sum())
             losses.append(float(out["lm_loss"]) * n)
             weights.append(n)
-            dec = head.generate(patch_features=feats, patch_boxes=boxes, keywords=kw, num_beams=1,
-                                no_repeat_ngram_size=self.config.generation.no_repeat_ngram_size)
+            dec = head.generate(
+                patch_features=feats,
+                patch_boxes=boxes,
+                keywords=kw,
+                num_beams=1,
+                no_repeat_ngram_size=self.config.generation.no_repeat_ngram_size,
+            )
             texts.extend(rh.decode_sequences(self.tokenizer, dec.sequences, head.eos_id)[0])
         from medvl.eval.nlg import bleu4
 
-        metrics = {"val_loss": sum(losses) / max(sum(weights), 1.0), "val_bleu4": bleu4(refs, texts),
-                   "val_empty_reports": float(np.mean([not t.strip() for t in texts]))}
+        metrics = {
+            "val_loss": sum(losses) / max(sum(weights), 1.0),
+            "val_bleu4": bleu4(refs, texts),
+            "val_empty_reports": float(np.mean([not t.strip() for t in texts])),
+        }
         if labeler_available():
             from medvl.eval.clinical import ce_metrics, label_reports
 
@@ -305,7 +372,8 @@ class ReportStage:
         head: ReportHead = unwrap(model)
         run_dir = Path(run_dir)
         ReportHeadBundle(head, self.tokenizer, self.image_size, self.config.generation).save_pretrained(
-            run_dir / ReportHeadBundle.DIRNAME)
+            run_dir / ReportHeadBundle.DIRNAME
+        )
         if head.cfg.use_memory:
             head.memory.save_pretrained(run_dir / SharedMemory.DIRNAME)
         if head.adamatch is not None:
@@ -316,15 +384,22 @@ class ReportStage:
 
     def _conditions(self, base: PreparedDataset, indices: Any, desc: str) -> ImageConditions:
         subset = torch.utils.data.Subset(base, list(indices))
-        return precompute_conditions(self.adamatch_run, subset, num_keywords=self.config.model.num_keywords,
-                                     keyword_vocabulary=self.keyword_vocabulary,
-                                     batch_size=self.config.data.feature_batch_size, device=self.device,
-                                     desc=desc)
+        return precompute_conditions(
+            self.adamatch_run,
+            subset,
+            num_keywords=self.config.model.num_keywords,
+            keyword_vocabulary=self.keyword_vocabulary,
+            batch_size=self.config.data.feature_batch_size,
+            device=self.device,
+            desc=desc,
+        )
 
     def _validation_conditions(self) -> ImageConditions:
         # With a fine-tuned AdaMatch the features change during training: recompute at every validation.
         if self._val_conditions is None or not self._precompute:
-            self._val_conditions = self._conditions(self.val_base, self._val_indices, "AdaMatch features (val)")
+            self._val_conditions = self._conditions(
+                self.val_base, self._val_indices, "AdaMatch features (val)"
+            )
         return self._val_conditions
 
 
@@ -341,12 +416,19 @@ def _stage_device() -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def build_stage(*, config_path: str | Path | None, overrides: list[str] | None, data: str | Path,
-                from_runs: list[Path] | None) -> ReportStage:
+def build_stage(
+    *,
+    config_path: str | Path | None,
+    overrides: list[str] | None,
+    data: str | Path,
+    from_runs: list[Path] | None,
+) -> ReportStage:
     """``medvl train report --config C --data D --from ADAMATCH_RUN [--set k=v]``."""
     config = load_config(ReportStageConfig, config_path, overrides)
     if config.train.select_metric in VAL_METRICS_WITH_LABELER and not labeler_available():
-        raise ConfigError(f"train.select_metric {config.train.select_metric!r} needs the report labeler "
-                          "(medvl.text.labeler), which this version of medvl lacks; select on val_bleu4 or val_loss")
+        raise ConfigError(
+            f"train.select_metric {config.train.select_metric!r} needs the report labeler "
+            "(medvl.text.labeler), which this version of medvl lacks; select on val_bleu4 or val_loss"
+        )
     adamatch_dir = find_from_run(from_runs, "adamatch")
     return ReportStage(config, Path(data), adamatch_dir)
