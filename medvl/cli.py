@@ -103,7 +103,7 @@ def _evaluate_epilog() -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="medvl",
-        description=__doc__.splitlines()[0],
+        description="Chest X-ray vision-language: AdaMatch alignment, reports from scans, scans from reports.",
         formatter_class=_HelpFormatter,
         epilog="Run `medvl COMMAND --help` for a command's options and an example.",
     )
