@@ -36,8 +36,9 @@ from skimage.transform import resize as sk_resize
 
 from medvl.data.dicom import write_dicom
 from medvl.data.images import resize_geometry
+from medvl.data.ingest import _read_and_resize
 from medvl.data.mimic import prepare_mimic
-from medvl.data.prepared import PreparedDataset, _read_and_resize, to_uint8
+from medvl.data.prepared import PreparedDataset, to_uint8
 from medvl.data.testing import chest_dataset, synthetic_chest
 from medvl.data.xray import LOW
 from medvl.text.chexpert import CHEXPERT_LABELS

@@ -31,7 +31,7 @@ _EXPORTS: dict[str, str] = {
     "iter_iu_reports": "medvl.data.reports",
     "report_text": "medvl.data.reports",
     "PreparedDataset": "medvl.data.prepared",
-    "PrepareResult": "medvl.data.prepared",
+    "PrepareResult": "medvl.data.ingest",
     "read_index": "medvl.data.prepared",
     "read_meta": "medvl.data.prepared",
     "prepare_mimic": "medvl.data.mimic",

@@ -25,7 +25,8 @@ from pathlib import Path
 import pandas as pd
 
 from medvl.data.images import ResizeFit
-from medvl.data.prepared import PrepareResult, build_image_cache, check_source, finish_prepare
+from medvl.data.ingest import PrepareResult, build_image_cache, check_source, finish_prepare
+from medvl.data.prepared import CANDIDATE_COLUMNS
 from medvl.data.reports import (
     IUReport,
     ReportSection,
@@ -160,22 +161,7 @@ def prepare_iuxray(
                 }
             )
 
-    candidates = pd.DataFrame(
-        rows,
-        columns=[
-            "dicom_id",
-            "subject_id",
-            "study_id",
-            "split",
-            "view",
-            "source",
-            "findings",
-            "impression",
-            "report",
-            *CHEXPERT_LABELS,
-            "path",
-        ],
-    )
+    candidates = pd.DataFrame(rows, columns=list(CANDIDATE_COLUMNS))
     fit = ResizeFit.PAD.value
     outcomes, decoded, reused = build_image_cache(
         out,

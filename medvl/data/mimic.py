@@ -30,14 +30,33 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from medvl.data.images import ResizeFit
-from medvl.data.prepared import SPLITS, build_image_cache, check_source, finish_prepare
-from medvl.data.prepared import PrepareResult as PrepareResult
+from medvl.data.ingest import PrepareResult as PrepareResult
+from medvl.data.ingest import build_image_cache, check_source, finish_prepare
+from medvl.data.prepared import CANDIDATE_COLUMNS, SPLITS
 from medvl.data.reports import ReportSection, missing_text_reason, parse_mimic_report, report_text
 from medvl.errors import DataError
 from medvl.text.chexpert import CHEXPERT_LABELS
 
 METADATA_COLUMNS = ("dicom_id", "subject_id", "study_id", "ViewPosition")
 SPLIT_COLUMNS = ("dicom_id", "split")
+#: Every column of MIMIC-CXR-JPG's three tables, in their order (what the phantom and the test trees write).
+METADATA_TABLE_COLUMNS = (
+    "dicom_id",
+    "subject_id",
+    "study_id",
+    "PerformedProcedureStepDescription",
+    "ViewPosition",
+    "Rows",
+    "Columns",
+    "StudyDate",
+    "StudyTime",
+    "ProcedureCodeSequence_CodeMeaning",
+    "ViewCodeSequence_CodeMeaning",
+    "PatientOrientationCodeSequence_CodeMeaning",
+)
+SPLIT_TABLE_COLUMNS = ("dicom_id", "study_id", "subject_id", "split")
+#: The chexpert table orders the labels alphabetically, not in CheXpert's own order.
+CHEXPERT_TABLE_COLUMNS = ("subject_id", "study_id", *sorted(CHEXPERT_LABELS))
 IMAGE_SUFFIXES = (".dcm", ".jpg")  # preference order when both exist
 
 
@@ -256,22 +275,7 @@ def prepare_mimic(
             }
         )
 
-    candidates = pd.DataFrame(
-        rows,
-        columns=[
-            "dicom_id",
-            "subject_id",
-            "study_id",
-            "split",
-            "view",
-            "source",
-            "findings",
-            "impression",
-            "report",
-            *CHEXPERT_LABELS,
-            "path",
-        ],
-    )
+    candidates = pd.DataFrame(rows, columns=list(CANDIDATE_COLUMNS))
     fit = ResizeFit.PAD.value
     outcomes, decoded, reused = build_image_cache(
         out,

@@ -18,6 +18,7 @@ from PIL import Image
 from pydicom.dataset import Dataset
 
 from medvl.data.dicom import grey_dicom, write_dicom
+from medvl.data.mimic import METADATA_TABLE_COLUMNS
 from medvl.text.chexpert import CHEXPERT_LABELS
 
 #: The "L" side marker the synthetic chest carries in its top-left corner (image coordinates, fractions).
@@ -144,20 +145,7 @@ def transcode_with_gdcm(src: str | Path, dst: str | Path, transfer_syntax: str) 
 
 #: MIMIC-CXR-JPG's chexpert table order (alphabetical), not CheXpert's own.
 MIMIC_CHEXPERT_ORDER = tuple(sorted(CHEXPERT_LABELS))
-METADATA_COLUMNS = (
-    "dicom_id",
-    "subject_id",
-    "study_id",
-    "PerformedProcedureStepDescription",
-    "ViewPosition",
-    "Rows",
-    "Columns",
-    "StudyDate",
-    "StudyTime",
-    "ProcedureCodeSequence_CodeMeaning",
-    "ViewCodeSequence_CodeMeaning",
-    "PatientOrientationCodeSequence_CodeMeaning",
-)
+METADATA_COLUMNS = METADATA_TABLE_COLUMNS
 
 _FULL = (
     " FINAL REPORT\n EXAMINATION:  CHEST (PA AND LAT)\n \n INDICATION:  ___F with cough.\n \n"

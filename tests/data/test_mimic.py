@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import medvl.data.prepared as prepared_module
+import medvl.data.ingest as ingest_module
 from medvl.cli import main as cli_main
 from medvl.data.images import read_xray, resize_geometry, resize_xray
 from medvl.data.mimic import prepare_mimic
@@ -150,7 +150,7 @@ def test_interrupted_run_resumes_without_redoing_finished_images(trees, tmp_path
     reference = tmp_path / "reference"
     prepare_mimic(spec.root, reference, size=SIZE)
 
-    real = prepared_module._read_and_resize
+    real = ingest_module._read_and_resize
     calls: list[str] = []
 
     def interrupted(path, *args):
@@ -159,7 +159,7 @@ def test_interrupted_run_resumes_without_redoing_finished_images(trees, tmp_path
         calls.append(path)
         return real(path, *args)
 
-    monkeypatch.setattr(prepared_module, "_read_and_resize", interrupted)
+    monkeypatch.setattr(ingest_module, "_read_and_resize", interrupted)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         prepare_mimic(spec.root, out, size=SIZE)
@@ -172,7 +172,7 @@ def test_interrupted_run_resumes_without_redoing_finished_images(trees, tmp_path
         return real(path, *args)
 
     calls.clear()
-    monkeypatch.setattr(prepared_module, "_read_and_resize", counting)
+    monkeypatch.setattr(ingest_module, "_read_and_resize", counting)
     result = prepare_mimic(spec.root, out, size=SIZE)
     assert len(calls) == 4 and result.decoded == 4 and result.reused == 2
     assert (out / "index.csv").read_text() == (reference / "index.csv").read_text()

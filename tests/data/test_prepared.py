@@ -10,15 +10,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from medvl.data.images import resize_geometry
+from medvl.data.ingest import map_regions, reason_kind
 from medvl.data.mimic import prepare_mimic
-from medvl.data.prepared import (
-    PreparedDataset,
-    from_uint8,
-    map_regions,
-    read_meta,
-    reason_kind,
-    to_uint8,
-)
+from medvl.data.prepared import PreparedDataset, from_uint8, read_meta, to_uint8
 from medvl.data.testing import write_mimic_tree
 from medvl.errors import DataError
 
@@ -86,7 +80,8 @@ def _views_dataset(root) -> PreparedDataset:
     """Seven rows of one split; image k is filled with k, label 0 of row k is k (to check alignment)."""
     import pandas as pd
 
-    from medvl.data.prepared import CACHE_FILE, write_prepared
+    from medvl.data.ingest import write_prepared
+    from medvl.data.prepared import CACHE_FILE
     from medvl.text.chexpert import CHEXPERT_LABELS
 
     root.mkdir()

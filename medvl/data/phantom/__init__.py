@@ -46,6 +46,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from medvl.data.ingest import PrepareResult
 from medvl.data.mimic import prepare_mimic
 from medvl.data.phantom.build import (
     BUILDING_FILE,
@@ -66,7 +67,6 @@ from medvl.data.phantom.build import (
 )
 from medvl.data.phantom.plan import labelled_text, load_iu_reports, plan_findings
 from medvl.data.phantom.sheet import write_contact_sheet
-from medvl.data.prepared import PrepareResult
 from medvl.errors import DataError
 
 __all__ = [

@@ -25,6 +25,7 @@ from pydicom.uid import DigitalXRayImageStorageForPresentation, generate_uid
 from tqdm import tqdm
 
 from medvl.data.dicom import grey_dicom, write_dicom
+from medvl.data.mimic import CHEXPERT_TABLE_COLUMNS, METADATA_TABLE_COLUMNS, SPLIT_TABLE_COLUMNS
 from medvl.data.phantom.anatomy import LesionSizes, LungAtlas, lesion_diameters, load_lung_atlas, npz_bytes
 from medvl.data.phantom.draw import render_frontal, render_lateral
 from medvl.data.phantom.plan import (
@@ -43,22 +44,9 @@ from medvl.text.labeler import aggregate_mentions, extract_mentions
 PHANTOM_VERSION = 1
 MIN_SIZE, MAX_SIZE = 64, 1024
 REGION_COLUMNS = ("dicom_id", "finding", "side", "zone", "x0", "y0", "x1", "y1", "observation", "word")
-METADATA_COLUMNS = (
-    "dicom_id",
-    "subject_id",
-    "study_id",
-    "PerformedProcedureStepDescription",
-    "ViewPosition",
-    "Rows",
-    "Columns",
-    "StudyDate",
-    "StudyTime",
-    "ProcedureCodeSequence_CodeMeaning",
-    "ViewCodeSequence_CodeMeaning",
-    "PatientOrientationCodeSequence_CodeMeaning",
-)
-SPLIT_COLUMNS = ("dicom_id", "study_id", "subject_id", "split")
-CHEXPERT_COLUMNS = ("subject_id", "study_id", *sorted(CHEXPERT_LABELS))
+METADATA_COLUMNS = METADATA_TABLE_COLUMNS
+SPLIT_COLUMNS = SPLIT_TABLE_COLUMNS
+CHEXPERT_COLUMNS = CHEXPERT_TABLE_COLUMNS
 MANIFEST_FILE = "phantom_images.csv"
 INFO_FILE = "phantom.json"
 BUILDING_FILE = ".phantom_building.json"
