@@ -32,7 +32,7 @@ from medvl.eval.clinical import CE_CONVENTION, ce_metrics, label_reports
 from medvl.eval.common import metrics_record, run_config_hash, saved_config, write_metrics
 from medvl.eval.nlg import TOKENISATION, NLGScorer
 from medvl.inference.generate import ReportGenerator
-from medvl.models.report_head import ReportHeadBundle
+from medvl.models.report_bundle import ReportHeadBundle
 from medvl.runs import CONFIG_FILE
 
 ABLATIONS_DIR = "ablations"

@@ -31,7 +31,8 @@ from medvl.errors import InvalidImageError, RunError
 from medvl.models import report_head as rh
 from medvl.models.adamatch import AdaMatchRun
 from medvl.models.memory import SharedMemory
-from medvl.models.report_head import KeywordHints, ReportHeadBundle
+from medvl.models.report_bundle import ReportHeadBundle
+from medvl.models.report_head import KeywordHints
 
 
 @dataclass

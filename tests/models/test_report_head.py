@@ -8,11 +8,11 @@ import torch
 
 from medvl.errors import ConfigError, RunError
 from medvl.models.memory import MemoryConfig, SharedMemory
+from medvl.models.report_bundle import ReportHeadBundle
 from medvl.models.report_head import (
     GenerationSettings,
     KeywordHints,
     ReportHead,
-    ReportHeadBundle,
     ReportHeadConfig,
     build_report_tokenizer,
     decode_sequences,

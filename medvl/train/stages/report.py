@@ -34,11 +34,11 @@ from medvl.models import report_head as rh
 from medvl.models.adamatch import AdaMatchRun
 from medvl.models.memory import SharedMemory
 from medvl.models.pretrained import copy_component
+from medvl.models.report_bundle import ReportHeadBundle
 from medvl.models.report_head import (
     GenerationSettings,
     KeywordHints,
     ReportHead,
-    ReportHeadBundle,
     ReportHeadConfig,
 )
 from medvl.runs import find_from_run
