@@ -4,8 +4,9 @@ How a report is read:
 
 1. It is cut into sentences and each sentence into clauses (``;``, ``:``, "but", "however", "although",
    "except", "other than"...): negation and uncertainty never reach across a clause (:mod:`medvl.text.sentences`).
-2. Mentions are found with the phrase tables of :mod:`medvl.text.phrases` (phrases that name a finding, and
-   subjects such as "heart size" whose predicate says enlarged / normal / borderline).
+2. Mentions are found with the phrase tables of :mod:`medvl.text.phrase_rules` (phrases that name a finding) and
+   :mod:`medvl.text.subject_rules` (subjects such as "heart size" whose predicate says enlarged / normal /
+   borderline).
 3. Each mention is negated when a negation cue ("no", "without", "free of", "clear of", "negative for",
    "resolved"...) precedes it in its clause within a short list-like scope ("no focal consolidation, pleural
    effusion or pneumothorax"), or follows it ("... is not seen", "... has resolved"); otherwise it is uncertain
@@ -43,8 +44,10 @@ from medvl.errors import DataError
 from medvl.text.attributes import Severity, Side, Zone, mention_attributes, share_linked_attributes
 from medvl.text.chexpert import CHEXPERT_LABELS, NEGATIVE, POSITIVE, UNCERTAIN
 from medvl.text.negation import DIFFERENTIAL, HYPOTHETICAL, mention_value
-from medvl.text.phrases import PHRASE_RULES, SUBJECT_RULES, Candidate, Finding, PhraseRule, SubjectRule
+from medvl.text.phrase_rules import PHRASE_RULES
+from medvl.text.phrases import Candidate, Finding, PhraseRule, SubjectRule
 from medvl.text.sentences import HAS_WORD, WORD, split_clauses, split_sentences
+from medvl.text.subject_rules import SUBJECT_RULES
 
 __all__ = [
     "Finding",

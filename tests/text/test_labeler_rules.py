@@ -265,7 +265,8 @@ def test_devices() -> None:
 
 def test_keyword_prefilter_covers_every_pattern() -> None:
     from medvl.text.labeler import _extract
-    from medvl.text.phrases import PHRASE_RULES, _literal_keys
+    from medvl.text.phrase_rules import PHRASE_RULES
+    from medvl.text.phrases import _literal_keys
 
     assert _literal_keys(r"\b(?P<head>effusions?|pleural\s+fluid)\b") == ("effusion", "pleural")
     assert _literal_keys(r"\b(?P<head>fx)\b") == ()  # too short to prefilter: always scanned
