@@ -98,14 +98,17 @@ class Pipeline:
         """The :class:`~medvl.models.adamatch.AdaMatchRun` (from the AdaMatch run or a copy inside a later run)."""
         if "adamatch" not in self._parts:
             load = registry.loader("adamatch")
+            errors: list[RunError] = []
             for stage in registry.holders("adamatch"):
                 if stage in self.runs:
                     try:
                         self._parts["adamatch"] = load(self.runs[stage], device=self.device)
                         break
-                    except RunError:
-                        continue
+                    except RunError as exc:
+                        errors.append(exc)
             else:
+                if errors:  # say why the first holder could not be loaded (an older layout, a missing file)
+                    raise errors[0]
                 raise RunError(f"no AdaMatch model among {sorted(self.runs)}")
         return self._parts["adamatch"]
 

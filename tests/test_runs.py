@@ -129,3 +129,13 @@ def test_save_run_set_is_portable(chain, tmp_path):
     assert read_stage_info(moved / "diffusion" / "autoencoder")["from"] == []
     with pytest.raises(RunError, match="one holds the other"):
         save_run_set(find_runs(moved), moved)
+
+
+def test_loading_a_run_in_the_older_layout_says_which_medvl_reads_it(tmp_path):
+    import medvl
+
+    run = _run(tmp_path / "old", "report")
+    (run / "adamatch").mkdir()
+    (run / "adamatch" / "adamatch.json").write_text("{}")  # the layout medvl 0.1.x wrote
+    with pytest.raises(RunError, match=r"saved by medvl 0\.1\.x \(layout 1\)"):
+        medvl.load(run).adamatch
