@@ -100,8 +100,8 @@ STAGES: dict[str, StageSpec] = {
         StageSpec(
             name="autoencoder",
             summary="the diffusion head's autoencoder: scans <-> latents",
-            config="medvl.train.stages.diffusion:AutoencoderStageConfig",
-            builder="medvl.train.stages.diffusion:build_autoencoder_stage",
+            config="medvl.train.stages.autoencoder:AutoencoderStageConfig",
+            builder="medvl.train.stages.autoencoder:build_autoencoder_stage",
             loader="medvl.models.diffusion:AutoencoderBundle.from_pretrained",
         ),
         StageSpec(

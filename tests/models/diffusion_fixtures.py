@@ -70,14 +70,15 @@ def finish_run(stage, model, run_dir: Path) -> Path:
 
 def build_tiny_runs(root: Path, data: Path, diffusion_steps: int = 6) -> dict[str, Path]:
     """Tiny autoencoder, AdaMatch and report runs, and a diffusion run trained a few steps on them."""
-    import medvl.train.stages.diffusion as st
+    from medvl.train.stages.autoencoder import build_autoencoder_stage
+    from medvl.train.stages.diffusion import build_diffusion_stage
 
     root.mkdir(parents=True, exist_ok=True)
-    ae_stage = st.build_autoencoder_stage(config_path="tiny", overrides=[], data=data)
+    ae_stage = build_autoencoder_stage(config_path="tiny", overrides=[], data=data)
     model, _ = train_plain(ae_stage, 4)
     ae = finish_run(ae_stage, model, root / "ae")
     ada, rep = make_adamatch_run(root / "ada", data), make_report_run(root / "rep")
-    stage = st.build_diffusion_stage(config_path="tiny", overrides=[], data=data, from_runs=[ada, rep, ae])
+    stage = build_diffusion_stage(config_path="tiny", overrides=[], data=data, from_runs=[ada, rep, ae])
     model, _ = train_plain(stage, diffusion_steps)
     diff = finish_run(stage, model, root / "diff")
     return {"ae": ae, "ada": ada, "rep": rep, "diff": diff}

@@ -23,13 +23,8 @@ from medvl.models.diffusion import (
     load_scheduler_config,
     save_scheduler_config,
 )
-from medvl.train.stages.diffusion import (
-    AutoencoderStageConfig,
-    DiffusionStageConfig,
-    build_autoencoder_stage,
-    build_diffusion_stage,
-    resolve_source_runs,
-)
+from medvl.train.stages.autoencoder import AutoencoderStageConfig, build_autoencoder_stage
+from medvl.train.stages.diffusion import DiffusionStageConfig, build_diffusion_stage, resolve_source_runs
 from tests.models.diffusion_fixtures import build_tiny_runs, finish_run, train_plain
 
 pytestmark = pytest.mark.usefixtures("single_thread")
