@@ -138,4 +138,4 @@ def test_loading_a_run_in_the_older_layout_says_which_medvl_reads_it(tmp_path):
     (run / "adamatch").mkdir()
     (run / "adamatch" / "adamatch.json").write_text("{}")  # the layout medvl 0.1.x wrote
     with pytest.raises(RunError, match=r"saved by medvl 0\.1\.x \(layout 1\)"):
-        medvl.load(run).adamatch
+        _ = medvl.load(run).adamatch
