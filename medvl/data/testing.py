@@ -145,7 +145,6 @@ def transcode_with_gdcm(src: str | Path, dst: str | Path, transfer_syntax: str) 
 
 #: MIMIC-CXR-JPG's chexpert table order (alphabetical), not CheXpert's own.
 MIMIC_CHEXPERT_ORDER = tuple(sorted(CHEXPERT_LABELS))
-METADATA_COLUMNS = METADATA_TABLE_COLUMNS
 
 _FULL = (
     " FINAL REPORT\n EXAMINATION:  CHEST (PA AND LAT)\n \n INDICATION:  ___F with cough.\n \n"
@@ -357,7 +356,7 @@ def write_mimic_tree(
             }
             for i in images
         ],
-        columns=list(METADATA_COLUMNS),
+        columns=list(METADATA_TABLE_COLUMNS),
     )
     split = pd.DataFrame(
         [

@@ -16,10 +16,8 @@ import pydicom
 import pytest
 from PIL import Image
 
+from medvl.data.mimic import CHEXPERT_TABLE_COLUMNS, METADATA_TABLE_COLUMNS, SPLIT_TABLE_COLUMNS
 from medvl.data.phantom import (
-    CHEXPERT_COLUMNS,
-    METADATA_COLUMNS,
-    SPLIT_COLUMNS,
     plan_findings,
     prepare_phantom,
 )
@@ -120,9 +118,9 @@ def test_raw_tree_layout_and_tables(built):
     meta = _read_gz(raw / "mimic-cxr-2.0.0-metadata.csv.gz")
     split = _read_gz(raw / "mimic-cxr-2.0.0-split.csv.gz")
     chex = _read_gz(raw / "mimic-cxr-2.0.0-chexpert.csv.gz")
-    assert tuple(meta.columns) == METADATA_COLUMNS
-    assert tuple(split.columns) == SPLIT_COLUMNS
-    assert tuple(chex.columns) == CHEXPERT_COLUMNS and list(chex.columns[2:]) == sorted(CHEXPERT_LABELS)
+    assert tuple(meta.columns) == METADATA_TABLE_COLUMNS
+    assert tuple(split.columns) == SPLIT_TABLE_COLUMNS
+    assert tuple(chex.columns) == CHEXPERT_TABLE_COLUMNS and list(chex.columns[2:]) == sorted(CHEXPERT_LABELS)
     assert len(chex) == STUDIES and chex["study_id"].is_unique
     assert set(meta["dicom_id"]) == set(split["dicom_id"])
     assert (

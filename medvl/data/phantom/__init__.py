@@ -50,16 +50,13 @@ from medvl.data.ingest import PrepareResult
 from medvl.data.mimic import prepare_mimic
 from medvl.data.phantom.build import (
     BUILDING_FILE,
-    CHEXPERT_COLUMNS,
     CONTACT_SHEET,
     INFO_FILE,
     MANIFEST_FILE,
     MAX_SIZE,
-    METADATA_COLUMNS,
     MIN_SIZE,
     PHANTOM_VERSION,
     REGION_COLUMNS,
-    SPLIT_COLUMNS,
     PhantomBuild,
     build_params,
     build_phantom_raw,
@@ -71,16 +68,13 @@ from medvl.errors import DataError
 
 __all__ = [
     "BUILDING_FILE",
-    "CHEXPERT_COLUMNS",
     "CONTACT_SHEET",
     "INFO_FILE",
     "MANIFEST_FILE",
     "MAX_SIZE",
-    "METADATA_COLUMNS",
     "MIN_SIZE",
     "PHANTOM_VERSION",
     "REGION_COLUMNS",
-    "SPLIT_COLUMNS",
     "PhantomBuild",
     "PhantomResult",
     "build_phantom_raw",

@@ -44,9 +44,6 @@ from medvl.text.labeler import aggregate_mentions, extract_mentions
 PHANTOM_VERSION = 1
 MIN_SIZE, MAX_SIZE = 64, 1024
 REGION_COLUMNS = ("dicom_id", "finding", "side", "zone", "x0", "y0", "x1", "y1", "observation", "word")
-METADATA_COLUMNS = METADATA_TABLE_COLUMNS
-SPLIT_COLUMNS = SPLIT_TABLE_COLUMNS
-CHEXPERT_COLUMNS = CHEXPERT_TABLE_COLUMNS
 MANIFEST_FILE = "phantom_images.csv"
 INFO_FILE = "phantom.json"
 BUILDING_FILE = ".phantom_building.json"
@@ -370,8 +367,10 @@ def build_phantom_raw(
         split_rows.append(
             {"dicom_id": im.dicom_id, "study_id": im.study_id, "subject_id": im.subject_id, "split": im.split}
         )
-    _write_csv_gz(raw / "mimic-cxr-2.0.0-metadata.csv.gz", pd.DataFrame(meta_rows, columns=METADATA_COLUMNS))
-    _write_csv_gz(raw / "mimic-cxr-2.0.0-split.csv.gz", pd.DataFrame(split_rows, columns=SPLIT_COLUMNS))
+    _write_csv_gz(
+        raw / "mimic-cxr-2.0.0-metadata.csv.gz", pd.DataFrame(meta_rows, columns=METADATA_TABLE_COLUMNS)
+    )
+    _write_csv_gz(raw / "mimic-cxr-2.0.0-split.csv.gz", pd.DataFrame(split_rows, columns=SPLIT_TABLE_COLUMNS))
     chex_rows = []
     for study, im in by_study.items():
         lab = labels[im.report]
@@ -379,7 +378,9 @@ def build_phantom_raw(
         for j, name in enumerate(CHEXPERT_LABELS):
             row[name] = "" if np.isnan(lab[j]) else f"{float(lab[j]):.1f}"
         chex_rows.append(row)
-    _write_csv_gz(raw / "mimic-cxr-2.0.0-chexpert.csv.gz", pd.DataFrame(chex_rows, columns=CHEXPERT_COLUMNS))
+    _write_csv_gz(
+        raw / "mimic-cxr-2.0.0-chexpert.csv.gz", pd.DataFrame(chex_rows, columns=CHEXPERT_TABLE_COLUMNS)
+    )
     region_rows = [r for _, rs in rendered for r in rs]
     pd.DataFrame(region_rows, columns=REGION_COLUMNS).to_csv(raw / "regions.csv", index=False)
     manifest = []

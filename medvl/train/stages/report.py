@@ -73,17 +73,6 @@ class ReportStageConfig:
     )
 
 
-VAL_METRICS_WITH_LABELER = ("val_ce_micro_f1", "val_ce_micro5_f1")
-
-
-def labeler_available() -> bool:
-    try:
-        from medvl.text.labeler import label_report  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 # ------------------------------------------------------------------------------------------------- data
 
 
@@ -360,12 +349,11 @@ class ReportStage:
             "val_bleu4": bleu4(refs, texts),
             "val_empty_reports": float(np.mean([not t.strip() for t in texts])),
         }
-        if labeler_available():
-            from medvl.eval.clinical import ce_metrics, label_reports
+        from medvl.eval.clinical import ce_metrics, label_reports
 
-            ce = ce_metrics(label_reports(refs), label_reports(texts))
-            metrics["val_ce_micro_f1"] = _finite(ce["ce.micro.f1"])
-            metrics["val_ce_micro5_f1"] = _finite(ce["ce.micro5.f1"])
+        ce = ce_metrics(label_reports(refs), label_reports(texts))
+        metrics["val_ce_micro_f1"] = _finite(ce["ce.micro.f1"])
+        metrics["val_ce_micro5_f1"] = _finite(ce["ce.micro5.f1"])
         return metrics
 
     def save_run(self, model: nn.Module, run_dir: Path) -> None:
@@ -425,10 +413,5 @@ def build_stage(
 ) -> ReportStage:
     """``medvl train report --config C --data D --from ADAMATCH_RUN [--set k=v]``."""
     config = load_config(ReportStageConfig, config_path, overrides)
-    if config.train.select_metric in VAL_METRICS_WITH_LABELER and not labeler_available():
-        raise ConfigError(
-            f"train.select_metric {config.train.select_metric!r} needs the report labeler "
-            "(medvl.text.labeler), which this version of medvl lacks; select on val_bleu4 or val_loss"
-        )
     adamatch_dir = find_from_run(from_runs, "adamatch")
     return ReportStage(config, Path(data), adamatch_dir)
