@@ -35,6 +35,13 @@ EVAL_DIR = "eval"
 TRAINING_STATE = ("checkpoints", "logs", "best")  # resume state and TensorBoard logs: not copied
 
 
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON under a temporary name, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False))
+    os.replace(tmp, path)
+
+
 def is_finished(run_dir: str | Path) -> bool:
     """Whether ``run_dir`` holds a finished run (its ``stage.json`` is written last)."""
     return (Path(run_dir) / STAGE_FILE).is_file()
@@ -155,9 +162,7 @@ def record_evaluation(
     path = evaluation_file(run_dir, kind, split)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"kind": kind, "split": split, "data": dict(data or {}), "metrics": dict(metrics)}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, path)
+    write_json_atomic(path, record)
     return path
 
 

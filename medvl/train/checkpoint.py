@@ -33,7 +33,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from medvl.errors import RunError
-from medvl.runs import CONFIG_FILE, STAGE_FILE, read_stage_info
+from medvl.runs import CONFIG_FILE, STAGE_FILE, read_stage_info, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -78,13 +78,6 @@ class LoopState:
     @classmethod
     def read(cls, path: Path) -> LoopState:
         return cls(**json.loads(path.read_text()))
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` as JSON under a temporary name, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False))
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- the run directory

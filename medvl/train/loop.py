@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from medvl.config import to_dict
 from medvl.errors import ConfigError, RunError
-from medvl.runs import STAGE_FILE
+from medvl.runs import STAGE_FILE, write_json_atomic
 from medvl.train.batches import MicroBatches, micro_batch_loader
 from medvl.train.checkpoint import (
     BEST_DIR,
@@ -58,7 +58,6 @@ from medvl.train.checkpoint import (
     restore_checkpoint,
     save_best_weights,
     write_checkpoint_state,
-    write_json_atomic,
 )
 from medvl.train.distributed import broadcast_from_main, full_state_dict, is_sharded, make_accelerator, unwrap
 from medvl.version import __version__
