@@ -207,6 +207,25 @@ def load(run_dir: str | Path, device: str | None = None) -> Pipeline:
     return Pipeline(find_runs(run_dir), device=device)
 
 
+def evaluate(
+    kind: str,
+    run: str | Path,
+    data: str | Path,
+    split: str = "test",
+    out: str | Path | None = None,
+    **options,
+) -> dict:
+    """``medvl evaluate KIND``: :func:`medvl.eval.evaluate`, handed the dataset's evaluation classifier (trained
+    once per dataset and cached) when the evaluation scores scans and none is given in ``options``."""
+    from medvl.eval import evaluate as evaluate_run
+
+    if registry.evaluation(kind).uses_classifier and "classifier" not in options:
+        from medvl.train.classifier import evaluation_classifier
+
+        options["classifier"] = evaluation_classifier(data)
+    return evaluate_run(kind, run=Path(run), data=Path(data), split=split, out=out, **options)
+
+
 # ---- command-line entry points (``medvl generate-report | synthesize | explain``); the report and the
 # diffusion stacks are imported only by the command that uses them (MONAI alone takes seconds).
 
@@ -228,6 +247,7 @@ __all__ = [
     "MatchResult",
     "WordMatch",
     "load",
+    "evaluate",
     "find_runs",
     "generate_report_command",
     "synthesize_command",

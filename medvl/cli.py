@@ -372,14 +372,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         return 0
     if args.command == "evaluate":
-        from medvl.eval import evaluate
+        from medvl.api import evaluate
 
-        options = {}
-        if registry.evaluation(args.kind).uses_classifier:
-            from medvl.train.classifier import evaluation_classifier
-
-            options["classifier"] = evaluation_classifier(args.data)  # trained once per dataset, then cached
-        metrics = evaluate(args.kind, run=args.run, data=args.data, split=args.split, out=args.out, **options)
+        metrics = evaluate(args.kind, run=args.run, data=args.data, split=args.split, out=args.out)
         meta = metrics.get("meta") or {}
         print(
             f"medvl evaluate {args.kind} ({args.split}, {meta.get('num_samples', '?')} samples): {args.out}"
