@@ -217,8 +217,10 @@ def evaluate(
 ) -> dict:
     """``medvl evaluate KIND``: :func:`medvl.eval.evaluate`, handed the dataset's evaluation classifier (trained
     once per dataset and cached) when the evaluation scores scans and none is given in ``options``."""
+    from medvl.eval import check_runs
     from medvl.eval import evaluate as evaluate_run
 
+    check_runs(kind, run)  # a wrong --run is an error before the classifier is trained
     if registry.evaluation(kind).uses_classifier and "classifier" not in options:
         from medvl.train.classifier import evaluation_classifier
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -162,3 +163,13 @@ def test_cli_reports_a_missing_run_in_one_line(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("medvl: error: ")
+
+
+def test_a_wrong_run_is_refused_before_the_evaluation_classifier_is_trained(tiny_adamatch_run, tiny_prepared):
+    import medvl.api
+
+    cache = Path(tiny_prepared) / "classifiers"
+    before = sorted(cache.rglob("*")) if cache.exists() else []
+    with pytest.raises(RunError, match="holds no diffusion run"):
+        medvl.api.evaluate("diffusion", run=tiny_adamatch_run, data=tiny_prepared)
+    assert (sorted(cache.rglob("*")) if cache.exists() else []) == before

@@ -15,6 +15,22 @@ from medvl.runs import describe_data, find_runs, is_finished, record_evaluation
 logger = logging.getLogger(__name__)
 
 
+def check_runs(kind: str, run: str | Path) -> None:
+    """:class:`RunError` unless ``run`` leads to every run the evaluation ``kind`` needs (checked before any
+    work, such as training the evaluation classifier, is spent on it)."""
+    spec = registry.evaluation(kind)
+    if spec.needs:
+        reachable = find_runs(run)
+        missing = [stage for stage in spec.needs if stage not in reachable]
+        if missing:
+            raise RunError(
+                f"{kind} evaluation needs a {' and a '.join(missing)} run; {run} leads to "
+                f"{sorted(reachable)} only (pass a run built from the others, or a demo directory)"
+            )
+    elif spec.run not in find_runs(run):
+        raise RunError(f"{run} holds no {spec.run} run; train one with `medvl train {spec.run}`")
+
+
 def evaluate(
     kind: str, run: Path, data: Path, split: str = "test", out: Path | None = None, **options
 ) -> dict:
@@ -24,14 +40,7 @@ def evaluate(
     metrics is kept in the run evaluated (``RUN/eval/<kind>-<split>.json``, see :mod:`medvl.runs`)."""
     spec = registry.evaluation(kind)
     run, data = Path(run), Path(data)
-    if spec.needs:
-        reachable = find_runs(run)
-        missing = [stage for stage in spec.needs if stage not in reachable]
-        if missing:
-            raise RunError(
-                f"{kind} evaluation needs a {' and a '.join(missing)} run; {run} leads to "
-                f"{sorted(reachable)} only (pass a run built from the others, or a demo directory)"
-            )
+    check_runs(kind, run)
     metrics = registry.evaluator(kind)(
         run=run, data=data, split=split, out=Path(out) if out else None, **options
     )
