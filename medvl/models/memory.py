@@ -72,9 +72,12 @@ class SharedMemory(nn.Module):
         scores = torch.einsum("bhld,hsd->bhls", q, mem_k) / math.sqrt(dh)  # (B, H, L, S)
         top, idx = scores.topk(k, dim=-1)  # (B, H, L, k)
         attn = self.dropout(F.softmax(top, dim=-1))
-        # Gather the k selected value rows per (head, query) without a Python loop.
-        values = mem_v[torch.arange(h, device=x.device).view(1, h, 1, 1), idx]  # (B, H, L, k, dh)
-        out = torch.einsum("bhlk,bhlkd->bhld", attn, values)
+        # The k weights are scattered back to a dense (B, H, L, S) row and multiplied with the values, rather than
+        # gathering the k value rows (``mem_v[heads, idx]``): the gather's backward is an accumulating index_put,
+        # which PyTorch runs with unordered atomic adds on more than one CPU thread, so training was not
+        # reproducible run to run. scatter's backward is a gather, which is.
+        weights = torch.zeros_like(scores).scatter(-1, idx, attn)  # (B, H, L, S)
+        out = torch.einsum("bhls,hsd->bhld", weights, mem_v)
         out = self.out_proj(out.transpose(1, 2).reshape(b, length, d))
         if return_scores:
             return out, attn, idx

@@ -60,3 +60,25 @@ def test_memory_gradients_and_roundtrip(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == {"config.json", "model.safetensors"}
     again = SharedMemory.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(again.respond(x), mem.eval().respond(x))
+
+
+def test_memory_backward_runs_under_deterministic_algorithms_and_repeats_exactly():
+    """Training must be reproducible on several CPU threads: the backward may not use accumulating index_put
+    (unordered atomic adds), which deterministic mode refuses or reroutes; gradients repeat bit for bit."""
+    torch.manual_seed(2)
+    mem = SharedMemory(MemoryConfig(num_slots=64, dim=32, num_heads=4, topk=8, dropout=0.0))
+    x = torch.randn(16, 30, 32)
+    grads = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for deterministic in (False, False, True):
+            torch.use_deterministic_algorithms(deterministic)
+            mem.zero_grad()
+            mem(x).pow(2).sum().backward()
+            grads.append(mem.memory.grad.clone())
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.set_num_threads(threads)
+    assert torch.equal(grads[0], grads[1])
+    assert torch.equal(grads[0], grads[2])
