@@ -161,6 +161,15 @@ def test_split_is_patient_disjoint(built):
     assert split.groupby("subject_id")["study_id"].nunique().max() >= 2  # some patients have several studies
 
 
+def test_lung_masks_are_split_disjoint(built):
+    """No test or validation scan reuses the anatomy (the real lung mask) of a training scan."""
+    images = _read_gz(built / "raw" / "phantom_images.csv")
+    frontal = images[images["lung_mask"] != ""]
+    per_mask = frontal.groupby("lung_mask")["split"].nunique()
+    assert (per_mask == 1).all(), per_mask[per_mask > 1]
+    assert frontal["lung_mask"].nunique() >= 3
+
+
 def test_ingestion_skips_only_laterals(built):
     raw = built / "raw"
     meta = _read_gz(raw / "mimic-cxr-2.0.0-metadata.csv.gz")

@@ -174,10 +174,28 @@ def _dicom_ids(rng: np.random.Generator, n: int) -> list[str]:
     return out
 
 
+def _masks_per_split(rng: np.random.Generator, n_masks: int, split_of: np.ndarray) -> np.ndarray:
+    """One lung mask per subject, drawn from its split's own pool: each mask belongs to one split only (shares as
+    :data:`SPLIT_SHARES`, at least one mask per split), so no test scan reuses the anatomy of a training scan.
+    With fewer than three masks the splits have to share them."""
+    if n_masks < 3:
+        return rng.integers(0, n_masks, len(split_of))
+    perm = rng.permutation(n_masks)
+    n_val = max(1, int(round(SPLIT_SHARES[1] * n_masks)))
+    n_test = max(1, int(round(SPLIT_SHARES[2] * n_masks)))
+    pools = {"test": perm[:n_test], "validate": perm[n_test : n_test + n_val], "train": perm[n_test + n_val :]}
+    out = np.empty(len(split_of), dtype=np.int64)
+    for split, pool in pools.items():
+        members = np.nonzero(split_of == split)[0]
+        out[members] = pool[rng.integers(0, len(pool), len(members))]
+    return out
+
+
 def plan_tree(
     reports: Sequence[IUReport], chosen: np.ndarray, specs: dict[int, list[DrawSpec]], n_masks: int, seed: int
 ) -> list[PlannedImage]:
-    """Patients, studies, images, views, file formats and the patient-disjoint split, all fixed by ``seed``."""
+    """Patients, studies, images, views, file formats and the patient-disjoint split (lung masks disjoint too), all
+    fixed by ``seed``."""
     rng = np.random.default_rng([seed, 23])
     order = rng.permutation(chosen)
     sizes, probs = zip(*STUDIES_PER_SUBJECT, strict=True)
@@ -197,7 +215,7 @@ def plan_tree(
     split_of = np.full(n_sub, "train", dtype=object)
     split_of[perm[:n_test]] = "test"
     split_of[perm[n_test : n_test + n_val]] = "validate"
-    masks = rng.integers(0, n_masks, n_sub)
+    masks = _masks_per_split(rng, n_masks, split_of)
     studies: list[tuple[int, str, str, int, str, str]] = []  # (report, subject, study, mask, split, date)
     for g, members in enumerate(groups):
         day = int(rng.integers(0, 365 * 20))
