@@ -8,6 +8,11 @@ blank (not mentioned) are all negative. Then
 - ``ce.macro.f1``: mean per-label F1 over the labels with at least one positive reference (test support);
 - ``ce.micro5.precision|recall|f1``: pooled over CheXbert's 5 (Atelectasis, Cardiomegaly,
   Consolidation, Edema, Pleural Effusion);
+- ``ce.macro5.f1``: mean per-label F1 over those 5, among them the labels with a positive reference;
+- ``ce.example.precision|recall|f1`` and ``ce.example5.*``: example-based (per report, then averaged over
+  reports; scikit-learn's ``average="samples"``): a report's F1 is ``2 TP / (2 TP + FP + FN)`` over its labels,
+  0 when neither the reference nor the generated report has a positive label (scikit-learn's default
+  ``zero_division=0``), precision 0 without a positive prediction, recall 0 without a positive reference;
 - ``ce.per_label.<name>.precision|recall|f1|support`` with CheXpert's own label names.
 
 F1 is ``2 TP / (2 TP + FP + FN)``; it is NaN (null in JSON) only when a label has neither positive
@@ -29,7 +34,9 @@ CE_CONVENTION = (
     "labeler: medvl.text.labeler.label_report on generated and reference reports; R2Gen convention: "
     "positive = 1, uncertain (-1) / negative (0) / blank = negative; micro over the 14 CheXpert labels "
     "(No Finding included); macro F1 over labels with >= 1 positive reference; micro5 over Atelectasis, "
-    "Cardiomegaly, Consolidation, Edema, Pleural Effusion"
+    "Cardiomegaly, Consolidation, Edema, Pleural Effusion; macro5 the mean F1 over those 5 with support; "
+    "example / example5: per-report P/R/F1 averaged over reports (scikit-learn average='samples', "
+    "zero_division=0: a report with no positive label in reference or generated scores 0)"
 )
 
 
@@ -78,7 +85,31 @@ def ce_metrics(
         if support > 0:
             f1s.append(f)
     out["ce.macro.f1"] = float(np.mean(f1s)) if f1s else math.nan
+    f1s5 = [out[f"ce.per_label.{label_names[j]}.f1"] for j in five if tp[j] + fn[j] > 0]
+    out["ce.macro5.f1"] = float(np.mean(f1s5)) if f1s5 else math.nan
+    for key, cols in (("example", slice(None)), ("example5", five)):
+        p, r, f = example_prf(ref[:, cols], gen[:, cols])
+        out.update({f"ce.{key}.precision": p, f"ce.{key}.recall": r, f"ce.{key}.f1": f})
     return out
+
+
+def example_prf(ref: np.ndarray, gen: np.ndarray) -> tuple[float, float, float]:
+    """Example-based precision, recall, F1 of (N, L) bool arrays: per row, then the mean over rows
+    (scikit-learn's ``average="samples"`` with ``zero_division=0``). NaN with no rows."""
+    if len(ref) == 0:
+        return math.nan, math.nan, math.nan
+    tp = (ref & gen).sum(1).astype(float)
+    n_gen, n_ref = gen.sum(1).astype(float), ref.sum(1).astype(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(n_gen > 0, tp / n_gen, 0.0)
+        recall = np.where(n_ref > 0, tp / n_ref, 0.0)
+        f1 = np.where(n_gen + n_ref > 0, 2 * tp / (n_gen + n_ref), 0.0)
+    return float(precision.mean()), float(recall.mean()), float(f1.mean())
+
+
+def renamed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    """``ce.*`` keys under another prefix (``ce_chexbert.*`` for the labels of another labeler)."""
+    return {prefix + k.removeprefix("ce."): v for k, v in metrics.items()}
 
 
 def label_reports(texts: Sequence[str]) -> np.ndarray:

@@ -82,3 +82,43 @@ def test_labels_come_from_the_labeler():
     assert np.isnan(labels[2]).all()
     m = ce_metrics(labels[:1], labels[1:2])
     assert m["ce.per_label.Pleural Effusion.f1"] == 0.0
+
+
+def test_macro5_and_example_based_by_hand():
+    ref = rows(
+        {"Cardiomegaly": 1, "Edema": 1},
+        {"No Finding": 1},
+        {"Pleural Effusion": 1},
+    )
+    gen = rows(
+        {"Cardiomegaly": 1, "Atelectasis": 1},  # TP 1, FP 1, FN 1
+        {"No Finding": 1},  # TP 1
+        {"No Finding": 1},  # FP 1 (No Finding), FN 1 (effusion)
+    )
+    m = ce_metrics(ref, gen)
+    # per report over 14 labels: F1 = 2TP / (|gen| + |ref|) = 2/4, 2/2, 0/2
+    assert m["ce.example.f1"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
+    assert m["ce.example.precision"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
+    assert m["ce.example.recall"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
+    # over the 5: report 1 as above (0.5); report 2 has no positive in either -> 0; report 3: 0/1 -> 0
+    assert m["ce.example5.f1"] == pytest.approx(0.5 / 3)
+    assert m["ce.example5.precision"] == pytest.approx(0.5 / 3)  # report 3 predicts none of the 5 -> 0
+    # macro5 over the 5 labels with support: cardiomegaly 1, edema 0, effusion 0 (atelectasis has no support)
+    assert m["ce.macro5.f1"] == pytest.approx(1 / 3)
+    # the micro figures are unchanged by the new keys: 14 labels TP 2, FP 2, FN 2
+    assert m["ce.micro.f1"] == pytest.approx(0.5)
+    # micro5: TP 1 (cardiomegaly), FP 1 (atelectasis), FN 2 (edema, effusion)
+    assert m["ce.micro5.f1"] == pytest.approx(2 / (2 + 1 + 2))
+    # macro over the 14 with support: cardiomegaly 1, edema 0, no finding 2/3, effusion 0
+    assert m["ce.macro.f1"] == pytest.approx((1 + 0 + 2 / 3 + 0) / 4)
+
+
+def test_three_averages_differ_and_are_reported_side_by_side():
+    ref = rows({"Cardiomegaly": 1}, {"Cardiomegaly": 1}, {"Cardiomegaly": 1}, {"Edema": 1})
+    gen = rows({"Cardiomegaly": 1}, {"Cardiomegaly": 1}, {"Cardiomegaly": 1}, {})
+    m = ce_metrics(ref, gen)
+    assert m["ce.micro.f1"] == pytest.approx(6 / 7)  # TP 3, FN 1
+    assert m["ce.macro.f1"] == pytest.approx(0.5)  # cardiomegaly 1, edema 0
+    assert m["ce.example.f1"] == pytest.approx(0.75)
+    for key in ("micro", "macro", "example", "micro5", "macro5", "example5"):
+        assert f"ce.{key}.f1" in m
