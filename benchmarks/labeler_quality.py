@@ -56,11 +56,9 @@ MESH_TO_CHEXPERT: dict[str, list[tuple]] = {
     "Pulmonary Fibrosis": [("Lung Opacity", ())],
     "Cicatrix": [("Lung Opacity", ("lung",)), ("Pleural Other", ("pleura",))],
     "Density": [("Lung Opacity", ("lung", "retrocardiac"), ("round",)), ("Lung Lesion", ("round",))],
-    "Nodule": [("Lung Lesion", ())],
+    # CheXpert's Lung Lesion: a nodule or a mass (a calcified nodule is an old granuloma, not a lesion).
+    "Nodule": [("Lung Lesion", (), ("calcified",))],
     "Mass": [("Lung Lesion", ("lung", "hilum", "thorax"))],
-    "Calcified Granuloma": [("Lung Lesion", ())],
-    "Granuloma": [("Lung Lesion", ())],
-    "Granulomatous Disease": [("Lung Lesion", ())],
     "Pulmonary Edema": [("Edema", ())],
     "Pulmonary Congestion": [("Edema", ())],
     "Heart Failure": [("Edema", ())],
@@ -105,14 +103,25 @@ class Reference:
     zones: dict[str, set[str]]
 
 
-def mesh_reference(terms: tuple[str, ...]) -> Reference:
-    """CheXpert observations (and their side / zone qualifiers) that a report's major MeSH terms name."""
+#: What the labeler's ``iu`` convention adds to Lung Lesion, in MeSH headings.
+MESH_IU_EXTENSION: dict[str, list[tuple]] = {
+    "Nodule": [("Lung Lesion", ())],
+    "Calcified Granuloma": [("Lung Lesion", ())],
+    "Granuloma": [("Lung Lesion", ())],
+    "Granulomatous Disease": [("Lung Lesion", ())],
+}
+
+
+def mesh_reference(terms: tuple[str, ...], convention: str = "chexpert") -> Reference:
+    """CheXpert observations (and their side / zone qualifiers) that a report's major MeSH terms name, with the
+    labeler's ``convention`` (``chexpert``: Lung Lesion is a nodule or mass; ``iu``: granulomas too)."""
+    table = MESH_TO_CHEXPERT if convention == "chexpert" else {**MESH_TO_CHEXPERT, **MESH_IU_EXTENSION}
     positive: set[str] = set()
     sides: dict[str, set[str]] = {}
     zones: dict[str, set[str]] = {}
     for term in terms:
         heading, *qualifiers = [p.strip() for p in term.split("/")]
-        for observation, needed, *rest in MESH_TO_CHEXPERT.get(heading, []):
+        for observation, needed, *rest in table.get(heading, []):
             if needed and not any(q in qualifiers for q in needed):
                 continue
             if rest and any(q in qualifiers for q in rest[0]):
@@ -190,15 +199,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--errors", default=None, help="print disagreements for this CheXpert label")
     ap.add_argument("--max-errors", type=int, default=30)
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=None, help=f"JSON (default {RESULTS.name}, or _iu with --convention iu)")
+    ap.add_argument(
+        "--convention",
+        choices=["chexpert", "iu"],
+        default="chexpert",
+        help="the labeler's convention and the matching MeSH mapping (default: CheXpert's Lung Lesion = nodule or mass)",
+    )
     args = ap.parse_args()
+    if args.out is None:
+        args.out = RESULTS if args.convention == "chexpert" else RESULTS.with_name("labeler_quality_iu.json")
 
     t0 = time.perf_counter()
     reports = _load_iu()
     load_s = time.perf_counter() - t0
     texts = [t for _, t, _ in reports]
     t0, c0 = time.perf_counter(), time.process_time()
-    labels = label_reports(texts)
+    labels = label_reports(texts, convention=args.convention)
     label_s, label_cpu = time.perf_counter() - t0, time.process_time() - c0
     t0, c0 = time.perf_counter(), time.process_time()
     all_mentions = [extract_mentions(t) for t in texts]
@@ -207,7 +224,7 @@ def main() -> None:
     keep = [
         i for i, (_, text, mesh) in enumerate(reports) if text.strip() and mesh and "No Indexing" not in mesh
     ]
-    refs = {i: mesh_reference(reports[i][2]) for i in keep}
+    refs = {i: mesh_reference(reports[i][2], args.convention) for i in keep}
     names = list(CHEXPERT_LABELS)
     ref_mat = np.array([[n in refs[i].positive for n in names] for i in keep], dtype=bool)
     lab = labels[keep]
@@ -287,6 +304,7 @@ def main() -> None:
     result = {
         "dataset": "IU X-ray (Open-i, torchxrayvision NLMCXR_reports.tgz), FINDINGS + IMPRESSION",
         "reference": "NLM MeSH major terms mapped to CheXpert observations (see MESH_TO_CHEXPERT)",
+        "label_convention": args.convention,
         "convention": "positive = labeler value 1 or -1; not positive = 0 or blank; 'positive_only' counts 1 only",
         "reports": len(reports),
         "compared": len(keep),
@@ -313,7 +331,10 @@ def main() -> None:
             "machine": f"{platform.processor() or platform.machine()}, {platform.python_version()}",
         },
         "mesh_to_chexpert": {k: [[o, *map(list, q)] for o, *q in v] for k, v in MESH_TO_CHEXPERT.items()},
-        "command": "python benchmarks/labeler_quality.py",
+        "mesh_iu_extension": {k: [[o, *map(list, q)] for o, *q in v] for k, v in MESH_IU_EXTENSION.items()}
+        if args.convention == "iu"
+        else {},
+        "command": f"python benchmarks/labeler_quality.py --convention {args.convention}",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=float))

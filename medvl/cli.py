@@ -178,6 +178,35 @@ def build_parser() -> argparse.ArgumentParser:
         "medvl prepare iu-xray --root /data/iu-xray --out data/iu",
     )
     _prepared_options(iu, root="folder with the XML reports and PNG images", sections="both")
+    cs = _command(
+        psub,
+        "csv",
+        "any table of images (DICOM, PNG, JPG) and reports",
+        "Prepare any image-report dataset listed in a CSV, one row per image: columns image, report (or "
+        "findings and impression), and optionally split (train, validate or val, test), patient_id (splits "
+        "are then patient-disjoint; without a split column medvl assigns a seeded patient-disjoint "
+        "70/10/20 split), study_id, view and CheXpert's 14 label names (without them medvl's labeler "
+        "labels the reports). Rows that cannot be used go to skipped.csv with the reason.",
+        "medvl prepare csv --csv exports/cxr.csv --image-root /data/cxr --out data/cxr256\n"
+        "medvl prepare csv --csv padchest.csv --image-root /data/padchest --out data/padchest "
+        "--columns image=ImageID,report=Report,patient_id=PatientID",
+    )
+    cs.add_argument("--csv", type=Path, required=True, help="the table, one row per image")
+    cs.add_argument(
+        "--image-root",
+        type=Path,
+        default=None,
+        help="folder that relative image paths start from (default: the CSV's folder)",
+    )
+    _prepared_options(cs, sections="both")
+    cs.add_argument(
+        "--columns",
+        default="",
+        metavar="KEY=NAME,...",
+        help="column names other than the defaults (image, report, findings, impression, split, "
+        "patient_id, study_id, view, the 14 CheXpert names), e.g. image=Path,report=Text (default: none)",
+    )
+    cs.add_argument("--seed", type=int, default=0, help="seed of the split when the table has no split column")
 
     t = _command(
         sub,
@@ -299,6 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="-",
         help="CSV with a 'report' column, or - for one report on stdin (default: -)",
     )
+    lb.add_argument(
+        "--convention",
+        choices=["chexpert", "iu"],
+        default="chexpert",
+        help="label definitions: CheXpert's (default), or 'iu', which also counts granulomas and calcified "
+        "nodules as Lung Lesion",
+    )
 
     x = _command(
         sub,
@@ -333,7 +369,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "label":
         from medvl.text.labeler import label_command
 
-        return label_command(args.file)
+        return label_command(args.file, convention=args.convention)
     if args.command == "prepare":
         if args.source == "phantom":
             from medvl.data.phantom import prepare_phantom
@@ -352,6 +388,19 @@ def _dispatch(args: argparse.Namespace) -> int:
                 sections=args.sections,
                 workers=args.workers,
                 jpg_compatible=args.jpg_compatible,
+            )
+        elif args.source == "csv":
+            from medvl.data.csvdata import parse_columns, prepare_csv
+
+            prepare_csv(
+                args.csv,
+                args.out,
+                image_root=args.image_root,
+                columns=parse_columns(args.columns),
+                size=args.size,
+                sections=args.sections,
+                workers=args.workers,
+                seed=args.seed,
             )
         else:
             from medvl.data.iuxray import prepare_iuxray

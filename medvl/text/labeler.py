@@ -23,6 +23,12 @@ How a report is read:
    gives all blanks.
 
 Value convention (CheXpert): 1 positive, 0 negated, -1 uncertain, NaN (blank in CSV) not mentioned.
+
+Label convention (:class:`LabelConvention`): CheXpert's definitions by default, where Lung Lesion is a nodule, mass
+or tumour; a granuloma ("calcified granuloma", "granulomatous disease") and a calcified nodule are old, healed
+findings and count for no observation. IU X-ray's reports mention granulomas in about one report in ten; the
+``iu`` convention counts them (and calcified nodules) as Lung Lesion. Either way the mentions are extracted, with
+their side and zone, so the phantom draws them; only the labels differ.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +58,7 @@ from medvl.text.subject_rules import SUBJECT_RULES
 
 __all__ = [
     "Finding",
+    "LabelConvention",
     "Mention",
     "Side",
     "Zone",
@@ -65,6 +73,20 @@ __all__ = [
 ]
 
 _LABEL_INDEX = {name: i for i, name in enumerate(CHEXPERT_LABELS)}
+
+
+class LabelConvention(str, Enum):
+    """Which definitions turn mentions into labels (see the module docstring)."""
+
+    CHEXPERT = "chexpert"
+    IU = "iu"
+
+
+#: Mentions the ``iu`` convention adds to Lung Lesion and CheXpert's leaves out: ``Mention.extension``.
+CALCIFIED_LESION = "calcified lesion"
+# A calcification word shortly before a nodule's head: "calcified nodule", "calcified right upper lobe nodule".
+_CALCIFIED_BEFORE = re.compile(r"\bcalci(?:fied|fic|fications?)\s+(?:[\w-]+\s+){0,3}$")
+_LOOKBACK = 60
 _NO_FINDING = "No Finding"
 _SUPPORT_DEVICES = "Support Devices"
 
@@ -90,6 +112,7 @@ class Mention:
     sentence: int
     start: int
     end: int
+    extension: str | None = None
 
 
 def _rx(pattern: str) -> re.Pattern[str]:
@@ -264,6 +287,12 @@ def _extract(report: str, *, prefilter: bool) -> list[Mention]:
         share_linked_attributes(report, group, attrs)
         for c, v, (side, zone, severity) in zip(group, values, attrs, strict=True):
             head = report[c.head[0] : c.head[1]].lower() if c.head is not None else None
+            extension = None
+            if c.finding == Finding.GRANULOMA or (
+                c.finding == Finding.NODULE
+                and _CALCIFIED_BEFORE.search(report[max(0, c.start - _LOOKBACK) : c.start].lower())
+            ):
+                extension = CALCIFIED_LESION
             mentions.append(
                 Mention(
                     observation=c.observation,
@@ -278,6 +307,7 @@ def _extract(report: str, *, prefilter: bool) -> list[Mention]:
                     sentence=clause[2],
                     start=c.start,
                     end=c.end,
+                    extension=extension,
                 )
             )
             if c.observation == "Edema" and v != NEGATIVE and head in ("chf", "failure", "congestive"):
@@ -298,17 +328,26 @@ def _extract(report: str, *, prefilter: bool) -> list[Mention]:
 
 
 # --- report labels ----------------------------------------------------------------------------------------------
-def aggregate_mentions(mentions: Iterable[Mention], *, empty: bool = False) -> np.ndarray:
+def aggregate_mentions(
+    mentions: Iterable[Mention],
+    *,
+    empty: bool = False,
+    convention: LabelConvention | str = LabelConvention.CHEXPERT,
+) -> np.ndarray:
     """CheXpert's aggregation of mentions into the 14 labels, shape ``(14,)`` float32 in CheXpert order.
 
     Per observation: positive if any mention is positive, else uncertain if any is uncertain, else negative if
     mentioned, else NaN. No Finding: 1 when no observation but Support Devices is positive or uncertain, NaN
-    otherwise (and NaN for an ``empty`` report).
+    otherwise (and NaN for an ``empty`` report). Under CheXpert's ``convention`` mentions with an
+    ``extension`` (granulomas, calcified nodules) count for nothing.
     """
+    convention = LabelConvention(convention)
     out = np.full(len(CHEXPERT_LABELS), np.nan, dtype=np.float32)
     rank = {POSITIVE: 2, UNCERTAIN: 1, NEGATIVE: 0}
     best: dict[int, float] = {}
     for m in mentions:
+        if m.extension is not None and convention == LabelConvention.CHEXPERT:
+            continue
         j = _LABEL_INDEX[m.observation]
         if j not in best or rank[m.value] > rank[best[j]]:
             best[j] = m.value
@@ -331,19 +370,24 @@ def _is_empty(report: str | None) -> bool:
     )
 
 
-def _label_array(report: str) -> np.ndarray:
+def _label_array(report: str, convention: LabelConvention | str = LabelConvention.CHEXPERT) -> np.ndarray:
     if _is_empty(report):
         return np.full(len(CHEXPERT_LABELS), np.nan, dtype=np.float32)
-    return aggregate_mentions(extract_mentions(report))
+    return aggregate_mentions(extract_mentions(report), convention=convention)
 
 
-def label_report(report: str) -> dict[str, float]:
+def label_report(report: str, *, convention: LabelConvention | str = LabelConvention.CHEXPERT) -> dict[str, float]:
     """CheXpert's 14 labels of one report: name -> 1.0 / 0.0 / -1.0 / NaN (not mentioned)."""
-    values = _label_array(report)
+    values = _label_array(report, convention)
     return {name: float(v) for name, v in zip(CHEXPERT_LABELS, values, strict=True)}
 
 
-def label_reports(reports: Sequence[str], *, progress: bool = False) -> np.ndarray:
+def label_reports(
+    reports: Sequence[str],
+    *,
+    progress: bool = False,
+    convention: LabelConvention | str = LabelConvention.CHEXPERT,
+) -> np.ndarray:
     """Labels of many reports, shape ``(N, 14)`` float32 in CheXpert order, NaN for blank.
 
     Identical reports are labelled once (IU X-ray and MIMIC repeat many normal reports word for word).
@@ -360,7 +404,7 @@ def label_reports(reports: Sequence[str], *, progress: bool = False) -> np.ndarr
         key = str(report)
         row = cache.get(key)
         if row is None:
-            row = cache[key] = _label_array(key)
+            row = cache[key] = _label_array(key, convention)
         out[i] = row
     return out
 
@@ -390,13 +434,13 @@ def _read_reports(file: str) -> list[str]:
         return [row["report"] or "" for row in reader]
 
 
-def label_command(file: str) -> int:
+def label_command(file: str, *, convention: LabelConvention | str = LabelConvention.CHEXPERT) -> int:
     """``medvl label [FILE.csv|-]``: CheXpert's 14 labels as CSV on standard output, one row per report.
 
     An empty report gives a blank row (said on standard error) so that rows stay in input order.
     """
     reports = _read_reports(file)
-    labels = label_reports(reports, progress=len(reports) > 5000)
+    labels = label_reports(reports, progress=len(reports) > 5000, convention=convention)
     for i, report in enumerate(reports):
         if _is_empty(report):
             where = "standard input" if file == "-" else f"row {i + 1}"

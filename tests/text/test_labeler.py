@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from medvl.text.chexpert import CHEXPERT_LABELS
-from medvl.text.labeler import Finding, Mention, extract_mentions, label_report, label_reports
+from medvl.text.labeler import (
+    Finding,
+    LabelConvention,
+    Mention,
+    extract_mentions,
+    label_report,
+    label_reports,
+)
 
 NAN = float("nan")
 
@@ -42,7 +49,6 @@ def _one(report: str, observation: str) -> Mention:
         ("Left basilar infiltrate.", "Lung Opacity", Finding.OPACITY),
         ("A 1 cm nodule in the right upper lobe.", "Lung Lesion", Finding.NODULE),
         ("Large left hilar mass.", "Lung Lesion", Finding.MASS),
-        ("Calcified granuloma in the left upper lobe.", "Lung Lesion", Finding.GRANULOMA),
         ("Mild pulmonary edema.", "Edema", Finding.EDEMA),
         ("Pulmonary vascular congestion.", "Edema", Finding.EDEMA),
         ("Right lower lobe consolidation.", "Consolidation", Finding.CONSOLIDATION),
@@ -99,3 +105,26 @@ def test_attributes_basic() -> None:
 def test_empty_report_is_blank() -> None:
     assert all(math.isnan(v) for v in label_report("").values())
     assert extract_mentions("   ") == []
+
+
+@pytest.mark.parametrize(
+    "report, chexpert, iu",
+    [
+        ("Calcified granuloma in the left upper lobe.", None, 1.0),
+        ("Granulomatous disease.", None, 1.0),
+        ("Calcified right upper lobe nodule.", None, 1.0),
+        ("A 1 cm nodule in the right upper lobe.", 1.0, 1.0),
+        ("Calcified granuloma. Spiculated left upper lobe mass.", 1.0, 1.0),
+        ("No nodules or masses.", 0.0, 0.0),
+    ],
+)
+def test_lung_lesion_conventions(report: str, chexpert: float | None, iu: float) -> None:
+    """CheXpert's Lung Lesion is a nodule, mass or tumour; granulomas and calcified nodules count only under the
+    ``iu`` convention, and their mentions (with side and zone) are extracted either way."""
+    got = label_report(report)["Lung Lesion"]
+    assert (np.isnan(got) if chexpert is None else got == chexpert), got
+    assert label_report(report, convention="iu")["Lung Lesion"] == iu
+    assert label_reports([report], convention=LabelConvention.IU)[0][CHEXPERT_LABELS.index("Lung Lesion")] == iu
+    assert any(m.observation == "Lung Lesion" for m in extract_mentions(report))
+    if chexpert is None:
+        assert label_report(report)["No Finding"] == 1.0  # an old, healed finding only
