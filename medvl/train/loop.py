@@ -7,7 +7,8 @@ everything else: Accelerate (bf16 autocast, DDP/FSDP under ``torchrun`` / ``acce
 atomic full-state checkpoints and exact ``--resume`` (:mod:`medvl.train.checkpoint`, which also
 describes the run directory), the data order (:mod:`medvl.train.batches`: a run on 2 processes
 with batch 4 sees the same samples per optimiser step as a run on 1 process with batch 8),
-validation-only model selection, TensorBoard logs and a progress bar. At the end ``Stage.save_run``
+validation-only model selection, TensorBoard logs (scalars; pictures of validation scans only with
+``train.log_images``) and a progress bar. At the end ``Stage.save_run``
 writes the inference artifacts from the best weights, then ``RUN/stage.json`` marks the run finished.
 
 Model selection: validation runs on rank 0 every ``eval_every`` steps and at the end; a strictly
@@ -54,6 +55,7 @@ from medvl.train.checkpoint import (
     best_weights_file,
     check_run_dir,
     commit_checkpoint,
+    load_weights,
     open_run_dir,
     restore_checkpoint,
     save_best_weights,
@@ -82,6 +84,7 @@ class TrainConfig:
     keep_checkpoints: int = 1
     eval_every: int = 200  # 0: validate only at the end
     log_every: int = 10
+    log_images: bool = False  # Stage.log_images into TensorBoard: pictures of validation scans, off by default
     num_workers: int = 0
     seed: int = 0
     select_metric: str = "val_loss"  # a key returned by Stage.validate
@@ -226,6 +229,12 @@ def _isolated_rng(device: torch.device) -> Iterator[None]:
             np.random.set_state(np_state)
 
 
+def has_stage_state(stage: Stage) -> bool:
+    """Whether the stage keeps state outside the model that checkpoints carry (``state_dict`` and
+    ``load_state_dict``)."""
+    return callable(getattr(stage, "state_dict", None)) and callable(getattr(stage, "load_state_dict", None))
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -302,9 +311,7 @@ class _Training:
             ),
         )
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        accelerator.register_for_checkpointing(self.scheduler)
-        if callable(getattr(stage, "state_dict", None)) and callable(getattr(stage, "load_state_dict", None)):
-            accelerator.register_for_checkpointing(stage)
+        self.stage_state = stage if has_stage_state(stage) else None  # checkpointed beside the model
         set_seed(cfg.seed, device_specific=True)  # different dropout masks on each rank
 
         self.state = LoopState(
@@ -320,6 +327,10 @@ class _Training:
                 out=out,
                 num_samples=self.micro.num_samples,
                 batches_per_epoch=self.micro.batches_per_epoch,
+                model=self.model,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                stage=self.stage_state,
             )
         start_step = self.state.step
         self.batches = iter(
@@ -389,7 +400,8 @@ class _Training:
         net.eval()
         with _isolated_rng(self.device), torch.no_grad(), self.accelerator.autocast():
             metrics = {k: _as_float(v) for k, v in stage.validate(net).items()}
-            images = stage.log_images(net, step) if callable(getattr(stage, "log_images", None)) else {}
+            wants_images = self.cfg.log_images and callable(getattr(stage, "log_images", None))
+            images = stage.log_images(net, step) if wants_images else {}
         net.train(was_training)
         if self.cfg.select_metric not in metrics:
             raise ConfigError(
@@ -422,7 +434,15 @@ class _Training:
 
     def save_checkpoint(self) -> None:
         state = self.state
-        tmp = write_checkpoint_state(self.accelerator, self.out, state.step)
+        tmp = write_checkpoint_state(
+            self.accelerator,
+            self.out,
+            state.step,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            stage=self.stage_state,
+        )
         if self.main:
             state.epoch, state.batch_in_epoch = self.micro.position(state.micro_batches)
             state.seconds = self.seconds_before + (time.perf_counter() - self.started)
@@ -444,7 +464,7 @@ class _Training:
             final = self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
         best_file = best_weights_file(self.out, state.best_step)
         if state.best_step >= 0 and best_file.is_file():
-            final.load_state_dict(torch.load(best_file, map_location="cpu", weights_only=True))
+            final.load_state_dict(load_weights(best_file))
         else:
             logger.warning("no finite '%s' in validation; saving the final weights", self.cfg.select_metric)
             state.best_step = state.step
@@ -520,7 +540,9 @@ def fit(
     accelerator = make_accelerator(
         precision=cfg.precision, grad_accum=cfg.grad_accum, find_unused_parameters=cfg.find_unused_parameters
     )
-    checkpoint = open_run_dir(accelerator, out, kind, resume=resume, config_dump=config_dump)
+    checkpoint = open_run_dir(
+        accelerator, out, kind, resume=resume, config_dump=config_dump, with_stage_state=has_stage_state(stage)
+    )
     run = _Training(stage, accelerator, out, checkpoint, started)
     model, optimizer, scheduler, state = run.model, run.optimizer, run.scheduler, run.state
 

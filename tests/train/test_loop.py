@@ -20,6 +20,7 @@ from medvl.runs import find_from_run, read_stage_info
 from medvl.train import stages as stages_mod
 from medvl.train.checkpoint import CHECKPOINT_DIR, LOOP_STATE_FILE, latest_checkpoint
 from medvl.train.loop import TrainConfig, default_param_groups, fit, lr_factor
+from medvl.train.state_files import load_state
 from tests.train.toy_stage import Interrupt, ToyConfig, ToyModelConfig, ToyNet, ToyStage
 
 
@@ -35,7 +36,7 @@ def checkpoint_tensors(run: Path, step: int) -> dict[str, torch.Tensor]:
 
 
 def optimizer_state(run: Path, step: int) -> dict:
-    return torch.load(run / CHECKPOINT_DIR / f"step_{step}" / "optimizer.bin", weights_only=False)
+    return load_state(run / CHECKPOINT_DIR / f"step_{step}" / "optimizer.safetensors")
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -313,7 +314,12 @@ def test_stage_state_travels_in_checkpoints(tmp_path):
 def test_tensorboard_logs(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    fit(EmaStage(make_config(eval_every=3)), tmp_path / "run")
+    fit(EmaStage(make_config(eval_every=3)), tmp_path / "plain")
+    events = EventAccumulator(str(tmp_path / "plain" / "logs"))
+    events.Reload()
+    assert events.Tags()["images"] == []  # pictures of validation scans only when asked for
+
+    fit(EmaStage(make_config(eval_every=3, log_images=True)), tmp_path / "run")
     events = EventAccumulator(str(tmp_path / "run" / "logs"))
     events.Reload()
     scalars = set(events.Tags()["scalars"])
