@@ -120,6 +120,44 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+# Integer keys (by their last part, in any section) that count or size something, so that zero or less means
+# nothing: a batch, a vocabulary, an image side, a layer width, a number of steps. Other integers must not be
+# negative (``seed`` may be); a 0 there has a documented meaning ("0: all", "0: none").
+AT_LEAST_ONE = frozenset(
+    {
+        "batch_size",
+        "val_batch_size",
+        "feature_batch_size",
+        "encode_batch_size",
+        "vocab_size",
+        "image_size",
+        "embed_dim",
+        "hidden_size",
+        "intermediate_size",
+        "max_tokens",
+        "max_words",
+        "chunk_size",
+        "n_embd",
+        "latent_channels",
+        "cross_attention_dim",
+        "num_train_timesteps",
+        "steps",
+        "bank_per_word",
+        "abnormal_repeat",
+        "discriminator_channels",
+    }
+)
+MAY_BE_NEGATIVE = frozenset({"seed"})
+
+
+def _check_count(key: str, value: int) -> None:
+    name = key.rsplit(".", 1)[-1]
+    if name in AT_LEAST_ONE and value < 1:
+        raise ConfigError(f"config key '{key}' must be at least 1, got {value}")
+    if value < 0 and name not in MAY_BE_NEGATIVE:
+        raise ConfigError(f"config key '{key}' must not be negative, got {value}")
+
+
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build the dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types."""
     if data is None:
@@ -133,6 +171,9 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             f"{', '.join(sorted(fields))})"
         )
     kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
+    for name, value in kwargs.items():
+        if hints[name] is int:
+            _check_count(prefix + name, value)
     try:
         obj = cls(**kwargs)
     except TypeError as exc:

@@ -57,9 +57,11 @@ def read_stage_info(run_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise RunError(f"{run_dir} is not a finished medvl run (no {STAGE_FILE}); train it to the end first")
     try:
-        info = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise RunError(f"{path} is not valid JSON: {exc}") from None
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunError(f"{path} is not valid JSON ({exc}); the run is damaged: train it again") from None
+    except OSError as exc:
+        raise RunError(f"cannot read {path}: {exc.strerror or exc}") from None
     if not isinstance(info, dict) or not isinstance(info.get("stage"), str):
         raise RunError(f"{path} names no stage; it was not written by `medvl train`")
     return info
@@ -171,7 +173,16 @@ def read_evaluations(run_dir: str | Path) -> list[dict[str, Any]]:
     folder = Path(run_dir) / EVAL_DIR
     if not folder.is_dir():
         return []
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    records = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RunError(f"{path} is not a readable evaluation record ({exc}); delete it or rerun medvl evaluate") from None
+        if not isinstance(record, dict):
+            raise RunError(f"{path} is not an evaluation record (not a JSON object); delete it or rerun medvl evaluate")
+        records.append(record)
+    return records
 
 
 # ---- a portable set of runs

@@ -83,3 +83,44 @@ def test_quick_demo_overrides_come_from_the_shipped_table():
     assert preset_file("demo_quick.yaml").is_file()
     assert preset_overrides("demo_quick", "adamatch")[0] == "train.steps=150"
     assert preset_overrides("demo_quick", "no_such_stage") == []
+
+
+@pytest.mark.parametrize(
+    "stage, override, message",
+    [
+        ("adamatch", "val_batch_size=0", "'val_batch_size' must be at least 1, got 0"),
+        ("adamatch", "keywords.vocab_size=0", "'keywords.vocab_size' must be at least 1, got 0"),
+        ("adamatch", "model.text.vocab_size=-5", "'model.text.vocab_size' must be at least 1"),
+        ("adamatch", "max_val_images=-1", "'max_val_images' must not be negative"),
+        ("report", "data.feature_batch_size=0", "'data.feature_batch_size' must be at least 1"),
+        ("diffusion", "data.encode_batch_size=0", "'data.encode_batch_size' must be at least 1"),
+        ("autoencoder", "model.image_size=0", "'model.image_size' must be at least 1"),
+    ],
+)
+def test_sizes_and_counts_must_be_positive(stage, override, message):
+    from medvl import registry
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(registry.config_class(stage), resolve_config_path(stage, "tiny"), [override])
+    load_config(registry.config_class(stage), resolve_config_path(stage, "tiny"), ["train.seed=-3"])
+
+
+def test_zero_that_means_all_is_kept():
+    from medvl import registry
+
+    cfg = load_config(registry.config_class("adamatch"), None, ["max_val_images=0", "model.patches.hidden=0"])
+    assert cfg.max_val_images == 0
+
+
+@pytest.mark.parametrize("stage", ["adamatch", "autoencoder"])
+def test_image_size_above_the_prepared_data_is_refused_before_training(stage, tiny_prepared, tmp_path, capsys):
+    from medvl.cli import main
+
+    out = tmp_path / "run"
+    code = main(
+        ["train", stage, "--config", "tiny", "--data", str(tiny_prepared), "--out", str(out)]
+        + ["--set", "model.image_size=128"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "'model.image_size' is 128" in err and "64 px" in err and "--size 128" in err
+    assert not out.exists()

@@ -65,6 +65,12 @@ def test_read_stage_info_names_the_problem(tmp_path):
     (tmp_path / STAGE_FILE).write_text("[1, 2]")
     with pytest.raises(RunError, match="names no stage"):
         read_stage_info(tmp_path)
+    (tmp_path / STAGE_FILE).write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(RunError, match="not valid JSON"):
+        read_stage_info(tmp_path)
+    (tmp_path / STAGE_FILE).write_text('"adamatch"')
+    with pytest.raises(RunError, match="names no stage"):
+        read_stage_info(tmp_path)
     assert stage_of(tmp_path / "nowhere") is None
 
 
@@ -99,6 +105,12 @@ def test_evaluation_records(tmp_path, chain):
     (record,) = read_evaluations(chain["report"])
     assert record == {"kind": "report", "split": "test", "data": {}, "metrics": {"nlg.bleu4": 0.2}}
     assert describe_data(tmp_path) == {"path": str(tmp_path.resolve())}  # not a prepared dataset: no meta
+    (chain["report"] / "eval" / "report-validate.json").write_text("[]")
+    with pytest.raises(RunError, match="report-validate.json is not an evaluation record"):
+        read_evaluations(chain["report"])
+    (chain["report"] / "eval" / "report-validate.json").write_text("{cut")
+    with pytest.raises(RunError, match="report-validate.json is not a readable evaluation record"):
+        read_evaluations(chain["report"])
 
 
 def test_save_run_set_is_portable(chain, tmp_path):

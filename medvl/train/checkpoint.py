@@ -182,7 +182,13 @@ def check_run_dir(out: Path, resume: bool, config_dump: dict[str, Any]) -> RunKi
         )
     saved_cfg = out / CONFIG_FILE
     if kind == "partial" and saved_cfg.is_file():
-        changes = config_changes(yaml.safe_load(saved_cfg.read_text()) or {}, config_dump)
+        try:
+            saved = yaml.safe_load(saved_cfg.read_text(encoding="utf-8")) or {}
+        except (UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise RunError(f"{saved_cfg} is not readable YAML ({exc}); restore it or choose another --out") from None
+        if not isinstance(saved, dict):
+            raise RunError(f"{saved_cfg} is not a medvl config (not a mapping); restore it or choose another --out")
+        changes = config_changes(saved, config_dump)
         if changes:
             raise RunError(
                 f"cannot resume {out}: the config differs from the run's in {', '.join(changes)}; "

@@ -38,6 +38,7 @@ from medvl.text.chexpert import CHEXPERT_LABELS
 from medvl.text.tokenizer import ReportTokenizer, load_hf_tokenizer, train_wordpiece
 from medvl.train.distributed import unwrap
 from medvl.train.loop import TrainConfig
+from medvl.train.stages.scans import check_image_size
 
 
 @dataclass
@@ -121,6 +122,7 @@ class AdaMatchStage:
         self.data = Path(data)
         self.tokenizer = tokenizer
         self.train_ds = PreparedDataset(self.data, "train")
+        check_image_size(self.train_ds, cfg.model.image_size)
         self.val_ds = PreparedDataset(self.data, "validate").select(limit=cfg.max_val_images)
         if len(self.train_ds) == 0:
             raise DataError(f"{data} has no training images with reports")

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from medvl.data.prepared import PreparedDataset
-from medvl.errors import DataError
+from medvl.errors import ConfigError, DataError
 from medvl.models.diffusion import to_model_range
 
 
@@ -63,9 +63,21 @@ class ScanSubset(Dataset):
         return to_model_range(image, self.size)[0]
 
 
+def check_image_size(ds: PreparedDataset, size: int, key: str = "model.image_size") -> None:
+    """:class:`ConfigError` when the model would see the prepared images enlarged (``size`` above theirs):
+    upsampling adds no detail, so such a config is a mistake."""
+    if size > ds.size:
+        raise ConfigError(
+            f"config key '{key}' is {size}, but the prepared dataset {ds.root} holds {ds.size} px images; "
+            f"use at most {ds.size}, or prepare the data again with --size {size}"
+        )
+
+
 def open_split(data: Path, split: str, cfg: ScanDataConfig, size: int, limit: int = 0) -> ScanSubset:
-    """The ``split`` scans with ``cfg.views`` (at most ``limit``, 0: all); a DataError when there are none."""
+    """The ``split`` scans with ``cfg.views`` (at most ``limit``, 0: all); a DataError when there are none,
+    a ConfigError when ``size`` exceeds the prepared images' (:func:`check_image_size`)."""
     ds = PreparedDataset(data, split)
+    check_image_size(ds, size)
     idx = select_scans(ds, cfg.views, limit)
     if not idx:
         raise DataError(f"{data} has no {split} scans with views {cfg.views}")
