@@ -267,12 +267,17 @@ def build_parser() -> argparse.ArgumentParser:
     g = _command(
         sub,
         "generate-report",
-        "write a report for each scan",
+        "write a report for each scan (files, folders or a CSV)",
         "Write a report for each scan (DICOM, PNG or JPG) with a report run, with the AdaMatch keywords "
-        "given to the decoder as hints.",
-        "medvl generate-report scan1.dcm scan2.png --run runs/report --explain explain.png",
+        "given to the decoder as hints. Inputs are scan files, folders (searched recursively for .dcm, .png, "
+        ".jpg, .jpeg) or CSV files (one scan path per row). A scan that cannot be read is an error row and the "
+        "others go on; the exit status is 2 when any scan could not be read.",
+        "medvl generate-report scan1.dcm scan2.png --run runs/report --explain explain.png\n"
+        "medvl generate-report /data/cxr --run runs/report --out reports.csv --explain-dir explain --sr sr",
     )
-    g.add_argument("scans", type=Path, nargs="+", metavar="SCAN", help="DICOM, PNG or JPG chest X-ray")
+    g.add_argument(
+        "scans", type=Path, nargs="+", metavar="INPUT", help="DICOM, PNG or JPG file, folder, or CSV file"
+    )
     g.add_argument("--run", type=Path, required=True, help="report run directory")
     g.add_argument(
         "--beams",
@@ -281,11 +286,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="beam width, 1 = greedy (default: the run's generation.beams)",
     )
     g.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="FILE.csv|FILE.jsonl",
+        help="write one row per scan (input, status, error, report, score, keywords, DICOM study/series/SOP "
+        "instance UIDs, explanation) to this file instead of printing the reports (default: print)",
+    )
+    g.add_argument(
         "--explain",
         type=Path,
         default=None,
         metavar="OUT.png",
-        help="also draw each scan's keyword boxes into this PNG (default: none)",
+        help="also draw every scan's keyword boxes into this one PNG (default: none)",
+    )
+    g.add_argument(
+        "--explain-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also draw one PNG per scan into this folder (default: none)",
+    )
+    g.add_argument(
+        "--sr",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also write one DICOM Basic Text SR per study of the DICOM scans, marked machine-generated and "
+        'unverified; needs pip install "medvl[sr]" (default: none)',
+    )
+    g.add_argument(
+        "--image-column", default="image", help="the scan path column of a CSV input"
+    )
+    g.add_argument(
+        "--image-root",
+        type=Path,
+        default=None,
+        help="folder that a CSV input's relative paths start from (default: the CSV's folder)",
     )
     g.add_argument(
         "--json",
@@ -441,7 +478,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         from medvl.api import generate_report_command
 
         return generate_report_command(
-            args.scans, run=args.run, beams=args.beams, explain=args.explain, as_json=args.json
+            args.scans,
+            run=args.run,
+            beams=args.beams,
+            explain=args.explain,
+            explain_dir=args.explain_dir,
+            as_json=args.json,
+            out=args.out,
+            sr=args.sr,
+            image_column=args.image_column,
+            image_root=args.image_root,
         )
     if args.command == "synthesize":
         from medvl.api import synthesize_command

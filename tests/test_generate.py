@@ -53,7 +53,7 @@ def test_corrupt_file_among_several(runs, real_fixtures, tmp_path, capsys):
     out_png = tmp_path / "explain.png"
     rc = generate_report_command(scans, run=runs.report, beams=1, explain=out_png, as_json=True)
     captured = capsys.readouterr()
-    assert rc == 1
+    assert rc == 2
     errors = [line for line in captured.err.splitlines() if line.startswith("medvl: error:")]
     assert len(errors) == 2 and "broken.png" in errors[0] and "nowhere.dcm" in errors[1]
     records = json.loads(captured.out)

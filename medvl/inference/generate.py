@@ -15,19 +15,28 @@ with beam search and its KV cache.
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 import textwrap
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import pydicom
 import torch
+import torch.nn.functional as F
+from PIL import Image
+from pydicom.errors import InvalidDicomError
+from tqdm.auto import tqdm
 
+from medvl.data.images import sniff_format
 from medvl.data.scans import load_scan
-from medvl.errors import InvalidImageError, RunError
+from medvl.data.xray import ImageFormat
+from medvl.errors import DataError, InvalidImageError, MedvlError, RunError
 from medvl.models import report_head as rh
 from medvl.models.adamatch import AdaMatchRun
 from medvl.models.memory import SharedMemory
@@ -157,7 +166,173 @@ class ReportGenerator:
         return out
 
 
-# --------------------------------------------------------------------------------------------------- CLI
+# ------------------------------------------------------------------------------ many scans (medvl generate-report)
+
+#: What a folder given to ``medvl generate-report`` is searched for (recursively, any case).
+SCAN_SUFFIXES = (".dcm", ".png", ".jpg", ".jpeg")
+#: The columns of ``--out FILE.csv`` / the keys of ``--out FILE.jsonl``, one row per scan in input order.
+OUTPUT_COLUMNS = (
+    "input",
+    "status",
+    "error",
+    "report",
+    "score",
+    "keywords",
+    "study_instance_uid",
+    "series_instance_uid",
+    "sop_instance_uid",
+    "explanation",
+)
+#: The errors that make one scan an error row while the others go on (a missing file is an OSError).
+SCAN_ERRORS = (MedvlError, ValueError, OSError, InvalidDicomError)
+
+
+def collect_scans(
+    inputs: Sequence[str | Path], *, image_column: str = "image", image_root: str | Path | None = None
+) -> list[Path]:
+    """The scans ``inputs`` name, in order: a file as is (a missing one too: it becomes an error row), a folder's
+    DICOM, PNG and JPG files (:data:`SCAN_SUFFIXES`, recursively, sorted), a ``.csv`` file's ``image_column``
+    (relative paths from ``image_root``, default the CSV's folder)."""
+    scans: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*") if p.suffix.lower() in SCAN_SUFFIXES and p.is_file())
+            if not found:
+                print(f"medvl: note: no {', '.join(SCAN_SUFFIXES)} files under {item}", file=sys.stderr)
+            scans.extend(found)
+        elif item.suffix.lower() == ".csv" and item.is_file():
+            try:
+                table = pd.read_csv(item, dtype=str, keep_default_na=False)
+            except (ValueError, OSError, UnicodeDecodeError) as exc:
+                raise DataError(f"{item}: unreadable CSV ({exc})") from None
+            if image_column not in table.columns:
+                raise DataError(
+                    f"{item}: no column {image_column!r} (its columns: {list(table.columns)[:12]}); "
+                    "name the image column with --image-column"
+                )
+            root = Path(image_root) if image_root is not None else item.parent
+            for cell in table[image_column]:
+                path = Path(cell.strip()).expanduser()
+                scans.append(path if path.is_absolute() or not cell.strip() else root / path)
+        else:
+            scans.append(item)
+    if not scans:
+        raise InvalidImageError(f"no scans found in {', '.join(map(str, inputs))}")
+    return scans
+
+
+@dataclass
+class ScanResult:
+    """One scan's outcome: its report (None when it could not be read, ``error`` says why), its DICOM header
+    (read without pixels; None for PNG and JPG), its labels and its explanation PNG (when asked for)."""
+
+    input: str
+    report: GeneratedReport | None = None
+    error: str = ""
+    header: pydicom.Dataset | None = None
+    labels: dict[str, float | None] | None = None
+    explanation: str = ""
+    image: torch.Tensor | None = None  # (1, S, S), kept only when asked for
+
+    @property
+    def ok(self) -> bool:
+        return self.report is not None
+
+    def uids(self) -> tuple[str, str, str]:
+        h = self.header
+        if h is None:
+            return "", "", ""
+        return tuple(str(h.get(k, "")) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+
+
+def _dicom_header(path: Path) -> pydicom.Dataset | None:
+    with open(path, "rb") as fh:
+        head = fh.read(132)
+    if sniff_format(path, head) is not ImageFormat.DICOM:
+        return None
+    return pydicom.dcmread(path, stop_before_pixels=True)
+
+
+def _message(exc: BaseException, path: Path) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if str(path) in text else f"{path}: {text}"
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def explanation_panel(
+    gen: ReportGenerator, image: torch.Tensor, report: GeneratedReport, name: str
+) -> np.ndarray:
+    """One scan (1, S, S) with the keyword boxes given to the decoder (all AdaMatch keywords for a no-keyword model)
+    and the report as the title: (H, W, 3) uint8."""
+    from medvl.inference.explain import render_explanation
+
+    img = image.unsqueeze(0).to(gen.device)
+    patches = gen.adamatch_run.encode_images(img)
+    kws = (
+        gen.adamatch_run.image_keywords(None, top_k=gen.head.cfg.num_keywords, patches=patches)[0]
+        if gen.adamatch_run.keywords is not None
+        else []
+    )
+    if gen.uses_keywords:
+        used = {k.word for k in report.keywords}
+        kws = [k for k in kws if k.word in used]
+    title = name + "\n" + "\n".join(textwrap.wrap(report.text or "(empty report)", 60)[:6])
+    s = gen.adamatch_run.image_size
+    frame = F.interpolate(img, size=(s, s), mode="bilinear", antialias=True, align_corners=False)[0, 0]
+    return render_explanation(frame.cpu().numpy(), patches, 0, keywords=kws, title=title)
+
+
+def generate_many(
+    gen: ReportGenerator,
+    scans: Sequence[str | Path],
+    *,
+    beams: int | None = None,
+    explain_dir: str | Path | None = None,
+    keep_images: bool = False,
+) -> Iterator[ScanResult]:
+    """Reports for many scans, batch by batch (the run's ``generation.batch_size``), yielded in input order, with a
+    progress bar on stderr. A scan that cannot be read (any reader error, a missing file) is a result with
+    ``error`` set and the others go on. ``explain_dir``: one PNG per readable scan, ``NNNNN_<name>.png`` (its
+    position in ``scans``, from 1)."""
+    paths = [Path(p) for p in scans]
+    if explain_dir is not None:
+        Path(explain_dir).mkdir(parents=True, exist_ok=True)
+    width = max(5, len(str(len(paths))))
+    step = max(1, gen.generation.batch_size)
+    with tqdm(total=len(paths), desc="generate-report", unit="scan", file=sys.stderr, mininterval=0.5) as bar:
+        for start in range(0, len(paths), step):
+            results, images = [], []
+            for path in paths[start : start + step]:
+                result = ScanResult(str(path))
+                try:
+                    image = load_scan(path, gen.image_size)
+                    result.header = _dicom_header(path)
+                except SCAN_ERRORS as exc:
+                    result.error = _message(exc, path)
+                    bar.write(f"medvl: error: {result.error}", file=sys.stderr)
+                else:
+                    images.append(image)
+                results.append(result)
+            readable = [r for r in results if not r.error]
+            if readable:
+                reports = gen.generate(torch.stack(images), beams=beams)
+                labels, _ = _labels_of([r.text for r in reports])
+                for j, (result, report) in enumerate(zip(readable, reports, strict=True)):
+                    result.report = report
+                    result.labels = labels[j] if labels is not None else None
+                    if keep_images:
+                        result.image = images[j]
+                    if explain_dir is not None:
+                        k = start + results.index(result) + 1  # the scan's position among all inputs
+                        png = Path(explain_dir) / f"{k:0{width}d}_{Path(result.input).stem}.png"
+                        Image.fromarray(explanation_panel(gen, images[j], report, result.input)).save(png)
+                        result.explanation = str(png)
+            for result in results:
+                bar.update(1)
+                yield result
 
 
 def _labels_of(texts: list[str]) -> tuple[list[dict[str, float | None]] | None, str | None]:
@@ -175,44 +350,85 @@ def _labels_of(texts: list[str]) -> tuple[list[dict[str, float | None]] | None, 
     return rows, None
 
 
-def _draw_explanations(
-    gen: ReportGenerator, images: torch.Tensor, reports: list[GeneratedReport], names: list[str], out: Path
-) -> None:
-    """One panel per scan (stacked vertically in one PNG): keyword boxes and words, report as the title."""
-    from PIL import Image
+def output_row(result: ScanResult, *, as_csv: bool) -> dict[str, Any]:
+    """A result as one row of :data:`OUTPUT_COLUMNS`: keywords as ``word (score); ...`` in CSV, as a list of
+    ``{"word", "score", "box"}`` in JSON; a non-finite score as blank / null."""
+    rep = result.report
+    keywords = rep.keywords if rep is not None else []
+    study, series, sop = result.uids()
+    return {
+        "input": result.input,
+        "status": "ok" if result.ok else "error",
+        "error": result.error,
+        "report": rep.text if rep is not None else "",
+        "score": _finite(rep.score) if rep is not None else None,
+        "keywords": "; ".join(f"{k.word} ({k.score:.3f})" for k in keywords)
+        if as_csv
+        else [{"word": k.word, "score": _finite(k.score), "box": list(k.box)} for k in keywords],
+        "study_instance_uid": study,
+        "series_instance_uid": series,
+        "sop_instance_uid": sop,
+        "explanation": result.explanation,
+    }
 
-    from medvl.inference.explain import render_explanation
 
-    panels = []
-    for i in range(images.shape[0]):
-        img = images[i : i + 1].to(gen.device)
-        patches = gen.adamatch_run.encode_images(img)
-        kws = (
-            gen.adamatch_run.image_keywords(None, top_k=gen.head.cfg.num_keywords, patches=patches)[0]
-            if gen.adamatch_run.keywords is not None
-            else []
-        )
-        if gen.uses_keywords:
-            used = {k.word for k in reports[i].keywords}
-            kws = [k for k in kws if k.word in used]
-        title = names[i] + "\n" + "\n".join(textwrap.wrap(reports[i].text or "(empty report)", 60)[:6])
-        s = gen.adamatch_run.image_size
-        frame = (
-            torch.nn.functional.interpolate(
-                img, size=(s, s), mode="bilinear", antialias=True, align_corners=False
-            )[0, 0]
-            .cpu()
-            .numpy()
-        )
-        panels.append(render_explanation(frame, patches, 0, keywords=kws, title=title))
-    width = max(p.shape[1] for p in panels)
-    canvas = np.full((sum(p.shape[0] for p in panels), width, 3), 255, np.uint8)
-    y = 0
-    for p in panels:
-        canvas[y : y + p.shape[0], : p.shape[1]] = p
-        y += p.shape[0]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(out, format="PNG")
+class _RowWriter:
+    """``--out FILE.csv`` or ``FILE.jsonl``, written row by row (and flushed) as scans finish."""
+
+    def __init__(self, path: Path):
+        self.path, self.as_csv = path, path.suffix.lower() == ".csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fh = open(path, "w", newline="", encoding="utf-8")
+        self.csv = csv.DictWriter(self.fh, fieldnames=list(OUTPUT_COLUMNS)) if self.as_csv else None
+        if self.csv is not None:
+            self.csv.writeheader()
+
+    def write(self, result: ScanResult) -> None:
+        row = output_row(result, as_csv=self.as_csv)
+        if self.csv is not None:
+            self.csv.writerow({k: "" if v is None else v for k, v in row.items()})
+        else:
+            self.fh.write(json.dumps(row, allow_nan=False, ensure_ascii=False) + "\n")
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def _json_record(result: ScanResult, image_size: int) -> dict[str, Any]:
+    if not result.ok:
+        return {"scan": result.input, "error": result.error}
+    rep = result.report
+    return {
+        "scan": result.input,
+        "report": rep.text,
+        "score": _finite(rep.score),
+        "tokens": rep.tokens,
+        "labels": result.labels,
+        "keywords": [{"word": k.word, "score": _finite(k.score), "box": list(k.box)} for k in rep.keywords],
+        "image_size": image_size,
+    }
+
+
+def _write_srs(results: list[ScanResult], sr_dir: Path, run: Path) -> tuple[list[Path], list[str]]:
+    """One Basic Text SR per study of the DICOM results: (files written, errors one line each)."""
+    from medvl.inference.sr import SourceImage, write_study_sr
+
+    studies: dict[str, list[SourceImage]] = {}
+    errors = []
+    for r in results:
+        missing = [k for k in ("StudyInstanceUID", "SOPInstanceUID", "SOPClassUID") if not r.header.get(k)]
+        if missing:
+            errors.append(f"{r.input}: no SR, the DICOM header lacks {', '.join(missing)}")
+            continue
+        studies.setdefault(str(r.header.StudyInstanceUID), []).append(SourceImage(r.header, r.report.text))
+    written = []
+    for study, images in studies.items():
+        try:
+            written.append(write_study_sr(images, sr_dir, run_name=run.name))
+        except (MedvlError, ValueError, AttributeError) as exc:  # a source header highdicom cannot use
+            errors.append(f"SR of study {study}: {exc}")
+    return written, errors
 
 
 def generate_report_command(
@@ -221,66 +437,83 @@ def generate_report_command(
     run: str | Path,
     beams: int | None = None,
     explain: str | Path | None = None,
+    explain_dir: str | Path | None = None,
     as_json: bool = False,
+    out: str | Path | None = None,
+    sr: str | Path | None = None,
+    image_column: str = "image",
+    image_root: str | Path | None = None,
 ) -> int:
-    """``medvl generate-report SCAN... --run RUN [--beams N] [--explain OUT.png] [--json]``.
+    """``medvl generate-report INPUT... --run RUN [--out FILE.csv|FILE.jsonl] [--explain-dir DIR] [--sr DIR] ...``.
 
-    Every readable scan gets a report; an unreadable one gets a one-line error on stderr (and an
-    ``error`` entry in the JSON). Returns 0 when every scan got a report, 1 otherwise.
-    With ``--json`` standard output is one JSON list, one object per scan in input order:
-    ``{"scan", "report", "score", "tokens", "labels" (CheXpert name -> 1 / 0 / -1 / null), "keywords":
-    [{"word", "score", "box"}], "image_size"}`` or ``{"scan", "error"}``.
+    INPUTs are scan files, folders (searched recursively for :data:`SCAN_SUFFIXES`) or CSV files (column
+    ``image_column``). Every readable scan gets a report; one that cannot be read gets an error row (and a one-line
+    error on stderr) and the rest go on. Returns 0 when every scan got a report, 2 when any could not be read (or
+    its SR could not be written).
+
+    ``out``: one row per scan in input order (:data:`OUTPUT_COLUMNS`), as CSV or JSON lines (always valid JSON:
+    non-finite numbers are null). Without ``out`` the reports go to standard output, as text or (``as_json``) one
+    JSON list of ``{"scan", "report", "score", "tokens", "labels", "keywords", "image_size"}`` or
+    ``{"scan", "error"}``. ``explain``: every readable scan's panel stacked in one PNG; ``explain_dir``: one PNG per
+    scan. ``sr``: one DICOM Basic Text SR per study of the DICOM scans (:mod:`medvl.inference.sr`).
     """
     if explain is not None and Path(explain).suffix.lower() != ".png":
         raise InvalidImageError(f"--explain must name a .png file, got {explain}")
+    if out is not None and Path(out).suffix.lower() not in (".csv", ".jsonl"):
+        raise DataError(f"--out must name a .csv or .jsonl file, got {out}")
+    if sr is not None:
+        from medvl.inference.sr import require_highdicom
+
+        require_highdicom()  # before the model loads
+    paths = collect_scans(scans, image_column=image_column, image_root=image_root)
     gen = ReportGenerator.load(run)
-    records: list[dict[str, Any]] = []
-    ok_images, ok_index = [], []
-    for path in scans:
-        try:
-            ok_images.append(load_scan(path, gen.image_size))
-            ok_index.append(len(records))
-            records.append({"scan": str(path)})
-        except (ValueError, OSError) as exc:  # InvalidImageError is a ValueError; missing files are OSErrors
-            message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
-            print(f"medvl: error: {message}", file=sys.stderr)
-            records.append({"scan": str(path), "error": message})
-    if ok_images:
-        images = torch.stack(ok_images)
-        reports = gen.generate(images, beams=beams)
-        labels, why = _labels_of([r.text for r in reports])
-        for j, (i, rep) in enumerate(zip(ok_index, reports, strict=True)):
-            records[i].update(
-                {
-                    "report": rep.text,
-                    "score": rep.score,
-                    "tokens": rep.tokens,
-                    "labels": labels[j] if labels is not None else None,
-                    "keywords": [asdict(k) for k in rep.keywords],
-                    "image_size": gen.image_size,
-                }
-            )
-            if why:
-                records[i]["labels_missing"] = why
-        if explain is not None:
-            _draw_explanations(gen, images, reports, [records[i]["scan"] for i in ok_index], Path(explain))
+    writer = _RowWriter(Path(out)) if out is not None else None
+    results: list[ScanResult] = []
+    try:
+        for result in generate_many(
+            gen, paths, beams=beams, explain_dir=explain_dir, keep_images=explain is not None
+        ):
+            if writer is not None:
+                writer.write(result)
+            results.append(result)
+    finally:
+        if writer is not None:
+            writer.close()
+    ok = [r for r in results if r.ok]
+    unread = len(results) - len(ok)
     if as_json:
-        print(json.dumps(records, indent=2))
-    else:
-        for rec in records:
-            if "error" in rec:
-                continue
-            print(f"== {rec['scan']} ==")
-            print(rec["report"] or "(empty report)")
-            if rec["keywords"]:
-                print("keywords: " + ", ".join(f"{k['word']} ({k['score']:.2f})" for k in rec["keywords"]))
+        print(json.dumps([_json_record(r, gen.image_size) for r in results], indent=2, allow_nan=False))
+    elif writer is None:
+        for r in ok:
+            print(f"== {r.input} ==")
+            print(r.report.text or "(empty report)")
+            if r.report.keywords:
+                print("keywords: " + ", ".join(f"{k.word} ({k.score:.2f})" for k in r.report.keywords))
             print()
-    if explain is not None and ok_images:
+    if explain is not None and ok:
+        panels = [explanation_panel(gen, r.image, r.report, r.input) for r in ok]
+        canvas = np.full((sum(p.shape[0] for p in panels), max(p.shape[1] for p in panels), 3), 255, np.uint8)
+        y = 0
+        for p in panels:
+            canvas[y : y + p.shape[0], : p.shape[1]] = p
+            y += p.shape[0]
+        Path(explain).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(canvas).save(explain, format="PNG")
         print(f"explanation written to {explain}", file=sys.stderr)
-    failed = sum("error" in r for r in records)
-    if failed:
+    sr_errors: list[str] = []
+    if sr is not None:
+        dicoms = [r for r in ok if r.header is not None]
+        written, sr_errors = _write_srs(dicoms, Path(sr), Path(run))
+        for line in sr_errors:
+            print(f"medvl: error: {line}", file=sys.stderr)
+        others = len(ok) - len(dicoms)
+        note = f" ({others} PNG/JPG scan(s) belong to no DICOM study: no SR for them)" if others else ""
+        print(f"{len(written)} DICOM SR document(s) written to {sr}{note}", file=sys.stderr)
+    if writer is not None:
+        print(f"{len(ok)} report(s), {unread} error row(s): {out}", file=sys.stderr)
+    if unread:
         print(
-            f"medvl: {failed} of {len(records)} scan(s) could not be read; reports written for the rest",
+            f"medvl: {unread} of {len(results)} scan(s) could not be read; the others have their reports",
             file=sys.stderr,
         )
-    return 1 if failed else 0
+    return 2 if unread or sr_errors else 0
