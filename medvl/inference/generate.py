@@ -11,6 +11,11 @@ convention) and resized to the run's square size the way ``medvl prepare`` does 
 with air), so keyword boxes are in that frame. AdaMatch (from the run's ``adamatch/`` copy) gives the
 patch features and the top-K keywords; the report head (``report_head/``, with the run's ``memory/``) decodes
 with beam search and its KV cache.
+
+Many scans (``medvl generate-report``): :func:`collect_scans` (files, folders, CSV files) and
+:func:`generate_many` (batches, a progress bar, one :class:`ScanResult` per scan in input order, an unreadable scan
+an error result), written by :func:`generate_report_command` as CSV / JSON lines rows (:data:`OUTPUT_COLUMNS`), one
+explanation PNG per scan and one DICOM SR per study (:mod:`medvl.inference.sr`).
 """
 
 from __future__ import annotations
