@@ -61,14 +61,16 @@ class SharedMemory(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.dim)
         self.out_proj = nn.Linear(cfg.dim, cfg.dim)
         self.dropout = nn.Dropout(cfg.dropout)
+        # Keys and values of the memory, projected once while the model is frozen (see memory_kv).
+        self.cache_kv = True
+        self._kv_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def respond(self, x: torch.Tensor, return_scores: bool = False):
         """x (B, L, D) -> response (B, L, D) [and (B, H, L, k) attention weights, (B, H, L, k) slot ids]."""
         b, length, d = x.shape
         h, dh, k = self.cfg.num_heads, d // self.cfg.num_heads, self.cfg.topk
         q = self.q_proj(x).view(b, length, h, dh).transpose(1, 2)  # (B, H, L, dh)
-        mem_k = self.k_proj(self.memory).view(-1, h, dh).transpose(0, 1)  # (H, S, dh)
-        mem_v = self.v_proj(self.memory).view(-1, h, dh).transpose(0, 1)  # (H, S, dh)
+        mem_k, mem_v = self.memory_kv()  # (H, S, dh) each
         scores = torch.einsum("bhld,hsd->bhls", q, mem_k) / math.sqrt(dh)  # (B, H, L, S)
         top, idx = scores.topk(k, dim=-1)  # (B, H, L, k)
         attn = self.dropout(F.softmax(top, dim=-1))
@@ -82,6 +84,48 @@ class SharedMemory(nn.Module):
         if return_scores:
             return out, attn, idx
         return out
+
+    def memory_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The memory's keys and values per head, (H, S, dh) each.
+
+        A frozen model (eval mode, no gradient recorded) projects them once and reuses them: decoding queries the
+        memory once per token, and projecting the whole matrix each time was most of a report's decoding time. The
+        cache is keyed on the weights' storage and version counters (an optimiser step, ``load_state_dict`` or
+        ``.to()`` invalidates it) and on the autocast state, dropped by ``train()`` and whenever a gradient is
+        recorded, and kept out of the state dict (``cache_kv = False`` turns it off).
+        The cached tensors are the ones the projection gives, so responses are bitwise those computed afresh.
+        """
+        if self.training or torch.is_grad_enabled() or not self.cache_kv:
+            self._kv_cache = None
+            return self._project_kv()
+        key = self._kv_key()
+        if key is None:
+            return self._project_kv()
+        if self._kv_cache is None or self._kv_cache[0] != key:
+            self._kv_cache = (key, self._project_kv())
+        return self._kv_cache[1]
+
+    def _project_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.cfg.num_heads
+        dh = self.cfg.dim // h
+        mem_k = self.k_proj(self.memory).view(-1, h, dh).transpose(0, 1)
+        mem_v = self.v_proj(self.memory).view(-1, h, dh).transpose(0, 1)
+        return mem_k, mem_v
+
+    def _kv_key(self) -> tuple | None:
+        tensors = (self.memory, self.k_proj.weight, self.k_proj.bias, self.v_proj.weight, self.v_proj.bias)
+        try:
+            weights = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        except RuntimeError:  # inference-mode tensors keep no version counter: no cache
+            return None
+        device = self.memory.device.type
+        autocast = torch.is_autocast_enabled(device)
+        return weights, autocast, torch.get_autocast_dtype(device) if autocast else None
+
+    def train(self, mode: bool = True) -> SharedMemory:
+        if mode:
+            self._kv_cache = None
+        return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.respond(x)

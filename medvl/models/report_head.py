@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from medvl.errors import ConfigError
 from medvl.models.memory import MemoryConfig, SharedMemory
@@ -404,11 +405,15 @@ class ReportHead(nn.Module):
         length_penalty: float = 1.0,
         no_repeat_ngram_size: int = 3,
         use_cache: bool = True,
+        static_cache: bool = False,
     ) -> DecodeOutput:
         """Greedy (``num_beams=1``) or beam search from BOS with Hugging Face ``generate()``.
 
         patch_features (B, P, D), patch_boxes (B, P, 4); ``keywords`` required when the head uses hints.
         ``max_new_tokens`` defaults to ``max_length - 1`` (so BOS + report fit the trained positions).
+        ``static_cache`` (for a GPU): a preallocated self-attention cache, with which transformers compiles the
+        decoding step on CUDA; attention runs over the preallocated length (masked), so scores may differ from the
+        default in the last bits (on the CPU it only preallocates).
         """
         was_training = self.training
         self.eval()
@@ -426,6 +431,12 @@ class ReportHead(nn.Module):
             limit = self.cfg.max_length - 1
             max_new = min(max_new_tokens or limit, limit)
             start = torch.full((b, 1), self.bos_id, dtype=torch.long, device=device)
+            cache_args: dict[str, Any] = {}
+            if use_cache and static_cache:
+                cache_args["cache_implementation"] = "static"
+            elif use_cache and num_beams > 1:
+                gpt_cfg = self.decoder.config
+                cache_args["cache"] = _BeamCache(DynamicCache(config=gpt_cfg), DynamicCache(config=gpt_cfg))
             out = self.decoder.generate(
                 input_ids=start,
                 attention_mask=torch.ones_like(start),
@@ -445,6 +456,7 @@ class ReportHead(nn.Module):
                 return_dict_in_generate=True,
                 suppress_tokens=[self.pad_id, self.bos_id, self.unk_id],
                 early_stopping=True if num_beams > 1 else None,
+                **cache_args,
             )
             seqs = out.sequences[:, 1:]
             if num_beams > 1:
@@ -455,10 +467,23 @@ class ReportHead(nn.Module):
                 # Tokens after EOS are padding: count up to and including the first EOS.
                 seen_eos = (seqs == self.eos_id).long().cumsum(1)
                 valid = (seen_eos - (seqs == self.eos_id).long()) == 0
-                scores = (tok_logp * valid).sum(1) / valid.sum(1).clamp(min=1)
+                # (where, not a product: a padded position after EOS has log-probability -inf, and -inf * 0 is nan)
+                scores = torch.where(valid, tok_logp, 0.0).sum(1) / valid.sum(1).clamp(min=1)
             return DecodeOutput(sequences=_pad_after_eos(seqs, self.eos_id, self.pad_id), scores=scores)
         finally:
             self.train(was_training)
+
+
+class _BeamCache(EncoderDecoderCache):
+    """The decoder's cache for beam search without reordering the cross-attention keys and values.
+
+    Beam search reorders the cache rows to follow the surviving beams at every step, but a beam only ever takes
+    over a beam of the same report, and every beam of a report holds the same conditioning rows (they are copies),
+    so the cross-attention rows would be permuted into themselves: only the self-attention cache is reordered.
+    """
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.self_attention_cache.reorder_cache(beam_idx)
 
 
 def _pad_after_eos(seqs: torch.Tensor, eos: int, pad: int) -> torch.Tensor:

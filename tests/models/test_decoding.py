@@ -1,0 +1,147 @@
+"""Decoding a frozen report head: the shared memory's keys and values projected once and the beam cache that leaves
+the cross-attention rows in place give exactly the sequences and scores of the plain computation (memory projected
+at every token, every cache row reordered); the static cache gives the same sequences."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.cache_utils import EncoderDecoderCache
+
+from medvl.models import report_head as rh
+from medvl.models.memory import MemoryConfig, SharedMemory
+from medvl.models.report_head import KeywordHints, ReportHead, ReportHeadConfig
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+P, D, K, VOCAB = 6, 12, 3, 60
+
+
+def make_head(seed: int = 0) -> ReportHead:
+    torch.manual_seed(seed)
+    cfg = ReportHeadConfig(
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        max_length=24,
+        dropout=0.1,  # eval mode switches it off; train mode must not use a stale memory projection
+        num_keywords=K,
+        memory=MemoryConfig(num_slots=48, dim=24, num_heads=4, topk=6, dropout=0.1),
+    )
+    head = ReportHead(cfg, vocab_size=VOCAB, visual_dim=D, keyword_vocabulary=["a", "b", "c", "d"])
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # larger weights than the initialisation: varied sequences that depend on the image
+        for p in head.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.4)
+    return head.eval()
+
+
+def inputs(b: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 5, (b, K), generator=g)
+    hints = KeywordHints(ids, torch.randn(b, K, generator=g), torch.rand(b, K, 4, generator=g), [[]] * b)
+    return torch.randn(b, P, D, generator=g), torch.rand(b, P, 4, generator=g), hints
+
+
+def decode(head, feats, boxes, hints, **kw):
+    return head.generate(patch_features=feats, patch_boxes=boxes, keywords=hints, **kw)
+
+
+def plain_decode(head, feats, boxes, hints, monkeypatch, **kw):
+    """Decoding as it was: the memory projected for every query, every cache row reordered by beam search."""
+    with monkeypatch.context() as m:
+        m.setattr(rh._BeamCache, "reorder_cache", EncoderDecoderCache.reorder_cache)
+        m.setattr(head.memory, "cache_kv", False)
+        return decode(head, feats, boxes, hints, **kw)
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+@pytest.mark.parametrize("ngram", [0, 3])
+def test_fast_decoding_gives_the_plain_sequences_and_scores(beams, ngram, monkeypatch):
+    head = make_head()
+    feats, boxes, hints = inputs()
+    kw = dict(num_beams=beams, no_repeat_ngram_size=ngram, max_new_tokens=20)
+    plain = plain_decode(head, feats, boxes, hints, monkeypatch, **kw)
+    fast = decode(head, feats, boxes, hints, **kw)
+    static = decode(head, feats, boxes, hints, static_cache=True, **kw)
+    assert plain.sequences.shape[1] > 3  # the test decodes real sequences, not a first EOS
+    assert len({tuple(r) for r in plain.sequences.tolist()}) > 1  # and different ones per image
+    assert torch.isfinite(plain.scores).all()  # also for a greedy report that ends before the others
+    assert torch.equal(fast.sequences, plain.sequences) and torch.equal(fast.scores, plain.scores)
+    # the static cache attends over a preallocated length (masked): the same tokens, scores up to rounding
+    assert torch.equal(static.sequences, plain.sequences)
+    torch.testing.assert_close(static.scores, plain.scores, rtol=0, atol=1e-5)
+    # forced to full length (every beam step reorders the cache)
+    kw["min_new_tokens"] = 20
+    plain = plain_decode(head, feats, boxes, hints, monkeypatch, **kw)
+    fast = decode(head, feats, boxes, hints, **kw)
+    assert plain.sequences.shape[1] == 20
+    assert torch.equal(fast.sequences, plain.sequences) and torch.equal(fast.scores, plain.scores)
+
+
+def test_memory_projection_is_cached_only_while_frozen_and_unchanged():
+    torch.manual_seed(0)
+    mem = SharedMemory(MemoryConfig(num_slots=40, dim=16, num_heads=4, topk=5, dropout=0.0))
+    x = torch.randn(2, 3, 16)
+    mem(x).sum().backward()  # training: nothing cached
+    assert mem._kv_cache is None
+    mem.eval()
+    with torch.no_grad():
+        first = mem.respond(x)
+        cached = mem._kv_cache
+        assert cached is not None
+        assert torch.equal(mem.respond(x), first) and mem._kv_cache is cached  # reused
+    # an optimiser step changes the weights in place: the next frozen call projects again
+    torch.optim.SGD(mem.parameters(), lr=0.5).step()
+    with torch.no_grad():
+        after_step = mem.respond(x)
+        assert mem._kv_cache is not cached
+        mem.cache_kv = False
+        assert torch.equal(after_step, mem.respond(x))  # the same as projecting afresh
+        mem.cache_kv = True
+    assert not torch.equal(after_step, first)
+    # load_state_dict copies into the parameters
+    other = SharedMemory(MemoryConfig(num_slots=40, dim=16, num_heads=4, topk=5, dropout=0.0)).eval()
+    with torch.no_grad():
+        other.respond(x)
+        mem2 = mem.state_dict()
+        other.load_state_dict(mem2)
+        assert torch.equal(other.respond(x), after_step)
+    # inference mode reuses and builds the cache too; train() drops it; a recorded gradient never uses it
+    with torch.inference_mode():
+        assert torch.equal(mem.respond(x), after_step)
+    mem.train()
+    assert mem._kv_cache is None
+    mem.eval()
+    y = mem.respond(x)
+    assert y.requires_grad and mem._kv_cache is None
+    assert "_kv_cache" not in str(mem.state_dict().keys())
+
+
+def test_train_mode_after_decoding_uses_the_current_weights():
+    """A head decoded (cache filled), trained one step, decoded again: the second decode sees the new weights."""
+    head = make_head()
+    feats, boxes, hints = inputs(2)
+    before = decode(head, feats, boxes, hints, num_beams=1, max_new_tokens=8, min_new_tokens=8)
+    head.train()
+    opt = torch.optim.SGD(head.memory.parameters(), lr=10.0)
+    ids = torch.randint(4, VOCAB, (2, 6))
+    out = head(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        labels=ids,
+        patch_features=feats,
+        patch_boxes=boxes,
+        keyword_ids=hints.ids,
+        keyword_scores=hints.scores,
+        keyword_boxes=hints.boxes,
+    )
+    out["loss"].backward()
+    opt.step()
+    head.eval()
+    fresh = decode(head, feats, boxes, hints, num_beams=1, max_new_tokens=8, min_new_tokens=8)
+    head.memory.cache_kv = False
+    reference = decode(head, feats, boxes, hints, num_beams=1, max_new_tokens=8, min_new_tokens=8)
+    assert torch.equal(fresh.sequences, reference.sequences) and torch.equal(fresh.scores, reference.scores)
+    assert not torch.equal(fresh.scores, before.scores)
