@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 from typing import Literal
@@ -68,6 +69,8 @@ _LINK = _rx(
     r"could|favou?r\w*|related\s+to|from)\b|^\s*[,:(-]\s*$"
 )
 _POST_ATTR_WORDS = 10
+# Where the next mention's own pre-modifiers begin, looking back from it.
+_NEXT_PREMODIFIERS = _rx(r"[,;]|\b(?:and|or|with)\b")
 
 
 def side_of(text: str) -> str | None:
@@ -105,7 +108,32 @@ def mention_attributes(
     c_start, c_end, _ = clause
     prev_end = max([g.end for g in group[:i] if g.end <= c.start], default=c_start)
     nxt = [g.start for g in group[i + 1 :] if g.start >= c.end]
-    next_start = min(nxt, default=c_end)
+    return _attributes(report, c, prev_end, min(nxt, default=c_end), bool(nxt))
+
+
+def clause_attributes(
+    report: str, group: list[Candidate], clause: tuple[int, int, int]
+) -> list[tuple[str | None, str | None, str | None]]:
+    """:func:`mention_attributes` of every candidate of ``clause`` (``group``, in report order), in time linear in
+    the number of candidates: the previous candidate's end and the next one's start are found by bisection."""
+    c_start, c_end, _ = clause
+    ends = sorted(g.end for g in group)
+    starts = sorted(g.start for g in group)
+    out = []
+    for c in group:
+        # A candidate that ends before c starts comes before it in report order, one that starts after c ends
+        # after it: the group's order needs no checking.
+        k = bisect.bisect_right(ends, c.start)
+        prev_end = max(ends[k - 1], c_start) if k else c_start
+        j = bisect.bisect_left(starts, c.end)
+        has_next = j < len(starts)
+        out.append(_attributes(report, c, prev_end, starts[j] if has_next else c_end, has_next))
+    return out
+
+
+def _attributes(
+    report: str, c: Candidate, prev_end: int, next_start: int, has_next: bool
+) -> tuple[str | None, str | None, str | None]:
     # The mention's own noun phrase: back to the last boundary word before it.
     pre_full = report[prev_end : c.start]
     cut = 0
@@ -114,9 +142,9 @@ def mention_attributes(
     pre = pre_full[cut:]
     # The prepositional phrase after it, without the next mention's own pre-modifiers.
     post = report[c.end : next_start]
-    if nxt:
+    if has_next:
         last = None
-        for m in _rx(r"[,;]|\b(?:and|or|with)\b").finditer(post):
+        for m in _NEXT_PREMODIFIERS.finditer(post):
             last = m
         if last is not None:
             post = post[: last.start()]

@@ -48,9 +48,9 @@ import numpy as np
 from tqdm import tqdm
 
 from medvl.errors import DataError
-from medvl.text.attributes import Severity, Side, Zone, mention_attributes, share_linked_attributes
+from medvl.text.attributes import Severity, Side, Zone, clause_attributes, share_linked_attributes
 from medvl.text.chexpert import CHEXPERT_LABELS, NEGATIVE, POSITIVE, UNCERTAIN
-from medvl.text.negation import DIFFERENTIAL, HYPOTHETICAL, mention_value
+from medvl.text.negation import DIFFERENTIAL, HYPOTHETICAL, clause_values
 from medvl.text.phrase_rules import PHRASE_RULES
 from medvl.text.phrases import Candidate, Finding, PhraseRule, SubjectRule
 from medvl.text.sentences import HAS_WORD, WORD, split_clauses, split_sentences
@@ -217,12 +217,16 @@ def _dedupe(cands: list[Candidate]) -> list[Candidate]:
     """Per observation, drop a candidate that overlaps a longer one (e.g. "PICC" inside "PICC line")."""
     cands.sort(key=lambda c: (c.observation, c.start, -(c.end - c.start)))
     kept: list[Candidate] = []
-    last_end: dict[str, int] = {}
+    # Per observation, the kept spans: disjoint, so sorted by start they are sorted by end too.
+    taken: dict[str, tuple[list[int], list[int]]] = {}
     for c in sorted(cands, key=lambda c: (-(c.end - c.start), c.start)):
-        if any(k.observation == c.observation and k.start < c.end and c.start < k.end for k in kept):
+        k_starts, k_ends = taken.setdefault(c.observation, ([], []))
+        i = bisect.bisect_left(k_starts, c.end)  # kept spans starting before c ends: [:i]
+        if i and k_ends[i - 1] > c.start:
             continue
+        k_starts.insert(i, c.start)
+        k_ends.insert(i, c.end)
         kept.append(c)
-        last_end[c.observation] = c.end
     kept.sort(key=lambda c: (c.start, _LABEL_INDEX[c.observation]))
     return kept
 
@@ -270,10 +274,7 @@ def _extract(report: str, *, prefilter: bool) -> list[Mention]:
     mentions: list[Mention] = []
     for ci, group in sorted(by_clause.items()):
         clause = clauses[ci]
-        spans = [(c.start, c.end) for c in group]
-        values = [
-            mention_value(report, c, clause, [s for s in spans if s != (c.start, c.end)]) for c in group
-        ]
+        values = clause_values(report, group, clause)
         # "atelectasis or pneumonia", "edema versus infection": a differential leaves each uncertain.
         for i in range(len(group) - 1):
             a, b = group[i], group[i + 1]
@@ -283,7 +284,7 @@ def _extract(report: str, *, prefilter: bool) -> list[Mention]:
                 for j in (i, i + 1):
                     if values[j] == POSITIVE:
                         values[j] = UNCERTAIN
-        attrs = [mention_attributes(report, group, i, clause) for i in range(len(group))]
+        attrs = clause_attributes(report, group, clause)
         share_linked_attributes(report, group, attrs)
         for c, v, (side, zone, severity) in zip(group, values, attrs, strict=True):
             head = report[c.head[0] : c.head[1]].lower() if c.head is not None else None

@@ -10,6 +10,7 @@ labeler.
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Sequence
 
@@ -92,12 +93,17 @@ def _masked(pattern: re.Pattern[str], text: str, mask: re.Pattern[str] | None) -
 
 def _gap_text(text: str, start: int, end: int, others: Sequence[tuple[int, int]]) -> str:
     """``text[start:end]`` with the spans of other mentions blanked (they are list items, not scope words)."""
-    chunk = list(text[start:end])
-    for a, b in others:
-        a, b = max(a, start), min(b, end)
-        for i in range(a - start, b - start):
-            chunk[i] = " "
-    return "".join(chunk)
+    pieces: list[str] = []
+    pos = start
+    for a, b in sorted(others):
+        a, b = max(a, pos), min(b, end)
+        if b <= a:
+            continue
+        pieces.append(text[pos:a])
+        pieces.append(" " * (b - a))
+        pos = b
+    pieces.append(text[pos:end])
+    return "".join(pieces)
 
 
 def _cue_before(
@@ -148,17 +154,27 @@ _NEG_POST_MASK = _rx(
 
 
 def mention_value(
-    report: str, c: Candidate, clause: tuple[int, int, int], others: list[tuple[int, int]]
+    report: str,
+    c: Candidate,
+    clause: tuple[int, int, int],
+    others: list[tuple[int, int]],
+    absent: frozenset[re.Pattern[str]] = frozenset(),
 ) -> float:
     """``c``'s value in its ``clause``: NEGATIVE, UNCERTAIN or POSITIVE (``others``: the spans of the clause's other
-    candidates, list items rather than scope words)."""
+    candidates, list items rather than scope words; ``absent``: cue patterns known not to occur around ``c``)."""
     c_start, c_end, _ = clause
     prefix = report[c_start : c.start]
     suffix = report[c.end : c_end]
-    negated = _cue_before(prefix, _NEG_PRE, _NEG_MASK, _PRE_SCOPE_WORDS, others, c_start) is not None
+    negated = (
+        _NEG_PRE not in absent
+        and _cue_before(prefix, _NEG_PRE, _NEG_MASK, _PRE_SCOPE_WORDS, others, c_start) is not None
+    )
     if not negated and not c.subject:
-        negated = _cue_after(suffix, _NEG_POST, _NEG_POST_MASK, others, c.end) is not None
-        if not negated:
+        negated = (
+            _NEG_POST not in absent
+            and _cue_after(suffix, _NEG_POST, _NEG_POST_MASK, others, c.end) is not None
+        )
+        if not negated and _NEG_POST_NORMAL not in absent:
             m = _NEG_POST_NORMAL.search(suffix)
             if m is not None:
                 between = _gap_text(suffix, 0, m.start(), [(a - c.end, b - c.end) for a, b in others])
@@ -173,10 +189,69 @@ def mention_value(
         base = POSITIVE
     if base == UNCERTAIN:
         return UNCERTAIN
-    uncertain = _cue_before(prefix, _UNC_PRE, None, _UNC_SCOPE_WORDS, others, c_start) is not None
+    uncertain = (
+        _UNC_PRE not in absent
+        and _cue_before(prefix, _UNC_PRE, None, _UNC_SCOPE_WORDS, others, c_start) is not None
+    )
     if not uncertain and c.subject:
         # "the heart may be mildly enlarged": the cue sits inside the subject's own phrase.
         uncertain = _UNC_PRE.search(report, c.start, c.end) is not None
     if not uncertain and not c.subject:
-        uncertain = _cue_after(suffix, _UNC_POST, None, others, c.end) is not None
+        uncertain = _UNC_POST not in absent and _cue_after(suffix, _UNC_POST, None, others, c.end) is not None
     return UNCERTAIN if uncertain else POSITIVE
+
+
+#: How far (characters) around a mention its cues are looked for. A cue reaches a mention across at most
+#: ``_PRE_SCOPE_WORDS`` words plus the other mentions of a list between them, so only a list of dozens of
+#: findings after one "no" comes near the bound; it keeps labelling linear in the length of a clause (a run-on
+#: report of 100,000 characters may be one clause). A clause that fits in it is read exactly as a whole.
+SCOPE_WINDOW_CHARS = 600
+_SPACE = re.compile(r"\s")
+_PRE_CUES = (_NEG_PRE, _UNC_PRE)
+_POST_CUES = (_NEG_POST, _NEG_POST_NORMAL, _UNC_POST)
+_CUE_REACH = 200  # longer than any cue's match: a cue starting further away cannot enter a window
+
+
+def clause_values(report: str, group: Sequence[Candidate], clause: tuple[int, int, int]) -> list[float]:
+    """:func:`mention_value` of every candidate of ``clause`` (``group``, in report order), each read within
+    :data:`SCOPE_WINDOW_CHARS` characters of it, with the other candidates there as list items.
+
+    In a clause longer than that, where each cue occurs is found once for the whole clause, and a window without
+    a cue is not searched again: a list of thousands of findings costs time in proportion to its length.
+    """
+    c_start, c_end, si = clause
+    spans = sorted({(c.start, c.end) for c in group})
+    starts = [a for a, _ in spans]
+    longest = max((b - a for a, b in spans), default=0)
+    cue_starts: dict[re.Pattern[str], list[int]] = {}
+    if c_end - c_start > SCOPE_WINDOW_CHARS:
+        cue_starts = {
+            cue: [m.start() for m in cue.finditer(report, c_start, c_end)] for cue in _PRE_CUES + _POST_CUES
+        }
+    values = []
+    for c in group:
+        lo, hi = c_start, c_end
+        if c.start - lo > SCOPE_WINDOW_CHARS:
+            space = _SPACE.search(report, c.start - SCOPE_WINDOW_CHARS, c.start)
+            lo = space.end() if space is not None else c.start
+        if hi - c.end > SCOPE_WINDOW_CHARS:
+            cut = c.end + SCOPE_WINDOW_CHARS
+            hi = max(report.rfind(" ", c.end, cut), report.rfind("\t", c.end, cut))
+            hi = hi if hi >= c.end else c.end
+        absent = frozenset(
+            cue
+            for cues, a, b in ((_PRE_CUES, lo, c.start), (_POST_CUES, c.end, hi))
+            for cue in cues
+            if cue in cue_starts and not _any_between(cue_starts[cue], a - _CUE_REACH, b + _CUE_REACH)
+        )
+        first = bisect.bisect_left(starts, lo - longest)
+        last = bisect.bisect_left(starts, hi)
+        own = (c.start, c.end)
+        others = [s for s in spans[first:last] if s[1] > lo and s != own]
+        values.append(mention_value(report, c, (lo, hi, si), others, absent))
+    return values
+
+
+def _any_between(sorted_values: list[int], lo: int, hi: int) -> bool:
+    i = bisect.bisect_left(sorted_values, lo)
+    return i < len(sorted_values) and sorted_values[i] < hi
