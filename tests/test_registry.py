@@ -89,6 +89,7 @@ def test_every_option_has_help_and_a_default_and_every_command_an_example():
         "prepare phantom",
         "prepare mimic-cxr",
         "prepare iu-xray",
+        "prepare csv",
         "train",
         "evaluate",
         "generate-report",
