@@ -255,6 +255,20 @@ def build_parser() -> argparse.ArgumentParser:
         "score a run; writes a metrics JSON file",
         "Score a run on a split of a prepared dataset, write the metrics to --out, keep a copy in the "
         "run (RUN/eval/<kind>-<split>.json) and print the headline figures.",
+    e.add_argument(
+        "--features",
+        default=None,
+        metavar="xrv:PATH",
+        help="diffusion: also FID and label AUROC (image.xrv.*) on torchxrayvision's DenseNet-121 read from the "
+        "local weights file PATH (default: medvl's classifier only)",
+    )
+    e.add_argument(
+        "--labeler",
+        default=None,
+        metavar="chexbert:CKPT[,bert=DIR]",
+        help="report, cyclic: also clinical efficacy on CheXbert's labels (ce_chexbert.*) from the local "
+        "checkpoint CKPT, with DIR a local bert-base-uncased folder (default: medvl's labeler only)",
+    )
         "medvl evaluate report --run runs/report --data data/phantom --out eval/report.json",
         _evaluate_epilog(),
     )
@@ -460,7 +474,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "evaluate":
         from medvl.api import evaluate
 
-        metrics = evaluate(args.kind, run=args.run, data=args.data, split=args.split, out=args.out)
+        options = {k: v for k, v in (("features", args.features), ("labeler", args.labeler)) if v}
+        for option, kinds in (("features", ("diffusion",)), ("labeler", ("report", "cyclic"))):
+            if option in options and args.kind not in kinds:
+                raise ValueError(f"--{option} applies to `medvl evaluate {' | '.join(kinds)}`, not {args.kind}")
+        metrics = evaluate(
+            args.kind, run=args.run, data=args.data, split=args.split, out=args.out, **options
+        )
         meta = metrics.get("meta") or {}
         print(
             f"medvl evaluate {args.kind} ({args.split}, {meta.get('num_samples', '?')} samples): {args.out}"

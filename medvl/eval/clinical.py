@@ -15,6 +15,9 @@ blank (not mentioned) are all negative. Then
   ``zero_division=0``), precision 0 without a positive prediction, recall 0 without a positive reference;
 - ``ce.per_label.<name>.precision|recall|f1|support`` with CheXpert's own label names.
 
+With ``--labeler chexbert:CKPT`` (:mod:`medvl.eval.chexbert`) the same keys are computed on CheXbert's labels of both
+reports, under ``ce_chexbert.`` (:class:`ReferenceLabels`).
+
 F1 is ``2 TP / (2 TP + FP + FN)``; it is NaN (null in JSON) only when a label has neither positive
 references nor positive predictions. Precision with no positive prediction is 0; recall with no
 positive reference is NaN.
@@ -27,6 +30,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from medvl.errors import ConfigError
+from medvl.eval.chexbert import CheXbertLabeler
 from medvl.text import labeler
 from medvl.text.chexpert import CHEXPERT_5, CHEXPERT_LABELS
 
@@ -117,3 +122,27 @@ def label_reports(texts: Sequence[str]) -> np.ndarray:
     return np.asarray(labeler.label_reports(list(texts)), dtype=np.float64).reshape(
         len(texts), len(CHEXPERT_LABELS)
     )
+
+
+def load_labeler(spec: str, device: str = "cpu") -> CheXbertLabeler:
+    """The labeler ``--labeler`` names (``chexbert:CKPT[,bert=DIR]``), loaded from local disk."""
+    if str(spec).startswith("chexbert:"):
+        return CheXbertLabeler.load(str(spec), device=device)
+    raise ConfigError(f"--labeler {spec!r}: the labelers beside medvl's are: chexbert:CKPT[,bert=DIR]")
+
+
+class ReferenceLabels:
+    """A second labeler with its labels of the reference reports: ``metrics(generated)`` -> the ``ce.*`` keys
+    computed on its labels, under ``ce_<labeler name>.`` (e.g. ``ce_chexbert.micro5.f1``)."""
+
+    def __init__(self, second, references: Sequence[str]):
+        self.labeler = second
+        self.prefix = f"ce_{second.name}."
+        self.reference = second.label_reports(list(references))
+
+    def metrics(self, generated: Sequence[str]) -> dict[str, float]:
+        return renamed(ce_metrics(self.reference, self.labeler.label_reports(list(generated))), self.prefix)
+
+    @property
+    def convention(self) -> dict[str, str]:
+        return {self.prefix.rstrip("."): self.labeler.convention}

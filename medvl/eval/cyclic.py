@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from medvl.errors import RunError
 from medvl.eval.classifier import ClassifierLike, label_aurocs, load_split, predict, resolve_classifier
-from medvl.eval.clinical import ce_metrics, label_reports
+from medvl.eval.clinical import ReferenceLabels, ce_metrics, label_reports, load_labeler
 from medvl.eval.common import metrics_record, write_metrics
 from medvl.eval.image import synthesize_reports
 from medvl.inference.generate import ReportGenerator
@@ -111,9 +111,11 @@ def evaluate_cyclic(
     seed: int = 0,
     device: str | None = None,
     classifier: ClassifierLike,
+    labeler: str | None = None,
 ) -> dict:
     """Score both cycles on up to ``max_studies`` frontal studies of ``split`` with the dataset's evaluation
-    ``classifier`` (see :mod:`medvl.eval.classifier`); write metrics to ``out``."""
+    ``classifier`` (see :mod:`medvl.eval.classifier`); write metrics to ``out``. ``labeler="chexbert:CKPT"`` also
+    scores the generated reports' labels by CheXbert (``..._ce_chexbert_f1``, :mod:`medvl.eval.chexbert`)."""
     runs = find_runs(run)
     for need in ("report", "diffusion"):
         if need not in runs:
@@ -125,6 +127,7 @@ def evaluate_cyclic(
     generator = ReportGenerator.load(runs["report"], device=str(synth.device))
     classifier, _ = resolve_classifier(classifier, device=synth.device)
     adamatch = generator.adamatch_run
+    second_labeler = load_labeler(labeler, str(synth.device)) if labeler else None  # a missing file fails here
 
     arrays = load_split(data, split, synth.image_size, limit=max_studies)
     keep = [i for i, r in enumerate(arrays.reports) if r.strip()]
@@ -161,6 +164,12 @@ def evaluate_cyclic(
     metrics["cyclic.report_image_report.ce_micro5_f1"] = ce_cycle["ce.micro5.f1"]
     metrics["cyclic.one_way.image_to_report.ce_f1"] = ce_one["ce.micro.f1"]
     metrics["cyclic.one_way.image_to_report.ce_micro5_f1"] = ce_one["ce.micro5.f1"]
+    if second_labeler is not None:
+        second = ReferenceLabels(second_labeler, references)
+        for key, texts in (("report_image_report", cycle_reports), ("one_way.image_to_report", generated)):
+            m = second.metrics(texts)
+            metrics[f"cyclic.{key}.ce_chexbert_f1"] = m["ce_chexbert.micro.f1"]
+            metrics[f"cyclic.{key}.ce_chexbert_micro5_f1"] = m["ce_chexbert.micro5.f1"]
 
     def macro(scores: np.ndarray) -> tuple[float, dict[str, float]]:
         per = label_aurocs(scores, labels)
@@ -194,6 +203,7 @@ def evaluate_cyclic(
     conventions = {
         "cyclic.*.ce_f1": "micro F1 over CheXpert's 14 labels by medvl's labeler, R2Gen convention (uncertain and "
         "blank negative), against the reference report's labels",
+        **({"cyclic.*.ce_chexbert_f1": second_labeler.convention} if second_labeler else {}),
         "cyclic.*.label_auroc": "macro ROC AUC over labels with both classes, medvl's evaluation classifier "
         "(trained on real train scans, selected on validation), against the reference "
         "report's labels",

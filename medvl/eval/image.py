@@ -50,6 +50,7 @@ from medvl.eval.classifier import (
     resolve_classifier,
 )
 from medvl.eval.common import metrics_record, run_config_hash, write_metrics
+from medvl.eval.xrv import load_features, xrv_block
 from medvl.inference.synthesize import Synthesizer
 from medvl.models.diffusion import DiffusionBundle, load_scheduler_config, save_scheduler_config
 from medvl.text.chexpert import CHEXPERT_LABELS
@@ -283,11 +284,14 @@ def evaluate_diffusion(
     grid_studies: int = 8,
     device: str | None = None,
     classifier: ClassifierLike,
+    features: str | None = None,
 ) -> dict:
     """Score the diffusion run ``run`` on ``split`` of ``data`` with the dataset's evaluation ``classifier`` (see
-    :mod:`medvl.eval.classifier`); write the metrics to ``out`` (and a grid PNG)."""
+    :mod:`medvl.eval.classifier`); write the metrics to ``out`` (and a grid PNG). ``features="xrv:PATH"`` adds
+    ``image.xrv.*`` (FID and label AUROC on a local torchxrayvision DenseNet, :mod:`medvl.eval.xrv`)."""
     run, data = Path(run), Path(data)
     synth, classifier, creport, split_in = _scoring_inputs(run, data, split, max_reports, device, classifier)
+    xrv_model = load_features(features, synth.device) if features else None  # a missing file fails here
     images, labels, reports = split_in.images, split_in.labels, split_in.reports
     pairs, all_pairs = split_in.pairs, split_in.all_pairs
 
@@ -301,6 +305,8 @@ def evaluate_diffusion(
     metrics.update(score_scans(classifier, images, labels, pairs, "image.real_", all_pairs))
     extractor = fid_extractor(classifier)
     metrics["image.fid"] = fid(extractor, images, fake)
+    xrv_metrics, xrv_notes = xrv_block(xrv_model, images, fake, labels) if xrv_model else ({}, {})
+    metrics.update(xrv_metrics)
     metrics["image.fid_features"] = (
         extractor.name
         if extractor is not classifier
@@ -358,6 +364,7 @@ def evaluate_diffusion(
         "image.ms_ssim_diversity": f"mean MS-SSIM (MONAI, {scales} scales, 11-px Gaussian kernel) between two "
         "seeds of the same report; lower = more diverse",
         "sampling": f"{sampler}, {steps} steps, guidance {guidance:g}, seeds {seed}+i",
+        **xrv_notes,
     }
     extra = {
         "run": str(run),

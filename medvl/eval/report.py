@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from medvl.data.prepared import PreparedDataset
 from medvl.errors import DataError, RunError
-from medvl.eval.clinical import CE_CONVENTION, ce_metrics, label_reports
+from medvl.eval.clinical import CE_CONVENTION, ReferenceLabels, ce_metrics, label_reports, load_labeler
 from medvl.eval.common import metrics_record, run_config_hash, saved_config, write_metrics
 from medvl.eval.nlg import TOKENISATION, NLGScorer
 from medvl.inference.generate import ReportGenerator
@@ -125,11 +125,19 @@ def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
 
 
 def score_reports(
-    scorer: NLGScorer, references: list[str], ref_labels: np.ndarray, generated: list[str], prefix: str = ""
+    scorer: NLGScorer,
+    references: list[str],
+    ref_labels: np.ndarray,
+    generated: list[str],
+    prefix: str = "",
+    second: ReferenceLabels | None = None,
 ) -> tuple[dict[str, float], dict[str, str]]:
-    """``nlg.*`` and ``ce.*`` of ``generated`` against ``references`` (keys under ``prefix``)."""
+    """``nlg.*`` and ``ce.*`` of ``generated`` against ``references`` (keys under ``prefix``); with ``second``, the
+    ``ce_<labeler>.*`` keys of a second labeler too."""
     nlg = scorer.score(references, generated)
     ce = ce_metrics(ref_labels, label_reports(generated))
+    if second is not None:
+        ce.update(second.metrics(generated))
     metrics = _prefixed(prefix, {**nlg.scores, **ce})
     missing = _prefixed(prefix, nlg.missing)
     undefined = sorted(
@@ -155,8 +163,11 @@ def find_ablations(run: Path) -> dict[str, Path]:
     return {p.name: p for p in sorted(root.iterdir()) if (p / ReportHeadBundle.DIRNAME).is_dir()}
 
 
-def evaluate_report(*, run: Path, data: Path, split: str = "test", out: Path | None = None) -> dict:
-    """Score the report run ``run`` on ``split`` of the prepared dataset ``data``; see the module docstring."""
+def evaluate_report(
+    *, run: Path, data: Path, split: str = "test", out: Path | None = None, labeler: str | None = None
+) -> dict:
+    """Score the report run ``run`` on ``split`` of the prepared dataset ``data``; see the module docstring.
+    ``labeler="chexbert:CKPT[,bert=DIR]"`` adds ``ce_chexbert.*`` (:mod:`medvl.eval.chexbert`)."""
     run, data = Path(run), Path(data)
     ReportHeadBundle.read_config(
         run
@@ -167,6 +178,7 @@ def evaluate_report(*, run: Path, data: Path, split: str = "test", out: Path | N
     train = report_studies(data, "train", cfg["data"])
     references = [str(r) for r in test.index["report"]]
     ref_labels = label_reports(references)
+    second = ReferenceLabels(load_labeler(labeler, str(generator.device)), references) if labeler else None
 
     metrics: dict[str, float] = {}
     missing: dict[str, str] = {}
@@ -181,15 +193,19 @@ def evaluate_report(*, run: Path, data: Path, split: str = "test", out: Path | N
     for name, path in find_ablations(run).items():
         ablations[name] = generate_for_split(ReportGenerator.load(path), test, desc=f"ablation {name}")
     with NLGScorer() as scorer:
-        m, miss = score_reports(scorer, references, ref_labels, generated)
+        m, miss = score_reports(scorer, references, ref_labels, generated, second=second)
         metrics.update(m)
         missing.update(miss)
         for name, texts in baselines.items():
-            m, miss = score_reports(scorer, references, ref_labels, texts, prefix=f"baselines.{name}.")
+            m, miss = score_reports(
+                scorer, references, ref_labels, texts, prefix=f"baselines.{name}.", second=second
+            )
             metrics.update(m)
             missing.update(miss)
         for name, texts in ablations.items():
-            m, miss = score_reports(scorer, references, ref_labels, texts, prefix=f"ablations.{name}.")
+            m, miss = score_reports(
+                scorer, references, ref_labels, texts, prefix=f"ablations.{name}.", second=second
+            )
             metrics.update(m)
             missing.update(miss)
     metrics["generated.empty_share"] = float(np.mean([not t.strip() for t in generated]))
@@ -199,6 +215,7 @@ def evaluate_report(*, run: Path, data: Path, split: str = "test", out: Path | N
     conventions = {
         "nlg": TOKENISATION,
         "ce": CE_CONVENTION,
+        **(second.convention if second else {}),
         "decoding": (
             (
                 f"beam search, {g.beams} beams, length_penalty {g.length_penalty}, "
