@@ -204,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         metavar="KEY=NAME,...",
         help="column names other than the defaults (image, report, findings, impression, split, "
-        "patient_id, study_id, view, the 14 CheXpert names), e.g. image=Path,report=Text (default: none)",
+        "patient_id, study_id, view, the 14 CheXpert names), e.g. image=Path,report=Text; KEY= leaves a "
+        "column out (default: none)",
     )
     cs.add_argument("--seed", type=int, default=0, help="seed of the split when the table has no split column")
 

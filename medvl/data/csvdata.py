@@ -73,14 +73,15 @@ _LABEL_VALUES = {"1": 1.0, "1.0": 1.0, "0": 0.0, "0.0": 0.0, "-1": -1.0, "-1.0":
 
 
 def parse_columns(text: str) -> dict[str, str]:
-    """``"image=Path,report=Text"`` -> ``{"image": "Path", "report": "Text"}`` (keys: :data:`COLUMN_KEYS`)."""
+    """``"image=Path,report=Text"`` -> ``{"image": "Path", "report": "Text"}`` (keys: :data:`COLUMN_KEYS`); an
+    empty name (``split=``) means: do not use that column even if the table has one."""
     mapping: dict[str, str] = {}
     for part in text.split(","):
         if not part.strip():
             continue
         key, sep, name = part.partition("=")
         key, name = key.strip(), name.strip()
-        if not sep or not key or not name:
+        if not sep or not key:
             raise DataError(f"--columns: {part.strip()!r} is not KEY=COLUMN (e.g. image=Path,report=Text)")
         mapping[key] = name
     return mapping
@@ -100,11 +101,11 @@ def _resolve_columns(table: pd.DataFrame, columns: Mapping[str, str] | None, csv
             f"--columns: unknown key(s) {unknown}; known: {', '.join(k for k in COLUMN_KEYS if k[0].islower())}"
             " and CheXpert's 14 label names"
         )
-    missing = sorted(name for name in columns.values() if name not in table.columns)
+    missing = sorted(name for name in columns.values() if name and name not in table.columns)
     if missing:
         raise DataError(f"{csv}: no column(s) {missing} (its columns: {list(table.columns)[:20]})")
     chosen = {key: columns.get(key, default) for key, default in COLUMN_KEYS.items()}
-    present = {key: name for key, name in chosen.items() if name in table.columns}
+    present = {key: name for key, name in chosen.items() if name and name in table.columns}
     if "image" not in present:
         raise DataError(
             f"{csv}: no image column {chosen['image']!r}; name it with --columns image=NAME "
@@ -122,13 +123,9 @@ def _read_table(csv: Path) -> pd.DataFrame:
     if not csv.is_file():
         raise DataError(f"{csv}: no such CSV file")
     try:
-        return pd.read_csv(csv, dtype=str, keep_default_na=False)
+        return pd.read_csv(csv, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except (ValueError, OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{csv}: unreadable CSV ({exc})") from None
-
-
-def _label_cell(table: pd.DataFrame, i: int, column: str) -> str:
-    return str(table.at[i, column]).strip()
 
 
 def _image_ids(paths: list[Path], root: Path) -> tuple[list[str], list[str]]:
@@ -180,6 +177,7 @@ def prepare_csv(
     findings, impression = cells("findings"), cells("impression")
     splits, patients = cells("split"), cells("patient_id")
     studies, views = cells("study_id"), cells("view")
+    label_cells = {c: cells(c) for c in label_cols}
     labels = np.full((len(table), len(CHEXPERT_LABELS)), np.nan, dtype=np.float32)
 
     skipped: list[tuple[str, str]] = []
@@ -210,9 +208,9 @@ def prepare_csv(
         if "patient_id" in present and not patients[i]:
             skipped.append((shown, "no patient id" + where))
             continue
-        bad = next((c for c in label_cols if _label_cell(table, i, present[c]) not in _LABEL_VALUES), None)
+        bad = next((c for c in label_cols if label_cells[c][i] not in _LABEL_VALUES), None)
         if bad is not None:
-            value = _label_cell(table, i, present[bad])
+            value = label_cells[bad][i]
             skipped.append(
                 (shown, f"bad label value {value!r} in column {bad!r}; use 1, 0, -1 or blank{where}")
             )
@@ -226,7 +224,7 @@ def prepare_csv(
             continue
         seen[resolved] = i
         for c in label_cols:
-            labels[i, CHEXPERT_LABELS.index(c)] = _LABEL_VALUES[_label_cell(table, i, present[c])]
+            labels[i, CHEXPERT_LABELS.index(c)] = _LABEL_VALUES[label_cells[c][i]]
         keep.append(i)
         paths.append(path)
         texts.append(text)
@@ -276,8 +274,8 @@ def prepare_csv(
         if leaking:
             raise DataError(
                 f"{csv}: {len(leaking)} patient(s) appear in more than one split (e.g. {leaking[:3]}); the "
-                "split would leak between training and test. Fix the split column, or drop it (or map it to "
-                "a column that does not exist) to let medvl assign a patient-disjoint split"
+                "split would leak between training and test. Fix the split column, or leave it out "
+                "(--columns split=) to let medvl assign a patient-disjoint split"
             )
     if "split" in present:
         split_info: dict = {"from": "column", "column": present["split"]}

@@ -207,7 +207,7 @@ def collect_scans(
             scans.extend(found)
         elif item.suffix.lower() == ".csv" and item.is_file():
             try:
-                table = pd.read_csv(item, dtype=str, keep_default_na=False)
+                table = pd.read_csv(item, dtype=str, keep_default_na=False, encoding="utf-8-sig")
             except (ValueError, OSError, UnicodeDecodeError) as exc:
                 raise DataError(f"{item}: unreadable CSV ({exc})") from None
             if image_column not in table.columns:

@@ -152,6 +152,10 @@ def test_seeded_patient_disjoint_split_and_labeler(tmp_path):
     leaking.to_csv(root / "leak.csv", index=False)
     with pytest.raises(DataError, match="12 patient\\(s\\) appear in more than one split"):
         prepare_csv(root / "leak.csv", tmp_path / "leak", size=SIZE)
+    # Left out with an empty name, the split column gives way to the seeded split; a BOM is no column name.
+    (root / "bom.csv").write_bytes(b"\xef\xbb\xbf" + (root / "leak.csv").read_bytes())
+    prepare_csv(root / "bom.csv", tmp_path / "unsplit", size=SIZE, columns=parse_columns("split="))
+    assert read_index(tmp_path / "unsplit")["split"].tolist() == index["split"].tolist()
 
 
 def test_column_errors(custom, tmp_path):
