@@ -256,6 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
         "score a run; writes a metrics JSON file",
         "Score a run on a split of a prepared dataset, write the metrics to --out, keep a copy in the "
         "run (RUN/eval/<kind>-<split>.json) and print the headline figures.",
+        "medvl evaluate report --run runs/report --data data/phantom --out eval/report.json",
+        _evaluate_epilog(),
+    )
+    e.add_argument("kind", choices=list(registry.EVALUATIONS), help="what to evaluate (see the list above)")
+    e.add_argument("--run", type=Path, required=True, help="run directory (or a demo directory)")
+    e.add_argument("--data", type=Path, required=True, help="prepared dataset")
+    e.add_argument("--split", choices=["train", "validate", "test"], default="test", help="split to score")
+    e.add_argument("--out", type=Path, required=True, help="metrics JSON file to write")
     e.add_argument(
         "--features",
         default=None,
@@ -270,14 +278,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="report, cyclic: also clinical efficacy on CheXbert's labels (ce_chexbert.*) from the local "
         "checkpoint CKPT, with DIR a local bert-base-uncased folder (default: medvl's labeler only)",
     )
-        "medvl evaluate report --run runs/report --data data/phantom --out eval/report.json",
-        _evaluate_epilog(),
-    )
-    e.add_argument("kind", choices=list(registry.EVALUATIONS), help="what to evaluate (see the list above)")
-    e.add_argument("--run", type=Path, required=True, help="run directory (or a demo directory)")
-    e.add_argument("--data", type=Path, required=True, help="prepared dataset")
-    e.add_argument("--split", choices=["train", "validate", "test"], default="test", help="split to score")
-    e.add_argument("--out", type=Path, required=True, help="metrics JSON file to write")
 
     g = _command(
         sub,
