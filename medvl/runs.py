@@ -148,6 +148,19 @@ def describe_data(data: str | Path, with_path: bool = True) -> dict[str, Any]:
 # ---- evaluation records
 
 
+# Fields of a metrics record that quote the dataset (a training report); they stay in the metrics file the user
+# asked for and are left out of the copy kept in the run, which holds no text or pixels of the data.
+DATA_TEXT_FIELDS = frozenset({"most_frequent_report"})
+
+
+def _without_data_text(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_data_text(v) for k, v in value.items() if k not in DATA_TEXT_FIELDS}
+    if isinstance(value, list):
+        return [_without_data_text(v) for v in value]
+    return value
+
+
 def evaluation_file(run_dir: str | Path, kind: str, split: str) -> Path:
     return Path(run_dir) / EVAL_DIR / f"{kind}-{split}.json"
 
@@ -160,10 +173,11 @@ def record_evaluation(
     data: Mapping[str, Any] | None = None,
 ) -> Path:
     """Keep a copy of ``medvl evaluate``'s metrics in the run (``RUN/eval/<kind>-<split>.json``), so the run
-    (and a pipeline folder made from it) says how it scored. ``data`` describes the prepared dataset."""
+    (and a pipeline folder made from it) says how it scored. ``data`` describes the prepared dataset. Fields that
+    quote the dataset (:data:`DATA_TEXT_FIELDS`) are left out."""
     path = evaluation_file(run_dir, kind, split)
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"kind": kind, "split": split, "data": dict(data or {}), "metrics": dict(metrics)}
+    record = {"kind": kind, "split": split, "data": dict(data or {}), "metrics": _without_data_text(dict(metrics))}
     write_json_atomic(path, record)
     return path
 

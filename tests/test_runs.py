@@ -105,6 +105,14 @@ def test_evaluation_records(tmp_path, chain):
     (record,) = read_evaluations(chain["report"])
     assert record == {"kind": "report", "split": "test", "data": {}, "metrics": {"nlg.bleu4": 0.2}}
     assert describe_data(tmp_path) == {"path": str(tmp_path.resolve())}  # not a prepared dataset: no meta
+    record_evaluation(
+        chain["report"],
+        "report",
+        "train",
+        {"bleu": 0.3, "meta": {"most_frequent_report": "No acute process.", "seed": 0}},
+    )
+    assert "No acute" not in (chain["report"] / "eval" / "report-train.json").read_text()
+    assert read_evaluations(chain["report"])[1]["metrics"] == {"bleu": 0.3, "meta": {"seed": 0}}
     (chain["report"] / "eval" / "report-validate.json").write_text("[]")
     with pytest.raises(RunError, match="report-validate.json is not an evaluation record"):
         read_evaluations(chain["report"])

@@ -297,7 +297,7 @@ def test_run_roundtrip_keywords_and_keypatches(tiny_run, tiny_prepared):
 
     kp = run.report_keypatches(["Small left pleural effusion.", "Cardiomegaly. No effusion."], top_k=5)
     assert kp.features.shape == (2, 5, 32) and kp.boxes.shape == (2, 5, 4) and kp.scores.shape == (2, 5)
-    assert kp.crops.shape == (2, 5, 16, 16) and kp.crops.dtype == torch.uint8
+    assert kp.entries.shape == (2, 5) and kp.entries.dtype == torch.int64
     assert (kp.scores[:, :-1] >= kp.scores[:, 1:]).all()
     assert len(kp.words) == 2 and len(kp.words[0]) == 5
 

@@ -2,23 +2,26 @@
 
 :class:`KeywordVocabulary`: keywords (affirmed content words of training reports by document frequency, plus the
 labeler's positive head words) with their embeddings and calibration statistics. :class:`KeypatchBank`: for each
-keyword, the best-matching training patches (features, boxes, crops). Both are saved components
+keyword, the best-matching training patches (features and boxes; no pixels, no scan ids). Both are saved components
 (:mod:`medvl.models.pretrained`), kept under the AdaMatch folder (``adamatch/keywords/``, ``adamatch/keypatches/``).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from medvl.errors import InvalidReportError
+from medvl.data.prepared import PreparedDataset
+from medvl.errors import DataError, InvalidReportError
 from medvl.models.adamatch.model import AdaMatch
 from medvl.models.pretrained import load_weights, read_config, save_weights, write_config
 from medvl.text.labeler import extract_mentions
@@ -30,6 +33,7 @@ __all__ = [
     "MiningConfig",
     "crop_boxes",
     "mine_vocabulary",
+    "split_fingerprint",
     "build_keywords_and_bank",
 ]
 
@@ -65,47 +69,87 @@ class KeywordVocabulary:
         return cls(meta["words"], meta["counts"], t["embeddings"], t["mean"], t["std"])
 
 
+def split_fingerprint(dicom_ids: Sequence[str]) -> str:
+    """SHA-256 of a split's scan ids in order: tells whether a prepared dataset is the one a bank was mined from,
+    without naming any scan."""
+    digest = hashlib.sha256()
+    for d in dicom_ids:
+        digest.update(str(d).encode("utf-8") + b"\n")
+    return digest.hexdigest()
+
+
 @dataclass
 class KeypatchBank:
     """Best-matched training patches per keyword: ``features`` (N, D) (patch space, not normalised),
-    ``boxes`` (N, 4), ``scores`` (N,) word-patch cosine, ``word_index`` (N,) into the keyword list,
-    ``crops`` (N, c, c) uint8, ``sources`` dicom ids."""
+    ``boxes`` (N, 4) normalised x0, y0, x1, y1, ``scores`` (N,) word-patch cosine, ``word_index`` (N,) into the
+    keyword list, ``rows`` (N,) the position of each patch's scan in the training split it was mined from.
+
+    No pixels and no scan ids: a run directory may hold the bank without holding any of the training data. The
+    crops are cut at display time from that prepared dataset (:meth:`source_scans`, :meth:`crops`), which
+    ``data_fingerprint`` (:func:`split_fingerprint` of its training split) recognises."""
 
     FORMAT: ClassVar[str] = "medvl.keypatches"
     DIRNAME: ClassVar[str] = "keypatches"
+    SPLIT: ClassVar[str] = "train"
 
     features: torch.Tensor
     boxes: torch.Tensor
     scores: torch.Tensor
     word_index: torch.Tensor
-    crops: torch.Tensor
-    sources: list[str]
+    rows: torch.Tensor | None  # None: a bank saved by an older medvl (its crops are no longer read)
+    data_fingerprint: str = ""
+    crop_size: int = 32
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """``config.json`` (the crops' source dicom ids) and ``model.safetensors`` (features, boxes, scores,
-        word_index, crops); returns the folder."""
+        """``config.json`` (the training split's fingerprint, the crop size) and ``model.safetensors`` (features,
+        boxes, scores, word_index, rows); returns the folder."""
         directory = Path(directory)
-        write_config(directory, self.FORMAT, sources=self.sources)
-        save_weights(
-            directory,
-            {
-                "features": self.features,
-                "boxes": self.boxes,
-                "scores": self.scores,
-                "word_index": self.word_index,
-                "crops": self.crops,
-            },
-        )
+        write_config(directory, self.FORMAT, data_fingerprint=self.data_fingerprint, crop_size=self.crop_size)
+        tensors = {"features": self.features, "boxes": self.boxes, "scores": self.scores, "word_index": self.word_index}
+        if self.rows is not None:
+            tensors["rows"] = self.rows
+        save_weights(directory, tensors)
         return directory
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> KeypatchBank:
         meta = read_config(directory, cls.FORMAT, what="keypatch bank")
         t = load_weights(directory, device)
-        return cls(t["features"], t["boxes"], t["scores"], t["word_index"], t["crops"], meta["sources"])
+        return cls(
+            t["features"],
+            t["boxes"],
+            t["scores"],
+            t["word_index"],
+            t.get("rows"),
+            str(meta.get("data_fingerprint", "")),
+            int(meta.get("crop_size", 32)),
+        )
+
+    def source_scans(self, entries: Sequence[int], data: str | Path) -> list[np.ndarray]:
+        """The training scans (S, S) in [-1024, 1024] that bank ``entries`` were cut from, read from the prepared
+        dataset ``data``; :class:`DataError` when ``data`` is not the dataset the bank was mined from."""
+        if self.rows is None or not self.data_fingerprint:
+            raise DataError("this keypatch bank was saved by an older medvl and names no training scans")
+        ds = PreparedDataset(data, self.SPLIT)
+        if split_fingerprint(ds.index["dicom_id"].astype(str).tolist()) != self.data_fingerprint:
+            raise DataError(
+                f"{data} is not the prepared dataset this keypatch bank was mined from (its training split "
+                "differs); pass the --data the AdaMatch run was trained on"
+            )
+        return [ds.image(int(self.rows[int(e)])) for e in entries]
+
+    def crops(self, entries: Sequence[int], data: str | Path, size: int | None = None) -> torch.Tensor:
+        """(n, size, size) uint8 crops of bank ``entries`` cut from ``data`` (see :meth:`source_scans`), at
+        ``crop_size`` unless ``size`` is given."""
+        entries = [int(e) for e in entries]
+        if not entries:
+            c = size or self.crop_size
+            return torch.zeros(0, c, c, dtype=torch.uint8)
+        scans = torch.from_numpy(np.stack(self.source_scans(entries, data))).float()[:, None]
+        return crop_boxes(scans, self.boxes[entries].float().cpu(), size or self.crop_size)
 
 
 def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
@@ -129,7 +173,7 @@ class MiningConfig:
     min_count: int = 3  # a word must be affirmed in at least this many training reports
     min_length: int = 3
     bank_per_word: int = 16  # keypatches kept per keyword (best word-patch scores)
-    crop_size: int = 32
+    crop_size: int = 32  # side of the crops cut for display (KeypatchBank.crops); the bank stores no pixels
     batch_size: int = 32
 
 
@@ -190,7 +234,8 @@ def build_keywords_and_bank(
     k, d = len(vocab), model.embed_dim
     emb_sum = torch.zeros(k, d)
     emb_n = torch.zeros(k)
-    cand: dict[str, list] = {"feat": [], "box": [], "score": [], "word": [], "crop": [], "src": []}
+    cand: dict[str, list] = {"feat": [], "box": [], "score": [], "word": [], "row": []}
+    split_ids: list[str] = []
     img_best = []
     # First pass: word embeddings (needed before images can be scored against keywords).
     patch_cache = []
@@ -218,7 +263,8 @@ def build_keywords_and_bank(
                 cand["box"].append(patches.boxes[b, p].cpu())
                 cand["score"].append(float(sim[p]))
                 cand["word"].append(kw)
-                cand["src"].append((start + b, str(items[b]["dicom_id"])))
+                cand["row"].append(start + b)
+        split_ids.extend(str(x["dicom_id"]) for x in items)
         patch_cache.append(pn.cpu())
     embeddings = F.normalize(emb_sum / emb_n.clamp_min(1).unsqueeze(-1), dim=-1)
     for pn in patch_cache:
@@ -241,16 +287,13 @@ def build_keywords_and_bank(
         if idx.numel():
             keep.append(idx[scores[idx].argsort(descending=True)[: cfg.bank_per_word]])
     keep_idx = torch.cat(keep)
-    boxes = torch.stack(cand["box"])[keep_idx]
-    src_rows = [cand["src"][i][0] for i in keep_idx.tolist()]
-    images = torch.stack([dataset[r]["image"] for r in src_rows])
-    crops = crop_boxes(images.float(), boxes, cfg.crop_size)
     bank = KeypatchBank(
         torch.stack(cand["feat"])[keep_idx],
-        boxes,
+        torch.stack(cand["box"])[keep_idx],
         scores[keep_idx],
         words[keep_idx],
-        crops,
-        [cand["src"][i][1] for i in keep_idx.tolist()],
+        torch.tensor(cand["row"], dtype=torch.long)[keep_idx],
+        split_fingerprint(split_ids),
+        cfg.crop_size,
     )
     return vocab_out, bank

@@ -57,14 +57,14 @@ class Keyword:
 class Keypatches:
     """Top keypatches per report: ``features`` (B, K, D) (patch space, not normalised), ``boxes``
     (B, K, 4), ``scores`` (B, K) cosine to the report's best word, ``words`` the bank entries' keywords,
-    ``crops`` (B, K, c, c) uint8 crops of the training scans, ``sources`` their dicom ids."""
+    ``entries`` (B, K) int64 their positions in the bank (crops for display: ``KeypatchBank.crops(entries, data)``
+    with the prepared dataset the bank was mined from)."""
 
     features: torch.Tensor
     boxes: torch.Tensor
     scores: torch.Tensor
     words: list[list[str]]
-    crops: torch.Tensor
-    sources: list[list[str]]
+    entries: torch.Tensor
 
 
 class AdaMatchRun:
@@ -251,6 +251,5 @@ class AdaMatchRun:
                 [self.keywords.words[int(bank.word_index[i])] if self.keywords else "" for i in row]
                 for row in idx_cpu.tolist()
             ],
-            crops=bank.crops[idx_cpu],
-            sources=[[bank.sources[i] for i in row] for row in idx_cpu.tolist()],
+            entries=idx_cpu,
         )
