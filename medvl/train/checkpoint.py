@@ -308,6 +308,8 @@ def _rng_state(device: torch.device) -> dict[str, Any]:
     }
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -318,6 +320,8 @@ def _set_rng_state(state: dict[str, Any], device: torch.device, path: Path) -> N
         torch.set_rng_state(state["torch"])
         if device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda"], device)
+        elif device.type == "mps":
+            torch.mps.set_rng_state(state["mps"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise RunError(f"{path} does not hold the random states this run needs ({exc}); remove its checkpoint") from None
 
