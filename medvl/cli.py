@@ -121,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory")
     d.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the IU-Phantom build (default 0, the phantom the presets were tuned on; another seed "
+        "gives a held-out test bed)",
+    )
+    d.add_argument(
         "--preset",
         choices=["quick", "full"],
         default="quick",
@@ -208,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
         "column out (default: none)",
     )
     cs.add_argument("--seed", type=int, default=0, help="seed of the split when the table has no split column")
+    cs.add_argument(
+        "--view",
+        type=lambda text: text.strip().upper(),
+        default=None,
+        help="view of the images whose row and DICOM header give none, e.g. PA for a table of frontal images "
+        "(default: blank; the report stage trains on PA and AP images only)",
+    )
 
     t = _command(
         sub,
@@ -400,6 +414,24 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--run", type=Path, required=True, help="AdaMatch run (or a report or diffusion run)")
     x.add_argument("--out", type=Path, required=True, help="PNG to write")
     x.add_argument("--word", default=None, help="also draw the similarity map of this word (default: none)")
+
+    rp = _command(
+        sub,
+        "report",
+        "an HTML page of trained runs: studies, training curves, figures, metrics",
+        "Write one self-contained HTML page for a set of trained runs (any of adamatch, report, autoencoder, "
+        "diffusion; a demo directory or a pipeline folder stands for its runs): a few studies of --data with "
+        "what each run does with them, training curves from the runs' TensorBoard logs, the pointing game per "
+        "finding word and per-label ROC curves from their evaluations, and every evaluation kept in the runs.",
+        "medvl report --runs runs/adamatch runs/report runs/diffusion --data data/phantom --out report.html",
+    )
+    rp.add_argument("--runs", type=Path, nargs="+", required=True, help="run directories (one per stage)")
+    rp.add_argument(
+        "--data", type=Path, default=None, help="prepared dataset the studies come from (default: no studies)"
+    )
+    rp.add_argument("--out", type=Path, required=True, help="HTML file to write")
+    rp.add_argument("--studies", type=int, default=6, help="number of studies shown (default: 6)")
+    rp.add_argument("--title", default="medvl report", help="the page's title")
     return p
 
 
@@ -453,6 +485,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 sections=args.sections,
                 workers=args.workers,
                 seed=args.seed,
+                view=args.view,
             )
         else:
             from medvl.data.iuxray import prepare_iuxray
@@ -493,7 +526,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from medvl.demo import run_demo
 
-        run_demo(args.out, preset=args.preset)
+        run_demo(args.out, preset=args.preset, seed=args.seed)
         return 0
     if args.command == "generate-report":
         from medvl.api import generate_report_command
@@ -520,6 +553,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         from medvl.api import explain_command
 
         return explain_command(args.scan, run=args.run, out=args.out, word=args.word)
+    if args.command == "report":
+        from medvl.report.html import write_run_report
+
+        path = write_run_report(args.runs, args.data, args.out, title=args.title, num_studies=args.studies)
+        print(f"medvl report: {path}")
+        return 0
     raise AssertionError(args.command)
 
 

@@ -42,10 +42,13 @@ def test_demo_writes_every_contract_key(demo_dir):
         "cyclic.image_report_image.label_auroc",
         "cyclic.one_way.image_to_report.ce_f1",
         "cyclic.one_way.report_to_image.label_auroc",
+        "ablations.layout_none.image.label_auroc",
+        "ablations.layout_none.image.laterality_accuracy",
     ):
         assert key in metrics, key
     stages = metrics["meta"]["stages"]
-    assert set(stages) == {"adamatch", "report", "diffusion", "cyclic"}
+    assert set(stages) == {"adamatch", "report", "diffusion", "cyclic", "diffusion_text_only"}
+    assert metrics["meta"]["phantom_seed"] == 0
     assert all(m["split"] == "test" and m["num_samples"] > 0 for m in stages.values())
     assert 0.0 <= metrics["cyclic.report_image_report.ce_f1"] <= 1.0
 
@@ -56,7 +59,7 @@ def test_rerun_resumes_instead_of_redoing(demo_dir, capsys):
     before = {p: p.stat().st_mtime_ns for p in (demo_dir / "runs").glob("*/stage.json")}
     run_demo(demo_dir, preset="tiny")
     err = capsys.readouterr().err
-    assert err.count("already finished, kept") == 10
+    assert err.count("already finished, kept") == 12
     assert before == {p: p.stat().st_mtime_ns for p in (demo_dir / "runs").glob("*/stage.json")}
 
 

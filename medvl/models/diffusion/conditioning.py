@@ -40,7 +40,8 @@ class ConditionConfig:
     # such findings sit (:func:`report_layout`), from ``layout_prior``: "finding/side/zone" -> [cx, cy, w, h]
     # (normalised image coordinates; zone "any" where the report gives none). An empty prior is estimated from
     # the training split's region boxes when the dataset has them (IU-Phantom), else DEFAULT_LAYOUT_PRIOR.
-    layout: Literal["halves", "zones"] = "halves"
+    # "none": no hint, the text alone (needs ``unet.side_maps: false``).
+    layout: Literal["none", "halves", "zones"] = "halves"
     layout_prior: dict[str, list[float]] = field(default_factory=dict)
     layout_grid: int = 16  # the maps are drawn at this size and resized to the latent grid
 

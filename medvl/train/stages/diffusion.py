@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from medvl.config import load_config, resolve_config_path
 from medvl.data.prepared import PreparedDataset
-from medvl.errors import DataError, RunError
+from medvl.errors import ConfigError, DataError, RunError
 from medvl.models.adamatch import AdaMatchRun
 from medvl.models.diffusion import (
     AutoencoderBundle,
@@ -84,6 +84,13 @@ class DiffusionStageConfig:
     ema: EmaConfig = field(default_factory=EmaConfig)
     data: DiffusionDataConfig = field(default_factory=DiffusionDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(select_metric="val_loss"))
+
+    def validate(self) -> None:
+        if self.condition.layout == "none" and self.unet.side_maps:
+            raise ConfigError(
+                "condition.layout 'none' (the report text alone, no layout hint) needs unet.side_maps false; "
+                "set both, e.g. --set unet.side_maps=false --set condition.layout=none"
+            )
 
 
 @dataclass
