@@ -9,7 +9,8 @@ One CSV row per image. Columns (default names; ``columns`` maps a key to another
     split           train, validate (or val, valid, validation), test; any case (optional)
     patient_id      patient identifier (optional): splits are then patient-disjoint
     study_id        study identifier (optional; default: each row its own study)
-    view            view position, e.g. PA, AP, LATERAL (optional; blank views are kept by every stage)
+    view            view position, e.g. PA, AP, LATERAL (optional; where blank, a DICOM's ViewPosition, else
+                    ``view``, else blank: the report stage trains on PA and AP images only)
     <CheXpert name> any of CheXpert's 14 observations ("No Finding", "Pleural Effusion"...): 1, 0, -1 or blank
 
 The report text is the ``report`` cell; where it is blank or there is no such column, ``sections`` of findings and
@@ -35,12 +36,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pydicom
 
-from medvl.data.images import ResizeFit
+from medvl.data.images import ResizeFit, sniff_format
 from medvl.data.ingest import PrepareResult, build_image_cache, check_source, finish_prepare
 from medvl.data.iuxray import SPLIT_FRACTIONS, iu_split
 from medvl.data.prepared import CANDIDATE_COLUMNS
 from medvl.data.reports import ReportSection
+from medvl.data.xray import ImageFormat
 from medvl.errors import DataError
 from medvl.text.chexpert import CHEXPERT_LABELS
 from medvl.text.labeler import label_reports
@@ -128,6 +131,19 @@ def _read_table(csv: Path) -> pd.DataFrame:
         raise DataError(f"{csv}: unreadable CSV ({exc})") from None
 
 
+def _dicom_view(path: Path) -> str:
+    """The ViewPosition of a DICOM file's header (upper case), blank for other files or when it says none."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+        if sniff_format(path, head) is not ImageFormat.DICOM:
+            return ""
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["ViewPosition"])
+    except Exception:  # a damaged header: decoding the image reports why, in skipped.csv
+        return ""
+    return str(ds.get("ViewPosition", "") or "").strip().upper()
+
+
 def _image_ids(paths: list[Path], root: Path) -> tuple[list[str], list[str]]:
     """(source, dicom_id) per image: the path relative to ``root`` (absolute when outside it), and that path
     without its suffix (unique, unlike file stems in many exports)."""
@@ -152,12 +168,14 @@ def prepare_csv(
     sections: ReportSection | str = "both",
     workers: int = 1,
     seed: int = 0,
+    view: str | None = None,
 ) -> PrepareResult:
     """Prepare the images and reports a CSV lists into ``out`` (the layout of :mod:`medvl.data.prepared`).
 
     ``image_root``: the folder relative image paths start from (default: the CSV's folder). ``columns``: key ->
     column name for names other than the defaults (:data:`COLUMN_KEYS`). ``sections``: the report text when the
     ``report`` cell is blank or absent. ``seed``: the split assignment when the table has no split column.
+    ``view``: the view of images whose row and DICOM header give none (e.g. ``"PA"`` for a table of frontal images).
     """
     started = time.perf_counter()
     csv, out = Path(csv), Path(out)
@@ -230,6 +248,9 @@ def prepare_csv(
         texts.append(text)
 
     sources, ids = _image_ids(paths, root)
+    image_views = [
+        views[i].upper() or _dicom_view(paths[k]) or (view or "").upper() for k, i in enumerate(keep)
+    ]
     notes: list[str] = []
     if label_cols:
         label_source = "csv"
@@ -258,7 +279,7 @@ def prepare_csv(
                 "subject_id": patient,
                 "study_id": study,
                 "split": split,
-                "view": views[i].upper(),
+                "view": image_views[k],
                 "source": sources[k],
                 "findings": findings[i],
                 "impression": impression[i],
@@ -301,8 +322,20 @@ def prepare_csv(
         fit=fit,
         workers=workers,
         desc="prepare csv",
-        selection={"source": "csv", "columns": present, "sections": sections.value, "seed": seed},
+        selection={
+            "source": "csv",
+            "columns": present,
+            "sections": sections.value,
+            "seed": seed,
+            "view": view,
+        },
     )
+    blank_views = sum(not v and o.ok for v, o in zip(image_views, outcomes, strict=True))
+    if blank_views:
+        notes.append(
+            f"{blank_views} images have no view (no view cell, no DICOM ViewPosition): the report stage trains "
+            "on PA and AP images only; add a view column, or --view PA when every image is frontal"
+        )
     meta = {
         "source": "csv",
         "csv": str(csv.resolve()),
@@ -311,6 +344,7 @@ def prepare_csv(
         "sections": sections.value,
         "split": split_info,
         "labels": label_source,
+        "view": view,
     }
     return finish_prepare(
         out,

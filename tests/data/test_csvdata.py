@@ -81,6 +81,8 @@ def test_custom_columns_formats_and_bad_rows(custom, tmp_path):
     assert list(index["subject_id"]) == ["A", "B", "C", "D"]
     assert index.loc["dcm/same.dcm", "dicom_id"] == "dcm/same"  # unique where the stems are not
     assert index.loc["png/same.png", "report"] == REPORTS[0]
+    assert list(index["view"]) == ["", "PA", "", ""]  # no view column: the DICOM header's ViewPosition
+    assert any(n.startswith("3 images have no view") and "--view PA" in n for n in result.notes)
     # Labels from the two label columns the table has, by name; the 12 others blank.
     card, eff = CHEXPERT_LABELS.index("Cardiomegaly"), CHEXPERT_LABELS.index("Pleural Effusion")
     labels = index[list(CHEXPERT_LABELS)].to_numpy()
@@ -225,10 +227,12 @@ def test_cli_prepare_csv_then_train_adamatch(tmp_path, capsys):
         [
             "prepare", "csv", "--csv", str(tmp_path / "cxr.csv"), "--image-root", str(tmp_path / "img"),
             "--out", str(data), "--size", "64", "--columns", "image=file,report=text,split=fold,patient_id=pid",
+            "--view", "pa",
         ]
     )  # fmt: skip
     assert code == 0, capsys.readouterr().err
     assert "prepared 24 images" in capsys.readouterr().out
+    assert set(read_index(data)["view"]) == {"PA"}
     code = main(
         [
             "train", "adamatch", "--config", "tiny", "--data", str(data), "--out", str(tmp_path / "run"),
