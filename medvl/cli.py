@@ -415,6 +415,19 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", type=Path, required=True, help="PNG to write")
     x.add_argument("--word", default=None, help="also draw the similarity map of this word (default: none)")
 
+    ex = _command(
+        sub,
+        "export",
+        "export a report run's networks to ONNX",
+        "Write a report run's AdaMatch image encoder (with its adaptive patch layer), its conditioning and its "
+        "decoder (full-sequence forward) as ONNX files to --out, each checked against PyTorch with onnxruntime on "
+        "the CPU; export.json records the shapes, token ids and differences. Needs the onnx extra.",
+        "medvl export onnx --run runs/report --out onnx/",
+    )
+    ex.add_argument("format", choices=["onnx"], help="the format to write")
+    ex.add_argument("--run", type=Path, required=True, help="report run directory")
+    ex.add_argument("--out", type=Path, required=True, help="directory to write")
+
     rp = _command(
         sub,
         "report",
@@ -549,6 +562,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         return synthesize_command(
             args.report, run=args.run, out=args.out, steps=args.steps, guidance=args.guidance, seed=args.seed
         )
+    if args.command == "export":
+        from medvl.export.onnx import export_onnx
+
+        record = export_onnx(args.run, args.out)
+        for name, info in record["files"].items():
+            worst = max(info["max_abs_diff"].values())
+            print(f"{args.out / name}: {info['exporter']} exporter, max |ONNX - PyTorch| {worst:.2e}")
+        return 0
     if args.command == "explain":
         from medvl.api import explain_command
 

@@ -1,0 +1,1 @@
+"""Trained runs in formats other tools read: ONNX (:mod:`medvl.export.onnx`, ``medvl export onnx``)."""
