@@ -46,7 +46,8 @@ def dicom(path, study: str, seed: int) -> pydicom.Dataset:
 
 @pytest.fixture
 def folder(tmp_path):
-    """Ten readable scans (two DICOM studies, PNG, JPG, nested, upper-case suffix) and two bad ones."""
+    """Ten readable scans (two DICOM studies, PNG, JPG, nested, upper-case suffix) and three bad ones (corrupt,
+    empty, not a chest)."""
     root = tmp_path / "scans"
     study_a, study_b = generate_uid(), generate_uid()
     sources = {
@@ -62,6 +63,9 @@ def folder(tmp_path):
     (root / "bad").mkdir()
     (root / "bad" / "corrupt.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00garbage")
     (root / "bad" / "empty.png").write_bytes(b"")
+    write_dicom(
+        chest_dataset(synthetic_chest(40, 40), modality="CT", body_part="HEAD"), root / "bad" / "head.dcm"
+    )
     (root / "notes.txt").write_text("not a scan")
     return {"root": root, "sources": sources, "studies": (study_a, study_b)}
 
@@ -69,7 +73,7 @@ def folder(tmp_path):
 def test_collect_scans(folder, tmp_path):
     root = folder["root"]
     found = collect_scans([root])
-    assert len(found) == 12 and all(p.suffix.lower() in (".dcm", ".png", ".jpg", ".jpeg") for p in found)
+    assert len(found) == 13 and all(p.suffix.lower() in (".dcm", ".png", ".jpg", ".jpeg") for p in found)
     assert found == sorted(found) and root / "jpg" / "deep" / "j.JPG" in found
     pd.DataFrame({"path": ["a/pa.dcm", str(root / "png" / "n0.png"), "gone.png"]}).to_csv(
         root / "list.csv", index=False
@@ -95,13 +99,13 @@ def test_folder_to_csv_with_explanations_and_sr(runs, folder, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert code == 2  # two scans could not be read
-    assert "generate-report: 100%" in err and "12/12" in err  # the progress bar, on stderr
+    assert "generate-report: 100%" in err and "13/13" in err  # the progress bar, on stderr
     table = pd.read_csv(out, dtype=str, keep_default_na=False)
-    assert tuple(table.columns) == OUTPUT_COLUMNS and len(table) == 12  # more than one batch of 8
+    assert tuple(table.columns) == OUTPUT_COLUMNS and len(table) == 13  # more than one batch of 8
     rows = table.set_index("input")
-    bad = rows.loc[[str(root / "bad" / "corrupt.dcm"), str(root / "bad" / "empty.png")]]
-    assert list(bad["status"]) == ["error", "error"] and all(bad["error"].str.len() > 0)
-    assert list(bad["report"]) == ["", ""]
+    bad = rows.loc[[str(root / "bad" / n) for n in ("corrupt.dcm", "empty.png", "head.dcm")]]
+    assert list(bad["status"]) == ["error"] * 3 and list(bad["report"]) == [""] * 3
+    assert "empty file" in bad["error"].iloc[1] and "not a chest" in bad["error"].iloc[2]
     good = rows[rows["status"] == "ok"]
     assert len(good) == 10 and (good["error"] == "").all() and (good["report"].str.strip() != "").all()
     for name, ds in sources.items():
