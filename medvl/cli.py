@@ -591,13 +591,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("medvl: interrupted; finished work is kept and a rerun resumes it", file=sys.stderr)
         code = 130
-    except ValueError as exc:
-        # medvl's own errors are ValueErrors with a message meant for the user.
-        print(f"medvl: error: {exc}", file=sys.stderr)
-        code = 2
-    except OSError as exc:  # a missing, unreadable or unwritable file, a full disk: bad input too
-        where = f": {exc.filename}" if exc.filename else ""
-        print(f"medvl: error: {exc.strerror or exc}{where}", file=sys.stderr)
+    except (ValueError, OSError) as exc:
+        # medvl's own errors are ValueErrors with a message meant for the user; an OSError (a missing, unreadable
+        # or unwritable file, a full disk) names its file
+        os_error = isinstance(exc, OSError) and exc.strerror and exc.filename
+        print(f"medvl: error: {f'{exc.strerror}: {exc.filename}' if os_error else exc}", file=sys.stderr)
         code = 2
     from medvl.train.distributed import finish_distributed_process
 

@@ -177,7 +177,12 @@ def record_evaluation(
     quote the dataset (:data:`DATA_TEXT_FIELDS`) are left out."""
     path = evaluation_file(run_dir, kind, split)
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"kind": kind, "split": split, "data": dict(data or {}), "metrics": _without_data_text(dict(metrics))}
+    record = {
+        "kind": kind,
+        "split": split,
+        "data": dict(data or {}),
+        "metrics": _without_data_text(dict(metrics)),
+    }
     write_json_atomic(path, record)
     return path
 
@@ -192,9 +197,13 @@ def read_evaluations(run_dir: str | Path) -> list[dict[str, Any]]:
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise RunError(f"{path} is not a readable evaluation record ({exc}); delete it or rerun medvl evaluate") from None
+            raise RunError(
+                f"{path} is not a readable evaluation record ({exc}); delete it or rerun medvl evaluate"
+            ) from None
         if not isinstance(record, dict):
-            raise RunError(f"{path} is not an evaluation record (not a JSON object); delete it or rerun medvl evaluate")
+            raise RunError(
+                f"{path} is not an evaluation record (not a JSON object); delete it or rerun medvl evaluate"
+            )
         records.append(record)
     return records
 

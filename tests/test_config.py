@@ -113,7 +113,9 @@ def test_zero_that_means_all_is_kept():
 
 
 @pytest.mark.parametrize("stage", ["adamatch", "autoencoder"])
-def test_image_size_above_the_prepared_data_is_refused_before_training(stage, tiny_prepared, tmp_path, capsys):
+def test_image_size_above_the_prepared_data_is_refused_before_training(
+    stage, tiny_prepared, tmp_path, capsys
+):
     from medvl.cli import main
 
     out = tmp_path / "run"

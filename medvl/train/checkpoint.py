@@ -72,6 +72,7 @@ BEST_WEIGHTS_FILE = "model.safetensors"
 def rng_file(rank: int) -> str:
     return f"rng_{rank}.safetensors"
 
+
 # Keys that may change between a run and its resumption without changing what is trained.
 RESUMABLE_KEYS = frozenset(
     {
@@ -185,9 +186,13 @@ def check_run_dir(out: Path, resume: bool, config_dump: dict[str, Any]) -> RunKi
         try:
             saved = yaml.safe_load(saved_cfg.read_text(encoding="utf-8")) or {}
         except (UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise RunError(f"{saved_cfg} is not readable YAML ({exc}); restore it or choose another --out") from None
+            raise RunError(
+                f"{saved_cfg} is not readable YAML ({exc}); restore it or choose another --out"
+            ) from None
         if not isinstance(saved, dict):
-            raise RunError(f"{saved_cfg} is not a medvl config (not a mapping); restore it or choose another --out")
+            raise RunError(
+                f"{saved_cfg} is not a medvl config (not a mapping); restore it or choose another --out"
+            )
         changes = config_changes(saved, config_dump)
         if changes:
             raise RunError(
@@ -323,7 +328,9 @@ def _set_rng_state(state: dict[str, Any], device: torch.device, path: Path) -> N
         elif device.type == "mps":
             torch.mps.set_rng_state(state["mps"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise RunError(f"{path} does not hold the random states this run needs ({exc}); remove its checkpoint") from None
+        raise RunError(
+            f"{path} does not hold the random states this run needs ({exc}); remove its checkpoint"
+        ) from None
 
 
 def _model_and_optimizer_state(
@@ -385,6 +392,11 @@ def commit_checkpoint(tmp: Path, state: LoopState, *, keep: int) -> None:
     prune_best(root.parent, state.best_step)
 
 
+def has_stage_state(stage: Any) -> bool:
+    """Whether a stage keeps state outside the model that checkpoints carry (``state_dict`` / ``load_state_dict``)."""
+    return callable(getattr(stage, "state_dict", None)) and callable(getattr(stage, "load_state_dict", None))
+
+
 def required_files(with_stage_state: bool) -> list[str]:
     """The files every checkpoint must list (a run on N processes also has ``rng_1`` ... ``rng_<N-1>``, checked
     against the loop state when resuming)."""
@@ -438,7 +450,9 @@ def restore_checkpoint(
     try:
         saved = LoopState.read(path)
     except (OSError, UnicodeDecodeError, ValueError, TypeError) as exc:
-        raise RunError(f"{path} is not a loop state written by medvl ({exc}); remove its checkpoint") from None
+        raise RunError(
+            f"{path} is not a loop state written by medvl ({exc}); remove its checkpoint"
+        ) from None
     world = accelerator.num_processes
     if saved.world_size != world:
         raise RunError(

@@ -55,6 +55,7 @@ from medvl.train.checkpoint import (
     best_weights_file,
     check_run_dir,
     commit_checkpoint,
+    has_stage_state,
     load_weights,
     open_run_dir,
     restore_checkpoint,
@@ -84,7 +85,7 @@ class TrainConfig:
     keep_checkpoints: int = 1
     eval_every: int = 200  # 0: validate only at the end
     log_every: int = 10
-    log_images: bool = False  # Stage.log_images into TensorBoard: pictures of validation scans, off by default
+    log_images: bool = False  # Stage.log_images into TensorBoard (pictures of validation scans)
     num_workers: int = 0
     seed: int = 0
     select_metric: str = "val_loss"  # a key returned by Stage.validate
@@ -227,12 +228,6 @@ def _isolated_rng(device: torch.device) -> Iterator[None]:
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
-
-
-def has_stage_state(stage: Stage) -> bool:
-    """Whether the stage keeps state outside the model that checkpoints carry (``state_dict`` and
-    ``load_state_dict``)."""
-    return callable(getattr(stage, "state_dict", None)) and callable(getattr(stage, "load_state_dict", None))
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -540,8 +535,9 @@ def fit(
     accelerator = make_accelerator(
         precision=cfg.precision, grad_accum=cfg.grad_accum, find_unused_parameters=cfg.find_unused_parameters
     )
+    stage_state = has_stage_state(stage)
     checkpoint = open_run_dir(
-        accelerator, out, kind, resume=resume, config_dump=config_dump, with_stage_state=has_stage_state(stage)
+        accelerator, out, kind, resume=resume, config_dump=config_dump, with_stage_state=stage_state
     )
     run = _Training(stage, accelerator, out, checkpoint, started)
     model, optimizer, scheduler, state = run.model, run.optimizer, run.scheduler, run.state

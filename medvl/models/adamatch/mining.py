@@ -108,7 +108,12 @@ class KeypatchBank:
         boxes, scores, word_index, rows); returns the folder."""
         directory = Path(directory)
         write_config(directory, self.FORMAT, data_fingerprint=self.data_fingerprint, crop_size=self.crop_size)
-        tensors = {"features": self.features, "boxes": self.boxes, "scores": self.scores, "word_index": self.word_index}
+        tensors = {
+            "features": self.features,
+            "boxes": self.boxes,
+            "scores": self.scores,
+            "word_index": self.word_index,
+        }
         if self.rows is not None:
             tensors["rows"] = self.rows
         save_weights(directory, tensors)
