@@ -128,7 +128,8 @@ class Pipeline:
         if isinstance(scans, (str, Path)):
             items, single = [scans], True
         elif isinstance(scans, (np.ndarray, torch.Tensor)):
-            if scans.ndim == 2 or (scans.ndim == 3 and scans.shape[0] == 1):
+            colour = scans.ndim == 3 and scans.shape[-1] in (3, 4) and scans.shape[0] > 4  # (H, W, 3): one scan
+            if scans.ndim == 2 or (scans.ndim == 3 and scans.shape[0] == 1) or colour:
                 items, single = [scans], True
             elif scans.ndim in (3, 4):
                 items, single = list(scans), False

@@ -10,6 +10,10 @@ class InvalidImageError(MedvlError, ValueError):
     """An image file that cannot be used as a chest X-ray (corrupt, not an image, not a chest...)."""
 
 
+class ImageNotFoundError(InvalidImageError, FileNotFoundError):
+    """An image path that does not exist (also a ``FileNotFoundError``)."""
+
+
 class InvalidReportError(MedvlError, ValueError):
     """A report that cannot be used (empty, whitespace only, no usable section)."""
 

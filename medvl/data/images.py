@@ -24,6 +24,8 @@ pneumothoraces are seen. ``fit="crop"`` is available for callers that prefer it.
 from __future__ import annotations
 
 import enum
+import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +33,18 @@ import numpy as np
 from PIL import Image
 
 from medvl.data.dicom import read_dicom
-from medvl.data.xray import HIGH, LOW, ImageFormat, XRay, invalid
+from medvl.data.xray import (
+    HIGH,
+    LOW,
+    MAX_SIDE,
+    ImageFormat,
+    XRay,
+    check_declared_size,
+    check_pixels,
+    check_regular_file,
+    invalid,
+)
+from medvl.errors import InvalidImageError
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -66,15 +79,18 @@ def read_xray_with_meta(
     ``jpg_compatible`` (DICOM only) reproduces how MIMIC-CXR-JPG was made from the DICOMs (min-max to 8 bits,
     MONOCHROME1 inverted, histogram equalisation), for models trained on the JPGs. ``min_side`` lets a big JPG
     decode at reduced resolution with at least ``min_side`` pixels on each side.
-    Raises :class:`~medvl.errors.InvalidImageError` saying what is wrong; ``FileNotFoundError`` if it is missing.
+    Raises :class:`~medvl.errors.InvalidImageError` naming the file and saying what is wrong, for every failure
+    (:class:`~medvl.errors.ImageNotFoundError`, also a ``FileNotFoundError``, when it is missing); nothing that
+    is not a regular file is opened, and a size declared over :data:`~medvl.data.xray.MAX_SIDE` is refused before
+    decoding.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    if path.is_dir():
-        raise invalid(path, "is a directory, not an image file")
-    with open(path, "rb") as fh:
-        head = fh.read(132)
+    check_regular_file(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError as exc:
+        raise invalid(path, f"cannot be read ({exc.strerror or exc})") from None
     if not head:
         raise invalid(path, "empty file (0 bytes)")
     kind = sniff_format(path, head)
@@ -98,7 +114,37 @@ def read_xray(path: str | Path, *, jpg_compatible: bool = False, min_side: int |
 
 def _read_raster(path: Path, *, min_side: int | None) -> XRay:
     try:
-        im = Image.open(path)
+        return _read_raster_file(path, min_side=min_side)
+    except InvalidImageError:
+        raise
+    except MemoryError:
+        raise invalid(path, "not enough memory to decode this image") from None
+    except Exception as exc:  # PIL's plugins raise assorted errors on damaged files
+        raise invalid(path, f"corrupt or unusable image file ({type(exc).__name__}: {exc})") from None
+
+
+def _png_size(head: bytes) -> tuple[int, int] | None:
+    """(rows, columns) from a PNG's IHDR chunk, read before PIL sees the file."""
+    if head.startswith(_PNG_MAGIC) and head[12:16] == b"IHDR" and len(head) >= 24:
+        width, height = struct.unpack(">2I", head[16:24])
+        return int(height), int(width)
+    return None
+
+
+def _read_raster_file(path: Path, *, min_side: int | None) -> XRay:
+    with open(path, "rb") as fh:
+        size = _png_size(fh.read(24))
+    if size is not None:
+        check_declared_size(path, *size, what="PNG header")
+    try:
+        with warnings.catch_warnings():
+            # medvl's own limit (MAX_SIDE) is checked below, before anything is decoded.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except Image.DecompressionBombError as exc:
+        raise invalid(
+            path, f"declares too many pixels ({exc}); medvl's limit is {MAX_SIDE} pixels a side; not decoded"
+        ) from None
     except Image.UnidentifiedImageError:
         raise invalid(
             path, "not an image: neither DICOM nor a format PIL reads (PNG, JPG, TIFF...)"
@@ -108,6 +154,7 @@ def _read_raster(path: Path, *, min_side: int | None) -> XRay:
     with im:
         fmt = {"PNG": ImageFormat.PNG, "JPEG": ImageFormat.JPEG}.get(im.format or "", ImageFormat.OTHER)
         full_shape = (int(im.size[1]), int(im.size[0]))
+        check_declared_size(path, *full_shape, what=f"{im.format or 'image'} header")
         if min_side and fmt is ImageFormat.JPEG and im.mode in ("L", "RGB", "YCbCr"):
             # DCT-domain downscale inside libjpeg: 1/2, 1/4 or 1/8, both sides staying >= min_side.
             im.draft(im.mode, (int(min_side), int(min_side)))
@@ -121,6 +168,7 @@ def _read_raster(path: Path, *, min_side: int | None) -> XRay:
         except (SyntaxError, ValueError) as exc:
             raise invalid(path, f"corrupt image file ({exc})") from None
         pixels, how = _raster_to_xray_range(path, im)
+    check_pixels(path, pixels)
     return XRay(
         pixels=pixels, path=path, format=fmt, shape=full_shape, photometric="MONOCHROME2", intensity=how
     )
@@ -169,9 +217,12 @@ def _raster_to_xray_range(path: Path, im: Image.Image) -> tuple[np.ndarray, str]
         return _scale(arr.astype(np.float32), maxval), f"16-bit/{int(maxval)}"
     if mode == "F":
         arr = np.asarray(im, dtype=np.float32)
-        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-        if not np.isfinite(lo) or hi <= lo:
-            raise invalid(path, "blank or non-finite float image")
+        finite = np.isfinite(arr)
+        if not finite.all():
+            raise invalid(path, f"{int(arr.size - finite.sum())} pixels are not finite (NaN or infinity)")
+        lo, hi = float(arr.min()), float(arr.max())
+        if hi <= lo:
+            raise invalid(path, "blank image: every pixel has the same value")
         return _scale(arr - lo, hi - lo), "float, data range"
     raise invalid(path, f"unsupported image mode {mode!r}")
 

@@ -7,6 +7,7 @@ index, ``skipped.csv`` and ``meta.json`` written last. The layout and the read s
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import multiprocessing as mp
@@ -148,6 +149,20 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _reserve_disk(path: Path) -> None:
+    """Allocate the whole (sparse) cache file now, so that a full disk is an ``OSError`` naming it here rather
+    than a crash of a worker writing into the memory map later."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as fh:
+        try:
+            os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                return  # a file system without fallocate: nothing to reserve
+            raise OSError(exc.errno, f"{exc.strerror} (reserving the image cache)", str(path)) from None
+
+
 def _pool_context() -> mp.context.BaseContext:
     # fork starts workers instantly and nothing here holds threads; spawn where fork does not exist.
     return mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
@@ -220,6 +235,7 @@ def build_image_cache(
             marker.unlink()
         if n:
             np.lib.format.open_memmap(cache_path, mode="w+", dtype=np.uint8, shape=(n, size, size)).flush()
+            _reserve_disk(cache_path)
         else:
             np.save(cache_path, np.zeros((0, size, size), dtype=np.uint8))
         _atomic_write(state_file, json.dumps(settings.__dict__, indent=1))

@@ -278,7 +278,7 @@ def test_multi_frame_and_blank(tmp_path):
     with pytest.raises(InvalidImageError, match="multi-frame"):
         read_xray(write_dicom(ds, tmp_path / "mf.dcm"))
     with pytest.raises(InvalidImageError, match="blank image"):
-        read_xray(write_dicom(chest_dataset(np.full((8, 8), 0.5)), tmp_path / "blank.dcm"))
+        read_xray(write_dicom(chest_dataset(np.full((16, 16), 0.5)), tmp_path / "blank.dcm"))
 
 
 # ---------------------------------------------------------------------------------------------- JPG-compatible
