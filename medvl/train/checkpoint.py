@@ -82,6 +82,10 @@ RESUMABLE_KEYS = frozenset(
         "train.checkpoint_every",
         "train.keep_checkpoints",
         "train.log_images",
+        "train.speed.channels_last",  # speed options change how fast, not what is trained
+        "train.speed.fused_adamw",
+        "train.speed.compile",
+        "train.speed.compile_mode",
     }
 )
 

@@ -1,5 +1,6 @@
 """Processes and their group: the Accelerator of a run, wrapped models, objects and weights gathered
-on rank 0, and a clean exit for a process that joined a ``torch.distributed`` group.
+on rank 0, a clean exit for a process that joined a ``torch.distributed`` group, and the GPU speed
+options of a run (``train.speed``).
 
 One process runs as it is; under ``torchrun`` / ``accelerate launch`` Accelerate joins the
 process group (DDP, or FSDP which shards the weights).
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -27,6 +29,60 @@ from accelerate.utils import (
 from torch import nn
 
 from medvl.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass
+class SpeedConfig:
+    """``train.speed``: options that make training faster on a GPU without changing what is trained.
+
+    All off by default. The CUDA-only ones (``channels_last``, ``fused_adamw``) are ignored on any other device,
+    with one log line, so a CPU run computes exactly what it computes without them. ``compile`` works on every
+    device (``nn.Module.compile`` in place: the state dict keeps its keys); the first steps then pay the compilation.
+    """
+
+    channels_last: bool = False  # CUDA: convolution weights (and so activations) in NHWC
+    fused_adamw: bool = False  # CUDA: torch.optim.AdamW(fused=True), one kernel for the whole update
+    compile: bool = False  # torch.compile the model's forward
+    compile_mode: str = "default"  # torch.compile mode (reduce-overhead: CUDA graphs)
+
+    def validate(self) -> None:
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(
+                f"config key 'train.speed.compile_mode' must be one of {', '.join(COMPILE_MODES)}, "
+                f"got {self.compile_mode!r}"
+            )
+
+    def on(self, device: torch.device) -> SpeedConfig:
+        """The options that apply on ``device``: CUDA-only ones switched off elsewhere (logged)."""
+        if device.type == "cuda":
+            return self
+        ignored = [name for name in ("channels_last", "fused_adamw") if getattr(self, name)]
+        if ignored:
+            logger.info(
+                "train.speed: %s only apply on a CUDA device; ignored on %s (training computes as without them)",
+                ", ".join(ignored),
+                device.type,
+            )
+        return SpeedConfig(compile=self.compile, compile_mode=self.compile_mode)
+
+
+def apply_speed_options(model: nn.Module, speed: SpeedConfig, device: torch.device) -> nn.Module:
+    """``model`` in channels-last memory format and compiled, as ``speed`` asks on ``device`` (in place)."""
+    speed = speed.on(device)
+    if speed.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if speed.compile:
+        model.compile(mode=None if speed.compile_mode == "default" else speed.compile_mode)
+    return model
+
+
+def adamw_options(speed: SpeedConfig, device: torch.device) -> dict[str, Any]:
+    """Extra keyword arguments for ``torch.optim.AdamW`` on ``device`` (``fused=True`` on CUDA when asked)."""
+    return {"fused": True} if speed.fused_adamw and device.type == "cuda" else {}
 
 
 def unwrap(model: nn.Module) -> nn.Module:

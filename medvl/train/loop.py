@@ -30,7 +30,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -47,6 +47,7 @@ from tqdm import tqdm
 from medvl.config import to_dict
 from medvl.errors import ConfigError, RunError
 from medvl.runs import STAGE_FILE, write_json_atomic
+from medvl.train import distributed
 from medvl.train.batches import MicroBatches, micro_batch_loader
 from medvl.train.checkpoint import (
     BEST_DIR,
@@ -93,6 +94,7 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     find_unused_parameters: bool = False  # DDP: set when some parameters get no gradient in a step
+    speed: distributed.SpeedConfig = field(default_factory=distributed.SpeedConfig)  # GPU speed options
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first impossible value."""
@@ -122,6 +124,7 @@ class TrainConfig:
             )
         if not self.select_metric:
             raise ConfigError("config key 'train.select_metric' must name a validation metric")
+        self.speed.validate()
 
 
 @runtime_checkable
@@ -281,7 +284,7 @@ class _Training:
 
         # the same on every rank; DDP also broadcasts rank 0's weights
         set_seed(cfg.seed)
-        model = stage.build_model()
+        model = distributed.apply_speed_options(stage.build_model(), cfg.speed, device)
         self.micro = MicroBatches(
             stage.train_dataset(),
             stage.collate,
@@ -297,6 +300,7 @@ class _Training:
             weight_decay=cfg.weight_decay,
             betas=tuple(cfg.adam_betas),
             eps=cfg.adam_eps,
+            **distributed.adamw_options(cfg.speed, device),
         )
         # Not handed to accelerator.prepare: Accelerate would step a prepared scheduler once per process.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
