@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from medvl.errors import DataError
+from medvl.errors import DataError, InvalidReportError
 from medvl.text.attributes import Severity, Side, Zone, clause_attributes, share_linked_attributes
 from medvl.text.chexpert import CHEXPERT_LABELS, NEGATIVE, POSITIVE, UNCERTAIN
 from medvl.text.negation import DIFFERENTIAL, HYPOTHETICAL, clause_values
@@ -239,6 +239,7 @@ def extract_mentions(report: str) -> list[Mention]:
     its clause. Derived mentions (CheXpert's "CHF implies uncertain cardiomegaly") share the phrase that
     implied them.
     """
+    report = _report_text(report)
     if not isinstance(report, str):
         raise TypeError(f"a report must be a str, not {type(report).__name__}")
     return _extract(report, prefilter=True)
@@ -363,6 +364,18 @@ def aggregate_mentions(
     return out
 
 
+def _report_text(report: object) -> object:
+    """A report given as bytes, decoded as UTF-8 (never labelled as its ``repr``)."""
+    if isinstance(report, (bytes, bytearray, memoryview)):
+        try:
+            return bytes(report).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidReportError(
+                f"a report given as bytes is not UTF-8 text ({exc.reason} at byte {exc.start}); decode it first"
+            ) from None
+    return report
+
+
 def _is_empty(report: str | None) -> bool:
     return (
         report is None
@@ -372,6 +385,7 @@ def _is_empty(report: str | None) -> bool:
 
 
 def _label_array(report: str, convention: LabelConvention | str = LabelConvention.CHEXPERT) -> np.ndarray:
+    report = _report_text(report)
     if _is_empty(report):
         return np.full(len(CHEXPERT_LABELS), np.nan, dtype=np.float32)
     return aggregate_mentions(extract_mentions(report), convention=convention)
@@ -400,6 +414,7 @@ def label_reports(
     if progress:
         items = tqdm(items, total=len(reports), desc="labelling reports", unit="report")
     for i, report in items:
+        report = _report_text(report)
         if _is_empty(report):
             continue
         key = str(report)
@@ -417,22 +432,43 @@ def format_label(value: float) -> str:
     return str(int(value))
 
 
+#: The longest CSV field ``medvl label`` reads (the csv module's default, 131,072 characters, is less than some
+#: run-on reports); the labeler's time grows linearly with a report's length.
+CSV_FIELD_LIMIT = 10_000_000
+
+
 def _read_reports(file: str) -> list[str]:
     if file == "-":
-        return [sys.stdin.read()]
+        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+        if isinstance(data, bytes):
+            try:
+                data = data.decode("utf-8-sig")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"standard input is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        return [data]
     path = Path(file)
     if not path.exists():
         raise FileNotFoundError(f"{file}: no such file")
     if path.is_dir():
         raise DataError(f"{file} is a directory; medvl label takes a CSV file with a 'report' column or -")
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        if reader.fieldnames is None or "report" not in reader.fieldnames:
-            cols = ", ".join(reader.fieldnames or []) or "none"
-            raise DataError(
-                f"{file}: no 'report' column (columns: {cols}); medvl label reads the column 'report'"
-            )
-        return [row["report"] or "" for row in reader]
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, CSV_FIELD_LIMIT))
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            try:
+                if reader.fieldnames is None or "report" not in reader.fieldnames:
+                    cols = ", ".join(reader.fieldnames or []) or "none"
+                    raise DataError(
+                        f"{file}: no 'report' column (columns: {cols}); medvl label reads the column 'report'"
+                    )
+                return [row["report"] or "" for row in reader]
+            except csv.Error as exc:
+                raise DataError(f"{file}: line {reader.line_num}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    finally:
+        csv.field_size_limit(limit)
 
 
 def label_command(file: str, *, convention: LabelConvention | str = LabelConvention.CHEXPERT) -> int:

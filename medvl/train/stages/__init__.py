@@ -30,6 +30,10 @@ def run_stage(
     builder = registry.builder(stage)
     config_path = resolve_config_path(stage, config)
     data = Path(data)
+    if data.exists() and not data.is_dir():
+        raise DataError(
+            f"--data {data} is a file; it takes a prepared dataset directory (made by `medvl prepare ...`)"
+        )
     if not data.is_dir():
         raise DataError(f"prepared dataset {data} does not exist (make one with `medvl prepare ...`)")
     from_runs = [Path(r) for r in from_runs or []]
