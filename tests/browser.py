@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -28,6 +28,8 @@ class PageCheck:
     images: int
     broken_images: list[str]
     title: str
+    # Per image: alt, naturalWidth, the width it is shown at (CSS px), its width attribute, data-label-px.
+    shown: list[dict] = field(default_factory=list)
 
 
 def chromium_path() -> str:
@@ -52,10 +54,13 @@ def check_page(path: Path, screenshot: Path | None = None) -> PageCheck:
         info = page.evaluate(
             """() => { const imgs = Array.from(document.images);
                 return {n: imgs.length, broken: imgs.filter(i => !(i.complete && i.naturalWidth > 0))
-                                               .map(i => i.alt || i.src.slice(0, 40))}; }"""
+                                               .map(i => i.alt || i.src.slice(0, 40)),
+                        shown: imgs.map(i => ({alt: i.alt, natural: i.naturalWidth, css: i.clientWidth,
+                                               attr: Number(i.getAttribute('width') || 0),
+                                               label_px: Number(i.dataset.labelPx || 0)}))}; }"""
         )
         title = page.title()
         if screenshot is not None:
             page.screenshot(path=str(screenshot), full_page=True)
         browser.close()
-    return PageCheck(console, errors, failed, info["n"], info["broken"], title)
+    return PageCheck(console, errors, failed, info["n"], info["broken"], title, info["shown"])

@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from medvl.data.phantom.build import MANIFEST_FILE
 from medvl.errors import DataError
+from medvl.placement import place_labels
 
 _COLOURS = {
     "cardiomegaly": (255, 80, 80),
@@ -28,6 +29,10 @@ _COLOURS = {
     "enlarged_cardiomediastinum": (255, 60, 160),
     "pleural_other": (150, 200, 255),
 }
+# Names as drawn: the finding kinds' own, with underscores as spaces, and the long one shortened.
+_NAMES = {"enlarged_cardiomediastinum": "enl. cardiomediastinum", "pleural_other": "pleural other"}
+LABEL_PX = 13  # box labels and captions, in sheet pixels (the sheet is meant to be seen at full size)
+CAPTION_PX = 14
 
 
 def write_contact_sheet(
@@ -65,31 +70,84 @@ def write_contact_sheet(
     normals = [d for d in man["dicom_id"] if d not in by_image]
     picks += normals[: n - len(picks)]
     picks = picks[:n]
-    rows = -(-len(picks) // columns)
-    caption = 14
-    sheet = Image.new("RGB", (columns * tile, rows * (tile + caption)), (0, 0, 0))
-    font = ImageFont.load_default()
-    draw = ImageDraw.Draw(sheet)
-    files = dict(zip(man["dicom_id"], man["file"], strict=True))
-    views = dict(zip(man["dicom_id"], man["view"], strict=True))
-    for k, d in enumerate(picks):
-        im = Image.open(raw / files[d]).convert("RGB").resize((tile, tile), Image.Resampling.BILINEAR)
-        ox, oy = (k % columns) * tile, (k // columns) * (tile + caption)
-        sheet.paste(im, (ox, oy))
-        g = by_image.get(d)
-        names = []
-        if g is not None:
-            for _, r in g.iterrows():
-                col = _COLOURS.get(r["finding"], (255, 255, 255))
-                x0, y0, x1, y1 = (float(r[c]) * tile for c in ("x0", "y0", "x1", "y1"))
-                draw.rectangle([ox + x0, oy + y0, ox + x1, oy + y1], outline=col, width=1)
-                side = {"left": " L", "right": " R"}.get(r["side"], "")
-                label = f"{r['finding'][:12]}{side}"
-                draw.text((ox + x0 + 2, oy + y0 + 1), label, fill=col, font=font)
-                names.append(label)
-        text = f"{views[d]}  " + (", ".join(dict.fromkeys(names)) if names else "normal")
-        draw.text((ox + 3, oy + tile + 1), text[:48], fill=(230, 230, 230), font=font)
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out_png)
+    _draw_sheet(raw, man, picks, by_image, columns, tile).save(out_png)
     return out_png
+
+
+def _label_of(finding: str, side: str) -> str:
+    name = _NAMES.get(finding, finding.replace("_", " "))
+    return name + {"left": " L", "right": " R"}.get(side, "")
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+    """``text`` cut into lines no wider than ``width`` pixels, at ", " and spaces (a word longer than a line
+    stays whole)."""
+    lines: list[str] = []
+    line = ""
+    for word in text.split(" "):
+        candidate = f"{line} {word}" if line else word
+        if line and draw.textlength(candidate, font=font) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = candidate
+    return [*lines, line] if line else lines
+
+
+def _draw_sheet(
+    raw: Path, man: pd.DataFrame, picks: list[str], by_image: dict, columns: int, tile: int
+) -> Image.Image:
+    """Each image upsampled smoothly to ``tile`` px with its boxes; one label per finding and side, on a plate of
+    its colour, where it covers no other label; the view and findings as a wrapped caption below."""
+    label_font = ImageFont.load_default(size=LABEL_PX)
+    caption_font = ImageFont.load_default(size=CAPTION_PX)
+    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    files = dict(zip(man["dicom_id"], man["file"], strict=True))
+    views = dict(zip(man["dicom_id"], man["view"], strict=True))
+    captions = {}
+    for d in picks:
+        g = by_image.get(d)
+        names = (
+            []
+            if g is None
+            else list(dict.fromkeys(_label_of(f, s) for f, s in zip(g["finding"], g["side"], strict=True)))
+        )
+        captions[d] = _wrap(
+            scratch, f"{views[d]}: " + (", ".join(names) if names else "normal"), caption_font, tile - 8
+        )
+    line_h = CAPTION_PX + 4
+    caption_h = 6 + line_h * max(len(c) for c in captions.values())
+    rows = -(-len(picks) // columns)
+    sheet = Image.new("RGB", (columns * tile, rows * (tile + caption_h)), (0, 0, 0))
+    draw = ImageDraw.Draw(sheet)
+    for k, d in enumerate(picks):
+        im = Image.open(raw / files[d]).convert("RGB").resize((tile, tile), Image.Resampling.LANCZOS)
+        ox, oy = (k % columns) * tile, (k // columns) * (tile + caption_h)
+        sheet.paste(im, (ox, oy))
+        g = by_image.get(d)
+        anchors, sizes, plates = [], [], []
+        labelled: set[str] = set()
+        for _, r in g.iterrows() if g is not None else ():
+            col = _COLOURS.get(r["finding"], (255, 255, 255))
+            box = tuple(float(r[c]) * tile for c in ("x0", "y0", "x1", "y1"))
+            draw.rectangle([ox + box[0], oy + box[1], ox + box[2], oy + box[3]], outline=col, width=2)
+            label = _label_of(r["finding"], r["side"])
+            if label in labelled:  # one label per finding and side (granulomas come in clusters)
+                continue
+            labelled.add(label)
+            left, top, right, bottom = draw.textbbox((0, 0), label, font=label_font)
+            anchors.append(box)
+            sizes.append((right - left + 4, bottom - top + 4))
+            plates.append((label, col, left, top))
+        # Labels after every box, so that no outline crosses a label.
+        for rect, (label, col, left, top) in zip(
+            place_labels(anchors, sizes, tile, tile), plates, strict=True
+        ):
+            x, y = ox + rect[0], oy + rect[1]
+            draw.rectangle([x, y, ox + rect[2], oy + rect[3]], fill=col)
+            draw.text((x + 2 - left, y + 2 - top), label, font=label_font, fill=(0, 0, 0))
+        for j, line in enumerate(captions[d]):
+            draw.text((ox + 4, oy + tile + 3 + j * line_h), line, fill=(235, 235, 235), font=caption_font)
+    return sheet
