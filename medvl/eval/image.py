@@ -50,6 +50,7 @@ from medvl.eval.classifier import (
     resolve_classifier,
 )
 from medvl.eval.common import metrics_record, run_config_hash, write_metrics
+from medvl.eval.scan_scores import scan_scores
 from medvl.eval.xrv import load_features, xrv_block
 from medvl.inference.synthesize import Synthesizer
 from medvl.models.diffusion import DiffusionBundle, load_scheduler_config, save_scheduler_config
@@ -375,6 +376,7 @@ def evaluate_diffusion(
             "side_findings": creport.side_findings,
             "side_convention_agreement": creport.side_convention_agreement,
         },
+        "scan_scores": scan_scores(classifier, images, fake, labels),  # per-label ROC curves (medvl report)
     }
     missing = {}
     if not pairs:
