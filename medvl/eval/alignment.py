@@ -35,11 +35,13 @@ from tqdm.auto import tqdm
 from medvl.config import config_hash
 from medvl.data.prepared import PreparedDataset
 from medvl.errors import DataError
+from medvl.eval.bootstrap import CONVENTION as BOOTSTRAP_CONVENTION
+from medvl.eval.bootstrap import StudyResampler
 from medvl.eval.common import metrics_record, write_metrics
+from medvl.eval.priors import CONVENTIONS as PRIOR_CONVENTIONS
+from medvl.eval.priors import WIDEN, LayoutPrior, PriorRecord, score_priors
 from medvl.models.adamatch import AdaMatch, AdaMatchRun, contrastive_loss, token_scores
 from medvl.text.tokenizer import ReportTokenizer
-
-WIDEN = 0.05  # region boxes widened by 5% of the image size on each side for the pointing game
 
 CONVENTIONS = {
     "retrieval": "i2t ranks the split's reports by s_i2t (mean over patches of best word), t2i ranks images by "
@@ -52,6 +54,8 @@ CONVENTIONS = {
     "box_iou": "IoU of the best patch's box with the closest (highest-IoU) of the word's unwidened region boxes",
     "words": "region word matched to report words case-insensitively, plurals included (a multi-word region "
     "word by its last word); affirmed occurrence preferred; regions without a word are skipped",
+    **PRIOR_CONVENTIONS,
+    "intervals": BOOTSTRAP_CONVENTION,
 }
 
 
@@ -224,10 +228,10 @@ def encode_split(
 
 
 def retrieval_metrics(
-    enc: SplitEncoding, chunk: int = 16, logit_scale: float | None = None
+    enc: SplitEncoding, chunk: int = 16, logit_scale: float | None = None, hits: dict | None = None
 ) -> dict[str, float]:
     """R@1 / R@5 both ways (identical reports count as correct), plus the split's InfoNCE loss when
-    ``logit_scale`` is given."""
+    ``logit_scale`` is given. ``hits``, when given, receives each query's hit (N,) per key."""
     s_i2t, s_t2i = token_scores(enc.patches, enc.words, enc.word_mask, enc.match_mask, chunk, enc.word_weight)
     keys = [normalise_report(t) for t in enc.reports]
     _, groups = np.unique(np.array(keys), return_inverse=True)
@@ -238,9 +242,13 @@ def retrieval_metrics(
     for k in (1, 5):
         kk = min(k, n)
         top_r = s_i2t.topk(kk, dim=1).indices  # reports for each image
-        out[f"i2t_r{k}"] = float(same.gather(1, top_r).any(1).float().mean())
+        i2t = same.gather(1, top_r).any(1).float()
+        out[f"i2t_r{k}"] = float(i2t.mean())
         top_i = s_t2i.t().topk(kk, dim=1).indices  # images for each report
-        out[f"t2i_r{k}"] = float(same.gather(1, top_i).any(1).float().mean())
+        t2i = same.gather(1, top_i).any(1).float()
+        out[f"t2i_r{k}"] = float(t2i.mean())
+        if hits is not None:
+            hits[f"i2t_r{k}"], hits[f"t2i_r{k}"] = i2t.numpy(), t2i.numpy()
     out["r1_mean"] = 0.5 * (out["i2t_r1"] + out["t2i_r1"])
     if logit_scale is not None:
         loss = 0.5 * (contrastive_loss(logit_scale * s_i2t, g) + contrastive_loss(logit_scale * s_t2i.t(), g))
@@ -248,22 +256,62 @@ def retrieval_metrics(
     return out
 
 
-def localization_metrics(records: list[PointingRecord]) -> dict[str, float]:
-    """Overall and per-finding ``pointing_game``, ``pointing_game_chance``, ``box_iou``, ``count``."""
+def localization_metrics(
+    records: list[PointingRecord],
+    priors: list[PriorRecord] | None = None,
+    studies: dict[str, str] | None = None,
+) -> dict[str, float]:
+    """Overall and per-finding ``pointing_game``, ``pointing_game_chance``, ``box_iou``, ``count``; with
+    ``priors`` (one per record, same order) the no-pixel pointers' keys beside them (``..._prior``,
+    ``..._centre``, the ``_unstated`` subset, the paired ``gap_prior``), and with ``studies`` (dicom_id ->
+    study) bootstrap intervals ``<key>_ci`` of the headline keys."""
     if not records:
         return {}
     df = pd.DataFrame([r.__dict__ for r in records])
+    if priors is not None:
+        pf = pd.DataFrame([p.__dict__ for p in priors])
+        if len(pf) != len(df) or not (pf.dicom_id.values == df.dicom_id.values).all():
+            raise ValueError("prior records must pair with the model's records one to one")
+        df = pd.concat([df, pf[["prior_hit", "prior_iou", "centre_hit", "unstated"]]], axis=1)
     out = {
         "pointing_game": float(df.hit.mean()),
         "pointing_game_chance": float(df.chance.mean()),
         "box_iou": float(df.iou.mean()),
         "count": int(len(df)),
     }
+    columns = {"pointing_game": "hit", "box_iou": "iou"}
+    if priors is not None:
+        columns.update(
+            pointing_game_prior="prior_hit", box_iou_prior="prior_iou", pointing_game_centre="centre_hit"
+        )
+        df["gap_hit"] = df.hit - df.prior_hit
+        df["gap_iou"] = df.iou - df.prior_iou
+        columns.update(pointing_game_gap_prior="gap_hit", box_iou_gap_prior="gap_iou")
+        for key, col in columns.items():
+            out[key] = float(df[col].mean())
+        sub = df[df.unstated]
+        out["count_unstated"] = int(len(sub))
+        for key, col in columns.items():
+            out[f"{key}_unstated"] = float(sub[col].mean()) if len(sub) else math.nan
+    if studies is not None:
+        study = df.dicom_id.map(lambda d: studies.get(str(d), str(d))).to_numpy()
+        boot = StudyResampler(study)
+        for key, col in columns.items():
+            out[f"{key}_ci"] = boot.mean_interval(df[col].to_numpy())
+        if priors is not None and df.unstated.any():
+            sub = df[df.unstated]
+            boot_u = StudyResampler(study[df.unstated.to_numpy()])
+            for key, col in columns.items():
+                out[f"{key}_unstated_ci"] = boot_u.mean_interval(sub[col].to_numpy())
     for word, grp in df.groupby("word"):
         out[f"per_finding.{word}.pointing_game"] = float(grp.hit.mean())
         out[f"per_finding.{word}.pointing_game_chance"] = float(grp.chance.mean())
         out[f"per_finding.{word}.box_iou"] = float(grp.iou.mean())
         out[f"per_finding.{word}.count"] = int(len(grp))
+        if priors is not None:
+            out[f"per_finding.{word}.pointing_game_prior"] = float(grp.prior_hit.mean())
+            out[f"per_finding.{word}.box_iou_prior"] = float(grp.prior_iou.mean())
+            out[f"per_finding.{word}.pointing_game_centre"] = float(grp.centre_hit.mean())
     return out
 
 
@@ -287,10 +335,27 @@ def evaluate_adamatch(
     )
     metrics: dict[str, float] = {}
     missing: dict[str, str] = {}
-    ret = retrieval_metrics(enc, am.model.cfg.chunk_size)
+    studies = dict(zip(ds.index["dicom_id"].astype(str), ds.index["study_id"].astype(str), strict=True))
+    hits: dict[str, np.ndarray] = {}
+    ret = retrieval_metrics(enc, am.model.cfg.chunk_size, hits=hits)
+    boot = StudyResampler([studies[str(d)] for d in ds.index["dicom_id"]])
     for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"):
         metrics[f"retrieval.{k}"] = ret[k]
-    loc = localization_metrics(enc.pointing)
+        metrics[f"retrieval.{k}_ci"] = boot.mean_interval(hits[k])
+    priors = None
+    if regions is not None and enc.pointing:
+        train = PreparedDataset(data, "train", require_report=False)
+        train_regions = train.regions()
+        if train_regions is not None and len(train_regions):
+            prior = LayoutPrior.fit(
+                train_regions,
+                dict(zip(train.index["dicom_id"].astype(str), train.index["report"], strict=True)),
+            )
+            reports = dict(zip(ds.index["dicom_id"].astype(str), ds.index["report"], strict=True))
+            priors = score_priors(prior, [(r.dicom_id, r.word) for r in enc.pointing], regions, reports)
+        else:
+            missing["localization.pointing_game_prior"] = "the training split has no region boxes"
+    loc = localization_metrics(enc.pointing, priors, studies)
     if loc:
         for k, v in loc.items():
             metrics[f"localization.{k}"] = v

@@ -205,3 +205,12 @@ def test_evaluate_on_tiny_prepared_writes_every_key(tiny_prepared, tiny_adamatch
         assert m[f"localization.per_finding.{w}.count"] >= 1
     assert m["meta"]["split"] == "test" and m["meta"]["num_samples"] == 10
     assert "pointing_game" in m["meta"]["conventions"] and m["meta"]["config_hash"]
+    for key in ("pointing_game_prior", "box_iou_prior", "pointing_game_centre", "pointing_game_gap_prior"):
+        assert f"localization.{key}" in m, key
+        low, high = m[f"localization.{key}_ci"]
+        assert low <= m[f"localization.{key}"] <= high, key
+    low, high = m["retrieval.t2i_r5_ci"]
+    assert low <= m["retrieval.t2i_r5"] <= high
+    assert m["localization.pointing_game_gap_prior"] == pytest.approx(
+        m["localization.pointing_game"] - m["localization.pointing_game_prior"]
+    )
