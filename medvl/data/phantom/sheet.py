@@ -76,14 +76,17 @@ def write_contact_sheet(
     return out_png
 
 
-def _label_of(finding: str, side: str) -> str:
+def label_of(finding: str, side: str) -> str:
+    """A finding's label on the sheet: its name written out ("pleural other R"), the side as L or R."""
     name = _NAMES.get(finding, finding.replace("_", " "))
     return name + {"left": " L", "right": " R"}.get(side, "")
 
 
-def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
-    """``text`` cut into lines no wider than ``width`` pixels, at ", " and spaces (a word longer than a line
-    stays whole)."""
+def caption_lines(text: str, width: int) -> list[str]:
+    """``text`` cut at spaces into lines no wider than ``width`` pixels in the caption font (a word longer than a
+    line stays whole, on a line of its own)."""
+    font = ImageFont.load_default(size=CAPTION_PX)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     lines: list[str] = []
     line = ""
     for word in text.split(" "):
@@ -103,7 +106,6 @@ def _draw_sheet(
     its colour, where it covers no other label; the view and findings as a wrapped caption below."""
     label_font = ImageFont.load_default(size=LABEL_PX)
     caption_font = ImageFont.load_default(size=CAPTION_PX)
-    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     files = dict(zip(man["dicom_id"], man["file"], strict=True))
     views = dict(zip(man["dicom_id"], man["view"], strict=True))
     captions = {}
@@ -112,11 +114,9 @@ def _draw_sheet(
         names = (
             []
             if g is None
-            else list(dict.fromkeys(_label_of(f, s) for f, s in zip(g["finding"], g["side"], strict=True)))
+            else list(dict.fromkeys(label_of(f, s) for f, s in zip(g["finding"], g["side"], strict=True)))
         )
-        captions[d] = _wrap(
-            scratch, f"{views[d]}: " + (", ".join(names) if names else "normal"), caption_font, tile - 8
-        )
+        captions[d] = caption_lines(f"{views[d]}: " + (", ".join(names) if names else "normal"), tile - 8)
     line_h = CAPTION_PX + 4
     caption_h = 6 + line_h * max(len(c) for c in captions.values())
     rows = -(-len(picks) // columns)
@@ -133,7 +133,7 @@ def _draw_sheet(
             col = _COLOURS.get(r["finding"], (255, 255, 255))
             box = tuple(float(r[c]) * tile for c in ("x0", "y0", "x1", "y1"))
             draw.rectangle([ox + box[0], oy + box[1], ox + box[2], oy + box[3]], outline=col, width=2)
-            label = _label_of(r["finding"], r["side"])
+            label = label_of(r["finding"], r["side"])
             if label in labelled:  # one label per finding and side (granulomas come in clusters)
                 continue
             labelled.add(label)
