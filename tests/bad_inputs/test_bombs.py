@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-import medvl.data.dicom as dicom
+import medvl.data.dicom_header as dicom_header
 from medvl.data.images import read_xray
 from medvl.data.xray import MAX_SIDE
 from medvl.errors import InvalidImageError
@@ -31,7 +31,7 @@ def test_deflated_dicom_declaring_20000_pixels_a_side(tmp_path):
 
 def test_deflated_dicom_inflating_past_its_header(tmp_path, monkeypatch):
     # The header says 64 x 64 but the data set inflates to 24 MB: refused while inflating, in a stream.
-    monkeypatch.setattr(dicom, "_DEFLATED_SLACK_BYTES", 1 << 20)
+    monkeypatch.setattr(dicom_header, "_DEFLATED_SLACK_BYTES", 1 << 20)
     path = deflated_dicom_bomb(tmp_path / "liar.dcm", 64, 64, inflated_pixels=24 << 20)
     err = refused(lambda: read_xray(path), path, "inflates to more than", "64 x 64", max_bytes=16 << 20)
     assert type(err) is InvalidImageError
