@@ -293,6 +293,7 @@ class SplitArrays:
     labels: np.ndarray  # (N, 14) CheXpert values
     dicom_ids: list[str]
     reports: list[str]
+    study_ids: list[str] = field(default_factory=list)
 
 
 def load_split(
@@ -313,6 +314,7 @@ def load_split(
         labels=ds.labels.numpy(),
         dicom_ids=ds.index["dicom_id"].tolist(),
         reports=ds.index["report"].tolist(),
+        study_ids=ds.index["study_id"].astype(str).tolist(),
     )
 
 

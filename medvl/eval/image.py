@@ -37,6 +37,8 @@ import torch
 from tqdm import tqdm
 
 from medvl.errors import DataError
+from medvl.eval.bootstrap import CONVENTION as BOOTSTRAP_CONVENTION
+from medvl.eval.bootstrap import StudyResampler, binary_auroc
 from medvl.eval.classifier import (
     RESOLVABLE_MIN_SIDE,
     ClassifierLike,
@@ -45,6 +47,7 @@ from medvl.eval.classifier import (
     laterality_accuracy,
     laterality_pairs,
     load_split,
+    positive_labels,
     predict,
     read_regions,
     resolve_classifier,
@@ -136,11 +139,45 @@ def fid(extractor, real: np.ndarray, fake: np.ndarray, batch_size: int = 64) -> 
     return float(FIDMetric()(feats(fake), feats(real)))
 
 
+def auroc_intervals(probs: np.ndarray, labels: np.ndarray, boot: StudyResampler) -> dict[str, list | None]:
+    """Bootstrap intervals of each label's AUROC (labels with both classes in the full set) and of their macro
+    mean (over the labels defined in each resample), one pass over the resamples; keys ``macro`` and names."""
+    y = positive_labels(labels).astype(bool)
+    cols = [k for k in range(y.shape[1]) if 0 < y[:, k].sum() < len(y)]
+    per: dict[int, list[float]] = {k: [] for k in cols}
+    macro: list[float] = []
+    for idx in boot.indices():
+        vals = []
+        for k in cols:
+            a = binary_auroc(probs[idx, k], y[idx, k])
+            if a is not None:
+                per[k].append(a)
+                vals.append(a)
+        if vals:
+            macro.append(float(np.mean(vals)))
+
+    def ci(values: list[float]) -> list[float] | None:
+        if len(values) < boot.resamples / 2:
+            return None
+        return [float(v) for v in np.percentile(values, [2.5, 97.5])]
+
+    out: dict[str, list | None] = {"macro": ci(macro)}
+    out.update({CHEXPERT_LABELS[k]: ci(per[k]) for k in cols})
+    return out
+
+
 def score_scans(
-    classifier, images: np.ndarray, labels: np.ndarray, pairs, prefix: str, all_pairs=None
+    classifier,
+    images: np.ndarray,
+    labels: np.ndarray,
+    pairs,
+    prefix: str,
+    all_pairs=None,
+    studies: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """``{prefix}label_auroc``, ``{prefix}per_label.<name>.auroc``, ``{prefix}laterality_accuracy`` (resolvable
-    findings), ``{prefix}laterality_accuracy_all_sizes`` and per finding kind (``per_finding.<kind>``)."""
+    findings), ``{prefix}laterality_accuracy_all_sizes`` and per finding kind (``per_finding.<kind>``); with
+    ``studies`` (one per scan) bootstrap intervals ``<key>_ci`` of the label AUROCs and the laterality."""
     probs, sides, _ = predict(classifier, images)
     aucs = label_aurocs(probs, labels)
     real = prefix.endswith("real_")
@@ -152,6 +189,14 @@ def score_scans(
         f"{prefix}laterality_accuracy": laterality_accuracy(sides, pairs),
     }
     out.update({f"{base}{per}.{name}.auroc": v for name, v in aucs.items()})
+    if studies is not None:
+        cis = auroc_intervals(probs, labels, StudyResampler(studies))
+        out[f"{prefix}label_auroc_ci"] = cis.pop("macro")
+        out.update({f"{base}{per}.{name}.auroc_ci": v for name, v in cis.items() if name in aucs})
+        if pairs:
+            hits = np.array([sides[i, j, h] > sides[i, j, 1 - h] for i, j, h in pairs], dtype=np.float64)
+            pair_boot = StudyResampler([studies[i] for i, _, _ in pairs])
+            out[f"{prefix}laterality_accuracy_ci"] = pair_boot.mean_interval(hits)
     if all_pairs is not None:
         out[f"{prefix}laterality_accuracy_all_sizes"] = laterality_accuracy(sides, all_pairs)
         for j, kind in enumerate(classifier.side_findings):
@@ -232,6 +277,7 @@ class ScoringSplit:
     reports: list[str]
     pairs: list
     all_pairs: list
+    studies: list[str] | None = None  # one per scan, for the bootstrap intervals
 
 
 def report_stated_sides(reports: Sequence[str]) -> list[set[tuple[str, str]]]:
@@ -265,6 +311,7 @@ def _scoring_inputs(
             regions, dicom_ids, classifier.side_findings, min_side=RESOLVABLE_MIN_SIDE, stated=stated
         ),
         all_pairs=laterality_pairs(regions, dicom_ids, classifier.side_findings, stated=stated),
+        studies=[arrays.study_ids[i] for i in keep] if arrays.study_ids else None,
     )
     return synth, classifier, creport, split_in
 
@@ -302,10 +349,21 @@ def evaluate_diffusion(
     fake = synthesize_reports(synth, reports, steps=steps, guidance=guidance, sampler=sampler, seed=seed)
 
     metrics: dict[str, float | str] = {}
-    metrics.update(score_scans(classifier, fake, labels, pairs, "image.", all_pairs))
-    metrics.update(score_scans(classifier, images, labels, pairs, "image.real_", all_pairs))
+    studies = split_in.studies
+    metrics.update(score_scans(classifier, fake, labels, pairs, "image.", all_pairs, studies))
+    metrics.update(score_scans(classifier, images, labels, pairs, "image.real_", all_pairs, studies))
     extractor = fid_extractor(classifier)
     metrics["image.fid"] = fid(extractor, images, fake)
+    # The floor of FID on this data: real validation scans against the real test scans (no synthesis at all).
+    floor_missing = None
+    if split == "validate":
+        floor_missing = "evaluated on the validation split itself"
+    else:
+        try:
+            other = load_split(data, "validate", synth.image_size, limit=max_reports)
+            metrics["image.fid_real_floor"] = fid(extractor, other.images, images)
+        except DataError as exc:
+            floor_missing = str(exc)
     xrv_metrics, xrv_notes = xrv_block(xrv_model, images, fake, labels) if xrv_model else ({}, {})
     metrics.update(xrv_metrics)
     metrics["image.fid_features"] = (
@@ -362,6 +420,9 @@ def evaluate_diffusion(
         "(patient left = image right); _all_sizes: the same without the size limit",
         "image.fid": "Frechet distance (MONAI FIDMetric) between real test scans and scans synthesized from "
         "their reports, on image.fid_features",
+        "image.fid_real_floor": "the same distance between the real validation scans and the real test scans: "
+        "what two samples of real scans already differ by",
+        "intervals": BOOTSTRAP_CONVENTION,
         "image.ms_ssim_diversity": f"mean MS-SSIM (MONAI, {scales} scales, 11-px Gaussian kernel) between two "
         "seeds of the same report; lower = more diverse",
         "sampling": f"{sampler}, {steps} steps, guidance {guidance:g}, seeds {seed}+i",
@@ -381,6 +442,8 @@ def evaluate_diffusion(
     missing = {}
     if not pairs:
         missing["image.laterality_accuracy"] = "no one-sided findings with regions in this split"
+    if floor_missing:
+        missing["image.fid_real_floor"] = floor_missing
     record = metrics_record(
         metrics,
         split=split,
