@@ -61,13 +61,13 @@ def train_and_score(mode: str, args: argparse.Namespace) -> dict:
         fit = json.loads((result.run_dir / "stage.json").read_text())
     train_s = time.perf_counter() - t0
     metrics = evaluate_adamatch(
-        run=run_dir, data=args.data, split="test", out=args.work / f"{mode}_test.json"
+        run=run_dir, data=args.data, split=args.split, out=args.work / f"{mode}_{args.split}.json"
     )
     return {
         "overrides": overrides,
         "stage_seconds": round(train_s, 1),
         "fit": fit,
-        "geometry": patch_geometry(run_dir, args.data),
+        "geometry": patch_geometry(run_dir, args.data, args.split),
         "metrics": {k: v for k, v in metrics.items() if k != "meta"},
         "meta": metrics["meta"],
     }
@@ -165,6 +165,11 @@ def main() -> None:
         "--modes", nargs="+", default=["adaptive", "grid"], choices=["adaptive", "grid", "freeform"]
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--split",
+        default="validate",
+        help="split the configurations are compared on (default: validate; test once)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
     p.add_argument("--reuse", action="store_true", help="score finished runs in --work instead of retraining")
     p.add_argument("--out", type=Path, default=RESULTS)

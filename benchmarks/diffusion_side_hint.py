@@ -38,8 +38,9 @@ def half_asymmetry(x: torch.Tensor) -> np.ndarray:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", type=Path, required=True, help="a diffusion run trained with unet.side_maps")
-    p.add_argument("--data", type=Path, required=True, help="the prepared dataset (its test reports)")
+    p.add_argument("--data", type=Path, required=True, help="the prepared dataset")
     p.add_argument("--reports", type=int, default=48)
+    p.add_argument("--split", default="validate", help="whose reports are drawn from (default: validate)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
@@ -55,7 +56,7 @@ def main() -> None:
     if not syn.denoiser.unet_cfg.side_maps:
         raise SystemExit(f"{args.run} was trained without unet.side_maps: there is no hint to swap")
     index = pd.read_csv(args.data / "index.csv")
-    reports = index.loc[index["split"] == "test", "report"].astype(str).tolist()
+    reports = index.loc[index["split"] == args.split, "report"].astype(str).tolist()
     sides = dh.report_sides(reports)
     chosen = [(r, int(s[1] > 0)) for r, s in zip(reports, sides, strict=True) if float(s.sum()) == 1.0][
         : args.reports

@@ -67,15 +67,15 @@ def train(run: Path, args: argparse.Namespace, extra: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def score_with_beams(run: Path, data: Path, beams: int) -> dict[str, float]:
-    """The report head's metrics on the test split decoded with ``beams`` (keys ``decoding.beam<N>.*``)."""
+def score_with_beams(run: Path, data: Path, beams: int, split: str = "validate") -> dict[str, float]:
+    """The report head's metrics on ``split`` decoded with ``beams`` (keys ``decoding.beam<N>.*``)."""
     from medvl.eval.clinical import label_reports
     from medvl.eval.nlg import NLGScorer
     from medvl.eval.report import _run_config, generate_for_split, score_reports
     from medvl.inference.generate import ReportGenerator
     from medvl.train.stages.report import report_split
 
-    test = report_split(data, "test", _run_config(run).data)
+    test = report_split(data, split, _run_config(run).data)
     refs = [str(r) for r in test.index["report"]]
     texts = generate_for_split(ReportGenerator.load(run), test, beams=beams, desc=f"beam {beams}")
     with NLGScorer() as scorer:
@@ -95,6 +95,11 @@ def main() -> None:
     p.add_argument("--config", default="demo")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="overrides for every run")
     p.add_argument("--no-ablations", action="store_true")
+    p.add_argument(
+        "--split",
+        default="validate",
+        help="split the configurations are compared on (default: validate; test once)",
+    )
     p.add_argument("--reuse", action="store_true", help="keep finished runs under WORK")
     p.add_argument(
         "--also-beams",
@@ -114,12 +119,12 @@ def main() -> None:
             seconds[f"ablation {name}"] = train(main_run / "ablations" / name, args, extra)
     t0 = time.perf_counter()
     out = args.work / "eval" / "report.json"
-    record = evaluate_report(run=main_run, data=args.data, split="test", out=out)
+    record = evaluate_report(run=main_run, data=args.data, split=args.split, out=out)
     seconds["evaluate"] = time.perf_counter() - t0
     rows = list(ROWS)
     for beams in args.also_beams:
         rows.insert(1, (f"report head, beam {beams}", f"decoding.beam{beams}."))
-        record.update(score_with_beams(main_run, args.data, beams))
+        record.update(score_with_beams(main_run, args.data, beams, args.split))
 
     print(
         f"\nIU-Phantom test split, {record['meta']['num_samples']} studies "
