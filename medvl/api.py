@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import medvl.registry as registry
 from medvl.data.scans import ScanLike, load_scan
-from medvl.errors import InvalidImageError, InvalidReportError, RunError
+from medvl.errors import ConfigError, InvalidImageError, InvalidReportError, RunError
 from medvl.inference.explain import explain_command, explain_image
 from medvl.report.card import write_model_card
 from medvl.runs import find_runs, save_run_set
@@ -222,6 +222,9 @@ def evaluate(
     from medvl.eval import evaluate as evaluate_run
 
     check_runs(kind, run)  # a wrong --run is an error before the classifier is trained
+    for option, kinds in (("features", ("diffusion",)), ("labeler", ("report", "cyclic"))):
+        if options.get(option) and kind not in kinds:
+            raise ConfigError(f"--{option} applies to `medvl evaluate {' | '.join(kinds)}`, not {kind}")
     if registry.evaluation(kind).uses_classifier and "classifier" not in options:
         from medvl.train.classifier import evaluation_classifier
 

@@ -278,20 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", type=Path, required=True, help="prepared dataset")
     e.add_argument("--split", choices=["train", "validate", "test"], default="test", help="split to score")
     e.add_argument("--out", type=Path, required=True, help="metrics JSON file to write")
-    e.add_argument(
-        "--features",
-        default=None,
-        metavar="xrv:PATH",
-        help="diffusion: also FID and label AUROC (image.xrv.*) on torchxrayvision's DenseNet-121 read from the "
-        "local weights file PATH (default: medvl's classifier only)",
-    )
-    e.add_argument(
-        "--labeler",
-        default=None,
-        metavar="chexbert:CKPT[,bert=DIR]",
-        help="report, cyclic: also clinical efficacy on CheXbert's labels (ce_chexbert.*) from the local "
-        "checkpoint CKPT, with DIR a local bert-base-uncased folder (default: medvl's labeler only)",
-    )
+    for flag, metavar, text in (
+        ("--features", "xrv:PATH", "diffusion: also FID and label AUROC on torchxrayvision's DenseNet-121"),
+        ("--labeler", "chexbert:CKPT[,bert=DIR]", "report, cyclic: also CE on CheXbert's labels"),
+    ):
+        e.add_argument(flag, metavar=metavar, help=f"{text}, from local files (default: none)")
 
     g = _command(
         sub,
@@ -521,13 +512,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "evaluate":
         from medvl.api import evaluate
 
-        options = {k: v for k, v in (("features", args.features), ("labeler", args.labeler)) if v}
-        for option, kinds in (("features", ("diffusion",)), ("labeler", ("report", "cyclic"))):
-            if option in options and args.kind not in kinds:
-                raise ValueError(f"--{option} applies to `medvl evaluate {' | '.join(kinds)}`, not {args.kind}")
-        metrics = evaluate(
-            args.kind, run=args.run, data=args.data, split=args.split, out=args.out, **options
-        )
+        options = {k: v for k in ("features", "labeler") if (v := getattr(args, k))}
+        metrics = evaluate(args.kind, run=args.run, data=args.data, split=args.split, out=args.out, **options)
         meta = metrics.get("meta") or {}
         print(
             f"medvl evaluate {args.kind} ({args.split}, {meta.get('num_samples', '?')} samples): {args.out}"
@@ -563,13 +549,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             args.report, run=args.run, out=args.out, steps=args.steps, guidance=args.guidance, seed=args.seed
         )
     if args.command == "export":
-        from medvl.export.onnx import export_onnx
+        from medvl.export.onnx import export_command
 
-        record = export_onnx(args.run, args.out)
-        for name, info in record["files"].items():
-            worst = max(info["max_abs_diff"].values())
-            print(f"{args.out / name}: {info['exporter']} exporter, max |ONNX - PyTorch| {worst:.2e}")
-        return 0
+        return export_command(args.run, args.out)
     if args.command == "explain":
         from medvl.api import explain_command
 

@@ -96,6 +96,7 @@ def test_every_option_has_help_and_a_default_and_every_command_an_example():
         "synthesize",
         "label",
         "explain",
+        "export",
     ]
     for name, sub in _subparsers(parser).items():
         assert sub.description, name

@@ -294,6 +294,15 @@ def export_onnx(run: str | Path, out: str | Path, *, batch: int = 2) -> dict[str
     return record
 
 
+def export_command(run: str | Path, out: str | Path) -> int:
+    """``medvl export onnx``: export, then one line per file."""
+    record = export_onnx(run, out)
+    for name, info in record["files"].items():
+        worst = max(info["max_abs_diff"].values())
+        print(f"{Path(out) / name}: {info['exporter']} exporter, max |ONNX - PyTorch| {worst:.2e}")
+    return 0
+
+
 def greedy_decode(
     decoder: Callable[[dict[str, np.ndarray]], np.ndarray],
     conditions: np.ndarray,
@@ -327,4 +336,4 @@ def greedy_decode(
     return seq[:, 1:]
 
 
-__all__ = ["ExportError", "export_onnx", "greedy_decode"]
+__all__ = ["ExportError", "export_command", "export_onnx", "greedy_decode"]

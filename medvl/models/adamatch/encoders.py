@@ -11,11 +11,14 @@ Image backbones map ``(B, 1, S, S)`` images in medvl's ``[-1024, 1024]`` convent
 
 The text encoder is a Hugging Face BERT-style encoder built from a config (small for tiny/demo),
 or any local Hugging Face model directory, followed by a linear projection. Word features are
-the mean of their WordPiece pieces (see :mod:`medvl.text.tokenizer`).
+the mean of their WordPiece pieces (see :mod:`medvl.text.tokenizer`). A folder that ships its own model code
+(``auto_map`` in its ``config.json``, as CXR-BERT does) runs that code only with ``text.trust_remote_code: true``.
+The trained encoder is saved as a Hugging Face folder of its own (:meth:`TextEncoder.save_pretrained`).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -208,6 +211,9 @@ class TextEncoderConfig:
     # contextual features drift toward a report-wide average (a word ends up closer to the other words of
     # its report than to itself elsewhere), which blurs word-level matching; the lexical path keeps identity.
     lexical: bool = True
+    # Run the model code a ``pretrained`` folder ships (``auto_map`` in its config.json, e.g. CXR-BERT). Off: such
+    # a folder is refused with a message; turn on only for a folder you trust (its Python code runs on load).
+    trust_remote_code: bool = False
 
     def validate(self) -> None:
         if self.pretrained is None and self.hidden_size % self.num_heads:
@@ -226,6 +232,21 @@ def bert_config(cfg: TextEncoderConfig, vocab_size: int, pad_token_id: int):
         max_position_embeddings=max(cfg.max_tokens, 32),
         pad_token_id=pad_token_id,
     )
+
+
+def check_remote_code(directory: Path, trust_remote_code: bool) -> None:
+    """:class:`ConfigError` when ``directory``'s ``config.json`` maps to model code of its own (``auto_map``) and
+    running it was not allowed."""
+    try:
+        auto_map = json.loads((directory / "config.json").read_text()).get("auto_map")
+    except (OSError, ValueError):
+        return  # transformers reports an unreadable config itself
+    if auto_map and not trust_remote_code:
+        files = sorted({str(v).split(".")[0] + ".py" for v in auto_map.values() if isinstance(v, str)})
+        raise ConfigError(
+            f"the text encoder in {directory} ships its own model code ({', '.join(files)}); set "
+            "model.text.trust_remote_code=true to run it (only for a folder you trust)"
+        )
 
 
 def pool_words(hidden: torch.Tensor, word_ids: torch.Tensor) -> torch.Tensor:
@@ -268,28 +289,54 @@ class TextEncoder(nn.Module):
         )
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, out_dim: int, lexical: bool = False) -> TextEncoder:
-        """Any local Hugging Face encoder directory (``local_files_only``: nothing is downloaded)."""
+    def from_pretrained(
+        cls, path: str | Path, out_dim: int, lexical: bool = False, trust_remote_code: bool = False
+    ) -> TextEncoder:
+        """Any local Hugging Face encoder directory (``local_files_only``: nothing is downloaded). A folder with its
+        own model code (``auto_map``) needs ``trust_remote_code``."""
         path = Path(path)
         if not (path / "config.json").exists():
             raise ConfigError(
                 f"text.pretrained: {path} is not a local Hugging Face model directory (no config.json)"
             )
+        check_remote_code(path, trust_remote_code)
         try:
-            enc = AutoModel.from_pretrained(str(path), local_files_only=True)
-        except (OSError, ValueError) as exc:
+            enc = AutoModel.from_pretrained(
+                str(path), local_files_only=True, trust_remote_code=trust_remote_code
+            )
+        except (OSError, ValueError, ImportError) as exc:
             raise ConfigError(f"cannot load the text encoder in {path}: {exc}") from None
         return cls(enc, out_dim, lexical=lexical)
 
     @classmethod
-    def from_saved_config(cls, directory: str | Path, out_dim: int, lexical: bool = False) -> TextEncoder:
+    def from_saved_config(
+        cls, directory: str | Path, out_dim: int, lexical: bool = False, trust_remote_code: bool = False
+    ) -> TextEncoder:
         """Architecture from a saved ``config.json`` (weights come from the run's safetensors)."""
-        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        check_remote_code(Path(directory), trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            str(directory), local_files_only=True, trust_remote_code=trust_remote_code
+        )
         kwargs = {"add_pooling_layer": False} if config.model_type == "bert" else {}
-        return cls(AutoModel.from_config(config, **kwargs), out_dim, lexical=lexical)
+        return cls(
+            AutoModel.from_config(config, trust_remote_code=trust_remote_code, **kwargs),
+            out_dim,
+            lexical=lexical,
+        )
 
     def save_config(self, directory: str | Path) -> None:
         self.encoder.config.save_pretrained(str(directory))
+
+    def save_pretrained(self, directory: str | Path, tokenizer=None) -> Path:
+        """The encoder as a Hugging Face folder of its own: ``config.json``, ``model.safetensors`` (the encoder
+        without medvl's projection; a pooler medvl does not use is left out), the model code of a custom-code
+        encoder, and ``tokenizer``'s files when given; ``transformers.AutoModel.from_pretrained(directory)`` (with
+        ``trust_remote_code=True`` for custom code) and ``AutoTokenizer.from_pretrained(directory)`` load it."""
+        directory = Path(directory)
+        self.encoder.save_pretrained(str(directory), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(directory))
+        return directory
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, word_ids: torch.Tensor | None = None

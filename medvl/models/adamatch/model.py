@@ -239,7 +239,12 @@ class AdaMatch(nn.Module):
 def build_adamatch(cfg: AdaMatchConfig, tokenizer: ReportTokenizer) -> AdaMatch:
     """A fresh model: text encoder built from ``cfg.text`` or loaded from ``cfg.text.pretrained``."""
     if cfg.text.pretrained:
-        text = TextEncoder.from_pretrained(cfg.text.pretrained, cfg.embed_dim, lexical=cfg.text.lexical)
+        text = TextEncoder.from_pretrained(
+            cfg.text.pretrained,
+            cfg.embed_dim,
+            lexical=cfg.text.lexical,
+            trust_remote_code=cfg.text.trust_remote_code,
+        )
         if text.encoder.config.vocab_size < tokenizer.vocab_size:
             raise ConfigError(
                 f"text encoder in {cfg.text.pretrained} has a smaller vocabulary than its tokenizer"

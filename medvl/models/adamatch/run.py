@@ -6,7 +6,8 @@ Saved as one component (:mod:`medvl.models.pretrained`), ``RUN/adamatch/``::
 
     config.json           format medvl.adamatch, the resolved model config
     model.safetensors     the model's weights
-    text_encoder/         the text encoder's Hugging Face config (its architecture; weights above)
+    text_encoder/         the text encoder as a Hugging Face folder of its own (config, weights, tokenizer files;
+                          ``transformers.AutoModel.from_pretrained`` reads it); medvl reads its config only
     tokenizer/            the WordPiece tokenizer (Hugging Face files + medvl_tokenizer.json)
     keywords/             the keyword vocabulary (config.json + model.safetensors)
     keypatches/           the keypatch bank (config.json + model.safetensors)
@@ -112,7 +113,7 @@ class AdaMatchRun:
         cfg["text"]["pretrained"] = None
         write_config(out, self.FORMAT, cfg)
         save_weights(out, self.model.state_dict())
-        self.model.text_encoder.save_config(out / TEXT_ENCODER_DIR)
+        self.model.text_encoder.save_pretrained(out / TEXT_ENCODER_DIR, tokenizer=self.tokenizer.hf)
         self.tokenizer.save_pretrained(out / TOKENIZER_DIR)
         if self.keywords is not None:
             self.keywords.save_pretrained(out / KeywordVocabulary.DIRNAME)
@@ -130,7 +131,10 @@ class AdaMatchRun:
         cfg = from_dict(AdaMatchConfig, meta["config"])
         tokenizer = ReportTokenizer.from_pretrained(art / TOKENIZER_DIR)
         model = AdaMatch(
-            cfg, TextEncoder.from_saved_config(art / TEXT_ENCODER_DIR, cfg.embed_dim, cfg.text.lexical)
+            cfg,
+            TextEncoder.from_saved_config(
+                art / TEXT_ENCODER_DIR, cfg.embed_dim, cfg.text.lexical, cfg.text.trust_remote_code
+            ),
         )
         missing, unexpected = model.load_state_dict(load_weights(art), strict=False)
         if missing or unexpected:

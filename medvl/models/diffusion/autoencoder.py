@@ -1,7 +1,8 @@
 """The diffusion head's autoencoder: MONAI's ``AutoencoderKL`` between scans and latents, saved with its latent
 scale factor as the ``autoencoder/`` component of a run (:class:`AutoencoderBundle`)::
 
-    autoencoder/config.json         format medvl.autoencoder: the model config and the latent info (scale factor)
+    autoencoder/config.json         format medvl.autoencoder: the model config, the latent info (scale factor) and
+                                    ``monai``: the class and keyword arguments that rebuild it without medvl
     autoencoder/model.safetensors   the AutoencoderKL weights
 """
 
@@ -22,6 +23,7 @@ from medvl.models.pretrained import component_dir, load_weights, read_config, sa
 __all__ = [
     "XRAY_RANGE",
     "AutoencoderConfig",
+    "autoencoder_kwargs",
     "build_autoencoder",
     "to_model_range",
     "from_model_range",
@@ -65,21 +67,28 @@ class AutoencoderConfig:
         return (self.latent_channels, s, s)
 
 
-def build_autoencoder(cfg: AutoencoderConfig) -> AutoencoderKL:
-    """MONAI's KL autoencoder: (B, 1, S, S) in [-1, 1] -> z_mu, z_sigma (B, C, S/f, S/f) -> (B, 1, S, S)."""
-    cfg.validate()
-    return AutoencoderKL(
+def autoencoder_kwargs(cfg: AutoencoderConfig) -> dict:
+    """The keyword arguments of ``monai.networks.nets.AutoencoderKL`` for ``cfg`` (JSON types)."""
+    return dict(
         spatial_dims=2,
         in_channels=1,
         out_channels=1,
         num_res_blocks=cfg.num_res_blocks,
-        channels=tuple(cfg.channels),
-        attention_levels=tuple(cfg.attention_levels),
+        channels=list(cfg.channels),
+        attention_levels=list(cfg.attention_levels),
         latent_channels=cfg.latent_channels,
         norm_num_groups=cfg.norm_num_groups,
         with_encoder_nonlocal_attn=cfg.with_nonlocal_attn,
         with_decoder_nonlocal_attn=cfg.with_nonlocal_attn,
     )
+
+
+def build_autoencoder(cfg: AutoencoderConfig) -> AutoencoderKL:
+    """MONAI's KL autoencoder: (B, 1, S, S) in [-1, 1] -> z_mu, z_sigma (B, C, S/f, S/f) -> (B, 1, S, S)."""
+    cfg.validate()
+    kwargs = autoencoder_kwargs(cfg)
+    kwargs.update(channels=tuple(cfg.channels), attention_levels=tuple(cfg.attention_levels))
+    return AutoencoderKL(**kwargs)
 
 
 def to_model_range(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -121,7 +130,13 @@ class AutoencoderBundle:
         """``config.json`` (model config, latent info) and ``model.safetensors``; returns the folder."""
         directory = Path(directory)
         save_weights(directory, self.model.state_dict())
-        write_config(directory, self.FORMAT, to_dict(self.cfg), latent=asdict(self.latent))
+        write_config(
+            directory,
+            self.FORMAT,
+            to_dict(self.cfg),
+            latent=asdict(self.latent),
+            monai={"class": "monai.networks.nets.AutoencoderKL", "kwargs": autoencoder_kwargs(self.cfg)},
+        )
         return directory
 
     @classmethod

@@ -78,23 +78,27 @@ class Denoiser(nn.Module):
         unet_cfg.validate()
         self.unet_cfg = unet_cfg
         self.latent_channels = latent_channels
-        self.unet = DiffusionModelUNet(
+        #: ``monai.networks.nets.DiffusionModelUNet``'s keyword arguments (JSON types; saved in config.json).
+        self.unet_kwargs = dict(
             spatial_dims=2,
             in_channels=latent_channels + 2 * int(unet_cfg.coordinate_channels) + 2 * int(unet_cfg.side_maps),
             out_channels=latent_channels,
             num_res_blocks=unet_cfg.num_res_blocks,
-            channels=tuple(unet_cfg.channels),
-            attention_levels=tuple(unet_cfg.attention_levels),
+            channels=list(unet_cfg.channels),
+            attention_levels=list(unet_cfg.attention_levels),
             norm_num_groups=unet_cfg.norm_num_groups,
             num_head_channels=(
                 unet_cfg.num_head_channels
                 if isinstance(unet_cfg.num_head_channels, int)
-                else tuple(unet_cfg.num_head_channels)
+                else list(unet_cfg.num_head_channels)
             ),
             with_conditioning=True,
             transformer_num_layers=unet_cfg.transformer_num_layers,
             cross_attention_dim=conditioner.context_dim,
             use_flash_attention=unet_cfg.use_flash_attention,
+        )
+        self.unet = DiffusionModelUNet(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in self.unet_kwargs.items()}
         )
         self.conditioner = conditioner
         if unet_cfg.global_condition:
@@ -257,6 +261,14 @@ class DiffusionBundle:
             keypatch_dim=cond.keypatch_dim,
             latent_channels=den.latent_channels,
             context_dim=cond.context_dim,
+            monai={
+                "class": "monai.networks.nets.DiffusionModelUNet",
+                "kwargs": den.unet_kwargs,
+                "state_dict_prefix": "unet.",
+                # with unet.global_condition the class embedding is Linear(context_dim, T) - SiLU - Linear(T, T),
+                # T the timestep embedding's width, fed the report's summary token (the context's first row)
+                "class_embedding": "mlp" if den.unet_cfg.global_condition else None,
+            },
         )
         save_scheduler_config(directory, self.noise, self.sampler)
         return directory
