@@ -5,8 +5,10 @@ PATH is one of
 
 * a torchxrayvision weights file as its releases ship them (e.g. ``mimic_nb-densenet121-d121-tw-lr001-rot45-
   tr15-sc15-seed0-best.pt``, the ``densenet121-res224-mimic_nb`` weights): a pickled whole ``DenseNet``. It is
-  read with ``torch.load(weights_only=True)``, allowing only torchxrayvision's DenseNet classes and
-  ``torch.nn`` layers to be rebuilt, so the file cannot run code; any other class in it is refused by name;
+  rebuilt allowing only torchxrayvision's DenseNet classes and ``torch.nn`` layers (plus tensor rebuilding), so the
+  file cannot run code of its choosing; any other class in it is refused by name. A zip-format file is read with
+  ``torch.load(weights_only=True)``; a file in torch's legacy format (before torch 1.6), which that loader cannot
+  read, with a restricted unpickler (:class:`_RestrictedUnpickler`);
 * a plain state dict (``torch.save(model.state_dict(), PATH)``) or a ``.safetensors`` file of one.
 
 The network is built with ``xrv.models.DenseNet(weights=None, ...)`` (torchxrayvision downloads only for a
@@ -18,8 +20,8 @@ name (untrained ones) are not scored.
 Images are given in medvl's convention, which is torchxrayvision's (one channel, ``[-1024, 1024]``), and resized
 to 224 px (bilinear) as the weights expect. Metrics (under ``image.xrv.``): ``fid`` (the Fréchet distance on the
 1024-d pooled features, real test scans against synthesized ones, :func:`frechet_distance`: the formula MONAI's
-``FIDMetric`` and pytorch-fid compute, in a form that stays real with fewer scans than feature dimensions), ``label_auroc`` (macro ROC AUC on synthesized
-scans against their reports' labels, over the CheXpert labels the model predicts with both classes present;
+``FIDMetric`` and pytorch-fid compute, in a form that stays real with fewer scans than feature dimensions),
+``label_auroc`` (macro ROC AUC on synthesized scans against their reports' labels, over the CheXpert labels the model predicts with both classes present;
 positive = label 1) with ``per_label.<CheXpert name>.auroc``, and ``real_label_auroc`` / ``real_per_label`` on the
 real test scans.
 """
@@ -27,6 +29,9 @@ real test scans.
 from __future__ import annotations
 
 import importlib
+import pickle
+import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +48,7 @@ INPUT_SIZE = 224
 TO_CHEXPERT = {"Effusion": "Pleural Effusion"}
 #: Modules whose ``nn.Module`` classes a pickled torchxrayvision model may rebuild.
 ALLOWED_MODULE_PREFIXES = ("torchxrayvision.models", "torch.nn.modules.")
+MAX_PICKLED_CLASSES = 64
 
 
 def parse_features(spec: str) -> Path:
@@ -55,29 +61,112 @@ def parse_features(spec: str) -> Path:
     return Path(path).expanduser()
 
 
+def _allowed_class(name: str, path: Path) -> type:
+    """The ``nn.Module`` class ``name`` when it belongs to torchxrayvision's models or ``torch.nn``, else a
+    :class:`RunError` naming it."""
+    module, _, attr = name.rpartition(".")
+    obj = None
+    if module.startswith(ALLOWED_MODULE_PREFIXES):
+        try:
+            obj = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError):
+            obj = None
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise RunError(
+            f"{path} holds {name}, which is not a torchxrayvision DenseNet layer; it is not unpickled. Save its "
+            "state dict (torch.save(model.state_dict(), OUT)) where you trust the file and pass OUT"
+        )
+    return obj
+
+
+#: What a legacy-format torchxrayvision model file may name besides the layer classes: tensor and parameter
+#: rebuilding, ordered dicts and the object reconstruction protocol; nothing that runs code of the file's choosing.
+LEGACY_GLOBALS = {
+    ("collections", "OrderedDict"),
+    ("torch._utils", "_rebuild_tensor"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch", "Size"),
+    ("copyreg", "_reconstructor"),
+    ("builtins", "object"),
+    ("builtins", "set"),
+    ("__builtin__", "object"),  # protocol-2 pickles name builtins the Python 2 way
+    ("__builtin__", "set"),
+    ("copy_reg", "_reconstructor"),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only :data:`LEGACY_GLOBALS` and the allowed layer classes (Python's documented
+    way to restrict globals); torch's legacy loader wraps it and rebuilds the storages itself."""
+
+    path = Path("<file>")
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in LEGACY_GLOBALS:
+            return super().find_class(module, name)
+        try:
+            return _allowed_class(f"{module}.{name}", self.path)
+        except RunError as exc:
+            raise pickle.UnpicklingError(str(exc)) from None
+
+
+class _RestrictedPickle:
+    """The ``pickle_module`` handed to ``torch.load`` for legacy-format files."""
+
+    __name__ = "medvl.eval.xrv._RestrictedPickle"
+    Unpickler = _RestrictedUnpickler
+
+    @staticmethod
+    def load(f, **kwargs):
+        return _RestrictedUnpickler(f, **kwargs).load()
+
+
 def _read_pickled_model(path: Path) -> nn.Module:
-    """A pickled whole torchxrayvision model, rebuilt by the weights-only unpickler with its layer classes allowed."""
-    try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except Exception as exc:
-        raise RunError(f"{path} is neither a state dict nor a torchxrayvision model file: {exc}") from None
-    allowed = []
-    for name in names:
-        module, _, attr = name.rpartition(".")
-        obj = None
-        if module.startswith(ALLOWED_MODULE_PREFIXES):
-            try:
-                obj = getattr(importlib.import_module(module), attr)
-            except (ImportError, AttributeError):
-                obj = None
-        if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
-            raise RunError(
-                f"{path} holds {name}, which is not a torchxrayvision DenseNet layer; it is not unpickled. "
-                "Save its state dict (torch.save(model.state_dict(), OUT)) where you trust the file and pass OUT"
+    """A pickled whole torchxrayvision model, rebuilt with only the ``nn.Module`` classes of torchxrayvision's models
+    and of ``torch.nn`` allowed (any other global is refused by name). A zip-format file (``torch.save`` since torch
+    1.6) goes through torch's weights-only unpickler, each layer class allowed as it asks for it; a legacy-format
+    file (older torch, as torchxrayvision's v1 releases may be), which the weights-only unpickler cannot read,
+    through a restricted unpickler (:class:`_RestrictedUnpickler`)."""
+    if not zipfile.is_zipfile(path):
+        _RestrictedUnpickler.path = path
+        try:
+            model = torch.load(
+                str(path), map_location="cpu", weights_only=False, pickle_module=_RestrictedPickle
             )
-        allowed.append(obj)
-    with torch.serialization.safe_globals(allowed):
-        model = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise RunError(str(exc)) from None
+        except Exception as exc:
+            raise RunError(
+                f"{path} is neither a state dict nor a torchxrayvision model file: {exc}"
+            ) from None
+    else:
+        allowed: list[type] = []
+        for _ in range(MAX_PICKLED_CLASSES):
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    model = torch.load(str(path), map_location="cpu", weights_only=True)
+                break
+            except pickle.UnpicklingError as exc:
+                match = re.search(r"GLOBAL ([\w.]+) was not an allowed global", str(exc))
+                if match is None:
+                    raise RunError(
+                        f"{path} is neither a state dict nor a torchxrayvision model file: {str(exc)[-200:]}"
+                    ) from None
+                obj = _allowed_class(match.group(1), path)
+                if obj in allowed:
+                    raise RunError(
+                        f"{path}: {match.group(1)} is refused by the weights-only loader"
+                    ) from None
+                allowed.append(obj)
+            except Exception as exc:
+                raise RunError(
+                    f"{path} is neither a state dict nor a torchxrayvision model file: {exc}"
+                ) from None
+        else:
+            raise RunError(
+                f"{path} asks for more than {MAX_PICKLED_CLASSES} classes; not a torchxrayvision model"
+            )
     if not isinstance(model, nn.Module):
         raise RunError(f"{path} holds a {type(model).__name__}, not a torchxrayvision model")
     return model

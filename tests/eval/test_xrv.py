@@ -70,6 +70,16 @@ def test_release_format_file_loads_without_network(tmp_path, random_densenet):
     assert "mimic_nb" in model.name
 
 
+def test_legacy_serialization_release_file(tmp_path, random_densenet):
+    path = tmp_path / RELEASE_NAME  # releases saved before torch's zip format: the legacy pickle stream
+    torch.save(random_densenet, path, _use_new_zipfile_serialization=False)
+    images = _scans(1, seed=4)
+    model = load_xrv_densenet(path)
+    np.testing.assert_allclose(
+        model.run(images)[0], _reference(random_densenet, images).numpy(), rtol=1e-4, atol=1e-5
+    )
+
+
 def test_state_dict_and_safetensors_files(tmp_path, random_densenet):
     from safetensors.torch import save_file
 
@@ -90,6 +100,9 @@ def test_errors_name_the_file(tmp_path):
     torch.save({"obj": NotAModel()}, tmp_path / "foreign.pt")
     with pytest.raises(RunError, match="NotAModel"):
         load_xrv_densenet(tmp_path / "foreign.pt")
+    torch.save({"obj": NotAModel()}, tmp_path / "foreign_legacy.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(RunError, match="NotAModel"):
+        load_xrv_densenet(tmp_path / "foreign_legacy.pt")
     torch.save({"conv.weight": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(RunError, match="does not hold a torchxrayvision DenseNet"):
         load_xrv_densenet(tmp_path / "other.pt")
