@@ -78,24 +78,31 @@ def timed(fn, items) -> tuple[float, list]:
     return time.perf_counter() - start, outs
 
 
-def make_data(tmp: Path, n_jpg: int, n_dcm: int) -> tuple[list[Path], list[Path], Path]:
-    """Chest-like full-size files; JPGs placed in a MIMIC-CXR-JPG tree with its tables."""
+def make_data(
+    tmp: Path, n_jpg: int, n_dcm: int, *, shape: tuple[int, int] = (H, W), distinct: int = 0
+) -> tuple[list[Path], list[Path], Path]:
+    """Chest-like files of ``shape`` (full size by default); JPGs placed in a MIMIC-CXR-JPG tree with its tables.
+    ``distinct`` > 0: JPGs after the first ``distinct`` are byte copies of those (same decoding cost, made fast)."""
+    h, w = shape
     rng = np.random.default_rng(0)
-    bases = [synthetic_chest(H, W, seed=s, marker=True) for s in range(2)]
+    bases = [synthetic_chest(h, w, seed=s, marker=True) for s in range(2)]
     root = tmp / "mimic-jpg"
     jpgs, dcms, meta = [], [], []
     for i in range(n_jpg):
-        unit = bases[i % 2] + rng.normal(0, 0.008, (H, W))  # fine texture: JPEG sizes near real films
         subject, study, dicom_id = f"1{i:07d}", f"5{i:07d}", f"{i:08x}-bench"
         folder = root / f"files/p{subject[:2]}/p{subject}/s{study}"
         folder.mkdir(parents=True)
         path = folder / f"{dicom_id}.jpg"
-        Image.fromarray(np.rint(np.clip(unit, 0, 1) * 255).astype(np.uint8)).save(path, quality=95)
+        if 0 < distinct <= i:
+            shutil.copyfile(jpgs[i % distinct], path)
+        else:
+            unit = bases[i % 2] + rng.normal(0, 0.008, (h, w))  # fine texture: JPEG sizes near real films
+            Image.fromarray(np.rint(np.clip(unit, 0, 1) * 255).astype(np.uint8)).save(path, quality=95)
         (folder.parent / f"s{study}.txt").write_text(" FINAL REPORT\n FINDINGS: The lungs are clear.\n")
         jpgs.append(path)
         meta.append((dicom_id, subject, study))
     for i in range(n_dcm):
-        unit = bases[i % 2] + rng.normal(0, 0.008, (H, W))
+        unit = bases[i % 2] + rng.normal(0, 0.008, (h, w))
         ds = chest_dataset(
             unit,
             bits=12,

@@ -1,0 +1,509 @@
+"""The GPU figures in one command, every row side by side in one run (about 6-8 minutes on one H200).
+
+    python benchmarks/gpu_suite.py                  # CUDA: base preset sizes
+    python benchmarks/gpu_suite.py --tiny           # CPU: tiny presets, a few steps (run by tests/test_gpu_suite.py)
+
+Rows (random weights: speed does not depend on them):
+
+* ``diffusion_train``: the diffusion head at ``configs/diffusion/<preset>.yaml`` sizes (UNet + report conditioner +
+  frozen shared memory, from ``benchmarks/unet_scale_speed.py``): forward, backward, AdamW and EMA update in bf16
+  at the preset's batch, as the training loop runs it (``loop``), with ``train.speed`` channels-last and fused
+  AdamW (``fast``) and also compiled (``compiled``, with ``--compile``, the default on CUDA). Images/s and MFU:
+  the FLOPs of one forward + backward counted by ``torch.utils.flop_counter.FlopCounterMode``, over the device's
+  peak bf16 rate (:data:`PEAK_BF16`; unknown devices and the CPU: null).
+* ``adamatch_train``: AdaMatch at ``configs/adamatch/<preset>.yaml`` sizes on batches of the suite's prepared
+  dataset (augmentation and tokenising in the stage's collate), ``loop`` and ``fast``; images/s and MFU.
+* ``sampling``: seconds per image at batch 8 and 64 (UNet only, guidance batched): the MONAI recipe (DDIM 50,
+  fp32), the preset's default sampler, and the fastest sampler medvl has (DPM-Solver++(2M), ``--fast-steps``,
+  bf16). ``sampling_speedup_b8`` / ``_b64``: recipe seconds over fastest seconds. ``sampling_equal_auroc`` needs
+  trained weights and is null here (``benchmarks/sampling_speed.py --run RUN --data DATA`` measures label AUROC
+  per sampler).
+* ``decode``: the report head at ``benchmarks/decode_throughput.py``'s anchor size, beam 3, 100 tokens forced,
+  trigram blocking: reports/min at batch 64, 256 and 512 (``decode_reports_per_min``: the best), the latency of
+  one report (batch 1), and the static-cache variant (compiled by transformers on CUDA) with its sameness.
+* ``loader``: the prepared-dataset loader (the training loop's micro-batch loader with AdaMatch's collate) with
+  the preset's ``train.num_workers``, images/s beside AdaMatch's training rate.
+* ``prepare``: ``medvl prepare mimic-cxr`` (``prepare_mimic``) on a generated MIMIC-CXR-JPG tree of full-size
+  (2500 x 3000) JPGs at 256 px with one worker per CPU, images/s (``benchmarks/prepare_throughput.py``'s tree).
+
+Writes ``benchmarks/results/gpu_suite_<device>.json``: the top-level keys :data:`KEYS` (a value a row could not
+measure is null, with the reason under ``notes``), the device, torch version, sizes and batches, and every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from accelerate.utils import send_to_device
+from torch.utils.flop_counter import FlopCounterMode
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))  # the sibling benchmarks, imported as modules
+
+import decode_throughput  # noqa: E402
+import prepare_throughput  # noqa: E402
+import unet_scale_speed  # noqa: E402
+
+from medvl.config import resolve_config_path  # noqa: E402
+from medvl.data.mimic import prepare_mimic  # noqa: E402
+from medvl.models.diffusion import autocast_context  # noqa: E402
+from medvl.train.batches import MicroBatches, micro_batch_loader  # noqa: E402
+from medvl.train.distributed import SpeedConfig, adamw_options, apply_speed_options  # noqa: E402
+from medvl.train.stages.adamatch import build_stage  # noqa: E402
+
+RESULTS = BENCH / "results"
+KEYS = (
+    "device",
+    "diffusion_train_images_per_s",
+    "diffusion_train_mfu",
+    "adamatch_train_mfu",
+    "sampling_speedup_b8",
+    "sampling_speedup_b64",
+    "sampling_equal_auroc",
+    "decode_reports_per_min",
+    "decode_one_report_s",
+    "loader_images_per_s",
+    "prepare_images_per_s",
+)
+#: Dense bf16 peak FLOP/s by device name (the first name found in the device's name wins).
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+
+FULL = {
+    "preset": "base",
+    "latent": 64,
+    "train_steps": 20,
+    "warmup": 3,
+    "sample_batches": (8, 64),
+    "sample_repeats": 1,
+    "decode_setting": "anchor",
+    "decode_tokens": 100,
+    "decode_batches": (64, 256, 512),
+    "decode_variants": ("fast",),
+    "prepare_images": 384,
+    "prepare_distinct": 8,
+    "prepare_shape": (prepare_throughput.H, prepare_throughput.W),
+    "prepare_size": 256,
+    "loader_batches": 12,
+}
+TINY = {
+    "preset": "tiny",
+    "latent": 16,
+    "train_steps": 2,
+    "warmup": 1,
+    "sample_batches": (2, 4),
+    "sample_repeats": 1,
+    "decode_setting": "tiny",
+    "decode_tokens": 8,
+    "decode_batches": (2, 4),
+    "decode_variants": ("fast", "plain"),
+    "prepare_images": 24,
+    "prepare_distinct": 2,
+    "prepare_shape": (300, 250),
+    "prepare_size": 64,
+    "loader_batches": 2,
+}
+
+
+def peak_flops(device_name: str) -> float | None:
+    for name, peak in PEAK_BF16.items():
+        if name in device_name:
+            return peak
+    return None
+
+
+def device_slug(device_name: str) -> str:
+    """ "NVIDIA H200" -> "h200"; "cpu" stays."""
+    name = re.sub(r"^nvidia\s+", "", device_name.strip().lower())
+    return re.sub(r"[^a-z0-9]+", "_", name).strip("_") or "device"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def count_flops(fn) -> int:
+    """FLOPs of one call of ``fn`` as ``FlopCounterMode`` counts them (matmuls, convolutions, attention)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def train_rate(step, params, speed: SpeedConfig, device: torch.device, steps: int, warmup: int) -> float:
+    """Seconds per optimiser step of ``step()`` (forward + backward, returns nothing) with AdamW over ``params``."""
+    opt = torch.optim.AdamW(params, lr=1e-5, **adamw_options(speed, device))
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync(device)
+            t0 = time.perf_counter()
+        step()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sync(device)
+    seconds = (time.perf_counter() - t0) / steps
+    del opt
+    return seconds
+
+
+def variants(compile_: bool) -> list[tuple[str, SpeedConfig]]:
+    out = [("loop", SpeedConfig()), ("fast", SpeedConfig(channels_last=True, fused_adamw=True))]
+    if compile_:
+        out.append(("compiled", SpeedConfig(channels_last=True, fused_adamw=True, compile=True)))
+    return out
+
+
+def diffusion_train(
+    s: dict, device: torch.device, precision: str, compile_: bool, peak: float | None
+) -> dict:
+    torch.manual_seed(0)
+    cfg, model, word_dim, keypatch_dim = unet_scale_speed.build(s["preset"], device, 3, s["preset"])
+    batch = cfg.train.batch_size
+    feats = unet_scale_speed.features(cfg, batch, word_dim, keypatch_dim, device)
+    mu = torch.randn(batch, 3, s["latent"], s["latent"], device=device)
+    sigma = torch.full_like(mu, 0.05)
+    model.train()
+    params = [p for p in model.denoiser.parameters() if p.requires_grad]
+
+    def step():
+        with autocast_context(device, precision):
+            loss = model(mu, sigma, **feats)["loss"]
+        loss.backward()
+        model.update_ema(0.9999)
+
+    def fwd_bwd():
+        with autocast_context(device, precision):
+            model(mu, sigma, **feats)["loss"].backward()
+        model.zero_grad(set_to_none=True)
+
+    flops = count_flops(fwd_bwd)
+    rows = {}
+    for name, speed in variants(compile_):
+        apply_speed_options(model.denoiser, speed, device)
+        t0 = time.perf_counter()
+        seconds = train_rate(step, params, speed, device, s["train_steps"], s["warmup"])
+        rate = batch / seconds
+        rows[name] = {
+            "speed": speed.__dict__,
+            "images_per_s": rate,
+            "s_per_step": seconds,
+            "mfu": flops / seconds / peak if peak else None,
+            "wall_s": time.perf_counter() - t0,
+        }
+    return {
+        "preset": s["preset"],
+        "batch": batch,
+        "precision": precision,
+        "latent": [3, s["latent"], s["latent"]],
+        "flops_per_step": flops,
+        "tflop_per_image": flops / batch / 1e12,
+        "variants": rows,
+    }
+
+
+def make_prepared(s: dict, tmp: Path) -> dict:
+    """A generated MIMIC-CXR-JPG tree (a quarter of it in the validate split) prepared with a worker per CPU."""
+    _, _, root = prepare_throughput.make_data(
+        tmp, s["prepare_images"], 0, shape=s["prepare_shape"], distinct=s["prepare_distinct"]
+    )
+    split = root / "mimic-cxr-2.0.0-split.csv.gz"
+    table = pd.read_csv(split, dtype=str)
+    table.loc[table.index % 4 == 3, "split"] = "validate"
+    table.to_csv(split, index=False)
+    reports = [
+        "Heart size is normal. The lungs are clear.",
+        "Small left pleural effusion. Mild cardiomegaly.",
+    ]
+    for i, txt in enumerate(sorted(root.glob("files/*/*/*.txt"))):
+        txt.write_text(f" FINAL REPORT\n FINDINGS: {reports[i % 2]} Finding number {i % 17}.\n")
+    workers = os.cpu_count() or 1
+    out = tmp / "prepared"
+    t0 = time.perf_counter()
+    result = prepare_mimic(root, out, size=s["prepare_size"], workers=workers)
+    seconds = time.perf_counter() - t0
+    return {
+        "images": result.kept,
+        "workers": workers,
+        "source_shape": list(s["prepare_shape"]),
+        "size": s["prepare_size"],
+        "seconds": seconds,
+        "images_per_s": result.kept / seconds,
+    }
+
+
+def adamatch_train(
+    s: dict, data: Path, device: torch.device, precision: str, peak: float | None
+) -> tuple[dict, object]:
+    torch.manual_seed(0)
+    stage = build_stage(config_path=resolve_config_path("adamatch", s["preset"]), overrides=[], data=data)
+    model = stage.build_model().to(device)
+    model.train()
+    bs = stage.train.batch_size
+    ds = stage.train_dataset()
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, len(ds), (bs,), generator=g).tolist()
+    batch = send_to_device(stage.collate([ds[i] for i in idx]), device)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        with autocast_context(device, precision):
+            loss, _ = stage.training_step(model, batch)
+        loss.backward()
+
+    def fwd_bwd():
+        step()
+        model.zero_grad(set_to_none=True)
+
+    flops = count_flops(fwd_bwd)
+    rows = {}
+    for name, speed in variants(False):
+        apply_speed_options(model, speed, device)
+        seconds = train_rate(step, params, speed, device, s["train_steps"], s["warmup"])
+        rows[name] = {
+            "speed": speed.__dict__,
+            "images_per_s": bs / seconds,
+            "s_per_step": seconds,
+            "mfu": flops / seconds / peak if peak else None,
+        }
+    info = {
+        "preset": s["preset"],
+        "batch": bs,
+        "precision": precision,
+        "image_size": stage.config.model.image_size,
+        "flops_per_step": flops,
+        "variants": rows,
+    }
+    return info, stage
+
+
+def loader_rate(s: dict, stage, device: torch.device) -> dict:
+    bs, workers, n = stage.train.batch_size, stage.train.num_workers, s["loader_batches"]
+    micro = MicroBatches(
+        stage.train_dataset(), stage.collate, seed=0, rank=0, world_size=1, batch_size=bs, total=n + 1
+    )
+    loader = micro_batch_loader(micro, start=0, num_workers=workers, pin_memory=device.type == "cuda", seed=0)
+    it = iter(loader)
+    next(it)  # worker start-up excluded
+    t0 = time.perf_counter()
+    for _ in range(n):
+        next(it)
+    seconds = time.perf_counter() - t0
+    del it, loader
+    return {"batch": bs, "num_workers": workers, "batches": n, "images_per_s": bs * n / seconds}
+
+
+def sampling(s: dict, device: torch.device, fast_steps: int) -> dict:
+    torch.manual_seed(0)
+    cfg, model, word_dim, keypatch_dim = unet_scale_speed.build(s["preset"], device, 3, s["preset"])
+    latent = (3, s["latent"], s["latent"])
+    g = float(cfg.sampler.guidance)
+    specs = {
+        "monai_recipe": ("ddim", 50, "fp32"),
+        "default": (cfg.sampler.name.value, cfg.sampler.steps, cfg.sampler.precision.value),
+        "fastest": (
+            "dpm_solver_2m",
+            min(fast_steps, cfg.sampler.steps),
+            "bf16" if device.type == "cuda" else "fp32",
+        ),
+    }
+    out = {}
+    for batch in s["sample_batches"]:
+        feats = unet_scale_speed.features(cfg, batch, word_dim, keypatch_dim, device, seed=1)
+        rows = {}
+        for name, (sampler, steps, precision) in specs.items():
+            row = unet_scale_speed.sample_row(
+                cfg,
+                model,
+                feats,
+                latent,
+                sampler=sampler,
+                steps=steps,
+                guidance=g,
+                precision=precision,
+                repeats=s["sample_repeats"],
+                device=device,
+            )
+            rows[name] = {k: row[k] for k in ("sampler", "steps", "precision", "s_per_image", "finite")}
+        rows["speedup_recipe_over_fastest"] = (
+            rows["monai_recipe"]["s_per_image"] / rows["fastest"]["s_per_image"]
+        )
+        rows["speedup_recipe_over_default"] = (
+            rows["monai_recipe"]["s_per_image"] / rows["default"]["s_per_image"]
+        )
+        out[f"batch_{batch}"] = rows
+    return out
+
+
+def decoding(s: dict, device: torch.device, static: bool) -> dict:
+    tokens = s["decode_tokens"]
+    head = decode_throughput.build_head(s["decode_setting"], tokens, device)
+    common = dict(beams=3, tokens=tokens, ngram=3, repeats=2, device=device)
+    rows = {
+        "one_report": decode_throughput.measure_decoding(head, 1, variants=s["decode_variants"], **common)
+    }
+    for batch in s["decode_batches"]:
+        rows[f"batch_{batch}"] = decode_throughput.measure_decoding(
+            head, batch, variants=s["decode_variants"], **common
+        )
+    if static:
+        rows["static_batch_64"] = decode_throughput.measure_decoding(
+            head, s["decode_batches"][0], variants=("fast", "static"), **common
+        )
+    per_min = {k: 60 * r["fast_reports_per_s"] for k, r in rows.items() if k.startswith("batch_")}
+    best = max(per_min, key=per_min.get)
+    return {
+        "setting": s["decode_setting"],
+        "beams": 3,
+        "tokens": tokens,
+        "no_repeat_ngram_size": 3,
+        "reports_per_min": per_min,
+        "best_batch": int(best.split("_")[1]),
+        "rows": rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--tiny", action="store_true", help="tiny presets, a few steps (a check that the suite runs)"
+    )
+    p.add_argument("--device", default=None, help="default: cuda when available (--tiny: cpu)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA")
+    p.add_argument(
+        "--static-decode", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA"
+    )
+    p.add_argument("--fast-steps", type=int, default=10, help="steps of the fastest sampler")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    s = TINY if args.tiny else FULL
+    if args.tiny:
+        torch.set_num_threads(
+            1
+        )  # tiny ops on a shared CPU: one thread (OpenMP threads spin-wait on each other)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
+    cuda = device.type == "cuda"
+    compile_ = cuda if args.compile is None else args.compile
+    static = cuda if args.static_decode is None else args.static_decode
+    precision = "bf16" if cuda else "fp32"
+    device_name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    peak = peak_flops(device_name) if cuda else None
+    started = time.perf_counter()
+    notes: dict[str, str] = {}
+    rows: dict[str, object] = {}
+    walls: dict[str, float] = {}
+
+    def run(name: str, fn):
+        t0 = time.perf_counter()
+        try:
+            rows[name] = fn()
+        except Exception as exc:  # a row that fails is recorded, the others still run (--tiny: raise)
+            if args.tiny:
+                raise
+            rows[name] = None
+            notes[name] = f"{type(exc).__name__}: {exc}"[:2000]
+        walls[name] = time.perf_counter() - t0
+        if cuda:
+            torch.cuda.empty_cache()
+        print(f"[{time.perf_counter() - started:6.1f} s] {name}: {walls[name]:.1f} s", flush=True)
+        return rows[name]
+
+    tmp = Path(tempfile.mkdtemp(prefix="medvl_gpu_suite_"))
+    try:
+        prepared = run("prepare", lambda: make_prepared(s, tmp))
+        data = tmp / "prepared"
+        stage_box: list = []
+
+        def adamatch_row():
+            info, stage = adamatch_train(s, data, device, precision, peak)
+            stage_box.append(stage)
+            return info
+
+        if prepared is not None:
+            run("adamatch_train", adamatch_row)
+            if stage_box:
+                run("loader", lambda: loader_rate(s, stage_box[0], device))
+        run("diffusion_train", lambda: diffusion_train(s, device, precision, compile_, peak))
+        run("sampling", lambda: sampling(s, device, args.fast_steps))
+        run("decode", lambda: decoding(s, device, static))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def best(row: str, key: str):
+        r = rows.get(row)
+        if not r:
+            return None
+        values = [v[key] for v in r["variants"].values() if v[key] is not None]
+        return max(values) if values else None
+
+    result: dict[str, object] = {k: None for k in KEYS}
+    result["device"] = device_name
+    result["diffusion_train_images_per_s"] = best("diffusion_train", "images_per_s")
+    result["diffusion_train_mfu"] = best("diffusion_train", "mfu")
+    result["adamatch_train_mfu"] = best("adamatch_train", "mfu")
+    if peak is None:
+        why = "no peak bf16 rate for this device (benchmarks/gpu_suite.py PEAK_BF16)"
+        notes.setdefault("diffusion_train_mfu", why)
+        notes.setdefault("adamatch_train_mfu", why)
+    if rows.get("sampling"):
+        b8, b64 = (f"batch_{b}" for b in s["sample_batches"])
+        result["sampling_speedup_b8"] = rows["sampling"][b8]["speedup_recipe_over_fastest"]
+        result["sampling_speedup_b64"] = rows["sampling"][b64]["speedup_recipe_over_fastest"]
+    notes["sampling_equal_auroc"] = (
+        "needs a trained diffusion run and its dataset: benchmarks/sampling_speed.py --run RUN --data DATA "
+        "measures the label AUROC of each sampler (no distilled few-step sampler exists yet)"
+    )
+    if rows.get("decode"):
+        dec = rows["decode"]
+        result["decode_reports_per_min"] = dec["reports_per_min"][f"batch_{dec['best_batch']}"]
+        result["decode_one_report_s"] = dec["rows"]["one_report"]["fast_s_per_batch"]
+    if rows.get("loader"):
+        result["loader_images_per_s"] = rows["loader"]["images_per_s"]
+    if rows.get("prepare"):
+        result["prepare_images_per_s"] = rows["prepare"]["images_per_s"]
+    for k in KEYS:
+        if result[k] is None and k not in notes:
+            notes[k] = "its row failed: see notes of the row"
+    result.update(
+        {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "tiny": args.tiny,
+            "sizes": {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()},
+            "batches": {
+                "diffusion_train": (rows.get("diffusion_train") or {}).get("batch"),
+                "adamatch_train": (rows.get("adamatch_train") or {}).get("batch"),
+                "sampling": list(s["sample_batches"]),
+                "decode": [1, *s["decode_batches"]],
+                "loader": (rows.get("loader") or {}).get("batch"),
+            },
+            "precision": precision,
+            "peak_bf16_flops": peak,
+            "compile": compile_,
+            "notes": notes,
+            "wall_s": {**walls, "total": time.perf_counter() - started},
+            "rows": rows,
+            "command": "python benchmarks/gpu_suite.py "
+            + " ".join(argv if argv is not None else sys.argv[1:]),
+        }
+    )
+    out = args.out or RESULTS / f"gpu_suite_{device_slug(device_name)}{'_tiny' if args.tiny else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    print(json.dumps({k: result[k] for k in KEYS}, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""benchmarks/gpu_suite.py --tiny runs end to end on the CPU and writes the suite's JSON: every top-level key, with
+the type it has on a GPU (speeds are not checked), and nulls only where the CPU cannot measure (MFU: no peak rate;
+equal AUROC: no trained run), each with its reason under ``notes``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+NUMBERS = (
+    "diffusion_train_images_per_s",
+    "sampling_speedup_b8",
+    "sampling_speedup_b64",
+    "decode_reports_per_min",
+    "decode_one_report_s",
+    "loader_images_per_s",
+    "prepare_images_per_s",
+)
+NULL_ON_CPU = ("diffusion_train_mfu", "adamatch_train_mfu", "sampling_equal_auroc")
+
+
+def test_gpu_suite_tiny_writes_every_key(tmp_path):
+    out = tmp_path / "suite.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_suite.py"), "--tiny", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpu_suite import KEYS
+
+    assert set(KEYS) <= set(result) and len(KEYS) == 11
+    assert result["device"] == "cpu" and result["torch"] and result["tiny"] is True
+    for key in NUMBERS:
+        assert isinstance(result[key], float) and result[key] > 0, key
+    for key in NULL_ON_CPU:
+        assert result[key] is None and result["notes"][key], key
+    rows = result["rows"]
+    assert rows["decode"]["rows"]["one_report"]["same_sequences"]  # fast decoding = 0.2.0's, in the suite too
+    assert set(rows["diffusion_train"]["variants"]) == {"loop", "fast"}
+    assert rows["diffusion_train"]["flops_per_step"] > 0 and rows["adamatch_train"]["flops_per_step"] > 0
+    assert result["batches"]["diffusion_train"] == 8 and result["batches"]["sampling"] == [2, 4]
+
+
+def test_peak_rate_and_file_name_of_a_device():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpu_suite import device_slug, peak_flops
+
+    assert peak_flops("NVIDIA H200") == 989e12 and peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12 and peak_flops("NVIDIA L4") is None
+    assert device_slug("NVIDIA H200") == "h200" and device_slug("cpu") == "cpu"
