@@ -125,6 +125,17 @@ def is_sharded(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
+def check_sharding(accelerator: Accelerator, stage: Any) -> None:
+    """Refuse an FSDP launch for a stage whose ``shardable`` is false (the diffusion stage: its EMA copy is
+    updated from the full weights at every step, which FSDP would hand it as shards)."""
+    if is_sharded(accelerator) and not getattr(stage, "shardable", True):
+        raise ConfigError(
+            f"the {stage.name} stage cannot train under FSDP (its EMA copy is updated from the full weights every "
+            "step); launch it with DDP (torchrun's and accelerate launch's default), which holds the whole model on "
+            "each GPU"
+        )
+
+
 def full_state_dict(accelerator: Accelerator, model: nn.Module) -> dict[str, torch.Tensor] | None:
     """Full weights as CPU tensors on rank 0, None elsewhere (a collective under FSDP)."""
     main = accelerator.is_main_process

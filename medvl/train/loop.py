@@ -278,6 +278,7 @@ class _Training:
         self.main, self.world = accelerator.is_main_process, accelerator.num_processes
         self.device = device = accelerator.device
         self.sharded = is_sharded(accelerator)
+        distributed.check_sharding(accelerator, stage)
         self.eval_model: nn.Module | None = None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

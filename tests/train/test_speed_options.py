@@ -71,3 +71,19 @@ def test_cpu_training_with_cuda_only_options_is_bitwise_unchanged(tmp_path):
     assert (tmp_path / "fast" / CHECKPOINT_DIR).is_dir() and a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_fsdp_is_refused_for_the_diffusion_stage():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from medvl.train.distributed import check_sharding
+    from medvl.train.stages.diffusion import DiffusionStage
+
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP)
+    ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
+    with pytest.raises(ConfigError, match="diffusion stage cannot train under FSDP.*launch it with DDP"):
+        check_sharding(fsdp, DiffusionStage.__new__(DiffusionStage))
+    check_sharding(ddp, DiffusionStage.__new__(DiffusionStage))  # DDP is fine
+    check_sharding(fsdp, ToyStage(make_config()))  # a stage without the flag may be sharded

@@ -205,6 +205,8 @@ class DiffusionStage:
     """The :class:`medvl.train.loop.Stage` of ``medvl train diffusion``."""
 
     name = "diffusion"
+    # The EMA copy is updated from the full weights every step; FSDP would hand it shards (see check_sharding).
+    shardable = False
 
     def __init__(
         self,
