@@ -152,7 +152,10 @@ EVALUATIONS: dict[str, EvaluationSpec] = {
                 "ce.micro.f1",
                 "ce.macro.f1",
                 "ce.micro5.f1",
+                "baselines.classifier_template.ce.micro.f1",
+                "baselines.classifier_template.ce.micro5.f1",
             ),
+            uses_classifier=True,
         ),
         EvaluationSpec(
             name="diffusion",

@@ -67,7 +67,7 @@ PRESETS: dict[str, dict] = {
         "configs": "demo",
         "overrides": None,
         "classifier": {},
-        "evaluate": {"cyclic": {"max_studies": 200}},
+        "evaluate": {"cyclic": {"max_studies": None}},  # every test study
         "estimates": {
             "prepare IU-Phantom": 10,
             "train the evaluation classifier (real training scans)": 55,

@@ -6,8 +6,16 @@ On the chosen split (one frontal image per study, as in training), in one run:
 - ``baselines.most_frequent.*``: every study gets the most frequent training report;
 - ``baselines.retrieval.*``: every study gets the training report AdaMatch scores highest for its image
   (``s_i2t + s_t2i``, the token-wise scores AdaMatch was trained with; the report run's AdaMatch copy);
+- ``baselines.classifier_template.*``: every study gets the evaluation classifier's findings on its scan written
+  as template sentences, thresholds chosen on the validation split (:mod:`medvl.eval.template_reports`); missing
+  (with its reason under ``meta.missing``) when no classifier is given;
 - ``ablations.<name>.*``: every finished report run under ``RUN/ablations/<name>/`` (e.g. trained with
   ``--out RUN/ablations/no_memory --set model.use_memory=false``), decoded the same way.
+
+Beside each one: ``<prefix>report.repeated_sentences`` (the share of reports that say one sentence twice, case
+and whitespace aside) and bootstrap intervals ``ce.micro.f1_ci``, ``ce.micro5.f1_ci``, ``ce.macro.f1_ci`` and
+``ce.per_label.<name>.f1_ci`` for CheXbert's five labels (:mod:`medvl.eval.ce_intervals`, 1,000 resamples of the
+studies, seeded).
 
 Writes ``out`` (metrics with provenance) and ``<out without .json>.predictions.csv``
 (``study_id,reference,generated``).
@@ -28,12 +36,18 @@ from tqdm.auto import tqdm
 
 from medvl.data.prepared import PreparedDataset
 from medvl.errors import DataError, RunError
+from medvl.eval import template_reports as templates
+from medvl.eval.bootstrap import CONVENTION as BOOTSTRAP_CONVENTION
+from medvl.eval.bootstrap import StudyResampler
+from medvl.eval.ce_intervals import CI_CONVENTION, ce_intervals
+from medvl.eval.classifier import ClassifierLike, resolve_classifier
 from medvl.eval.clinical import CE_CONVENTION, ReferenceLabels, ce_metrics, label_reports, load_labeler
 from medvl.eval.common import metrics_record, run_config_hash, saved_config, write_metrics
 from medvl.eval.nlg import TOKENISATION, NLGScorer
 from medvl.inference.generate import ReportGenerator
 from medvl.models.report_bundle import ReportHeadBundle
 from medvl.runs import CONFIG_FILE
+from medvl.text.sentences import split_sentences
 
 ABLATIONS_DIR = "ablations"
 
@@ -120,6 +134,23 @@ def retrieve_reports(
     return chosen
 
 
+def repeats_a_sentence(text: str) -> bool:
+    """Whether ``text`` says one sentence twice (sentences compared in lower case, whitespace and end
+    punctuation aside)."""
+    seen: set[str] = set()
+    for a, b in split_sentences(text):
+        sentence = " ".join(text[a:b].lower().split()).strip(" .!?;:,")
+        if sentence in seen:
+            return True
+        seen.add(sentence)
+    return False
+
+
+def repeated_sentence_share(texts: Sequence[str]) -> float:
+    """Share of ``texts`` that say one sentence twice (:func:`repeats_a_sentence`); NaN without texts."""
+    return float(np.mean([repeats_a_sentence(t) for t in texts])) if len(texts) else math.nan
+
+
 def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
     return {f"{prefix}{k}": v for k, v in metrics.items()} if prefix else dict(metrics)
 
@@ -131,15 +162,23 @@ def score_reports(
     generated: list[str],
     prefix: str = "",
     second: ReferenceLabels | None = None,
+    resampler: StudyResampler | None = None,
 ) -> tuple[dict[str, float], dict[str, str]]:
-    """``nlg.*`` and ``ce.*`` of ``generated`` against ``references`` (keys under ``prefix``); with ``second``, the
-    ``ce_<labeler>.*`` keys of a second labeler too."""
+    """``nlg.*``, ``ce.*`` and ``report.repeated_sentences`` of ``generated`` against ``references`` (keys under
+    ``prefix``); with ``second``, the ``ce_<labeler>.*`` keys of a second labeler too; with ``resampler`` (one
+    study per record), the ``ce.*.f1_ci`` intervals (:func:`medvl.eval.ce_intervals.ce_intervals`)."""
     nlg = scorer.score(references, generated)
-    ce = ce_metrics(ref_labels, label_reports(generated))
+    gen_labels = label_reports(generated)
+    ce = ce_metrics(ref_labels, gen_labels)
     if second is not None:
         ce.update(second.metrics(generated))
-    metrics = _prefixed(prefix, {**nlg.scores, **ce})
+    intervals = ce_intervals(resampler, ref_labels, gen_labels) if resampler is not None else {}
+    repeated = {"report.repeated_sentences": repeated_sentence_share(generated)}
+    metrics = _prefixed(prefix, {**nlg.scores, **ce, **intervals, **repeated})
     missing = _prefixed(prefix, nlg.missing)
+    for key, value in intervals.items():
+        if value is None:
+            missing[prefix + key] = "F1 undefined on more than half of the bootstrap resamples"
     undefined = sorted(
         {
             k.split(".")[2]
@@ -163,11 +202,33 @@ def find_ablations(run: Path) -> dict[str, Path]:
     return {p.name: p for p in sorted(root.iterdir()) if (p / ReportHeadBundle.DIRNAME).is_dir()}
 
 
+def classifier_template_baseline(
+    classifier: ClassifierLike, test: Any, data: Path, data_config: dict[str, Any], device: Any
+) -> tuple[list[str], dict[str, Any]]:
+    """The classifier-template report of every scan of ``test`` (:mod:`medvl.eval.template_reports`), thresholds
+    chosen on the validation scans the run's ``data:`` settings select, and the thresholds (for the record's meta).
+    """
+    model, _ = resolve_classifier(classifier, device=device)
+    val = report_studies(data, "validate", data_config)
+    thresholds = templates.choose_thresholds(
+        templates.classifier_probabilities(model, val), [str(r) for r in val.index["report"]]
+    )
+    texts = templates.template_reports(templates.classifier_probabilities(model, test), thresholds)
+    return texts, {"validation_studies": len(val), "thresholds": thresholds}
+
+
 def evaluate_report(
-    *, run: Path, data: Path, split: str = "test", out: Path | None = None, labeler: str | None = None
+    *,
+    run: Path,
+    data: Path,
+    split: str = "test",
+    out: Path | None = None,
+    labeler: str | None = None,
+    classifier: ClassifierLike | None = None,
 ) -> dict:
     """Score the report run ``run`` on ``split`` of the prepared dataset ``data``; see the module docstring.
-    ``labeler="chexbert:CKPT[,bert=DIR]"`` adds ``ce_chexbert.*`` (:mod:`medvl.eval.chexbert`)."""
+    ``labeler="chexbert:CKPT[,bert=DIR]"`` adds ``ce_chexbert.*`` (:mod:`medvl.eval.chexbert`); ``classifier``
+    (the dataset's evaluation classifier, :mod:`medvl.eval.classifier`) adds ``baselines.classifier_template.*``."""
     run, data = Path(run), Path(data)
     ReportHeadBundle.read_config(
         run
@@ -189,22 +250,44 @@ def evaluate_report(
             generator.adamatch_run, test, sorted({" ".join(r.split()) for r in train.index["report"]})
         ),
     }
+    template_meta: dict[str, Any] | None = None
+    if classifier is None:
+        missing["baselines.classifier_template"] = (
+            "no evaluation classifier given (medvl evaluate and medvl.evaluate pass the dataset's)"
+        )
+    else:
+        baselines["classifier_template"], template_meta = classifier_template_baseline(
+            classifier, test, data, cfg["data"], generator.device
+        )
+    resampler = StudyResampler(list(test.index["study_id"]))
     ablations = {}
     for name, path in find_ablations(run).items():
         ablations[name] = generate_for_split(ReportGenerator.load(path), test, desc=f"ablation {name}")
     with NLGScorer() as scorer:
-        m, miss = score_reports(scorer, references, ref_labels, generated, second=second)
+        m, miss = score_reports(scorer, references, ref_labels, generated, second=second, resampler=resampler)
         metrics.update(m)
         missing.update(miss)
         for name, texts in baselines.items():
             m, miss = score_reports(
-                scorer, references, ref_labels, texts, prefix=f"baselines.{name}.", second=second
+                scorer,
+                references,
+                ref_labels,
+                texts,
+                prefix=f"baselines.{name}.",
+                second=second,
+                resampler=resampler,
             )
             metrics.update(m)
             missing.update(miss)
         for name, texts in ablations.items():
             m, miss = score_reports(
-                scorer, references, ref_labels, texts, prefix=f"ablations.{name}.", second=second
+                scorer,
+                references,
+                ref_labels,
+                texts,
+                prefix=f"ablations.{name}.",
+                second=second,
+                resampler=resampler,
             )
             metrics.update(m)
             missing.update(miss)
@@ -228,6 +311,11 @@ def evaluate_report(
         "samples": f"one frontal image ({', '.join(cfg['data']['views'])}) per study",
         "baselines.most_frequent": "the most frequent training report for every study",
         "baselines.retrieval": "the training report with the highest AdaMatch s_i2t + s_t2i for the image",
+        "baselines.classifier_template": templates.CONVENTION,
+        "report.repeated_sentences": "share of reports that say one sentence twice (sentences compared in "
+        "lower case, whitespace and end punctuation aside)",
+        "intervals": BOOTSTRAP_CONVENTION,
+        "ce.*.f1_ci": CI_CONVENTION,
         "ablations": "report runs under RUN/ablations/<name>/, decoded like the main run",
     }
     record = metrics_record(
@@ -243,6 +331,7 @@ def evaluate_report(
             "data": str(data),
             "ablations": sorted(ablations),
             "most_frequent_report": baselines["most_frequent"][0],
+            **({"classifier_template": template_meta} if template_meta is not None else {}),
         },
     )
     if out is not None:
@@ -258,9 +347,12 @@ def evaluate_report(
 
 
 __all__ = [
+    "classifier_template_baseline",
     "evaluate_report",
     "find_ablations",
     "most_frequent_report",
     "predictions_path",
+    "repeated_sentence_share",
+    "repeats_a_sentence",
     "retrieve_reports",
 ]

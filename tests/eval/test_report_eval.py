@@ -48,10 +48,21 @@ def test_evaluate_report_writes_the_contract(runs, tmp_path, monkeypatch):
         ):
             assert isinstance(saved[prefix + key], float), prefix + key
         assert f"{prefix}ce.per_label.Cardiomegaly.f1" in saved
+        for key in ("ce.micro.f1_ci", "ce.micro5.f1_ci", "ce.macro.f1_ci", "ce.per_label.Cardiomegaly.f1_ci"):
+            ci = saved[prefix + key]  # null only when undefined on most resamples (reason under missing)
+            assert (ci is None and prefix + key in saved["meta"]["missing"]) or ci[0] <= ci[1], prefix + key
+        low, high = saved[prefix + "ce.micro.f1_ci"]
+        assert low <= saved[prefix + "ce.micro.f1"] <= high
+        assert 0.0 <= saved[prefix + "report.repeated_sentences"] <= 1.0
         assert f"{prefix}nlg.meteor" not in saved
         assert "java" in saved["meta"]["missing"][prefix + "nlg.meteor"]
     meta = saved["meta"]
     assert meta["split"] == "test" and meta["num_samples"] == 10
+    # without an evaluation classifier the classifier-template baseline is missing, with its reason
+    assert not any(k.startswith("baselines.classifier_template.") for k in saved)
+    assert "no evaluation classifier" in meta["missing"]["baselines.classifier_template"]
+    assert "1,000 resamples" in meta["conventions"]["intervals"]
+    assert "no interval" in meta["conventions"]["ce.*.f1_ci"]
     assert {"nlg", "ce", "decoding"} <= set(meta["conventions"]) and meta["config_hash"]
     assert meta["ablations"] == ["no_memory"]
     # The most-frequent baseline says the same thing for every study.
@@ -61,3 +72,47 @@ def test_evaluate_report_writes_the_contract(runs, tmp_path, monkeypatch):
         pd.read_csv(runs.data / "index.csv", dtype=str).query("split == 'test'")["study_id"]
     )
     assert set(CHEXPERT_LABELS) >= {k.split(".")[2] for k in saved if k.startswith("ce.per_label.")}
+
+
+def test_classifier_template_baseline_with_the_evaluation_classifier(runs, tmp_path, monkeypatch):
+    from medvl.eval.classifier import ClassifierConfig, load_trained_classifier
+    from medvl.eval.report import report_studies
+    from medvl.eval.clinical import ce_metrics, label_reports
+    from medvl.eval.template_reports import (
+        FINDINGS,
+        NORMAL_SENTENCE,
+        TEMPLATE_SENTENCES,
+        classifier_probabilities,
+        template_reports,
+    )
+    from medvl.train.classifier import evaluation_classifier
+
+    monkeypatch.setattr(nlg.shutil, "which", lambda name: None)
+    cfg = ClassifierConfig(image_size=32, channels=[8, 16], steps=30, eval_every=10, batch_size=16, lr=5e-3)
+    classifier = load_trained_classifier(evaluation_classifier(runs.data, cfg, device="cpu"))
+    out = tmp_path / "report.json"
+    saved = evaluate("report", run=runs.report, data=runs.data, split="test", out=out, classifier=classifier)
+    prefix = "baselines.classifier_template."
+    for key in ("nlg.bleu4", "nlg.cider", "ce.micro.f1", "ce.micro5.f1", "report.repeated_sentences"):
+        assert isinstance(saved[prefix + key], float), key
+    assert prefix + "ce.micro.f1_ci" in saved
+    meta = saved["meta"]["classifier_template"]
+    validation = report_studies(runs.data, "validate", {"views": ["PA", "AP"], "one_image_per_study": True})
+    assert meta["validation_studies"] == len(validation) > 0
+    assert set(meta["thresholds"]) == set(FINDINGS)
+    # validation has effusion reports: a threshold with its validation F1; a label never positive has none
+    effusion = meta["thresholds"]["Pleural Effusion"]
+    assert effusion["validation_positives"] > 0 and 0 < effusion["validation_f1"] <= 1
+    assert meta["thresholds"]["Fracture"]["threshold"] is None
+    assert "validation" in saved["meta"]["conventions"]["baselines.classifier_template"]
+    assert "baselines.classifier_template" not in saved["meta"]["missing"]
+    # the scores are those of the template reports the thresholds give on the test scans
+    test = report_studies(runs.data, "test", {"views": ["PA", "AP"], "one_image_per_study": True})
+    texts = template_reports(classifier_probabilities(classifier[0], test), meta["thresholds"])
+    sentences = set(TEMPLATE_SENTENCES.values())
+    for t in texts:
+        assert t == NORMAL_SENTENCE or all(x + "." in sentences for x in t.removesuffix(".").split(". ")), t
+    refs = [str(r) for r in test.index["report"]]
+    expected = ce_metrics(label_reports(refs), label_reports(texts))["ce.micro.f1"]
+    assert saved[prefix + "ce.micro.f1"] == pytest.approx(expected)
+
