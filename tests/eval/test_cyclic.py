@@ -132,3 +132,59 @@ def test_derangement_moves_every_item_and_is_seeded():
     assert np.array_equal(derangement(50, 4), derangement(50, 4))
     assert not np.array_equal(derangement(50, 4), derangement(50, 5))
     assert list(derangement(1)) == [0]
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_evaluate_cyclic_on_tiny_runs_writes_the_keys(tiny_prepared, tmp_path):
+    import json
+
+    from medvl.eval.classifier import ClassifierConfig
+    from medvl.eval.cyclic import evaluate_cyclic
+    from medvl.train.classifier import evaluation_classifier
+    from medvl.train.stages.autoencoder import build_autoencoder_stage
+    from medvl.train.stages.diffusion import build_diffusion_stage
+    from tests.models.diffusion_fixtures import finish_run, train_plain
+    from tests.models.report_fixtures import tiny_runs
+
+    runs = tiny_runs(tmp_path / "report_runs", tiny_prepared)
+    ae_stage = build_autoencoder_stage(config_path="tiny", overrides=[], data=tiny_prepared)
+    ae = finish_run(ae_stage, train_plain(ae_stage, 2)[0], tmp_path / "ae")
+    stage = build_diffusion_stage(
+        config_path="tiny", overrides=[], data=tiny_prepared, from_runs=[runs.adamatch, runs.report, ae]
+    )
+    diffusion = finish_run(stage, train_plain(stage, 2)[0], tmp_path / "diffusion")
+    sources = [str(runs.adamatch), str(runs.report), str(ae)]
+    (diffusion / "stage.json").write_text(json.dumps({"stage": "diffusion", "from": sources}))
+    cfg = ClassifierConfig(image_size=32, channels=[8, 16], steps=30, eval_every=10, batch_size=16, lr=5e-3)
+    out = tmp_path / "eval" / "cyclic.json"
+    record = evaluate_cyclic(
+        run=diffusion,
+        data=tiny_prepared,
+        out=out,
+        steps=2,
+        min_positives=2,
+        classifier=evaluation_classifier(tiny_prepared, cfg, device="cpu"),
+    )
+    saved = json.loads(out.read_text())
+    assert saved.keys() == record.keys()
+    meta = saved["meta"]
+    assert meta["num_samples"] == 10 and meta["max_studies"] is None  # every frontal test scan
+    assert meta["min_positives"] == 2 and meta["labels_used"]
+    assert all(meta["label_positives"][n] >= 2 for n in meta["labels_used"])
+    for key in (
+        "cyclic.report_image_report.ce_f1",
+        "cyclic.image_report_image.label_auroc",
+        "cyclic.one_way.image_to_report.ce_f1",
+        "cyclic.one_way.report_to_image.label_auroc",
+        "cyclic.real.label_auroc",
+        "cyclic.image_report_image.adamatch_similarity_random_pair",
+        "cyclic.report_image_report.adamatch_similarity_random_pair",
+    ):
+        assert isinstance(saved[key], float), key
+    for key in (
+        "cyclic.report_image_report.ce_f1_ci",
+        "cyclic.image_report_image.label_auroc_ci",
+        "cyclic.one_way.image_to_report.ce_f1_ci",
+        "cyclic.one_way.report_to_image.label_auroc_ci",
+    ):
+        assert saved[key] is None and key in meta["missing"] or saved[key][0] <= saved[key][1], key
