@@ -271,13 +271,16 @@ def preset_overrides(name: str, stage: str) -> list[str]:
 def resolve_config_path(stage: str, name_or_path: str | Path) -> Path:
     """A path to a YAML file, or a preset name (``tiny``, ``demo``, ``base``) for ``stage``."""
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.exists():
-            raise ConfigError(f"config file {p} does not exist")
-        return p
     candidate = CONFIG_ROOT / stage / f"{name_or_path}.yaml"
+    if p.suffix in (".yaml", ".yml") or p.is_file():
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist" if not p.exists() else f"{p} is not a file")
+        return p
+    # A preset name wins over a folder of the same name in the working directory ("medvl demo --out demo").
     if candidate.is_file():
         return candidate
+    if p.exists():
+        raise ConfigError(f"config {p} is a folder, not a YAML file or a preset name")
     known = ", ".join(preset_names(stage)) or "none"
     raise ConfigError(f"no config '{name_or_path}' for stage '{stage}' (presets: {known})")
 

@@ -79,6 +79,20 @@ def test_presets_ship_with_the_package():
         preset_file("missing.yaml")
 
 
+def test_a_preset_name_wins_over_a_folder_of_that_name(tmp_path, monkeypatch):
+    """'medvl demo --out demo' leaves a folder 'demo' in the working directory: the preset is still read."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "huge").mkdir()
+    assert resolve_config_path("adamatch", "demo") == CONFIG_ROOT / "adamatch" / "demo.yaml"
+    with pytest.raises(ConfigError, match="is a folder"):
+        resolve_config_path("adamatch", "huge")
+    (tmp_path / "mine.yaml").write_text("train: {steps: 3}\n")
+    assert resolve_config_path("adamatch", "mine.yaml") == Path("mine.yaml")
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve_config_path("adamatch", "other.yaml")
+
+
 def test_quick_demo_overrides_come_from_the_shipped_table():
     assert preset_file("demo_quick.yaml").is_file()
     assert preset_overrides("demo_quick", "adamatch")[0] == "train.steps=150"
