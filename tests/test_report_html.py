@@ -11,7 +11,7 @@ from medvl.placement import overlaps, place_labels
 from medvl.report.examples import Keypatch
 from medvl.report.figures import pointing_figure, roc_curve, roc_figure, training_figure
 from medvl.report.html import Section, StudyExample, render_html
-from medvl.report.overlay import LABEL_PX, PIXEL_RATIO, crop, draw_boxes
+from medvl.report.overlay import LABEL_PX, PIXEL_RATIO, crop, draw_boxes, wrap_words
 from tests.browser import check_page
 
 MIN_LABEL_PX = 11  # the smallest text a page may show, in CSS pixels
@@ -53,6 +53,16 @@ def test_overlay_is_drawn_at_display_resolution():
     # Smooth upsampling: a pixelated (nearest) 64 -> 720 px image has ~64 distinct columns per row.
     row = np.asarray(image.convert("L"))[image.height - 3]
     assert len(np.unique(row)) > 100
+
+
+def test_long_labels_wrap_inside_the_picture():
+    words = ["opacities", "right", "cardiomegaly", "atelectasis", "granulomatous", "degenerative"]
+    lines = wrap_words(words, len, 30)
+    assert len(lines) > 1 and all(len(line) <= 30 for line in lines)
+    assert " ".join(lines) == ", ".join(words)
+    assert wrap_words(["a" * 40], len, 30) == ["a" * 40]  # a word longer than a line stays whole
+    pic = draw_boxes(_scan(0), [[0.0, 0.2, 0.2, 0.4]] * len(words), words)
+    assert Image.open(io.BytesIO(pic.png)).width == pic.width * PIXEL_RATIO
 
 
 def test_labels_never_overlap():

@@ -10,7 +10,7 @@ where it covers no other label (:func:`medvl.placement.place_labels`).
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +23,7 @@ DISPLAY_PX = 360  # CSS width of a scan on the page
 CROP_DISPLAY_PX = 96  # CSS width of a keypatch crop
 PIXEL_RATIO = 2  # image pixels per CSS pixel
 LABEL_PX = 13  # label text height on the page, in CSS pixels
+MAX_LABEL_WIDTH = 0.6  # a label longer than this share of the picture's width wraps onto more lines
 
 COLOURS = (
     (230, 25, 75),
@@ -66,6 +67,20 @@ def _png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def wrap_words(words: Sequence[str], width_of: Callable[[str], float], max_width: float) -> list[str]:
+    """``words`` joined with ", " into lines no wider than ``max_width`` (as ``width_of`` measures them); a word
+    wider than that stays whole on its own line."""
+    lines: list[str] = []
+    for word in words:
+        if lines and width_of(f"{lines[-1]}, {word},") <= max_width:  # room for the comma a break adds
+            lines[-1] = f"{lines[-1]}, {word}"
+        else:
+            if lines:
+                lines[-1] += ","
+            lines.append(word)
+    return lines
+
+
 def _text_colour(fill: tuple[int, int, int]) -> tuple[int, int, int]:
     """Black or white, whichever reads better on ``fill`` (relative luminance)."""
     r, g, b = fill
@@ -101,16 +116,22 @@ def draw_boxes(
         colour = COLOURS[k % len(COLOURS)]
         rect = (box[0] * w, box[1] * h, box[2] * w, box[3] * h)
         draw.rectangle(rect, outline=colour, width=PIXEL_RATIO * 2)
-        label = ", ".join(words)
+        label = "\n".join(wrap_words(words, lambda t: draw.textlength(t, font=font), w * MAX_LABEL_WIDTH))
         if label:
-            left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
+            left, top, right, bottom = draw.multiline_textbbox((0, 0), label, font=font, spacing=pad)
             anchors.append(rect)
             sizes.append((right - left + 2 * pad, bottom - top + 2 * pad))
             plates.append((label, colour, left, top))
     # Labels after every box, so that no outline crosses a label.
     for rect, (label, colour, left, top) in zip(place_labels(anchors, sizes, w, h), plates, strict=True):
         draw.rectangle(rect, fill=colour)
-        draw.text((rect[0] + pad - left, rect[1] + pad - top), label, font=font, fill=_text_colour(colour))
+        draw.multiline_text(
+            (rect[0] + pad - left, rect[1] + pad - top),
+            label,
+            font=font,
+            fill=_text_colour(colour),
+            spacing=pad,
+        )
     return Picture(_png(canvas), display_px, round(display_px * h / w), float(label_px))
 
 
