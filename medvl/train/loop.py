@@ -44,10 +44,10 @@ from torch.utils.data import Dataset
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+import medvl.train.distributed as distributed
 from medvl.config import to_dict
 from medvl.errors import ConfigError, RunError
 from medvl.runs import STAGE_FILE, write_json_atomic
-from medvl.train import distributed
 from medvl.train.batches import MicroBatches, micro_batch_loader
 from medvl.train.checkpoint import (
     BEST_DIR,
