@@ -128,7 +128,8 @@ class Pipeline:
         if isinstance(scans, (str, Path)):
             items, single = [scans], True
         elif isinstance(scans, (np.ndarray, torch.Tensor)):
-            colour = scans.ndim == 3 and scans.shape[-1] in (3, 4) and scans.shape[0] > 4  # (H, W, 3): one scan
+            # (H, W, 3) or (H, W, 4): one colour scan, not H scans of width 3
+            colour = scans.ndim == 3 and scans.shape[-1] in (3, 4) and scans.shape[0] > 4
             if scans.ndim == 2 or (scans.ndim == 3 and scans.shape[0] == 1) or colour:
                 items, single = [scans], True
             elif scans.ndim in (3, 4):
@@ -161,6 +162,9 @@ class Pipeline:
     ):
         """Report(s) -> :class:`~medvl.inference.synthesize.Synthesis`: ``images`` (B, 1, S, S) in [-1024, 1024] and
         the keypatch boxes that guided each. Same seed, same image."""
+        reports = _report_text(reports)
+        if not isinstance(reports, str):
+            reports = [_report_text(r) for r in reports]
         if isinstance(reports, str) and not reports.strip():
             raise InvalidReportError("the report is empty")
         return self.synthesizer.synthesize_with_keypatches(reports, steps=steps, guidance=guidance, seed=seed)
@@ -175,6 +179,7 @@ class Pipeline:
     @torch.no_grad()
     def match(self, scan: ScanLike, report: str) -> MatchResult:
         """AdaMatch scores of (scan, report) and the best patch of each report word."""
+        report = _report_text(report)
         if not isinstance(report, str) or not report.strip():
             raise InvalidReportError("the report is empty")
         run = self.adamatch
@@ -201,6 +206,18 @@ class Pipeline:
                 )
             )
         return MatchResult(float(s_i2t[0, 0]), float(s_t2i[0, 0]), words)
+
+
+def _report_text(report: Any) -> Any:
+    """A report given as bytes, decoded as UTF-8 (never used as its ``repr``)."""
+    if isinstance(report, (bytes, bytearray)):
+        try:
+            return bytes(report).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidReportError(
+                f"a report given as bytes is not UTF-8 text ({exc.reason} at byte {exc.start})"
+            ) from None
+    return report
 
 
 def load(run_dir: str | Path, device: str | None = None) -> Pipeline:

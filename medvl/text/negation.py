@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import re
+from collections import deque
 from collections.abc import Sequence
 
 from medvl.text.chexpert import NEGATIVE, POSITIVE, UNCERTAIN
@@ -83,27 +84,51 @@ DIFFERENTIAL = _rx(
 )
 
 
-def _masked(pattern: re.Pattern[str], text: str, mask: re.Pattern[str] | None) -> list[re.Match[str]]:
-    hits = list(pattern.finditer(text))
-    if mask is None or not hits:
-        return hits
+def _unmasked(
+    pattern: re.Pattern[str], text: str, mask: re.Pattern[str] | None, *, last: bool
+) -> re.Match[str] | None:
+    """The last (or first) match of ``pattern`` in ``text`` that does not start inside a match of ``mask``."""
+    hits = pattern.finditer(text)
+    if mask is None:
+        if not last:
+            return next(hits, None)
+        tail = deque(hits, maxlen=1)
+        return tail[0] if tail else None
+    ordered = list(hits)
+    if not ordered:
+        return None
     spans = [(m.start(), m.end()) for m in mask.finditer(text)]
-    return [h for h in hits if not any(a <= h.start() < b for a, b in spans)]
+    for h in reversed(ordered) if last else ordered:
+        if not any(a <= h.start() < b for a, b in spans):
+            return h
+    return None
 
 
-def _gap_text(text: str, start: int, end: int, others: Sequence[tuple[int, int]]) -> str:
-    """``text[start:end]`` with the spans of other mentions blanked (they are list items, not scope words)."""
-    pieces: list[str] = []
-    pos = start
-    for a, b in sorted(others):
-        a, b = max(a, pos), min(b, end)
-        if b <= a:
-            continue
-        pieces.append(text[pos:a])
-        pieces.append(" " * (b - a))
-        pos = b
-    pieces.append(text[pos:end])
-    return "".join(pieces)
+class _Others:
+    """The spans (report offsets) of a clause's other candidates, for reading the gap between a cue and a mention
+    with them blanked: they are list items, not scope words."""
+
+    def __init__(self, report: str, spans: Sequence[tuple[int, int]]):
+        self.report = report
+        self.spans = sorted(spans)
+        self.starts = [a for a, _ in self.spans]
+        self.reach = max((b - a for a, b in self.spans), default=0)
+
+    def gap(self, start: int, end: int) -> str:
+        """``report[start:end]`` with the other candidates' spans blanked."""
+        first = bisect.bisect_left(self.starts, start - self.reach)
+        last = bisect.bisect_left(self.starts, end)
+        pieces: list[str] = []
+        pos = start
+        for a, b in self.spans[first:last]:
+            a, b = max(a, pos), min(b, end)
+            if b <= a:
+                continue
+            pieces.append(self.report[pos:a])
+            pieces.append(" " * (b - a))
+            pos = b
+        pieces.append(self.report[pos:end])
+        return "".join(pieces)
 
 
 def _cue_before(
@@ -111,15 +136,15 @@ def _cue_before(
     cue: re.Pattern[str],
     mask: re.Pattern[str] | None,
     max_words: int,
-    others: Sequence[tuple[int, int]],
+    others: _Others,
     offset: int,
 ) -> re.Match[str] | None:
-    """The last cue in ``prefix`` whose scope reaches its end (no scope break, few words between)."""
-    hits = _masked(cue, prefix, mask)
-    if not hits:
+    """The last cue in ``prefix`` (``report[offset:...]``) whose scope reaches its end (no scope break, few words
+    between)."""
+    last = _unmasked(cue, prefix, mask, last=True)
+    if last is None:
         return None
-    last = hits[-1]
-    between = _gap_text(prefix, last.end(), len(prefix), [(a - offset, b - offset) for a, b in others])
+    between = others.gap(offset + last.end(), offset + len(prefix))
     if _SCOPE_BREAK.search(between) or len(WORD.findall(between)) > max_words:
         return None
     return last
@@ -129,14 +154,13 @@ def _cue_after(
     suffix: str,
     cue: re.Pattern[str],
     mask: re.Pattern[str] | None,
-    others: Sequence[tuple[int, int]],
+    others: _Others,
     offset: int,
 ) -> re.Match[str] | None:
-    hits = _masked(cue, suffix, mask)
-    if not hits:
+    first = _unmasked(cue, suffix, mask, last=False)
+    if first is None:
         return None
-    first = hits[0]
-    between = _gap_text(suffix, 0, first.start(), [(a - offset, b - offset) for a, b in others])
+    between = others.gap(offset, offset + first.start())
     if _SCOPE_BREAK.search(between) or len(WORD.findall(between)) > _POST_SCOPE_WORDS:
         return None
     return first
@@ -165,19 +189,20 @@ def mention_value(
     c_start, c_end, _ = clause
     prefix = report[c_start : c.start]
     suffix = report[c.end : c_end]
+    blanks = _Others(report, others)
     negated = (
         _NEG_PRE not in absent
-        and _cue_before(prefix, _NEG_PRE, _NEG_MASK, _PRE_SCOPE_WORDS, others, c_start) is not None
+        and _cue_before(prefix, _NEG_PRE, _NEG_MASK, _PRE_SCOPE_WORDS, blanks, c_start) is not None
     )
     if not negated and not c.subject:
         negated = (
             _NEG_POST not in absent
-            and _cue_after(suffix, _NEG_POST, _NEG_POST_MASK, others, c.end) is not None
+            and _cue_after(suffix, _NEG_POST, _NEG_POST_MASK, blanks, c.end) is not None
         )
         if not negated and _NEG_POST_NORMAL not in absent:
             m = _NEG_POST_NORMAL.search(suffix)
             if m is not None:
-                between = _gap_text(suffix, 0, m.start(), [(a - c.end, b - c.end) for a, b in others])
+                between = blanks.gap(c.end, c.end + m.start())
                 negated = len(WORD.findall(between)) <= 2 and not _SCOPE_BREAK.search(between)
     if c.fixed is not None:
         if c.fixed == NEGATIVE or negated:
@@ -191,13 +216,13 @@ def mention_value(
         return UNCERTAIN
     uncertain = (
         _UNC_PRE not in absent
-        and _cue_before(prefix, _UNC_PRE, None, _UNC_SCOPE_WORDS, others, c_start) is not None
+        and _cue_before(prefix, _UNC_PRE, None, _UNC_SCOPE_WORDS, blanks, c_start) is not None
     )
     if not uncertain and c.subject:
         # "the heart may be mildly enlarged": the cue sits inside the subject's own phrase.
         uncertain = _UNC_PRE.search(report, c.start, c.end) is not None
     if not uncertain and not c.subject:
-        uncertain = _UNC_POST not in absent and _cue_after(suffix, _UNC_POST, None, others, c.end) is not None
+        uncertain = _UNC_POST not in absent and _cue_after(suffix, _UNC_POST, None, blanks, c.end) is not None
     return UNCERTAIN if uncertain else POSITIVE
 
 
