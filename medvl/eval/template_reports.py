@@ -48,7 +48,8 @@ CONVENTION = (
     "the evaluation classifier's findings on each scan (probability >= the label's threshold, the threshold "
     "of highest F1 on the validation scans against medvl's labels of their reports, meta.classifier_template), "
     "one template sentence per finding in CheXpert's order ('There is cardiomegaly.'), 'No acute "
-    "cardiopulmonary abnormality.' when none"
+    "cardiopulmonary abnormality.' when none (No Finding has no threshold: the labeler reads it in that "
+    "sentence); a label without a positive validation report is never called"
 )
 
 

@@ -158,6 +158,17 @@ def test_evaluate_report_with_chexbert_beside_medvls_labeler(
     from tests.models.report_fixtures import tiny_runs
 
     monkeypatch.setattr(nlg.shutil, "which", lambda name: None)  # no METEOR (Java) here
+    # the report evaluation's classifier-template baseline: a tiny evaluation classifier, not the default one
+    import medvl.train.classifier as train_classifier
+    from medvl.eval.classifier import ClassifierConfig
+
+    tiny = ClassifierConfig(image_size=32, channels=[8, 16], steps=30, eval_every=10, batch_size=16, lr=5e-3)
+    trained = train_classifier.evaluation_classifier
+    monkeypatch.setattr(
+        train_classifier,
+        "evaluation_classifier",
+        lambda data, cfg=None, device=None: trained(data, tiny, "cpu"),
+    )
     runs = tiny_runs(tmp_path / "runs", tiny_prepared)
     ckpt, bert, _ = chexbert_files
     out = tmp_path / "report.json"

@@ -115,4 +115,3 @@ def test_classifier_template_baseline_with_the_evaluation_classifier(runs, tmp_p
     refs = [str(r) for r in test.index["report"]]
     expected = ce_metrics(label_reports(refs), label_reports(texts))["ce.micro.f1"]
     assert saved[prefix + "ce.micro.f1"] == pytest.approx(expected)
-
