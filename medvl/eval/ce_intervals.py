@@ -50,6 +50,31 @@ def micro_f1_interval(
     return resampler.ratio_interval(num.sum(1), den.sum(1))
 
 
+def micro_f1_gap(
+    resampler: StudyResampler,
+    reference: np.ndarray,
+    model: np.ndarray,
+    baseline: np.ndarray,
+    columns: Sequence[int] | None = None,
+) -> tuple[float, list[float] | None]:
+    """Micro F1 of ``model`` minus that of ``baseline`` (both (N, L) labels against ``reference``) over
+    ``columns`` (all), and its paired interval: both F1s recomputed on the same resample of studies."""
+    cols = slice(None) if columns is None else list(columns)
+    num_m, den_m, _ = _counts(reference, model)
+    num_b, den_b, _ = _counts(reference, baseline)
+    num_m, den_m = num_m[:, cols].sum(1), den_m[:, cols].sum(1)
+    num_b, den_b = num_b[:, cols].sum(1), den_b[:, cols].sum(1)
+
+    def gap(idx: np.ndarray) -> float | None:
+        dm, db = den_m[idx].sum(), den_b[idx].sum()
+        if dm <= 0 or db <= 0:
+            return None
+        return float(num_m[idx].sum() / dm - num_b[idx].sum() / db)
+
+    point = gap(np.arange(len(num_m)))
+    return (float("nan") if point is None else point), resampler.interval(gap)
+
+
 def ce_intervals(
     resampler: StudyResampler,
     reference: np.ndarray,
@@ -79,4 +104,4 @@ def ce_intervals(
     return out
 
 
-__all__ = ["CI_CONVENTION", "ce_intervals", "micro_f1_interval"]
+__all__ = ["CI_CONVENTION", "ce_intervals", "micro_f1_gap", "micro_f1_interval"]

@@ -15,7 +15,8 @@ On the chosen split (one frontal image per study, as in training), in one run:
 Beside each one: ``<prefix>report.repeated_sentences`` (the share of reports that say one sentence twice, case
 and whitespace aside) and bootstrap intervals ``ce.micro.f1_ci``, ``ce.micro5.f1_ci``, ``ce.macro.f1_ci`` and
 ``ce.per_label.<name>.f1_ci`` for CheXbert's five labels (:mod:`medvl.eval.ce_intervals`, 1,000 resamples of the
-studies, seeded).
+studies, seeded); for each baseline, the report head's micro and micro5 F1 minus the baseline's,
+``ce.micro.f1_gap_<baseline>`` and ``ce.micro5.f1_gap_<baseline>``, with paired intervals.
 
 Writes ``out`` (metrics with provenance) and ``<out without .json>.predictions.csv``
 (``study_id,reference,generated``).
@@ -39,7 +40,7 @@ from medvl.errors import DataError, RunError
 from medvl.eval import template_reports as templates
 from medvl.eval.bootstrap import CONVENTION as BOOTSTRAP_CONVENTION
 from medvl.eval.bootstrap import StudyResampler
-from medvl.eval.ce_intervals import CI_CONVENTION, ce_intervals
+from medvl.eval.ce_intervals import CI_CONVENTION, ce_intervals, micro_f1_gap
 from medvl.eval.classifier import ClassifierLike, resolve_classifier
 from medvl.eval.clinical import CE_CONVENTION, ReferenceLabels, ce_metrics, label_reports, load_labeler
 from medvl.eval.common import metrics_record, run_config_hash, saved_config, write_metrics
@@ -47,6 +48,7 @@ from medvl.eval.nlg import TOKENISATION, NLGScorer
 from medvl.inference.generate import ReportGenerator
 from medvl.models.report_bundle import ReportHeadBundle
 from medvl.runs import CONFIG_FILE
+from medvl.text.chexpert import CHEXPERT_5, CHEXPERT_LABELS
 from medvl.text.sentences import split_sentences
 
 ABLATIONS_DIR = "ablations"
@@ -163,12 +165,14 @@ def score_reports(
     prefix: str = "",
     second: ReferenceLabels | None = None,
     resampler: StudyResampler | None = None,
+    gen_labels: np.ndarray | None = None,
 ) -> tuple[dict[str, float], dict[str, str]]:
     """``nlg.*``, ``ce.*`` and ``report.repeated_sentences`` of ``generated`` against ``references`` (keys under
     ``prefix``); with ``second``, the ``ce_<labeler>.*`` keys of a second labeler too; with ``resampler`` (one
-    study per record), the ``ce.*.f1_ci`` intervals (:func:`medvl.eval.ce_intervals.ce_intervals`)."""
+    study per record), the ``ce.*.f1_ci`` intervals (:func:`medvl.eval.ce_intervals.ce_intervals`);
+    ``gen_labels``: ``generated``'s labels when already computed."""
     nlg = scorer.score(references, generated)
-    gen_labels = label_reports(generated)
+    gen_labels = label_reports(generated) if gen_labels is None else gen_labels
     ce = ce_metrics(ref_labels, gen_labels)
     if second is not None:
         ce.update(second.metrics(generated))
@@ -192,6 +196,19 @@ def score_reports(
             "for: " + ", ".join(undefined)
         )
     return metrics, missing
+
+
+def baseline_gaps(
+    resampler: StudyResampler, ref_labels: np.ndarray, model: np.ndarray, baseline: np.ndarray, name: str
+) -> dict[str, Any]:
+    """``ce.micro.f1_gap_<name>`` and ``ce.micro5.f1_gap_<name>``: the model's F1 minus the baseline's, with
+    paired intervals (``..._ci``, both recomputed on the same resamples of studies)."""
+    five = [CHEXPERT_LABELS.index(n) for n in CHEXPERT_5]
+    out: dict[str, Any] = {}
+    for key, cols in (("ce.micro.f1", None), ("ce.micro5.f1", five)):
+        gap, ci = micro_f1_gap(resampler, ref_labels, model, baseline, cols)
+        out[f"{key}_gap_{name}"], out[f"{key}_gap_{name}_ci"] = gap, ci
+    return out
 
 
 def find_ablations(run: Path) -> dict[str, Path]:
@@ -263,8 +280,17 @@ def evaluate_report(
     ablations = {}
     for name, path in find_ablations(run).items():
         ablations[name] = generate_for_split(ReportGenerator.load(path), test, desc=f"ablation {name}")
+    gen_labels = {name: label_reports(texts) for name, texts in {"": generated, **baselines}.items()}
     with NLGScorer() as scorer:
-        m, miss = score_reports(scorer, references, ref_labels, generated, second=second, resampler=resampler)
+        m, miss = score_reports(
+            scorer,
+            references,
+            ref_labels,
+            generated,
+            second=second,
+            resampler=resampler,
+            gen_labels=gen_labels[""],
+        )
         metrics.update(m)
         missing.update(miss)
         for name, texts in baselines.items():
@@ -276,9 +302,11 @@ def evaluate_report(
                 prefix=f"baselines.{name}.",
                 second=second,
                 resampler=resampler,
+                gen_labels=gen_labels[name],
             )
             metrics.update(m)
             missing.update(miss)
+            metrics.update(baseline_gaps(resampler, ref_labels, gen_labels[""], gen_labels[name], name))
         for name, texts in ablations.items():
             m, miss = score_reports(
                 scorer,
@@ -316,6 +344,8 @@ def evaluate_report(
         "lower case, whitespace and end punctuation aside)",
         "intervals": BOOTSTRAP_CONVENTION,
         "ce.*.f1_ci": CI_CONVENTION,
+        "ce.*.f1_gap_<baseline>": "the report head's F1 minus the baseline's on the same studies; its _ci is "
+        "paired (both F1s recomputed on each resample)",
         "ablations": "report runs under RUN/ablations/<name>/, decoded like the main run",
     }
     record = metrics_record(

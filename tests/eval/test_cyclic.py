@@ -4,13 +4,28 @@ the random-pair reference pairs every study with another."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from medvl.eval.cyclic import MIN_POSITIVES, derangement, labels_with_positives, run_cycles, score_cycles
+from medvl.eval.classifier import ClassifierConfig
+from medvl.eval.cyclic import (
+    MIN_POSITIVES,
+    derangement,
+    evaluate_cyclic,
+    labels_with_positives,
+    run_cycles,
+    score_cycles,
+)
 from medvl.text.chexpert import CHEXPERT_LABELS
+from medvl.train.classifier import evaluation_classifier
+from medvl.train.stages.autoencoder import build_autoencoder_stage
+from medvl.train.stages.diffusion import build_diffusion_stage
+from tests.models.diffusion_fixtures import finish_run, train_plain
+from tests.models.report_fixtures import tiny_runs
 
 REPORTS = [
     "There is cardiomegaly.",
@@ -136,16 +151,6 @@ def test_derangement_moves_every_item_and_is_seeded():
 
 @pytest.mark.usefixtures("single_thread")
 def test_evaluate_cyclic_on_tiny_runs_writes_the_keys(tiny_prepared, tmp_path):
-    import json
-
-    from medvl.eval.classifier import ClassifierConfig
-    from medvl.eval.cyclic import evaluate_cyclic
-    from medvl.train.classifier import evaluation_classifier
-    from medvl.train.stages.autoencoder import build_autoencoder_stage
-    from medvl.train.stages.diffusion import build_diffusion_stage
-    from tests.models.diffusion_fixtures import finish_run, train_plain
-    from tests.models.report_fixtures import tiny_runs
-
     runs = tiny_runs(tmp_path / "report_runs", tiny_prepared)
     ae_stage = build_autoencoder_stage(config_path="tiny", overrides=[], data=tiny_prepared)
     ae = finish_run(ae_stage, train_plain(ae_stage, 2)[0], tmp_path / "ae")

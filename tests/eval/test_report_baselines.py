@@ -13,7 +13,7 @@ import torch
 
 from medvl.eval import nlg
 from medvl.eval.bootstrap import StudyResampler
-from medvl.eval.ce_intervals import ce_intervals, micro_f1_interval
+from medvl.eval.ce_intervals import ce_intervals, micro_f1_gap, micro_f1_interval
 from medvl.eval.clinical import ce_metrics, label_reports, positives
 from medvl.eval.nlg import NLGScorer
 from medvl.eval.report import repeated_sentence_share, repeats_a_sentence, retrieve_reports, score_reports
@@ -154,3 +154,19 @@ def test_ce_intervals_match_the_point_values_and_cluster_by_study():
     five = [CHEXPERT_LABELS.index(n) for n in CHEXPERT_5]
     assert micro_f1_interval(whole, ref, gen, five)[0] == pytest.approx(point["ce.micro5.f1"])
     assert ce_intervals(whole, ref, gen)["ce.macro.f1_ci"][0] == pytest.approx(point["ce.macro.f1"])
+
+
+def test_paired_gap_of_model_and_baseline():
+    rng = np.random.default_rng(1)
+    ref = (rng.random((40, 14)) < 0.3).astype(float)
+    ref[0, 0] = 1.0
+    resampler = StudyResampler(np.arange(40), resamples=200)
+    # a model that copies the reference beside a baseline that never says a finding: gap exactly 1, interval [1, 1]
+    gap, ci = micro_f1_gap(resampler, ref, ref, np.zeros_like(ref))
+    assert gap == 1.0 and ci == [1.0, 1.0]
+    # the same system on both sides: gap 0 on every resample (paired), not just on average
+    noisy = np.where(rng.random(ref.shape) < 0.7, ref, 1 - ref)
+    assert micro_f1_gap(resampler, ref, noisy, noisy) == (0.0, [0.0, 0.0])
+    gap, ci = micro_f1_gap(resampler, ref, ref, noisy, columns=[1, 2])
+    assert gap == pytest.approx(1.0 - ce_metrics(ref[:, [1, 2]], noisy[:, [1, 2]], ["a", "b"])["ce.micro.f1"])
+    assert ci[0] <= gap <= ci[1]

@@ -9,8 +9,18 @@ import pandas as pd
 import pytest
 
 from medvl.eval import evaluate, nlg
-from medvl.eval.report import most_frequent_report, predictions_path
+from medvl.eval.classifier import ClassifierConfig, load_trained_classifier
+from medvl.eval.clinical import ce_metrics, label_reports
+from medvl.eval.report import most_frequent_report, predictions_path, report_studies
+from medvl.eval.template_reports import (
+    FINDINGS,
+    NORMAL_SENTENCE,
+    TEMPLATE_SENTENCES,
+    classifier_probabilities,
+    template_reports,
+)
 from medvl.text.chexpert import CHEXPERT_LABELS
+from medvl.train.classifier import evaluation_classifier
 from tests.models.report_fixtures import tiny_runs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -75,18 +85,6 @@ def test_evaluate_report_writes_the_contract(runs, tmp_path, monkeypatch):
 
 
 def test_classifier_template_baseline_with_the_evaluation_classifier(runs, tmp_path, monkeypatch):
-    from medvl.eval.classifier import ClassifierConfig, load_trained_classifier
-    from medvl.eval.report import report_studies
-    from medvl.eval.clinical import ce_metrics, label_reports
-    from medvl.eval.template_reports import (
-        FINDINGS,
-        NORMAL_SENTENCE,
-        TEMPLATE_SENTENCES,
-        classifier_probabilities,
-        template_reports,
-    )
-    from medvl.train.classifier import evaluation_classifier
-
     monkeypatch.setattr(nlg.shutil, "which", lambda name: None)
     cfg = ClassifierConfig(image_size=32, channels=[8, 16], steps=30, eval_every=10, batch_size=16, lr=5e-3)
     classifier = load_trained_classifier(evaluation_classifier(runs.data, cfg, device="cpu"))
@@ -96,6 +94,11 @@ def test_classifier_template_baseline_with_the_evaluation_classifier(runs, tmp_p
     for key in ("nlg.bleu4", "nlg.cider", "ce.micro.f1", "ce.micro5.f1", "report.repeated_sentences"):
         assert isinstance(saved[prefix + key], float), key
     assert prefix + "ce.micro.f1_ci" in saved
+    for name in ("most_frequent", "retrieval", "classifier_template"):
+        gap = saved[f"ce.micro5.f1_gap_{name}"]  # the model minus the baseline, paired interval
+        if gap is not None:
+            assert gap == pytest.approx(saved["ce.micro5.f1"] - saved[f"baselines.{name}.ce.micro5.f1"])
+        assert f"ce.micro.f1_gap_{name}_ci" in saved
     meta = saved["meta"]["classifier_template"]
     validation = report_studies(runs.data, "validate", {"views": ["PA", "AP"], "one_image_per_study": True})
     assert meta["validation_studies"] == len(validation) > 0
