@@ -97,6 +97,7 @@ def test_every_option_has_help_and_a_default_and_every_command_an_example():
         "label",
         "explain",
         "export",
+        "report",
     ]
     for name, sub in _subparsers(parser).items():
         assert sub.description, name
