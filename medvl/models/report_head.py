@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -381,9 +382,18 @@ class ReportHead(nn.Module):
         result = {"logits": out.logits}
         if labels is not None:
             # Next-token cross-entropy: position t predicts token t + 1; padding labels are -100.
-            lm = F.cross_entropy(
-                out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
-            )
+            logits, target = out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten()
+            world = _training_world_size(self)
+            if world > 1:
+                # Data parallel: gradients are averaged over the processes, so each one divides its token sum by
+                # the token count of the whole global batch (times the world size): the mean over every token, as
+                # one process with the global batch computes it. A mean of per-process means would weigh the tokens
+                # of a process with shorter reports more.
+                total = (target != -100).sum().float()
+                dist.all_reduce(total)
+                lm = F.cross_entropy(logits, target, ignore_index=-100, reduction="sum") * world / total
+            else:
+                lm = F.cross_entropy(logits, target, ignore_index=-100)
             result["lm_loss"] = lm
             result["loss"] = lm
             if self.cfg.label_loss_weight > 0 and report_labels is not None:
@@ -472,6 +482,14 @@ class ReportHead(nn.Module):
             return DecodeOutput(sequences=_pad_after_eos(seqs, self.eos_id, self.pad_id), scores=scores)
         finally:
             self.train(was_training)
+
+
+def _training_world_size(module: nn.Module) -> int:
+    """The number of data-parallel processes when ``module`` trains with gradients inside a process group, else 1
+    (validation runs on one process: it must not wait for the others)."""
+    if module.training and torch.is_grad_enabled() and dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
 
 
 class _BeamCache(EncoderDecoderCache):

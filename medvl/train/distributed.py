@@ -18,13 +18,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
+from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import (
     DistributedDataParallelKwargs,
     DistributedType,
     InitProcessGroupKwargs,
     broadcast_object_list,
     extract_model_from_parallel,
+    parse_flag_from_env,
 )
 from torch import nn
 
@@ -118,6 +119,13 @@ def make_accelerator(*, precision: str, grad_accum: int, find_unused_parameters:
             "loop; launch with DDP (the default of torchrun / accelerate launch) or FSDP"
         )
     return accelerator
+
+
+def process_state() -> PartialState:
+    """This process's place in the process group, joining it under ``torchrun`` as the run's Accelerator will (a
+    stage that needs its device before :func:`make_accelerator` asks here: Accelerate keeps the first answer, and
+    ``PartialState()`` without the ``ACCELERATE_USE_CPU`` flag leaves CPU processes out of the group)."""
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def is_sharded(accelerator: Accelerator) -> bool:

@@ -537,8 +537,9 @@ def fit(
     config_dump = json.loads(json.dumps(config_dump, default=str))  # plain data (paths as strings)
     from_abs = [str(Path(p).resolve()) for p in (from_runs or [])]
     kind = check_run_dir(out, resume, config_dump)  # every rank checks before anyone writes
+    unused = cfg.find_unused_parameters or bool(getattr(stage, "unused_parameters", False))
     accelerator = make_accelerator(
-        precision=cfg.precision, grad_accum=cfg.grad_accum, find_unused_parameters=cfg.find_unused_parameters
+        precision=cfg.precision, grad_accum=cfg.grad_accum, find_unused_parameters=unused
     )
     stage_state = has_stage_state(stage)
     checkpoint = open_run_dir(

@@ -20,7 +20,8 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 REPO = Path(__file__).resolve().parents[2]
 
 
-def torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def torchrun_env() -> dict[str, str]:
+    """The environment of a CPU-only two-process launch on the loopback interface."""
     env = {
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",
@@ -31,6 +32,11 @@ def torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env["CUDA_VISIBLE_DEVICES"] = ""  # CPU processes even on a GPU machine
     if sys.platform.startswith("linux"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
+    return env
+
+
+def torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = torchrun_env()
     # --standalone: torchrun picks a free localhost port itself (no race with other test runs)
     cmd = [
         sys.executable,

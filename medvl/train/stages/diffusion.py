@@ -208,6 +208,13 @@ class DiffusionStage:
     # The EMA copy is updated from the full weights every step; FSDP would hand it shards (see check_sharding).
     shardable = False
 
+    @property
+    def unused_parameters(self) -> bool:
+        """A frozen shared memory is queried without gradients, so its query projection gets none: DDP must be
+        told (``find_unused_parameters``) or it stops at the first step."""
+        cond = self.config.condition
+        return cond.use_memory and not cond.memory_trainable
+
     def __init__(
         self,
         cfg: DiffusionStageConfig,

@@ -42,7 +42,7 @@ from medvl.models.report_head import (
     ReportHeadConfig,
 )
 from medvl.runs import find_from_run
-from medvl.train.distributed import unwrap
+from medvl.train.distributed import process_state, unwrap
 from medvl.train.loop import TrainConfig, default_param_groups
 
 
@@ -397,9 +397,7 @@ def _finite(x: float) -> float:
 
 def _stage_device() -> torch.device:
     try:
-        from accelerate import PartialState
-
-        return PartialState().device
+        return process_state().device
     except Exception:  # accelerate not initialisable here: plain single-process device choice
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
