@@ -124,8 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed",
         type=int,
         default=0,
-        help="seed of the IU-Phantom build (default 0, the phantom the presets were tuned on; another seed "
-        "gives a held-out test bed)",
+        help="seed of the IU-Phantom build: 0 is the phantom the presets were tuned on, another seed a held-out "
+        "test bed",
     )
     d.add_argument(
         "--preset",
