@@ -134,6 +134,32 @@ def test_adamatch_config_key_reaches_the_loader(custom_code_folder, tiny_prepare
     assert type(model.text_encoder.encoder).__name__ == "TinyEncModel"
 
 
+def test_a_saved_run_never_opts_itself_into_running_its_code(custom_code_folder, tmp_path, monkeypatch):
+    """The run's own config says trust_remote_code: true; loading it still needs the loading person's opt-in."""
+    from medvl.errors import ConfigError
+    from medvl.models.adamatch import AdaMatchRun
+    from medvl.models.adamatch.encoders import TRUST_REMOTE_CODE_ENV
+    from medvl.models.adamatch.model import AdaMatchConfig, BackboneConfig, TextEncoderConfig, build_adamatch
+    from medvl.text.tokenizer import ReportTokenizer, train_wordpiece
+
+    folder, _ = custom_code_folder
+    tok = ReportTokenizer(train_wordpiece(["a b c", "b c d"], vocab_size=40, min_frequency=1))
+    cfg = AdaMatchConfig(
+        image_size=64,
+        embed_dim=8,
+        backbone=BackboneConfig(channels=[8]),
+        text=TextEncoderConfig(pretrained=str(folder), trust_remote_code=True),
+    )
+    AdaMatchRun(build_adamatch(cfg, tok), tok).save_pretrained(tmp_path / "adamatch")
+    monkeypatch.delenv(TRUST_REMOTE_CODE_ENV, raising=False)
+    with pytest.raises(ConfigError, match=TRUST_REMOTE_CODE_ENV):
+        AdaMatchRun.from_pretrained(tmp_path)
+    run = AdaMatchRun.from_pretrained(tmp_path, trust_remote_code=True)
+    assert type(run.model.text_encoder.encoder).__name__ == "TinyEncModel"
+    monkeypatch.setenv(TRUST_REMOTE_CODE_ENV, "1")
+    assert type(AdaMatchRun.from_pretrained(tmp_path).model.text_encoder.encoder).__name__ == "TinyEncModel"
+
+
 def test_adamatch_text_encoder_is_a_hugging_face_folder(tiny_adamatch_run):
     from medvl.models.adamatch import AdaMatchRun
 

@@ -19,6 +19,7 @@ The trained encoder is saved as a Hugging Face folder of its own (:meth:`TextEnc
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -234,7 +235,19 @@ def bert_config(cfg: TextEncoderConfig, vocab_size: int, pad_token_id: int):
     )
 
 
-def check_remote_code(directory: Path, trust_remote_code: bool) -> None:
+#: Loading a saved run whose text encoder ships model code runs that code only when the person loading it says so:
+#: ``trust_remote_code=True`` in Python, or this environment variable set to 1 (the flag saved in the run's own
+#: config is never read for that, so a run from elsewhere cannot switch it on).
+TRUST_REMOTE_CODE_ENV = "MEDVL_TRUST_REMOTE_CODE"
+
+_TRAIN_HINT = "set model.text.trust_remote_code=true to run it (only for a folder you trust)"
+_LOAD_HINT = (
+    f"loading it runs that code: set {TRUST_REMOTE_CODE_ENV}=1 (or pass trust_remote_code=True) only for a run "
+    "you trust"
+)
+
+
+def check_remote_code(directory: Path, trust_remote_code: bool, hint: str = _TRAIN_HINT) -> None:
     """:class:`ConfigError` when ``directory``'s ``config.json`` maps to model code of its own (``auto_map``) and
     running it was not allowed."""
     try:
@@ -244,8 +257,7 @@ def check_remote_code(directory: Path, trust_remote_code: bool) -> None:
     if auto_map and not trust_remote_code:
         files = sorted({str(v).split(".")[0] + ".py" for v in auto_map.values() if isinstance(v, str)})
         raise ConfigError(
-            f"the text encoder in {directory} ships its own model code ({', '.join(files)}); set "
-            "model.text.trust_remote_code=true to run it (only for a folder you trust)"
+            f"the text encoder in {directory} ships its own model code ({', '.join(files)}); {hint}"
         )
 
 
@@ -312,8 +324,10 @@ class TextEncoder(nn.Module):
     def from_saved_config(
         cls, directory: str | Path, out_dim: int, lexical: bool = False, trust_remote_code: bool = False
     ) -> TextEncoder:
-        """Architecture from a saved ``config.json`` (weights come from the run's safetensors)."""
-        check_remote_code(Path(directory), trust_remote_code)
+        """Architecture from a saved ``config.json`` (weights come from the run's safetensors). ``trust_remote_code``
+        is the loading person's choice (or :data:`TRUST_REMOTE_CODE_ENV`), never the saved config's."""
+        trust_remote_code = trust_remote_code or os.environ.get(TRUST_REMOTE_CODE_ENV) == "1"
+        check_remote_code(Path(directory), trust_remote_code, _LOAD_HINT)
         config = AutoConfig.from_pretrained(
             str(directory), local_files_only=True, trust_remote_code=trust_remote_code
         )

@@ -122,8 +122,13 @@ class AdaMatchRun:
         return out
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> AdaMatchRun:
-        """Load the component at ``directory`` (or ``directory/adamatch/`` when ``directory`` is a run)."""
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device = "cpu", *, trust_remote_code: bool = False
+    ) -> AdaMatchRun:
+        """Load the component at ``directory`` (or ``directory/adamatch/`` when ``directory`` is a run).
+
+        A text encoder that ships its own model code is loaded only with ``trust_remote_code=True`` (or
+        ``MEDVL_TRUST_REMOTE_CODE=1``): the flag saved in the run's config is not read for that."""
         art = component_dir(directory, cls.DIRNAME)
         meta = read_config(
             art, cls.FORMAT, what="AdaMatch model", hint="train one with `medvl train adamatch`"
@@ -133,7 +138,7 @@ class AdaMatchRun:
         model = AdaMatch(
             cfg,
             TextEncoder.from_saved_config(
-                art / TEXT_ENCODER_DIR, cfg.embed_dim, cfg.text.lexical, cfg.text.trust_remote_code
+                art / TEXT_ENCODER_DIR, cfg.embed_dim, cfg.text.lexical, trust_remote_code
             ),
         )
         missing, unexpected = model.load_state_dict(load_weights(art), strict=False)
