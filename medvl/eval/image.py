@@ -428,9 +428,13 @@ def evaluate_diffusion(
         "sampling": f"{sampler}, {steps} steps, guidance {guidance:g}, seeds {seed}+i",
         **xrv_notes,
     }
+    hinted = bool(synth.denoiser.unet_cfg.side_maps)
     extra = {
         "run": str(run),
         "data": str(data),
+        # A hinted head draws where medvl's labeler reads the report to put findings: on IU-Phantom the same
+        # reading drew the scans, so its laterality is not the words' alone (the demo trains a text-only head).
+        "layout_hint": f"labeler-derived ({synth.encoder.cfg.layout})" if hinted else "none (text only)",
         "classifier": {
             "val_macro_auroc": creport.val_macro_auroc,
             "val_laterality_accuracy": creport.val_laterality_accuracy,
