@@ -579,9 +579,10 @@ def main(argv: list[str] | None = None) -> int:
         os_error = isinstance(exc, OSError) and exc.strerror and exc.filename
         print(f"medvl: error: {f'{exc.strerror}: {exc.filename}' if os_error else exc}", file=sys.stderr)
         code = 2
-    from medvl.train.distributed import finish_distributed_process
+    if "torch.distributed" in sys.modules:  # only a command that imported torch can hold a process group
+        from medvl.train.distributed import finish_distributed_process
 
-    finish_distributed_process(code)  # under torchrun: exits here, past gloo's teardown, whatever the outcome
+        finish_distributed_process(code)  # under torchrun: exits here, past gloo's teardown, whatever the outcome
     return code
 
 
