@@ -84,6 +84,9 @@ def test_python_api_on_tensors_and_paths(runs, real_fixtures):
     assert by_tensor[0].text == by_path[0].text and by_tensor[0].tokens == by_path[0].tokens
     with pytest.raises(ValueError, match="images must be"):
         gen.generate(torch.zeros(2, 3, 8, 8))
+    for bad in (-1, 0, 2.5, True):
+        with pytest.raises(ValueError, match="beams must be a positive integer"):
+            gen.generate(scan[None], beams=bad)
 
 
 def test_ablation_run_generates_without_memory(runs, real_fixtures):

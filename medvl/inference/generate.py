@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from medvl.data.images import sniff_format
 from medvl.data.scans import load_scan
 from medvl.data.xray import ImageFormat
-from medvl.errors import DataError, InvalidImageError, MedvlError, RunError
+from medvl.errors import ConfigError, DataError, InvalidImageError, MedvlError, RunError
 from medvl.models import report_head as rh
 from medvl.models.adamatch import AdaMatchRun
 from medvl.models.memory import SharedMemory
@@ -141,6 +141,8 @@ class ReportGenerator:
         if images.dim() != 4 or images.shape[1] != 1:
             raise InvalidImageError(f"images must be (B, 1, S, S), got {tuple(images.shape)}")
         g = self.generation
+        if beams is not None and (isinstance(beams, bool) or not isinstance(beams, int) or beams < 1):
+            raise ConfigError(f"beams must be a positive integer (1 = greedy), got {beams!r}")
         beams = beams or g.beams
         bs = batch_size or g.batch_size
         out: list[GeneratedReport] = []
