@@ -199,7 +199,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--errors", default=None, help="print disagreements for this CheXpert label")
     ap.add_argument("--max-errors", type=int, default=30)
-    ap.add_argument("--out", type=Path, default=None, help=f"JSON (default {RESULTS.name}, or _iu with --convention iu)")
+    ap.add_argument(
+        "--out", type=Path, default=None, help=f"JSON (default {RESULTS.name}, or _iu with --convention iu)"
+    )
     ap.add_argument(
         "--convention",
         choices=["chexpert", "iu"],

@@ -214,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
         "patient_id, study_id, view, the 14 CheXpert names), e.g. image=Path,report=Text; KEY= leaves a "
         "column out (default: none)",
     )
-    cs.add_argument("--seed", type=int, default=0, help="seed of the split when the table has no split column")
+    cs.add_argument(
+        "--seed", type=int, default=0, help="seed of the split when the table has no split column"
+    )
     cs.add_argument(
         "--view",
         type=lambda text: text.strip().upper(),
@@ -335,9 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write one DICOM Basic Text SR per study of the DICOM scans, marked machine-generated and "
         'unverified; needs pip install "medvl[sr]" (default: none)',
     )
-    g.add_argument(
-        "--image-column", default="image", help="the scan path column of a CSV input"
-    )
+    g.add_argument("--image-column", default="image", help="the scan path column of a CSV input")
     g.add_argument(
         "--image-root",
         type=Path,
@@ -582,7 +582,9 @@ def main(argv: list[str] | None = None) -> int:
     if "torch.distributed" in sys.modules:  # only a command that imported torch can hold a process group
         from medvl.train.distributed import finish_distributed_process
 
-        finish_distributed_process(code)  # under torchrun: exits here, past gloo's teardown, whatever the outcome
+        finish_distributed_process(
+            code
+        )  # under torchrun: exits here, past gloo's teardown, whatever the outcome
     return code
 
 

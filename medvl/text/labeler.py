@@ -391,7 +391,9 @@ def _label_array(report: str, convention: LabelConvention | str = LabelConventio
     return aggregate_mentions(extract_mentions(report), convention=convention)
 
 
-def label_report(report: str, *, convention: LabelConvention | str = LabelConvention.CHEXPERT) -> dict[str, float]:
+def label_report(
+    report: str, *, convention: LabelConvention | str = LabelConvention.CHEXPERT
+) -> dict[str, float]:
     """CheXpert's 14 labels of one report: name -> 1.0 / 0.0 / -1.0 / NaN (not mentioned)."""
     values = _label_array(report, convention)
     return {name: float(v) for name, v in zip(CHEXPERT_LABELS, values, strict=True)}
@@ -444,7 +446,9 @@ def _read_reports(file: str) -> list[str]:
             try:
                 data = data.decode("utf-8-sig")
             except UnicodeDecodeError as exc:
-                raise DataError(f"standard input is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+                raise DataError(
+                    f"standard input is not UTF-8 text ({exc.reason} at byte {exc.start})"
+                ) from None
         return [data]
     path = Path(file)
     if not path.exists():

@@ -122,9 +122,11 @@ def test_lung_lesion_conventions(report: str, chexpert: float | None, iu: float)
     """CheXpert's Lung Lesion is a nodule, mass or tumour; granulomas and calcified nodules count only under the
     ``iu`` convention, and their mentions (with side and zone) are extracted either way."""
     got = label_report(report)["Lung Lesion"]
-    assert (np.isnan(got) if chexpert is None else got == chexpert), got
+    assert np.isnan(got) if chexpert is None else got == chexpert, got
     assert label_report(report, convention="iu")["Lung Lesion"] == iu
-    assert label_reports([report], convention=LabelConvention.IU)[0][CHEXPERT_LABELS.index("Lung Lesion")] == iu
+    assert (
+        label_reports([report], convention=LabelConvention.IU)[0][CHEXPERT_LABELS.index("Lung Lesion")] == iu
+    )
     assert any(m.observation == "Lung Lesion" for m in extract_mentions(report))
     if chexpert is None:
         assert label_report(report)["No Finding"] == 1.0  # an old, healed finding only

@@ -183,7 +183,11 @@ def _masks_per_split(rng: np.random.Generator, n_masks: int, split_of: np.ndarra
     perm = rng.permutation(n_masks)
     n_val = max(1, int(round(SPLIT_SHARES[1] * n_masks)))
     n_test = max(1, int(round(SPLIT_SHARES[2] * n_masks)))
-    pools = {"test": perm[:n_test], "validate": perm[n_test : n_test + n_val], "train": perm[n_test + n_val :]}
+    pools = {
+        "test": perm[:n_test],
+        "validate": perm[n_test : n_test + n_val],
+        "train": perm[n_test + n_val :],
+    }
     out = np.empty(len(split_of), dtype=np.int64)
     for split, pool in pools.items():
         members = np.nonzero(split_of == split)[0]
