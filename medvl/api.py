@@ -32,6 +32,7 @@ from medvl.errors import ConfigError, InvalidImageError, InvalidReportError, Run
 from medvl.inference.explain import explain_command, explain_image
 from medvl.report.card import write_model_card
 from medvl.runs import find_runs, save_run_set
+from medvl.text.labeler import decode_report
 
 
 @dataclass
@@ -162,9 +163,9 @@ class Pipeline:
     ):
         """Report(s) -> :class:`~medvl.inference.synthesize.Synthesis`: ``images`` (B, 1, S, S) in [-1024, 1024] and
         the keypatch boxes that guided each. Same seed, same image."""
-        reports = _report_text(reports)
+        reports = decode_report(reports)
         if not isinstance(reports, str):
-            reports = [_report_text(r) for r in reports]
+            reports = [decode_report(r) for r in reports]
         if isinstance(reports, str) and not reports.strip():
             raise InvalidReportError("the report is empty")
         return self.synthesizer.synthesize_with_keypatches(reports, steps=steps, guidance=guidance, seed=seed)
@@ -179,7 +180,7 @@ class Pipeline:
     @torch.no_grad()
     def match(self, scan: ScanLike, report: str) -> MatchResult:
         """AdaMatch scores of (scan, report) and the best patch of each report word."""
-        report = _report_text(report)
+        report = decode_report(report)
         if not isinstance(report, str) or not report.strip():
             raise InvalidReportError("the report is empty")
         run = self.adamatch
@@ -206,18 +207,6 @@ class Pipeline:
                 )
             )
         return MatchResult(float(s_i2t[0, 0]), float(s_t2i[0, 0]), words)
-
-
-def _report_text(report: Any) -> Any:
-    """A report given as bytes, decoded as UTF-8 (never used as its ``repr``)."""
-    if isinstance(report, (bytes, bytearray)):
-        try:
-            return bytes(report).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InvalidReportError(
-                f"a report given as bytes is not UTF-8 text ({exc.reason} at byte {exc.start})"
-            ) from None
-    return report
 
 
 def load(run_dir: str | Path, device: str | None = None) -> Pipeline:

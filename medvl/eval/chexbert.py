@@ -32,23 +32,8 @@ from transformers import BertConfig, BertModel, BertTokenizerFast
 from medvl.errors import ConfigError, RunError
 from medvl.text.chexpert import CHEXPERT_LABELS
 
-#: CheXbert's observation order (its heads' order).
-CHEXBERT_CONDITIONS: tuple[str, ...] = (
-    "Enlarged Cardiomediastinum",
-    "Cardiomegaly",
-    "Lung Opacity",
-    "Lung Lesion",
-    "Edema",
-    "Consolidation",
-    "Pneumonia",
-    "Atelectasis",
-    "Pneumothorax",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Fracture",
-    "Support Devices",
-    "No Finding",
-)
+#: CheXbert's observation order (its heads' order): CheXpert's with No Finding moved last.
+CHEXBERT_CONDITIONS: tuple[str, ...] = (*CHEXPERT_LABELS[1:], CHEXPERT_LABELS[0])
 #: Head class -> CheXpert value (blank, positive, negative, uncertain).
 CLASS_VALUES = (np.nan, 1.0, 0.0, -1.0)
 MAX_PIECES = 512

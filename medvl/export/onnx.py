@@ -133,30 +133,24 @@ def _export(part: Part, path: Path) -> str:
                         }
                         for n, axes in part.dynamic.items()
                     }
-                    torch.onnx.export(
-                        part.module,
-                        args,
-                        str(path),
-                        input_names=names,
-                        output_names=part.outputs,
-                        opset_version=OPSET,
-                        dynamo=True,
-                        dynamic_shapes=tuple(shapes.get(n) for n in names),
-                        external_data=False,
-                        optimize=True,
-                        verbose=False,
-                    )
+                    options = {
+                        "dynamic_shapes": tuple(shapes.get(n) for n in names),
+                        "external_data": False,
+                        "optimize": True,
+                        "verbose": False,
+                    }
                 else:
-                    torch.onnx.export(
-                        part.module,
-                        args,
-                        str(path),
-                        input_names=names,
-                        output_names=part.outputs,
-                        opset_version=OPSET,
-                        dynamo=False,
-                        dynamic_axes={**part.dynamic, **{o: {0: "batch"} for o in part.outputs}},
-                    )
+                    options = {"dynamic_axes": {**part.dynamic, **{o: {0: "batch"} for o in part.outputs}}}
+                torch.onnx.export(
+                    part.module,
+                    args,
+                    str(path),
+                    input_names=names,
+                    output_names=part.outputs,
+                    opset_version=OPSET,
+                    dynamo=dynamo,
+                    **options,
+                )
             return "dynamo" if dynamo else "torchscript"
         except Exception as exc:  # an exporter's failure: try the other, then report both
             errors.append(f"{'dynamo' if dynamo else 'torchscript'}: {type(exc).__name__}: {str(exc)[:300]}")

@@ -67,6 +67,7 @@ __all__ = [
     "label_report",
     "label_reports",
     "aggregate_mentions",
+    "decode_report",
     "split_sentences",
     "label_command",
     "format_label",
@@ -239,7 +240,7 @@ def extract_mentions(report: str) -> list[Mention]:
     its clause. Derived mentions (CheXpert's "CHF implies uncertain cardiomegaly") share the phrase that
     implied them.
     """
-    report = _report_text(report)
+    report = decode_report(report)
     if not isinstance(report, str):
         raise TypeError(f"a report must be a str, not {type(report).__name__}")
     return _extract(report, prefilter=True)
@@ -364,8 +365,9 @@ def aggregate_mentions(
     return out
 
 
-def _report_text(report: object) -> object:
-    """A report given as bytes, decoded as UTF-8 (never labelled as its ``repr``)."""
+def decode_report(report: object) -> object:
+    """A report given as bytes, decoded as UTF-8 (never labelled or matched as its ``repr``); anything else as
+    it is. Not UTF-8: :class:`InvalidReportError`."""
     if isinstance(report, (bytes, bytearray, memoryview)):
         try:
             return bytes(report).decode("utf-8")
@@ -385,7 +387,7 @@ def _is_empty(report: str | None) -> bool:
 
 
 def _label_array(report: str, convention: LabelConvention | str = LabelConvention.CHEXPERT) -> np.ndarray:
-    report = _report_text(report)
+    report = decode_report(report)
     if _is_empty(report):
         return np.full(len(CHEXPERT_LABELS), np.nan, dtype=np.float32)
     return aggregate_mentions(extract_mentions(report), convention=convention)
@@ -416,7 +418,7 @@ def label_reports(
     if progress:
         items = tqdm(items, total=len(reports), desc="labelling reports", unit="report")
     for i, report in items:
-        report = _report_text(report)
+        report = decode_report(report)
         if _is_empty(report):
             continue
         key = str(report)

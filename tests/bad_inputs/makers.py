@@ -34,6 +34,11 @@ def edited_dicom(path: Path, edit: Callable[[pydicom.Dataset], None], unit: np.n
     ds = chest_dataset(unit)
     ds["PixelData"].VR = "OW"  # so that it is written even when ``edit`` removes BitsAllocated
     edit(ds)
+    return write_unvalidated(ds, path)
+
+
+def write_unvalidated(ds: pydicom.Dataset, path: Path) -> Path:
+    """``ds`` written with medvl's writer, without pydicom's value validation (bad values are the point)."""
     before = pydicom.config.settings.writing_validation_mode
     pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
     try:

@@ -8,7 +8,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -21,13 +20,12 @@ from pydicom.uid import (  # noqa: E402
     ImplicitVRLittleEndian,
 )
 
-from medvl.data.dicom import write_dicom  # noqa: E402
 from medvl.data.images import read_xray_with_meta  # noqa: E402
 from medvl.data.testing import chest_dataset  # noqa: E402
 from medvl.data.xray import MAX_SIDE, MIN_SIDE  # noqa: E402
 from medvl.errors import InvalidImageError  # noqa: E402
 
-from .makers import UNIT  # noqa: E402
+from .makers import UNIT, write_unvalidated  # noqa: E402
 
 NUMBERS = st.one_of(
     st.none(),
@@ -79,12 +77,7 @@ def _build(path: Path, header: dict, pixel_bytes: float, syntax: str) -> Path:
         else:
             setattr(ds, key, value)
     ds.file_meta.TransferSyntaxUID = syntax
-    before = pydicom.config.settings.writing_validation_mode
-    pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
-    try:
-        return write_dicom(ds, path)
-    finally:
-        pydicom.config.settings.writing_validation_mode = before
+    return write_unvalidated(ds, path)
 
 
 @settings(
