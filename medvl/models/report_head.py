@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -48,6 +48,8 @@ __all__ = [
     "GenerationSettings",
     "ReportHead",
     "LabelQueries",
+    "PooledLabels",
+    "f1_thresholds",
     "KeywordHints",
     "keyword_hints",
     "keyword_word",
@@ -67,6 +69,39 @@ TOKENIZER_DIR = "tokenizer"
 NUM_LABELS = 14  # CheXpert observations (medvl.text.chexpert.CHEXPERT_LABELS)
 # Source-type ids of the conditioning tokens.
 _PATCH, _MEMORY, _KEYWORD, _LABEL = 0, 1, 2, 3
+
+
+class PooledLabels(nn.Module):
+    """A linear read-out of the 14 labels from the mean and the max of the normalised patch features.
+
+    patch_features (B, P, D) -> (B, L, D) zeros (no per-label summary) and label logits (B, L).
+    """
+
+    def __init__(self, dim: int, num_labels: int = 14):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(2 * dim, num_labels)
+
+    def forward(self, patch_features: torch.Tensor) -> torch.Tensor:
+        x = self.norm(patch_features.float())
+        return self.out(torch.cat([x.mean(1), x.amax(1)], dim=-1))
+
+
+def f1_thresholds(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per label, the probability threshold with the highest F1 against ``targets`` (B, L) in {0, 1}; a label
+    with no positive target gets 1.01 (never called). The candidates are the observed probabilities."""
+    thresholds = torch.full((probs.shape[1],), 1.01)
+    for j in range(probs.shape[1]):
+        y = targets[:, j].bool()
+        if not y.any():
+            continue
+        order = torch.argsort(probs[:, j], descending=True)
+        hits = y[order].float().cumsum(0)
+        called = torch.arange(1, len(order) + 1, dtype=torch.float32)
+        f1 = 2 * hits / (called + y.sum())
+        best = int(torch.argmax(f1))
+        thresholds[j] = float(probs[order[best], j])
+    return thresholds
 
 
 class LabelQueries(nn.Module):
@@ -106,6 +141,13 @@ class ReportHeadConfig:
     use_label_hints: bool = (
         False  # 14 label tokens (per-label patch summary + predicted probability) as hints
     )
+    # 14 finding-state tokens (the label's embedding + "stated positive" or not) as hints: the reference report's
+    # states while training (teacher forcing, with probability label_teacher_forcing per label, else the label
+    # head's call), the label head's calls at inference (probability >= the label's threshold, the F1-best one
+    # on the validation split, chosen at every validation and saved with the head). Needs label_loss_weight > 0.
+    label_states: bool = False
+    label_teacher_forcing: float = 1.0
+    label_pooling: Literal["queries", "mean_max"] = "queries"  # the label head: per-label attention or mean+max
     tokenizer_min_freq: int = 2
     tokenizer_max_vocab: int = 4000
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -119,6 +161,14 @@ class ReportHeadConfig:
             raise ConfigError(
                 f"model.max_length must be at least 3 (BOS, a word, EOS), got {self.max_length}"
             )
+        if self.label_states and self.label_loss_weight <= 0:
+            raise ConfigError("model.label_states needs model.label_loss_weight > 0 (the label head must learn)")
+        if self.label_states and self.use_label_hints:
+            raise ConfigError("model.label_states and model.use_label_hints are two kinds of label hint: pick one")
+        if not 0.0 <= self.label_teacher_forcing <= 1.0:
+            raise ConfigError("model.label_teacher_forcing must be in [0, 1]")
+        if self.label_pooling not in ("queries", "mean_max"):
+            raise ConfigError(f"model.label_pooling must be 'queries' or 'mean_max', got {self.label_pooling!r}")
         if self.num_keywords < 1 and self.use_keywords:
             raise ConfigError("model.num_keywords must be positive when model.use_keywords is true")
 
@@ -248,7 +298,7 @@ class ReportHead(nn.Module):
         self.patch_in = nn.Linear(visual_dim, dm)
         self.cond_out = nn.Linear(dm, e)
         self.box_embed = nn.Linear(4, e)
-        self.type_embed = nn.Embedding(4 if cfg.use_label_hints else 3, e)
+        self.type_embed = nn.Embedding(4 if (cfg.use_label_hints or cfg.label_states) else 3, e)
         self.cond_norm = nn.LayerNorm(e)
         if cfg.use_memory:
             self.memory = SharedMemory(cfg.memory)
@@ -259,7 +309,14 @@ class ReportHead(nn.Module):
             self.keyword_embed = nn.Embedding(len(self.keyword_vocabulary) + 1, e, padding_idx=0)
             self.keyword_geom = nn.Linear(5, e)
         if cfg.label_loss_weight > 0 or cfg.use_label_hints:
-            self.label_head = LabelQueries(e, NUM_LABELS)
+            if cfg.label_pooling == "mean_max":
+                self.label_head = PooledLabels(visual_dim, NUM_LABELS)
+            else:
+                self.label_head = LabelQueries(e, NUM_LABELS)
+        if cfg.label_states:
+            self.label_embed = nn.Embedding(NUM_LABELS, e)
+            self.state_embed = nn.Embedding(2, e)
+            self.register_buffer("label_thresholds", torch.full((NUM_LABELS,), 0.5))
         if cfg.use_label_hints:
             self.label_embed = nn.Embedding(NUM_LABELS, e)
             self.label_prob = nn.Linear(1, e)
@@ -297,7 +354,17 @@ class ReportHead(nn.Module):
         """Probabilities (B, 14) of the CheXpert positives from the auxiliary label head."""
         if not hasattr(self, "label_head"):
             raise ValueError("this report head has no label head (model.label_loss_weight = 0)")
-        return torch.sigmoid(self.label_head(self._patch_tokens(patch_features, patch_boxes)[0])[1])
+        return torch.sigmoid(self._label_logits(patch_features, self._patch_tokens(patch_features, patch_boxes)[0]))
+
+    def _label_logits(self, patch_features: torch.Tensor, patch_tokens: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.label_head, PooledLabels):
+            return self.label_head(patch_features)
+        return self.label_head(patch_tokens)[1]
+
+    def label_calls(self, probs: torch.Tensor) -> torch.Tensor:
+        """Label probabilities (B, 14) -> the head's calls (B, 14) long: 1 where probability >= the label's
+        threshold (``label_thresholds``, set on the validation split)."""
+        return (probs >= self.label_thresholds.to(probs.device)).long()
 
     def _patch_tokens(
         self, patch_features: torch.Tensor, patch_boxes: torch.Tensor
@@ -305,15 +372,30 @@ class ReportHead(nn.Module):
         v = self.patch_in(self.patch_norm(patch_features.float()))  # (B, P, Dm)
         return self.cond_out(v) + self.box_embed(patch_boxes.float()) + self.type_embed.weight[_PATCH], v
 
-    def _conditions(self, patch_features, patch_boxes, keyword_ids, keyword_scores, keyword_boxes):
+    def _conditions(
+        self, patch_features, patch_boxes, keyword_ids, keyword_scores, keyword_boxes, report_labels=None
+    ):
         b, p, _ = patch_features.shape
         device = patch_features.device
         patch_tokens, v = self._patch_tokens(patch_features, patch_boxes)
         parts = [patch_tokens]
         masks = [torch.ones(b, p, dtype=torch.long, device=device)]
         label_logits = None
-        if hasattr(self, "label_head"):
-            pooled, label_logits = self.label_head(patch_tokens)
+        if self.cfg.label_states:
+            label_logits = self._label_logits(patch_features, patch_tokens)
+            states = self.label_calls(torch.sigmoid(label_logits.detach()))
+            if report_labels is not None and self.training:
+                reference = (report_labels == 1).long()
+                forced = torch.rand(states.shape, device=device) < self.cfg.label_teacher_forcing
+                states = torch.where(forced, reference, states)
+            parts.append(self.label_embed.weight + self.state_embed(states) + self.type_embed.weight[_LABEL])
+            masks.append(torch.ones(b, NUM_LABELS, dtype=torch.long, device=device))
+        elif hasattr(self, "label_head"):
+            if isinstance(self.label_head, PooledLabels):
+                label_logits = self.label_head(patch_features)
+                pooled = patch_tokens.new_zeros(b, NUM_LABELS, patch_tokens.shape[-1])
+            else:
+                pooled, label_logits = self.label_head(patch_tokens)
             if self.cfg.use_label_hints:
                 prob = torch.sigmoid(label_logits).unsqueeze(-1)  # (B, 14, 1)
                 parts.append(
@@ -370,7 +452,7 @@ class ReportHead(nn.Module):
                 raise ValueError("pass images or patch_features")
             patch_features, patch_boxes = self.image_patches(images)
         cond, cond_mask, label_logits = self._conditions(
-            patch_features, patch_boxes, keyword_ids, keyword_scores, keyword_boxes
+            patch_features, patch_boxes, keyword_ids, keyword_scores, keyword_boxes, report_labels
         )
         out = self.decoder(
             input_ids=input_ids,

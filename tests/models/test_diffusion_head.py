@@ -484,3 +484,39 @@ def test_a_zone_layout_run_keeps_its_prior_and_feeds_maps(tiny_prepared, runs, t
     assert maps[0, 1, :, 8:].sum() > 10 * maps[0, 1, :, :8].sum()  # the patient's left is the image's right
     image = synth.synthesize("Small left pleural effusion.", seed=3)
     assert torch.equal(image, synth.synthesize("Small left pleural effusion.", seed=3))
+
+
+def test_context_layers_bind_words_and_survive_a_save(tiny_prepared, runs, tmp_path):
+    from medvl.inference.synthesize import Synthesizer
+
+    stage = build_diffusion_stage(
+        config_path="tiny",
+        overrides=["unet.side_maps=false", "condition.layout=none", "condition.context_layers=1"],
+        data=tiny_prepared,
+        from_runs=[runs["ada"], runs["rep"], runs["ae"]],
+    )
+    model, _ = train_plain(stage, 2)
+    synth = Synthesizer.load(finish_run(stage, model, tmp_path / "ctx"), device="cpu")
+    cond = synth.denoiser.conditioner
+    assert cond.cfg.context_layers == 1 and hasattr(cond, "context_encoder")
+    feats = synth.encoder.encode(["Small left pleural effusion.", "Small right pleural effusion."])
+    with torch.no_grad():
+        ctx = cond(**feats.as_kwargs())
+    # a word token's context now depends on the other words: swapping the side changes the "effusion" slot
+    words = feats.word_mask[0].nonzero().flatten()
+    assert not torch.allclose(ctx[0, 1 + words[-1]], ctx[1, 1 + words[-1]])
+    # padded slots keep the learned pad vector (after the output norm), whatever the report says
+    pad = (~feats.word_mask[0]).nonzero().flatten()
+    if len(pad):
+        assert torch.allclose(ctx[0, 1 + pad[0]], ctx[1, 1 + pad[0]])
+    image = synth.synthesize("Small left pleural effusion.", seed=1)
+    assert torch.equal(image, synth.synthesize("Small left pleural effusion.", seed=1))
+
+
+def test_context_heads_must_divide_the_width():
+    from medvl.models.diffusion.conditioning import ConditionConfig, ReportConditioner
+
+    with pytest.raises(ConfigError, match="context_heads"):
+        ReportConditioner(ConditionConfig(context_layers=1, context_heads=3, use_memory=False), 8, 8, 16)
+    with pytest.raises(ConfigError, match="context_layers"):
+        ConditionConfig(context_layers=-1).validate()

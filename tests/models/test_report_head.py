@@ -18,6 +18,7 @@ from medvl.models.report_head import (
     decode_sequences,
     detokenize,
     encode_reports,
+    f1_thresholds,
     keyword_hints,
 )
 from tests.models.report_fixtures import tiny_runs
@@ -169,6 +170,48 @@ def test_auxiliary_label_loss(tokenizer):
     assert probs.shape == (3, 14) and ((probs > 0) & (probs < 1)).all()
     plain = make_head(tokenizer)
     assert not hasattr(plain, "label_head")
+
+
+def test_f1_thresholds_pick_the_best_cut_and_never_call_an_absent_label():
+    probs = torch.tensor([[0.9, 0.2], [0.8, 0.1], [0.4, 0.3], [0.3, 0.0]])
+    targets = torch.tensor([[1, 0], [1, 0], [0, 0], [1, 0]])
+    t = f1_thresholds(probs, targets)
+    # label 0: cutting at 0.8 gives F1 0.8 (2 of 3), at 0.3 F1 6/7: the lower cut wins
+    assert t[0] == pytest.approx(0.3) and t[1] > 1.0
+
+
+def test_label_states_follow_the_reference_in_training_and_the_thresholds_after(tokenizer, tmp_path):
+    head = make_head(tokenizer, label_loss_weight=1.0, label_states=True, label_pooling="mean_max")
+    feats, boxes, hints = inputs()
+    enc = encode_reports(tokenizer, REPORTS[:3], 16)
+    n = 2 * P + K + 14
+    cond, _ = head.encode_conditions(feats, boxes, hints.ids, hints.scores, hints.boxes)
+    assert cond.shape == (3, n, 32)
+    labels = torch.zeros(3, 14)
+    labels[0, 2] = 1.0
+    head.train()
+    _, _, logits = head._conditions(feats, boxes, hints.ids, hints.scores, hints.boxes, labels)
+    out = head(**enc, patch_features=feats, patch_boxes=boxes, keyword_ids=hints.ids,
+               keyword_scores=hints.scores, keyword_boxes=hints.boxes, report_labels=labels)
+    out["loss"].backward()
+    assert head.label_head.out.weight.grad.abs().sum() > 0  # the label loss reaches the pooled read-out
+    assert head.state_embed.weight.grad.abs().sum() > 0  # the decoder reads the states
+    head.eval()
+    with torch.no_grad():
+        head.label_thresholds.fill_(1.01)  # nothing called
+        none, _ = head.encode_conditions(feats, boxes, hints.ids, hints.scores, hints.boxes)
+        head.label_thresholds.fill_(0.0)  # everything called
+        every, _ = head.encode_conditions(feats, boxes, hints.ids, hints.scores, hints.boxes)
+    # [patches | 14 label states | memory | keywords]: only the label block moves
+    assert not torch.allclose(none[:, P : P + 14], every[:, P : P + 14])
+    assert torch.allclose(none[:, :P], every[:, :P]) and torch.allclose(none[:, P + 14 :], every[:, P + 14 :])
+    head.label_thresholds.copy_(torch.linspace(0.1, 0.9, 14))
+    ReportHeadBundle(head, tokenizer, 64).save_pretrained(tmp_path / "report_head")
+    head.memory.save_pretrained(tmp_path / "memory")
+    loaded = ReportHeadBundle.from_pretrained(tmp_path, memory=SharedMemory.from_pretrained(tmp_path / "memory"))
+    assert torch.equal(loaded.head.label_thresholds, head.label_thresholds)
+    with pytest.raises(ConfigError, match="label_loss_weight"):
+        small_cfg(label_states=True).validate()
 
 
 def test_word_embeddings_query_the_memory(tokenizer):
@@ -356,6 +399,32 @@ def test_stage_overfits_a_batch_and_validates(runs):
         metrics = stage.validate(model)
     assert {"val_loss", "val_bleu4", "val_ce_micro_f1", "val_ce_micro5_f1"} <= set(metrics)
     assert all(v == v for v in metrics.values())  # no NaN
+
+
+def test_stage_chooses_label_thresholds_on_validation(runs):
+    from medvl.config import resolve_config_path
+    from medvl.train.stages.report import build_stage
+
+    stage = build_stage(
+        config_path=resolve_config_path("report", "tiny"),
+        overrides=["model.label_loss_weight=1.0", "model.label_states=true", "model.label_pooling=mean_max"],
+        data=runs.data,
+        from_runs=[runs.adamatch],
+    )
+    model = stage.build_model().train()
+    ds = stage.train_dataset()
+    batch = stage.collate([ds[i] for i in range(8)])
+    assert "report_labels" in batch
+    loss, logs = stage.training_step(model, batch)
+    assert "label_loss" in logs
+    model.eval()
+    assert torch.all(model.label_thresholds == 0.5)
+    with torch.no_grad():
+        stage.validate(model)
+    targets = stage.val_base.labels[stage._val_indices] == 1
+    absent = ~targets.any(0)
+    assert torch.all(model.label_thresholds[absent] > 1.0)  # a label without a validation positive is never called
+    assert torch.all(model.label_thresholds[~absent] <= 1.0)
 
 
 def test_stage_without_precompute_matches_precomputed_features(runs):

@@ -44,6 +44,11 @@ class ConditionConfig:
     layout: Literal["none", "halves", "zones"] = "halves"
     layout_prior: dict[str, list[float]] = field(default_factory=dict)
     layout_grid: int = 16  # the maps are drawn at this size and resized to the latent grid
+    # Trainable transformer layers over the context (summary, words, memory responses, keypatches) before the UNet
+    # reads it: the frozen AdaMatch word features are contextual but were trained to match patches, not to bind
+    # "left" to the finding it qualifies; these layers let the head learn that binding from the words (0: none).
+    context_layers: int = 0
+    context_heads: int = 4
 
     def validate(self) -> None:
         if self.layout_grid < 2:
@@ -54,6 +59,10 @@ class ConditionConfig:
             raise ConfigError("condition.keypatches must be >= 0")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError("condition.dropout must be in [0, 1)")
+        if self.context_layers < 0:
+            raise ConfigError("condition.context_layers must be >= 0")
+        if self.context_heads < 1:
+            raise ConfigError("condition.context_heads must be at least 1")
 
 
 @dataclass
@@ -221,6 +230,15 @@ class ReportConditioner(nn.Module):
         self.pad = nn.Parameter(torch.randn(C) * 0.02)
         self.null = nn.Parameter(torch.randn(self.context_length, C) * 0.02)
         self.out_norm = nn.LayerNorm(C)
+        if cfg.context_layers > 0:
+            if C % cfg.context_heads:
+                raise ConfigError(
+                    f"condition.context_heads ({cfg.context_heads}) must divide the context width ({C})"
+                )
+            layer = nn.TransformerEncoderLayer(
+                C, cfg.context_heads, dim_feedforward=2 * C, dropout=0.0, batch_first=True, norm_first=True
+            )
+            self.context_encoder = nn.TransformerEncoder(layer, cfg.context_layers, enable_nested_tensor=False)
 
     @property
     def context_length(self) -> int:
@@ -254,6 +272,7 @@ class ReportConditioner(nn.Module):
         """The context (B, L, C); ``sides`` is not part of it (the denoiser takes it as image maps)."""
         b = words.shape[0]
         mask = word_mask.bool().unsqueeze(-1)
+        valid = [torch.ones(b, 1, dtype=torch.bool, device=words.device), word_mask.bool()]
         kinds = self.word_kind[word_kind.long().clamp(0, 2)]  # (B, T, C)
         projected = self.word_proj(self.word_norm(words))
         affirmed = (word_kind == 2).unsqueeze(-1) & mask
@@ -270,6 +289,7 @@ class ReportConditioner(nn.Module):
                 response = self.memory.respond(self.memory_query(words))
             mem = self.memory_proj(self.memory_norm(response)) + kinds + self.position + self.kind[1]
             blocks.append(torch.where(mask, mem, self.pad))
+            valid.append(word_mask.bool())
         if self.cfg.keypatches > 0:
             kp = (
                 self.keypatch_proj(self.keypatch_norm(keypatches))
@@ -277,7 +297,14 @@ class ReportConditioner(nn.Module):
                 + self.kind[2]
             )
             blocks.append(torch.where(keypatch_mask.bool().unsqueeze(-1), kp, self.pad))
-        context = self.out_norm(torch.cat(blocks, 1))
+            valid.append(keypatch_mask.bool())
+        context = torch.cat(blocks, 1)
+        if self.cfg.context_layers > 0:
+            # padded slots neither attend nor are attended to (they keep the learned pad vector)
+            keep = torch.cat(valid, 1)
+            encoded = self.context_encoder(context, src_key_padding_mask=~keep)
+            context = torch.where(keep.unsqueeze(-1), encoded, context)
+        context = self.out_norm(context)
         if drop is not None:
             context = torch.where(drop.view(b, 1, 1), self.null_context(b).to(context.dtype), context)
         return context

@@ -309,6 +309,18 @@ class ReportStage:
         cond = self._validation_conditions()
         refs = [str(self.val_base.index.at[i, "report"]) for i in self._val_indices]
         bs = self.config.generation.batch_size
+        if head.cfg.label_states:
+            # The label head's thresholds: F1-best on this (validation) split, saved with the head.
+            probs = torch.cat(
+                [
+                    head.predict_labels(
+                        cond.patch_features[s : s + bs].float().to(device), cond.patch_boxes[s : s + bs].to(device)
+                    ).cpu()
+                    for s in range(0, len(refs), bs)
+                ]
+            )
+            targets = (self.val_base.labels[self._val_indices] == 1).float()
+            head.label_thresholds.copy_(rh.f1_thresholds(probs, targets))
         losses, weights, texts = [], [], []
         for start in range(0, len(refs), bs):
             sl = slice(start, start + bs)
