@@ -316,7 +316,11 @@ class ReportHead(nn.Module):
         if cfg.label_states:
             self.label_embed = nn.Embedding(NUM_LABELS, e)
             self.state_embed = nn.Embedding(2, e)
+            # the positive states also as one vector added to every word embedding (self-attention sees them)
+            self.state_vector = nn.Linear(NUM_LABELS, e)
             self.register_buffer("label_thresholds", torch.full((NUM_LABELS,), 0.5))
+            self._state_bias: torch.Tensor | None = None
+            self.decoder.transformer.wte.register_forward_hook(self._state_hook)
         if cfg.use_label_hints:
             self.label_embed = nn.Embedding(NUM_LABELS, e)
             self.label_prob = nn.Linear(1, e)
@@ -332,6 +336,13 @@ class ReportHead(nn.Module):
         return self
 
     # Word embeddings query the shared memory (also inside generate(), one new token per step).
+    def _state_hook(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        bias = self._state_bias
+        if bias is None:
+            return output
+        # beam search runs beams * B rows (each report's beams next to each other)
+        return output + bias.repeat_interleave(output.shape[0] // bias.shape[0], dim=0).unsqueeze(1)
+
     def _word_memory_hook(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
         return output + self.word_out(self.memory.respond(self.word_in(output)))
 
@@ -348,6 +359,7 @@ class ReportHead(nn.Module):
         cond, mask, _ = self._conditions(
             patch_features, patch_boxes, keyword_ids, keyword_scores, keyword_boxes
         )
+        self._state_bias = None  # set only for the decoder call that follows _conditions in forward / generate
         return cond, mask
 
     def predict_labels(self, patch_features: torch.Tensor, patch_boxes: torch.Tensor) -> torch.Tensor:
@@ -389,6 +401,7 @@ class ReportHead(nn.Module):
                 forced = torch.rand(states.shape, device=device) < self.cfg.label_teacher_forcing
                 states = torch.where(forced, reference, states)
             parts.append(self.label_embed.weight + self.state_embed(states) + self.type_embed.weight[_LABEL])
+            self._state_bias = self.state_vector(states.float())
             masks.append(torch.ones(b, NUM_LABELS, dtype=torch.long, device=device))
         elif hasattr(self, "label_head"):
             if isinstance(self.label_head, PooledLabels):
@@ -454,13 +467,16 @@ class ReportHead(nn.Module):
         cond, cond_mask, label_logits = self._conditions(
             patch_features, patch_boxes, keyword_ids, keyword_scores, keyword_boxes, report_labels
         )
-        out = self.decoder(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            encoder_hidden_states=cond,
-            encoder_attention_mask=cond_mask,
-            use_cache=False,
-        )
+        try:
+            out = self.decoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                encoder_hidden_states=cond,
+                encoder_attention_mask=cond_mask,
+                use_cache=False,
+            )
+        finally:
+            self._state_bias = None
         result = {"logits": out.logits}
         if labels is not None:
             # Next-token cross-entropy: position t predicts token t + 1; padding labels are -100.
@@ -513,7 +529,7 @@ class ReportHead(nn.Module):
             b = patch_features.shape[0]
             device = patch_features.device
             kw = keywords.to(device) if keywords is not None else None
-            cond, cond_mask = self.encode_conditions(
+            cond, cond_mask, _ = self._conditions(
                 patch_features,
                 patch_boxes,
                 kw.ids if kw else None,
@@ -563,6 +579,7 @@ class ReportHead(nn.Module):
                 scores = torch.where(valid, tok_logp, 0.0).sum(1) / valid.sum(1).clamp(min=1)
             return DecodeOutput(sequences=_pad_after_eos(seqs, self.eos_id, self.pad_id), scores=scores)
         finally:
+            self._state_bias = None
             self.train(was_training)
 
 

@@ -196,6 +196,8 @@ def test_label_states_follow_the_reference_in_training_and_the_thresholds_after(
     out["loss"].backward()
     assert head.label_head.out.weight.grad.abs().sum() > 0  # the label loss reaches the pooled read-out
     assert head.state_embed.weight.grad.abs().sum() > 0  # the decoder reads the states
+    assert head.state_vector.weight.grad.abs().sum() > 0  # ... also through every word embedding
+    assert head._state_bias is None  # cleared after the decoder call
     head.eval()
     with torch.no_grad():
         head.label_thresholds.fill_(1.01)  # nothing called
@@ -210,6 +212,10 @@ def test_label_states_follow_the_reference_in_training_and_the_thresholds_after(
     head.memory.save_pretrained(tmp_path / "memory")
     loaded = ReportHeadBundle.from_pretrained(tmp_path, memory=SharedMemory.from_pretrained(tmp_path / "memory"))
     assert torch.equal(loaded.head.label_thresholds, head.label_thresholds)
+    for beams in (1, 2):  # the state bias follows the beams
+        a = head.generate(patch_features=feats, patch_boxes=boxes, keywords=hints, num_beams=beams)
+        b = loaded.head.generate(patch_features=feats, patch_boxes=boxes, keywords=hints, num_beams=beams)
+        assert torch.equal(a.sequences, b.sequences)
     with pytest.raises(ConfigError, match="label_loss_weight"):
         small_cfg(label_states=True).validate()
 
