@@ -199,6 +199,12 @@ def export_onnx(run: str | Path, out: str | Path, *, batch: int = 2) -> dict[str
     generator = ReportGenerator.load(run, device="cpu")
     adamatch = generator.adamatch_run.model.eval()
     head = generator.head.eval()
+    if head.cfg.label_states:
+        raise ExportError(
+            f"{run}: this report head adds its finding states to every word embedding inside the decoder "
+            "(model.label_states), which the exported decoder graph does not carry yet; export a head trained "
+            "without model.label_states"
+        )
     size = generator.adamatch_run.image_size
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)

@@ -35,6 +35,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from medvl.errors import ConfigError
 from medvl.models.memory import MemoryConfig, SharedMemory
+from medvl.models.report_labels import NUM_LABELS, LabelQueries, PooledLabels, f1_thresholds
 from medvl.models.report_tokenizer import (
     SPECIAL_TOKENS,
     build_report_tokenizer,
@@ -66,61 +67,8 @@ __all__ = [
 DECODER_DIR = "decoder"
 TOKENIZER_DIR = "tokenizer"
 
-NUM_LABELS = 14  # CheXpert observations (medvl.text.chexpert.CHEXPERT_LABELS)
 # Source-type ids of the conditioning tokens.
 _PATCH, _MEMORY, _KEYWORD, _LABEL = 0, 1, 2, 3
-
-
-class PooledLabels(nn.Module):
-    """A linear read-out of the 14 labels from the mean and the max of the normalised patch features.
-
-    patch_features (B, P, D) -> (B, L, D) zeros (no per-label summary) and label logits (B, L).
-    """
-
-    def __init__(self, dim: int, num_labels: int = 14):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.out = nn.Linear(2 * dim, num_labels)
-
-    def forward(self, patch_features: torch.Tensor) -> torch.Tensor:
-        x = self.norm(patch_features.float())
-        return self.out(torch.cat([x.mean(1), x.amax(1)], dim=-1))
-
-
-def f1_thresholds(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per label, the probability threshold with the highest F1 against ``targets`` (B, L) in {0, 1}; a label
-    with no positive target gets 1.01 (never called). The candidates are the observed probabilities."""
-    thresholds = torch.full((probs.shape[1],), 1.01)
-    for j in range(probs.shape[1]):
-        y = targets[:, j].bool()
-        if not y.any():
-            continue
-        order = torch.argsort(probs[:, j], descending=True)
-        hits = y[order].float().cumsum(0)
-        called = torch.arange(1, len(order) + 1, dtype=torch.float32)
-        f1 = 2 * hits / (called + y.sum())
-        best = int(torch.argmax(f1))
-        thresholds[j] = float(probs[order[best], j])
-    return thresholds
-
-
-class LabelQueries(nn.Module):
-    """One learned query per CheXpert label attends over the patch tokens.
-
-    tokens (B, P, E) -> per-label summaries (B, L, E) and label logits (B, L).
-    """
-
-    def __init__(self, width: int, num_labels: int = 14):
-        super().__init__()
-        self.queries = nn.Parameter(torch.randn(num_labels, width) / width**0.5)
-        self.key = nn.Linear(width, width)
-        self.weight = nn.Parameter(torch.zeros(num_labels, width))
-        self.bias = nn.Parameter(torch.zeros(num_labels))
-
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        att = torch.einsum("le,bpe->blp", self.queries, self.key(tokens)) / tokens.shape[-1] ** 0.5
-        pooled = torch.einsum("blp,bpe->ble", att.softmax(-1), tokens)  # (B, L, E)
-        return pooled, (pooled * self.weight).sum(-1) + self.bias
 
 
 @dataclass
@@ -147,7 +95,9 @@ class ReportHeadConfig:
     # on the validation split, chosen at every validation and saved with the head). Needs label_loss_weight > 0.
     label_states: bool = False
     label_teacher_forcing: float = 1.0
-    label_pooling: Literal["queries", "mean_max"] = "queries"  # the label head: per-label attention or mean+max
+    label_pooling: Literal["queries", "mean_max"] = (
+        "queries"  # the label head: per-label attention or mean+max
+    )
     tokenizer_min_freq: int = 2
     tokenizer_max_vocab: int = 4000
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -162,13 +112,19 @@ class ReportHeadConfig:
                 f"model.max_length must be at least 3 (BOS, a word, EOS), got {self.max_length}"
             )
         if self.label_states and self.label_loss_weight <= 0:
-            raise ConfigError("model.label_states needs model.label_loss_weight > 0 (the label head must learn)")
+            raise ConfigError(
+                "model.label_states needs model.label_loss_weight > 0 (the label head must learn)"
+            )
         if self.label_states and self.use_label_hints:
-            raise ConfigError("model.label_states and model.use_label_hints are two kinds of label hint: pick one")
+            raise ConfigError(
+                "model.label_states and model.use_label_hints are two kinds of label hint: pick one"
+            )
         if not 0.0 <= self.label_teacher_forcing <= 1.0:
             raise ConfigError("model.label_teacher_forcing must be in [0, 1]")
         if self.label_pooling not in ("queries", "mean_max"):
-            raise ConfigError(f"model.label_pooling must be 'queries' or 'mean_max', got {self.label_pooling!r}")
+            raise ConfigError(
+                f"model.label_pooling must be 'queries' or 'mean_max', got {self.label_pooling!r}"
+            )
         if self.num_keywords < 1 and self.use_keywords:
             raise ConfigError("model.num_keywords must be positive when model.use_keywords is true")
 
@@ -359,14 +315,18 @@ class ReportHead(nn.Module):
         cond, mask, _ = self._conditions(
             patch_features, patch_boxes, keyword_ids, keyword_scores, keyword_boxes
         )
-        self._state_bias = None  # set only for the decoder call that follows _conditions in forward / generate
+        self._state_bias = (
+            None  # set only for the decoder call that follows _conditions in forward / generate
+        )
         return cond, mask
 
     def predict_labels(self, patch_features: torch.Tensor, patch_boxes: torch.Tensor) -> torch.Tensor:
         """Probabilities (B, 14) of the CheXpert positives from the auxiliary label head."""
         if not hasattr(self, "label_head"):
             raise ValueError("this report head has no label head (model.label_loss_weight = 0)")
-        return torch.sigmoid(self._label_logits(patch_features, self._patch_tokens(patch_features, patch_boxes)[0]))
+        return torch.sigmoid(
+            self._label_logits(patch_features, self._patch_tokens(patch_features, patch_boxes)[0])
+        )
 
     def _label_logits(self, patch_features: torch.Tensor, patch_tokens: torch.Tensor) -> torch.Tensor:
         if isinstance(self.label_head, PooledLabels):

@@ -191,8 +191,15 @@ def test_label_states_follow_the_reference_in_training_and_the_thresholds_after(
     labels[0, 2] = 1.0
     head.train()
     _, _, logits = head._conditions(feats, boxes, hints.ids, hints.scores, hints.boxes, labels)
-    out = head(**enc, patch_features=feats, patch_boxes=boxes, keyword_ids=hints.ids,
-               keyword_scores=hints.scores, keyword_boxes=hints.boxes, report_labels=labels)
+    out = head(
+        **enc,
+        patch_features=feats,
+        patch_boxes=boxes,
+        keyword_ids=hints.ids,
+        keyword_scores=hints.scores,
+        keyword_boxes=hints.boxes,
+        report_labels=labels,
+    )
     out["loss"].backward()
     assert head.label_head.out.weight.grad.abs().sum() > 0  # the label loss reaches the pooled read-out
     assert head.state_embed.weight.grad.abs().sum() > 0  # the decoder reads the states
@@ -210,7 +217,9 @@ def test_label_states_follow_the_reference_in_training_and_the_thresholds_after(
     head.label_thresholds.copy_(torch.linspace(0.1, 0.9, 14))
     ReportHeadBundle(head, tokenizer, 64).save_pretrained(tmp_path / "report_head")
     head.memory.save_pretrained(tmp_path / "memory")
-    loaded = ReportHeadBundle.from_pretrained(tmp_path, memory=SharedMemory.from_pretrained(tmp_path / "memory"))
+    loaded = ReportHeadBundle.from_pretrained(
+        tmp_path, memory=SharedMemory.from_pretrained(tmp_path / "memory")
+    )
     assert torch.equal(loaded.head.label_thresholds, head.label_thresholds)
     for beams in (1, 2):  # the state bias follows the beams
         a = head.generate(patch_features=feats, patch_boxes=boxes, keywords=hints, num_beams=beams)
@@ -429,7 +438,9 @@ def test_stage_chooses_label_thresholds_on_validation(runs):
         stage.validate(model)
     targets = stage.val_base.labels[stage._val_indices] == 1
     absent = ~targets.any(0)
-    assert torch.all(model.label_thresholds[absent] > 1.0)  # a label without a validation positive is never called
+    assert torch.all(
+        model.label_thresholds[absent] > 1.0
+    )  # a label without a validation positive is never called
     assert torch.all(model.label_thresholds[~absent] <= 1.0)
 
 

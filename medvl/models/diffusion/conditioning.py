@@ -238,7 +238,9 @@ class ReportConditioner(nn.Module):
             layer = nn.TransformerEncoderLayer(
                 C, cfg.context_heads, dim_feedforward=2 * C, dropout=0.0, batch_first=True, norm_first=True
             )
-            self.context_encoder = nn.TransformerEncoder(layer, cfg.context_layers, enable_nested_tensor=False)
+            self.context_encoder = nn.TransformerEncoder(
+                layer, cfg.context_layers, enable_nested_tensor=False
+            )
 
     @property
     def context_length(self) -> int:

@@ -314,7 +314,8 @@ class ReportStage:
             probs = torch.cat(
                 [
                     head.predict_labels(
-                        cond.patch_features[s : s + bs].float().to(device), cond.patch_boxes[s : s + bs].to(device)
+                        cond.patch_features[s : s + bs].float().to(device),
+                        cond.patch_boxes[s : s + bs].to(device),
                     ).cpu()
                     for s in range(0, len(refs), bs)
                 ]
