@@ -151,3 +151,20 @@ def test_pipeline_saved_and_loaded_elsewhere(demo_dir, tmp_path):
     a = again.synthesize("Small left pleural effusion.", seed=1).images
     b = pipe.synthesize("Small left pleural effusion.", seed=1).images
     assert np.array_equal(a.numpy(), b.numpy())
+
+
+def test_the_page_says_what_a_quick_run_is(demo_dir, tmp_path):
+    from medvl.report.html import PRESET_NOTES, write_report
+
+    page = (demo_dir / "report.html").read_text()
+    assert "Quick preset" not in page  # a tiny run carries no such line
+    metrics = json.loads((demo_dir / "metrics.json").read_text())
+    try:
+        (demo_dir / "metrics.json").write_text(
+            json.dumps({**metrics, "meta": {**metrics["meta"], "preset": "quick"}})
+        )
+        out = write_report(demo_dir, tmp_path / "quick.html", num_studies=1)
+    finally:
+        (demo_dir / "metrics.json").write_text(json.dumps(metrics))
+    text = out.read_text()
+    assert PRESET_NOTES["quick"].split(":")[0] in text and "docs/results.md" in text

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -368,7 +369,11 @@ def _notes(runs: Mapping[str, Path], data: Path | None) -> list[str]:
 
 
 def build_page(
-    runs: Mapping[str, Path], data: str | Path | None, title: str = "medvl report", num_studies: int = 6
+    runs: Mapping[str, Path],
+    data: str | Path | None,
+    title: str = "medvl report",
+    num_studies: int = 6,
+    notes: Sequence[str] = (),
 ) -> str:
     """The page of ``runs`` (stage -> run directory); studies come from the prepared dataset ``data`` (none
     without it)."""
@@ -380,7 +385,7 @@ def build_page(
     sections = [_runs_section(runs), _training_section(runs)]
     sections += [s for s in (_localization_section(records), _synthesis_section(records)) if s is not None]
     sections.append(_metrics_section(records))
-    return render_html(title, examples, sections, _notes(runs, data))
+    return render_html(title, examples, sections, [*_notes(runs, data), *notes])
 
 
 def write_run_report(
@@ -389,10 +394,11 @@ def write_run_report(
     out: str | Path,
     title: str = "medvl report",
     num_studies: int = 6,
+    notes: Sequence[str] = (),
 ) -> Path:
     """``medvl report --runs RUN... --data DIR --out FILE.html``: the page of the runs given, written to
     ``out``."""
-    page = build_page(resolve_runs(runs), data, title=title, num_studies=num_studies)
+    page = build_page(resolve_runs(runs), data, title=title, num_studies=num_studies, notes=notes)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
@@ -403,5 +409,26 @@ def write_report(out_dir: str | Path, path: str | Path, num_studies: int = 6) ->
     """The page of a demo directory (``OUT/runs/<stage>/``, ``OUT/data/``), written to ``path``."""
     out_dir = Path(out_dir)
     return write_run_report(
-        [out_dir], out_dir / "data", path, title="medvl demo report", num_studies=num_studies
+        [out_dir],
+        out_dir / "data",
+        path,
+        title="medvl demo report",
+        num_studies=num_studies,
+        notes=_preset_notes(out_dir),
     )
+
+
+#: One line on the page of a demo run with a preset whose figures are not the tables' (docs/results.md).
+PRESET_NOTES = {
+    "quick": "Quick preset: 800 studies and short schedules, a tour of every stage in minutes. Its figures sit "
+    "below those of `medvl demo --preset full` (all studies, schedules 4 to 12 times longer), whose held-out "
+    "numbers and commands are in docs/results.md.",
+}
+
+
+def _preset_notes(out_dir: Path) -> list[str]:
+    try:
+        preset = json.loads((out_dir / "metrics.json").read_text())["meta"]["preset"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [PRESET_NOTES[preset]] if preset in PRESET_NOTES else []
