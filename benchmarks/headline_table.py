@@ -89,6 +89,7 @@ ROWS: list[tuple[str, str, list[tuple[str, str]]]] = [
         "image.fid",
         [
             ("real validation vs real test", "image.fid_real_floor"),
+            ("autoencoder reconstructions", "baselines.autoencoder_reconstruction.image.fid"),
             ("text-only head", "ablations.layout_none.image.fid"),
         ],
     ),

@@ -64,6 +64,7 @@ def test_evaluate_diffusion_writes_the_contract_keys(tiny_prepared, tmp_path):
         assert isinstance(saved[key], float) and np.isfinite(saved[key]), key
     assert saved["image.fid"] >= 0 and 0 <= saved["image.ms_ssim_diversity"] <= 1
     assert saved["image.fid_real_floor"] >= 0  # real validation vs real test scans
+    assert saved["baselines.autoencoder_reconstruction.image.fid"] >= 0  # the autoencoder's own blur
     for key in ("image.label_auroc", "image.laterality_accuracy", "image.per_label.Pleural Effusion.auroc"):
         low, high = saved[f"{key}_ci"]
         assert low <= saved[key] <= high, key
