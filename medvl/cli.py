@@ -285,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("--labeler", "chexbert:CKPT[,bert=DIR]", "report, cyclic: also CE on CheXbert's labels"),
     ):
         e.add_argument(flag, metavar=metavar, help=f"{text}, from local files (default: none)")
+    e.add_argument(
+        "--grounding",
+        action="store_true",
+        help="diffusion: also the pointing game of the head's cross-attention on the real scans "
+        "(grounding.localization.*) (default: off)",
+    )
 
     g = _command(
         sub,
@@ -512,7 +518,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "evaluate":
         from medvl.api import evaluate
 
-        options = {k: v for k in ("features", "labeler") if (v := getattr(args, k))}
+        if args.grounding and args.kind != "diffusion":
+            print(
+                "medvl evaluate: --grounding scores a diffusion run: use it with `medvl evaluate diffusion`",
+                file=sys.stderr,
+            )
+            return 2
+        options = {k: v for k in ("features", "labeler", "grounding") if (v := getattr(args, k))}
         metrics = evaluate(args.kind, run=args.run, data=args.data, split=args.split, out=args.out, **options)
         meta = metrics.get("meta") or {}
         print(

@@ -30,3 +30,21 @@ def test_errors_are_one_line_and_status_2(monkeypatch, capsys, exc, expected):
     code = cli.main(["label", "-"])
     err = capsys.readouterr().err
     assert code == 2 and err == f"medvl: error: {expected}\n"
+
+
+def test_grounding_is_for_diffusion_runs(capsys, tmp_path):
+    code = cli.main(
+        [
+            "evaluate",
+            "report",
+            "--run",
+            str(tmp_path),
+            "--data",
+            str(tmp_path),
+            "--out",
+            "x.json",
+            "--grounding",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "--grounding" in err and "diffusion" in err and "Traceback" not in err

@@ -53,6 +53,7 @@ from medvl.eval.classifier import (
     resolve_classifier,
 )
 from medvl.eval.common import metrics_record, run_config_hash, write_metrics
+from medvl.eval.grounding import CONVENTION as GROUNDING_CONVENTION
 from medvl.eval.scan_scores import scan_scores
 from medvl.eval.xrv import load_features, xrv_block
 from medvl.inference.synthesize import Synthesizer
@@ -278,6 +279,7 @@ class ScoringSplit:
     pairs: list
     all_pairs: list
     studies: list[str] | None = None  # one per scan, for the bootstrap intervals
+    dicom_ids: list[str] | None = None  # one per scan
 
 
 def report_stated_sides(reports: Sequence[str]) -> list[set[tuple[str, str]]]:
@@ -312,6 +314,7 @@ def _scoring_inputs(
         ),
         all_pairs=laterality_pairs(regions, dicom_ids, classifier.side_findings, stated=stated),
         studies=[arrays.study_ids[i] for i in keep] if arrays.study_ids else None,
+        dicom_ids=dicom_ids,
     )
     return synth, classifier, creport, split_in
 
@@ -333,10 +336,13 @@ def evaluate_diffusion(
     device: str | None = None,
     classifier: ClassifierLike,
     features: str | None = None,
+    grounding: bool = False,
 ) -> dict:
     """Score the diffusion run ``run`` on ``split`` of ``data`` with the dataset's evaluation ``classifier`` (see
     :mod:`medvl.eval.classifier`); write the metrics to ``out`` (and a grid PNG). ``features="xrv:PATH"`` adds
-    ``image.xrv.*`` (FID and label AUROC on a local torchxrayvision DenseNet, :mod:`medvl.eval.xrv`)."""
+    ``image.xrv.*`` (FID and label AUROC on a local torchxrayvision DenseNet, :mod:`medvl.eval.xrv`);
+    ``grounding`` adds ``grounding.localization.*``, the pointing game of the head's cross-attention on the real
+    scans (:mod:`medvl.eval.grounding`), when the dataset has region boxes."""
     run, data = Path(run), Path(data)
     synth, classifier, creport, split_in = _scoring_inputs(run, data, split, max_reports, device, classifier)
     xrv_model = load_features(features, synth.device) if features else None  # a missing file fails here
@@ -411,6 +417,10 @@ def evaluate_diffusion(
         for k, v in score_scans(classifier, uncond, labels, pairs, "image.", all_pairs).items():
             metrics[f"baselines.unconditional.{k}"] = v
 
+    grounding_note = {}
+    if grounding:
+        metrics.update(_grounding_metrics(synth, data, split_in, seed))
+        grounding_note = {"grounding": GROUNDING_CONVENTION}
     conventions = {
         "image.label_auroc": "macro ROC AUC over CheXpert labels with both classes among the test reports; "
         "positive = label 1 (0, -1 and blank negative); classifier trained on real train "
@@ -432,6 +442,7 @@ def evaluate_diffusion(
         "seeds of the same report; lower = more diverse",
         "sampling": f"{sampler}, {steps} steps, guidance {guidance:g}, seeds {seed}+i",
         **xrv_notes,
+        **grounding_note,
     }
     hinted = bool(synth.denoiser.unet_cfg.side_maps)
     extra = {
@@ -476,6 +487,27 @@ def evaluate_diffusion(
             f"steps, guidance {guidance:g}",
         )
     return record
+
+
+def _grounding_metrics(synth, data: Path, split_in: ScoringSplit, seed: int) -> dict[str, float]:
+    """``grounding.localization.*`` of :mod:`medvl.eval.grounding` on the scored scans, with intervals."""
+    from medvl.eval.alignment import localization_metrics
+    from medvl.eval.grounding import grounding_records
+
+    regions = read_regions(data)
+    if regions is None or not len(regions):
+        raise DataError(
+            f"{data} has no region boxes (regions.csv): --grounding needs them (IU-Phantom has them)"
+        )
+    items = [
+        {"image": torch.from_numpy(split_in.images[i]), "report": split_in.reports[i], "dicom_id": d}
+        for i, d in enumerate(split_in.dicom_ids or [])
+    ]
+    records, _ = grounding_records(synth, items, regions, seed=seed)
+    studies = dict(zip(split_in.dicom_ids or [], split_in.studies or split_in.dicom_ids or [], strict=True))
+    return {
+        f"grounding.localization.{k}": v for k, v in localization_metrics(records, studies=studies).items()
+    }
 
 
 def tune_guidance(

@@ -84,3 +84,34 @@ def test_evaluate_diffusion_writes_the_contract_keys(tiny_prepared, tmp_path):
     _, sampler = load_scheduler_config(run / "diffusion")
     best = max(scores, key=lambda g: scores[g]["image.label_auroc"] + scores[g]["image.laterality_accuracy"])
     assert sampler.guidance == best
+
+
+def test_grounding_reads_the_heads_cross_attention_on_real_scans(tiny_prepared, tmp_path):
+    import torch
+
+    from medvl.data.prepared import PreparedDataset
+    from medvl.eval.grounding import attention_maps, grounding_records
+    from medvl.eval.image import read_regions
+    from medvl.inference.synthesize import Synthesizer
+
+    synth = Synthesizer.load(build_tiny_runs(tmp_path / "runs", tiny_prepared)["diff"], device="cpu")
+    ds = PreparedDataset(tiny_prepared, "test")
+    size = synth.image_size
+    items = [
+        {
+            "image": torch.nn.functional.interpolate(ds[i]["image"][None], size=(size, size), mode="area")[0],
+            "report": ds[i]["report"],
+            "dicom_id": ds[i]["dicom_id"],
+        }
+        for i in range(len(ds))
+    ]
+    images = torch.stack([it["image"] for it in items[:3]])
+    maps = attention_maps(synth, images, [it["report"] for it in items[:3]])
+    # each latent cell's attention is a distribution over the context slots: the maps sum to 1 per scan
+    assert maps.shape[:2] == (3, synth.denoiser.conditioner.context_length)
+    assert torch.allclose(maps.sum((1, 2, 3)), torch.ones(3), atol=1e-4)
+    # the map reads the scan: another scan with the same report moves it
+    other = attention_maps(synth, images.flip(0), [it["report"] for it in items[:3]])
+    assert not torch.allclose(maps[0], other[0])
+    records, _ = grounding_records(synth, items, read_regions(tiny_prepared))
+    assert records and all(r.hit in (0.0, 1.0) and 0.0 <= r.chance <= 1.0 for r in records)
