@@ -27,6 +27,14 @@ ROWS: list[tuple[str, str, list[tuple[str, str]]]] = [
     ),
     ("  model minus prior (paired)", "localization.pointing_game_gap_prior", []),
     (
+        "  the diffusion head's cross-attention on the real scans, hinted head",
+        "grounding.localization.pointing_game",
+        [
+            ("text-only head", "ablations.layout_none.grounding.localization.pointing_game"),
+            ("chance", "grounding.localization.pointing_game_chance"),
+        ],
+    ),
+    (
         "  on pairs whose report states no side",
         "localization.pointing_game_unstated",
         [("text-only prior", "localization.pointing_game_prior_unstated")],
