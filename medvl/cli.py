@@ -288,8 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--grounding",
         action="store_true",
-        help="diffusion: also the pointing game of the head's cross-attention on the real scans "
-        "(grounding.localization.*) (default: off)",
+        help="diffusion: also the pointing game of the head's "
+        "attention maps on the real scans (grounding.*) (default: off)",
     )
 
     g = _command(
@@ -519,11 +519,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from medvl.api import evaluate
 
         if args.grounding and args.kind != "diffusion":
-            print(
-                "medvl evaluate: --grounding scores a diffusion run: use it with `medvl evaluate diffusion`",
-                file=sys.stderr,
-            )
-            return 2
+            raise ValueError("--grounding scores a diffusion run: use it with `medvl evaluate diffusion`")
         options = {k: v for k in ("features", "labeler", "grounding") if (v := getattr(args, k))}
         metrics = evaluate(args.kind, run=args.run, data=args.data, split=args.split, out=args.out, **options)
         meta = metrics.get("meta") or {}

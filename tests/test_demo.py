@@ -44,6 +44,8 @@ def test_demo_writes_every_contract_key(demo_dir):
         "cyclic.one_way.report_to_image.label_auroc",
         "ablations.layout_none.image.label_auroc",
         "ablations.layout_none.image.laterality_accuracy",
+        "grounding.localization.pointing_game",
+        "ablations.layout_none.grounding.localization.pointing_game",
     ):
         assert key in metrics, key
     stages = metrics["meta"]["stages"]

@@ -45,7 +45,7 @@ PRESETS: dict[str, dict] = {
         "configs": "demo",
         "overrides": "demo_quick",
         "classifier": {"steps": 150, "eval_every": 50},
-        "evaluate": {"cyclic": {"max_studies": 64}},
+        "evaluate": {"cyclic": {"max_studies": 64}, "diffusion": {"grounding": True}},
         "estimates": {
             "prepare IU-Phantom": 4,
             "train the evaluation classifier (real training scans)": 17,
@@ -67,7 +67,7 @@ PRESETS: dict[str, dict] = {
         "configs": "demo",
         "overrides": None,
         "classifier": {},
-        "evaluate": {"cyclic": {"max_studies": None}},  # every test study
+        "evaluate": {"cyclic": {"max_studies": None}, "diffusion": {"grounding": True}},  # every test study
         "estimates": {
             "prepare IU-Phantom": 10,
             "train the evaluation classifier (real training scans)": 55,
@@ -90,7 +90,7 @@ PRESETS: dict[str, dict] = {
         "configs": "tiny",
         "overrides": None,
         "classifier": {"steps": 20, "eval_every": 10, "channels": [8, 16]},
-        "evaluate": {"cyclic": {"max_studies": 8}},
+        "evaluate": {"cyclic": {"max_studies": 8}, "diffusion": {"grounding": True}},
     },
 }
 DEFAULT_ESTIMATE_S = 60.0  # a step the preset has no measurement for
