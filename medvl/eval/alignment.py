@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +72,35 @@ def word_variants(word: str) -> set[str]:
     if w.endswith("s"):
         out.add(w[:-1])
     return out
+
+
+def region_groups(rows: Sequence, skipped: dict[str, int] | None = None) -> dict[str, list]:
+    """One image's region rows (``word, x0, y0, x1, y1``) grouped by their finding word (a multi-word region word by
+    its last word, lower case): a word drawn in several places (a bilateral effusion, three granulomas) is one
+    pair. Rows without a word are left out (counted under ``skipped["region_without_word"]``)."""
+    groups: dict[str, list] = defaultdict(list)
+    for r in rows:
+        word = str(r.word).strip().split()[-1] if str(r.word).strip() else ""
+        if not word or word.lower() == "nan":
+            if skipped is not None:
+                skipped["region_without_word"] += 1
+            continue
+        groups[word.lower()].append(r)
+    return groups
+
+
+def word_positions(enc, b: int, word: str) -> tuple[list[int], bool] | None:
+    """Token positions of ``word`` (plurals included) in report ``b`` of a tokenizer encoding, its affirmed
+    occurrences when it has any (else every occurrence), and whether those are affirmed; None when the report does
+    not say the word. An empty list: every occurrence fell past the tokenizer's cut."""
+    variants = word_variants(word)
+    occ = [(j, w.negated) for j, w in enumerate(enc.words[b]) if w.text.lower() in variants]
+    if not occ:
+        return None
+    affirmed = [j for j, neg in occ if not neg]
+    chosen = affirmed or [j for j, _ in occ]
+    ids = enc.word_ids[b]
+    return [int(torch.nonzero(ids == j)[0]) for j in chosen if bool((ids == j).any())], bool(affirmed)
 
 
 @dataclass
@@ -162,26 +192,12 @@ def encode_split(
         for b, item in enumerate(items):
             # One record per (image, finding word): a word drawn in several places (a bilateral effusion,
             # three granulomas) is one pair, hit when the best patch lands in any of its boxes.
-            groups: dict[str, list] = defaultdict(list)
-            for r in by_image.get(str(item["dicom_id"]), []):
-                region_word = str(r.word).strip().split()[-1] if str(r.word).strip() else ""
-                if not region_word or region_word.lower() == "nan":
-                    skipped["region_without_word"] += 1
-                    continue
-                groups[region_word.lower()].append(r)
-            for region_word, rows in groups.items():
-                variants = word_variants(region_word)
-                occ = [(j, w.negated) for j, w in enumerate(enc.words[b]) if w.text.lower() in variants]
-                if not occ:
+            for region_word, rows in region_groups(by_image.get(str(item["dicom_id"]), []), skipped).items():
+                found = word_positions(enc, b, region_word)
+                if found is None:
                     skipped["word_not_in_report"] += 1
                     continue
-                affirmed = [j for j, neg in occ if not neg]
-                chosen = affirmed or [j for j, _ in occ]
-                pos = [
-                    int(torch.nonzero(enc.word_ids[b] == j)[0])
-                    for j in chosen
-                    if bool((enc.word_ids[b] == j).any())
-                ]
+                pos, affirmed = found
                 if not pos:
                     skipped["word_truncated"] += 1
                     continue

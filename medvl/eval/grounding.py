@@ -4,8 +4,8 @@ The real scan is encoded by the run's autoencoder, noised to a few timesteps (fi
 timestep conditioned on its own report; every cross-attention layer of the UNet is read (a forward hook recomputes
 its attention weights from the layer's own queries and keys), and the weights of the word's token slot are
 averaged over heads, layers (each resized to the latent grid) and timesteps (its shared-memory slot is left out:
-on validation it drew the pointer away from the finding). The pointer is the map's maximum; the pair is scored like AdaMatch's pointing game
-(:mod:`medvl.eval.alignment`): one record per (image, finding word), a hit when the pointer lies in one of the
+on validation it drew the pointer away from the finding). The pointer is the map's maximum; the pair is scored
+like AdaMatch's pointing game (:mod:`medvl.eval.alignment`): one record per (image, finding word), a hit when the pointer lies in one of the
 word's region boxes widened by 5% of the image. Unlike a map drawn while sampling from the report alone, this one
 reads the scan's pixels: the latent of the real scan is what the attention queries come from.
 """
@@ -20,17 +20,14 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from medvl.eval.alignment import PointingRecord, word_variants
+from medvl.eval.alignment import PointingRecord, region_groups, word_positions
 from medvl.eval.priors import WIDEN, point_scores
 
 __all__ = ["GROUNDING_TIMESTEPS", "attention_maps", "grounding_records", "CONVENTION"]
 
 #: The noise levels the real scan's latent is read at (of 1,000 training timesteps).
-GROUNDING_TIMESTEPS: tuple[int, ...] = (
-    20,
-    50,
-    100,
-)  # chosen on validation (seed 7): low noise reads the scan best
+#: Chosen on validation (seed 7): low noise reads the scan best.
+GROUNDING_TIMESTEPS: tuple[int, ...] = (20, 50, 100)
 
 CONVENTION = (
     "grounding.*: the diffusion head's cross-attention on the real scan (its autoencoder latent noised to "
@@ -72,9 +69,8 @@ def attention_maps(synth, images: torch.Tensor, reports: Sequence[str], seed: in
             ctx = args[1]
         q = module.input_rearrange(module.to_q(x))
         k = module.input_rearrange(module.to_k(ctx))
-        att = (torch.einsum("blxd,blyd->blxy", q.float(), k.float()) * module.scale).softmax(
-            -1
-        )  # (B, H, N, L)
+        att = torch.einsum("blxd,blyd->blxy", q.float(), k.float()) * module.scale
+        att = att.softmax(-1)  # (B, H, N, L)
         n = att.shape[2]
         side = int(round(n**0.5))
         maps = att.mean(1).transpose(1, 2).reshape(att.shape[0], -1, side, side)  # (B, L, s, s)
@@ -116,22 +112,13 @@ def grounding_records(
         maps = attention_maps(synth, torch.stack([it["image"] for it in items]), texts, seed=seed).cpu()
         enc = tokenizer.encode(texts)
         h, w = maps.shape[-2:]
+        ys, xs = np.meshgrid(
+            (np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w, indexing="ij"
+        )  # cell centres
         for b, item in enumerate(items):
-            groups: dict[str, list] = defaultdict(list)
-            for r in by_image[str(item["dicom_id"])]:
-                word = str(r.word).strip().split()[-1] if str(r.word).strip() else ""
-                if word and word.lower() != "nan":
-                    groups[word.lower()].append(r)
-            for word, rows in groups.items():
-                variants = word_variants(word)
-                occ = [(j, x.negated) for j, x in enumerate(enc.words[b]) if x.text.lower() in variants]
-                chosen = [j for j, neg in occ if not neg] or [j for j, _ in occ]
-                pos = [
-                    int(torch.nonzero(enc.word_ids[b] == j)[0])
-                    for j in chosen
-                    if bool((enc.word_ids[b] == j).any())
-                ]
-                pos = [p for p in pos if p < max_tokens]
+            for word, rows in region_groups(by_image[str(item["dicom_id"])], skipped).items():
+                found = word_positions(enc, b, word)
+                pos = [p for p in found[0] if p < max_tokens] if found is not None else []
                 if not pos:
                     skipped["word_not_in_context"] += 1
                     continue
@@ -143,7 +130,6 @@ def grounding_records(
                 box = (cx / w, cy / h, (cx + 1) / w, (cy + 1) / h)
                 boxes = np.array([[r.x0, r.y0, r.x1, r.y1] for r in rows], dtype=np.float64)
                 hit, iou = point_scores(point, box, boxes)
-                ys, xs = np.meshgrid((np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w, indexing="ij")
                 inside = np.zeros((h, w), dtype=bool)
                 for x0, y0, x1, y1 in boxes:
                     inside |= (
@@ -156,7 +142,7 @@ def grounding_records(
                         hit,
                         float(inside.mean()),
                         iou,
-                        negated_fallback=not any(not neg for _, neg in occ),
+                        negated_fallback=not found[1],
                         regions=len(rows),
                     )
                 )

@@ -315,9 +315,8 @@ class ReportHead(nn.Module):
         cond, mask, _ = self._conditions(
             patch_features, patch_boxes, keyword_ids, keyword_scores, keyword_boxes
         )
-        self._state_bias = (
-            None  # set only for the decoder call that follows _conditions in forward / generate
-        )
+        # the state vector is meant only for the decoder call that follows _conditions in forward / generate
+        self._state_bias = None
         return cond, mask
 
     def predict_labels(self, patch_features: torch.Tensor, patch_boxes: torch.Tensor) -> torch.Tensor:
@@ -366,7 +365,7 @@ class ReportHead(nn.Module):
         elif hasattr(self, "label_head"):
             if isinstance(self.label_head, PooledLabels):
                 label_logits = self.label_head(patch_features)
-                pooled = patch_tokens.new_zeros(b, NUM_LABELS, patch_tokens.shape[-1])
+                pooled = patch_tokens.new_zeros(b, NUM_LABELS, patch_tokens.shape[-1])  # no per-label summary
             else:
                 pooled, label_logits = self.label_head(patch_tokens)
             if self.cfg.use_label_hints:

@@ -14,7 +14,7 @@ NUM_LABELS = 14  # CheXpert observations (medvl.text.chexpert.CHEXPERT_LABELS)
 class PooledLabels(nn.Module):
     """A linear read-out of the 14 labels from the mean and the max of the normalised patch features.
 
-    patch_features (B, P, D) -> (B, L, D) zeros (no per-label summary) and label logits (B, L).
+    patch_features (B, P, D) -> label logits (B, L); no per-label summary (unlike :class:`LabelQueries`).
     """
 
     def __init__(self, dim: int, num_labels: int = 14):

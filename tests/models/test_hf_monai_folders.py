@@ -114,19 +114,27 @@ def test_custom_code_encoder_needs_opt_in(custom_code_folder, tmp_path):
     )
 
 
-def test_adamatch_config_key_reaches_the_loader(custom_code_folder, tiny_prepared):
-    from medvl.models.adamatch import AdaMatchConfig, build_adamatch
+def custom_code_adamatch(folder, trust_remote_code: bool = False):
+    """A tiny AdaMatch config whose text encoder is the custom-code ``folder``, and a tokenizer for it."""
+    from medvl.models.adamatch import AdaMatchConfig
     from medvl.models.adamatch.encoders import BackboneConfig, TextEncoderConfig
     from medvl.text.tokenizer import ReportTokenizer, train_wordpiece
 
-    folder, _ = custom_code_folder
     tok = ReportTokenizer(train_wordpiece(["a b c", "b c d"], vocab_size=40, min_frequency=1))
     cfg = AdaMatchConfig(
         image_size=64,
         embed_dim=8,
         backbone=BackboneConfig(channels=[8]),
-        text=TextEncoderConfig(pretrained=str(folder)),
+        text=TextEncoderConfig(pretrained=str(folder), trust_remote_code=trust_remote_code),
     )
+    return cfg, tok
+
+
+def test_adamatch_config_key_reaches_the_loader(custom_code_folder, tiny_prepared):
+    from medvl.models.adamatch import build_adamatch
+
+    folder, _ = custom_code_folder
+    cfg, tok = custom_code_adamatch(folder)
     with pytest.raises(ConfigError, match="trust_remote_code"):
         build_adamatch(cfg, tok)
     cfg.text.trust_remote_code = True
@@ -139,17 +147,10 @@ def test_a_saved_run_never_opts_itself_into_running_its_code(custom_code_folder,
     from medvl.errors import ConfigError
     from medvl.models.adamatch import AdaMatchRun
     from medvl.models.adamatch.encoders import TRUST_REMOTE_CODE_ENV
-    from medvl.models.adamatch.model import AdaMatchConfig, BackboneConfig, TextEncoderConfig, build_adamatch
-    from medvl.text.tokenizer import ReportTokenizer, train_wordpiece
+    from medvl.models.adamatch.model import build_adamatch
 
     folder, _ = custom_code_folder
-    tok = ReportTokenizer(train_wordpiece(["a b c", "b c d"], vocab_size=40, min_frequency=1))
-    cfg = AdaMatchConfig(
-        image_size=64,
-        embed_dim=8,
-        backbone=BackboneConfig(channels=[8]),
-        text=TextEncoderConfig(pretrained=str(folder), trust_remote_code=True),
-    )
+    cfg, tok = custom_code_adamatch(folder, trust_remote_code=True)
     AdaMatchRun(build_adamatch(cfg, tok), tok).save_pretrained(tmp_path / "adamatch")
     monkeypatch.delenv(TRUST_REMOTE_CODE_ENV, raising=False)
     with pytest.raises(ConfigError, match=TRUST_REMOTE_CODE_ENV):

@@ -84,6 +84,19 @@ def inputs(b: int = 3, seed: int = 0):
     return feats, boxes, hints
 
 
+def teacher_forced(head, enc, feats, boxes, hints, **extra):
+    """The head's teacher-forced pass on ``inputs()``-style conditions (``extra``: report_labels and the like)."""
+    return head(
+        **enc,
+        patch_features=feats,
+        patch_boxes=boxes,
+        keyword_ids=hints.ids,
+        keyword_scores=hints.scores,
+        keyword_boxes=hints.boxes,
+        **extra,
+    )
+
+
 # ------------------------------------------------------------------------------------------- tokenizer
 
 
@@ -131,14 +144,7 @@ def test_forward_shapes_loss_and_ablations(tokenizer):
         assert cond.shape == (3, n_cond, 32) and mask.shape == (3, n_cond)
         if head.cfg.use_keywords:
             assert mask[0, -K:].tolist() == [1, 0, 0]  # padding keywords are masked out
-        out = head(
-            **enc,
-            patch_features=feats,
-            patch_boxes=boxes,
-            keyword_ids=hints.ids,
-            keyword_scores=hints.scores,
-            keyword_boxes=hints.boxes,
-        )
+        out = teacher_forced(head, enc, feats, boxes, hints)
         assert out["logits"].shape == (3, enc["input_ids"].shape[1], len(tokenizer))
         assert torch.isfinite(out["loss"])
         assert hasattr(head, "memory") == head.cfg.use_memory
@@ -153,15 +159,7 @@ def test_auxiliary_label_loss(tokenizer):
     labels = torch.full((3, 14), float("nan"))
     labels[0, 2] = 1.0
     labels[1, 2] = -1.0  # uncertain counts as negative
-    out = head(
-        **enc,
-        patch_features=feats,
-        patch_boxes=boxes,
-        keyword_ids=hints.ids,
-        keyword_scores=hints.scores,
-        keyword_boxes=hints.boxes,
-        report_labels=labels,
-    )
+    out = teacher_forced(head, enc, feats, boxes, hints, report_labels=labels)
     expected = float((out["lm_loss"] + 0.5 * out["label_loss"]).detach())
     assert float(out["loss"].detach()) == pytest.approx(expected, rel=1e-5)
     out["loss"].backward()
@@ -190,16 +188,7 @@ def test_label_states_follow_the_reference_in_training_and_the_thresholds_after(
     labels = torch.zeros(3, 14)
     labels[0, 2] = 1.0
     head.train()
-    _, _, logits = head._conditions(feats, boxes, hints.ids, hints.scores, hints.boxes, labels)
-    out = head(
-        **enc,
-        patch_features=feats,
-        patch_boxes=boxes,
-        keyword_ids=hints.ids,
-        keyword_scores=hints.scores,
-        keyword_boxes=hints.boxes,
-        report_labels=labels,
-    )
+    out = teacher_forced(head, enc, feats, boxes, hints, report_labels=labels)
     out["loss"].backward()
     assert head.label_head.out.weight.grad.abs().sum() > 0  # the label loss reaches the pooled read-out
     assert head.state_embed.weight.grad.abs().sum() > 0  # the decoder reads the states
