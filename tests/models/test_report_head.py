@@ -405,6 +405,33 @@ def test_stage_overfits_a_batch_and_validates(runs):
     assert all(v == v for v in metrics.values())  # no NaN
 
 
+def test_stage_oversamples_reports_that_state_a_finding(runs):
+    from medvl.config import resolve_config_path
+    from medvl.errors import ConfigError
+    from medvl.train.stages.report import build_stage
+
+    stage = build_stage(
+        config_path=resolve_config_path("report", "tiny"),
+        overrides=["data.oversample_abnormal=3"],
+        data=runs.data,
+        from_runs=[runs.adamatch],
+    )
+    labels = stage.train_base.labels
+    abnormal = (labels[:, 0] != 1.0).nonzero().flatten().tolist()
+    assert 0 < len(abnormal) < len(labels)
+    ds = stage.train_dataset()
+    assert len(ds) == len(labels) + 2 * len(abnormal)
+    drawn = [ds[j]["index"] for j in range(len(ds))]
+    assert all(drawn.count(i) == (3 if i in abnormal else 1) for i in range(len(labels)))
+    with pytest.raises(ConfigError, match="oversample_abnormal"):
+        build_stage(
+            config_path=resolve_config_path("report", "tiny"),
+            overrides=["data.oversample_abnormal=0"],
+            data=runs.data,
+            from_runs=[runs.adamatch],
+        )
+
+
 def test_stage_chooses_label_thresholds_on_validation(runs):
     from medvl.config import resolve_config_path
     from medvl.train.stages.report import build_stage

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 from medvl.config import load_config
@@ -42,8 +42,11 @@ from medvl.models.report_head import (
     ReportHeadConfig,
 )
 from medvl.runs import find_from_run
+from medvl.text.chexpert import CHEXPERT_LABELS
 from medvl.train.distributed import process_state, unwrap
 from medvl.train.loop import TrainConfig, default_param_groups
+
+NO_FINDING = CHEXPERT_LABELS.index("No Finding")
 
 
 @dataclass
@@ -55,10 +58,17 @@ class ReportDataConfig:
     precompute_features: bool = True  # frozen AdaMatch only: encode every image once before training
     feature_batch_size: int = 32
     val_samples: int = 64  # validation studies decoded (greedy) for model selection
+    # Each training study whose report states a finding (CheXpert "No Finding" not positive) is drawn this many
+    # times per epoch: a short schedule otherwise learns the normal report first and writes it for every scan.
+    oversample_abnormal: int = 1
 
     def validate(self) -> None:
         if not self.views:
             raise ConfigError("config key 'data.views' must list at least one view, e.g. [PA, AP]")
+        if self.oversample_abnormal < 1:
+            raise ConfigError(
+                f"config key 'data.oversample_abnormal' must be at least 1, got {self.oversample_abnormal}"
+            )
         if self.val_samples < 1:
             raise ConfigError(f"config key 'data.val_samples' must be at least 1, got {self.val_samples}")
 
@@ -262,7 +272,13 @@ class ReportStage:
                     self.train_base, range(len(self.train_base)), "AdaMatch features (train)"
                 )
             self._train_set = ReportTrainingSet(self.train_base, conditions)
-        return self._train_set
+        k = self.config.data.oversample_abnormal
+        if k == 1:
+            return self._train_set
+        normal = self.train_base.labels[:, NO_FINDING] == 1.0
+        return Subset(
+            self._train_set, [i for i in range(len(self._train_set)) for _ in range(1 if normal[i] else k)]
+        )
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = rh.encode_reports(
