@@ -152,7 +152,7 @@ class ReportHeadBundle:
         if cfg.use_memory:
             head.decoder.transformer.wte.register_forward_hook(head._word_memory_hook)
             head.memory.load_state_dict(memory.state_dict())
-        if cfg.label_states:  # after the memory's hook, as in ReportHead.__init__
+        if cfg.label_states and cfg.label_state_vector:  # after the memory's hook, as in ReportHead.__init__
             head.decoder.transformer.wte.register_forward_hook(head._state_hook)
         missing, unexpected = head.load_state_dict(load_weights(directory), strict=False)
         missing = [k for k in missing if not k.startswith(_own_state_keys(cfg))]

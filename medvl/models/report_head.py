@@ -95,9 +95,14 @@ class ReportHeadConfig:
     # on the validation split, chosen at every validation and saved with the head). Needs label_loss_weight > 0.
     label_states: bool = False
     label_teacher_forcing: float = 1.0
+    # the positive states also as one vector added to every word embedding (False: cross-attention tokens only)
+    label_state_vector: bool = True
     label_pooling: Literal["queries", "mean_max"] = (
         "queries"  # the label head: per-label attention or mean+max
     )
+    # mean_max only: before the decoder trains, fit the read-out as a logistic regression on the cached training
+    # features for this many full-batch steps (0: learn it only with the decoder, at the decoder's pace)
+    label_fit_steps: int = 0
     tokenizer_min_freq: int = 2
     tokenizer_max_vocab: int = 4000
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -124,6 +129,13 @@ class ReportHeadConfig:
         if self.label_pooling not in ("queries", "mean_max"):
             raise ConfigError(
                 f"model.label_pooling must be 'queries' or 'mean_max', got {self.label_pooling!r}"
+            )
+        if self.label_fit_steps < 0:
+            raise ConfigError(f"model.label_fit_steps must be at least 0, got {self.label_fit_steps}")
+        if self.label_fit_steps and (self.label_pooling != "mean_max" or self.label_loss_weight <= 0):
+            raise ConfigError(
+                "model.label_fit_steps fits the mean_max label read-out: it needs model.label_pooling=mean_max "
+                "and model.label_loss_weight > 0"
             )
         if self.num_keywords < 1 and self.use_keywords:
             raise ConfigError("model.num_keywords must be positive when model.use_keywords is true")
@@ -272,11 +284,12 @@ class ReportHead(nn.Module):
         if cfg.label_states:
             self.label_embed = nn.Embedding(NUM_LABELS, e)
             self.state_embed = nn.Embedding(2, e)
-            # the positive states also as one vector added to every word embedding (self-attention sees them)
-            self.state_vector = nn.Linear(NUM_LABELS, e)
             self.register_buffer("label_thresholds", torch.full((NUM_LABELS,), 0.5))
             self._state_bias: torch.Tensor | None = None
-            self.decoder.transformer.wte.register_forward_hook(self._state_hook)
+            if cfg.label_state_vector:
+                # the positive states also as one vector added to every word embedding (self-attention sees them)
+                self.state_vector = nn.Linear(NUM_LABELS, e)
+                self.decoder.transformer.wte.register_forward_hook(self._state_hook)
         if cfg.use_label_hints:
             self.label_embed = nn.Embedding(NUM_LABELS, e)
             self.label_prob = nn.Linear(1, e)
@@ -360,7 +373,8 @@ class ReportHead(nn.Module):
                 forced = torch.rand(states.shape, device=device) < self.cfg.label_teacher_forcing
                 states = torch.where(forced, reference, states)
             parts.append(self.label_embed.weight + self.state_embed(states) + self.type_embed.weight[_LABEL])
-            self._state_bias = self.state_vector(states.float())
+            if self.cfg.label_state_vector:
+                self._state_bias = self.state_vector(states.float())
             masks.append(torch.ones(b, NUM_LABELS, dtype=torch.long, device=device))
         elif hasattr(self, "label_head"):
             if isinstance(self.label_head, PooledLabels):

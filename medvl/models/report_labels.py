@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["NUM_LABELS", "LabelQueries", "PooledLabels", "f1_thresholds"]
+__all__ = ["NUM_LABELS", "LabelQueries", "PooledLabels", "f1_thresholds", "fit_pooled_labels"]
 
 NUM_LABELS = 14  # CheXpert observations (medvl.text.chexpert.CHEXPERT_LABELS)
 
@@ -25,6 +25,39 @@ class PooledLabels(nn.Module):
     def forward(self, patch_features: torch.Tensor) -> torch.Tensor:
         x = self.norm(patch_features.float())
         return self.out(torch.cat([x.mean(1), x.amax(1)], dim=-1))
+
+
+def fit_pooled_labels(
+    read_out: PooledLabels,
+    patch_features: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    steps: int,
+    lr: float = 1e-2,
+    weight_decay: float = 1e-2,
+    batch_size: int = 256,
+) -> float:
+    """Fit ``read_out``'s linear layer to ``labels`` (N, L; 1 = positive, anything else negative) on fixed patch
+    features (N, P, D), full batch, ``steps`` AdamW steps; the normalisation stays as it is. A logistic regression
+    on cached features converges in a second where the head's own steps, shared with the decoder, take hundreds.
+    Returns the final training loss."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    with torch.no_grad():
+        pooled = []
+        for start in range(0, len(patch_features), batch_size):
+            x = read_out.norm(patch_features[start : start + batch_size].float())
+            pooled.append(torch.cat([x.mean(1), x.amax(1)], dim=-1))
+        x = torch.cat(pooled)
+    target = (labels == 1).float().to(x.device)
+    opt = torch.optim.AdamW(read_out.out.parameters(), lr=lr, weight_decay=weight_decay)
+    loss = torch.zeros(())
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = nn.functional.binary_cross_entropy_with_logits(read_out.out(x), target)
+        loss.backward()
+        opt.step()
+    return float(loss.detach())
 
 
 def f1_thresholds(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -178,6 +178,28 @@ def test_f1_thresholds_pick_the_best_cut_and_never_call_an_absent_label():
     assert t[0] == pytest.approx(0.3) and t[1] > 1.0
 
 
+def test_pooled_read_out_fitted_on_cached_features_separates_the_labels():
+    from medvl.eval.bootstrap import binary_auroc
+    from medvl.models.report_labels import PooledLabels, fit_pooled_labels
+
+    torch.manual_seed(0)
+    feats = torch.randn(200, 6, 16)
+    labels = torch.full((200, 14), float("nan"))
+    labels[:, 3] = (feats[:, :, 0].amax(1) > 1.2).float()  # a label carried by one feature's max
+    labels[:, 7] = -1.0  # negatives only (uncertain counts as negative)
+    read_out = PooledLabels(16)
+    with torch.no_grad():
+        before = torch.sigmoid(read_out(feats))
+    loss = fit_pooled_labels(read_out, feats.half(), labels, steps=200, batch_size=64)
+    with torch.no_grad():
+        after = torch.sigmoid(read_out(feats))
+    y = labels[:, 3].numpy()
+    assert binary_auroc(after[:, 3].numpy(), y) > 0.9 > 0.7 > binary_auroc(before[:, 3].numpy(), y)
+    assert after[:, 7].max() < 0.2 and loss < 0.2
+    with pytest.raises(ValueError, match="steps"):
+        fit_pooled_labels(read_out, feats, labels, steps=0)
+
+
 def test_label_states_follow_the_reference_in_training_and_the_thresholds_after(tokenizer, tmp_path):
     head = make_head(tokenizer, label_loss_weight=1.0, label_states=True, label_pooling="mean_max")
     feats, boxes, hints = inputs()
@@ -216,6 +238,34 @@ def test_label_states_follow_the_reference_in_training_and_the_thresholds_after(
         assert torch.equal(a.sequences, b.sequences)
     with pytest.raises(ConfigError, match="label_loss_weight"):
         small_cfg(label_states=True).validate()
+
+
+def test_label_states_as_cross_attention_tokens_only(tokenizer, tmp_path):
+    kw = dict(label_loss_weight=1.0, label_states=True, label_pooling="mean_max", label_state_vector=False)
+    head = make_head(tokenizer, **kw)
+    assert not hasattr(head, "state_vector")
+    feats, boxes, hints = inputs()
+    enc = encode_reports(tokenizer, REPORTS[:3], 16)
+    labels = torch.zeros(3, 14)
+    labels[1, 5] = 1.0
+    head.train()
+    out = teacher_forced(head, enc, feats, boxes, hints, report_labels=labels)
+    out["loss"].backward()
+    assert head.state_embed.weight.grad.abs().sum() > 0  # the states still reach the decoder
+    assert head._state_bias is None
+    head.eval()
+    with_vector = make_head(tokenizer, **{**kw, "label_state_vector": True})
+    hooks = len(head.decoder.transformer.wte._forward_hooks)
+    assert len(with_vector.decoder.transformer.wte._forward_hooks) == hooks + 1  # no state hook on the words
+    ReportHeadBundle(head, tokenizer, 64).save_pretrained(tmp_path / "report_head")
+    head.memory.save_pretrained(tmp_path / "memory")
+    loaded = ReportHeadBundle.from_pretrained(
+        tmp_path, memory=SharedMemory.from_pretrained(tmp_path / "memory")
+    )
+    a = head.generate(patch_features=feats, patch_boxes=boxes, keywords=hints, num_beams=2)
+    b = loaded.head.generate(patch_features=feats, patch_boxes=boxes, keywords=hints, num_beams=2)
+    assert torch.equal(a.sequences, b.sequences)
+    assert len(loaded.head.decoder.transformer.wte._forward_hooks) == hooks
 
 
 def test_word_embeddings_query_the_memory(tokenizer):
@@ -430,6 +480,31 @@ def test_stage_oversamples_reports_that_state_a_finding(runs):
             data=runs.data,
             from_runs=[runs.adamatch],
         )
+
+
+def test_stage_fits_the_label_read_out_before_training(runs):
+    from medvl.config import resolve_config_path
+    from medvl.errors import ConfigError
+    from medvl.train.stages.report import build_stage
+
+    sets = ["model.label_loss_weight=1.0", "model.label_states=true", "model.label_pooling=mean_max"]
+
+    def head(*extra):
+        stage = build_stage(
+            config_path=resolve_config_path("report", "tiny"),
+            overrides=[*sets, *extra],
+            data=runs.data,
+            from_runs=[runs.adamatch],
+        )
+        return stage.build_model()
+
+    plain, fitted = head(), head("model.label_fit_steps=100")
+    assert torch.equal(plain.label_head.norm.weight, fitted.label_head.norm.weight)
+    assert not torch.allclose(plain.label_head.out.weight, fitted.label_head.out.weight)
+    with pytest.raises(ConfigError, match="label_fit_steps"):
+        head("model.label_fit_steps=10", "model.label_pooling=queries")
+    with pytest.raises(ConfigError, match="cached features"):
+        head("model.label_fit_steps=10", "data.precompute_features=false")
 
 
 def test_stage_chooses_label_thresholds_on_validation(runs):

@@ -41,6 +41,7 @@ from medvl.models.report_head import (
     ReportHead,
     ReportHeadConfig,
 )
+from medvl.models.report_labels import fit_pooled_labels
 from medvl.runs import find_from_run
 from medvl.text.chexpert import CHEXPERT_LABELS
 from medvl.train.distributed import process_state, unwrap
@@ -235,7 +236,7 @@ class ReportStage:
         if not m.finetune_adamatch:
             adamatch.requires_grad_(False).eval()
         # Only a fine-tuned AdaMatch is part of the trained module; a frozen one stays with the run.
-        return ReportHead(
+        head = ReportHead(
             m,
             vocab_size=len(tok),
             visual_dim=int(self.adamatch_run.embed_dim),
@@ -246,6 +247,17 @@ class ReportStage:
             unk_id=tok.unk_token_id,
             adamatch=adamatch if m.finetune_adamatch else None,
         )
+        if m.label_fit_steps:
+            if not self._precompute:
+                raise ConfigError(
+                    "model.label_fit_steps needs cached features: data.precompute_features=true and "
+                    "model.finetune_adamatch=false"
+                )
+            self.train_dataset()  # encodes the training images once (kept for the loop)
+            assert self._train_set is not None and self._train_set.conditions is not None
+            features = self._train_set.conditions.patch_features
+            fit_pooled_labels(head.label_head, features, self.train_base.labels, steps=m.label_fit_steps)
+        return head
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """AdamW groups: a fine-tuned AdaMatch learns at ``lr * model.adamatch_lr_scale``."""
