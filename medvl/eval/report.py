@@ -334,7 +334,8 @@ def evaluate_report(
                 else "greedy, "
             )
             + f"no_repeat_ngram_size {g.no_repeat_ngram_size}, "
-            f"at most {generator.head.cfg.max_length - 1} tokens, KV cache (run's generation settings)"
+            + (f"no_repeat_word_window {g.no_repeat_word_window}, " if g.no_repeat_word_window else "")
+            + f"at most {generator.head.cfg.max_length - 1} tokens, KV cache (run's generation settings)"
         ),
         "samples": f"one frontal image ({', '.join(cfg['data']['views'])}) per study",
         "baselines.most_frequent": "the most frequent training report for every study",

@@ -156,6 +156,7 @@ class ReportGenerator:
                 max_new_tokens=max_new_tokens or g.max_new_tokens or None,
                 length_penalty=g.length_penalty,
                 no_repeat_ngram_size=g.no_repeat_ngram_size,
+                logits_processor=rh.decoding_rules(self.tokenizer, g),
             )
             texts, tokens = rh.decode_sequences(self.tokenizer, dec.sequences, self.head.eos_id)
             for i, (text, toks) in enumerate(zip(texts, tokens, strict=True)):

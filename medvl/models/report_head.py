@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, LogitsProcessorList
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from medvl.errors import ConfigError
@@ -38,6 +38,7 @@ from medvl.models.memory import MemoryConfig, SharedMemory
 from medvl.models.report_labels import NUM_LABELS, LabelQueries, PooledLabels, f1_thresholds
 from medvl.models.report_tokenizer import (
     SPECIAL_TOKENS,
+    NearRepeatBan,
     build_report_tokenizer,
     decode_sequences,
     detokenize,
@@ -47,6 +48,7 @@ from medvl.models.report_tokenizer import (
 __all__ = [
     "ReportHeadConfig",
     "GenerationSettings",
+    "decoding_rules",
     "ReportHead",
     "LabelQueries",
     "PooledLabels",
@@ -56,6 +58,7 @@ __all__ = [
     "keyword_word",
     "DecodeOutput",
     "SPECIAL_TOKENS",
+    "NearRepeatBan",
     "build_report_tokenizer",
     "detokenize",
     "encode_reports",
@@ -150,13 +153,24 @@ class GenerationSettings:
     max_new_tokens: int = 0  # 0: model.max_length - 1
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 3
+    no_repeat_word_window: int = 0  # a word may not come back within this many tokens (0: off; NearRepeatBan)
     batch_size: int = 16
 
     def validate(self) -> None:
+        if self.no_repeat_word_window < 0:
+            raise ConfigError(
+                f"config key 'generation.no_repeat_word_window' must be at least 0, got {self.no_repeat_word_window}"
+            )
         if self.beams < 1:
             raise ConfigError(f"config key 'generation.beams' must be at least 1, got {self.beams}")
         if self.batch_size < 1:
             raise ConfigError(f"config key 'generation.batch_size' must be at least 1, got {self.batch_size}")
+
+
+def decoding_rules(tokenizer: Any, generation: GenerationSettings) -> list[Any]:
+    """The logits processors that ``generation`` asks for beyond ``generate()``'s own options."""
+    window = generation.no_repeat_word_window
+    return [NearRepeatBan(tokenizer, window)] if window else []
 
 
 # ------------------------------------------------------------------------------------------- keywords
@@ -485,6 +499,7 @@ class ReportHead(nn.Module):
         min_new_tokens: int = 0,
         length_penalty: float = 1.0,
         no_repeat_ngram_size: int = 3,
+        logits_processor: Sequence[Any] = (),
         use_cache: bool = True,
         static_cache: bool = False,
     ) -> DecodeOutput:
@@ -494,7 +509,8 @@ class ReportHead(nn.Module):
         ``max_new_tokens`` defaults to ``max_length - 1`` (so BOS + report fit the trained positions).
         ``static_cache`` (for a GPU): a preallocated self-attention cache, with which transformers compiles the
         decoding step on CUDA; attention runs over the preallocated length (masked), so scores may differ from the
-        default in the last bits (on the CPU it only preallocates).
+        default in the last bits (on the CPU it only preallocates). ``logits_processor``: extra rules for
+        ``generate()``, e.g. :class:`~medvl.models.report_tokenizer.NearRepeatBan`.
         """
         was_training = self.training
         self.eval()
@@ -529,6 +545,7 @@ class ReportHead(nn.Module):
                 min_new_tokens=min(min_new_tokens, max_new),
                 length_penalty=length_penalty,
                 no_repeat_ngram_size=no_repeat_ngram_size or None,
+                logits_processor=LogitsProcessorList(logits_processor) if logits_processor else None,
                 eos_token_id=self.eos_id,
                 pad_token_id=self.pad_id,
                 bos_token_id=self.bos_id,

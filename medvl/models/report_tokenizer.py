@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import LogitsProcessor, PreTrainedTokenizerFast
 
 __all__ = [
     "PAD",
@@ -23,6 +23,7 @@ __all__ = [
     "detokenize",
     "encode_reports",
     "decode_sequences",
+    "NearRepeatBan",
 ]
 
 PAD, BOS, EOS, UNK = "[PAD]", "[BOS]", "[EOS]", "[UNK]"
@@ -98,3 +99,26 @@ def decode_sequences(
         token_lists.append(tokens)
         texts.append(detokenize(tokens))
     return texts, token_lists
+
+
+class NearRepeatBan(LogitsProcessor):
+    """A decoding rule: a word may not come back within ``window`` tokens of itself, so "pneumothorax, or
+    pneumothorax" cannot be written (the n-gram block only stops repeated n-grams). Tokens without a letter
+    (punctuation, numbers), the redaction mark "xxxx" and the special tokens are exempt."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, window: int):
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
+        self.window = window
+        self.bannable = torch.zeros(len(tokenizer), dtype=torch.bool)
+        for token, i in tokenizer.get_vocab().items():
+            if token not in SPECIAL_TOKENS and token != "xxxx" and any(c.isalpha() for c in token):
+                self.bannable[i] = True
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        recent = input_ids[:, -self.window :]
+        seen = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(1, recent, True)
+        bannable = self.bannable.to(scores.device)
+        if bannable.shape[0] < scores.shape[1]:  # a decoder vocabulary padded beyond the tokenizer's
+            bannable = torch.cat([bannable, bannable.new_zeros(scores.shape[1] - bannable.shape[0])])
+        return scores.masked_fill(seen & bannable[: scores.shape[1]], float("-inf"))

@@ -575,3 +575,51 @@ def test_report_run_is_self_contained(runs):
         assert (run / needed).exists(), needed
     AdaMatchRun.from_pretrained(run)  # the copy loads alone
     assert not (run / "ablations" / "no_memory" / "memory").exists()  # the ablation has no memory
+
+
+def test_near_repeat_ban_blocks_a_word_coming_back_within_the_window(tokenizer):
+    from medvl.models.report_head import GenerationSettings, decoding_rules
+    from medvl.models.report_tokenizer import NearRepeatBan
+
+    vocab = tokenizer.get_vocab()
+    ids = [vocab[w] for w in ("pleural", "effusion", ",", "no")]
+    rule = NearRepeatBan(tokenizer, window=3)
+    scores = torch.zeros(1, len(tokenizer))
+    out = rule(torch.tensor([[tokenizer.bos_token_id, *ids]]), scores.clone())
+    # the last three tokens were "effusion , no": "effusion" and "no" are banned, "," (punctuation) and "pleural"
+    # (four tokens back) are not
+    assert out[0, vocab["effusion"]] == float("-inf") and out[0, vocab["no"]] == float("-inf")
+    assert out[0, vocab[","]] == 0 and out[0, vocab["pleural"]] == 0
+    assert torch.isfinite(out).sum() == len(tokenizer) - 2
+    assert decoding_rules(tokenizer, GenerationSettings()) == []
+    assert isinstance(
+        decoding_rules(tokenizer, GenerationSettings(no_repeat_word_window=3))[0], NearRepeatBan
+    )
+    with pytest.raises(ConfigError, match="no_repeat_word_window"):
+        GenerationSettings(no_repeat_word_window=-1).validate()
+
+    # in generate(): a head pushed to say one word again and again says it once per window
+    head = make_head(tokenizer)
+    with torch.no_grad():
+        head.decoder.lm_head.weight.zero_()
+        head.decoder.lm_head.weight[vocab["effusion"]] = 1.0
+        head.decoder.lm_head.weight[vocab["."]] = 0.5
+    feats, boxes, hints = inputs()
+    plain = head.generate(
+        patch_features=feats, patch_boxes=boxes, keywords=hints, num_beams=1, max_new_tokens=9
+    )
+    ruled = head.generate(
+        patch_features=feats,
+        patch_boxes=boxes,
+        keywords=hints,
+        num_beams=2,
+        max_new_tokens=9,
+        logits_processor=[rule],
+    )
+    for row in ruled.sequences.tolist():
+        words = [t for t in row if t not in (head.pad_id, head.eos_id)]
+        for i, t in enumerate(words):
+            assert t not in words[max(0, i - 3) : i] or not rule.bannable[t]
+    assert (plain.sequences == vocab["effusion"]).sum(1).max() > (ruled.sequences == vocab["effusion"]).sum(
+        1
+    ).max()

@@ -381,6 +381,7 @@ class ReportStage:
                 keywords=kw,
                 num_beams=1,
                 no_repeat_ngram_size=self.config.generation.no_repeat_ngram_size,
+                logits_processor=rh.decoding_rules(self.tokenizer, self.config.generation),
             )
             texts.extend(rh.decode_sequences(self.tokenizer, dec.sequences, head.eos_id)[0])
         from medvl.eval.nlg import bleu4
