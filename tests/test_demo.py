@@ -4,6 +4,7 @@ Python API, the cyclic metrics, resume, and the HTML report in a real headless b
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,3 +171,28 @@ def test_the_page_says_what_a_quick_run_is(demo_dir, tmp_path):
         (demo_dir / "metrics.json").write_text(json.dumps(metrics))
     text = out.read_text()
     assert PRESET_NOTES["quick"].split(":")[0] in text and "docs/results.md" in text
+    assert f"report head ce.micro5 F1 {metrics['ce.micro5.f1']:.2f} here, 0.53 full" in text
+
+
+def test_the_quick_page_quotes_the_full_preset_headline_figures():
+    from medvl.report.html import FULL_PRESET_FIGURES
+
+    root = Path(__file__).resolve().parents[1]
+    headline = json.loads((root / "benchmarks" / "results" / "headline_seed7.json").read_text())
+    published = {}
+    for row in headline["rows"]:
+        published[row["key"]] = row["value"]
+        published.update({b["key"]: b["value"] for b in row["baselines"].values()})
+    for _, key, full in FULL_PRESET_FIGURES:
+        assert round(published[key], 3) == full, key
+
+
+def test_quick_preset_leaves_the_text_only_ablation_to_the_full_one(tmp_path):
+    from medvl.demo.run import build_steps
+
+    quick = [s.name for s in build_steps(tmp_path / "q", "quick")]
+    full = [s.name for s in build_steps(tmp_path / "f", "full")]
+    assert "train diffusion" in quick and "evaluate cyclic" in quick
+    assert not any("text_only" in name for name in quick)
+    assert {"train diffusion_text_only", "evaluate diffusion_text_only"} <= set(full)
+    assert set(quick) < set(full)

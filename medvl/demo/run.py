@@ -36,8 +36,9 @@ from medvl.train.stages import run_stage
 from medvl.version import __version__
 
 # Preset -> phantom studies and image size, the config preset of every stage, the table of --set overrides
-# (configs/<name>.yaml) or None, the evaluation classifier's settings, options of some evaluations, and the
-# measured seconds of each step on 2 idle CPU cores (docs/results.md) for the progress estimate.
+# (configs/<name>.yaml) or None, the evaluation classifier's settings, options of some evaluations, the VARIANTS
+# it trains (all when the key is absent), and the measured seconds of each step on 2 idle CPU cores
+# (docs/results.md) for the progress estimate.
 PRESETS: dict[str, dict] = {
     "quick": {
         "studies": 800,
@@ -46,19 +47,18 @@ PRESETS: dict[str, dict] = {
         "overrides": "demo_quick",
         "classifier": {"steps": 150, "eval_every": 50},
         "evaluate": {"cyclic": {"max_studies": 64}, "diffusion": {"grounding": True}},
+        "variants": (),  # the text-only ablation belongs to the full preset: it would cost 2 of the 10 minutes
         "estimates": {
             "prepare IU-Phantom": 4,
-            "train the evaluation classifier (real training scans)": 17,
-            "train adamatch": 85,
-            "train report": 105,
-            "train autoencoder": 31,
-            "train diffusion": 86,
-            "train diffusion_text_only": 86,
+            "train the evaluation classifier (real training scans)": 22,
+            "train adamatch": 111,
+            "train report": 123,
+            "train autoencoder": 52,
+            "train diffusion": 127,
             "evaluate adamatch": 1,
-            "evaluate report": 7,
-            "evaluate diffusion": 18,
-            "evaluate cyclic": 8,
-            "evaluate diffusion_text_only": 18,
+            "evaluate report": 12,
+            "evaluate diffusion": 29,
+            "evaluate cyclic": 12,
         },
     },
     "full": {
@@ -126,6 +126,7 @@ def build_steps(out: Path, preset: str, seed: int = 0) -> list[Step]:
     p = PRESETS[preset]
     data, runs, evals = out / "data", out / "runs", out / "eval"
     classifier = ClassifierConfig(**p["classifier"])
+    variants = {name: VARIANTS[name] for name in p.get("variants", VARIANTS)}
 
     def prepare() -> None:
         prepare_phantom(data, studies=p["studies"], size=p["size"], seed=seed, workers=2)
@@ -171,7 +172,7 @@ def build_steps(out: Path, preset: str, seed: int = 0) -> list[Step]:
         Step(f"train {stage}", (lambda s=stage: is_finished(runs / s)), (lambda s=stage: train(s)))
         for stage in registry.STAGES
     ]
-    for name, v in VARIANTS.items():
+    for name, v in variants.items():
         steps.append(
             Step(
                 f"train {name}",
@@ -189,7 +190,7 @@ def build_steps(out: Path, preset: str, seed: int = 0) -> list[Step]:
             (lambda n=name: (evals / f"{n}.json").exists()),
             (lambda n=name, v=v: score(v["stage"], n)),
         )
-        for name, v in VARIANTS.items()
+        for name, v in variants.items()
     ]
     for step in steps:
         step.estimate_s = float(p.get("estimates", {}).get(step.name, step.estimate_s))
