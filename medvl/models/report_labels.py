@@ -22,9 +22,13 @@ class PooledLabels(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Linear(2 * dim, num_labels)
 
-    def forward(self, patch_features: torch.Tensor) -> torch.Tensor:
+    def pool(self, patch_features: torch.Tensor) -> torch.Tensor:
+        """(B, P, D) -> the mean and the max of the normalised patches (B, 2D), what ``out`` reads."""
         x = self.norm(patch_features.float())
-        return self.out(torch.cat([x.mean(1), x.amax(1)], dim=-1))
+        return torch.cat([x.mean(1), x.amax(1)], dim=-1)
+
+    def forward(self, patch_features: torch.Tensor) -> torch.Tensor:
+        return self.out(self.pool(patch_features))
 
 
 def fit_pooled_labels(
@@ -44,11 +48,12 @@ def fit_pooled_labels(
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     with torch.no_grad():
-        pooled = []
-        for start in range(0, len(patch_features), batch_size):
-            x = read_out.norm(patch_features[start : start + batch_size].float())
-            pooled.append(torch.cat([x.mean(1), x.amax(1)], dim=-1))
-        x = torch.cat(pooled)
+        x = torch.cat(
+            [
+                read_out.pool(patch_features[i : i + batch_size])
+                for i in range(0, len(patch_features), batch_size)
+            ]
+        )
     target = (labels == 1).float().to(x.device)
     opt = torch.optim.AdamW(read_out.out.parameters(), lr=lr, weight_decay=weight_decay)
     loss = torch.zeros(())

@@ -118,7 +118,4 @@ class NearRepeatBan(LogitsProcessor):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         recent = input_ids[:, -self.window :]
         seen = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(1, recent, True)
-        bannable = self.bannable.to(scores.device)
-        if bannable.shape[0] < scores.shape[1]:  # a decoder vocabulary padded beyond the tokenizer's
-            bannable = torch.cat([bannable, bannable.new_zeros(scores.shape[1] - bannable.shape[0])])
-        return scores.masked_fill(seen & bannable[: scores.shape[1]], float("-inf"))
+        return scores.masked_fill(seen & self.bannable.to(scores.device), float("-inf"))

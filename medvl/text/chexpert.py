@@ -20,6 +20,9 @@ CHEXPERT_LABELS: tuple[str, ...] = (
     "Support Devices",
 )
 
+#: Column of "No Finding" in ``CHEXPERT_LABELS`` order (a normal report).
+NO_FINDING: int = CHEXPERT_LABELS.index("No Finding")
+
 #: CheXbert's 5-observation convention used for ``ce.micro5``.
 CHEXPERT_5: tuple[str, ...] = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 

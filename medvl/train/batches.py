@@ -14,9 +14,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
 
 from medvl.errors import DataError
+from medvl.text.chexpert import NO_FINDING
+
+
+def oversample_abnormal(dataset: Dataset, labels: torch.Tensor, k: int) -> Dataset:
+    """``dataset`` with each item whose report states a finding (``labels`` (N, 14) in CheXpert order, "No Finding"
+    not positive) drawn ``k`` times per epoch; ``dataset`` itself when ``k`` is 1."""
+    if k == 1:
+        return dataset
+    normal = labels[:, NO_FINDING] == 1.0
+    return Subset(dataset, [i for i in range(len(dataset)) for _ in range(1 if bool(normal[i]) else k)])
 
 
 def seed_all(seed: int) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from medvl.config import load_config
 from medvl.data.prepared import PreparedDataset
@@ -34,8 +34,9 @@ from medvl.models.adamatch import (
     build_adamatch,
     build_keywords_and_bank,
 )
-from medvl.text.chexpert import CHEXPERT_LABELS
+from medvl.text.chexpert import NO_FINDING
 from medvl.text.tokenizer import ReportTokenizer, load_hf_tokenizer, train_wordpiece
+from medvl.train.batches import oversample_abnormal
 from medvl.train.distributed import unwrap
 from medvl.train.loop import TrainConfig
 from medvl.train.stages.scans import check_image_size
@@ -76,9 +77,6 @@ class AdaMatchStageConfig:
             raise ConfigError("temperature_lr_scale must be positive")
         if self.oversample_abnormal < 1:
             raise ConfigError("oversample_abnormal must be at least 1")
-
-
-NO_FINDING = CHEXPERT_LABELS.index("No Finding")
 
 
 def report_groups(reports: list[str], labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -135,12 +133,7 @@ class AdaMatchStage:
         return build_adamatch(self.config.model, self.tokenizer)
 
     def train_dataset(self) -> Dataset:
-        k = self.config.oversample_abnormal
-        if k == 1:
-            return self.train_ds
-        normal = self.train_ds.labels[:, NO_FINDING] == 1.0
-        index = [i for i in range(len(self.train_ds)) for _ in range(1 if bool(normal[i]) else k)]
-        return Subset(self.train_ds, index)
+        return oversample_abnormal(self.train_ds, self.train_ds.labels, self.config.oversample_abnormal)
 
     def collate(self, items: list[dict]) -> dict[str, Any]:
         images = torch.stack([x["image"] for x in items]).float()

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from medvl.config import load_config
@@ -43,11 +43,9 @@ from medvl.models.report_head import (
 )
 from medvl.models.report_labels import fit_pooled_labels
 from medvl.runs import find_from_run
-from medvl.text.chexpert import CHEXPERT_LABELS
+from medvl.train.batches import oversample_abnormal
 from medvl.train.distributed import process_state, unwrap
 from medvl.train.loop import TrainConfig, default_param_groups
-
-NO_FINDING = CHEXPERT_LABELS.index("No Finding")
 
 
 @dataclass
@@ -284,12 +282,8 @@ class ReportStage:
                     self.train_base, range(len(self.train_base)), "AdaMatch features (train)"
                 )
             self._train_set = ReportTrainingSet(self.train_base, conditions)
-        k = self.config.data.oversample_abnormal
-        if k == 1:
-            return self._train_set
-        normal = self.train_base.labels[:, NO_FINDING] == 1.0
-        return Subset(
-            self._train_set, [i for i in range(len(self._train_set)) for _ in range(1 if normal[i] else k)]
+        return oversample_abnormal(
+            self._train_set, self.train_base.labels, self.config.data.oversample_abnormal
         )
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
