@@ -425,16 +425,25 @@ def runs(tiny_prepared, tmp_path_factory):
     return tiny_runs(tmp_path_factory.mktemp("report_runs"), tiny_prepared)
 
 
-def test_stage_overfits_a_batch_and_validates(runs):
+#: --set overrides of a head with finding states
+STATES = ("model.label_loss_weight=1.0", "model.label_states=true", "model.label_pooling=mean_max")
+
+
+def report_stage(runs, *overrides: str):
+    """The report stage of the tiny preset on the module's AdaMatch run, with ``--set`` overrides."""
     from medvl.config import resolve_config_path
     from medvl.train.stages.report import build_stage
 
-    stage = build_stage(
+    return build_stage(
         config_path=resolve_config_path("report", "tiny"),
-        overrides=["model.dropout=0.0"],
+        overrides=list(overrides),
         data=runs.data,
         from_runs=[runs.adamatch],
     )
+
+
+def test_stage_overfits_a_batch_and_validates(runs):
+    stage = report_stage(runs, "model.dropout=0.0")
     model = stage.build_model().train()
     ds = stage.train_dataset()
     assert "patch_features" in ds[0]  # frozen AdaMatch: features computed once
@@ -456,16 +465,9 @@ def test_stage_overfits_a_batch_and_validates(runs):
 
 
 def test_stage_oversamples_reports_that_state_a_finding(runs):
-    from medvl.config import resolve_config_path
     from medvl.errors import ConfigError
-    from medvl.train.stages.report import build_stage
 
-    stage = build_stage(
-        config_path=resolve_config_path("report", "tiny"),
-        overrides=["data.oversample_abnormal=3"],
-        data=runs.data,
-        from_runs=[runs.adamatch],
-    )
+    stage = report_stage(runs, "data.oversample_abnormal=3")
     labels = stage.train_base.labels
     abnormal = (labels[:, 0] != 1.0).nonzero().flatten().tolist()
     assert 0 < len(abnormal) < len(labels)
@@ -474,29 +476,14 @@ def test_stage_oversamples_reports_that_state_a_finding(runs):
     drawn = [ds[j]["index"] for j in range(len(ds))]
     assert all(drawn.count(i) == (3 if i in abnormal else 1) for i in range(len(labels)))
     with pytest.raises(ConfigError, match="oversample_abnormal"):
-        build_stage(
-            config_path=resolve_config_path("report", "tiny"),
-            overrides=["data.oversample_abnormal=0"],
-            data=runs.data,
-            from_runs=[runs.adamatch],
-        )
+        report_stage(runs, "data.oversample_abnormal=0")
 
 
 def test_stage_fits_the_label_read_out_before_training(runs):
-    from medvl.config import resolve_config_path
     from medvl.errors import ConfigError
-    from medvl.train.stages.report import build_stage
-
-    sets = ["model.label_loss_weight=1.0", "model.label_states=true", "model.label_pooling=mean_max"]
 
     def head(*extra):
-        stage = build_stage(
-            config_path=resolve_config_path("report", "tiny"),
-            overrides=[*sets, *extra],
-            data=runs.data,
-            from_runs=[runs.adamatch],
-        )
-        return stage.build_model()
+        return report_stage(runs, *STATES, *extra).build_model()
 
     plain, fitted = head(), head("model.label_fit_steps=100")
     assert torch.equal(plain.label_head.norm.weight, fitted.label_head.norm.weight)
@@ -508,15 +495,7 @@ def test_stage_fits_the_label_read_out_before_training(runs):
 
 
 def test_stage_chooses_label_thresholds_on_validation(runs):
-    from medvl.config import resolve_config_path
-    from medvl.train.stages.report import build_stage
-
-    stage = build_stage(
-        config_path=resolve_config_path("report", "tiny"),
-        overrides=["model.label_loss_weight=1.0", "model.label_states=true", "model.label_pooling=mean_max"],
-        data=runs.data,
-        from_runs=[runs.adamatch],
-    )
+    stage = report_stage(runs, *STATES)
     model = stage.build_model().train()
     ds = stage.train_dataset()
     batch = stage.collate([ds[i] for i in range(8)])
@@ -537,17 +516,9 @@ def test_stage_chooses_label_thresholds_on_validation(runs):
 
 def test_stage_without_precompute_matches_precomputed_features(runs):
     """On-the-fly AdaMatch encoding (base preset) gives the same loss as the precomputed features."""
-    from medvl.config import resolve_config_path
-    from medvl.train.stages.report import build_stage
-
     losses = []
     for pre in (True, False):
-        stage = build_stage(
-            config_path=resolve_config_path("report", "tiny"),
-            overrides=[f"data.precompute_features={str(pre).lower()}", "model.dropout=0.0"],
-            data=runs.data,
-            from_runs=[runs.adamatch],
-        )
+        stage = report_stage(runs, f"data.precompute_features={str(pre).lower()}", "model.dropout=0.0")
         model = stage.build_model().eval()
         ds = stage.train_dataset()
         batch = stage.collate([ds[i] for i in range(4)])
