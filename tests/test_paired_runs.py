@@ -58,3 +58,58 @@ def test_runs_on_other_studies_are_refused(paired, tmp_path):
     )
     with pytest.raises(SystemExit):
         paired.main([f"A:{a}", f"B:{tmp_path / 'b.csv'}"])
+
+
+LABELS = ["No Finding", "Cardiomegaly", "Pleural Effusion", "Edema"]
+
+
+def record(path: Path, probs, positive, hits, studies=None) -> str:
+    """A diffusion evaluation record holding only what paired_runs reads: ``meta.scan_scores``."""
+    n = len(positive)
+    scores = {
+        "labels": LABELS,
+        "positive": positive,
+        "synthesized": probs,
+        "studies": studies or [f"s{i}" for i in range(n)],
+        "laterality": {"pairs": [[i, 0, i % 2] for i in range(n)], "synthesized": hits},
+    }
+    path.write_text(json.dumps({"metrics": {"meta": {"scan_scores": scores}}}))
+    return str(path)
+
+
+POSITIVE = [[0, 1, 0, 1], [0, 0, 1, 0], [1, 0, 0, 0], [0, 1, 1, 0], [1, 0, 0, 1], [0, 1, 0, 0]]
+
+
+def test_diffusion_records_a_perfect_arm_beats_a_reversed_one_by_the_whole_range(paired, tmp_path):
+    perfect = record(
+        tmp_path / "p.json", [[0.1 + 0.8 * v for v in row] for row in POSITIVE], POSITIVE, [1] * 6
+    )
+    reverse = record(
+        tmp_path / "r.json", [[0.9 - 0.8 * v for v in row] for row in POSITIVE], POSITIVE, [0] * 6
+    )
+    result = paired.main([f"A:{reverse}", f"B:{perfect}", "--out", str(tmp_path / "d.json")])
+    assert result["arms"]["B"] == {"cardiomegaly": 1.0, "effusion": 1.0, "macro": 1.0, "laterality": 1.0}
+    assert result["arms"]["A"] == {"cardiomegaly": 0.0, "effusion": 0.0, "macro": 0.0, "laterality": 0.0}
+    assert result["difference"]["laterality"] == {"value": 1.0, "ci": [1.0, 1.0]}
+    same = paired.main([f"A:{perfect}", f"B:{perfect}"])
+    assert all(d == {"value": 0.0, "ci": [0.0, 0.0]} for d in same["difference"].values())
+
+
+def test_diffusion_laterality_counts_each_pair_of_a_resampled_scan(paired, tmp_path):
+    # Half the pairs right: the point value is 0.5 and resamples move it both ways.
+    half = record(tmp_path / "h.json", [[0.5] * 4] * 6, POSITIVE, [1, 0, 1, 0, 1, 0])
+    none = record(tmp_path / "n.json", [[0.5] * 4] * 6, POSITIVE, [0] * 6)
+    d = paired.main([f"A:{none}", f"B:{half}"])["difference"]["laterality"]
+    assert d["value"] == 0.5 and d["ci"][0] < 0.5 < d["ci"][1]
+
+
+def test_a_diffusion_record_without_per_study_scores_or_mixed_kinds_is_refused(paired, tmp_path, capsys):
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"metrics": {"meta": {"scan_scores": {"labels": LABELS}}}}))
+    with pytest.raises(SystemExit):
+        paired.main([f"A:{old}", f"B:{old}"])
+    assert "re-run medvl evaluate diffusion" in capsys.readouterr().err
+    rec = record(tmp_path / "p.json", [[0.5] * 4] * 5, POSITIVE[:5], [1] * 5)
+    csv = write(tmp_path / "a.csv", REFS)
+    with pytest.raises(SystemExit):
+        paired.main([f"A:{csv}", f"B:{rec}"])

@@ -53,6 +53,8 @@ def test_scan_scores_in_the_diffusion_record_give_its_aurocs(demo_dir):
                 )  # the same float32 probabilities
                 checked += 1
     assert checked >= 2
+    # Study ids, for study-by-study comparisons of runs (benchmarks/paired_runs.py).
+    assert len(scores["studies"]) == len(set(scores["studies"])) == len(positive)
 
 
 def test_training_scalars_read_from_tensorboard(demo_dir):

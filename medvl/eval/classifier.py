@@ -254,12 +254,16 @@ def label_aurocs(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     return out
 
 
+def laterality_hits(side_logits: np.ndarray, pairs: Sequence[tuple[int, int, int]]) -> np.ndarray:
+    """Per pair ``(scan i, finding j, stated side h)``: is the finding's logit higher in the stated half? (bool)"""
+    return np.array([side_logits[i, j, h] > side_logits[i, j, 1 - h] for i, j, h in pairs], dtype=bool)
+
+
 def laterality_accuracy(side_logits: np.ndarray, pairs: Sequence[tuple[int, int, int]]) -> float:
     """Share of pairs whose finding logit is higher in the stated half than in the other; NaN without pairs."""
     if not pairs:
         return float("nan")
-    hits = [side_logits[i, j, h] > side_logits[i, j, 1 - h] for i, j, h in pairs]
-    return float(np.mean(hits))
+    return float(laterality_hits(side_logits, pairs).mean())
 
 
 @torch.no_grad()

@@ -45,6 +45,7 @@ from medvl.eval.classifier import (
     fid_extractor,
     label_aurocs,
     laterality_accuracy,
+    laterality_hits,
     laterality_pairs,
     load_split,
     positive_labels,
@@ -195,7 +196,7 @@ def score_scans(
         out[f"{prefix}label_auroc_ci"] = cis.pop("macro")
         out.update({f"{base}{per}.{name}.auroc_ci": v for name, v in cis.items() if name in aucs})
         if pairs:
-            hits = np.array([sides[i, j, h] > sides[i, j, 1 - h] for i, j, h in pairs], dtype=np.float64)
+            hits = laterality_hits(sides, pairs).astype(np.float64)
             pair_boot = StudyResampler([studies[i] for i, _, _ in pairs])
             out[f"{prefix}laterality_accuracy_ci"] = pair_boot.mean_interval(hits)
     if all_pairs is not None:
@@ -457,7 +458,8 @@ def evaluate_diffusion(
             "side_findings": creport.side_findings,
             "side_convention_agreement": creport.side_convention_agreement,
         },
-        "scan_scores": scan_scores(classifier, images, fake, labels),  # per-label ROC curves (medvl report)
+        # per-label ROC curves (medvl report) and study-by-study comparisons of runs (benchmarks/paired_runs.py)
+        "scan_scores": scan_scores(classifier, images, fake, labels, studies, pairs),
     }
     missing = {}
     if not pairs:

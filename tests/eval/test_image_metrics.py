@@ -72,6 +72,11 @@ def test_evaluate_diffusion_writes_the_contract_keys(tiny_prepared, tmp_path):
     assert saved["image.laterality_pairs"] == saved["image.laterality_pairs_all_sizes"] == 7  # 10 test scans
     assert "image.per_finding.effusion.laterality_accuracy" in saved
     meta = saved["meta"]
+    # Per study and per laterality pair, for study-by-study comparisons of runs (benchmarks/paired_runs.py).
+    lat = meta["scan_scores"]["laterality"]
+    assert len(meta["scan_scores"]["studies"]) == 10 and len(lat["pairs"]) == len(lat["synthesized"]) == 7
+    assert np.mean(lat["synthesized"]) == pytest.approx(saved["image.laterality_accuracy"])
+    assert np.mean(lat["real"]) == pytest.approx(saved["image.real_laterality_accuracy"])
     assert meta["split"] == "test" and meta["num_samples"] == 10 and meta["config_hash"] is None
     assert "image.laterality_accuracy" in meta["conventions"]
     assert (tmp_path / "eval" / "diffusion.grid.png").stat().st_size > 1000
