@@ -12,6 +12,10 @@ On the chosen split (one frontal image per study, as in training), in one run:
 - ``ablations.<name>.*``: every finished report run under ``RUN/ablations/<name>/`` (e.g. trained with
   ``--out RUN/ablations/no_memory --set model.use_memory=false``), decoded the same way.
 
+Scored on the validation split, where the classifier templates' thresholds and a head's finding-state thresholds
+(``model.label_states``) are chosen, both are cross-fitted (:mod:`medvl.eval.crossfit`): each half of the studies is
+written with thresholds chosen on the other half, and ``meta.conventions.thresholds`` says so.
+
 Beside each one: ``<prefix>report.repeated_sentences`` (the share of reports that say one sentence twice, case
 and whitespace aside) and bootstrap intervals ``ce.micro.f1_ci``, ``ce.micro5.f1_ci``, ``ce.macro.f1_ci`` and
 ``ce.per_label.<name>.f1_ci`` for CheXbert's five labels (:mod:`medvl.eval.ce_intervals`, 1,000 resamples of the
@@ -44,9 +48,12 @@ from medvl.eval.ce_intervals import CI_CONVENTION, ce_intervals, micro_f1_gap
 from medvl.eval.classifier import ClassifierLike, resolve_classifier
 from medvl.eval.clinical import CE_CONVENTION, ReferenceLabels, ce_metrics, label_reports, load_labeler
 from medvl.eval.common import metrics_record, run_config_hash, saved_config, write_metrics
+from medvl.eval.crossfit import CONVENTION as CROSSFIT_CONVENTION
+from medvl.eval.crossfit import crossfit
 from medvl.eval.nlg import TOKENISATION, NLGScorer
 from medvl.inference.generate import ReportGenerator
 from medvl.models.report_bundle import ReportHeadBundle
+from medvl.models.report_labels import f1_thresholds
 from medvl.runs import CONFIG_FILE
 from medvl.text.chexpert import CHEXPERT_5, CHEXPERT_LABELS
 from medvl.text.sentences import split_sentences
@@ -83,15 +90,50 @@ def report_studies(data: Path, split: str, data_config: dict[str, Any]) -> Prepa
     return ds
 
 
-def generate_for_split(
-    generator: Any, dataset: Any, *, beams: int | None = None, desc: str = "generating"
+def _generate_rows(
+    generator: Any, dataset: Any, rows: Sequence[int], beams: int | None, desc: str
 ) -> list[str]:
-    """Decode every item of ``dataset`` (PreparedDataset-like) with a :class:`ReportGenerator`."""
     bs = generator.generation.batch_size
     texts: list[str] = []
-    for start in tqdm(range(0, len(dataset), bs), desc=desc, unit="batch", leave=False):
-        images = torch.stack([dataset[i]["image"] for i in range(start, min(len(dataset), start + bs))])
+    for start in tqdm(range(0, len(rows), bs), desc=desc, unit="batch", leave=False):
+        images = torch.stack([dataset[int(i)]["image"] for i in rows[start : start + bs]])
         texts.extend(r.text for r in generator.generate(images, beams=beams))
+    return texts
+
+
+def generate_for_split(
+    generator: Any,
+    dataset: Any,
+    *,
+    beams: int | None = None,
+    desc: str = "generating",
+    crossfit_thresholds: bool = False,
+) -> list[str]:
+    """Decode every item of ``dataset`` (PreparedDataset-like) with a :class:`ReportGenerator`. With
+    ``crossfit_thresholds`` (``dataset`` is the split a head with finding states chose its thresholds on) each
+    study is written with thresholds fitted on the other studies' labels (:mod:`medvl.eval.crossfit`); the head's
+    own thresholds are left as they were."""
+    head = generator.head
+    if not (crossfit_thresholds and head.cfg.label_states):
+        return _generate_rows(generator, dataset, range(len(dataset)), beams, desc)
+    bs = generator.generation.batch_size
+    probs = []
+    for start in range(0, len(dataset), bs):
+        images = torch.stack([dataset[i]["image"] for i in range(start, min(len(dataset), start + bs))])
+        features, boxes, _, _ = generator.conditions(images)
+        with torch.no_grad():
+            probs.append(head.predict_labels(features, boxes).cpu())
+    scores = torch.cat(probs)
+    targets = torch.as_tensor(np.asarray(dataset.labels) == 1).float()
+    saved = head.label_thresholds.clone()
+    texts = [""] * len(dataset)
+    try:
+        for rows, thresholds in crossfit(lambda r: f1_thresholds(scores[r], targets[r]), len(dataset)):
+            head.label_thresholds.copy_(thresholds)
+            for i, text in zip(rows, _generate_rows(generator, dataset, rows, beams, desc), strict=True):
+                texts[i] = text
+    finally:
+        head.label_thresholds.copy_(saved)
     return texts
 
 
@@ -220,18 +262,34 @@ def find_ablations(run: Path) -> dict[str, Path]:
 
 
 def classifier_template_baseline(
-    classifier: ClassifierLike, test: Any, data: Path, data_config: dict[str, Any], device: Any
+    classifier: ClassifierLike,
+    test: Any,
+    data: Path,
+    data_config: dict[str, Any],
+    device: Any,
+    split: str = "test",
 ) -> tuple[list[str], dict[str, Any]]:
     """The classifier-template report of every scan of ``test`` (:mod:`medvl.eval.template_reports`), thresholds
     chosen on the validation scans the run's ``data:`` settings select, and the thresholds (for the record's meta).
+    When ``split`` is the validation split itself, each study's thresholds are chosen on the other studies
+    (:mod:`medvl.eval.crossfit`); the meta keeps the thresholds of the whole split.
     """
     model, _ = resolve_classifier(classifier, device=device)
     val = report_studies(data, "validate", data_config)
-    thresholds = templates.choose_thresholds(
-        templates.classifier_probabilities(model, val), [str(r) for r in val.index["report"]]
+    val_probs = templates.classifier_probabilities(model, val)
+    val_reports = [str(r) for r in val.index["report"]]
+    thresholds = templates.choose_thresholds(val_probs, val_reports)
+    if split != "validate":
+        texts = templates.template_reports(templates.classifier_probabilities(model, test), thresholds)
+        return texts, {"validation_studies": len(val), "thresholds": thresholds}
+    texts = [""] * len(val)
+    fits = crossfit(
+        lambda r: templates.choose_thresholds(val_probs[r], [val_reports[i] for i in r]), len(val)
     )
-    texts = templates.template_reports(templates.classifier_probabilities(model, test), thresholds)
-    return texts, {"validation_studies": len(val), "thresholds": thresholds}
+    for rows, fold_thresholds in fits:
+        for i, text in zip(rows, templates.template_reports(val_probs[rows], fold_thresholds), strict=True):
+            texts[i] = text
+    return texts, {"validation_studies": len(val), "thresholds": thresholds, "cross_fitted": True}
 
 
 def evaluate_report(
@@ -260,7 +318,11 @@ def evaluate_report(
 
     metrics: dict[str, float] = {}
     missing: dict[str, str] = {}
-    generated = generate_for_split(generator, test, desc=f"report head ({split})")
+    # Thresholds chosen on the validation split (finding states, classifier templates) are cross-fitted there.
+    on_threshold_split = split == "validate"
+    generated = generate_for_split(
+        generator, test, desc=f"report head ({split})", crossfit_thresholds=on_threshold_split
+    )
     baselines = {
         "most_frequent": [most_frequent_report(list(train.index["report"]))] * len(test),
         "retrieval": retrieve_reports(
@@ -274,12 +336,14 @@ def evaluate_report(
         )
     else:
         baselines["classifier_template"], template_meta = classifier_template_baseline(
-            classifier, test, data, cfg["data"], generator.device
+            classifier, test, data, cfg["data"], generator.device, split
         )
     resampler = StudyResampler(list(test.index["study_id"]))
     ablations = {}
     for name, path in find_ablations(run).items():
-        ablations[name] = generate_for_split(ReportGenerator.load(path), test, desc=f"ablation {name}")
+        ablations[name] = generate_for_split(
+            ReportGenerator.load(path), test, desc=f"ablation {name}", crossfit_thresholds=on_threshold_split
+        )
     gen_labels = {name: label_reports(texts) for name, texts in {"": generated, **baselines}.items()}
     with NLGScorer() as scorer:
         m, miss = score_reports(
@@ -348,6 +412,7 @@ def evaluate_report(
         "ce.*.f1_gap_<baseline>": "the report head's F1 minus the baseline's on the same studies; its _ci is "
         "paired (both F1s recomputed on each resample)",
         "ablations": "report runs under RUN/ablations/<name>/, decoded like the main run",
+        **({"thresholds": CROSSFIT_CONVENTION} if on_threshold_split else {}),
     }
     record = metrics_record(
         metrics,

@@ -494,7 +494,17 @@ def test_stage_fits_the_label_read_out_before_training(runs):
         head("model.label_fit_steps=10", "data.precompute_features=false")
 
 
-def test_stage_chooses_label_thresholds_on_validation(runs):
+def test_stage_chooses_label_thresholds_on_validation(runs, monkeypatch):
+    from medvl.train.stages import report as report_stage_module
+
+    fitted_on = []
+    real_fit = report_stage_module.rh.f1_thresholds
+
+    def spy(probs, targets):
+        fitted_on.append(len(probs))
+        return real_fit(probs, targets)
+
+    monkeypatch.setattr(report_stage_module.rh, "f1_thresholds", spy)
     stage = report_stage(runs, *STATES)
     model = stage.build_model().train()
     ds = stage.train_dataset()
@@ -512,6 +522,9 @@ def test_stage_chooses_label_thresholds_on_validation(runs):
         model.label_thresholds[absent] > 1.0
     )  # a label without a validation positive is never called
     assert torch.all(model.label_thresholds[~absent] <= 1.0)
+    # The scored reports: each half with thresholds fitted on the other half; the saved ones on the whole split.
+    n = len(stage._val_indices)
+    assert sorted(fitted_on) == sorted([n - n // 2, n // 2, n]) and fitted_on[-1] == n
 
 
 def test_stage_without_precompute_matches_precomputed_features(runs):

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from medvl.config import load_config
 from medvl.data.prepared import PreparedDataset
 from medvl.errors import ConfigError, DataError, RunError
+from medvl.eval.crossfit import crossfit
 from medvl.models import report_head as rh
 from medvl.models.adamatch import AdaMatchRun
 from medvl.models.memory import SharedMemory
@@ -331,53 +332,66 @@ class ReportStage:
         cond = self._validation_conditions()
         refs = [str(self.val_base.index.at[i, "report"]) for i in self._val_indices]
         bs = self.config.generation.batch_size
+        n = len(refs)
+        groups: list[tuple[np.ndarray, torch.Tensor | None]] = [(np.arange(n), None)]
         if head.cfg.label_states:
-            # The label head's thresholds: F1-best on this (validation) split, saved with the head.
+            # The label head's thresholds: F1-best on this (validation) split, saved with the head; the reports
+            # scored here are written with thresholds cross-fitted on the other studies (medvl.eval.crossfit), so
+            # that the score choosing the checkpoint has not seen its own labels.
             probs = torch.cat(
                 [
                     head.predict_labels(
                         cond.patch_features[s : s + bs].float().to(device),
                         cond.patch_boxes[s : s + bs].to(device),
                     ).cpu()
-                    for s in range(0, len(refs), bs)
+                    for s in range(0, n, bs)
                 ]
             )
             targets = (self.val_base.labels[self._val_indices] == 1).float()
+            groups = crossfit(lambda rows: rh.f1_thresholds(probs[rows], targets[rows]), n)
+        losses, weights, texts = [], [], [""] * n
+        for rows, thresholds in groups:
+            if thresholds is not None:
+                head.label_thresholds.copy_(thresholds)
+            for start in range(0, len(rows), bs):
+                idx = torch.as_tensor(rows[start : start + bs])
+                kw = KeywordHints(
+                    cond.keywords.ids[idx],
+                    cond.keywords.scores[idx],
+                    cond.keywords.boxes[idx],
+                    [cond.keywords.words[i] for i in idx.tolist()],
+                ).to(device)
+                feats, boxes = cond.patch_features[idx].float().to(device), cond.patch_boxes[idx].to(device)
+                enc = {
+                    k: v.to(device)
+                    for k, v in rh.encode_reports(
+                        self.tokenizer, [refs[i] for i in idx.tolist()], self.config.model.max_length
+                    ).items()
+                }
+                out = head(
+                    **enc,
+                    patch_features=feats,
+                    patch_boxes=boxes,
+                    keyword_ids=kw.ids,
+                    keyword_scores=kw.scores,
+                    keyword_boxes=kw.boxes,
+                )
+                tokens = float((enc["labels"][:, 1:] != -100).sum())
+                losses.append(float(out["lm_loss"]) * tokens)
+                weights.append(tokens)
+                dec = head.generate(
+                    patch_features=feats,
+                    patch_boxes=boxes,
+                    keywords=kw,
+                    num_beams=1,
+                    no_repeat_ngram_size=self.config.generation.no_repeat_ngram_size,
+                    logits_processor=rh.decoding_rules(self.tokenizer, self.config.generation),
+                )
+                decoded = rh.decode_sequences(self.tokenizer, dec.sequences, head.eos_id)[0]
+                for i, text in zip(idx.tolist(), decoded, strict=True):
+                    texts[i] = text
+        if head.cfg.label_states:
             head.label_thresholds.copy_(rh.f1_thresholds(probs, targets))
-        losses, weights, texts = [], [], []
-        for start in range(0, len(refs), bs):
-            sl = slice(start, start + bs)
-            kw = KeywordHints(
-                cond.keywords.ids[sl],
-                cond.keywords.scores[sl],
-                cond.keywords.boxes[sl],
-                cond.keywords.words[sl],
-            ).to(device)
-            feats, boxes = cond.patch_features[sl].float().to(device), cond.patch_boxes[sl].to(device)
-            enc = {
-                k: v.to(device)
-                for k, v in rh.encode_reports(self.tokenizer, refs[sl], self.config.model.max_length).items()
-            }
-            out = head(
-                **enc,
-                patch_features=feats,
-                patch_boxes=boxes,
-                keyword_ids=kw.ids,
-                keyword_scores=kw.scores,
-                keyword_boxes=kw.boxes,
-            )
-            n = float((enc["labels"][:, 1:] != -100).sum())
-            losses.append(float(out["lm_loss"]) * n)
-            weights.append(n)
-            dec = head.generate(
-                patch_features=feats,
-                patch_boxes=boxes,
-                keywords=kw,
-                num_beams=1,
-                no_repeat_ngram_size=self.config.generation.no_repeat_ngram_size,
-                logits_processor=rh.decoding_rules(self.tokenizer, self.config.generation),
-            )
-            texts.extend(rh.decode_sequences(self.tokenizer, dec.sequences, head.eos_id)[0])
         from medvl.eval.nlg import bleu4
 
         metrics = {
