@@ -13,8 +13,8 @@ On the chosen split (one frontal image per study, as in training), in one run:
   ``--out RUN/ablations/no_memory --set model.use_memory=false``), decoded the same way.
 
 Scored on the validation split, where the classifier templates' thresholds and a head's finding-state thresholds
-(``model.label_states``) are chosen, both are cross-fitted (:mod:`medvl.eval.crossfit`): each half of the studies is
-written with thresholds chosen on the other half, and ``meta.conventions.thresholds`` says so.
+(``model.label_states``) are chosen, both are cross-fitted (:mod:`medvl.eval.crossfit`): each fold of the studies
+is written with thresholds chosen on the other folds, and ``meta.conventions.thresholds`` says so.
 
 Beside each one: ``<prefix>report.repeated_sentences`` (the share of reports that say one sentence twice, case
 and whitespace aside) and bootstrap intervals ``ce.micro.f1_ci``, ``ce.micro5.f1_ci``, ``ce.macro.f1_ci`` and

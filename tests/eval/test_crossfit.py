@@ -11,7 +11,7 @@ import torch
 
 from medvl.eval import evaluate, nlg
 from medvl.eval.classifier import ClassifierConfig, load_trained_classifier
-from medvl.eval.crossfit import CONVENTION, crossfit, crossfit_folds
+from medvl.eval.crossfit import CONVENTION, FOLDS, crossfit, crossfit_folds
 from medvl.eval.report import generate_for_split, report_studies
 from medvl.eval.template_reports import choose_thresholds, classifier_probabilities, template_reports
 from medvl.inference.generate import ReportGenerator
@@ -25,8 +25,9 @@ DATA_CONFIG = {"views": ["PA", "AP"], "one_image_per_study": True}
 
 def test_folds_are_balanced_seeded_and_fits_see_only_the_other_folds():
     fold = crossfit_folds(11)
-    assert sorted(np.bincount(fold).tolist()) == [5, 6]
+    assert sorted(np.bincount(fold, minlength=FOLDS).tolist()) == [2] * (FOLDS - 1) + [11 - 2 * (FOLDS - 1)]
     assert np.array_equal(fold, crossfit_folds(11)) and not np.array_equal(fold, crossfit_folds(11, seed=1))
+    assert sorted(np.bincount(crossfit_folds(11, folds=2)).tolist()) == [5, 6]
     seen = []
     parts = crossfit(lambda rows: (seen.append(rows), set(rows.tolist()))[1], 11, folds=3)
     assert sorted(np.concatenate([rows for rows, _ in parts]).tolist()) == list(range(11))
@@ -48,7 +49,7 @@ def states_run(runs, tmp_path_factory):
     return train_tiny_report_run(runs.data, runs.adamatch, out, overrides=[*states, "train.steps=4"])
 
 
-def test_a_head_with_finding_states_writes_each_validation_half_with_the_other_halfs_thresholds(
+def test_a_head_with_finding_states_writes_each_validation_fold_with_the_other_folds_thresholds(
     runs, states_run, monkeypatch
 ):
     generator = ReportGenerator.load(states_run)
@@ -87,7 +88,7 @@ def test_validation_scores_say_their_thresholds_are_cross_fitted(runs, tmp_path,
     evaluate("report", run=runs.report, data=runs.data, split="validate", out=out, classifier=classifier)
     meta = json.loads(out.read_text())["meta"]
     assert meta["conventions"]["thresholds"] == CONVENTION and meta["classifier_template"]["cross_fitted"]
-    # the classifier templates of each half come from thresholds chosen on the other half
+    # the classifier templates of each fold come from thresholds chosen on the other folds
     val = report_studies(runs.data, "validate", DATA_CONFIG)
     probs = classifier_probabilities(classifier[0], val)
     reports = [str(r) for r in val.index["report"]]

@@ -3,6 +3,7 @@ save/load, and the report stage on the tiny dataset with a real (untrained) AdaM
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -495,6 +496,7 @@ def test_stage_fits_the_label_read_out_before_training(runs):
 
 
 def test_stage_chooses_label_thresholds_on_validation(runs, monkeypatch):
+    from medvl.eval.crossfit import FOLDS, crossfit_folds
     from medvl.train.stages import report as report_stage_module
 
     fitted_on = []
@@ -522,9 +524,10 @@ def test_stage_chooses_label_thresholds_on_validation(runs, monkeypatch):
         model.label_thresholds[absent] > 1.0
     )  # a label without a validation positive is never called
     assert torch.all(model.label_thresholds[~absent] <= 1.0)
-    # The scored reports: each half with thresholds fitted on the other half; the saved ones on the whole split.
+    # The scored reports: each fold with thresholds fitted on the other folds; the saved ones on the whole split.
     n = len(stage._val_indices)
-    assert sorted(fitted_on) == sorted([n - n // 2, n // 2, n]) and fitted_on[-1] == n
+    folds = np.bincount(crossfit_folds(n), minlength=FOLDS)
+    assert sorted(fitted_on) == sorted([*(n - folds), n]) and fitted_on[-1] == n
 
 
 def test_stage_without_precompute_matches_precomputed_features(runs):
