@@ -85,7 +85,11 @@ class DiffusionRun:
     keys = DIFFUSION_KEYS
 
     def __init__(self, path: str):
-        scores = json.loads(Path(path).read_text())["metrics"]["meta"].get("scan_scores") or {}
+        record = json.loads(Path(path).read_text())
+        record = record.get(
+            "metrics", record
+        )  # RUN/eval/diffusion-<split>.json wraps the --out file's record
+        scores = record.get("meta", {}).get("scan_scores") or {}
         if "studies" not in scores:
             raise ValueError(
                 f"{path}: no per-study scores (meta.scan_scores.studies); re-run medvl evaluate diffusion"

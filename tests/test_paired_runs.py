@@ -91,7 +91,9 @@ def test_diffusion_records_a_perfect_arm_beats_a_reversed_one_by_the_whole_range
     assert result["arms"]["B"] == {"cardiomegaly": 1.0, "effusion": 1.0, "macro": 1.0, "laterality": 1.0}
     assert result["arms"]["A"] == {"cardiomegaly": 0.0, "effusion": 0.0, "macro": 0.0, "laterality": 0.0}
     assert result["difference"]["laterality"] == {"value": 1.0, "ci": [1.0, 1.0]}
-    same = paired.main([f"A:{perfect}", f"B:{perfect}"])
+    flat = tmp_path / "flat.json"  # the file medvl evaluate --out writes: the record itself
+    flat.write_text(json.dumps(json.loads(Path(perfect).read_text())["metrics"]))
+    same = paired.main([f"A:{perfect}", f"B:{flat}"])
     assert all(d == {"value": 0.0, "ci": [0.0, 0.0]} for d in same["difference"].values())
 
 
