@@ -145,6 +145,7 @@ class ReportGenerator:
             raise ConfigError(f"beams must be a positive integer (1 = greedy), got {beams!r}")
         beams = beams or g.beams
         bs = batch_size or g.batch_size
+        rules = rh.decoding_rules(self.tokenizer, g)  # built once: NearRepeatBan reads the whole vocabulary
         out: list[GeneratedReport] = []
         for start in range(0, images.shape[0], bs):
             feats, boxes, hints, _ = self.conditions(images[start : start + bs])
@@ -156,7 +157,7 @@ class ReportGenerator:
                 max_new_tokens=max_new_tokens or g.max_new_tokens or None,
                 length_penalty=g.length_penalty,
                 no_repeat_ngram_size=g.no_repeat_ngram_size,
-                logits_processor=rh.decoding_rules(self.tokenizer, g),
+                logits_processor=rules,
             )
             texts, tokens = rh.decode_sequences(self.tokenizer, dec.sequences, self.head.eos_id)
             for i, (text, toks) in enumerate(zip(texts, tokens, strict=True)):

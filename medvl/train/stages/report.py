@@ -349,6 +349,7 @@ class ReportStage:
             )
             targets = (self.val_base.labels[self._val_indices] == 1).float()
             groups = crossfit(lambda rows: rh.f1_thresholds(probs[rows], targets[rows]), n)
+        rules = rh.decoding_rules(self.tokenizer, self.config.generation)
         losses, weights, texts = [], [], [""] * n
         for rows, thresholds in groups:
             if thresholds is not None:
@@ -385,7 +386,7 @@ class ReportStage:
                     keywords=kw,
                     num_beams=1,
                     no_repeat_ngram_size=self.config.generation.no_repeat_ngram_size,
-                    logits_processor=rh.decoding_rules(self.tokenizer, self.config.generation),
+                    logits_processor=rules,
                 )
                 decoded = rh.decode_sequences(self.tokenizer, dec.sequences, head.eos_id)[0]
                 for i, text in zip(idx.tolist(), decoded, strict=True):
