@@ -86,9 +86,8 @@ class DiffusionRun:
 
     def __init__(self, path: str):
         record = json.loads(Path(path).read_text())
-        record = record.get(
-            "metrics", record
-        )  # RUN/eval/diffusion-<split>.json wraps the --out file's record
+        # RUN/eval/diffusion-<split>.json wraps the record that the --out file holds as it is
+        record = record.get("metrics", record)
         scores = record.get("meta", {}).get("scan_scores") or {}
         if "studies" not in scores:
             raise ValueError(
@@ -170,9 +169,9 @@ def main(argv: list[str] | None = None) -> dict:
     names = {"A": args.a_name, "B": args.b_name}
     result: dict = {"studies": len(studies), "runs": [], "arms": {}, "difference": {}}
     for arm, runs in arms.items():
-        for path, run in runs:
-            result["runs"].append({"arm": names[arm], "file": str(path), **run.metrics()})
-        result["arms"][names[arm]] = {k: float(np.mean([run.metrics()[k] for _, run in runs])) for k in keys}
+        scored = [{"arm": names[arm], "file": str(path), **run.metrics()} for path, run in runs]
+        result["runs"].extend(scored)
+        result["arms"][names[arm]] = {k: float(np.mean([r[k] for r in scored])) for k in keys}
     diffs: dict[str, list[float]] = {k: [] for k in keys}
     for index in StudyResampler(studies).indices():
         per_run = {arm: [run.metrics(index) for _, run in runs] for arm, runs in arms.items()}
