@@ -13,11 +13,14 @@ Rows (random weights: speed does not depend on them):
   peak bf16 rate (:data:`PEAK_BF16`; unknown devices and the CPU: null).
 * ``adamatch_train``: AdaMatch at ``configs/adamatch/<preset>.yaml`` sizes on batches of the suite's prepared
   dataset (augmentation and tokenising in the stage's collate), ``loop`` and ``fast``; images/s and MFU.
-* ``sampling``: seconds per image at batch 8 and 64 (UNet only, guidance batched): the MONAI recipe (DDIM 50,
-  fp32), the preset's default sampler, and the fastest sampler medvl has (DPM-Solver++(2M), ``--fast-steps``,
-  bf16). ``sampling_speedup_b8`` / ``_b64``: recipe seconds over fastest seconds. ``sampling_equal_auroc`` needs
-  trained weights and is null here (``benchmarks/sampling_speed.py --run RUN --data DATA`` measures label AUROC
-  per sampler).
+* ``sampling``: seconds per image at batch 8 and 64 (UNet only): the MONAI recipe (DDIM 50, fp32, guidance
+  batched), the preset's default sampler, DPM-Solver++(2M) 10 steps in bf16 with guidance (``dpm_solver_10``),
+  and the fastest sampler medvl has, a distilled student's (``fastest``: consistency sampling, ``--fast-steps``
+  steps, bf16, guidance built in so one pass per step; same UNet). ``sampling_speedup_b8`` / ``_b64``: recipe
+  seconds over fastest seconds. ``sampling_equal_auroc`` needs trained weights: it is read from ``--quality``
+  (default ``benchmarks/results/sampling_speed_seed7_validate_cpu.json``, written by ``benchmarks/sampling_speed.py --run RUN
+  --student RUN_FAST``: whether the student's label AUROC lies inside the recipe's interval on the demo run);
+  null with ``--tiny`` or without that file.
 * ``decode``: the report head at ``benchmarks/decode_throughput.py``'s anchor size, beam 3, 100 tokens forced,
   trigram blocking: reports/min at batch 64, 256 and 512 (``decode_reports_per_min``: the best), the latency of
   one report (batch 1), and the static-cache variant (compiled by transformers on CUDA) with its sameness.
@@ -312,25 +315,49 @@ def loader_rate(s: dict, stage, device: torch.device) -> dict:
     return {"batch": bs, "num_workers": workers, "batches": n, "images_per_s": bs * n / seconds}
 
 
+def equal_auroc_from(path: Path | None) -> tuple[bool | None, str]:
+    """(whether the distilled student's label AUROC lies inside the MONAI recipe's interval, where that comes from)
+    from ``benchmarks/sampling_speed.py``'s JSON; (None, why) without one."""
+    how = (
+        "benchmarks/sampling_speed.py --run RUN --student RUN_FAST --data DATA measures it on trained weights"
+    )
+    if path is None or not Path(path).is_file():
+        return None, f"needs a trained diffusion run, a distilled student and its dataset: {how}"
+    data = json.loads(Path(path).read_text())
+    found = [(b, rows["student"]) for b, rows in data.get("rows", {}).items() if "student" in rows]
+    if not found:
+        return None, f"{path} has no student row: {how}"
+    batch, row = found[0]
+    return bool(row["equal_auroc"]), (
+        f"from {Path(path).name} ({data.get('device')}, {data.get('split')} split of {data.get('data')}, batch "
+        f"{batch}): student label AUROC {row['label_auroc']:.3f}, recipe interval "
+        f"{rows_ci(data['rows'][batch])}"
+    )
+
+
+def rows_ci(rows: dict) -> str:
+    ci = rows["monai_recipe"].get("label_auroc_ci")
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "none"
+
+
 def sampling(s: dict, device: torch.device, fast_steps: int) -> dict:
     torch.manual_seed(0)
     cfg, model, word_dim, keypatch_dim = unet_scale_speed.build(s["preset"], device, 3, s["preset"])
     latent = (3, s["latent"], s["latent"])
     g = float(cfg.sampler.guidance)
+    half = "bf16" if device.type == "cuda" else "fp32"
     specs = {
-        "monai_recipe": ("ddim", 50, "fp32"),
-        "default": (cfg.sampler.name.value, cfg.sampler.steps, cfg.sampler.precision.value),
-        "fastest": (
-            "dpm_solver_2m",
-            min(fast_steps, cfg.sampler.steps),
-            "bf16" if device.type == "cuda" else "fp32",
-        ),
+        "monai_recipe": ("ddim", 50, "fp32", g),
+        "default": (cfg.sampler.name.value, cfg.sampler.steps, cfg.sampler.precision.value, g),
+        "dpm_solver_10": ("dpm_solver_2m", min(10, cfg.sampler.steps), half, g),
+        # a distilled student (medvl train distill): the same UNet, guidance built in (one pass per step)
+        "fastest": ("consistency", fast_steps, half, 1.0),
     }
     out = {}
     for batch in s["sample_batches"]:
         feats = unet_scale_speed.features(cfg, batch, word_dim, keypatch_dim, device, seed=1)
         rows = {}
-        for name, (sampler, steps, precision) in specs.items():
+        for name, (sampler, steps, precision, guidance) in specs.items():
             row = unet_scale_speed.sample_row(
                 cfg,
                 model,
@@ -338,12 +365,14 @@ def sampling(s: dict, device: torch.device, fast_steps: int) -> dict:
                 latent,
                 sampler=sampler,
                 steps=steps,
-                guidance=g,
+                guidance=guidance,
                 precision=precision,
                 repeats=s["sample_repeats"],
                 device=device,
             )
-            rows[name] = {k: row[k] for k in ("sampler", "steps", "precision", "s_per_image", "finite")}
+            rows[name] = {
+                k: row[k] for k in ("sampler", "steps", "guidance", "precision", "s_per_image", "finite")
+            }
         rows["speedup_recipe_over_fastest"] = (
             rows["monai_recipe"]["s_per_image"] / rows["fastest"]["s_per_image"]
         )
@@ -396,7 +425,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--static-decode", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA"
     )
-    p.add_argument("--fast-steps", type=int, default=10, help="steps of the fastest sampler")
+    p.add_argument("--fast-steps", type=int, default=4, help="steps of the fastest sampler (a student's)")
+    p.add_argument(
+        "--quality",
+        type=Path,
+        default=None,
+        help="sampling_speed.py's JSON with a student row, for sampling_equal_auroc (default: "
+        "benchmarks/results/sampling_speed_seed7_validate_cpu.json; never with --tiny)",
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     s = TINY if args.tiny else FULL
@@ -472,10 +508,10 @@ def main(argv: list[str] | None = None) -> int:
         b8, b64 = (f"batch_{b}" for b in s["sample_batches"])
         result["sampling_speedup_b8"] = rows["sampling"][b8]["speedup_recipe_over_fastest"]
         result["sampling_speedup_b64"] = rows["sampling"][b64]["speedup_recipe_over_fastest"]
-    notes["sampling_equal_auroc"] = (
-        "needs a trained diffusion run and its dataset: benchmarks/sampling_speed.py --run RUN --data DATA "
-        "measures the label AUROC of each sampler (no distilled few-step sampler exists yet)"
-    )
+    quality = args.quality or (None if args.tiny else RESULTS / "sampling_speed_seed7_validate_cpu.json")
+    equal, why = equal_auroc_from(quality)
+    result["sampling_equal_auroc"] = equal
+    notes["sampling_equal_auroc"] = why
     if rows.get("decode"):
         dec = rows["decode"]
         result["decode_reports_per_min"] = dec["reports_per_min"][f"batch_{dec['best_batch']}"]

@@ -160,15 +160,20 @@ class Pipeline:
         steps: int | None = None,
         guidance: float | None = None,
         seed: int = 0,
+        sampler: str | None = None,
     ):
         """Report(s) -> :class:`~medvl.inference.synthesize.Synthesis`: ``images`` (B, 1, S, S) in [-1024, 1024] and
-        the keypatch boxes that guided each. Same seed, same image."""
+        the keypatch boxes that guided each. Same seed, same image. ``sampler="fast"`` draws with the pipeline's
+        distilled student (``medvl train distill``) in a few network passes."""
         reports = decode_report(reports)
         if not isinstance(reports, str):
             reports = [decode_report(r) for r in reports]
         if isinstance(reports, str) and not reports.strip():
             raise InvalidReportError("the report is empty")
-        return self.synthesizer.synthesize_with_keypatches(reports, steps=steps, guidance=guidance, seed=seed)
+        synth = self.part("distill") if sampler == "fast" and "distill" in self.runs else self.synthesizer
+        return synth.synthesize_with_keypatches(
+            reports, steps=steps, guidance=guidance, seed=seed, sampler=sampler
+        )
 
     def explain(self, scan: ScanLike, word: str | None = None, out: str | Path | None = None, top_k: int = 6):
         """Scan -> :class:`~medvl.inference.explain.Explanation`: ranked keywords with boxes, all adaptive boxes

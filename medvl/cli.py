@@ -376,6 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="classifier-free guidance scale (default: the run's sampler)",
     )
     s.add_argument("--seed", type=int, default=0, help="random seed: same seed, same image")
+    s.add_argument(
+        "--sampler",
+        choices=["ddim", "plms", "dpm_solver_2m", "consistency", "fast"],
+        default=None,
+        help="sampler (default: the run's); fast: a distilled student's few-step sampler (a run made by "
+        "`medvl train distill`)",
+    )
 
     lb = _command(
         sub,
@@ -554,7 +561,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         from medvl.api import synthesize_command
 
         return synthesize_command(
-            args.report, run=args.run, out=args.out, steps=args.steps, guidance=args.guidance, seed=args.seed
+            args.report,
+            run=args.run,
+            out=args.out,
+            steps=args.steps,
+            guidance=args.guidance,
+            seed=args.seed,
+            sampler=args.sampler,
         )
     if args.command == "export":
         from medvl.export.onnx import export_command

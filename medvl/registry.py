@@ -115,6 +115,17 @@ STAGES: dict[str, StageSpec] = {
             carries=("adamatch", "autoencoder"),
             usage='scan = pipe.synthesize("Small left pleural effusion.", seed=0)   # images, keypatches',
         ),
+        StageSpec(
+            name="distill",
+            summary="a few-step student of a diffusion run: the same scans in a few network passes, guidance "
+            "built in",
+            config="medvl.train.stages.distill:DistillStageConfig",
+            builder="medvl.train.stages.distill:build_distill_stage",
+            loader="medvl.inference.synthesize:Synthesizer.load",
+            needs=("diffusion",),
+            carries=("adamatch", "autoencoder"),
+            usage='fast = pipe.synthesize("Small left pleural effusion.", sampler="fast")   # the student, 4 passes',
+        ),
     )
 }
 

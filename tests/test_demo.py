@@ -47,10 +47,13 @@ def test_demo_writes_every_contract_key(demo_dir):
         "ablations.layout_none.image.laterality_accuracy",
         "grounding.localization.pointing_game",
         "ablations.layout_none.grounding.localization.pointing_game",
+        "distilled.image.label_auroc",
+        "distilled.image.laterality_accuracy",
     ):
         assert key in metrics, key
     stages = metrics["meta"]["stages"]
-    assert set(stages) == {"adamatch", "report", "diffusion", "cyclic", "diffusion_text_only"}
+    assert set(stages) == {"adamatch", "report", "diffusion", "cyclic", "diffusion_text_only", "distill"}
+    assert "consistency, 2 steps" in stages["distill"]["conventions"]["sampling"]  # the student's own sampler
     assert metrics["meta"]["phantom_seed"] == 0
     assert all(m["split"] == "test" and m["num_samples"] > 0 for m in stages.values())
     assert 0.0 <= metrics["cyclic.report_image_report.ce_f1"] <= 1.0
@@ -62,7 +65,7 @@ def test_rerun_resumes_instead_of_redoing(demo_dir, capsys):
     before = {p: p.stat().st_mtime_ns for p in (demo_dir / "runs").glob("*/stage.json")}
     run_demo(demo_dir, preset="tiny")
     err = capsys.readouterr().err
-    assert err.count("already finished, kept") == 12
+    assert err.count("already finished, kept") == 14
     assert before == {p: p.stat().st_mtime_ns for p in (demo_dir / "runs").glob("*/stage.json")}
 
 
@@ -82,6 +85,8 @@ def test_python_api_on_the_demo_runs(demo_dir, tmp_path):
     again = pipe.synthesize("Small left pleural effusion.", seed=3)
     assert syn.images.shape[:2] == (1, 1)
     assert np.array_equal(syn.images.numpy(), again.images.numpy())
+    fast = pipe.synthesize("Small left pleural effusion.", seed=3, sampler="fast")  # the distilled student
+    assert fast.sampler.value == "consistency" and fast.steps == 2 and fast.images.shape == syn.images.shape
     exp = pipe.explain(scan, word="effusion", out=tmp_path / "e.png")
     assert (tmp_path / "e.png").stat().st_size > 0 and exp.word_map is not None
     match = pipe.match(scan, item["report"])
@@ -187,12 +192,14 @@ def test_the_quick_page_quotes_the_full_preset_headline_figures():
         assert round(published[key], 3) == full, key
 
 
-def test_quick_preset_leaves_the_text_only_ablation_to_the_full_one(tmp_path):
+def test_quick_preset_leaves_the_text_only_ablation_and_the_student_to_the_full_one(tmp_path):
     from medvl.demo.run import build_steps
 
     quick = [s.name for s in build_steps(tmp_path / "q", "quick")]
     full = [s.name for s in build_steps(tmp_path / "f", "full")]
     assert "train diffusion" in quick and "evaluate cyclic" in quick
-    assert not any("text_only" in name for name in quick)
+    assert not any("text_only" in name or "distill" in name for name in quick)
     assert {"train diffusion_text_only", "evaluate diffusion_text_only"} <= set(full)
+    assert {"train distill", "evaluate distill"} <= set(full)
+    assert full.index("train distill") > full.index("train diffusion")
     assert set(quick) < set(full)

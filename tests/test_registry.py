@@ -33,7 +33,8 @@ def test_sources_follow_registry_order():
     assert registry.stage("diffusion").sources == ("adamatch", "report", "autoencoder")
     assert registry.stage("report").sources == ("adamatch",)
     assert registry.stage("adamatch").sources == ()
-    assert registry.holders("adamatch") == ("adamatch", "report", "diffusion")
+    assert registry.stage("distill").sources == ("diffusion",)
+    assert registry.holders("adamatch") == ("adamatch", "report", "diffusion", "distill")
     assert registry.evaluation("cyclic").needs == ("report", "diffusion")
 
 

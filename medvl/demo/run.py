@@ -48,6 +48,8 @@ PRESETS: dict[str, dict] = {
         "classifier": {"steps": 150, "eval_every": 50},
         "evaluate": {"cyclic": {"max_studies": 64}, "diffusion": {"grounding": True}},
         "variants": (),  # the text-only ablation belongs to the full preset: it would cost 2 of the 10 minutes
+        # the few-step student too (about 9 minutes): `medvl train distill --config demo --from OUT/runs/diffusion`
+        "skip_stages": ("distill",),
         "estimates": {
             "prepare IU-Phantom": 4,
             "train the evaluation classifier (real training scans)": 22,
@@ -76,11 +78,13 @@ PRESETS: dict[str, dict] = {
             "train autoencoder": 130,
             "train diffusion": 1050,
             "train diffusion_text_only": 1050,
+            "train distill": 900,
             "evaluate adamatch": 10,
             "evaluate report": 40,
             "evaluate diffusion": 85,
             "evaluate cyclic": 30,
             "evaluate diffusion_text_only": 85,
+            "evaluate distill": 60,
         },
     },
     # Not offered by the CLI: the tests' end-to-end run (tiny configs, seconds per stage, quality meaningless).
@@ -106,6 +110,11 @@ VARIANTS: dict[str, dict] = {
         "ablation": "layout_none",
     },
 }
+
+
+#: Runs of a registered stage scored with another stage's evaluation; their metrics go under ``<prefix>.``.
+#: ``distill``: the few-step student of the diffusion head, scored like the head itself.
+STUDENTS: dict[str, dict] = {"distill": {"evaluation": "diffusion", "prefix": "distilled"}}
 
 
 @dataclass
@@ -168,9 +177,10 @@ def build_steps(out: Path, preset: str, seed: int = 0) -> list[Step]:
             train_classifier,
         ),
     ]
+    stages = [stage for stage in registry.STAGES if stage not in p.get("skip_stages", ())]
     steps += [
         Step(f"train {stage}", (lambda s=stage: is_finished(runs / s)), (lambda s=stage: train(s)))
-        for stage in registry.STAGES
+        for stage in stages
     ]
     for name, v in variants.items():
         steps.append(
@@ -191,6 +201,15 @@ def build_steps(out: Path, preset: str, seed: int = 0) -> list[Step]:
             (lambda n=name, v=v: score(v["stage"], n)),
         )
         for name, v in variants.items()
+    ]
+    steps += [
+        Step(
+            f"evaluate {name}",
+            (lambda n=name: (evals / f"{n}.json").exists()),
+            (lambda n=name, v=v: score(v["evaluation"], n)),
+        )
+        for name, v in STUDENTS.items()
+        if name in stages
     ]
     for step in steps:
         step.estimate_s = float(p.get("estimates", {}).get(step.name, step.estimate_s))
@@ -214,6 +233,9 @@ def merge_metrics(out: Path, preset: str, timings: dict[str, float], seed: int =
         variant = VARIANTS.get(path.stem)
         if variant is not None:
             record = {f"ablations.{variant['ablation']}.{k}": v for k, v in record.items()}
+        student = STUDENTS.get(path.stem)
+        if student is not None:
+            record = {f"{student['prefix']}.{k}": v for k, v in record.items()}
         merged.update(record)
     (out / "metrics.json").write_text(json.dumps(merged, indent=2))
     return merged

@@ -239,12 +239,15 @@ class AdaMatchRun:
         return out
 
     @torch.no_grad()
-    def report_keypatches(self, texts: Sequence[str], top_k: int = 8) -> Keypatches:
-        """Top ``top_k`` bank patches per report by their best cosine with the report's affirmed words."""
+    def report_keypatches(
+        self, texts: Sequence[str], top_k: int = 8, encoded: TextTokens | None = None
+    ) -> Keypatches:
+        """Top ``top_k`` bank patches per report by their best cosine with the report's affirmed words.
+        ``encoded``: :meth:`encode_reports` of ``texts`` when the caller has it already (not encoded again)."""
         bank = self.keypatch_bank
         if bank is None or not len(bank):
             raise RunError("this run has no keypatch bank")
-        tok = self.encode_reports(texts)
+        tok = self.encode_reports(texts) if encoded is None else encoded
         txt = F.normalize(tok.features, dim=-1)
         sim = torch.einsum("btd,nd->btn", txt, self._bank_norm)  # (B, T, N)
         sim = sim.masked_fill(~tok.match_mask.unsqueeze(-1), -2.0).amax(1)  # (B, N)

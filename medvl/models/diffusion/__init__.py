@@ -12,8 +12,8 @@ Only glue lives here; the networks, noise schedules and DDIM / PLMS samplers are
 * :mod:`~medvl.models.diffusion.denoiser` - :class:`Denoiser` (``DiffusionModelUNet`` + the conditioner),
   :class:`LatentDiffusion` (v-prediction training module with an EMA copy) and :class:`DiffusionBundle`, the
   ``diffusion/`` component (denoiser weights + ``scheduler_config.json``);
-* :mod:`~medvl.models.diffusion.samplers` - noise schedules, DDIM / PLMS / DPM-Solver++(2M), classifier-free
-  guidance, the scheduler config read back at sampling.
+* :mod:`~medvl.models.diffusion.samplers` - noise schedules, DDIM / PLMS / DPM-Solver++(2M), consistency
+  sampling for distilled students, classifier-free guidance, the scheduler config read back at sampling.
 """
 
 from medvl.models.diffusion.autoencoder import (
@@ -39,6 +39,7 @@ from medvl.models.diffusion.layout import (
     report_sides,
 )
 from medvl.models.diffusion.samplers import (
+    ConsistencyScheduler,
     DPMSolverMultistepScheduler,
     NoiseScheduleConfig,
     Precision,
@@ -47,8 +48,11 @@ from medvl.models.diffusion.samplers import (
     autocast_context,
     build_sampler,
     build_train_scheduler,
+    consistency_boundary,
+    consistency_grid,
     guided_velocity,
     initial_noise,
+    load_distillation,
     load_scheduler_config,
     sample_latents,
     save_scheduler_config,
@@ -74,6 +78,7 @@ __all__ = [
     "layout_prior_from_regions",
     "report_layout",
     "report_sides",
+    "ConsistencyScheduler",
     "DPMSolverMultistepScheduler",
     "NoiseScheduleConfig",
     "Precision",
@@ -82,8 +87,11 @@ __all__ = [
     "autocast_context",
     "build_sampler",
     "build_train_scheduler",
+    "consistency_boundary",
+    "consistency_grid",
     "guided_velocity",
     "initial_noise",
+    "load_distillation",
     "load_scheduler_config",
     "sample_latents",
     "save_scheduler_config",

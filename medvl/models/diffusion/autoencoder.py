@@ -33,6 +33,8 @@ __all__ = [
 
 #: Scans are stored in torchxrayvision's convention; the networks see [-1, 1].
 XRAY_RANGE = 1024.0
+#: scans per decoder call on the CPU (:meth:`AutoencoderBundle.decode`)
+CPU_DECODE_CHUNK = 8
 
 
 @dataclass
@@ -160,5 +162,12 @@ class AutoencoderBundle:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (B, C, h, w) (what the UNet sees) -> images (B, 1, S, S) in [-1024, 1024]."""
-        return from_model_range(self.model.decode(latents / self.latent.scale_factor))
+        """Scaled latents (B, C, h, w) (what the UNet sees) -> images (B, 1, S, S) in [-1024, 1024].
+
+        On the CPU the batch is decoded :data:`CPU_DECODE_CHUNK` scans at a time: the decoder's full-resolution
+        activations of a large batch overflow the caches (64 demo scans decode 2.6x faster in chunks of 8)."""
+        z = latents / self.latent.scale_factor
+        step = CPU_DECODE_CHUNK if z.device.type == "cpu" else max(len(z), 1)
+        return from_model_range(
+            torch.cat([self.model.decode(z[i : i + step]) for i in range(0, len(z), step)])
+        )

@@ -153,7 +153,7 @@ class ReportEncoder:
         words = words * mask.unsqueeze(-1)
         K = self.cfg.keypatches
         if K > 0:
-            kp = self.run.report_keypatches(texts, K)
+            kp = self.run.report_keypatches(texts, K, encoded=out)  # the text is encoded once
             feats, boxes = kp.features.float(), kp.boxes.float()
             kmask = torch.isfinite(kp.scores)
             k = feats.shape[1]

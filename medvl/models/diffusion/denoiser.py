@@ -25,6 +25,7 @@ from medvl.models.diffusion.samplers import (
     NoiseScheduleConfig,
     SamplerConfig,
     build_train_scheduler,
+    load_distillation,
     load_scheduler_config,
     save_scheduler_config,
 )
@@ -238,13 +239,20 @@ class LatentDiffusion(nn.Module):
 
 class DiffusionBundle:
     """A trained diffusion head: the denoiser (EMA weights) with the noise schedule it was trained on and its default
-    sampler, as stored under ``RUN/diffusion/``. The shared memory is not part of it: pass the run's own."""
+    sampler, as stored under ``RUN/diffusion/``. The shared memory is not part of it: pass the run's own.
+    ``distilled`` describes a few-step student (``medvl train distill``): method, teacher, built-in guidance."""
 
     FORMAT: ClassVar[str] = "medvl.diffusion"
     DIRNAME: ClassVar[str] = "diffusion"
 
-    def __init__(self, denoiser: Denoiser, noise: NoiseScheduleConfig, sampler: SamplerConfig):
-        self.denoiser, self.noise, self.sampler = denoiser, noise, sampler
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        noise: NoiseScheduleConfig,
+        sampler: SamplerConfig,
+        distilled: dict | None = None,
+    ):
+        self.denoiser, self.noise, self.sampler, self.distilled = denoiser, noise, sampler, distilled
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """``config.json``, ``model.safetensors`` (without the memory) and ``scheduler_config.json``; returns the
@@ -270,7 +278,7 @@ class DiffusionBundle:
                 "class_embedding": "mlp" if den.unet_cfg.global_condition else None,
             },
         )
-        save_scheduler_config(directory, self.noise, self.sampler)
+        save_scheduler_config(directory, self.noise, self.sampler, self.distilled)
         return directory
 
     @classmethod
@@ -297,4 +305,4 @@ class DiffusionBundle:
                 f"unexpected {unexpected[:3]})"
             )
         noise, sampler = load_scheduler_config(directory)
-        return cls(denoiser.to(device).eval(), noise, sampler)
+        return cls(denoiser.to(device).eval(), noise, sampler, load_distillation(directory))

@@ -3,7 +3,8 @@
 * :func:`build_train_scheduler` - MONAI's DDPM schedule used for training (``clip_sample=False``).
 * :func:`build_sampler` / :func:`sample_latents` - DDIM and PLMS (MONAI) or DPM-Solver++(2M) (here), classifier-free
   guidance with the conditional and unconditional halves in one batched forward, ``clip_sample=False``, bf16
-  autocast where the device supports it.
+  autocast where the device supports it; multistep consistency sampling (:class:`ConsistencyScheduler`) for a
+  student distilled by ``medvl train distill``.
 * :func:`save_scheduler_config` / :func:`load_scheduler_config` - ``scheduler_config.json`` in the diffusion
   component: the training noise schedule and the default sampler, read back at sampling so that samples are drawn
   with the schedule the model was trained on.
@@ -36,10 +37,14 @@ __all__ = [
     "SamplerConfig",
     "build_train_scheduler",
     "DPMSolverMultistepScheduler",
+    "ConsistencyScheduler",
+    "consistency_boundary",
+    "consistency_grid",
     "build_sampler",
     "SCHEDULER_FORMAT",
     "save_scheduler_config",
     "load_scheduler_config",
+    "load_distillation",
     "autocast_context",
     "initial_noise",
     "guided_velocity",
@@ -55,6 +60,8 @@ class SamplerName(str, Enum):
     DDIM = "ddim"
     PLMS = "plms"  # MONAI PNDMScheduler with skip_prk_steps (pseudo linear multistep)
     DPM_SOLVER_2M = "dpm_solver_2m"  # DPM-Solver++(2M), Lu et al. 2022, on MONAI's noise schedules
+    # multistep consistency sampling (Song et al. 2023; Luo et al. 2023): only for a consistency-distilled student
+    CONSISTENCY = "consistency"
 
 
 class Precision(str, Enum):
@@ -86,6 +93,9 @@ class SamplerConfig:
     steps: int = 20
     guidance: float = 3.0  # v = v_uncond + guidance * (v_cond - v_uncond); 0 = unconditional, 1 = conditional
     precision: Precision = Precision.AUTO
+    # the consistency sampler's timestep grid: every consistency_skip-th training timestep (a distilled student's
+    # training skip; :func:`consistency_grid`)
+    consistency_skip: int = 20
 
 
 def build_train_scheduler(cfg: NoiseScheduleConfig) -> DDPMScheduler:
@@ -169,7 +179,97 @@ class DPMSolverMultistepScheduler(Scheduler):
         return prev, x0
 
 
-def build_sampler(noise: NoiseScheduleConfig, name: SamplerName | str) -> Scheduler:
+CONSISTENCY_SIGMA_DATA = 0.5
+CONSISTENCY_TIME_SCALE = 10.0
+
+
+def consistency_boundary(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out) of the consistency parameterisation f(x, t) = c_skip x + c_out x0(x, t) at training
+    timesteps ``t`` (LCM's choice: sigma_data 0.5, timesteps scaled by 10): f is the identity at t = 0, the
+    network's clean estimate elsewhere."""
+    ts = t.float() * CONSISTENCY_TIME_SCALE
+    sd2 = CONSISTENCY_SIGMA_DATA**2
+    return sd2 / (ts**2 + sd2), ts / (ts**2 + sd2).sqrt()
+
+
+def consistency_grid(num_train_timesteps: int, skip: int) -> torch.Tensor:
+    """The timesteps a consistency student is trained on, ascending: ``skip - 1, 2 skip - 1, ..., T - 1`` (LCM's
+    50-point grid for T = 1000, skip 20). Training maps each to the one ``skip`` below it (or to 0)."""
+    if not 1 <= skip <= num_train_timesteps:
+        raise ValueError(f"skip must be in 1..{num_train_timesteps}, got {skip}")
+    return torch.arange(1, num_train_timesteps // skip + 1) * skip - 1
+
+
+class ConsistencyScheduler(Scheduler):
+    """Multistep consistency sampling for a student trained by consistency distillation (``medvl train distill``).
+
+    Each step maps the sample to its clean estimate ``f(x, t)`` (:func:`consistency_boundary`); every step but the
+    last noises that estimate again to the next timestep with fresh noise, which :func:`sample_latents` draws from
+    per-sample seeds (so a scan does not depend on its batch). Timesteps: ``N`` points of the student's training
+    grid (:func:`consistency_grid`), evenly spaced from ``T - 1`` down (LCM's schedule: 4 steps are 999, 759,
+    519, 279 for T = 1000, skip 20). The model's output is read as a velocity (or noise, for epsilon models).
+    """
+
+    needs_noise = True
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        schedule: str = "linear_beta",
+        prediction_type: str = "v_prediction",
+        skip: int = 20,
+        **schedule_args,
+    ) -> None:
+        super().__init__(num_train_timesteps, schedule, **schedule_args)
+        if prediction_type not in ("v_prediction", "epsilon"):
+            raise ValueError(f"prediction_type must be v_prediction or epsilon, got {prediction_type!r}")
+        self.prediction_type = prediction_type
+        self.clip_sample = False
+        self.grid = consistency_grid(num_train_timesteps, skip)
+        self.set_timesteps(4)
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        n = len(self.grid)
+        if not 1 <= num_inference_steps <= n:
+            raise ValueError(f"a consistency student samples in 1..{n} steps, got {num_inference_steps}")
+        self.num_inference_steps = num_inference_steps
+        descending = self.grid.flip(0)
+        self.timesteps = descending[:: n // num_inference_steps][:num_inference_steps].to(device)
+        self._index = 0
+
+    def _alpha_sigma(self, t: int) -> tuple[float, float]:
+        acp = float(self.alphas_cumprod[t])
+        return math.sqrt(acp), math.sqrt(1.0 - acp)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        noise: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(next sample, clean estimate f(x, t)); ``noise`` (like ``sample``) re-noises all but the last step."""
+        i = self._index
+        t = int(timestep)
+        a_t, s_t = self._alpha_sigma(t)
+        if self.prediction_type == "v_prediction":
+            x0 = a_t * sample - s_t * model_output
+        else:
+            x0 = (sample - s_t * model_output) / a_t
+        c_skip, c_out = consistency_boundary(torch.tensor(t))
+        denoised = float(c_skip) * sample + float(c_out) * x0
+        self._index += 1
+        if i + 1 >= len(self.timesteps):
+            return denoised, denoised
+        if noise is None:
+            raise ValueError("consistency sampling draws fresh noise at every step but the last: pass noise")
+        a_s, s_s = self._alpha_sigma(int(self.timesteps[i + 1]))
+        return a_s * denoised + s_s * noise, denoised
+
+
+def build_sampler(
+    noise: NoiseScheduleConfig, name: SamplerName | str, consistency_skip: int = 20
+) -> Scheduler:
     """A sampling scheduler with exactly the training noise schedule (never ``clip_sample``)."""
     name = SamplerName(name)
     common = {
@@ -182,19 +282,35 @@ def build_sampler(noise: NoiseScheduleConfig, name: SamplerName | str) -> Schedu
         return DDIMScheduler(**common, clip_sample=False, prediction_type=noise.prediction_type)
     if name is SamplerName.PLMS:
         return PNDMScheduler(**common, skip_prk_steps=True, prediction_type=noise.prediction_type)
+    if name is SamplerName.CONSISTENCY:
+        return ConsistencyScheduler(**common, prediction_type=noise.prediction_type, skip=consistency_skip)
     return DPMSolverMultistepScheduler(**common, prediction_type=noise.prediction_type)
 
 
-def save_scheduler_config(directory: str | Path, noise: NoiseScheduleConfig, sampler: SamplerConfig) -> Path:
+def save_scheduler_config(
+    directory: str | Path,
+    noise: NoiseScheduleConfig,
+    sampler: SamplerConfig,
+    distilled: dict | None = None,
+) -> Path:
     """``directory/scheduler_config.json`` (the diffusion component): the training noise schedule and the default
-    sampler, read back by inference. Returns the file."""
+    sampler, read back by inference, and for a distilled student what it was distilled from (``distilled``:
+    method, teacher run, teacher sampler and the guidance scale built into the student). Returns the file."""
+    extra = {"distilled": distilled} if distilled else {}
     return write_config(
         directory,
         SCHEDULER_FORMAT,
         filename=SCHEDULER_CONFIG_FILE,
         train={"class": "DDPMScheduler", "clip_sample": False, **to_dict(noise)},
         sampler=to_dict(sampler),
+        **extra,
     )
+
+
+def load_distillation(directory: str | Path) -> dict | None:
+    """The ``distilled`` record of a diffusion component's scheduler config (None: not a distilled student)."""
+    data = read_config(directory, SCHEDULER_FORMAT, filename=SCHEDULER_CONFIG_FILE, what="scheduler config")
+    return data.get("distilled")
 
 
 def load_scheduler_config(directory: str | Path) -> tuple[NoiseScheduleConfig, SamplerConfig]:
@@ -272,19 +388,37 @@ def sample_latents(
     guidance: float,
     precision: Precision | str = Precision.AUTO,
     sides: torch.Tensor | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Integrate from ``noise`` (B, C, h, w) to scaled latents with ``scheduler`` in ``steps`` model calls.
 
     context (B, L, Cc) is the conditional context; the null context comes from the denoiser's conditioner.
+    A sampler that draws fresh noise along the way (``needs_noise``: consistency sampling) draws sample i's
+    from ``seeds[i]`` (the seed of its initial noise), so a scan does not depend on its batch; without seeds
+    it draws from torch's global generator.
     """
     device = noise.device
     scheduler.set_timesteps(steps)
     null = denoiser.conditioner.null_context(noise.shape[0]).to(device, context.dtype)
     x = noise.float()
+    fresh = getattr(scheduler, "needs_noise", False)
     with autocast_context(device, precision):
-        for t in scheduler.timesteps:
+        for i, t in enumerate(scheduler.timesteps):
             tt = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
             v = guided_velocity(denoiser, x, tt, context, null, guidance, sides=sides)
-            x, _ = scheduler.step(v.float(), int(t), x)
+            if fresh:
+                z = (
+                    torch.randn(x.shape, device=device)
+                    if seeds is None
+                    else initial_noise(x.shape[1:], [_step_seed(s, i) for s in seeds], device)
+                )
+                x, _ = scheduler.step(v.float(), int(t), x, noise=z)
+            else:
+                x, _ = scheduler.step(v.float(), int(t), x)
             x = x.float()
     return x
+
+
+def _step_seed(seed: int, step: int) -> int:
+    """The seed of the fresh noise a sample draws at sampler step ``step`` (distinct from its initial noise's)."""
+    return (int(seed) * 1_000_003 + 7919 * (step + 1)) % (2**63 - 1)
