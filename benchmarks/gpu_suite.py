@@ -28,6 +28,12 @@ Rows (random weights: speed does not depend on them):
   the preset's ``train.num_workers``, images/s beside AdaMatch's training rate.
 * ``prepare``: ``medvl prepare mimic-cxr`` (``prepare_mimic``) on a generated MIMIC-CXR-JPG tree of full-size
   (2500 x 3000) JPGs at 256 px with one worker per CPU, images/s (``benchmarks/prepare_throughput.py``'s tree).
+* ``learn`` (``--learn-seconds``, 0 skips it): whether the presets learn. IU-Phantom built at 256 px (``--tiny``:
+  60 studies at 64 px), then AdaMatch, the report head, the autoencoder and the diffusion head, each trained by
+  ``medvl train`` with the preset for ``--learn-seconds`` (``train.max_seconds``; warm-up shortened to 50 steps, no
+  mid-run validation or checkpoints) and validated at the end: each stage's first and last 20 step losses from
+  its ``stage.json`` (``loss_curve``), whether they are finite and whether the last are lower, and AdaMatch's
+  validation pointing game beside its text-only prior.
 
 Writes ``benchmarks/results/gpu_suite_<device>.json``: the top-level keys :data:`KEYS` (a value a row could not
 measure is null, with the reason under ``notes``), the device, torch version, sizes and batches, and every row.
@@ -98,6 +104,8 @@ FULL = {
     "prepare_shape": (prepare_throughput.H, prepare_throughput.W),
     "prepare_size": 256,
     "loader_batches": 12,
+    "learn_studies": None,  # every study
+    "learn_size": 256,
 }
 TINY = {
     "preset": "tiny",
@@ -115,7 +123,10 @@ TINY = {
     "prepare_shape": (300, 250),
     "prepare_size": 64,
     "loader_batches": 2,
+    "learn_studies": 60,
+    "learn_size": 64,
 }
+LEARN_STAGES = ("adamatch", "report", "autoencoder", "diffusion")
 
 
 def peak_flops(device_name: str) -> float | None:
@@ -315,6 +326,68 @@ def loader_rate(s: dict, stage, device: torch.device) -> dict:
     return {"batch": bs, "num_workers": workers, "batches": n, "images_per_s": bs * n / seconds}
 
 
+def learn(s: dict, tmp: Path, seconds: float) -> dict:
+    """Each stage of :data:`LEARN_STAGES` trained with the preset for ``seconds`` on a fresh IU-Phantom."""
+    import math
+
+    from medvl import registry
+    from medvl.data.phantom import prepare_phantom
+    from medvl.eval import evaluate
+    from medvl.runs import read_stage_info
+    from medvl.train.stages import run_stage
+
+    data, runs = tmp / "learn_phantom", tmp / "learn_runs"
+    t0 = time.perf_counter()
+    built = prepare_phantom(
+        data, studies=s["learn_studies"], size=s["learn_size"], seed=0, workers=os.cpu_count() or 1
+    )
+    out: dict = {
+        "phantom": {
+            "size": s["learn_size"],
+            "seconds": time.perf_counter() - t0,
+            "images": built.prepared.kept,
+        },
+        "seconds_per_stage": seconds,
+    }
+    overrides = [
+        f"train.max_seconds={seconds}",
+        "train.warmup_steps=50",
+        "train.eval_every=0",
+        "train.checkpoint_every=0",
+    ]
+    for stage in LEARN_STAGES:
+        t0 = time.perf_counter()
+        run_stage(
+            stage,
+            config=s["preset"],
+            data=data,
+            out=runs / stage,
+            from_runs=[runs / src for src in registry.stage(stage).sources if (runs / src).is_dir()],
+            overrides=overrides,
+        )
+        info = read_stage_info(runs / stage)
+        first, last = info["loss_curve"]["first"], info["loss_curve"]["last"]
+        finite = all(math.isfinite(v) for v in first + last)
+        out[stage] = {
+            "steps": info["steps"],
+            "stopped_by_time": info["stopped_by_time"],
+            "wall_s": time.perf_counter() - t0,
+            "images_per_s": info["images_per_second"],
+            "loss_first": first,
+            "loss_last": last,
+            "finite": finite,
+            "loss_first_mean": sum(first) / max(len(first), 1),
+            "loss_last_mean": sum(last) / max(len(last), 1),
+            "validation": info["best_metrics"],
+        }
+        out[stage]["learned"] = finite and out[stage]["loss_last_mean"] < out[stage]["loss_first_mean"]
+    rec = evaluate("adamatch", run=runs / "adamatch", data=data, split="validate")
+    out["adamatch"]["val_pointing_game"] = rec.get("localization.pointing_game")
+    out["adamatch"]["val_pointing_game_prior"] = rec.get("localization.pointing_game_prior")
+    out["adamatch"]["val_pointing_game_chance"] = rec.get("localization.pointing_game_chance")
+    return out
+
+
 def equal_auroc_from(path: Path | None) -> tuple[bool | None, str]:
     """(whether the distilled student's label AUROC lies inside the MONAI recipe's interval, where that comes from)
     from ``benchmarks/sampling_speed.py``'s JSON; (None, why) without one."""
@@ -433,9 +506,16 @@ def main(argv: list[str] | None = None) -> int:
         help="sampling_speed.py's JSON with a student row, for sampling_equal_auroc (default: "
         "benchmarks/results/sampling_speed_seed7_validate_cpu.json; never with --tiny)",
     )
+    p.add_argument(
+        "--learn-seconds",
+        type=float,
+        default=None,
+        help="seconds of training per stage in the learn row (default 45; --tiny: 3; 0: skip the row)",
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     s = TINY if args.tiny else FULL
+    learn_seconds = (3.0 if args.tiny else 45.0) if args.learn_seconds is None else args.learn_seconds
     if args.tiny:
         torch.set_num_threads(
             1
@@ -485,6 +565,8 @@ def main(argv: list[str] | None = None) -> int:
         run("diffusion_train", lambda: diffusion_train(s, device, precision, compile_, peak))
         run("sampling", lambda: sampling(s, device, args.fast_steps))
         run("decode", lambda: decoding(s, device, static))
+        if learn_seconds > 0:
+            run("learn", lambda: learn(s, tmp, learn_seconds))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -523,6 +605,11 @@ def main(argv: list[str] | None = None) -> int:
         rows["loader"]["loader_over_training"] = result["loader_images_per_s"] / train if train else None
     if rows.get("prepare"):
         result["prepare_images_per_s"] = rows["prepare"]["images_per_s"]
+    if rows.get("learn"):
+        result["learn"] = {
+            stage: {k: rows["learn"][stage][k] for k in ("steps", "finite", "learned")}
+            for stage in LEARN_STAGES
+        }
     for k in KEYS:
         if result[k] is None and k not in notes:
             notes[k] = "its row failed: see notes of the row"

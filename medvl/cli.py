@@ -545,30 +545,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "generate-report":
         from medvl.api import generate_report_command
 
-        return generate_report_command(
-            args.scans,
-            run=args.run,
-            beams=args.beams,
-            explain=args.explain,
-            explain_dir=args.explain_dir,
-            as_json=args.json,
-            out=args.out,
-            sr=args.sr,
-            image_column=args.image_column,
-            image_root=args.image_root,
-        )
+        keys = ("run", "beams", "explain", "explain_dir", "out", "sr", "image_column", "image_root")
+        return generate_report_command(args.scans, as_json=args.json, **{k: getattr(args, k) for k in keys})
     if args.command == "synthesize":
         from medvl.api import synthesize_command
 
-        return synthesize_command(
-            args.report,
-            run=args.run,
-            out=args.out,
-            steps=args.steps,
-            guidance=args.guidance,
-            seed=args.seed,
-            sampler=args.sampler,
-        )
+        keys = ("run", "out", "steps", "guidance", "seed", "sampler")
+        return synthesize_command(args.report, **{k: getattr(args, k) for k in keys})
     if args.command == "export":
         from medvl.export.onnx import export_command
 

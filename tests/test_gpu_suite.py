@@ -49,6 +49,13 @@ def test_gpu_suite_tiny_writes_every_key(tmp_path):
     assert set(rows["diffusion_train"]["variants"]) == {"loop", "fast"}
     assert rows["diffusion_train"]["flops_per_step"] > 0 and rows["adamatch_train"]["flops_per_step"] > 0
     assert result["batches"]["diffusion_train"] == 8 and result["batches"]["sampling"] == [2, 4]
+    # the learn row: every stage trained by `medvl train` on a fresh phantom, its loss curve finite
+    learn = rows["learn"]
+    for stage in ("adamatch", "report", "autoencoder", "diffusion"):
+        assert result["learn"][stage]["finite"] is True and learn[stage]["steps"] >= 1, stage
+        assert learn[stage]["loss_first"] and learn[stage]["loss_last"], stage
+    assert 0.0 <= learn["adamatch"]["val_pointing_game"] <= 1.0
+    assert 0.0 <= learn["adamatch"]["val_pointing_game_prior"] <= 1.0
 
 
 def test_peak_rate_and_file_name_of_a_device():

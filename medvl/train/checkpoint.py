@@ -82,6 +82,7 @@ RESUMABLE_KEYS = frozenset(
         "train.checkpoint_every",
         "train.keep_checkpoints",
         "train.log_images",
+        "train.max_seconds",  # a time budget per launch
         "train.speed.channels_last",  # speed options change how fast, not what is trained
         "train.speed.fused_adamw",
         "train.speed.compile",

@@ -28,12 +28,13 @@ import random
 import resource
 import shutil
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -64,67 +65,12 @@ from medvl.train.checkpoint import (
     write_checkpoint_state,
 )
 from medvl.train.distributed import broadcast_from_main, full_state_dict, is_sharded, make_accelerator, unwrap
+from medvl.train.train_config import TrainConfig  # re-exported: stages import it from here
 from medvl.version import __version__
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings shared by every stage (the ``train:`` section of a stage config)."""
-
-    steps: int = 1000  # optimiser steps
-    batch_size: int = 32  # per process, per micro-batch
-    grad_accum: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
-    max_grad_norm: float = 1.0  # 0: no clipping
-    precision: Literal["fp32", "bf16"] = "fp32"
-    checkpoint_every: int = 200  # 0: no checkpoints (the run cannot be resumed)
-    keep_checkpoints: int = 1
-    eval_every: int = 200  # 0: validate only at the end
-    log_every: int = 10
-    log_images: bool = False  # Stage.log_images into TensorBoard (pictures of validation scans)
-    num_workers: int = 0
-    seed: int = 0
-    select_metric: str = "val_loss"  # a key returned by Stage.validate
-    select_mode: Literal["min", "max"] = "min"
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    find_unused_parameters: bool = False  # DDP: set when some parameters get no gradient in a step
-    speed: distributed.SpeedConfig = field(default_factory=distributed.SpeedConfig)  # GPU speed options
-
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the first impossible value."""
-        positive = ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"config key 'train.{name}' must be at least 1, got {getattr(self, name)}")
-        for name in (
-            "warmup_steps",
-            "checkpoint_every",
-            "eval_every",
-            "num_workers",
-            "weight_decay",
-            "max_grad_norm",
-        ):
-            if getattr(self, name) < 0:
-                raise ConfigError(
-                    f"config key 'train.{name}' must not be negative, got {getattr(self, name)}"
-                )
-        if not self.lr > 0:
-            raise ConfigError(f"config key 'train.lr' must be positive, got {self.lr}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"config key 'train.min_lr_ratio' must lie in [0, 1], got {self.min_lr_ratio}")
-        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
-            raise ConfigError(
-                f"config key 'train.adam_betas' must be two numbers in [0, 1), got {self.adam_betas}"
-            )
-        if not self.select_metric:
-            raise ConfigError("config key 'train.select_metric' must name a validation metric")
-        self.speed.validate()
+#: steps at each end of a launch whose losses ``stage.json`` keeps (``loss_curve``)
+LOSS_CURVE_STEPS = 20
 
 
 @runtime_checkable
@@ -356,14 +302,35 @@ class _Training:
             dynamic_ncols=True,
         )
         self.seconds_before = self.state.seconds  # of earlier launches of this run
+        self.stopped_by_time = False
         self.train_seconds, self.samples = 0.0, 0
         self.loss_sum, self.loss_steps = torch.zeros((), device=device), 0  # since the last log line
+        # this launch's first and last LOSS_CURVE_STEPS step losses (rank 0's), kept as tensors: no host sync
+        self.loss_first: list[torch.Tensor] = []
+        self.loss_last: deque[torch.Tensor] = deque(maxlen=LOSS_CURVE_STEPS)
 
     def count_step(self, step_loss: torch.Tensor, seconds: float) -> None:
         self.loss_sum += step_loss
         self.loss_steps += 1
         self.train_seconds += seconds
         self.samples += self.cfg.batch_size * self.cfg.grad_accum * self.world
+        if len(self.loss_first) < LOSS_CURVE_STEPS:
+            self.loss_first.append(step_loss.detach().clone())
+        self.loss_last.append(step_loss.detach().clone())
+
+    def out_of_time(self) -> bool:
+        """Whether this launch has used ``train.max_seconds`` (rank 0's clock, the same answer on every rank)."""
+        if self.cfg.max_seconds <= 0:
+            return False
+        over = {"stop": time.perf_counter() - self.started >= self.cfg.max_seconds}
+        return bool(broadcast_from_main(over, self.world)["stop"])
+
+    def loss_curve(self) -> dict[str, list[float]]:
+        """``{"first": [...], "last": [...]}``: this launch's first and last step losses."""
+        return {
+            "first": [float(v) for v in self.loss_first],
+            "last": [float(v) for v in self.loss_last],
+        }
 
     def log_train(self, step_logs: dict[str, float], grad_norm: Any) -> None:
         """The mean loss since the last log line (all ranks), learning rate, gradient norm and stage logs."""
@@ -498,6 +465,9 @@ class _Training:
                 "world_size": self.world,
                 "precision": cfg.precision,
                 "device": self.device.type,
+                # this launch's first and last step losses (rank 0): a glance at whether the run learned
+                "loss_curve": self.loss_curve(),
+                "stopped_by_time": self.stopped_by_time,
             }
             write_json_atomic(self.out / STAGE_FILE, result)
         result = broadcast_from_main(result, self.world)
@@ -591,6 +561,10 @@ def fit(
                 run.evaluate()
             if checkpoint_due:
                 run.save_checkpoint()
+            if state.step % cfg.log_every == 0 and state.step < cfg.steps and run.out_of_time():
+                run.stopped_by_time = True
+                logger.info("train.max_seconds (%g s) reached at step %d", cfg.max_seconds, state.step)
+                break
         if state.last_eval_step != state.step:
             run.evaluate()
     finally:

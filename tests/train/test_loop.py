@@ -59,6 +59,26 @@ def test_loss_decreases(tmp_path):
     assert (tmp_path / "run" / "model.safetensors").is_file()
     assert not (tmp_path / "run" / "best").exists()
     assert list((tmp_path / "run" / "logs").glob("events.out.tfevents.*"))
+    # the first and last 20 step losses of the launch: the run learned, no NaN
+    curve = info["loss_curve"]
+    assert len(curve["first"]) == len(curve["last"]) == 20 and info["stopped_by_time"] is False
+    assert all(math.isfinite(v) for v in curve["first"] + curve["last"])
+    assert sum(curve["last"]) < sum(curve["first"])
+
+
+def test_time_budget_stops_the_run_and_saves_it(tmp_path, monkeypatch):
+    import medvl.train.loop as loop
+
+    clock = iter(range(0, 10_000, 10))  # every reading of the loop's clock is 10 s after the one before
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: float(next(clock)))
+    stage = ToyStage(make_config(steps=1000, eval_every=0, checkpoint_every=0, log_every=5, max_seconds=300))
+    result = fit(stage, tmp_path / "run")
+    info = json.loads((tmp_path / "run" / "stage.json").read_text())
+    assert info["stopped_by_time"] is True and 0 < result.steps < 1000 and result.steps % 5 == 0
+    assert (tmp_path / "run" / "model.safetensors").is_file() and stage.validations  # validated and saved
+    assert len(info["loss_curve"]["first"]) == min(20, result.steps)
+    with pytest.raises(ConfigError, match="max_seconds"):
+        make_config(max_seconds=-1).train.validate()
 
 
 @pytest.mark.parametrize(
