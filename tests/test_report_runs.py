@@ -126,7 +126,9 @@ def test_report_of_a_saved_pipeline_folder_says_it_has_no_logs(demo_dir, tmp_pat
     out = tmp_path / "saved.html"
     assert _report(["--runs", str(folder), "--out", str(out)]) == 0  # no --data: no studies
     page = out.read_text()
-    assert page.count("no TensorBoard logs in the run") == 5  # adamatch, report, autoencoder, diffusion, distill
+    assert (
+        page.count("no TensorBoard logs in the run") == 5
+    )  # adamatch, report, autoencoder, diffusion, distill
     assert "<h2>Studies</h2>" not in page and "ROC per label" in page
 
 
