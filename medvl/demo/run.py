@@ -78,7 +78,7 @@ PRESETS: dict[str, dict] = {
             "train autoencoder": 130,
             "train diffusion": 1050,
             "train diffusion_text_only": 1050,
-            "train distill": 900,
+            "train distill": 1000,
             "evaluate adamatch": 10,
             "evaluate report": 40,
             "evaluate diffusion": 85,
