@@ -32,7 +32,25 @@ from medvl.models.diffusion.samplers import (
 from medvl.models.memory import SharedMemory
 from medvl.models.pretrained import component_dir, load_weights, read_config, save_weights, write_config
 
-__all__ = ["UNetConfig", "Denoiser", "LatentDiffusion", "DiffusionBundle"]
+__all__ = ["UNetConfig", "Denoiser", "LatentDiffusion", "DiffusionBundle", "training_latent", "drop_hint"]
+
+
+def training_latent(
+    latent_mu: torch.Tensor, latent_sigma: torch.Tensor | None, scale_factor: torch.Tensor, sample: bool
+) -> torch.Tensor:
+    """The scaled latent a training step starts from: a draw from the cached posterior (``mu + sigma * eps``) when
+    ``sample`` (training), else its mean, times the latent scale factor."""
+    z = latent_mu.float()
+    if latent_sigma is not None and sample:
+        z = z + latent_sigma.float() * torch.randn_like(z)
+    return z * scale_factor
+
+
+def drop_hint(sides: torch.Tensor | None, drop: torch.Tensor) -> torch.Tensor | None:
+    """The layout hint with dropped samples' zeroed: the null condition has no hint."""
+    if sides is None:
+        return None
+    return torch.where(drop.view(-1, *([1] * (sides.dim() - 1))), torch.zeros_like(sides), sides)
 
 
 @dataclass
@@ -191,10 +209,7 @@ class LatentDiffusion(nn.Module):
     ) -> dict[str, torch.Tensor]:
         net = self.ema if use_ema else self.denoiser
         b = latent_mu.shape[0]
-        z = latent_mu.float()
-        if latent_sigma is not None and self.training:
-            z = z + latent_sigma.float() * torch.randn_like(z)
-        z = z * self.scale_factor
+        z = training_latent(latent_mu, latent_sigma, self.scale_factor, self.training)
         noise = torch.randn_like(z) if noise is None else noise
         if timesteps is None:
             timesteps = torch.randint(0, self.noise_cfg.num_train_timesteps, (b,), device=z.device)
@@ -209,10 +224,7 @@ class LatentDiffusion(nn.Module):
         context = net.conditioner(
             words, word_mask, word_kind, keypatches, keypatch_boxes, keypatch_mask, drop=drop
         )
-        if sides is not None:
-            drop_view = drop.view(b, *([1] * (sides.dim() - 1)))
-            sides = torch.where(drop_view, torch.zeros_like(sides), sides)  # the null condition: no hint
-        pred = net(noisy, timesteps, context, sides)
+        pred = net(noisy, timesteps, context, drop_hint(sides, drop))
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
         if self.noise_cfg.loss_weighting == "min_snr":
             acp = self.scheduler.alphas_cumprod.to(z.device)[timesteps].float()

@@ -110,7 +110,33 @@ def build_train_scheduler(cfg: NoiseScheduleConfig) -> DDPMScheduler:
     )
 
 
-class DPMSolverMultistepScheduler(Scheduler):
+class _CleanEstimateScheduler(Scheduler):
+    """MONAI's ``Scheduler`` for the samplers written here: a v- or epsilon-prediction model's clean estimate at a
+    timestep of the training schedule (t < 0: the clean end, alpha 1, sigma 0), never ``clip_sample``."""
+
+    def __init__(
+        self, num_train_timesteps: int, schedule: str, prediction_type: str, **schedule_args
+    ) -> None:
+        super().__init__(num_train_timesteps, schedule, **schedule_args)
+        if prediction_type not in ("v_prediction", "epsilon"):
+            raise ValueError(f"prediction_type must be v_prediction or epsilon, got {prediction_type!r}")
+        self.prediction_type = prediction_type
+        self.clip_sample = False
+
+    def _alpha_sigma(self, t: int) -> tuple[float, float]:
+        if t < 0:
+            return 1.0, 0.0
+        acp = float(self.alphas_cumprod[t])
+        return math.sqrt(acp), math.sqrt(1.0 - acp)
+
+    def _clean(self, model_output: torch.Tensor, sample: torch.Tensor, t: int) -> torch.Tensor:
+        a_t, s_t = self._alpha_sigma(t)
+        if self.prediction_type == "v_prediction":
+            return a_t * sample - s_t * model_output
+        return (sample - s_t * model_output) / a_t
+
+
+class DPMSolverMultistepScheduler(_CleanEstimateScheduler):
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling"), deterministic.
 
     MONAI 1.6.1 ships DDPM, DDIM, PNDM/PLMS and rectified flow but no DPM-Solver; this class adds the
@@ -127,11 +153,7 @@ class DPMSolverMultistepScheduler(Scheduler):
         prediction_type: str = "v_prediction",
         **schedule_args,
     ) -> None:
-        super().__init__(num_train_timesteps, schedule, **schedule_args)
-        if prediction_type not in ("v_prediction", "epsilon"):
-            raise ValueError(f"prediction_type must be v_prediction or epsilon, got {prediction_type!r}")
-        self.prediction_type = prediction_type
-        self.clip_sample = False
+        super().__init__(num_train_timesteps, schedule, prediction_type, **schedule_args)
         self.set_timesteps(20)
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
@@ -146,12 +168,6 @@ class DPMSolverMultistepScheduler(Scheduler):
         self._prev_x0: torch.Tensor | None = None
         self._prev_h: float | None = None
 
-    def _alpha_sigma(self, t: int) -> tuple[float, float]:
-        if t < 0:
-            return 1.0, 0.0
-        acp = float(self.alphas_cumprod[t])
-        return math.sqrt(acp), math.sqrt(1.0 - acp)
-
     def step(
         self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,10 +175,7 @@ class DPMSolverMultistepScheduler(Scheduler):
         t = int(timestep)
         s = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else -1
         a_t, s_t = self._alpha_sigma(t)
-        if self.prediction_type == "v_prediction":
-            x0 = a_t * sample - s_t * model_output
-        else:
-            x0 = (sample - s_t * model_output) / a_t
+        x0 = self._clean(model_output, sample, t)
         a_s, s_s = self._alpha_sigma(s)
         if s_s == 0.0:
             prev, h = x0, None
@@ -200,7 +213,7 @@ def consistency_grid(num_train_timesteps: int, skip: int) -> torch.Tensor:
     return torch.arange(1, num_train_timesteps // skip + 1) * skip - 1
 
 
-class ConsistencyScheduler(Scheduler):
+class ConsistencyScheduler(_CleanEstimateScheduler):
     """Multistep consistency sampling for a student trained by consistency distillation (``medvl train distill``).
 
     Each step maps the sample to its clean estimate ``f(x, t)`` (:func:`consistency_boundary`); every step but the
@@ -220,11 +233,7 @@ class ConsistencyScheduler(Scheduler):
         skip: int = 20,
         **schedule_args,
     ) -> None:
-        super().__init__(num_train_timesteps, schedule, **schedule_args)
-        if prediction_type not in ("v_prediction", "epsilon"):
-            raise ValueError(f"prediction_type must be v_prediction or epsilon, got {prediction_type!r}")
-        self.prediction_type = prediction_type
-        self.clip_sample = False
+        super().__init__(num_train_timesteps, schedule, prediction_type, **schedule_args)
         self.grid = consistency_grid(num_train_timesteps, skip)
         self.set_timesteps(4)
 
@@ -237,10 +246,6 @@ class ConsistencyScheduler(Scheduler):
         self.timesteps = descending[:: n // num_inference_steps][:num_inference_steps].to(device)
         self._index = 0
 
-    def _alpha_sigma(self, t: int) -> tuple[float, float]:
-        acp = float(self.alphas_cumprod[t])
-        return math.sqrt(acp), math.sqrt(1.0 - acp)
-
     def step(
         self,
         model_output: torch.Tensor,
@@ -251,11 +256,7 @@ class ConsistencyScheduler(Scheduler):
         """(next sample, clean estimate f(x, t)); ``noise`` (like ``sample``) re-noises all but the last step."""
         i = self._index
         t = int(timestep)
-        a_t, s_t = self._alpha_sigma(t)
-        if self.prediction_type == "v_prediction":
-            x0 = a_t * sample - s_t * model_output
-        else:
-            x0 = (sample - s_t * model_output) / a_t
+        x0 = self._clean(model_output, sample, t)
         c_skip, c_out = consistency_boundary(torch.tensor(t))
         denoised = float(c_skip) * sample + float(c_out) * x0
         self._index += 1

@@ -60,6 +60,7 @@ from medvl.models.diffusion import (
     initial_noise,
     sample_latents,
 )
+from medvl.models.diffusion.denoiser import drop_hint, training_latent
 from medvl.models.memory import SharedMemory
 from medvl.models.pretrained import copy_component
 from medvl.runs import find_from_run
@@ -219,10 +220,7 @@ class Distillation(nn.Module):
         drop: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         b = latent_mu.shape[0]
-        z = latent_mu.float()
-        if latent_sigma is not None and self.training:
-            z = z + latent_sigma.float() * torch.randn_like(z)
-        z = z * self.scale_factor
+        z = training_latent(latent_mu, latent_sigma, self.scale_factor, self.training)
         noise = torch.randn_like(z) if noise is None else noise
         if drop is None:
             p = self.dropout if self.training else 0.0
@@ -235,8 +233,7 @@ class Distillation(nn.Module):
             keypatch_boxes=keypatch_boxes,
             keypatch_mask=keypatch_mask,
         )
-        if sides is not None:
-            sides = torch.where(drop.view(b, *([1] * (sides.dim() - 1))), torch.zeros_like(sides), sides)
+        sides = drop_hint(sides, drop)
         if index is None:
             index = torch.randint(0, len(self.grid), (b,), device=z.device)
         if self.method == "consistency":
