@@ -4,6 +4,7 @@ asked for."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -42,9 +43,14 @@ def test_no_scan_id_in_any_file_of_the_run(trained, tiny_prepared):
     assert len(ids) > 10 and all(len(i) >= 5 for i in ids)
     files = [p for p in trained.rglob("*") if p.is_file()]
     assert any("keypatches" in p.parts for p in files) and any(p.parent.name == "logs" for p in files)
+    # an id counts where it stands alone: the toy ids ("d0009") are hex-like and turn up by chance inside the
+    # SHA-256 digests of a checkpoint's manifest (one in about 30 runs); a stored id sits between quotes or commas
+    patterns = {
+        i: re.compile(rb"(?<![0-9A-Fa-f])" + re.escape(i.encode()) + rb"(?![0-9A-Fa-f])") for i in ids
+    }
     for path in files:
         data = path.read_bytes()
-        found = [i for i in ids if i.encode() in data]
+        found = [i for i, pattern in patterns.items() if pattern.search(data)]
         assert not found, f"{path.relative_to(trained)} names training scans {found[:3]}"
 
 
