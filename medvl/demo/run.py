@@ -48,7 +48,7 @@ PRESETS: dict[str, dict] = {
         "classifier": {"steps": 150, "eval_every": 50},
         "evaluate": {"cyclic": {"max_studies": 64}, "diffusion": {"grounding": True}},
         "variants": (),  # the text-only ablation belongs to the full preset: it would cost 2 of the 10 minutes
-        # the few-step student too (about 9 minutes): `medvl train distill --config demo --from OUT/runs/diffusion`
+        # the few-step student too (about 17 minutes): `medvl train distill --config demo --from OUT/runs/diffusion`
         "skip_stages": ("distill",),
         "estimates": {
             "prepare IU-Phantom": 4,
