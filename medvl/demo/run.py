@@ -194,22 +194,16 @@ def build_steps(out: Path, preset: str, seed: int = 0) -> list[Step]:
         Step(f"evaluate {kind}", (lambda k=kind: (evals / f"{k}.json").exists()), (lambda k=kind: score(k)))
         for kind in registry.EVALUATIONS
     ]
+    # runs scored under their own name: the ablation variants (their stage's evaluation) and the students
+    named = {name: v["stage"] for name, v in variants.items()}
+    named.update({name: v["evaluation"] for name, v in STUDENTS.items() if name in stages})
     steps += [
         Step(
             f"evaluate {name}",
             (lambda n=name: (evals / f"{n}.json").exists()),
-            (lambda n=name, v=v: score(v["stage"], n)),
+            (lambda n=name, k=kind: score(k, n)),
         )
-        for name, v in variants.items()
-    ]
-    steps += [
-        Step(
-            f"evaluate {name}",
-            (lambda n=name: (evals / f"{n}.json").exists()),
-            (lambda n=name, v=v: score(v["evaluation"], n)),
-        )
-        for name, v in STUDENTS.items()
-        if name in stages
+        for name, kind in named.items()
     ]
     for step in steps:
         step.estimate_s = float(p.get("estimates", {}).get(step.name, step.estimate_s))

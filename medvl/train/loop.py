@@ -314,9 +314,10 @@ class _Training:
         self.loss_steps += 1
         self.train_seconds += seconds
         self.samples += self.cfg.batch_size * self.cfg.grad_accum * self.world
+        kept = step_loss.detach().clone()
         if len(self.loss_first) < LOSS_CURVE_STEPS:
-            self.loss_first.append(step_loss.detach().clone())
-        self.loss_last.append(step_loss.detach().clone())
+            self.loss_first.append(kept)
+        self.loss_last.append(kept)
 
     def out_of_time(self) -> bool:
         """Whether this launch has used ``train.max_seconds`` (rank 0's clock, the same answer on every rank)."""

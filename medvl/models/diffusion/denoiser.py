@@ -32,7 +32,15 @@ from medvl.models.diffusion.samplers import (
 from medvl.models.memory import SharedMemory
 from medvl.models.pretrained import component_dir, load_weights, read_config, save_weights, write_config
 
-__all__ = ["UNetConfig", "Denoiser", "LatentDiffusion", "DiffusionBundle", "training_latent", "drop_hint"]
+__all__ = [
+    "UNetConfig",
+    "Denoiser",
+    "LatentDiffusion",
+    "DiffusionBundle",
+    "training_latent",
+    "drop_hint",
+    "ema_update",
+]
 
 
 def training_latent(
@@ -44,6 +52,15 @@ def training_latent(
     if latent_sigma is not None and sample:
         z = z + latent_sigma.float() * torch.randn_like(z)
     return z * scale_factor
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * net, parameter by parameter (buffers copied); same architecture."""
+    for e, p in zip(ema.parameters(), net.parameters(), strict=True):
+        e.lerp_(p.detach(), 1.0 - decay)
+    for e, b in zip(ema.buffers(), net.buffers(), strict=True):
+        e.copy_(b)
 
 
 def drop_hint(sides: torch.Tensor | None, drop: torch.Tensor) -> torch.Tensor | None:
@@ -240,13 +257,9 @@ class LatentDiffusion(nn.Module):
         loss_cond = (per_sample * keep).sum() / keep.sum().clamp(min=1.0)
         return {"loss": per_sample.mean(), "loss_cond": loss_cond.detach(), "dropped": drop.float().mean()}
 
-    @torch.no_grad()
     def update_ema(self, decay: float) -> None:
         """ema <- decay * ema + (1 - decay) * weights (buffers copied)."""
-        for e, p in zip(self.ema.parameters(), self.denoiser.parameters(), strict=True):
-            e.lerp_(p.detach(), 1.0 - decay)
-        for e, b in zip(self.ema.buffers(), self.denoiser.buffers(), strict=True):
-            e.copy_(b)
+        ema_update(self.ema, self.denoiser, decay)
 
 
 class DiffusionBundle:

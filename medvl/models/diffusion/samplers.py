@@ -38,6 +38,7 @@ __all__ = [
     "build_train_scheduler",
     "DPMSolverMultistepScheduler",
     "ConsistencyScheduler",
+    "clean_estimate",
     "consistency_boundary",
     "consistency_grid",
     "build_sampler",
@@ -110,6 +111,15 @@ def build_train_scheduler(cfg: NoiseScheduleConfig) -> DDPMScheduler:
     )
 
 
+def clean_estimate(model_output, sample, alpha, sigma, prediction_type: str):
+    """x0 from a model's output at a point ``sample = alpha x0 + sigma eps`` of the schedule: a velocity
+    (``v = alpha eps - sigma x0``) or the noise (epsilon models). alpha and sigma are floats or broadcastable
+    tensors."""
+    if prediction_type == "v_prediction":
+        return alpha * sample - sigma * model_output
+    return (sample - sigma * model_output) / alpha
+
+
 class _CleanEstimateScheduler(Scheduler):
     """MONAI's ``Scheduler`` for the samplers written here: a v- or epsilon-prediction model's clean estimate at a
     timestep of the training schedule (t < 0: the clean end, alpha 1, sigma 0), never ``clip_sample``."""
@@ -130,10 +140,7 @@ class _CleanEstimateScheduler(Scheduler):
         return math.sqrt(acp), math.sqrt(1.0 - acp)
 
     def _clean(self, model_output: torch.Tensor, sample: torch.Tensor, t: int) -> torch.Tensor:
-        a_t, s_t = self._alpha_sigma(t)
-        if self.prediction_type == "v_prediction":
-            return a_t * sample - s_t * model_output
-        return (sample - s_t * model_output) / a_t
+        return clean_estimate(model_output, sample, *self._alpha_sigma(t), self.prediction_type)
 
 
 class DPMSolverMultistepScheduler(_CleanEstimateScheduler):

@@ -54,13 +54,14 @@ from medvl.models.diffusion import (
     SamplerName,
     build_sampler,
     build_train_scheduler,
+    clean_estimate,
     consistency_boundary,
     consistency_grid,
     guided_velocity,
     initial_noise,
     sample_latents,
 )
-from medvl.models.diffusion.denoiser import drop_hint, training_latent
+from medvl.models.diffusion.denoiser import drop_hint, ema_update, training_latent
 from medvl.models.memory import SharedMemory
 from medvl.models.pretrained import copy_component
 from medvl.runs import find_from_run
@@ -183,10 +184,7 @@ class Distillation(nn.Module):
 
     def clean_estimate(self, x: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """x0 from a network output (velocity, or noise for an epsilon model)."""
-        a, s = self._alpha_sigma(t, x)
-        if self.noise_cfg.prediction_type == "v_prediction":
-            return a * x - s * out
-        return (x - s * out) / a
+        return clean_estimate(out, x, *self._alpha_sigma(t, x), self.noise_cfg.prediction_type)
 
     def consistency_fn(self, x: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """f(x, t) = c_skip(t) x + c_out(t) x0(x, t)."""
@@ -263,13 +261,9 @@ class Distillation(nn.Module):
         loss = (((pred - target) ** 2 + c * c).sqrt() - c).mean()
         return {"loss": loss, "dropped": drop.float().mean()}
 
-    @torch.no_grad()
     def update_ema(self, decay: float) -> None:
         """ema <- decay * ema + (1 - decay) * student (buffers copied)."""
-        for e, p in zip(self.ema.parameters(), self.denoiser.parameters(), strict=True):
-            e.lerp_(p.detach(), 1.0 - decay)
-        for e, b in zip(self.ema.buffers(), self.denoiser.buffers(), strict=True):
-            e.copy_(b)
+        ema_update(self.ema, self.denoiser, decay)
 
 
 class DistillStage:
@@ -303,10 +297,9 @@ class DistillStage:
             data=cfg.data,
             train=cfg.train,
         )
+        # the data stage builds no model: the memory loaded above is the only copy it needs
         sources = SourceRuns(
-            autoencoder=self.teacher_run / AUTOENCODER_DIR,
-            adamatch=self.teacher_run,
-            memory=memory_dir if self.memory is not None else None,
+            autoencoder=self.teacher_run / AUTOENCODER_DIR, adamatch=self.teacher_run, memory=None
         )
         self.data_stage = DiffusionStage(diffusion_cfg, Path(data), sources, device=device)
         self.device = self.data_stage.device
@@ -402,7 +395,7 @@ class DistillStage:
         out = net(
             latent_mu=mu,
             latent_sigma=None,
-            **{k: v for k, v in feats.as_kwargs().items()},
+            **feats.as_kwargs(),
             noise=torch.randn(mu.shape, generator=g).to(device),
             index=torch.randint(0, len(net.grid), (n,), generator=g).to(device),
             drop=torch.zeros(n, dtype=torch.bool, device=device),
