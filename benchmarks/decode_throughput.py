@@ -1,13 +1,17 @@
-"""Report decoding throughput: today's decoding vs the 0.2.0 decoding, same weights and inputs, in one run.
+"""Report decoding throughput: today's decoding vs earlier ones, same weights and inputs, in one run.
 
 The report head (GPT-2 decoder with cross-attention, shared memory queried by patches *and* by every
-decoded word, keyword hints) decodes from fixed random conditioning with ``generate()``:
+decoded word, keyword hints) decodes from fixed random conditioning:
 
-- ``fast``: the frozen memory's keys and values projected once, the beam cache leaving the cross-attention rows in
-  place;
-- ``--static-cache``: also ``fast`` with a preallocated self-attention cache, with which transformers compiles the
-  decoding step on CUDA;
-- ``plain`` (0.2.0): the whole memory matrix re-projected for every decoded token, every cache row reordered;
+- ``fast`` (today's ``generate()``): beam search stepped directly on the decoder's weights
+  (``medvl.models.decoding``: one preallocated KV cache, the memory's answer to each word computed once per
+  decode), the frozen memory's keys and values projected once;
+- ``generate``: the same model through transformers' ``generate()`` (0.3.0's decoding: memory keys and values
+  projected once, the beam cache leaving the cross-attention rows in place);
+- ``--static-cache``: also ``generate`` with a preallocated self-attention cache, with which transformers compiles
+  the decoding step on CUDA;
+- ``plain`` (0.2.0): transformers' ``generate()`` with the whole memory matrix re-projected for every decoded
+  token and every cache row reordered;
 - ``--no-kv-cache``: also the same model without the decoder's KV cache.
 
 Repeats alternate between the variants and the best time of each is kept (a shared machine's load hits both
@@ -47,6 +51,7 @@ from pathlib import Path
 import torch
 from transformers.cache_utils import EncoderDecoderCache
 
+from medvl.models import decoding as dec
 from medvl.models import report_head as rh
 from medvl.models.memory import MemoryConfig
 
@@ -97,19 +102,19 @@ def conditioning(batch: int, device: torch.device):
 
 # R2GenCMN's beam search on 2 CPU cores, anchor size, beam 3, 100 tokens (side by side with 0.2.0's decoding)
 R2GENCMN_2CPU = {"one_report_s": 9.2, "batch8_reports_per_s": 0.116}
-VARIANTS = ("fast", "plain", "no_kv_cache", "static")
+VARIANTS = ("fast", "generate", "plain", "no_kv_cache", "static")
 
 
 @contextlib.contextmanager
 def plain_decoding(head) -> Iterator[None]:
     """0.2.0's decoding: the memory projected for every query, every cache row reordered by beam search."""
-    reorder = rh._BeamCache.reorder_cache
+    reorder = dec.BeamCache.reorder_cache
     head.memory.cache_kv = False
-    rh._BeamCache.reorder_cache = EncoderDecoderCache.reorder_cache
+    dec.BeamCache.reorder_cache = EncoderDecoderCache.reorder_cache
     try:
         yield
     finally:
-        rh._BeamCache.reorder_cache = reorder
+        dec.BeamCache.reorder_cache = reorder
         head.memory.cache_kv = True
 
 
@@ -126,7 +131,7 @@ def measure_decoding(
     tokens: int = 100,
     ngram: int = 3,
     repeats: int = 2,
-    variants: tuple[str, ...] = ("fast", "plain"),
+    variants: tuple[str, ...] = ("fast", "generate", "plain"),
     device: torch.device | str = "cpu",
 ) -> dict:
     """Best wall time per batch of each variant (after one warm-up each; repeats alternate between variants), the
@@ -144,10 +149,12 @@ def measure_decoding(
             min_new_tokens=tokens,
             no_repeat_ngram_size=ngram,
         )
-        if variant in ("fast", "static"):
-            return head.generate(static_cache=variant == "static", **kw)
+        if variant == "fast":
+            return head.generate(**kw)
+        if variant in ("generate", "static"):
+            return head.generate(engine="transformers", static_cache=variant == "static", **kw)
         with plain_decoding(head):
-            return head.generate(use_cache=variant != "no_kv_cache", **kw)
+            return head.generate(engine="transformers", use_cache=variant != "no_kv_cache", **kw)
 
     best = {v: float("inf") for v in variants}
     seqs = {}
@@ -170,6 +177,8 @@ def measure_decoding(
     row["same_sequences"] = all(torch.equal(seqs[v], first) for v in variants)
     if "plain" in variants and "fast" in variants:
         row["speedup_over_plain"] = best["plain"] / best["fast"]
+    if "generate" in variants and "fast" in variants:
+        row["speedup_over_generate"] = best["generate"] / best["fast"]
     return row
 
 
@@ -192,7 +201,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    variants = ("fast", "plain") + ("no_kv_cache",) * args.no_kv_cache + ("static",) * args.static_cache
+    variants = (
+        ("fast", "generate", "plain") + ("no_kv_cache",) * args.no_kv_cache + ("static",) * args.static_cache
+    )
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     rows = []
     for setting in args.settings:
@@ -239,22 +250,26 @@ def main() -> None:
         ),
         "conditioning": f"{PATCHES} patches x {VISUAL_DIM}-d (+ {PATCHES} memory responses) + {KEYWORDS} keyword hints",
         "variants": {
-            "fast": "memory keys/values projected once, cross-attention cache rows left in place",
-            "plain": "0.2.0: memory re-projected for every decoded token, every cache row reordered",
+            "fast": "medvl.models.decoding beam search: preallocated KV cache, memory answer once per word",
+            "generate": "0.3.0: transformers' generate(), memory keys/values projected once, cross-attention cache "
+            "rows left in place",
+            "plain": "0.2.0: generate(), memory re-projected for every decoded token, every cache row reordered",
             "no_kv_cache": "plain without the decoder's KV cache",
-            "static": "fast with a static self-attention cache (compiled by transformers on CUDA)",
+            "static": "generate with a static self-attention cache (compiled by transformers on CUDA)",
         },
         "r2gencmn_2cpu": R2GENCMN_2CPU,
     }
     print()
     print(
-        "| setting | batch | fast (s / batch) | 0.2.0 (s / batch) | speed-up | reports/s | same sequences |"
+        "| setting | batch | fast (s / batch) | generate() (s / batch) | 0.2.0 (s / batch) | over generate() "
+        "| over 0.2.0 | reports/s | same sequences |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['setting']} | {r['batch']} | {r['fast_s_per_batch']:.3f} | {r['plain_s_per_batch']:.3f} | "
-            f"x{r['speedup_over_plain']:.1f} | {r['fast_reports_per_s']:.2f} | {r['same_sequences']} |"
+            f"| {r['setting']} | {r['batch']} | {r['fast_s_per_batch']:.3f} | {r['generate_s_per_batch']:.3f} | "
+            f"{r['plain_s_per_batch']:.3f} | x{r['speedup_over_generate']:.2f} | x{r['speedup_over_plain']:.1f} | "
+            f"{r['fast_reports_per_s']:.2f} | {r['same_sequences']} |"
         )
     out = args.out or RESULTS / f"decode_throughput_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

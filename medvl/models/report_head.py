@@ -12,8 +12,9 @@ GPT-2's token embedding adds ``word_out(memory.respond(word_in(embedding)))`` to
 embedding, so ``generate()`` keeps its KV cache (each decoding step embeds only its new token, and the
 hook answers for that token alone).
 
-The decoder is a Hugging Face ``GPT2LMHeadModel`` with ``add_cross_attention=True``: greedy and beam
-search (length penalty, n-gram blocking) come from ``generate()`` with its cache. Text is tokenised by
+The decoder is a Hugging Face ``GPT2LMHeadModel`` with ``add_cross_attention=True``. Greedy and beam search
+(length penalty, n-gram blocking) run in :mod:`medvl.models.decoding`, stepped on the decoder's weights with the
+same sequences and scores as transformers' ``generate()``. Text is tokenised by
 a word-level tokenizer trained on the training reports (lowercase, words and punctuation marks as
 tokens) and saved with the run.
 
@@ -30,10 +31,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LogitsProcessorList
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from medvl.errors import ConfigError
+from medvl.models.decoding import TokenMemo, decode
 from medvl.models.memory import MemoryConfig, SharedMemory
 from medvl.models.report_labels import NUM_LABELS, LabelQueries, PooledLabels, f1_thresholds
 from medvl.models.report_tokenizer import (
@@ -329,6 +330,23 @@ class ReportHead(nn.Module):
     def _word_memory_hook(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
         return output + self.word_out(self.memory.respond(self.word_in(output)))
 
+    def _word_embedder(self, rows: int):
+        """The word embedding with its hooks, for ``rows`` rows decoded by :mod:`medvl.models.decoding`: the memory's
+        answer to a word embedding depends on the word alone, so it is computed once per word and decode."""
+        wte = self.decoder.transformer.wte
+
+        def words(ids: torch.Tensor) -> torch.Tensor:
+            x = F.embedding(ids, wte.weight)
+            return self._word_memory_hook(wte, ids, x) if self.cfg.use_memory else x
+
+        memo = TokenMemo(words, rows, wte.num_embeddings) if self.cfg.use_memory else words
+
+        def embed(ids: torch.Tensor) -> torch.Tensor:
+            vector = self.cfg.label_states and self.cfg.label_state_vector
+            return self._state_hook(wte, ids, memo(ids)) if vector else memo(ids)
+
+        return embed
+
     def encode_conditions(
         self,
         patch_features: torch.Tensor,
@@ -502,6 +520,7 @@ class ReportHead(nn.Module):
         logits_processor: Sequence[Any] = (),
         use_cache: bool = True,
         static_cache: bool = False,
+        engine: Literal["medvl", "transformers"] = "medvl",
     ) -> DecodeOutput:
         """Greedy (``num_beams=1``) or beam search from BOS with Hugging Face ``generate()``.
 
@@ -510,14 +529,14 @@ class ReportHead(nn.Module):
         ``static_cache`` (for a GPU): a preallocated self-attention cache, with which transformers compiles the
         decoding step on CUDA; attention runs over the preallocated length (masked), so scores may differ from the
         default in the last bits (on the CPU it only preallocates). ``logits_processor``: extra rules for
-        ``generate()``, e.g. :class:`~medvl.models.report_tokenizer.NearRepeatBan`.
+        ``generate()``, e.g. :class:`~medvl.models.report_tokenizer.NearRepeatBan`. ``engine``: decoding with the
+        cache runs in :mod:`medvl.models.decoding` (same sequences and scores, a fraction of the overhead) unless
+        ``"transformers"`` asks for ``generate()``; cache-free and static-cache decoding always use ``generate()``.
         """
         was_training = self.training
         self.eval()
         try:
-            b = patch_features.shape[0]
-            device = patch_features.device
-            kw = keywords.to(device) if keywords is not None else None
+            kw = keywords.to(patch_features.device) if keywords is not None else None
             cond, cond_mask, _ = self._conditions(
                 patch_features,
                 patch_boxes,
@@ -527,47 +546,26 @@ class ReportHead(nn.Module):
             )
             limit = self.cfg.max_length - 1
             max_new = min(max_new_tokens or limit, limit)
-            start = torch.full((b, 1), self.bos_id, dtype=torch.long, device=device)
-            cache_args: dict[str, Any] = {}
-            if use_cache and static_cache:
-                cache_args["cache_implementation"] = "static"
-            elif use_cache and num_beams > 1:
-                gpt_cfg = self.decoder.config
-                cache_args["cache"] = _BeamCache(DynamicCache(config=gpt_cfg), DynamicCache(config=gpt_cfg))
-            out = self.decoder.generate(
-                input_ids=start,
-                attention_mask=torch.ones_like(start),
-                encoder_hidden_states=cond,
-                encoder_attention_mask=cond_mask,
+            seqs, scores = decode(
+                self.decoder,
+                cond,
+                cond_mask,
                 num_beams=num_beams,
-                do_sample=False,
+                bos=self.bos_id,
+                eos=self.eos_id,
+                pad=self.pad_id,
+                suppress_tokens=[self.pad_id, self.bos_id, self.unk_id],
                 max_new_tokens=max_new,
                 min_new_tokens=min(min_new_tokens, max_new),
                 length_penalty=length_penalty,
-                no_repeat_ngram_size=no_repeat_ngram_size or None,
-                logits_processor=LogitsProcessorList(logits_processor) if logits_processor else None,
-                eos_token_id=self.eos_id,
-                pad_token_id=self.pad_id,
-                bos_token_id=self.bos_id,
+                no_repeat_ngram_size=no_repeat_ngram_size,
+                logits_processor=logits_processor,
                 use_cache=use_cache,
-                output_scores=True,
-                return_dict_in_generate=True,
-                suppress_tokens=[self.pad_id, self.bos_id, self.unk_id],
-                early_stopping=True if num_beams > 1 else None,
-                **cache_args,
+                static_cache=static_cache,
+                engine=engine,
+                embedder=self._word_embedder,
             )
-            seqs = out.sequences[:, 1:]
-            if num_beams > 1:
-                scores = out.sequences_scores
-            else:
-                logp = torch.stack([F.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1)  # (B, L, V)
-                tok_logp = logp.gather(-1, seqs[:, : logp.shape[1], None]).squeeze(-1)
-                # Tokens after EOS are padding: count up to and including the first EOS.
-                seen_eos = (seqs == self.eos_id).long().cumsum(1)
-                valid = (seen_eos - (seqs == self.eos_id).long()) == 0
-                # (where, not a product: a padded position after EOS has log-probability -inf, and -inf * 0 is nan)
-                scores = torch.where(valid, tok_logp, 0.0).sum(1) / valid.sum(1).clamp(min=1)
-            return DecodeOutput(sequences=_pad_after_eos(seqs, self.eos_id, self.pad_id), scores=scores)
+            return DecodeOutput(sequences=seqs, scores=scores)
         finally:
             self._state_bias = None
             self.train(was_training)
@@ -579,20 +577,3 @@ def _training_world_size(module: nn.Module) -> int:
     if module.training and torch.is_grad_enabled() and dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
-
-
-class _BeamCache(EncoderDecoderCache):
-    """The decoder's cache for beam search without reordering the cross-attention keys and values.
-
-    Beam search reorders the cache rows to follow the surviving beams at every step, but a beam only ever takes
-    over a beam of the same report, and every beam of a report holds the same conditioning rows (they are copies),
-    so the cross-attention rows would be permuted into themselves: only the self-attention cache is reordered.
-    """
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.self_attention_cache.reorder_cache(beam_idx)
-
-
-def _pad_after_eos(seqs: torch.Tensor, eos: int, pad: int) -> torch.Tensor:
-    after = (seqs == eos).long().cumsum(1) - (seqs == eos).long()
-    return seqs.masked_fill(after > 0, pad)

@@ -1,6 +1,8 @@
-"""Decoding a frozen report head: the shared memory's keys and values projected once and the beam cache that leaves
-the cross-attention rows in place give exactly the sequences and scores of the plain computation (memory projected
-at every token, every cache row reordered); the static cache gives the same sequences."""
+"""Decoding a frozen report head: medvl's own beam search (``medvl.models.decoding``) gives exactly the sequences
+and scores of transformers' ``generate()`` on heads with every conditioning option; the shared memory's keys and
+values projected once and the beam cache that leaves the cross-attention rows in place give exactly those of the
+plain computation (memory projected at every token, every cache row reordered); the static cache gives the same
+sequences."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import pytest
 import torch
 from transformers.cache_utils import EncoderDecoderCache
 
-from medvl.models import report_head as rh
+from medvl.models import decoding as dec
 from medvl.models.memory import MemoryConfig, SharedMemory
 from medvl.models.report_head import KeywordHints, ReportHead, ReportHeadConfig
 
@@ -17,9 +19,10 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 P, D, K, VOCAB = 6, 12, 3, 60
 
 
-def make_head(seed: int = 0) -> ReportHead:
+def make_head(seed: int = 0, **options) -> ReportHead:
     torch.manual_seed(seed)
     cfg = ReportHeadConfig(
+        **options,
         n_embd=32,
         n_layer=2,
         n_head=4,
@@ -51,9 +54,9 @@ def decode(head, feats, boxes, hints, **kw):
 def plain_decode(head, feats, boxes, hints, monkeypatch, **kw):
     """Decoding as it was: the memory projected for every query, every cache row reordered by beam search."""
     with monkeypatch.context() as m:
-        m.setattr(rh._BeamCache, "reorder_cache", EncoderDecoderCache.reorder_cache)
+        m.setattr(dec.BeamCache, "reorder_cache", EncoderDecoderCache.reorder_cache)
         m.setattr(head.memory, "cache_kv", False)
-        return decode(head, feats, boxes, hints, **kw)
+        return decode(head, feats, boxes, hints, engine="transformers", **kw)
 
 
 @pytest.mark.parametrize("beams", [1, 3])
@@ -64,7 +67,7 @@ def test_fast_decoding_gives_the_plain_sequences_and_scores(beams, ngram, monkey
     kw = dict(num_beams=beams, no_repeat_ngram_size=ngram, max_new_tokens=20)
     plain = plain_decode(head, feats, boxes, hints, monkeypatch, **kw)
     fast = decode(head, feats, boxes, hints, **kw)
-    static = decode(head, feats, boxes, hints, static_cache=True, **kw)
+    static = decode(head, feats, boxes, hints, static_cache=True, engine="transformers", **kw)
     assert plain.sequences.shape[1] > 3  # the test decodes real sequences, not a first EOS
     assert len({tuple(r) for r in plain.sequences.tolist()}) > 1  # and different ones per image
     assert torch.isfinite(plain.scores).all()  # also for a greedy report that ends before the others
@@ -145,3 +148,90 @@ def test_train_mode_after_decoding_uses_the_current_weights():
     reference = decode(head, feats, boxes, hints, num_beams=1, max_new_tokens=8, min_new_tokens=8)
     assert torch.equal(fresh.sequences, reference.sequences) and torch.equal(fresh.scores, reference.scores)
     assert not torch.equal(fresh.scores, before.scores)
+
+
+class BanRecentWords:
+    """A caller's decoding rule (like NearRepeatBan): no token of the last two written; and one that changes
+    values: EOS made likelier (so hypotheses end at different lengths)."""
+
+    def __call__(self, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        seen = torch.zeros(scores.shape, dtype=torch.bool).scatter_(1, ids[:, -2:], True)
+        seen[:, :4] = False  # the special tokens stay to the other rules
+        scores = scores.masked_fill(seen, float("-inf"))
+        eos = scores[:, 2]
+        likelier = torch.maximum(eos, scores.max(dim=-1).values - 1.0)  # at most 1 below the best token
+        scores[:, 2] = torch.where(torch.isfinite(eos), likelier, eos)  # not where another rule bans it
+        return scores
+
+
+HEADS = {
+    "memory_keywords": {},
+    "label_states": dict(
+        label_loss_weight=1.0, label_states=True
+    ),  # state tokens and the word-embedding vector
+    "label_hints": dict(label_loss_weight=1.0, use_label_hints=True),
+    "no_memory": dict(use_memory=False),
+    "no_keywords": dict(use_keywords=False),
+}
+SETTINGS = [
+    dict(num_beams=3, no_repeat_ngram_size=3, max_new_tokens=20),
+    dict(num_beams=2, no_repeat_ngram_size=0, max_new_tokens=18, min_new_tokens=18),
+    dict(num_beams=4, no_repeat_ngram_size=2, max_new_tokens=16, min_new_tokens=5, length_penalty=0.5),
+    dict(num_beams=3, no_repeat_ngram_size=3, max_new_tokens=20, length_penalty=2.0, rule=True),
+    dict(num_beams=1, no_repeat_ngram_size=3, max_new_tokens=20, rule=True),  # greedy: rows end apart
+    dict(
+        num_beams=1, no_repeat_ngram_size=3, max_new_tokens=20, rule=True, batch=2
+    ),  # all end before the limit
+    dict(num_beams=1, no_repeat_ngram_size=0, max_new_tokens=12, min_new_tokens=12),
+]
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_medvl_search_gives_generates_sequences_and_scores(name):
+    head = make_head(1, **HEADS[name])
+    with torch.no_grad():  # states on for some labels and off for others
+        if hasattr(head, "label_thresholds"):
+            head.label_thresholds.fill_(0.5)
+    ended_early = distinct = stopped = 0
+    for seed, setting in enumerate(SETTINGS):
+        feats, boxes, hints = inputs(b=setting.get("batch", 1 + 2 * seed), seed=seed)
+        hints.ids[::2, 1:] = 0  # some images with a single keyword: a masked conditioning
+        kw = {k: v for k, v in setting.items() if k not in ("rule", "batch")}
+        if setting.get("rule"):
+            kw["logits_processor"] = [BanRecentWords()]
+        if not head.cfg.use_keywords:
+            hints = None
+        reference = decode(head, feats, boxes, hints, engine="transformers", **kw)
+        ours = decode(head, feats, boxes, hints, **kw)
+        assert torch.equal(ours.sequences, reference.sequences), (name, setting)
+        assert torch.equal(ours.scores, reference.scores), (name, setting)
+        ended_early += int((reference.sequences == 0).any())
+        distinct += len({tuple(r) for r in reference.sequences.tolist()}) > 1
+        stopped += reference.sequences.shape[1] < kw["max_new_tokens"]
+    # hypotheses that end at EOS before the limit, different sequences per image, searches that stop early
+    assert ended_early and distinct and stopped
+
+
+def test_token_memo_calls_its_function_on_full_blocks_only():
+    from medvl.models.decoding import TokenMemo
+
+    shapes = []
+    weight = torch.randn(50, 7)
+
+    def fn(ids):
+        shapes.append(tuple(ids.shape))
+        return (weight[ids.view(-1)] @ torch.ones(7, 7)).unsqueeze(1)
+
+    memo = TokenMemo(fn, rows=3, vocab=50)
+    for ids in ([[4], [9], [4]], [[4], [9], [4]], [[1], [2], [4]], [[5], [6], [7]]):
+        ids = torch.tensor(ids)
+        assert torch.equal(memo(ids), fn(ids))
+    assert set(shapes) == {(3, 1)}
+    assert memo.calls == 3  # {4, 9}, {1, 2}, {5, 6, 7}: every word computed once
+
+
+def test_unknown_decoding_engine_is_refused():
+    head = make_head()
+    feats, boxes, hints = inputs(1)
+    with pytest.raises(ValueError, match="engine must be"):
+        decode(head, feats, boxes, hints, num_beams=2, max_new_tokens=4, engine="vllm")
