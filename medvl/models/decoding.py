@@ -26,6 +26,9 @@ from torch import nn
 from transformers import GPT2LMHeadModel, LogitsProcessorList
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
+# Steps between the host's reads of the stopping condition (each read waits for the device to finish its queue).
+CHECK_EVERY = {"cpu": 1, "gpu": 8}
+
 
 def supported(decoder: GPT2LMHeadModel) -> bool:
     """Whether :class:`DecoderSteps` reproduces ``decoder``'s own forward pass."""
@@ -109,8 +112,8 @@ class DecoderSteps:
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep the self-attention cache of ``rows`` (R,) (the beams that go on), in that order."""
-        if torch.equal(rows, torch.arange(len(rows), dtype=rows.dtype, device=rows.device)):
-            return
+        if rows.device.type == "cpu" and torch.equal(rows, torch.arange(len(rows), dtype=rows.dtype)):
+            return  # (on a GPU the test would wait for it)
         t = self.length
         torch.index_select(self.cache[..., :t, :], 0, rows, out=self.spare[..., :t, :])
         self.cache, self.spare = self.spare, self.cache
@@ -210,11 +213,16 @@ def beam_search(
     max_new_tokens: int,
     processors: Sequence[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
     length_penalty: float = 1.0,
+    check_every: int = 1,
 ) -> BeamResult:
     """Beam search as transformers' ``generate(num_beams=beams, early_stopping=True)`` runs it, one EOS token.
 
     ``steps`` holds ``batch * beams`` rows (each report's beams next to each other); ``processors`` are called as
     ``generate()``'s logits processors are, on (rows, length) ids and (rows, V) log-probabilities.
+    ``check_every``: the host reads the stopping condition only every this many steps (a read waits for the GPU).
+    Steps past the stop change no result: a report stops once its beams are all finished or its best finished
+    hypothesis cannot be beaten, and from then on every new candidate is pushed below -1e9, under any finished
+    score, so the best hypothesis (all that is returned) stays.
     """
     device = steps.cross_kv[0][0].device
     prompt, max_length = 1, 1 + max_new_tokens
@@ -232,6 +240,7 @@ def beam_search(
     running_parents = torch.full((batch, beams, max_length - prompt), -1, dtype=torch.int32, device=device)
     finished_parents = running_parents.clone()
     offsets = torch.arange(batch, device=device).view(-1, 1) * beams
+    stopped = torch.zeros((), dtype=torch.bool, device=device)
     cur = prompt
     while True:
         ids = running[:, :, :cur].reshape(batch * beams, cur)
@@ -269,7 +278,8 @@ def beam_search(
         best_possible = running_scores[:, :1] / ((cur - prompt) ** length_penalty)
         worst_done = torch.where(is_finished, torch.min(finished_scores, dim=1, keepdim=True)[0], -1.0e9)
         can_improve = can_improve & torch.any(best_possible > worst_done, dim=-1, keepdim=True)
-        if not bool(torch.any(can_improve) & ~torch.all(is_finished) & ~torch.all(ends)):
+        stopped = stopped | ~(torch.any(can_improve) & ~torch.all(is_finished) & ~torch.all(ends))
+        if cur >= max_length or ((cur - prompt) % check_every == 0 and bool(stopped)):
             break
     best, best_scores, best_parents = finished[:, 0], finished_scores[:, 0], finished_parents[:, 0]
     length = prompt + int((best_parents + 1).bool().sum(dim=1).max())
@@ -285,14 +295,17 @@ def greedy_search(
     pad: int,
     max_new_tokens: int,
     processors: Sequence[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
+    check_every: int = 1,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Greedy search as transformers' ``generate(num_beams=1, do_sample=False)`` runs it: (B, 1 + L) ids (BOS,
-    then PAD after a row's EOS) and the processed logits (B, V) of every step."""
+    then PAD after a row's EOS) and the processed logits (B, V) of every step. ``check_every`` as in
+    :func:`beam_search`: steps past the stop are cut off at the end."""
     device = steps.cross_kv[0][0].device
     ids = torch.full((batch, 1), bos, dtype=torch.long, device=device)
     running = torch.ones(batch, dtype=torch.long, device=device)
     scores = []
-    for _ in range(max_new_tokens):
+    length = torch.full((), max_new_tokens, device=device)  # steps until every row ended
+    for step in range(1, max_new_tokens + 1):
         logits = steps.step(ids[:, -1:])
         for proc in processors:
             logits = proc(ids, logits)
@@ -300,9 +313,12 @@ def greedy_search(
         nxt = torch.argmax(logits, dim=-1) * running + pad * (1 - running)
         ids = torch.cat([ids, nxt[:, None]], dim=-1)
         running = running & ~(nxt == eos)
-        if running.max() == 0:
+        all_ended = running.max() == 0
+        length = torch.where(all_ended & (length == max_new_tokens), step, length)
+        if step % check_every == 0 and bool(all_ended):
             break
-    return ids, scores
+    n = int(length)
+    return ids[:, : 1 + n], scores[:n]
 
 
 def greedy_scores(seqs: torch.Tensor, step_scores: Sequence[torch.Tensor], eos: int) -> torch.Tensor:
@@ -347,8 +363,11 @@ def search(
     )
     rules = [bans, *logits_processor]
     rows = (cond.repeat_interleave(beams, dim=0), cond_mask.repeat_interleave(beams, dim=0))
-    embed = embedder(len(rows[0])) if embedder else None
+    on_cpu = cond.device.type == "cpu"
+    # the memo reads the new words on the host at every step: on a GPU the memory answers each word instead
+    embed = embedder(len(rows[0])) if embedder and on_cpu else None
     steps = DecoderSteps(decoder, *rows, capacity=max_new_tokens, embed=embed)
+    check_every = CHECK_EVERY["cpu" if on_cpu else "gpu"]
     if beams == 1:
         ids, step_scores = greedy_search(
             steps,
@@ -358,6 +377,7 @@ def search(
             pad=pad,
             max_new_tokens=max_new_tokens,
             processors=rules,
+            check_every=check_every,
         )
         return pad_after_eos(ids[:, 1:], eos, pad), greedy_scores(ids[:, 1:], step_scores, eos)
     found = beam_search(
@@ -370,6 +390,7 @@ def search(
         max_new_tokens=max_new_tokens,
         processors=rules,
         length_penalty=length_penalty,
+        check_every=check_every,
     )
     return pad_after_eos(found.sequences[:, 1:], eos, pad), found.scores
 
