@@ -368,30 +368,19 @@ def search(
     embed = embedder(len(rows[0])) if embedder and on_cpu else None
     steps = DecoderSteps(decoder, *rows, capacity=max_new_tokens, embed=embed)
     check_every = CHECK_EVERY["cpu" if on_cpu else "gpu"]
-    if beams == 1:
-        ids, step_scores = greedy_search(
-            steps,
-            batch=cond.shape[0],
-            bos=bos,
-            eos=eos,
-            pad=pad,
-            max_new_tokens=max_new_tokens,
-            processors=rules,
-            check_every=check_every,
-        )
-        return pad_after_eos(ids[:, 1:], eos, pad), greedy_scores(ids[:, 1:], step_scores, eos)
-    found = beam_search(
-        steps,
+    common = dict(
         batch=cond.shape[0],
-        beams=beams,
         bos=bos,
         eos=eos,
         pad=pad,
         max_new_tokens=max_new_tokens,
         processors=rules,
-        length_penalty=length_penalty,
         check_every=check_every,
     )
+    if beams == 1:
+        ids, step_scores = greedy_search(steps, **common)
+        return pad_after_eos(ids[:, 1:], eos, pad), greedy_scores(ids[:, 1:], step_scores, eos)
+    found = beam_search(steps, beams=beams, length_penalty=length_penalty, **common)
     return pad_after_eos(found.sequences[:, 1:], eos, pad), found.scores
 
 
