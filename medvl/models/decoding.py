@@ -76,8 +76,10 @@ class DecoderSteps:
             self.cross_kv.append((self._heads(k).contiguous(), self._heads(v).contiguous()))
         # (R, layer, key / value, head, position, head_dim): a beam reorder copies the positions written so far
         # into the spare buffer, in one call for every layer
-        shape = (rows, len(self.blocks), 2, self.heads, capacity, self.head_dim)
-        self.cache, self.spare = cond.new_empty(shape), cond.new_empty(shape)
+        # (allocated at the first step, in the dtype the projections give: bf16 under autocast)
+        self.shape = (rows, len(self.blocks), 2, self.heads, capacity, self.head_dim)
+        self.cache: torch.Tensor | None = None
+        self.spare: torch.Tensor | None = None
         self.length = 0
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,6 +100,8 @@ class DecoderSteps:
         for i, block in enumerate(self.blocks):
             attn, cross, mlp = block.attn, block.crossattention, block.mlp
             q, k, v = _conv1d(attn.c_attn, _norm(block.ln_1, x)).split(e, dim=2)
+            if self.cache is None:
+                self.cache, self.spare = k.new_empty(self.shape), k.new_empty(self.shape)
             self.cache[:, i, 0, :, t] = k.view(-1, self.heads, self.head_dim)
             self.cache[:, i, 1, :, t] = v.view(-1, self.heads, self.head_dim)
             past = self.cache[:, i, :, :, : t + 1]  # (R, key / value, head, position, head_dim)
@@ -112,7 +116,11 @@ class DecoderSteps:
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep the self-attention cache of ``rows`` (R,) (the beams that go on), in that order."""
-        if rows.device.type == "cpu" and torch.equal(rows, torch.arange(len(rows), dtype=rows.dtype)):
+        if (
+            self.cache is None
+            or rows.device.type == "cpu"
+            and torch.equal(rows, torch.arange(len(rows), dtype=rows.dtype))
+        ):
             return  # (on a GPU the test would wait for it)
         t = self.length
         torch.index_select(self.cache[..., :t, :], 0, rows, out=self.spare[..., :t, :])

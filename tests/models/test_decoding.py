@@ -240,3 +240,15 @@ def test_unknown_decoding_engine_is_refused():
     feats, boxes, hints = inputs(1)
     with pytest.raises(ValueError, match="engine must be"):
         decode(head, feats, boxes, hints, num_beams=2, max_new_tokens=4, engine="vllm")
+
+
+def test_medvl_search_under_autocast_gives_generates_sequences():
+    """Validation while training in bf16 decodes under autocast: the keys and values come out in bf16."""
+    head = make_head(2)
+    feats, boxes, hints = inputs(3, seed=2)
+    for beams in (1, 3):
+        kw = dict(num_beams=beams, no_repeat_ngram_size=3, max_new_tokens=12)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            reference = decode(head, feats, boxes, hints, engine="transformers", **kw)
+            ours = decode(head, feats, boxes, hints, **kw)
+        assert torch.equal(ours.sequences, reference.sequences) and torch.equal(ours.scores, reference.scores)
