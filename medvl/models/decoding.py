@@ -75,8 +75,8 @@ class DecoderSteps:
             k, v = _conv1d(block.crossattention.c_attn, cond).split(e, dim=2)
             self.cross_kv.append((self._heads(k).contiguous(), self._heads(v).contiguous()))
         # (R, layer, key / value, head, position, head_dim): a beam reorder copies the positions written so far
-        # into the spare buffer, in one call for every layer
-        # (allocated at the first step, in the dtype the projections give: bf16 under autocast)
+        # into the spare buffer, in one call for every layer. Both are allocated at the first step, in the dtype
+        # the projections give (bf16 under autocast).
         self.shape = (rows, len(self.blocks), 2, self.heads, capacity, self.head_dim)
         self.cache: torch.Tensor | None = None
         self.spare: torch.Tensor | None = None
@@ -116,12 +116,10 @@ class DecoderSteps:
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep the self-attention cache of ``rows`` (R,) (the beams that go on), in that order."""
-        if (
-            self.cache is None
-            or rows.device.type == "cpu"
-            and torch.equal(rows, torch.arange(len(rows), dtype=rows.dtype))
-        ):
-            return  # (on a GPU the test would wait for it)
+        if self.cache is None:
+            return
+        if rows.device.type == "cpu" and torch.equal(rows, torch.arange(len(rows), dtype=rows.dtype)):
+            return  # every beam goes on in place (on a GPU this test would wait for the device)
         t = self.length
         torch.index_select(self.cache[..., :t, :], 0, rows, out=self.spare[..., :t, :])
         self.cache, self.spare = self.spare, self.cache
