@@ -4,8 +4,10 @@ The report head (GPT-2 decoder with cross-attention, shared memory queried by pa
 decoded word, keyword hints) decodes from fixed random conditioning:
 
 - ``fast`` (today's ``generate()``): beam search stepped directly on the decoder's weights
-  (``medvl.models.decoding``: one preallocated KV cache, the memory's answer to each word computed once per
-  decode), the frozen memory's keys and values projected once;
+  (``medvl.models.decoding``: one preallocated KV cache; on the CPU, the memory's answer to each word computed once
+  per decode and a report's beams attending to its conditioning as one query group), the frozen memory's keys and
+  values projected once;
+- ``--grouped``: also ``fast`` with the beams grouped on any device (off by default on a GPU until measured there);
 - ``generate``: the same model through transformers' ``generate()`` (0.3.0's decoding: memory keys and values
   projected once, the beam cache leaving the cross-attention rows in place);
 - ``--static-cache``: also ``generate`` with a preallocated self-attention cache, with which transformers compiles
@@ -102,7 +104,7 @@ def conditioning(batch: int, device: torch.device):
 
 # R2GenCMN's beam search on 2 CPU cores, anchor size, beam 3, 100 tokens (side by side with 0.2.0's decoding)
 R2GENCMN_2CPU = {"one_report_s": 9.2, "batch8_reports_per_s": 0.116}
-VARIANTS = ("fast", "generate", "plain", "no_kv_cache", "static")
+VARIANTS = ("fast", "grouped", "generate", "plain", "no_kv_cache", "static")
 
 
 @contextlib.contextmanager
@@ -116,6 +118,16 @@ def plain_decoding(head) -> Iterator[None]:
     finally:
         dec.BeamCache.reorder_cache = reorder
         head.memory.cache_kv = True
+
+
+@contextlib.contextmanager
+def grouped_beams() -> Iterator[None]:
+    before = dict(dec.GROUPED_BEAMS)
+    dec.GROUPED_BEAMS.update(cpu=True, gpu=True)
+    try:
+        yield
+    finally:
+        dec.GROUPED_BEAMS.update(before)
 
 
 def _sync(device: torch.device) -> None:
@@ -151,6 +163,9 @@ def measure_decoding(
         )
         if variant == "fast":
             return head.generate(**kw)
+        if variant == "grouped":  # a report's beams as one query group also where it is off by default (GPU)
+            with grouped_beams():
+                return head.generate(**kw)
         if variant in ("generate", "static"):
             return head.generate(engine="transformers", static_cache=variant == "static", **kw)
         with plain_decoding(head):
@@ -195,6 +210,7 @@ def main() -> None:
     p.add_argument(
         "--static-cache", action="store_true", help="also the fast variant with a static cache (GPU)"
     )
+    p.add_argument("--grouped", action="store_true", help="also fast with grouped beams on any device (GPU)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
@@ -202,7 +218,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     variants = (
-        ("fast", "generate", "plain") + ("no_kv_cache",) * args.no_kv_cache + ("static",) * args.static_cache
+        ("fast", "generate", "plain")
+        + ("grouped",) * args.grouped
+        + ("no_kv_cache",) * args.no_kv_cache
+        + ("static",) * args.static_cache
     )
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     rows = []
@@ -250,7 +269,9 @@ def main() -> None:
         ),
         "conditioning": f"{PATCHES} patches x {VISUAL_DIM}-d (+ {PATCHES} memory responses) + {KEYWORDS} keyword hints",
         "variants": {
-            "fast": "medvl.models.decoding beam search: preallocated KV cache, memory answer once per word",
+            "fast": "medvl.models.decoding beam search: preallocated KV cache, memory answer once per word (CPU), a "
+            "report's beams attending as one query group (CPU)",
+            "grouped": "fast with a report's beams as one query group on any device",
             "generate": "0.3.0: transformers' generate(), memory keys/values projected once, cross-attention cache "
             "rows left in place",
             "plain": "0.2.0: generate(), memory re-projected for every decoded token, every cache row reordered",

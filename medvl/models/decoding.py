@@ -28,6 +28,9 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 # Steps between the host's reads of the stopping condition (each read waits for the device to finish its queue).
 CHECK_EVERY = {"cpu": 1, "gpu": 8}
+# Whether a report's beams attend to its conditioning as one group of query heads (see DecoderSteps). Exact on the
+# CPU (tested); on a GPU the grouped call may pick another attention kernel, so it is measured there first.
+GROUPED_BEAMS = {"cpu": True, "gpu": False}
 
 
 def supported(decoder: GPT2LMHeadModel) -> bool:
@@ -59,6 +62,7 @@ class DecoderSteps:
         cond_mask: torch.Tensor,
         capacity: int,
         embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        beams: int = 1,
     ):
         tr = decoder.transformer
         self.embed = embed or tr.wte
@@ -67,13 +71,21 @@ class DecoderSteps:
         first = self.blocks[0].attn
         self.heads, self.head_dim, self.width = first.num_heads, first.head_dim, first.embed_dim
         rows, e = cond.shape[0], cond.shape[2]
-        keep = cond_mask.bool()
+        # The beams of a report attend to the same conditioning. Grouped (GROUPED_BEAMS), they attend as one group
+        # of query heads per key/value head (SDPA's grouped-query attention), which reads each report's keys and
+        # values once instead of once per beam and gives the per-beam results bit for bit on the CPU (tested);
+        # otherwise every row keeps its own copy, as in transformers.
+        grouped = GROUPED_BEAMS["cpu" if cond.device.type == "cpu" else "gpu"]
+        self.beams = beams if grouped and beams > 1 else 1
+        keep = cond_mask.bool()[:: self.beams]
         # transformers passes no mask where every position is kept, else a boolean (R, 1, 1, N) one
         self.cond_mask = None if bool(keep.all()) else keep[:, None, None, :]
         self.cross_kv = []
         for block in self.blocks:
+            # projected for every row, as transformers does (a product's bits depend on its row count)
             k, v = _conv1d(block.crossattention.c_attn, cond).split(e, dim=2)
-            self.cross_kv.append((self._heads(k).contiguous(), self._heads(v).contiguous()))
+            k, v = self._heads(k)[:: self.beams], self._heads(v)[:: self.beams]
+            self.cross_kv.append((k.contiguous(), v.contiguous()))
         # (R, layer, key / value, head, position, head_dim): a beam reorder copies the positions written so far
         # into the spare buffer, in one call for every layer. Both are allocated at the first step, in the dtype
         # the projections give (bf16 under autocast).
@@ -85,10 +97,15 @@ class DecoderSteps:
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(*x.shape[:-1], -1, self.head_dim).transpose(1, 2)
 
-    def _attend(self, q, k, v, mask, scale, proj) -> torch.Tensor:
+    def _attend(self, q, k, v, mask, scale, proj, group: int = 1) -> torch.Tensor:
+        if group > 1:  # (R, H, 1, d) rows -> (R / group, H * group, 1, d): a report's beams as query heads
+            r, h = q.shape[:2]
+            q = q.reshape(r // group, group, h, 1, -1).transpose(1, 2).reshape(r // group, h * group, 1, -1)
         a = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=0.0, scale=scale, is_causal=False
+            q, k, v, attn_mask=mask, dropout_p=0.0, scale=scale, is_causal=False, enable_gqa=group > 1
         )
+        if group > 1:
+            a = a.reshape(r // group, h, group, 1, -1).transpose(1, 2).reshape(r, h, 1, -1)
         a = a.reshape(a.shape[0], -1, q.shape[2], v.shape[-1]).transpose(1, 2).contiguous()
         return _conv1d(proj, a.reshape(*a.shape[:-2], -1).contiguous())
 
@@ -108,7 +125,7 @@ class DecoderSteps:
             x = self._attend(self._heads(q), past[:, 0], past[:, 1], None, attn.scaling, attn.c_proj) + x
             q = self._heads(_conv1d(cross.q_attn, _norm(block.ln_cross_attn, x)))
             ck, cv = self.cross_kv[i]
-            x = x + self._attend(q, ck, cv, self.cond_mask, cross.scaling, cross.c_proj)
+            x = x + self._attend(q, ck, cv, self.cond_mask, cross.scaling, cross.c_proj, self.beams)
             x = x + _conv1d(mlp.c_proj, mlp.act(_conv1d(mlp.c_fc, _norm(block.ln_2, x))))
         self.length += 1
         logits = F.linear(_norm(self.ln_f, x), self.lm_head.weight, self.lm_head.bias)
@@ -372,7 +389,7 @@ def search(
     on_cpu = cond.device.type == "cpu"
     # the memo reads the new words on the host at every step: on a GPU the memory answers each word instead
     embed = embedder(len(rows[0])) if embedder and on_cpu else None
-    steps = DecoderSteps(decoder, *rows, capacity=max_new_tokens, embed=embed)
+    steps = DecoderSteps(decoder, *rows, capacity=max_new_tokens, embed=embed, beams=beams)
     check_every = CHECK_EVERY["cpu" if on_cpu else "gpu"]
     common = dict(
         batch=cond.shape[0],

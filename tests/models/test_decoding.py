@@ -188,10 +188,13 @@ SETTINGS = [
 ]
 
 
-@pytest.mark.parametrize("check_every", [1, 8])  # 8: the GPU's deferred reads of the stopping condition
+# the CPU's settings, and the GPU's run on the CPU: deferred reads of the stopping condition, one copy of the
+# conditioning per beam
+@pytest.mark.parametrize("check_every, grouped", [(1, True), (8, False)], ids=["cpu", "gpu_settings"])
 @pytest.mark.parametrize("name", sorted(HEADS))
-def test_medvl_search_gives_generates_sequences_and_scores(name, check_every, monkeypatch):
+def test_medvl_search_gives_generates_sequences_and_scores(name, check_every, grouped, monkeypatch):
     monkeypatch.setitem(dec.CHECK_EVERY, "cpu", check_every)
+    monkeypatch.setitem(dec.GROUPED_BEAMS, "cpu", grouped)
     head = make_head(1, **HEADS[name])
     with torch.no_grad():  # states on for some labels and off for others
         if hasattr(head, "label_thresholds"):
