@@ -527,3 +527,28 @@ def test_context_heads_must_divide_the_width():
         ReportConditioner(ConditionConfig(context_layers=1, context_heads=3, use_memory=False), 8, 8, 16)
     with pytest.raises(ConfigError, match="context_layers"):
         ConditionConfig(context_layers=-1).validate()
+
+
+def test_ema_update_is_the_per_tensor_lerp_and_copies_buffers():
+    import copy
+
+    from medvl.models.diffusion.denoiser import ema_update
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 3))
+    ema, reference = (copy.deepcopy(net).requires_grad_(False) for _ in range(2))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p))
+    net(torch.randn(4, 7))  # batch-norm statistics move
+    for _ in range(3):
+        ema_update(ema, net, 0.97)
+        for e, p in zip(reference.parameters(), net.parameters(), strict=True):
+            e.lerp_(p.detach(), 0.03)
+    for (name, a), b in zip(ema.state_dict().items(), reference.state_dict().values(), strict=True):
+        if name.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            assert torch.equal(a, net.state_dict()[name])  # buffers copied
+        else:
+            assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="EMA and model differ"):
+        ema_update(ema, torch.nn.Linear(7, 5), 0.97)

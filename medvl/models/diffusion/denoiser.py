@@ -56,9 +56,15 @@ def training_latent(
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * net, parameter by parameter (buffers copied); same architecture."""
-    for e, p in zip(ema.parameters(), net.parameters(), strict=True):
-        e.lerp_(p.detach(), 1.0 - decay)
+    """ema <- decay * ema + (1 - decay) * net (buffers copied); same architecture.
+
+    One multi-tensor lerp over all parameters (as ``torch.optim.swa_utils``' EMA does): on a GPU a few kernel
+    launches instead of one per parameter tensor; the values are those of ``lerp_`` tensor by tensor."""
+    params = list(ema.parameters())
+    sources = [p.detach() for p in net.parameters()]
+    if len(params) != len(sources):
+        raise ValueError(f"EMA and model differ: {len(params)} against {len(sources)} parameter tensors")
+    torch._foreach_lerp_(params, sources, 1.0 - decay)
     for e, b in zip(ema.buffers(), net.buffers(), strict=True):
         e.copy_(b)
 
