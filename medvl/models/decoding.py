@@ -436,6 +436,8 @@ def decode(
     """
     if engine not in ("medvl", "transformers"):
         raise ValueError(f"engine must be 'medvl' or 'transformers', got {engine!r}")
+    if cond.shape[0] == 0:  # no scans: no reports (generate() fails on an empty batch)
+        return cond.new_zeros((0, 0), dtype=torch.long), cond.new_zeros(0)
     if engine == "medvl" and use_cache and not static_cache and supported(decoder):
         return search(
             decoder,

@@ -238,6 +238,16 @@ def test_token_memo_calls_its_function_on_full_blocks_only():
     assert memo.calls == 3  # {4, 9}, {1, 2}, {5, 6, 7}: every word computed once
 
 
+@pytest.mark.parametrize("engine", ["medvl", "transformers"])
+@pytest.mark.parametrize("beams", [1, 3])
+def test_an_empty_batch_decodes_to_no_reports(engine, beams):
+    head = make_head()
+    feats, boxes, hints = inputs(2)
+    none = KeywordHints(hints.ids[:0], hints.scores[:0], hints.boxes[:0], [])
+    out = decode(head, feats[:0], boxes[:0], none, num_beams=beams, max_new_tokens=5, engine=engine)
+    assert out.sequences.shape == (0, 0) and out.scores.shape == (0,)
+
+
 def test_unknown_decoding_engine_is_refused():
     head = make_head()
     feats, boxes, hints = inputs(1)
