@@ -42,6 +42,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -244,6 +245,21 @@ def extract_mentions(report: str) -> list[Mention]:
     if not isinstance(report, str):
         raise TypeError(f"a report must be a str, not {type(report).__name__}")
     return _extract(report, prefilter=True)
+
+
+def report_mentions(report: str) -> tuple[Mention, ...]:
+    """:func:`extract_mentions`, remembered per report text (mentions are frozen): for a pipeline that reads one
+    report's mentions more than once. Synthesis reads them for the text encoder's negated words and again for
+    the layout hint."""
+    report = decode_report(report)
+    if not isinstance(report, str):
+        raise TypeError(f"a report must be a str, not {type(report).__name__}")
+    return _remembered_mentions(report)
+
+
+@lru_cache(maxsize=16384)
+def _remembered_mentions(report: str) -> tuple[Mention, ...]:
+    return tuple(_extract(report, prefilter=True))
 
 
 _ALL_KEYS = frozenset(k for rule in PHRASE_RULES for k in rule.keys)

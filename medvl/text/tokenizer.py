@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from medvl.errors import ConfigError, InvalidReportError
-from medvl.text.labeler import extract_mentions
+from medvl.text.labeler import report_mentions
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 TOKENIZER_META = "medvl_tokenizer.json"
@@ -66,7 +66,7 @@ STOP_WORDS: frozenset[str] = frozenset(
 
 @lru_cache(maxsize=65536)
 def _negated_spans_cached(text: str) -> tuple[tuple[int, int], ...]:
-    return tuple((int(m.start), int(m.end)) for m in extract_mentions(text) if float(m.value) == 0.0)
+    return tuple((int(m.start), int(m.end)) for m in report_mentions(text) if float(m.value) == 0.0)
 
 
 def negated_spans(text: str) -> list[tuple[int, int]]:

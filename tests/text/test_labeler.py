@@ -130,3 +130,15 @@ def test_lung_lesion_conventions(report: str, chexpert: float | None, iu: float)
     assert any(m.observation == "Lung Lesion" for m in extract_mentions(report))
     if chexpert is None:
         assert label_report(report)["No Finding"] == 1.0  # an old, healed finding only
+
+
+def test_report_mentions_are_the_labelers_remembered_per_text():
+    from medvl.text.labeler import extract_mentions, report_mentions
+
+    text = "Small left pleural effusion. No pneumothorax."
+    first = report_mentions(text)
+    assert list(first) == extract_mentions(text)
+    assert report_mentions(text) is first  # read once per text
+    assert report_mentions(text.encode()) is first  # bytes are decoded as UTF-8 first
+    with pytest.raises(TypeError, match="must be a str"):
+        report_mentions(3)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
-from medvl.text.labeler import extract_mentions
+from medvl.text.labeler import report_mentions
 from medvl.text.layout import stated_layout
 
 __all__ = ["report_sides", "DEFAULT_LAYOUT_PRIOR", "layout_prior_from_regions", "report_layout"]
@@ -29,7 +29,7 @@ def report_sides(texts: Sequence[str]) -> torch.Tensor:
     """
     out = torch.zeros(len(texts), 2)
     for i, text in enumerate(texts):
-        for m in extract_mentions(text):
+        for m in report_mentions(text):
             if m.value != 1.0 or m.side is None:
                 continue
             side = str(getattr(m.side, "value", m.side))
@@ -110,7 +110,7 @@ def report_layout(
     centres = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid
     out = torch.zeros(len(texts), 2, grid, grid)
     for i, text in enumerate(texts):
-        for finding, side, zone in stated_layout(extract_mentions(text)):
+        for finding, side, zone in stated_layout(report_mentions(text)):
             z = zone or "any"
             box = next(
                 table[k]
