@@ -187,7 +187,9 @@ class TokenMemo:
 
     A matrix product's rows come out bit for bit the same whatever the other rows hold, but not whatever their
     number (the kernel depends on the shape): so ``fn`` is only ever called on blocks of exactly ``rows`` rows, the
-    shape the decoding step would give it, and the memoised rows are the ones it would compute.
+    shape the decoding step would give it, and the memoised rows are the ones it would compute. (That rests on the
+    math library computing each row apart from the others, as it does here; ``tests/models/test_decoding.py``
+    checks the whole decode against ``generate()`` wherever the tests run.)
     """
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], rows: int, vocab: int):
