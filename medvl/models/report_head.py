@@ -340,12 +340,9 @@ class ReportHead(nn.Module):
             return self._word_memory_hook(wte, ids, x) if self.cfg.use_memory else x
 
         memo = TokenMemo(words, rows, wte.num_embeddings) if self.cfg.use_memory else words
-
-        def embed(ids: torch.Tensor) -> torch.Tensor:
-            vector = self.cfg.label_states and self.cfg.label_state_vector
-            return self._state_hook(wte, ids, memo(ids)) if vector else memo(ids)
-
-        return embed
+        if not (self.cfg.label_states and self.cfg.label_state_vector):
+            return memo
+        return lambda ids: self._state_hook(wte, ids, memo(ids))
 
     def encode_conditions(
         self,
@@ -522,7 +519,8 @@ class ReportHead(nn.Module):
         static_cache: bool = False,
         engine: Literal["medvl", "transformers"] = "medvl",
     ) -> DecodeOutput:
-        """Greedy (``num_beams=1``) or beam search from BOS with Hugging Face ``generate()``.
+        """Greedy (``num_beams=1``) or beam search from BOS: :mod:`medvl.models.decoding`, or transformers'
+        ``generate()`` (see ``engine``), with the same sequences and scores.
 
         patch_features (B, P, D), patch_boxes (B, P, 4); ``keywords`` required when the head uses hints.
         ``max_new_tokens`` defaults to ``max_length - 1`` (so BOS + report fit the trained positions).
