@@ -8,6 +8,8 @@ decoded word, keyword hints) decodes from fixed random conditioning:
   per decode and a report's beams attending to its conditioning as one query group), the frozen memory's keys and
   values projected once;
 - ``--grouped``: also ``fast`` with the beams grouped on any device (off by default on a GPU until measured there);
+- ``--graphed``: also ``fast`` with fixed-shape steps, which a GPU replays as one CUDA graph per step (off by
+  default until measured there; on the CPU the fixed shapes alone, no graph);
 - ``generate``: the same model through transformers' ``generate()`` (0.3.0's decoding: memory keys and values
   projected once, the beam cache leaving the cross-attention rows in place);
 - ``--static-cache``: also ``generate`` with a preallocated self-attention cache, with which transformers compiles
@@ -104,7 +106,7 @@ def conditioning(batch: int, device: torch.device):
 
 # R2GenCMN's beam search on 2 CPU cores, anchor size, beam 3, 100 tokens (side by side with 0.2.0's decoding)
 R2GENCMN_2CPU = {"one_report_s": 9.2, "batch8_reports_per_s": 0.116}
-VARIANTS = ("fast", "grouped", "generate", "plain", "no_kv_cache", "static")
+VARIANTS = ("fast", "grouped", "graphed", "generate", "plain", "no_kv_cache", "static")
 
 
 @contextlib.contextmanager
@@ -128,6 +130,17 @@ def grouped_beams() -> Iterator[None]:
         yield
     finally:
         dec.GROUPED_BEAMS.update(before)
+
+
+@contextlib.contextmanager
+def graphed_steps() -> Iterator[None]:
+    """Fixed-shape steps on any device: replayed as CUDA graphs on a GPU; on the CPU the fixed shapes alone."""
+    before = dict(dec.STATIC_STEPS)
+    dec.STATIC_STEPS.update(cpu=True, gpu=True)
+    try:
+        yield
+    finally:
+        dec.STATIC_STEPS.update(before)
 
 
 def _sync(device: torch.device) -> None:
@@ -165,6 +178,9 @@ def measure_decoding(
             return head.generate(**kw)
         if variant == "grouped":  # a report's beams as one query group also where it is off by default (GPU)
             with grouped_beams():
+                return head.generate(**kw)
+        if variant == "graphed":
+            with graphed_steps():
                 return head.generate(**kw)
         if variant in ("generate", "static"):
             return head.generate(engine="transformers", static_cache=variant == "static", **kw)
@@ -211,6 +227,9 @@ def main() -> None:
         "--static-cache", action="store_true", help="also the fast variant with a static cache (GPU)"
     )
     p.add_argument("--grouped", action="store_true", help="also fast with grouped beams on any device (GPU)")
+    p.add_argument(
+        "--graphed", action="store_true", help="also fast with fixed-shape steps (CUDA graphs on a GPU)"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
@@ -220,6 +239,7 @@ def main() -> None:
     variants = (
         ("fast", "generate", "plain")
         + ("grouped",) * args.grouped
+        + ("graphed",) * args.graphed
         + ("no_kv_cache",) * args.no_kv_cache
         + ("static",) * args.static_cache
     )
@@ -272,6 +292,8 @@ def main() -> None:
             "fast": "medvl.models.decoding beam search: preallocated KV cache, memory answer once per word (CPU), a "
             "report's beams attending as one query group (CPU)",
             "grouped": "fast with a report's beams as one query group on any device",
+            "graphed": "fast with fixed-shape steps (whole-capacity masked attention), each replayed as a CUDA "
+            "graph on a GPU; on the CPU the fixed shapes alone",
             "generate": "0.3.0: transformers' generate(), memory keys/values projected once, cross-attention cache "
             "rows left in place",
             "plain": "0.2.0: generate(), memory re-projected for every decoded token, every cache row reordered",

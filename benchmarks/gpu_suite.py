@@ -24,8 +24,9 @@ Rows (random weights: speed does not depend on them):
 * ``decode``: the report head at ``benchmarks/decode_throughput.py``'s anchor size, beam 3, 100 tokens forced,
   trigram blocking: reports/min at batch 64, 256 and 512 (``decode_reports_per_min``: the best), the latency of
   one report (batch 1), today's decoding beside transformers' ``generate()`` and, per batch, with a report's beams
-  attending as one query group (``grouped``: on by default on the CPU, measured here before a GPU default), and
-  the static-cache variant (compiled by transformers on CUDA), each with its sameness.
+  attending as one query group (``grouped``: on by default on the CPU, measured here before a GPU default), with
+  fixed-shape steps replayed as CUDA graphs (``graphed``, batch 1 and per batch: off by default until measured
+  here), and the static-cache variant (compiled by transformers on CUDA), each with its sameness.
 * ``loader``: the prepared-dataset loader (the training loop's micro-batch loader with AdaMatch's collate) with
   the preset's ``train.num_workers``, images/s beside AdaMatch's training rate.
 * ``prepare``: ``medvl prepare mimic-cxr`` (``prepare_mimic``) on a generated MIMIC-CXR-JPG tree of full-size
@@ -100,7 +101,7 @@ FULL = {
     "decode_setting": "anchor",
     "decode_tokens": 100,
     "decode_batches": (64, 256, 512),
-    "decode_variants": ("fast", "grouped"),
+    "decode_variants": ("fast", "grouped", "graphed"),
     "prepare_images": 384,
     "prepare_distinct": 8,
     "prepare_shape": (prepare_throughput.H, prepare_throughput.W),
@@ -119,7 +120,7 @@ TINY = {
     "decode_setting": "tiny",
     "decode_tokens": 8,
     "decode_batches": (2, 4),
-    "decode_variants": ("fast", "grouped", "generate"),
+    "decode_variants": ("fast", "grouped", "graphed", "generate"),
     "prepare_images": 24,
     "prepare_distinct": 2,
     "prepare_shape": (300, 250),
@@ -462,7 +463,7 @@ def decoding(s: dict, device: torch.device, static: bool) -> dict:
     tokens = s["decode_tokens"]
     head = decode_throughput.build_head(s["decode_setting"], tokens, device)
     common = dict(beams=3, tokens=tokens, ngram=3, repeats=2, device=device)
-    one = ("fast", "generate", "plain")
+    one = ("fast", "graphed", "generate", "plain")
     rows = {"one_report": decode_throughput.measure_decoding(head, 1, variants=one, **common)}
     for batch in s["decode_batches"]:
         rows[f"batch_{batch}"] = decode_throughput.measure_decoding(
@@ -481,6 +482,8 @@ def decoding(s: dict, device: torch.device, static: bool) -> dict:
     per_min = {k: 60 * r["fast_reports_per_s"] for k, r in rows.items() if k.startswith("batch_")}
     # a report's beams as one query group (off by default on a GPU until this row shows it exact and faster)
     grouped = {k: 60 * r["grouped_reports_per_s"] for k, r in rows.items() if "grouped_reports_per_s" in r}
+    # fixed-shape steps replayed as CUDA graphs (off by default until these rows show them faster, same sequences)
+    graphed = {k: 60 * r["graphed_reports_per_s"] for k, r in rows.items() if k.startswith("batch_")}
     best = max(per_min, key=per_min.get)
     return {
         "setting": s["decode_setting"],
@@ -489,6 +492,8 @@ def decoding(s: dict, device: torch.device, static: bool) -> dict:
         "no_repeat_ngram_size": 3,
         "reports_per_min": per_min,
         "grouped_reports_per_min": grouped,
+        "graphed_reports_per_min": graphed,
+        "graphed_one_report_s": rows["one_report"]["graphed_s_per_batch"],
         "best_batch": int(best.split("_")[1]),
         "rows": rows,
     }

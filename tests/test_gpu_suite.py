@@ -48,6 +48,7 @@ def test_gpu_suite_tiny_writes_every_key(tmp_path):
     assert rows["decode"]["rows"]["one_report"]["same_sequences"]  # fast decoding = 0.2.0's, in the suite too
     batch_rows = [r for k, r in rows["decode"]["rows"].items() if k.startswith("batch_")]
     assert batch_rows and all(r["same_sequences"] and "grouped_s_per_batch" in r for r in batch_rows)
+    assert all("graphed_s_per_batch" in r for r in [*batch_rows, rows["decode"]["rows"]["one_report"]])
     assert set(rows["diffusion_train"]["variants"]) == {"loop", "fast"}
     assert rows["diffusion_train"]["flops_per_step"] > 0 and rows["adamatch_train"]["flops_per_step"] > 0
     assert result["batches"]["diffusion_train"] == 8 and result["batches"]["sampling"] == [2, 4]

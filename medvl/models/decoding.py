@@ -10,6 +10,9 @@ the sequences and scores are those of ``generate()``; ``tests/models/test_decodi
 embedding's hooks (the report head's memory query) depend on the word alone, so the caller may memoise them per
 word (:class:`TokenMemo`): a report repeats its words, and the memory query was a quarter of a step.
 
+With ``STATIC_STEPS`` a step has fixed shapes (attention over the whole capacity, masked; its position in a
+device tensor), which a GPU replays as a CUDA graph (:mod:`medvl.models.decoding_graphs`).
+
 What it does not cover goes to ``generate()`` (:func:`decode`): decoding without the KV cache, the static cache,
 and a decoder whose attention is not PyTorch's scaled-dot-product attention.
 """
@@ -26,11 +29,20 @@ from torch import nn
 from transformers import GPT2LMHeadModel, LogitsProcessorList
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
+from medvl.models.decoding_graphs import GraphedSteps
+
 # Steps between the host's reads of the stopping condition (each read waits for the device to finish its queue).
 CHECK_EVERY = {"cpu": 1, "gpu": 8}
 # Whether a report's beams attend to its conditioning as one group of query heads (see DecoderSteps). Exact on the
 # CPU (tested); on a GPU the grouped call may pick another attention kernel, so it is measured there first.
 GROUPED_BEAMS = {"cpu": True, "gpu": False}
+# Fixed-shape steps (:class:`DecoderSteps` with ``static=True``): every step attends over the whole capacity
+# (positions not yet written are masked) and reads its position from a device tensor, so a GPU replays each step as
+# one CUDA graph (``decoding_graphs.GraphedSteps``) instead of launching every kernel from Python. The scores may differ from
+# the dynamic steps' in the last bits (the softmax runs over more, masked, positions); on a GPU it stays off until
+# ``gpu_suite.py``'s ``graphed`` decode rows show it faster with the same sequences. On the CPU there is no graph
+# to replay: the switch there serves the tests.
+STATIC_STEPS = {"cpu": False, "gpu": False}
 
 
 def supported(decoder: GPT2LMHeadModel) -> bool:
@@ -63,6 +75,7 @@ class DecoderSteps:
         capacity: int,
         embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
         beams: int = 1,
+        static: bool = False,
     ):
         tr = decoder.transformer
         self.embed = embed or tr.wte
@@ -93,6 +106,15 @@ class DecoderSteps:
         self.cache: torch.Tensor | None = None
         self.spare: torch.Tensor | None = None
         self.length = 0
+        self.device = cond.device
+        self.static = static
+        if (
+            static
+        ):  # the state a replayed step reads: its position, the rows that go on, the positions' indices
+            self.t = torch.zeros(1, dtype=torch.long, device=cond.device)
+            self.identity = torch.arange(rows, device=cond.device)
+            self.rows = self.identity.clone()
+            self.positions = torch.arange(capacity, device=cond.device).view(1, 1, 1, capacity)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(*x.shape[:-1], -1, self.head_dim).transpose(1, 2)
@@ -112,27 +134,54 @@ class DecoderSteps:
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (R, 1) -> next-token logits (R, V) in float32."""
         t = self.length
-        x = self.embed(ids) + self.wpe.weight[t]
+        static = self.static
+        if static:
+            self._follow_rows()
+            x = self.embed(ids) + self.wpe.weight.index_select(0, self.t)
+            seen = self.positions <= self.t  # (1, 1, 1, capacity): the positions written, this one included
+        else:
+            x = self.embed(ids) + self.wpe.weight[t]
         e = self.width
         for i, block in enumerate(self.blocks):
             attn, cross, mlp = block.attn, block.crossattention, block.mlp
             q, k, v = _conv1d(attn.c_attn, _norm(block.ln_1, x)).split(e, dim=2)
             if self.cache is None:
-                self.cache, self.spare = k.new_empty(self.shape), k.new_empty(self.shape)
-            self.cache[:, i, 0, :, t] = k.view(-1, self.heads, self.head_dim)
-            self.cache[:, i, 1, :, t] = v.view(-1, self.heads, self.head_dim)
-            past = self.cache[:, i, :, :, : t + 1]  # (R, key / value, head, position, head_dim)
-            x = self._attend(self._heads(q), past[:, 0], past[:, 1], None, attn.scaling, attn.c_proj) + x
+                self.cache, self.spare = k.new_zeros(self.shape), k.new_zeros(self.shape)
+            if static:
+                for j, kv in enumerate((k, v)):
+                    self.cache[:, i, j].index_copy_(2, self.t, self._heads(kv))
+                past, mask = self.cache[:, i], seen
+            else:
+                self.cache[:, i, 0, :, t] = k.view(-1, self.heads, self.head_dim)
+                self.cache[:, i, 1, :, t] = v.view(-1, self.heads, self.head_dim)
+                past, mask = (
+                    self.cache[:, i, :, :, : t + 1],
+                    None,
+                )  # (R, key / value, head, position, head_dim)
+            x = self._attend(self._heads(q), past[:, 0], past[:, 1], mask, attn.scaling, attn.c_proj) + x
             q = self._heads(_conv1d(cross.q_attn, _norm(block.ln_cross_attn, x)))
             ck, cv = self.cross_kv[i]
             x = x + self._attend(q, ck, cv, self.cond_mask, cross.scaling, cross.c_proj, self.beams)
             x = x + _conv1d(mlp.c_proj, mlp.act(_conv1d(mlp.c_fc, _norm(block.ln_2, x))))
         self.length += 1
+        if static:
+            self.t.add_(1)
         logits = F.linear(_norm(self.ln_f, x), self.lm_head.weight, self.lm_head.bias)
         return logits[:, -1, :].to(copy=True, dtype=torch.float32)
 
+    def _follow_rows(self) -> None:
+        """Fixed-shape steps: the cache rows of the beams that go on (:meth:`reorder`), copied whole into the spare
+        buffer, which becomes the cache (on a GPU two graphs alternate between the two buffers)."""
+        if self.cache is not None:
+            torch.index_select(self.cache, 0, self.rows, out=self.spare)
+            self.cache, self.spare = self.spare, self.cache
+        self.rows.copy_(self.identity)
+
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep the self-attention cache of ``rows`` (R,) (the beams that go on), in that order."""
+        if self.static:  # taken at the next step, with the cache whole (fixed shapes)
+            self.rows.copy_(rows)
+            return
         if self.cache is None:
             return
         if rows.device.type == "cpu" and torch.equal(rows, torch.arange(len(rows), dtype=rows.dtype)):
@@ -228,7 +277,7 @@ def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def beam_search(
-    steps: DecoderSteps,
+    steps: DecoderSteps | GraphedSteps,
     *,
     batch: int,
     beams: int,
@@ -249,7 +298,7 @@ def beam_search(
     hypothesis cannot be beaten, and from then on every new candidate is pushed below -1e9, under any finished
     score, so the best hypothesis (all that is returned) stays.
     """
-    device = steps.cross_kv[0][0].device
+    device = steps.device
     prompt, max_length = 1, 1 + max_new_tokens
     keep = 2 * beams  # enough candidates that ``beams`` of them go on even if every best one ends here
     top_beams = torch.arange(keep, device=device) < beams
@@ -312,7 +361,7 @@ def beam_search(
 
 
 def greedy_search(
-    steps: DecoderSteps,
+    steps: DecoderSteps | GraphedSteps,
     *,
     batch: int,
     bos: int,
@@ -325,7 +374,7 @@ def greedy_search(
     """Greedy search as transformers' ``generate(num_beams=1, do_sample=False)`` runs it: (B, 1 + L) ids (BOS,
     then PAD after a row's EOS) and the processed logits (B, V) of every step. ``check_every`` as in
     :func:`beam_search`: steps past the stop are cut off at the end."""
-    device = steps.cross_kv[0][0].device
+    device = steps.device
     ids = torch.full((batch, 1), bos, dtype=torch.long, device=device)
     running = torch.ones(batch, dtype=torch.long, device=device)
     scores = []
@@ -391,8 +440,12 @@ def search(
     on_cpu = cond.device.type == "cpu"
     # the memo reads the new words on the host at every step: on a GPU the memory answers each word instead
     embed = embedder(len(rows[0])) if embedder and on_cpu else None
-    steps = DecoderSteps(decoder, *rows, capacity=max_new_tokens, embed=embed, beams=beams)
-    check_every = CHECK_EVERY["cpu" if on_cpu else "gpu"]
+    where = "cpu" if on_cpu else "gpu"
+    static = STATIC_STEPS[where]
+    steps = DecoderSteps(decoder, *rows, capacity=max_new_tokens, embed=embed, beams=beams, static=static)
+    if static and cond.device.type == "cuda":
+        steps = GraphedSteps(steps)
+    check_every = CHECK_EVERY[where]
     common = dict(
         batch=cond.shape[0],
         bos=bos,

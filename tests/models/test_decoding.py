@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.cache_utils import EncoderDecoderCache
 
 from medvl.models import decoding as dec
+from medvl.models.decoding_graphs import GraphedSteps
 from medvl.models.memory import MemoryConfig, SharedMemory
 from medvl.models.report_head import KeywordHints, ReportHead, ReportHeadConfig
 
@@ -189,12 +191,17 @@ SETTINGS = [
 
 
 # the CPU's settings, and the GPU's run on the CPU: deferred reads of the stopping condition, one copy of the
-# conditioning per beam
-@pytest.mark.parametrize("check_every, grouped", [(1, True), (8, False)], ids=["cpu", "gpu_settings"])
+# conditioning per beam; and those with fixed-shape steps (the ones a GPU replays as CUDA graphs)
+@pytest.mark.parametrize(
+    "check_every, grouped, static",
+    [(1, True, False), (8, False, False), (8, False, True)],
+    ids=["cpu", "gpu_settings", "fixed_shape_steps"],
+)
 @pytest.mark.parametrize("name", sorted(HEADS))
-def test_medvl_search_gives_generates_sequences_and_scores(name, check_every, grouped, monkeypatch):
+def test_medvl_search_gives_generates_sequences_and_scores(name, check_every, grouped, static, monkeypatch):
     monkeypatch.setitem(dec.CHECK_EVERY, "cpu", check_every)
     monkeypatch.setitem(dec.GROUPED_BEAMS, "cpu", grouped)
+    monkeypatch.setitem(dec.STATIC_STEPS, "cpu", static)
     head = make_head(1, **HEADS[name])
     with torch.no_grad():  # states on for some labels and off for others
         if hasattr(head, "label_thresholds"):
@@ -212,7 +219,12 @@ def test_medvl_search_gives_generates_sequences_and_scores(name, check_every, gr
         reference = decode(head, feats, boxes, hints, engine="transformers", **kw)
         ours = decode(head, feats, boxes, hints, **kw)
         assert torch.equal(ours.sequences, reference.sequences), (name, setting)
-        assert torch.equal(ours.scores, reference.scores), (name, setting)
+        if (
+            static
+        ):  # the softmax runs over the whole capacity (masked): the same tokens, scores up to rounding
+            torch.testing.assert_close(ours.scores, reference.scores, rtol=0, atol=1e-5)
+        else:
+            assert torch.equal(ours.scores, reference.scores), (name, setting)
         ended_early += int((reference.sequences == 0).any())
         distinct += len({tuple(r) for r in reference.sequences.tolist()}) > 1
         stopped[min(kw["num_beams"], 2)] += reference.sequences.shape[1] < kw["max_new_tokens"]
@@ -265,3 +277,69 @@ def test_medvl_search_under_autocast_gives_generates_sequences():
             reference = decode(head, feats, boxes, hints, engine="transformers", **kw)
             ours = decode(head, feats, boxes, hints, **kw)
         assert torch.equal(ours.sequences, reference.sequences) and torch.equal(ours.scores, reference.scores)
+
+
+class HostReads(TorchDispatchMode):
+    """The operators that make the host wait for a tensor's value (on a GPU: a sync, which fails a graph capture)."""
+
+    NAMES = {"_local_scalar_dense", "item", "equal", "is_nonzero", "nonzero", "masked_select", "_unique2"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.NAMES or func is torch.ops.aten.repeat_interleave.Tensor:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_fixed_shape_steps_are_what_a_cuda_graph_replays(beams, monkeypatch):
+    """What a CUDA graph needs of a step, checked on the CPU: no tensor value read by the host (it would fail the
+    capture), the same two cache buffers at every step (a replay reads and writes the captured addresses), and no
+    host-side count of the steps (a replay runs the Python state of its capture: here the count is reset before
+    every step, and the sequences are still generate()'s)."""
+    head = make_head(
+        1, **HEADS["label_states"]
+    )  # the memory query and the state vector in the word embedding
+    feats, boxes, hints = inputs(3, seed=4)
+    monkeypatch.setattr(head, "_word_embedder", None)  # on a GPU the embedding and its hooks run in the step
+    kw = dict(num_beams=beams, no_repeat_ngram_size=3, max_new_tokens=14)
+    reference = decode(head, feats, boxes, hints, engine="transformers", **kw)
+    step, reorder = dec.DecoderSteps.step, dec.DecoderSteps.reorder
+    reads, buffers, calls = [], set(), []
+
+    def spied(method):
+        def run(self, *args):
+            if method is step:
+                self.length = 0  # as replayed: the count the capture saw
+                calls.append(1)
+            with HostReads() as mode:
+                out = method(self, *args)
+            reads.extend(mode.seen)
+            if self.cache is not None:
+                buffers.update({self.cache.data_ptr(), self.spare.data_ptr()})
+            return out
+
+        return run
+
+    monkeypatch.setattr(dec.DecoderSteps, "step", spied(step))
+    monkeypatch.setattr(dec.DecoderSteps, "reorder", spied(reorder))
+    monkeypatch.setitem(dec.STATIC_STEPS, "cpu", True)
+    ours = decode(head, feats, boxes, hints, **kw)
+    assert len(calls) > 3 and reads == [] and len(buffers) == 2
+    assert torch.equal(ours.sequences, reference.sequences)
+    # the check sees host reads where there are some: the dynamic steps test a beam reorder on the host
+    monkeypatch.setitem(dec.STATIC_STEPS, "cpu", False)
+    decode(head, feats, boxes, hints, **kw)
+    assert ("equal" in reads) == (beams > 1)
+
+
+def test_cuda_graphs_refuse_steps_they_cannot_replay():
+    head = make_head()
+    cond = torch.randn(2, 5, 32)
+    steps = dec.DecoderSteps(head.decoder, cond, torch.ones(2, 5), capacity=4, static=True)
+    with pytest.raises(ValueError, match="fixed-shape steps on a CUDA device"):
+        GraphedSteps(steps)
