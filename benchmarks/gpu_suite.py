@@ -16,8 +16,10 @@ Rows (random weights: speed does not depend on them):
 * ``sampling``: seconds per image at batch 8 and 64 (UNet only): the MONAI recipe (DDIM 50, fp32, guidance
   batched), the preset's default sampler, DPM-Solver++(2M) 10 steps in bf16 with guidance (``dpm_solver_10``),
   and the fastest sampler medvl has, a distilled student's (``fastest``: consistency sampling, ``--fast-steps``
-  steps, bf16, guidance built in so one pass per step; same UNet). ``sampling_speedup_b8`` / ``_b64``: recipe
-  seconds over fastest seconds. ``sampling_equal_auroc`` needs trained weights: it is read from ``--quality``
+  steps, bf16, guidance built in so one pass per step; same UNet); on CUDA also the fastest with the denoiser
+  replayed from CUDA graphs (``fastest_graphed``, off by default until measured here; its first call's seconds
+  include the capture; whether its latents equal the eager ones). ``sampling_speedup_b8``
+  / ``_b64``: recipe seconds over fastest seconds (eager). ``sampling_equal_auroc`` needs trained weights: it is read from ``--quality``
   (default ``benchmarks/results/sampling_speed_seed7_validate_cpu.json``, written by ``benchmarks/sampling_speed.py --run RUN
   --student RUN_FAST``: whether the student's label AUROC lies inside the recipe's interval on the demo run);
   null with ``--tiny`` or without that file.
@@ -45,6 +47,7 @@ measure is null, with the reason under ``notes``), the device, torch version, si
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -432,9 +435,13 @@ def sampling(s: dict, device: torch.device, fast_steps: int) -> dict:
     out = {}
     for batch in s["sample_batches"]:
         feats = unet_scale_speed.features(cfg, batch, word_dim, keypatch_dim, device, seed=1)
-        rows = {}
-        for name, (sampler, steps, precision, guidance) in specs.items():
-            row = unet_scale_speed.sample_row(
+        rows, latents = {}, {}
+        # the fastest sampler also with the denoiser replayed from CUDA graphs (with --tiny on the CPU, where
+        # there is no graph, this runs the row's bookkeeping only)
+        graphed = {"fastest_graphed": specs["fastest"]} if device.type == "cuda" or s is TINY else {}
+        for name, (sampler, steps, precision, guidance) in {**specs, **graphed}.items():
+            run = functools.partial(
+                unet_scale_speed.sample_row,
                 cfg,
                 model,
                 feats,
@@ -445,10 +452,27 @@ def sampling(s: dict, device: torch.device, fast_steps: int) -> dict:
                 precision=precision,
                 repeats=s["sample_repeats"],
                 device=device,
+                graphs=name in graphed,
+                keep_latents=True,
             )
-            rows[name] = {
-                k: row[k] for k in ("sampler", "steps", "guidance", "precision", "s_per_image", "finite")
-            }
+            if name in graphed and s is not TINY:
+                try:  # a failed capture leaves the eager rows standing
+                    row = run()
+                except Exception as exc:
+                    rows[name] = {"error": repr(exc)[:1000]}
+                    continue
+            else:
+                row = run()
+            latents[name] = row.pop("latents")
+            keys = ("sampler", "steps", "guidance", "precision", "s_per_image", "first_call_s", "finite")
+            rows[name] = {k: row[k] for k in keys}
+        for name in (n for n in graphed if n in latents):  # the same latents as without the graphs?
+            eager = latents[name.removesuffix("_graphed")]
+            rows[name]["same_latents"] = bool(torch.equal(latents[name], eager))
+            rows[name]["max_abs_diff"] = float((latents[name] - eager).abs().max())
+            rows[f"speedup_recipe_over_{name}"] = (
+                rows["monai_recipe"]["s_per_image"] / rows[name]["s_per_image"]
+            )
         rows["speedup_recipe_over_fastest"] = (
             rows["monai_recipe"]["s_per_image"] / rows["fastest"]["s_per_image"]
         )
@@ -483,7 +507,7 @@ def decoding(s: dict, device: torch.device, static: bool) -> dict:
     # a report's beams as one query group (off by default on a GPU until this row shows it exact and faster)
     grouped = {k: 60 * r["grouped_reports_per_s"] for k, r in rows.items() if "grouped_reports_per_s" in r}
     # fixed-shape steps replayed as CUDA graphs (off by default until these rows show them faster, same sequences)
-    graphed = {k: 60 * r["graphed_reports_per_s"] for k, r in rows.items() if k.startswith("batch_")}
+    graphed = {k: 60 * r["graphed_reports_per_s"] for k, r in rows.items() if "graphed_reports_per_s" in r}
     best = max(per_min, key=per_min.get)
     return {
         "setting": s["decode_setting"],
@@ -493,7 +517,7 @@ def decoding(s: dict, device: torch.device, static: bool) -> dict:
         "reports_per_min": per_min,
         "grouped_reports_per_min": grouped,
         "graphed_reports_per_min": graphed,
-        "graphed_one_report_s": rows["one_report"]["graphed_s_per_batch"],
+        "graphed_one_report_s": rows["one_report"].get("graphed_s_per_batch"),
         "best_batch": int(best.split("_")[1]),
         "rows": rows,
     }

@@ -138,8 +138,13 @@ def sample_row(
     precision: str,
     repeats: int,
     device: torch.device,
+    graphs: bool = False,
+    keep_latents: bool = False,
 ) -> dict:
+    """Seconds per image of ``sampler`` (after a warm-up call); ``graphs``: the denoiser replayed from CUDA graphs
+    (``medvl.models.diffusion.graphs``; the warm-up captures them); ``keep_latents``: the row's ``latents``."""
     from medvl.models.diffusion import autocast_context, build_sampler, sample_latents
+    from medvl.models.diffusion.graphs import CUDA_GRAPHS
 
     model.eval()
     den = model.ema
@@ -157,20 +162,29 @@ def sample_row(
     noise = torch.randn(batch, *latent, generator=torch.Generator().manual_seed(0)).to(device)
 
     def once():
+        torch.manual_seed(0)  # the fresh noise a consistency sampler draws: the same in every call
         scheduler = build_sampler(cfg.noise, sampler)
         return sample_latents(
             den, context, noise, scheduler, steps, guidance, precision, sides=feats.get("sides")
         )
 
-    once()  # warm-up
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        out = once()
-    sync(device)
-    seconds = time.perf_counter() - t0
+    before = CUDA_GRAPHS["sample"]
+    CUDA_GRAPHS["sample"] = graphs
+    try:
+        sync(device)
+        t0 = time.perf_counter()
+        once()  # warm-up (and the graphs' capture)
+        sync(device)
+        first = time.perf_counter() - t0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            out = once()
+        sync(device)
+        seconds = time.perf_counter() - t0
+    finally:
+        CUDA_GRAPHS["sample"] = before
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     return {
         "what": "sample",
@@ -180,9 +194,11 @@ def sample_row(
         "precision": precision,
         "batch": batch,
         "s_per_image": seconds / (repeats * batch),
+        "first_call_s": first,
+        "graphs": graphs,
         "finite": bool(torch.isfinite(out).all()),
         "peak_gib": peak,
-    }
+    } | ({"latents": out} if keep_latents else {})
 
 
 def main(argv: list[str] | None = None) -> int:

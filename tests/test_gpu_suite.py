@@ -49,6 +49,11 @@ def test_gpu_suite_tiny_writes_every_key(tmp_path):
     batch_rows = [r for k, r in rows["decode"]["rows"].items() if k.startswith("batch_")]
     assert batch_rows and all(r["same_sequences"] and "grouped_s_per_batch" in r for r in batch_rows)
     assert all("graphed_s_per_batch" in r for r in [*batch_rows, rows["decode"]["rows"]["one_report"]])
+    for batch in (
+        "batch_2",
+        "batch_4",
+    ):  # the graphed row's bookkeeping (no graph on a CPU: the same latents)
+        assert rows["sampling"][batch]["fastest_graphed"]["same_latents"], batch
     assert set(rows["diffusion_train"]["variants"]) == {"loop", "fast"}
     assert rows["diffusion_train"]["flops_per_step"] > 0 and rows["adamatch_train"]["flops_per_step"] > 0
     assert result["batches"]["diffusion_train"] == 8 and result["batches"]["sampling"] == [2, 4]

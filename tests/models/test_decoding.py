@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.cache_utils import EncoderDecoderCache
 
 from medvl.models import decoding as dec
 from medvl.models.decoding_graphs import GraphedSteps
 from medvl.models.memory import MemoryConfig, SharedMemory
 from medvl.models.report_head import KeywordHints, ReportHead, ReportHeadConfig
+from tests.models.host_reads import HostReads
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -277,22 +277,6 @@ def test_medvl_search_under_autocast_gives_generates_sequences():
             reference = decode(head, feats, boxes, hints, engine="transformers", **kw)
             ours = decode(head, feats, boxes, hints, **kw)
         assert torch.equal(ours.sequences, reference.sequences) and torch.equal(ours.scores, reference.scores)
-
-
-class HostReads(TorchDispatchMode):
-    """The operators that make the host wait for a tensor's value (on a GPU: a sync, which fails a graph capture)."""
-
-    NAMES = {"_local_scalar_dense", "item", "equal", "is_nonzero", "nonzero", "masked_select", "_unique2"}
-
-    def __init__(self):
-        super().__init__()
-        self.seen: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name in self.NAMES or func is torch.ops.aten.repeat_interleave.Tensor:
-            self.seen.append(name)
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("beams", [1, 3])

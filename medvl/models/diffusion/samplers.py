@@ -25,6 +25,7 @@ import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, PNDMScheduler, Scheduler
 
 from medvl.config import from_dict, to_dict
+from medvl.models.diffusion.graphs import CUDA_GRAPHS, graphed
 from medvl.models.pretrained import SCHEDULER_CONFIG_FILE, read_config, write_config
 
 if TYPE_CHECKING:
@@ -410,10 +411,12 @@ def sample_latents(
     null = denoiser.conditioner.null_context(noise.shape[0]).to(device, context.dtype)
     x = noise.float()
     fresh = getattr(scheduler, "needs_noise", False)
+    # on a GPU (with graphs.CUDA_GRAPHS) every network pass is one replay of a captured CUDA graph
+    net = graphed(denoiser) if CUDA_GRAPHS["sample"] and device.type == "cuda" else denoiser
     with autocast_context(device, precision):
         for i, t in enumerate(scheduler.timesteps):
             tt = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
-            v = guided_velocity(denoiser, x, tt, context, null, guidance, sides=sides)
+            v = guided_velocity(net, x, tt, context, null, guidance, sides=sides)
             if fresh:
                 z = (
                     torch.randn(x.shape, device=device)
