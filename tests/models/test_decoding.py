@@ -321,9 +321,51 @@ def test_fixed_shape_steps_are_what_a_cuda_graph_replays(beams, monkeypatch):
     assert ("equal" in reads) == (beams > 1)
 
 
+class RerunStep:
+    """A stand-in for a captured decoding step, on the CPU: it keeps the buffers the step was bound to when captured
+    and at every replay runs the step again on them, as a graph replays its kernels on the captured addresses."""
+
+    def __init__(self, steps: dec.DecoderSteps, fn):
+        self.steps, self.fn = steps, fn
+        self.bound = (steps.cache, steps.spare)
+        self.output = fn()
+
+    def replay(self):
+        self.steps.cache, self.steps.spare = self.bound
+        self.output.copy_(self.fn())
+
+
+@pytest.mark.parametrize("name", ["memory_keywords", "label_states"])
+def test_graphed_steps_replayed_give_generates_sequences(name, monkeypatch):
+    """GraphedSteps' bookkeeping (warm-up, two graphs in turn, inputs copied in, position and rows reset, outputs
+    copied out) with stand-in graphs: every decode of the equality test's settings gives generate()'s sequences."""
+    head = make_head(1, **HEADS[name])
+    real, made = dec.DecoderSteps, []
+
+    def graphed(*args, **kw):
+        steps = real(*args, **{**kw, "static": True})
+        made.append(steps)
+        return GraphedSteps(steps, capture=lambda fn: RerunStep(steps, fn))
+
+    monkeypatch.setattr(dec, "DecoderSteps", graphed)
+    for seed, setting in enumerate(SETTINGS):
+        feats, boxes, hints = inputs(b=setting.get("batch", 1 + 2 * seed), seed=seed)
+        kw = {k: v for k, v in setting.items() if k not in ("rule", "batch")}
+        if setting.get("rule"):
+            kw["logits_processor"] = [BanRecentWords()]
+        reference = decode(head, feats, boxes, hints, engine="transformers", **kw)
+        ours = decode(head, feats, boxes, hints, **kw)
+        assert torch.equal(ours.sequences, reference.sequences), setting
+        torch.testing.assert_close(ours.scores, reference.scores, rtol=0, atol=1e-5)
+    assert len(made) == len(SETTINGS)
+
+
 def test_cuda_graphs_refuse_steps_they_cannot_replay():
     head = make_head()
     cond = torch.randn(2, 5, 32)
+    dynamic = dec.DecoderSteps(head.decoder, cond, torch.ones(2, 5), capacity=4)
+    with pytest.raises(ValueError, match="fixed-shape steps"):
+        GraphedSteps(dynamic, capture=lambda fn: None)
     steps = dec.DecoderSteps(head.decoder, cond, torch.ones(2, 5), capacity=4, static=True)
     with pytest.raises(ValueError, match="fixed-shape steps on a CUDA device"):
         GraphedSteps(steps)

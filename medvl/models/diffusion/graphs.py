@@ -22,27 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from medvl.models.cuda_graphs import CudaGraph, autocast_as_set, side_stream
+
 # whether sample_latents replays the denoiser from CUDA graphs on a CUDA device
 CUDA_GRAPHS = {"sample": False}
-
-
-class CudaGraph:
-    """One capture of ``fn`` on static input tensors: ``replay()`` reruns it, writing ``output``."""
-
-    def __init__(self, fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor | None], warmup: int = 2):
-        device = next(t for t in inputs if t is not None).device
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(warmup):  # kernels chosen, workspaces and lazy buffers made before the capture
-                fn(*inputs)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = fn(*inputs)
-
-    def replay(self) -> None:
-        self.graph.replay()
 
 
 class GraphedCall:
@@ -56,7 +39,7 @@ class GraphedCall:
         self, module: nn.Module, capture: Callable[[Callable[..., torch.Tensor], list], Any] | None = None
     ):
         self.module = weakref.ref(module)
-        self.capture = capture or CudaGraph
+        self.capture = capture or _cuda_capture
         self.graphs: dict[tuple, tuple[list, Any]] = {}
 
     def _signature(self, module: nn.Module, args: tuple, device: str) -> tuple:
@@ -73,9 +56,7 @@ class GraphedCall:
         key = self._signature(module, args, device)
         if key not in self.graphs:
             inputs = [None if a is None else a.clone() for a in args]
-            dtype, on = torch.get_autocast_dtype(device), torch.is_autocast_enabled(device)
-            # autocast without its weight cache: a cast cached outside the capture would be freed after it
-            with torch.autocast(device, dtype, enabled=on, cache_enabled=False):
+            with autocast_as_set(device):
                 self.graphs[key] = (inputs, self.capture(module, inputs))
         inputs, graph = self.graphs[key]
         for buffer, a in zip(inputs, args, strict=True):
@@ -83,6 +64,15 @@ class GraphedCall:
                 buffer.copy_(a)
         graph.replay()
         return graph.output.clone()
+
+
+def _cuda_capture(fn: Callable[..., torch.Tensor], inputs: list) -> CudaGraph:
+    """``fn(*inputs)`` run twice on a side stream, then captured."""
+    device = next(t for t in inputs if t is not None).device
+    with side_stream(device):
+        for _ in range(2):
+            fn(*inputs)
+    return CudaGraph(lambda: fn(*inputs))
 
 
 _GRAPHED: weakref.WeakKeyDictionary[nn.Module, GraphedCall] = weakref.WeakKeyDictionary()
