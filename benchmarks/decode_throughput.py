@@ -123,24 +123,15 @@ def plain_decoding(head) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def grouped_beams() -> Iterator[None]:
-    before = dict(dec.GROUPED_BEAMS)
-    dec.GROUPED_BEAMS.update(cpu=True, gpu=True)
+def on_every_device(switch: dict) -> Iterator[None]:
+    """A decoding switch (``dec.GROUPED_BEAMS``: a report's beams as one query group; ``dec.STATIC_STEPS``:
+    fixed-shape steps, replayed as CUDA graphs on a GPU) turned on for the CPU and the GPU alike, for a while."""
+    before = dict(switch)
+    switch.update(cpu=True, gpu=True)
     try:
         yield
     finally:
-        dec.GROUPED_BEAMS.update(before)
-
-
-@contextlib.contextmanager
-def graphed_steps() -> Iterator[None]:
-    """Fixed-shape steps on any device: replayed as CUDA graphs on a GPU; on the CPU the fixed shapes alone."""
-    before = dict(dec.STATIC_STEPS)
-    dec.STATIC_STEPS.update(cpu=True, gpu=True)
-    try:
-        yield
-    finally:
-        dec.STATIC_STEPS.update(before)
+        switch.update(before)
 
 
 def _sync(device: torch.device) -> None:
@@ -177,10 +168,10 @@ def measure_decoding(
         if variant == "fast":
             return head.generate(**kw)
         if variant == "grouped":  # a report's beams as one query group also where it is off by default (GPU)
-            with grouped_beams():
+            with on_every_device(dec.GROUPED_BEAMS):
                 return head.generate(**kw)
         if variant == "graphed":
-            with graphed_steps():
+            with on_every_device(dec.STATIC_STEPS):
                 return head.generate(**kw)
         if variant in ("generate", "static"):
             return head.generate(engine="transformers", static_cache=variant == "static", **kw)
