@@ -3,6 +3,9 @@
     python benchmarks/gpu_suite.py                  # CUDA: base preset sizes
     python benchmarks/gpu_suite.py --tiny           # CPU: tiny presets, a few steps (run by tests/test_gpu_suite.py)
 
+Each finished row is written at once to ``<out>.partial.json`` (removed when the whole JSON is written), so a run
+cut short keeps what it measured; ``--skip ROW ...`` then leaves those rows out of a second run.
+
 Rows (random weights: speed does not depend on them):
 
 * ``diffusion_train``: the diffusion head at ``configs/diffusion/<preset>.yaml`` sizes (UNet + report conditioner +
@@ -523,6 +526,9 @@ def decoding(s: dict, device: torch.device, static: bool) -> dict:
     }
 
 
+ROWS = ("prepare", "adamatch_train", "loader", "diffusion_train", "sampling", "decode", "learn")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -547,6 +553,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="seconds of training per stage in the learn row (default 45; --tiny: 3; 0: skip the row)",
     )
+    p.add_argument(
+        "--skip",
+        nargs="+",
+        default=[],
+        choices=ROWS,
+        help="rows to leave out (e.g. the ones a first, interrupted run already wrote to its .partial.json)",
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     s = TINY if args.tiny else FULL
@@ -566,8 +579,18 @@ def main(argv: list[str] | None = None) -> int:
     notes: dict[str, str] = {}
     rows: dict[str, object] = {}
     walls: dict[str, float] = {}
+    out = args.out or RESULTS / f"gpu_suite_{device_slug(device_name)}{'_tiny' if args.tiny else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial.json")
+
+    skip = set(args.skip)
+    if not {"adamatch_train", "loader"} <= skip:
+        skip.discard("prepare")  # their data is the prepare row's
+    notes.update({name: "left out (--skip)" for name in skip})
 
     def run(name: str, fn):
+        if name in skip:
+            return None
         t0 = time.perf_counter()
         try:
             rows[name] = fn()
@@ -580,6 +603,9 @@ def main(argv: list[str] | None = None) -> int:
         if cuda:
             torch.cuda.empty_cache()
         print(f"[{time.perf_counter() - started:6.1f} s] {name}: {walls[name]:.1f} s", flush=True)
+        # every finished row on disk at once: a run cut short by a time limit keeps what it measured
+        snapshot = {"device": device_name, "torch": torch.__version__, "rows": rows, "notes": notes}
+        partial.write_text(json.dumps({**snapshot, "wall_s": walls}, indent=1, default=str))
         return rows[name]
 
     tmp = Path(tempfile.mkdtemp(prefix="medvl_gpu_suite_"))
@@ -672,9 +698,8 @@ def main(argv: list[str] | None = None) -> int:
             + " ".join(argv if argv is not None else sys.argv[1:]),
         }
     )
-    out = args.out or RESULTS / f"gpu_suite_{device_slug(device_name)}{'_tiny' if args.tiny else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str))
+    partial.unlink(missing_ok=True)
     print(json.dumps({k: result[k] for k in KEYS}, indent=1))
     print(f"wrote {out}")
     return 0

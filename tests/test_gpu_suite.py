@@ -73,3 +73,32 @@ def test_peak_rate_and_file_name_of_a_device():
     assert peak_flops("NVIDIA H200") == 989e12 and peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12 and peak_flops("NVIDIA L4") is None
     assert device_slug("NVIDIA H200") == "h200" and device_slug("cpu") == "cpu"
+
+
+def test_gpu_suite_leaves_out_rows_on_request(tmp_path):
+    """--skip: the rows left out are named in the notes, the others measured; the partial file goes once the
+    whole JSON is written."""
+    out = tmp_path / "suite.json"
+    skip = ["prepare", "adamatch_train", "loader", "diffusion_train", "sampling", "learn"]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "gpu_suite.py"),
+            "--tiny",
+            "--out",
+            str(out),
+            "--skip",
+            *skip,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert all(result["notes"][row] == "left out (--skip)" for row in skip)
+    assert result["rows"]["decode"]["rows"]["one_report"]["same_sequences"]
+    assert result["decode_reports_per_min"] > 0 and result["sampling_speedup_b8"] is None
+    assert not out.with_suffix(".partial.json").exists()
