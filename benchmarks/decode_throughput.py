@@ -10,6 +10,7 @@ decoded word, keyword hints) decodes from fixed random conditioning:
 - ``--grouped``: also ``fast`` with the beams grouped on any device (off by default on a GPU until measured there);
 - ``--graphed``: also ``fast`` with fixed-shape steps, which a GPU replays as one CUDA graph per step (off by
   default until measured there; on the CPU the fixed shapes alone, no graph);
+- ``--compiled``: also ``fast`` with the fixed-shape step compiled by ``torch.compile`` (tried, not a default);
 - ``generate``: the same model through transformers' ``generate()`` (0.3.0's decoding: memory keys and values
   projected once, the beam cache leaving the cross-attention rows in place);
 - ``--static-cache``: also ``generate`` with a preallocated self-attention cache, with which transformers compiles
@@ -106,7 +107,7 @@ def conditioning(batch: int, device: torch.device):
 
 # R2GenCMN's beam search on 2 CPU cores, anchor size, beam 3, 100 tokens (side by side with 0.2.0's decoding)
 R2GENCMN_2CPU = {"one_report_s": 9.2, "batch8_reports_per_s": 0.116}
-VARIANTS = ("fast", "grouped", "graphed", "generate", "plain", "no_kv_cache", "static")
+VARIANTS = ("fast", "grouped", "graphed", "compiled", "generate", "plain", "no_kv_cache", "static")
 
 
 @contextlib.contextmanager
@@ -132,6 +133,23 @@ def on_every_device(switch: dict) -> Iterator[None]:
         yield
     finally:
         switch.update(before)
+
+
+@contextlib.contextmanager
+def compiled_steps() -> Iterator[None]:
+    """Fixed-shape steps whose step is compiled by ``torch.compile`` (inductor; the warm-up call compiles)."""
+    real = dec.DecoderSteps
+
+    def make(*args, **kw):
+        steps = real(*args, **{**kw, "static": True})
+        steps.step = torch.compile(steps.step, dynamic=False)
+        return steps
+
+    dec.DecoderSteps = make
+    try:
+        yield
+    finally:
+        dec.DecoderSteps = real
 
 
 def _sync(device: torch.device) -> None:
@@ -169,6 +187,9 @@ def measure_decoding(
             return head.generate(**kw)
         if variant == "grouped":  # a report's beams as one query group also where it is off by default (GPU)
             with on_every_device(dec.GROUPED_BEAMS):
+                return head.generate(**kw)
+        if variant == "compiled":
+            with compiled_steps():
                 return head.generate(**kw)
         if variant == "graphed":
             with on_every_device(dec.STATIC_STEPS):
@@ -229,6 +250,9 @@ def main() -> None:
     p.add_argument(
         "--graphed", action="store_true", help="also fast with fixed-shape steps (CUDA graphs on a GPU)"
     )
+    p.add_argument(
+        "--compiled", action="store_true", help="also fast with fixed-shape steps compiled by torch.compile"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
@@ -239,6 +263,7 @@ def main() -> None:
         ("fast", "generate", "plain")
         + ("grouped",) * args.grouped
         + ("graphed",) * args.graphed
+        + ("compiled",) * args.compiled
         + ("no_kv_cache",) * args.no_kv_cache
         + ("static",) * args.static_cache
     )
@@ -293,6 +318,7 @@ def main() -> None:
             "grouped": "fast with a report's beams as one query group on any device",
             "graphed": "fast with fixed-shape steps (whole-capacity masked attention), each replayed as a CUDA "
             "graph on a GPU; on the CPU the fixed shapes alone",
+            "compiled": "fast with fixed-shape steps compiled by torch.compile (inductor, dynamic=False)",
             "generate": "0.3.0: transformers' generate(), memory keys/values projected once, cross-attention cache "
             "rows left in place",
             "plain": "0.2.0: generate(), memory re-projected for every decoded token, every cache row reordered",

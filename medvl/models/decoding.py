@@ -133,13 +133,13 @@ class DecoderSteps:
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (R, 1) -> next-token logits (R, V) in float32."""
-        t = self.length
         static = self.static
-        if static:
+        if static:  # nothing here reads the host's step count (a graph or compiled step would keep it fixed)
             self._follow_rows()
             x = self.embed(ids) + self.wpe.weight.index_select(0, self.t)
             seen = self.positions <= self.t  # (1, 1, 1, capacity): the positions written, this one included
         else:
+            t = self.length
             x = self.embed(ids) + self.wpe.weight[t]
         e = self.width
         for i, block in enumerate(self.blocks):
@@ -163,9 +163,10 @@ class DecoderSteps:
             ck, cv = self.cross_kv[i]
             x = x + self._attend(q, ck, cv, self.cond_mask, cross.scaling, cross.c_proj, self.beams)
             x = x + _conv1d(mlp.c_proj, mlp.act(_conv1d(mlp.c_fc, _norm(block.ln_2, x))))
-        self.length += 1
         if static:
             self.t.add_(1)
+        else:
+            self.length += 1
         logits = F.linear(_norm(self.ln_f, x), self.lm_head.weight, self.lm_head.bias)
         return logits[:, -1, :].to(copy=True, dtype=torch.float32)
 

@@ -53,7 +53,6 @@ class GraphedSteps:
             self.graphs = [capture(lambda: steps.step(self.ids)) for _ in range(2)]
         steps.t.zero_()
         steps.rows.copy_(steps.identity)
-        steps.length = 0
         self.length = 0
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
