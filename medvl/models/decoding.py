@@ -37,11 +37,11 @@ CHECK_EVERY = {"cpu": 1, "gpu": 8}
 # CPU (tested); on a GPU the grouped call may pick another attention kernel, so it is measured there first.
 GROUPED_BEAMS = {"cpu": True, "gpu": False}
 # Fixed-shape steps (:class:`DecoderSteps` with ``static=True``): every step attends over the whole capacity
-# (positions not yet written are masked) and reads its position from a device tensor, so a GPU replays each step as
-# one CUDA graph (``decoding_graphs.GraphedSteps``) instead of launching every kernel from Python. The scores may differ from
-# the dynamic steps' in the last bits (the softmax runs over more, masked, positions); on a GPU it stays off until
-# ``gpu_suite.py``'s ``graphed`` decode rows show it faster with the same sequences. On the CPU there is no graph
-# to replay: the switch there serves the tests.
+# (positions not yet written are masked) and reads its position from a device tensor, so a GPU replays each step
+# as one CUDA graph (``decoding_graphs.GraphedSteps``) instead of launching every kernel from Python. The scores
+# may differ from the dynamic steps' in the last bits (the softmax runs over more, masked, positions); on a GPU it
+# stays off until ``gpu_suite.py``'s ``graphed`` decode rows show it faster with the same sequences. On the CPU
+# there is no graph to replay: the switch there serves the tests.
 STATIC_STEPS = {"cpu": False, "gpu": False}
 
 
@@ -108,9 +108,7 @@ class DecoderSteps:
         self.length = 0
         self.device = cond.device
         self.static = static
-        if (
-            static
-        ):  # the state a replayed step reads: its position, the rows that go on, the positions' indices
+        if static:  # what a replayed step reads: its position, the rows that go on, the positions' indices
             self.t = torch.zeros(1, dtype=torch.long, device=cond.device)
             self.identity = torch.arange(rows, device=cond.device)
             self.rows = self.identity.clone()
@@ -146,7 +144,9 @@ class DecoderSteps:
             attn, cross, mlp = block.attn, block.crossattention, block.mlp
             q, k, v = _conv1d(attn.c_attn, _norm(block.ln_1, x)).split(e, dim=2)
             if self.cache is None:
-                self.cache, self.spare = k.new_zeros(self.shape), k.new_zeros(self.shape)
+                # zeros where steps are fixed-shape: a masked position must hold no NaN (0 x NaN is NaN)
+                make = k.new_zeros if static else k.new_empty
+                self.cache, self.spare = make(self.shape), make(self.shape)
             if static:
                 for j, kv in enumerate((k, v)):
                     self.cache[:, i, j].index_copy_(2, self.t, self._heads(kv))
@@ -154,10 +154,8 @@ class DecoderSteps:
             else:
                 self.cache[:, i, 0, :, t] = k.view(-1, self.heads, self.head_dim)
                 self.cache[:, i, 1, :, t] = v.view(-1, self.heads, self.head_dim)
-                past, mask = (
-                    self.cache[:, i, :, :, : t + 1],
-                    None,
-                )  # (R, key / value, head, position, head_dim)
+                # (R, key / value, head, position, head_dim): the positions written, this one included
+                past, mask = self.cache[:, i, :, :, : t + 1], None
             x = self._attend(self._heads(q), past[:, 0], past[:, 1], mask, attn.scaling, attn.c_proj) + x
             q = self._heads(_conv1d(cross.q_attn, _norm(block.ln_cross_attn, x)))
             ck, cv = self.cross_kv[i]
