@@ -23,10 +23,10 @@ NUMBERS = (
 NULL_ON_CPU = ("diffusion_train_mfu", "adamatch_train_mfu", "sampling_equal_auroc")
 
 
-def test_gpu_suite_tiny_writes_every_key(tmp_path):
-    out = tmp_path / "suite.json"
+def run_tiny_suite(out: Path, *args: str) -> dict:
+    """``gpu_suite.py --tiny`` writing ``out``, which it returns read."""
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu_suite.py"), "--tiny", "--out", str(out)],
+        [sys.executable, str(REPO / "benchmarks" / "gpu_suite.py"), "--tiny", "--out", str(out), *args],
         capture_output=True,
         text=True,
         timeout=900,
@@ -34,7 +34,11 @@ def test_gpu_suite_tiny_writes_every_key(tmp_path):
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_gpu_suite_tiny_writes_every_key(tmp_path):
+    result = run_tiny_suite(tmp_path / "suite.json")
     sys.path.insert(0, str(REPO / "benchmarks"))
     from gpu_suite import KEYS
 
@@ -80,24 +84,7 @@ def test_gpu_suite_leaves_out_rows_on_request(tmp_path):
     whole JSON is written."""
     out = tmp_path / "suite.json"
     skip = ["prepare", "adamatch_train", "loader", "diffusion_train", "sampling", "learn"]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "gpu_suite.py"),
-            "--tiny",
-            "--out",
-            str(out),
-            "--skip",
-            *skip,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = run_tiny_suite(out, "--skip", *skip)
     assert all(result["notes"][row] == "left out (--skip)" for row in skip)
     assert result["rows"]["decode"]["rows"]["one_report"]["same_sequences"]
     assert result["decode_reports_per_min"] > 0 and result["sampling_speedup_b8"] is None
