@@ -21,8 +21,8 @@ Rows (random weights: speed does not depend on them):
   and the fastest sampler medvl has, a distilled student's (``fastest``: consistency sampling, ``--fast-steps``
   steps, bf16, guidance built in so one pass per step; same UNet); on CUDA also the fastest with the denoiser
   replayed from CUDA graphs (``fastest_graphed``, off by default until measured here; its first call's seconds
-  include the capture; whether its latents equal the eager ones). ``sampling_speedup_b8``
-  / ``_b64``: recipe seconds over fastest seconds (eager). ``sampling_equal_auroc`` needs trained weights: it is read from ``--quality``
+  include the capture; whether its latents equal the eager ones). ``sampling_speedup_b8`` / ``_b64``: recipe
+  seconds over fastest seconds (eager). ``sampling_equal_auroc`` needs trained weights: it is read from ``--quality``
   (default ``benchmarks/results/sampling_speed_seed7_validate_cpu.json``, written by ``benchmarks/sampling_speed.py --run RUN
   --student RUN_FAST``: whether the student's label AUROC lies inside the recipe's interval on the demo run);
   null with ``--tiny`` or without that file.
@@ -50,7 +50,6 @@ measure is null, with the reason under ``notes``), the device, torch version, si
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -443,29 +442,26 @@ def sampling(s: dict, device: torch.device, fast_steps: int) -> dict:
         # there is no graph, this runs the row's bookkeeping only)
         graphed = {"fastest_graphed": specs["fastest"]} if device.type == "cuda" or s is TINY else {}
         for name, (sampler, steps, precision, guidance) in {**specs, **graphed}.items():
-            run = functools.partial(
-                unet_scale_speed.sample_row,
-                cfg,
-                model,
-                feats,
-                latent,
-                sampler=sampler,
-                steps=steps,
-                guidance=guidance,
-                precision=precision,
-                repeats=s["sample_repeats"],
-                device=device,
-                graphs=name in graphed,
-                keep_latents=True,
-            )
-            if name in graphed and s is not TINY:
-                try:  # a failed capture leaves the eager rows standing
-                    row = run()
-                except Exception as exc:
-                    rows[name] = {"error": repr(exc)[:1000]}
-                    continue
-            else:
-                row = run()
+            try:
+                row = unet_scale_speed.sample_row(
+                    cfg,
+                    model,
+                    feats,
+                    latent,
+                    sampler=sampler,
+                    steps=steps,
+                    guidance=guidance,
+                    precision=precision,
+                    repeats=s["sample_repeats"],
+                    device=device,
+                    graphs=name in graphed,
+                    keep_latents=True,
+                )
+            except Exception as exc:  # a failed capture leaves the eager rows standing (--tiny: raise)
+                if name not in graphed or s is TINY:
+                    raise
+                rows[name] = {"error": repr(exc)[:1000]}
+                continue
             latents[name] = row.pop("latents")
             keys = ("sampler", "steps", "guidance", "precision", "s_per_image", "first_call_s", "finite")
             rows[name] = {k: row[k] for k in keys}
