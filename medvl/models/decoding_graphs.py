@@ -26,7 +26,7 @@ class GraphedSteps:
     Two graphs alternate, since a step copies the cache rows of the beams that go on from one buffer into the other.
     They are captured after two steps run as warm-up on a side stream (the cache is allocated then, and the
     memory's keys and values projected), both at position 0, which the first step overwrites; the position then
-    goes back to 0 and the rows to their order. Autocast is captured as the caller set it, without its weight
+    goes back to 0. Autocast is captured as the caller set it, without its weight
     cache. ``capture`` (a call -> a graph with ``replay()`` and ``output``) and ``warm_up`` (a context) default to
     CUDA's; the tests pass stand-ins that run on the CPU.
     """
@@ -51,8 +51,7 @@ class GraphedSteps:
                 steps.t.zero_()
         with autocast_as_set(self.device.type):
             self.graphs = [capture(lambda: steps.step(self.ids)) for _ in range(2)]
-        steps.t.zero_()
-        steps.rows.copy_(steps.identity)
+        steps.t.zero_()  # (the rows are in order: every warm-up step left them so, and a capture runs nothing)
         self.length = 0
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
