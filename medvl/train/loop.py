@@ -77,9 +77,11 @@ LOSS_CURVE_STEPS = 20
 class Stage(Protocol):
     """What a stage gives the loop.
 
-    ``training_step`` returns ``(loss, logs)``: a scalar tensor to backpropagate and floats
-    to log. It may receive a DDP-wrapped model, so the whole training computation must go
-    through ``model(...)``; use :func:`unwrap` for anything else. Its batch has been moved
+    ``training_step`` returns ``(loss, logs)``: a scalar tensor to backpropagate and values
+    to log, floats or detached 0-d tensors; the loop keeps tensors on the device and reads them
+    only at a log line, so a step need not wait for the device. It may receive a DDP-wrapped
+    model, so the whole training computation must go through ``model(...)``; use
+    :func:`unwrap` for anything else. Its batch has been moved
     to the training device (tensors inside dicts, lists and tuples; strings stay as they are).
     ``validate`` runs on rank 0 on the validation split; the loop hands it the bare model in
     eval mode under ``torch.no_grad`` (and bf16 autocast when training in bf16), isolated from
@@ -208,6 +210,11 @@ def _as_float(v: Any) -> float:
     return float(v.detach().float().item()) if isinstance(v, torch.Tensor) else float(v)
 
 
+def _log_value(v: Any) -> torch.Tensor | float:
+    """A log value to sum over micro-batches without reading it to the host: a tensor stays where it is."""
+    return v.detach().float() if isinstance(v, torch.Tensor) else float(v)
+
+
 # ----------------------------------------------------------------------------- fit
 
 
@@ -333,7 +340,7 @@ class _Training:
             "last": [float(v) for v in self.loss_last],
         }
 
-    def log_train(self, step_logs: dict[str, float], grad_norm: Any) -> None:
+    def log_train(self, step_logs: dict[str, Any], grad_norm: Any) -> None:
         """The mean loss since the last log line (all ranks), learning rate, gradient norm and stage logs."""
         step = self.state.step
         mean_loss = self.accelerator.reduce(self.loss_sum, "mean").item() / self.loss_steps
@@ -351,7 +358,7 @@ class _Training:
             if grad_norm is not None:
                 self.writer.add_scalar("train/grad_norm", _as_float(grad_norm), step)
             for k, v in step_logs.items():
-                self.writer.add_scalar(f"train/{k}", v, step)
+                self.writer.add_scalar(f"train/{k}", _as_float(v), step)
             self.pbar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
 
     def _model_for_eval(self, sd: dict[str, torch.Tensor] | None) -> nn.Module:
@@ -524,7 +531,7 @@ def fit(
         while state.step < cfg.steps:
             tick = time.perf_counter()
             step_loss = torch.zeros((), device=run.device)
-            step_logs: dict[str, float] = {}
+            step_logs: dict[str, Any] = {}  # 0-d tensors stay on the device until a log line
             for i in range(cfg.grad_accum):
                 batch = send_to_device(next(run.batches), run.device, non_blocking=True)
                 sync = i == cfg.grad_accum - 1  # DDP reduces gradients on the last micro-batch only
@@ -539,7 +546,7 @@ def fit(
                     accelerator.backward(loss)  # divides by grad_accum
                 step_loss += loss.detach().float() / cfg.grad_accum
                 for k, v in logs.items():
-                    step_logs[k] = step_logs.get(k, 0.0) + _as_float(v) / cfg.grad_accum
+                    step_logs[k] = step_logs.get(k, 0.0) + _log_value(v) / cfg.grad_accum
                 state.micro_batches += 1
             grad_norm = (
                 accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)

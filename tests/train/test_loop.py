@@ -349,6 +349,28 @@ def test_tensorboard_logs(tmp_path):
     assert {"images/ramp", "images/pair"} <= set(events.Tags()["images"])
 
 
+def test_tensor_logs_are_logged_as_floats_are(tmp_path):
+    """A stage may return its logs as 0-d tensors, which the loop sums on the device over micro-batches and
+    reads at the log line: the logged values equal those of the same logs returned as floats."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    class TensorLogs(ToyStage):
+        def training_step(self, model, batch):
+            out = model(x=batch["x"], y=batch["y"])
+            return out["loss"], {"pred_std": out["pred"].detach().float().std()}
+
+    cfg = make_config(batch_size=4, grad_accum=2, steps=4, log_every=2, eval_every=0, checkpoint_every=0)
+    values = {}
+    for name, stage in (("floats", ToyStage(cfg)), ("tensors", TensorLogs(cfg))):
+        fit(stage, tmp_path / name)
+        events = EventAccumulator(str(tmp_path / name / "logs"))
+        events.Reload()
+        values[name] = [(e.step, e.value) for e in events.Scalars("train/pred_std")]
+    assert [step for step, _ in values["tensors"]] == [2, 4]
+    for (_, a), (_, b) in zip(values["floats"], values["tensors"], strict=True):
+        assert math.isclose(a, b, rel_tol=1e-6), (a, b)
+
+
 def test_unfinished_checkpoint_writes_are_ignored(tmp_path):
     run = tmp_path / "run"
     with pytest.raises(Interrupt):

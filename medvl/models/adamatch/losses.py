@@ -54,11 +54,13 @@ def select_words(
     word_mask: torch.Tensor,
     match_mask: torch.Tensor,
     weight: torch.Tensor | None = None,
+    order: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Gather the masked positions to the front: (B, T, D) -> (B, W, D), masks (B, W) [, weights (B, W)];
     W = max count. Cuts the similarity tensor from pieces (stop words, punctuation, padding) to content words.
+    ``order``: ``word_order(word_mask)`` when the caller has it (finding W reads a count from the device).
     """
-    order = word_order(word_mask)
+    order = word_order(word_mask) if order is None else order
     feats = features.gather(1, order.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
     out = (feats, word_mask.gather(1, order), match_mask.gather(1, order))
     if weight is None:

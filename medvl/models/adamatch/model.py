@@ -150,14 +150,15 @@ class AdaMatch(nn.Module):
         return tokens.word_weight if self.cfg.word_weighting == "idf" else None
 
     def select(
-        self, tokens: TextTokens
+        self, tokens: TextTokens, order: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Normalised content-word features (B, W, D), masks (B, W) and t2i weights (B, W) or None."""
+        """Normalised content-word features (B, W, D), masks (B, W) and t2i weights (B, W) or None
+        (``order``: ``word_order(tokens.word_mask)`` when the caller has it)."""
         feats = F.normalize(tokens.features, dim=-1)
         weight = self.t2i_weights(tokens)
         if weight is None:
-            return (*select_words(feats, tokens.word_mask, tokens.match_mask), None)
-        return select_words(feats, tokens.word_mask, tokens.match_mask, weight)
+            return (*select_words(feats, tokens.word_mask, tokens.match_mask, order=order), None)
+        return select_words(feats, tokens.word_mask, tokens.match_mask, weight, order=order)
 
     def scores(self, patches: ImagePatches, tokens: TextTokens) -> tuple[torch.Tensor, torch.Tensor]:
         """(s_i2t, s_t2i), each (B_images, B_reports), from encoded images and reports."""
@@ -186,7 +187,8 @@ class AdaMatch(nn.Module):
         tokens = self.encode_text(input_ids, attention_mask, word_ids, word_mask, match_mask, word_weight)
         scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
         img = F.normalize(patches.features, dim=-1)
-        txt, wm, mm, weight = self.select(tokens)
+        order = word_order(tokens.word_mask)  # W (the longest report's words): a read of the device, once
+        txt, wm, mm, weight = self.select(tokens, order)
         if self.cfg.word_loss_weight > 0 and (not self.cfg.gather_negatives or distributed_world()[1] == 1):
             s_i2t, s_t2i, best = token_scores(img, txt, wm, mm, self.cfg.chunk_size, weight, word_best=True)
             loss_i2t, loss_t2i = (
@@ -216,9 +218,7 @@ class AdaMatch(nn.Module):
             "size_penalty": patches.penalty.detach(),
         }
         if self.cfg.word_loss_weight > 0:
-            ids = word_identities(
-                input_ids, word_order(tokens.word_mask), word_key
-            )  # the words select() gathered
+            ids = word_identities(input_ids, order, word_key)  # the words select() gathered
             loss_word = word_loss(best, mm, ids, scale)
             loss = loss + self.cfg.word_loss_weight * loss_word
             out["loss_word"] = loss_word.detach()
@@ -231,8 +231,7 @@ class AdaMatch(nn.Module):
             out["loss_global"] = loss_global.detach()
         out["loss"] = loss
         out["temperature"] = (1.0 / scale).detach()
-        stats = patch_stats(patches)
-        out.update({k: torch.tensor(v) for k, v in stats.items()})
+        out.update(patch_stats(patches))
         return out
 
 

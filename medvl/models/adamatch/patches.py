@@ -202,12 +202,14 @@ class AdaptivePatchLayer(nn.Module):
         )
 
 
-def patch_stats(layout: ImagePatches) -> dict[str, float]:
-    """Mean centre shift and box side (both in cells) for logs."""
+def patch_stats(layout: ImagePatches) -> dict[str, torch.Tensor]:
+    """Mean centre shift and box side (both in cells) for logs, as 0-d tensors on the patches' device: reading
+    them to the host is left to the log line (a read here would make every training step wait for the device,
+    and a compiled forward would recompile on each new value)."""
     with torch.no_grad():
-        side = layout.size.prod(-1).clamp_min(0).sqrt()
+        side = layout.size.float().prod(-1).clamp_min(0).sqrt()
         return {
-            "mean_shift": float(layout.shift.norm(dim=-1).mean()),
-            "box_size": float(side.mean()),
-            "box_size_median": float(side.median()),
+            "mean_shift": layout.shift.float().norm(dim=-1).mean(),
+            "box_size": side.mean(),
+            "box_size_median": side.median(),
         }

@@ -152,9 +152,9 @@ class AdaMatchStage:
             "groups": report_groups(reports, labels),
         }
 
-    def training_step(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_step(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = model(**batch)
-        return out["loss"], {k: float(v) for k, v in out.items() if k != "loss"}
+        return out["loss"], {k: v for k, v in out.items() if k != "loss"}
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         """Decay on matrices; none on biases and norms; the temperature at ``temperature_lr_scale`` x lr."""

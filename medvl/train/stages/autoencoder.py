@@ -161,7 +161,7 @@ class AutoencoderStage:
 
     def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         out = model(images=batch["images"])
-        return out["loss"], {k: float(v) for k, v in out.items() if k != "loss"}
+        return out["loss"], {k: v.detach() for k, v in out.items() if k != "loss"}
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         ae = unwrap(model).autoencoder

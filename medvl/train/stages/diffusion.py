@@ -340,14 +340,16 @@ class DiffusionStage:
             )
         }
 
-    def training_step(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_step(
+        self, model: nn.Module, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         device = batch["latent_mu"].device
         out = model(
             latent_mu=batch["latent_mu"],
             latent_sigma=batch["latent_sigma"],
             **self._features_kwargs(batch, device),
         )
-        return out["loss"], {"loss_cond": float(out["loss_cond"]), "dropped": float(out["dropped"])}
+        return out["loss"], {"loss_cond": out["loss_cond"].detach(), "dropped": out["dropped"].detach()}
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """Only the trained denoiser (never the EMA copy); no weight decay on norms, biases, embeddings."""

@@ -328,14 +328,16 @@ class DistillStage:
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         return self.data_stage.collate(items)
 
-    def training_step(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_step(
+        self, model: nn.Module, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         device = batch["latent_mu"].device
         out = model(
             latent_mu=batch["latent_mu"],
             latent_sigma=batch["latent_sigma"],
             **self.data_stage._features_kwargs(batch, device),
         )
-        return out["loss"], {"dropped": float(out["dropped"])}
+        return out["loss"], {"dropped": out["dropped"].detach()}
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """The student's trainable weights only (the diffusion stage's decay groups)."""

@@ -300,7 +300,9 @@ class ReportStage:
             batch["images" if k == "image" else k] = torch.stack([it[k] for it in items])
         return batch
 
-    def training_step(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_step(
+        self, model: nn.Module, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs = dict(batch)
         if "images" in inputs:  # features not precomputed: AdaMatch runs here
             m = self.config.model
@@ -321,8 +323,8 @@ class ReportStage:
                 ).to(images.device)
                 inputs.update(keyword_ids=hints.ids, keyword_scores=hints.scores, keyword_boxes=hints.boxes)
         out = model(**inputs)
-        logs = {k: float(out[k].detach()) for k in ("loss", "lm_loss", "label_loss") if k in out}
-        logs["tokens"] = float((batch["labels"][:, 1:] != -100).sum())
+        logs = {k: out[k].detach() for k in ("loss", "lm_loss", "label_loss") if k in out}
+        logs["tokens"] = (batch["labels"][:, 1:] != -100).sum()
         return out["loss"], logs
 
     @torch.no_grad()
