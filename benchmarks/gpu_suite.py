@@ -10,12 +10,15 @@ Rows (random weights: speed does not depend on them):
 
 * ``diffusion_train``: the diffusion head at ``configs/diffusion/<preset>.yaml`` sizes (UNet + report conditioner +
   frozen shared memory, from ``benchmarks/unet_scale_speed.py``): forward, backward, AdamW and EMA update in bf16
-  at the preset's batch, as the training loop runs it (``loop``), with ``train.speed`` channels-last and fused
-  AdamW (``fast``) and also compiled (``compiled``, with ``--compile``, the default on CUDA). Images/s and MFU:
-  the FLOPs of one forward + backward counted by ``torch.utils.flop_counter.FlopCounterMode``, over the device's
-  peak bf16 rate (:data:`PEAK_BF16`; unknown devices and the CPU: null).
+  at the preset's batch, as the training loop runs it (``loop``) and with ``train.speed`` channels-last and fused
+  AdamW (``fast``); ``fast`` again at 2, 4 and 8 times the preset's batch up to the first that runs out of memory
+  (``batch_sweep``); then compiled (``compiled``, with ``--compile``, the default on CUDA) at the batch that
+  trained fastest (``best_batch``). Images/s and MFU: the FLOPs of one forward + backward at the preset's batch
+  counted by ``torch.utils.flop_counter.FlopCounterMode`` (per image, times the batch), over the device's peak
+  bf16 rate (:data:`PEAK_BF16`; unknown devices and the CPU: null).
 * ``adamatch_train``: AdaMatch at ``configs/adamatch/<preset>.yaml`` sizes on batches of the suite's prepared
-  dataset (augmentation and tokenising in the stage's collate), ``loop`` and ``fast``; images/s and MFU.
+  dataset (augmentation and tokenising in the stage's collate), ``loop``, ``fast`` and ``compiled`` (as above, at
+  the preset's batch); images/s and MFU.
 * ``sampling``: seconds per image at batch 8 and 64 (UNet only): the MONAI recipe (DDIM 50, fp32, guidance
   batched), the preset's default sampler, DPM-Solver++(2M) 10 steps in bf16 with guidance (``dpm_solver_10``),
   and the fastest sampler medvl has, a distilled student's (``fastest``: consistency sampling, ``--fast-steps``
@@ -101,6 +104,7 @@ FULL = {
     "latent": 64,
     "train_steps": 20,
     "warmup": 3,
+    "train_batch_factors": (2, 4, 8),  # the diffusion row's larger batches, up to the first that does not fit
     "sample_batches": (8, 64),
     "sample_repeats": 1,
     "decode_setting": "anchor",
@@ -120,6 +124,7 @@ TINY = {
     "latent": 16,
     "train_steps": 2,
     "warmup": 1,
+    "train_batch_factors": (2,),
     "sample_batches": (2, 4),
     "sample_repeats": 1,
     "decode_setting": "tiny",
@@ -185,61 +190,110 @@ def variants(compile_: bool) -> list[tuple[str, SpeedConfig]]:
     return out
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says the device ran out of memory (CUDA's error, or one a backend words that way)."""
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def batch_sweep(measure, batches: list[int]) -> dict[str, dict]:
+    """``measure(batch)`` at each of ``batches`` in turn, up to the first that runs out of memory (recorded as
+    such; the larger ones are not tried). Other errors propagate."""
+    out: dict[str, dict] = {}
+    for batch in batches:
+        oom = None
+        try:
+            out[f"batch_{batch}"] = measure(batch)
+        except Exception as exc:
+            if not out_of_memory(exc):
+                raise
+            oom = f"{type(exc).__name__}: {str(exc)[:300]}"
+        if oom is not None:  # outside the handler: the failed step's tensors are free by now
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            out[f"batch_{batch}"] = {"batch": batch, "images_per_s": None, "out_of_memory": oom}
+            break
+    return out
+
+
 def diffusion_train(
     s: dict, device: torch.device, precision: str, compile_: bool, peak: float | None
 ) -> dict:
+    """The UNet's training rate: ``loop`` and ``fast`` at the preset's batch, ``fast`` at larger batches up to
+    the first that does not fit (``batch_sweep``), then ``compiled`` at the batch that trained fastest."""
     torch.manual_seed(0)
     cfg, model, word_dim, keypatch_dim = unet_scale_speed.build(s["preset"], device, 3, s["preset"])
-    batch = cfg.train.batch_size
-    feats = unet_scale_speed.features(cfg, batch, word_dim, keypatch_dim, device)
-    mu = torch.randn(batch, 3, s["latent"], s["latent"], device=device)
-    sigma = torch.full_like(mu, 0.05)
+    preset_batch = cfg.train.batch_size
     model.train()
     params = [p for p in model.denoiser.parameters() if p.requires_grad]
 
-    def step():
-        with autocast_context(device, precision):
-            loss = model(mu, sigma, **feats)["loss"]
-        loss.backward()
-        model.update_ema(0.9999)
+    def stepper(batch: int):
+        feats = unet_scale_speed.features(cfg, batch, word_dim, keypatch_dim, device)
+        mu = torch.randn(batch, 3, s["latent"], s["latent"], device=device)
+        sigma = torch.full_like(mu, 0.05)
 
-    def fwd_bwd():
-        with autocast_context(device, precision):
-            model(mu, sigma, **feats)["loss"].backward()
-        model.zero_grad(set_to_none=True)
+        def step():
+            with autocast_context(device, precision):
+                loss = model(mu, sigma, **feats)["loss"]
+            loss.backward()
+            model.update_ema(0.9999)
 
-    flops = count_flops(fwd_bwd)
-    rows = {}
-    for name, speed in variants(compile_):
+        def fwd_bwd():
+            with autocast_context(device, precision):
+                model(mu, sigma, **feats)["loss"].backward()
+            model.zero_grad(set_to_none=True)
+
+        return step, fwd_bwd
+
+    flops = count_flops(stepper(preset_batch)[1])
+    per_image = flops / preset_batch  # FLOPs grow with the batch, image by image
+
+    def measure(speed: SpeedConfig, batch: int) -> dict:
         t0 = time.perf_counter()
+        apply_speed_options(model.denoiser, speed, device)
+        steps = max(3, round(s["train_steps"] * preset_batch / batch))  # about as many images at every batch
+        seconds = train_rate(stepper(batch)[0], params, speed, device, steps, s["warmup"])
+        model.zero_grad(set_to_none=True)
+        return {
+            "speed": speed.__dict__,
+            "batch": batch,
+            "images_per_s": batch / seconds,
+            "s_per_step": seconds,
+            "mfu": per_image * batch / seconds / peak if peak else None,
+            "wall_s": time.perf_counter() - t0,
+        }
+
+    rows: dict[str, dict] = {}
+    named = dict(variants(compile_))
+    for name in ("loop", "fast"):
+        rows[name] = measure(named[name], preset_batch)
+    sweep = batch_sweep(
+        lambda b: measure(named["fast"], b), [preset_batch * f for f in s["train_batch_factors"]]
+    )
+    fitted = [r for r in [rows["fast"], *sweep.values()] if r["images_per_s"] is not None]
+    best_batch = max(fitted, key=lambda r: r["images_per_s"])["batch"]
+    if compile_:
         try:
-            apply_speed_options(model.denoiser, speed, device)
-            seconds = train_rate(step, params, speed, device, s["train_steps"], s["warmup"])
+            rows["compiled"] = measure(named["compiled"], best_batch)
         except Exception as exc:  # e.g. a compiler failure: the other variants stand
             if s is TINY:
                 raise
-            rows[name] = {
-                "speed": speed.__dict__,
+            rows["compiled"] = {
+                "speed": named["compiled"].__dict__,
+                "batch": best_batch,
                 "images_per_s": None,
                 "mfu": None,
                 "error": repr(exc)[:1000],
             }
-            continue
-        rows[name] = {
-            "speed": speed.__dict__,
-            "images_per_s": batch / seconds,
-            "s_per_step": seconds,
-            "mfu": flops / seconds / peak if peak else None,
-            "wall_s": time.perf_counter() - t0,
-        }
     return {
         "preset": s["preset"],
-        "batch": batch,
+        "batch": preset_batch,
+        "best_batch": best_batch,
         "precision": precision,
         "latent": [3, s["latent"], s["latent"]],
         "flops_per_step": flops,
-        "tflop_per_image": flops / batch / 1e12,
+        "tflop_per_image": per_image / 1e12,
         "variants": rows,
+        "batch_sweep": sweep,
     }
 
 
@@ -274,7 +328,7 @@ def make_prepared(s: dict, tmp: Path) -> dict:
 
 
 def adamatch_train(
-    s: dict, data: Path, device: torch.device, precision: str, peak: float | None
+    s: dict, data: Path, device: torch.device, precision: str, compile_: bool, peak: float | None
 ) -> tuple[dict, object]:
     torch.manual_seed(0)
     stage = build_stage(config_path=resolve_config_path("adamatch", s["preset"]), overrides=[], data=data)
@@ -298,14 +352,27 @@ def adamatch_train(
 
     flops = count_flops(fwd_bwd)
     rows = {}
-    for name, speed in variants(False):
-        apply_speed_options(model, speed, device)
-        seconds = train_rate(step, params, speed, device, s["train_steps"], s["warmup"])
+    for name, speed in variants(compile_):
+        t0 = time.perf_counter()
+        try:
+            apply_speed_options(model, speed, device)
+            seconds = train_rate(step, params, speed, device, s["train_steps"], s["warmup"])
+        except Exception as exc:  # e.g. a compiler failure: the other variants stand
+            if s is TINY or name != "compiled":
+                raise
+            rows[name] = {
+                "speed": speed.__dict__,
+                "images_per_s": None,
+                "mfu": None,
+                "error": repr(exc)[:1000],
+            }
+            continue
         rows[name] = {
             "speed": speed.__dict__,
             "images_per_s": bs / seconds,
             "s_per_step": seconds,
             "mfu": flops / seconds / peak if peak else None,
+            "wall_s": time.perf_counter() - t0,
         }
     info = {
         "preset": s["preset"],
@@ -611,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
         stage_box: list = []
 
         def adamatch_row():
-            info, stage = adamatch_train(s, data, device, precision, peak)
+            info, stage = adamatch_train(s, data, device, precision, compile_, peak)
             stage_box.append(stage)
             return info
 
@@ -667,9 +734,25 @@ def main(argv: list[str] | None = None) -> int:
             stage: {k: rows["learn"][stage][k] for k in ("steps", "finite", "learned")}
             for stage in LEARN_STAGES
         }
+    source = {
+        "diffusion_train_images_per_s": "diffusion_train",
+        "diffusion_train_mfu": "diffusion_train",
+        "adamatch_train_mfu": "adamatch_train",
+        "sampling_speedup_b8": "sampling",
+        "sampling_speedup_b64": "sampling",
+        "decode_reports_per_min": "decode",
+        "decode_one_report_s": "decode",
+        "loader_images_per_s": "loader",
+        "prepare_images_per_s": "prepare",
+    }
     for k in KEYS:
         if result[k] is None and k not in notes:
-            notes[k] = "its row failed: see notes of the row"
+            row = source.get(k)
+            notes[k] = (
+                f"its row ({row}) was left out (--skip)"
+                if row in skip
+                else f"its row ({row}) failed: see notes"
+            )
     result.update(
         {
             "torch": torch.__version__,

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 NUMBERS = (
     "diffusion_train_images_per_s",
@@ -23,18 +25,18 @@ NUMBERS = (
 NULL_ON_CPU = ("diffusion_train_mfu", "adamatch_train_mfu", "sampling_equal_auroc")
 
 
-def run_tiny_suite(out: Path, *args: str) -> dict:
-    """``gpu_suite.py --tiny`` writing ``out``, which it returns read."""
+def run_tiny_suite(out: Path, *args: str, env: dict[str, str] | None = None) -> dict:
+    """``gpu_suite.py --tiny`` writing ``out``, which it returns read (its stderr under ``"stderr"``)."""
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "gpu_suite.py"), "--tiny", "--out", str(out), *args],
         capture_output=True,
         text=True,
         timeout=900,
         cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(out.read_text())
+    return {**json.loads(out.read_text()), "stderr": proc.stderr}
 
 
 def test_gpu_suite_tiny_writes_every_key(tmp_path):
@@ -59,6 +61,9 @@ def test_gpu_suite_tiny_writes_every_key(tmp_path):
     ):  # the graphed row's bookkeeping (no graph on a CPU: the same latents)
         assert rows["sampling"][batch]["fastest_graphed"]["same_latents"], batch
     assert set(rows["diffusion_train"]["variants"]) == {"loop", "fast"}
+    sweep = rows["diffusion_train"]["batch_sweep"]  # the fast variant at twice the preset's batch
+    assert set(sweep) == {"batch_16"} and sweep["batch_16"]["images_per_s"] > 0
+    assert rows["diffusion_train"]["best_batch"] in (8, 16)
     assert rows["diffusion_train"]["flops_per_step"] > 0 and rows["adamatch_train"]["flops_per_step"] > 0
     assert result["batches"]["diffusion_train"] == 8 and result["batches"]["sampling"] == [2, 4]
     # the learn row: every stage trained by `medvl train` on a fresh phantom, its loss curve finite
@@ -89,3 +94,50 @@ def test_gpu_suite_leaves_out_rows_on_request(tmp_path):
     assert result["rows"]["decode"]["rows"]["one_report"]["same_sequences"]
     assert result["decode_reports_per_min"] > 0 and result["sampling_speedup_b8"] is None
     assert not out.with_suffix(".partial.json").exists()
+
+
+def test_batch_sweep_stops_at_the_first_batch_that_does_not_fit():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import torch
+    from gpu_suite import batch_sweep
+
+    tried = []
+
+    def measure(batch):
+        tried.append(batch)
+        if batch >= 64:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {"batch": batch, "images_per_s": float(batch)}
+
+    out = batch_sweep(measure, [32, 64, 128])
+    assert tried == [32, 64]  # 128 is not tried after 64 ran out of memory
+    assert out["batch_32"]["images_per_s"] == 32.0
+    assert out["batch_64"]["images_per_s"] is None and "out of memory" in out["batch_64"]["out_of_memory"]
+
+    def broken(batch):
+        raise ValueError("a shape mismatch")
+
+    with pytest.raises(
+        ValueError, match="shape mismatch"
+    ):  # only running out of memory ends the sweep quietly
+        batch_sweep(broken, [32])
+
+
+@pytest.mark.slow
+def test_gpu_suite_tiny_compiled_training_rows(tmp_path):
+    """The compiled variants of both training rows (the GPU default) run on the CPU, and no step recompiles: a
+    value read into Python inside the forward (AdaMatch's logs, once) is a guard that recompiled every step."""
+    result = run_tiny_suite(
+        tmp_path / "suite.json",
+        *("--compile", "--skip", "loader", "sampling", "decode", "learn"),
+        env={"TORCH_LOGS": "recompiles"},
+    )
+    for row in ("adamatch_train", "diffusion_train"):
+        variants = result["rows"][row]["variants"]
+        assert set(variants) == {"loop", "fast", "compiled"}, row
+        assert variants["compiled"]["images_per_s"] > 0, row
+    assert "Recompiling" not in result["stderr"], result["stderr"][-3000:]
+    assert (
+        result["rows"]["diffusion_train"]["variants"]["compiled"]["batch"]
+        == (result["rows"]["diffusion_train"]["best_batch"])
+    )
