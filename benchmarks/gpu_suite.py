@@ -4,7 +4,8 @@
     python benchmarks/gpu_suite.py --tiny           # CPU: tiny presets, a few steps (run by tests/test_gpu_suite.py)
 
 Each finished row is written at once to ``<out>.partial.json`` (removed when the whole JSON is written), so a run
-cut short keeps what it measured; ``--skip ROW ...`` then leaves those rows out of a second run.
+cut short keeps what it measured; ``--skip ROW ...`` then leaves those rows out of a second run, and
+``--summarize FIRST.partial.json SECOND.json`` writes the JSON of both, running nothing.
 
 Rows (random weights: speed does not depend on them):
 
@@ -592,107 +593,40 @@ def decoding(s: dict, device: torch.device, static: bool) -> dict:
 ROWS = ("prepare", "adamatch_train", "loader", "diffusion_train", "sampling", "decode", "learn")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--tiny", action="store_true", help="tiny presets, a few steps (a check that the suite runs)"
-    )
-    p.add_argument("--device", default=None, help="default: cuda when available (--tiny: cpu)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA")
-    p.add_argument(
-        "--static-decode", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA"
-    )
-    p.add_argument("--fast-steps", type=int, default=4, help="steps of the fastest sampler (a student's)")
-    p.add_argument(
-        "--quality",
-        type=Path,
-        default=None,
-        help="sampling_speed.py's JSON with a student row, for sampling_equal_auroc (default: "
-        "benchmarks/results/sampling_speed_seed7_validate_cpu.json; never with --tiny)",
-    )
-    p.add_argument(
-        "--learn-seconds",
-        type=float,
-        default=None,
-        help="seconds of training per stage in the learn row (default 45; --tiny: 3; 0: skip the row)",
-    )
-    p.add_argument(
-        "--skip",
-        nargs="+",
-        default=[],
-        choices=ROWS,
-        help="rows to leave out (e.g. the ones a first, interrupted run already wrote to its .partial.json)",
-    )
-    p.add_argument("--out", type=Path, default=None)
-    args = p.parse_args(argv)
-    s = TINY if args.tiny else FULL
-    learn_seconds = (3.0 if args.tiny else 45.0) if args.learn_seconds is None else args.learn_seconds
-    if args.tiny:
-        torch.set_num_threads(
-            1
-        )  # tiny ops on a shared CPU: one thread (OpenMP threads spin-wait on each other)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
-    cuda = device.type == "cuda"
-    compile_ = cuda if args.compile is None else args.compile
-    static = cuda if args.static_decode is None else args.static_decode
-    precision = "bf16" if cuda else "fp32"
-    device_name = torch.cuda.get_device_name(device) if cuda else "cpu"
-    peak = peak_flops(device_name) if cuda else None
-    started = time.perf_counter()
-    notes: dict[str, str] = {}
-    rows: dict[str, object] = {}
-    walls: dict[str, float] = {}
-    out = args.out or RESULTS / f"gpu_suite_{device_slug(device_name)}{'_tiny' if args.tiny else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_suffix(".partial.json")
+def merge_partials(states: list[dict]) -> dict:
+    """One run's state from several runs on one device (their ``.partial.json`` or finished JSON): each row from
+    the last run that measured it (or failed it, when none measured it), with its wall time and note; a row stays
+    skipped only when every run skipped it; ``command`` lists the runs' commands. Notes on the top-level keys are
+    left to :func:`summarize`."""
+    if len({(st["device"], st["tiny"]) for st in states}) != 1:
+        raise SystemExit("--summarize: the files come from different devices or sizes")
+    merged = {**states[-1], "rows": {}, "notes": {}, "wall_s": {}}
+    for st in states:
+        for name in ROWS:
+            if name in st["rows"]:
+                row = st["rows"][name]
+                if row is not None or merged["rows"].get(name) is None:
+                    merged["rows"][name] = row
+                    merged["wall_s"][name] = st["wall_s"].get(name)
+                    merged["notes"].pop(name, None)
+                    if name in st["notes"]:
+                        merged["notes"][name] = st["notes"][name]
+            elif name in st["notes"] and name not in merged["rows"]:
+                merged["notes"].setdefault(name, st["notes"][name])
+    merged["skip"] = sorted(set.intersection(*(set(st["skip"]) for st in states)) - set(merged["rows"]))
+    for name in list(merged["notes"]):
+        if merged["notes"][name] == "left out (--skip)" and name not in merged["skip"]:
+            del merged["notes"][name]
+    merged["command"] = " ; ".join(st["command"] for st in states)
+    return merged
 
-    skip = set(args.skip)
-    if not {"adamatch_train", "loader"} <= skip:
-        skip.discard("prepare")  # their data is the prepare row's
-    notes.update({name: "left out (--skip)" for name in skip})
 
-    def run(name: str, fn):
-        if name in skip:
-            return None
-        t0 = time.perf_counter()
-        try:
-            rows[name] = fn()
-        except Exception as exc:  # a row that fails is recorded, the others still run (--tiny: raise)
-            if args.tiny:
-                raise
-            rows[name] = None
-            notes[name] = f"{type(exc).__name__}: {exc}"[:2000]
-        walls[name] = time.perf_counter() - t0
-        if cuda:
-            torch.cuda.empty_cache()
-        print(f"[{time.perf_counter() - started:6.1f} s] {name}: {walls[name]:.1f} s", flush=True)
-        # every finished row on disk at once: a run cut short by a time limit keeps what it measured
-        snapshot = {"device": device_name, "torch": torch.__version__, "rows": rows, "notes": notes}
-        partial.write_text(json.dumps({**snapshot, "wall_s": walls}, indent=1, default=str))
-        return rows[name]
-
-    tmp = Path(tempfile.mkdtemp(prefix="medvl_gpu_suite_"))
-    try:
-        prepared = run("prepare", lambda: make_prepared(s, tmp))
-        data = tmp / "prepared"
-        stage_box: list = []
-
-        def adamatch_row():
-            info, stage = adamatch_train(s, data, device, precision, compile_, peak)
-            stage_box.append(stage)
-            return info
-
-        if prepared is not None:
-            run("adamatch_train", adamatch_row)
-            if stage_box:
-                run("loader", lambda: loader_rate(s, stage_box[0], device))
-        run("diffusion_train", lambda: diffusion_train(s, device, precision, compile_, peak))
-        run("sampling", lambda: sampling(s, device, args.fast_steps))
-        run("decode", lambda: decoding(s, device, static))
-        if learn_seconds > 0:
-            run("learn", lambda: learn(s, tmp, learn_seconds))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def summarize(state: dict, quality: Path | None) -> dict:
+    """The suite's JSON from a run's ``state`` (what ``<out>.partial.json`` holds: device, torch, rows, notes,
+    wall_s, tiny, precision, compile, skip, command): the top-level :data:`KEYS`, then everything else."""
+    rows, notes, walls = state["rows"], dict(state["notes"]), state["wall_s"]
+    s, skip, device_name = (TINY if state["tiny"] else FULL), set(state["skip"]), state["device"]
+    peak = peak_flops(device_name) if device_name != "cpu" else None
 
     def best(row: str, key: str):
         r = rows.get(row)
@@ -714,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
         b8, b64 = (f"batch_{b}" for b in s["sample_batches"])
         result["sampling_speedup_b8"] = rows["sampling"][b8]["speedup_recipe_over_fastest"]
         result["sampling_speedup_b64"] = rows["sampling"][b64]["speedup_recipe_over_fastest"]
-    quality = args.quality or (None if args.tiny else RESULTS / "sampling_speed_seed7_validate_cpu.json")
+    quality = quality or (None if state["tiny"] else RESULTS / "sampling_speed_seed7_validate_cpu.json")
     equal, why = equal_auroc_from(quality)
     result["sampling_equal_auroc"] = equal
     notes["sampling_equal_auroc"] = why
@@ -755,10 +689,10 @@ def main(argv: list[str] | None = None) -> int:
             )
     result.update(
         {
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "tiny": args.tiny,
+            "torch": state["torch"],
+            "python": state["python"],
+            "cpus": state["cpus"],
+            "tiny": state["tiny"],
             "sizes": {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()},
             "batches": {
                 "diffusion_train": (rows.get("diffusion_train") or {}).get("batch"),
@@ -767,16 +701,155 @@ def main(argv: list[str] | None = None) -> int:
                 "decode": [1, *s["decode_batches"]],
                 "loader": (rows.get("loader") or {}).get("batch"),
             },
-            "precision": precision,
+            "precision": state["precision"],
             "peak_bf16_flops": peak,
-            "compile": compile_,
+            "compile": state["compile"],
+            "skip": sorted(skip),
             "notes": notes,
-            "wall_s": {**walls, "total": time.perf_counter() - started},
+            "wall_s": {**walls, "total": sum(walls.values())},
             "rows": rows,
-            "command": "python benchmarks/gpu_suite.py "
-            + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": state["command"],
         }
     )
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--tiny", action="store_true", help="tiny presets, a few steps (a check that the suite runs)"
+    )
+    p.add_argument("--device", default=None, help="default: cuda when available (--tiny: cpu)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA")
+    p.add_argument(
+        "--static-decode", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA"
+    )
+    p.add_argument("--fast-steps", type=int, default=4, help="steps of the fastest sampler (a student's)")
+    p.add_argument(
+        "--quality",
+        type=Path,
+        default=None,
+        help="sampling_speed.py's JSON with a student row, for sampling_equal_auroc (default: "
+        "benchmarks/results/sampling_speed_seed7_validate_cpu.json; never with --tiny)",
+    )
+    p.add_argument(
+        "--learn-seconds",
+        type=float,
+        default=None,
+        help="seconds of training per stage in the learn row (default 45; --tiny: 3; 0: skip the row)",
+    )
+    p.add_argument(
+        "--skip",
+        nargs="+",
+        default=[],
+        choices=ROWS,
+        help="rows to leave out (e.g. the ones a first, interrupted run already wrote to its .partial.json)",
+    )
+    p.add_argument(
+        "--summarize",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="PARTIAL",
+        help="run nothing: write the suite's JSON from the .partial.json (or finished JSON) files of earlier "
+        "runs on one device, a later file's rows winning: e.g. a run cut short and a second run with --skip",
+    )
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.summarize:
+        state = merge_partials([json.loads(Path(f).read_text()) for f in args.summarize])
+        result = summarize(state, args.quality)
+        slug = device_slug(state["device"])
+        out = args.out or RESULTS / f"gpu_suite_{slug}{'_tiny' if state['tiny'] else ''}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1, default=str))
+        print(json.dumps({k: result[k] for k in KEYS}, indent=1))
+        print(f"wrote {out}")
+        return 0
+    s = TINY if args.tiny else FULL
+    learn_seconds = (3.0 if args.tiny else 45.0) if args.learn_seconds is None else args.learn_seconds
+    if args.tiny:
+        torch.set_num_threads(
+            1
+        )  # tiny ops on a shared CPU: one thread (OpenMP threads spin-wait on each other)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
+    cuda = device.type == "cuda"
+    compile_ = cuda if args.compile is None else args.compile
+    static = cuda if args.static_decode is None else args.static_decode
+    precision = "bf16" if cuda else "fp32"
+    device_name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    peak = peak_flops(device_name) if cuda else None
+    started = time.perf_counter()
+    notes: dict[str, str] = {}
+    rows: dict[str, object] = {}
+    walls: dict[str, float] = {}
+    command = "python benchmarks/gpu_suite.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    out = args.out or RESULTS / f"gpu_suite_{device_slug(device_name)}{'_tiny' if args.tiny else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial.json")
+
+    skip = set(args.skip)
+    if not {"adamatch_train", "loader"} <= skip:
+        skip.discard("prepare")  # their data is the prepare row's
+    notes.update({name: "left out (--skip)" for name in skip})
+    state = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "tiny": args.tiny,
+        "precision": precision,
+        "compile": compile_,
+        "skip": sorted(skip),
+        "command": command,
+        "rows": rows,
+        "notes": notes,
+        "wall_s": walls,
+    }
+
+    def run(name: str, fn):
+        if name in skip:
+            return None
+        t0 = time.perf_counter()
+        try:
+            rows[name] = fn()
+        except Exception as exc:  # a row that fails is recorded, the others still run (--tiny: raise)
+            if args.tiny:
+                raise
+            rows[name] = None
+            notes[name] = f"{type(exc).__name__}: {exc}"[:2000]
+        walls[name] = time.perf_counter() - t0
+        if cuda:
+            torch.cuda.empty_cache()
+        print(f"[{time.perf_counter() - started:6.1f} s] {name}: {walls[name]:.1f} s", flush=True)
+        # every finished row on disk at once: a run cut short by a time limit keeps what it measured
+        partial.write_text(json.dumps(state, indent=1, default=str))
+        return rows[name]
+
+    tmp = Path(tempfile.mkdtemp(prefix="medvl_gpu_suite_"))
+    try:
+        prepared = run("prepare", lambda: make_prepared(s, tmp))
+        data = tmp / "prepared"
+        stage_box: list = []
+
+        def adamatch_row():
+            info, stage = adamatch_train(s, data, device, precision, compile_, peak)
+            stage_box.append(stage)
+            return info
+
+        if prepared is not None:
+            run("adamatch_train", adamatch_row)
+            if stage_box:
+                run("loader", lambda: loader_rate(s, stage_box[0], device))
+        run("diffusion_train", lambda: diffusion_train(s, device, precision, compile_, peak))
+        run("sampling", lambda: sampling(s, device, args.fast_steps))
+        run("decode", lambda: decoding(s, device, static))
+        if learn_seconds > 0:
+            run("learn", lambda: learn(s, tmp, learn_seconds))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    result = summarize(state, args.quality)
     out.write_text(json.dumps(result, indent=1, default=str))
     partial.unlink(missing_ok=True)
     print(json.dumps({k: result[k] for k in KEYS}, indent=1))

@@ -39,8 +39,13 @@ def run_tiny_suite(out: Path, *args: str, env: dict[str, str] | None = None) -> 
     return {**json.loads(out.read_text()), "stderr": proc.stderr}
 
 
-def test_gpu_suite_tiny_writes_every_key(tmp_path):
-    result = run_tiny_suite(tmp_path / "suite.json")
+@pytest.fixture(scope="module")
+def tiny_suite(tmp_path_factory) -> dict:
+    return run_tiny_suite(tmp_path_factory.mktemp("suite") / "suite.json")
+
+
+def test_gpu_suite_tiny_writes_every_key(tiny_suite):
+    result = tiny_suite
     sys.path.insert(0, str(REPO / "benchmarks"))
     from gpu_suite import KEYS
 
@@ -84,9 +89,9 @@ def test_peak_rate_and_file_name_of_a_device():
     assert device_slug("NVIDIA H200") == "h200" and device_slug("cpu") == "cpu"
 
 
-def test_gpu_suite_leaves_out_rows_on_request(tmp_path):
+def test_gpu_suite_leaves_out_rows_on_request(tmp_path, tiny_suite):
     """--skip: the rows left out are named in the notes, the others measured; the partial file goes once the
-    whole JSON is written."""
+    whole JSON is written; --summarize joins the rows of two runs."""
     out = tmp_path / "suite.json"
     skip = ["prepare", "adamatch_train", "loader", "diffusion_train", "sampling", "learn"]
     result = run_tiny_suite(out, "--skip", *skip)
@@ -94,6 +99,27 @@ def test_gpu_suite_leaves_out_rows_on_request(tmp_path):
     assert result["rows"]["decode"]["rows"]["one_report"]["same_sequences"]
     assert result["decode_reports_per_min"] > 0 and result["sampling_speedup_b8"] is None
     assert not out.with_suffix(".partial.json").exists()
+
+    # --summarize: one JSON from two runs, each row from the later run that measured it
+    full = tmp_path / "full.json"
+    full.write_text(json.dumps({k: v for k, v in tiny_suite.items() if k != "stderr"}))
+    merged_out = tmp_path / "merged.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_suite.py"), "--summarize", str(full), str(out)]
+        + ["--out", str(merged_out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = json.loads(merged_out.read_text())
+    assert merged["rows"]["decode"] == result["rows"]["decode"]  # the second run's
+    assert merged["rows"]["diffusion_train"] == tiny_suite["rows"]["diffusion_train"]  # the first run's
+    assert merged["sampling_speedup_b8"] == tiny_suite["sampling_speedup_b8"]
+    assert merged["decode_reports_per_min"] == result["decode_reports_per_min"]
+    assert merged["skip"] == [] and not any("left out" in note for note in merged["notes"].values())
+    assert merged["command"].count("gpu_suite.py") == 2
 
 
 def test_batch_sweep_stops_at_the_first_batch_that_does_not_fit():
