@@ -16,10 +16,12 @@ Rows (random weights: speed does not depend on them):
   (``batch_sweep``); then compiled (``compiled``, with ``--compile``, the default on CUDA) at the batch that
   trained fastest (``best_batch``). Images/s and MFU: the FLOPs of one forward + backward at the preset's batch
   counted by ``torch.utils.flop_counter.FlopCounterMode`` (per image, times the batch), over the device's peak
-  bf16 rate (:data:`PEAK_BF16`; unknown devices and the CPU: null).
+  bf16 rate (:data:`PEAK_BF16`; unknown devices and the CPU: null). ``profile``: where the eager ``fast`` step's
+  time goes at the preset's and the fastest batch (``benchmarks/kernel_profile.py``: the device's busy share of
+  the wall time, busy time by kind of kernel, the top kernels), so that a low MFU comes with its reason.
 * ``adamatch_train``: AdaMatch at ``configs/adamatch/<preset>.yaml`` sizes on batches of the suite's prepared
   dataset (augmentation and tokenising in the stage's collate), ``loop``, ``fast`` and ``compiled`` (as above, at
-  the preset's batch); images/s and MFU.
+  the preset's batch); images/s, MFU and the ``fast`` step's ``profile``.
 * ``sampling``: seconds per image at batch 8 and 64 (UNet only): the MONAI recipe (DDIM 50, fp32, guidance
   batched), the preset's default sampler, DPM-Solver++(2M) 10 steps in bf16 with guidance (``dpm_solver_10``),
   and the fastest sampler medvl has, a distilled student's (``fastest``: consistency sampling, ``--fast-steps``
@@ -73,6 +75,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))  # the sibling benchmarks, imported as modules
 
 import decode_throughput  # noqa: E402
+import kernel_profile  # noqa: E402
 import prepare_throughput  # noqa: E402
 import unet_scale_speed  # noqa: E402
 
@@ -184,6 +187,18 @@ def train_rate(step, params, speed: SpeedConfig, device: torch.device, steps: in
     return seconds
 
 
+def train_profile(step, params, speed: SpeedConfig, device: torch.device, calls: int = 3) -> dict:
+    """:func:`kernel_profile.profile_calls` of whole optimiser steps (``step()``, AdamW, zero_grad)."""
+    opt = torch.optim.AdamW(params, lr=1e-5, **adamw_options(speed, device))
+
+    def full_step():
+        step()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return kernel_profile.profile_calls(full_step, device, calls=calls)
+
+
 def variants(compile_: bool) -> list[tuple[str, SpeedConfig]]:
     out = [("loop", SpeedConfig()), ("fast", SpeedConfig(channels_last=True, fused_adamw=True))]
     if compile_:
@@ -272,6 +287,11 @@ def diffusion_train(
     )
     fitted = [r for r in [rows["fast"], *sweep.values()] if r["images_per_s"] is not None]
     best_batch = max(fitted, key=lambda r: r["images_per_s"])["batch"]
+    profiles = {  # where the eager step's time goes, at the preset's batch and the fastest
+        f"fast_batch_{b}": train_profile(stepper(b)[0], params, named["fast"], device)
+        for b in dict.fromkeys([preset_batch, best_batch])
+    }
+    model.zero_grad(set_to_none=True)
     if compile_:
         try:
             rows["compiled"] = measure(named["compiled"], best_batch)
@@ -295,6 +315,7 @@ def diffusion_train(
         "tflop_per_image": per_image / 1e12,
         "variants": rows,
         "batch_sweep": sweep,
+        "profile": profiles,
     }
 
 
@@ -353,7 +374,11 @@ def adamatch_train(
 
     flops = count_flops(fwd_bwd)
     rows = {}
+    profiles = {}
     for name, speed in variants(compile_):
+        if name == "compiled":  # where the eager step's time goes, before the model is compiled in place
+            profiles["fast"] = train_profile(step, params, variants(False)[1][1], device)
+            model.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         try:
             apply_speed_options(model, speed, device)
@@ -382,6 +407,7 @@ def adamatch_train(
         "image_size": stage.config.model.image_size,
         "flops_per_step": flops,
         "variants": rows,
+        "profile": profiles or {"fast": train_profile(step, params, variants(False)[1][1], device)},
     }
     return info, stage
 

@@ -70,6 +70,11 @@ def test_gpu_suite_tiny_writes_every_key(tiny_suite):
     assert set(sweep) == {"batch_16"} and sweep["batch_16"]["images_per_s"] > 0
     assert rows["diffusion_train"]["best_batch"] in (8, 16)
     assert rows["diffusion_train"]["flops_per_step"] > 0 and rows["adamatch_train"]["flops_per_step"] > 0
+    for prof in [*rows["diffusion_train"]["profile"].values(), rows["adamatch_train"]["profile"]["fast"]]:
+        assert (
+            abs(sum(prof["share_by_kind"].values()) - 1) < 1e-6 and prof["top"]
+        )  # where the step's time goes
+        assert prof["share_by_kind"]["conv"] > 0 and prof["device_busy_share"] is None  # the CPU: no device
     assert result["batches"]["diffusion_train"] == 8 and result["batches"]["sampling"] == [2, 4]
     # the learn row: every stage trained by `medvl train` on a fresh phantom, its loss curve finite
     learn = rows["learn"]
@@ -167,3 +172,21 @@ def test_gpu_suite_tiny_compiled_training_rows(tmp_path):
         result["rows"]["diffusion_train"]["variants"]["compiled"]["batch"]
         == (result["rows"]["diffusion_train"]["best_batch"])
     )
+
+
+def test_kernel_kinds_of_typical_names():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from kernel_profile import kind_of
+
+    assert kind_of("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
+    assert kind_of("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "conv"
+    assert kind_of("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>") == "attention"
+    assert (
+        kind_of("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::BFloat16>") == "norm"
+    )
+    assert (
+        kind_of("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamW>")
+        == "optimizer"
+    )
+    assert kind_of("aten::native_group_norm") == "norm" and kind_of("aten::addmm") == "matmul"
+    assert kind_of("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add<float>>") == "other"
