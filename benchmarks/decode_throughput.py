@@ -53,6 +53,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import kernel_profile  # benchmarks/ (this script's folder)
 import torch
 from transformers.cache_utils import EncoderDecoderCache
 
@@ -167,9 +168,11 @@ def measure_decoding(
     repeats: int = 2,
     variants: tuple[str, ...] = ("fast", "generate", "plain"),
     device: torch.device | str = "cpu",
+    profile: tuple[str, ...] = (),
 ) -> dict:
     """Best wall time per batch of each variant (after one warm-up each; repeats alternate between variants), the
-    reports/s and whether every variant gave the first one's sequences."""
+    reports/s and whether every variant gave the first one's sequences; for the variants in ``profile``, where one
+    call's time goes (``benchmarks/kernel_profile.py``, under ``<variant>_profile``)."""
     device = torch.device(device)
     feats, boxes, hints = conditioning(batch, device)
 
@@ -217,6 +220,9 @@ def measure_decoding(
                 run(v)
                 _sync(device)
                 best[v] = min(best[v], time.perf_counter() - t0)
+        profiles = {
+            v: kernel_profile.profile_calls(lambda v=v: run(v), device, calls=1) for v in profile if v in best
+        }
     first = seqs[variants[0]]
     assert first.shape[1] == tokens, first.shape
     row = {"batch": batch, "beams": beams, "tokens": tokens, "no_repeat_ngram_size": ngram}
@@ -224,6 +230,8 @@ def measure_decoding(
         row[f"{v}_s_per_batch"] = best[v]
         row[f"{v}_reports_per_s"] = batch / best[v]
     row["same_sequences"] = all(torch.equal(seqs[v], first) for v in variants)
+    for v, prof in profiles.items():
+        row[f"{v}_profile"] = prof
     if errors:
         row["errors"] = errors
     if "plain" in variants and "fast" in variants:

@@ -37,7 +37,8 @@ Rows (random weights: speed does not depend on them):
   one report (batch 1), today's decoding beside transformers' ``generate()`` and, per batch, with a report's beams
   attending as one query group (``grouped``: on by default on the CPU, measured here before a GPU default), with
   fixed-shape steps replayed as CUDA graphs (``graphed``, batch 1 and per batch: off by default until measured
-  here), and the static-cache variant (compiled by transformers on CUDA), each with its sameness.
+  here), and the static-cache variant (compiled by transformers on CUDA), each with its sameness; the profile
+  of one report's and the first batch's decoding (``fast_profile``: how busy the device is between launches).
 * ``loader``: the prepared-dataset loader (the training loop's micro-batch loader with AdaMatch's collate) with
   the preset's ``train.num_workers``, images/s beside AdaMatch's training rate.
 * ``prepare``: ``medvl prepare mimic-cxr`` (``prepare_mimic``) on a generated MIMIC-CXR-JPG tree of full-size
@@ -581,10 +582,12 @@ def decoding(s: dict, device: torch.device, static: bool) -> dict:
     head = decode_throughput.build_head(s["decode_setting"], tokens, device)
     common = dict(beams=3, tokens=tokens, ngram=3, repeats=2, device=device)
     one = ("fast", "graphed", "generate", "plain")
-    rows = {"one_report": decode_throughput.measure_decoding(head, 1, variants=one, **common)}
-    for batch in s["decode_batches"]:
+    rows = {
+        "one_report": decode_throughput.measure_decoding(head, 1, variants=one, profile=("fast",), **common)
+    }
+    for i, batch in enumerate(s["decode_batches"]):
         rows[f"batch_{batch}"] = decode_throughput.measure_decoding(
-            head, batch, variants=s["decode_variants"], **common
+            head, batch, variants=s["decode_variants"], profile=("fast",) if i == 0 else (), **common
         )
     if static:
         b = s["decode_batches"][0]

@@ -57,6 +57,7 @@ def test_gpu_suite_tiny_writes_every_key(tiny_suite):
         assert result[key] is None and result["notes"][key], key
     rows = result["rows"]
     assert rows["decode"]["rows"]["one_report"]["same_sequences"]  # fast decoding = 0.2.0's, in the suite too
+    assert rows["decode"]["rows"]["one_report"]["fast_profile"]["top"]  # where one report's time goes
     batch_rows = [r for k, r in rows["decode"]["rows"].items() if k.startswith("batch_")]
     assert batch_rows and all(r["same_sequences"] and "grouped_s_per_batch" in r for r in batch_rows)
     assert all("graphed_s_per_batch" in r for r in [*batch_rows, rows["decode"]["rows"]["one_report"]])
