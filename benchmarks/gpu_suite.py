@@ -268,8 +268,10 @@ def diffusion_train(
         t0 = time.perf_counter()
         apply_speed_options(model.denoiser, speed, device)
         steps = max(3, round(s["train_steps"] * preset_batch / batch))  # about as many images at every batch
-        seconds = train_rate(stepper(batch)[0], params, speed, device, steps, s["warmup"])
-        model.zero_grad(set_to_none=True)
+        try:
+            seconds = train_rate(stepper(batch)[0], params, speed, device, steps, s["warmup"])
+        finally:  # also after running out of memory halfway through a backward
+            model.zero_grad(set_to_none=True)
         return {
             "speed": speed.__dict__,
             "batch": batch,
