@@ -316,10 +316,9 @@ class _Training:
         self.loss_first: list[torch.Tensor] = []
         self.loss_last: deque[torch.Tensor] = deque(maxlen=LOSS_CURVE_STEPS)
 
-    def count_step(self, step_loss: torch.Tensor, seconds: float) -> None:
+    def count_step(self, step_loss: torch.Tensor) -> None:
         self.loss_sum += step_loss
         self.loss_steps += 1
-        self.train_seconds += seconds
         self.samples += self.cfg.batch_size * self.cfg.grad_accum * self.world
         kept = step_loss.detach().clone()
         if len(self.loss_first) < LOSS_CURVE_STEPS:
@@ -559,12 +558,14 @@ def fit(
             state.step += 1
             if callable(getattr(stage, "on_step_end", None)):
                 stage.on_step_end(unwrap(model), state.step)
-            run.count_step(step_loss, time.perf_counter() - tick)
+            run.count_step(step_loss)
 
             checkpoint_due = cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0
             if state.step % cfg.log_every == 0 or state.step == cfg.steps or checkpoint_due:
                 run.log_train(step_logs, grad_norm)
             run.pbar.update(1)
+            # after the log line, which waits for the device: steps in between only queue work on a GPU
+            run.train_seconds += time.perf_counter() - tick
             if cfg.eval_every > 0 and state.step % cfg.eval_every == 0:
                 run.evaluate()
             if checkpoint_due:

@@ -371,6 +371,26 @@ def test_tensor_logs_are_logged_as_floats_are(tmp_path):
         assert math.isclose(a, b, rel_tol=1e-6), (a, b)
 
 
+def test_training_time_includes_the_wait_at_a_log_line(tmp_path, monkeypatch):
+    """On a GPU the steps between log lines only queue work, and the log line waits for it: that wait is
+    training time (images_per_second in stage.json), validation and checkpoints are not."""
+    import time
+
+    from medvl.train import loop
+
+    real = loop._Training.log_train
+
+    def slow_log(self, *args, **kwargs):  # the device catching up with the queued steps
+        time.sleep(0.25)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(loop._Training, "log_train", slow_log)
+    cfg = make_config(batch_size=4, steps=4, log_every=2, eval_every=0, checkpoint_every=0)
+    fit(ToyStage(cfg), tmp_path / "run")
+    info = read_stage_info(tmp_path / "run")
+    assert info["images_per_second"] <= 4 * 4 / (2 * 0.25)  # two log lines of 0.25 s inside the timed steps
+
+
 def test_unfinished_checkpoint_writes_are_ignored(tmp_path):
     run = tmp_path / "run"
     with pytest.raises(Interrupt):
