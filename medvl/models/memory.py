@@ -94,7 +94,11 @@ class SharedMemory(nn.Module):
         ``.to()`` invalidates it) and on the autocast state, dropped by ``train()`` and whenever a gradient is
         recorded, and kept out of the state dict (``cache_kv = False`` turns it off).
         The cached tensors are the ones the projection gives, so responses are bitwise those computed afresh.
+        Under ``torch.compile`` the projection is traced into the graph instead: a cache kept in a Python attribute
+        would be a guard that recompiles the caller whenever it is filled or dropped.
         """
+        if torch.compiler.is_compiling():
+            return self._project_kv()
         if self.training or torch.is_grad_enabled() or not self.cache_kv:
             self._kv_cache = None
             return self._project_kv()

@@ -82,3 +82,30 @@ def test_memory_backward_runs_under_deterministic_algorithms_and_repeats_exactly
         torch.set_num_threads(threads)
     assert torch.equal(grads[0], grads[1])
     assert torch.equal(grads[0], grads[2])
+
+
+def test_compiled_callers_do_not_recompile_on_the_key_value_cache():
+    """A frozen memory queried inside a compiled function, in training (gradients on) and in validation (no_grad)
+    by turns: two compilations (one per grad mode), not one more each time the Python-side cache of the memory's
+    keys and values is filled or dropped. Outside compilation the cache still serves a frozen model."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    memory = (
+        SharedMemory(MemoryConfig(num_slots=16, dim=32, num_heads=4, topk=4)).eval().requires_grad_(False)
+    )
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    counter = CompileCounter()
+    query = torch.compile(lambda t: memory(t), backend=counter)
+    eager = memory(x.detach())
+    for _ in range(3):  # a training step, then validation batches
+        torch.testing.assert_close(query(x), eager)
+        with torch.no_grad():
+            for _ in range(2):
+                torch.testing.assert_close(query(x), eager)
+    assert counter.frame_count == 2
+    with torch.no_grad():
+        memory(x)
+    assert memory._kv_cache is not None  # eager, frozen, no gradient: the projection is cached
+    torch._dynamo.reset()
