@@ -207,6 +207,23 @@ def variants(compile_: bool) -> list[tuple[str, SpeedConfig]]:
     return out
 
 
+def compiled_row(s: dict, measure, speed: SpeedConfig, **fields) -> dict:
+    """``measure()``'s row for the compiled variant, or, when compiling fails (not with --tiny), a row that says
+    why with null rates: the other variants stand."""
+    try:
+        return measure()
+    except Exception as exc:
+        if s is TINY:
+            raise
+        return {
+            "speed": speed.__dict__,
+            **fields,
+            "images_per_s": None,
+            "mfu": None,
+            "error": repr(exc)[:1000],
+        }
+
+
 def out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` says the device ran out of memory (CUDA's error, or one a backend words that way)."""
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
@@ -296,18 +313,8 @@ def diffusion_train(
     }
     model.zero_grad(set_to_none=True)
     if compile_:
-        try:
-            rows["compiled"] = measure(named["compiled"], best_batch)
-        except Exception as exc:  # e.g. a compiler failure: the other variants stand
-            if s is TINY:
-                raise
-            rows["compiled"] = {
-                "speed": named["compiled"].__dict__,
-                "batch": best_batch,
-                "images_per_s": None,
-                "mfu": None,
-                "error": repr(exc)[:1000],
-            }
+        compiled = named["compiled"]
+        rows["compiled"] = compiled_row(s, lambda: measure(compiled, best_batch), compiled, batch=best_batch)
     return {
         "preset": s["preset"],
         "batch": preset_batch,
@@ -376,33 +383,26 @@ def adamatch_train(
         model.zero_grad(set_to_none=True)
 
     flops = count_flops(fwd_bwd)
-    rows = {}
-    profiles = {}
-    for name, speed in variants(compile_):
-        if name == "compiled":  # where the eager step's time goes, before the model is compiled in place
-            profiles["fast"] = train_profile(step, params, variants(False)[1][1], device)
-            model.zero_grad(set_to_none=True)
+
+    def measure(speed: SpeedConfig) -> dict:
         t0 = time.perf_counter()
-        try:
-            apply_speed_options(model, speed, device)
-            seconds = train_rate(step, params, speed, device, s["train_steps"], s["warmup"])
-        except Exception as exc:  # e.g. a compiler failure: the other variants stand
-            if s is TINY or name != "compiled":
-                raise
-            rows[name] = {
-                "speed": speed.__dict__,
-                "images_per_s": None,
-                "mfu": None,
-                "error": repr(exc)[:1000],
-            }
-            continue
-        rows[name] = {
+        apply_speed_options(model, speed, device)
+        seconds = train_rate(step, params, speed, device, s["train_steps"], s["warmup"])
+        return {
             "speed": speed.__dict__,
             "images_per_s": bs / seconds,
             "s_per_step": seconds,
             "mfu": flops / seconds / peak if peak else None,
             "wall_s": time.perf_counter() - t0,
         }
+
+    named = dict(variants(compile_))
+    rows = {name: measure(named[name]) for name in ("loop", "fast")}
+    # where the eager step's time goes, before the model is compiled in place
+    profile = train_profile(step, params, named["fast"], device)
+    model.zero_grad(set_to_none=True)
+    if compile_:
+        rows["compiled"] = compiled_row(s, lambda: measure(named["compiled"]), named["compiled"])
     info = {
         "preset": s["preset"],
         "batch": bs,
@@ -410,7 +410,7 @@ def adamatch_train(
         "image_size": stage.config.model.image_size,
         "flops_per_step": flops,
         "variants": rows,
-        "profile": profiles or {"fast": train_profile(step, params, variants(False)[1][1], device)},
+        "profile": {"fast": profile},
     }
     return info, stage
 
