@@ -241,20 +241,22 @@ def extract_mentions(report: str) -> list[Mention]:
     its clause. Derived mentions (CheXpert's "CHF implies uncertain cardiomegaly") share the phrase that
     implied them.
     """
-    report = decode_report(report)
-    if not isinstance(report, str):
-        raise TypeError(f"a report must be a str, not {type(report).__name__}")
-    return _extract(report, prefilter=True)
+    return _extract(_report_text(report), prefilter=True)
 
 
 def report_mentions(report: str) -> tuple[Mention, ...]:
     """:func:`extract_mentions`, remembered per report text (mentions are frozen): for a pipeline that reads one
     report's mentions more than once. Synthesis reads them for the text encoder's negated words and again for
     the layout hint."""
+    return _remembered_mentions(_report_text(report))
+
+
+def _report_text(report: object) -> str:
+    """``report`` as text (bytes decoded as UTF-8); anything else: TypeError."""
     report = decode_report(report)
     if not isinstance(report, str):
         raise TypeError(f"a report must be a str, not {type(report).__name__}")
-    return _remembered_mentions(report)
+    return report
 
 
 @lru_cache(maxsize=16384)
