@@ -45,6 +45,11 @@ GROUPED_BEAMS = {"cpu": True, "gpu": False}
 STATIC_STEPS = {"cpu": False, "gpu": False}
 
 
+def _kind(device: torch.device) -> str:
+    """The key of the switches above for ``device``: "cpu", or "gpu" for any other device."""
+    return "cpu" if device.type == "cpu" else "gpu"
+
+
 def supported(decoder: GPT2LMHeadModel) -> bool:
     """Whether :class:`DecoderSteps` reproduces ``decoder``'s own forward pass."""
     cfg = decoder.config
@@ -88,7 +93,7 @@ class DecoderSteps:
         # of query heads per key/value head (SDPA's grouped-query attention), which reads each report's keys and
         # values once instead of once per beam and gives the per-beam results bit for bit on the CPU (tested);
         # otherwise every row keeps its own copy, as in transformers.
-        grouped = GROUPED_BEAMS["cpu" if cond.device.type == "cpu" else "gpu"]
+        grouped = GROUPED_BEAMS[_kind(cond.device)]
         self.beams = beams if grouped and beams > 1 else 1
         keep = cond_mask.bool()[:: self.beams]
         # transformers passes no mask where every position is kept, else a boolean (R, 1, 1, N) one
@@ -436,10 +441,9 @@ def search(
     )
     rules = [bans, *logits_processor]
     rows = (cond.repeat_interleave(beams, dim=0), cond_mask.repeat_interleave(beams, dim=0))
-    on_cpu = cond.device.type == "cpu"
+    where = _kind(cond.device)
     # the memo reads the new words on the host at every step: on a GPU the memory answers each word instead
-    embed = embedder(len(rows[0])) if embedder and on_cpu else None
-    where = "cpu" if on_cpu else "gpu"
+    embed = embedder(len(rows[0])) if embedder and where == "cpu" else None
     static = STATIC_STEPS[where]
     steps = DecoderSteps(decoder, *rows, capacity=max_new_tokens, embed=embed, beams=beams, static=static)
     if static and cond.device.type == "cuda":
