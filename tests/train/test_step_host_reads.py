@@ -23,20 +23,23 @@ class ReadsFromMedvl(HostReads):
     """:class:`HostReads` keeping, for each read, the medvl function that issued it (None when the innermost
     Python frame is another package's, e.g. transformers' attention-mask check)."""
 
+    SKIP = (__file__, HostReads.__module__.replace(".", "/") + ".py")  # this mode's own frames
+
+    def __init__(self):
+        super().__init__()
+        self.where: list[str | None] = []
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        before = len(self.seen)
         out = super().__torch_dispatch__(func, types, args, kwargs)
-        if len(self.seen) > len(getattr(self, "where", [])):
-            mine = (__file__, HostReads.__module__.replace(".", "/") + ".py")
+        if len(self.seen) > before:
             frames = [
                 f
                 for f in traceback.extract_stack()
-                if "torch/" not in f.filename and not f.filename.endswith(mine)
+                if "torch/" not in f.filename and not f.filename.endswith(self.SKIP)
             ]
             inner = frames[-1] if frames else None
-            self.where = [
-                *getattr(self, "where", []),
-                inner.name if inner and MEDVL in inner.filename else None,
-            ]
+            self.where.append(inner.name if inner and MEDVL in inner.filename else None)
         return out
 
 
@@ -85,7 +88,7 @@ def test_a_training_step_reads_the_device_only_for_a_shape(name, overrides, read
     with ReadsFromMedvl() as seen:
         loss, logs = stage.training_step(model, batch)
         loss.backward()
-    ours = [w for w in getattr(seen, "where", []) if w is not None]
+    ours = [w for w in seen.where if w is not None]
     assert ours == reads, seen.seen
     assert logs and all(
         isinstance(v, torch.Tensor) and v.ndim == 0 and not v.requires_grad for v in logs.values()
