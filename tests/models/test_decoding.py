@@ -170,9 +170,8 @@ class BanRecentWords:
 
 HEADS = {
     "memory_keywords": {},
-    "label_states": dict(
-        label_loss_weight=1.0, label_states=True
-    ),  # state tokens and the word-embedding vector
+    # state tokens and the word-embedding vector
+    "label_states": dict(label_loss_weight=1.0, label_states=True),
     "label_hints": dict(label_loss_weight=1.0, use_label_hints=True),
     "no_memory": dict(use_memory=False),
     "no_keywords": dict(use_keywords=False),
@@ -183,9 +182,8 @@ SETTINGS = [
     dict(num_beams=4, no_repeat_ngram_size=2, max_new_tokens=16, min_new_tokens=5, length_penalty=0.5),
     dict(num_beams=3, no_repeat_ngram_size=3, max_new_tokens=20, length_penalty=2.0, rule=True),
     dict(num_beams=1, no_repeat_ngram_size=3, max_new_tokens=20, rule=True),  # greedy: rows end apart
-    dict(
-        num_beams=1, no_repeat_ngram_size=3, max_new_tokens=20, rule=True, batch=2
-    ),  # all end before the limit
+    # greedy, every row ends before the limit
+    dict(num_beams=1, no_repeat_ngram_size=3, max_new_tokens=20, rule=True, batch=2),
     dict(num_beams=1, no_repeat_ngram_size=0, max_new_tokens=12, min_new_tokens=12),
 ]
 
