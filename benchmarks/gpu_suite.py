@@ -172,24 +172,8 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def train_rate(step, params, speed: SpeedConfig, device: torch.device, steps: int, warmup: int) -> float:
-    """Seconds per optimiser step of ``step()`` (forward + backward, returns nothing) with AdamW over ``params``."""
-    opt = torch.optim.AdamW(params, lr=1e-5, **adamw_options(speed, device))
-    for i in range(warmup + steps):
-        if i == warmup:
-            sync(device)
-            t0 = time.perf_counter()
-        step()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    sync(device)
-    seconds = (time.perf_counter() - t0) / steps
-    del opt
-    return seconds
-
-
-def train_profile(step, params, speed: SpeedConfig, device: torch.device, calls: int = 3) -> dict:
-    """:func:`kernel_profile.profile_calls` of whole optimiser steps (``step()``, AdamW, zero_grad)."""
+def optimiser_step(step, params, speed: SpeedConfig, device: torch.device):
+    """One call: ``step()`` (forward + backward, returns nothing), then AdamW over ``params`` (its own)."""
     opt = torch.optim.AdamW(params, lr=1e-5, **adamw_options(speed, device))
 
     def full_step():
@@ -197,7 +181,24 @@ def train_profile(step, params, speed: SpeedConfig, device: torch.device, calls:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return kernel_profile.profile_calls(full_step, device, calls=calls)
+    return full_step
+
+
+def train_rate(step, params, speed: SpeedConfig, device: torch.device, steps: int, warmup: int) -> float:
+    """Seconds per optimiser step of ``step()`` with AdamW over ``params`` (:func:`optimiser_step`)."""
+    full_step = optimiser_step(step, params, speed, device)
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync(device)
+            t0 = time.perf_counter()
+        full_step()
+    sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def train_profile(step, params, speed: SpeedConfig, device: torch.device, calls: int = 3) -> dict:
+    """:func:`kernel_profile.profile_calls` of whole optimiser steps (:func:`optimiser_step`)."""
+    return kernel_profile.profile_calls(optimiser_step(step, params, speed, device), device, calls=calls)
 
 
 def variants(compile_: bool) -> list[tuple[str, SpeedConfig]]:
