@@ -55,12 +55,12 @@ def profile_calls(fn: Callable[[], None], device: torch.device, calls: int = 3, 
     for event in prof.key_averages():
         us = event.self_device_time_total if cuda else event.self_cpu_time_total
         if us > 0 and (cuda or event.key.startswith("aten::")):
-            rows.append((event.key, us / 1e6 / calls, event.count // calls))
-    busy = sum(s for _, s, _ in rows)
+            rows.append((event.key, kind_of(event.key), us / 1e6 / calls, event.count // calls))
+    busy = sum(r[2] for r in rows)
     by_kind: dict[str, float] = {}
-    for name, seconds, _ in rows:
-        by_kind[kind_of(name)] = by_kind.get(kind_of(name), 0.0) + seconds
-    rows.sort(key=lambda r: -r[1])
+    for _, kind, seconds, _ in rows:
+        by_kind[kind] = by_kind.get(kind, 0.0) + seconds
+    rows.sort(key=lambda r: -r[2])
     return {
         "calls": calls,
         "wall_s_per_call": wall / calls,
@@ -73,11 +73,11 @@ def profile_calls(fn: Callable[[], None], device: torch.device, calls: int = 3, 
         "top": [
             {
                 "name": name[:160],
-                "kind": kind_of(name),
+                "kind": kind,
                 "s_per_call": seconds,
                 "share": seconds / busy,
                 "count": n,
             }
-            for name, seconds, n in rows[:top]
+            for name, kind, seconds, n in rows[:top]
         ],
     }
