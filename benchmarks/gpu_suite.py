@@ -11,8 +11,8 @@ Rows (random weights: speed does not depend on them):
 
 * ``diffusion_train``: the diffusion head at ``configs/diffusion/<preset>.yaml`` sizes (UNet + report conditioner +
   frozen shared memory, from ``benchmarks/unet_scale_speed.py``): forward, backward, AdamW and EMA update in bf16
-  at the preset's batch, as the training loop runs it (``loop``) and with ``train.speed`` channels-last and fused
-  AdamW (``fast``); ``fast`` again at 2, 4 and 8 times the preset's batch up to the first that runs out of memory
+  at the preset's batch, as the training loop runs it (``loop``) and with ``train.speed`` channels-last, fused
+  AdamW and cuDNN autotuning (``fast``); ``fast`` again at 2, 4 and 8 times the preset's batch up to the first that runs out of memory
   (``batch_sweep``); then compiled (``compiled``, with ``--compile``, the default on CUDA) at the batch that
   trained fastest (``best_batch``). Images/s and MFU: the FLOPs of one forward + backward at the preset's batch
   counted by ``torch.utils.flop_counter.FlopCounterMode`` (per image, times the batch), over the device's peak
@@ -78,6 +78,7 @@ sys.path.insert(0, str(BENCH))  # the sibling benchmarks, imported as modules
 import decode_throughput  # noqa: E402
 import kernel_profile  # noqa: E402
 import prepare_throughput  # noqa: E402
+import roofline  # noqa: E402
 import unet_scale_speed  # noqa: E402
 
 from medvl.config import resolve_config_path  # noqa: E402
@@ -102,7 +103,7 @@ KEYS = (
     "prepare_images_per_s",
 )
 #: Dense bf16 peak FLOP/s by device name (the first name found in the device's name wins).
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+PEAK_BF16 = {name: chip["peak_bf16"] for name, chip in roofline.DEVICES.items()}
 
 FULL = {
     "preset": "base",
@@ -202,10 +203,18 @@ def train_profile(step, params, speed: SpeedConfig, device: torch.device, calls:
 
 
 def variants(compile_: bool) -> list[tuple[str, SpeedConfig]]:
-    out = [("loop", SpeedConfig()), ("fast", SpeedConfig(channels_last=True, fused_adamw=True))]
+    fast = {"channels_last": True, "fused_adamw": True, "cudnn_benchmark": True}
+    out = [("loop", SpeedConfig()), ("fast", SpeedConfig(**fast))]
     if compile_:
-        out.append(("compiled", SpeedConfig(channels_last=True, fused_adamw=True, compile=True)))
+        out.append(("compiled", SpeedConfig(**fast, compile=True)))
     return out
+
+
+def speed_up(model: torch.nn.Module, speed: SpeedConfig, device: torch.device) -> None:
+    """``apply_speed_options``, with cuDNN's process-wide autotuning set to this variant's choice (on or off), so
+    that a variant measured after another is not timed with the other's setting."""
+    torch.backends.cudnn.benchmark = speed.on(device).cudnn_benchmark
+    apply_speed_options(model, speed, device)
 
 
 def compiled_row(s: dict, measure, speed: SpeedConfig, **fields) -> dict:
@@ -284,7 +293,7 @@ def diffusion_train(
 
     def measure(speed: SpeedConfig, batch: int) -> dict:
         t0 = time.perf_counter()
-        apply_speed_options(model.denoiser, speed, device)
+        speed_up(model.denoiser, speed, device)
         steps = max(3, round(s["train_steps"] * preset_batch / batch))  # about as many images at every batch
         try:
             seconds = train_rate(stepper(batch)[0], params, speed, device, steps, s["warmup"])
@@ -387,7 +396,7 @@ def adamatch_train(
 
     def measure(speed: SpeedConfig) -> dict:
         t0 = time.perf_counter()
-        apply_speed_options(model, speed, device)
+        speed_up(model, speed, device)
         seconds = train_rate(step, params, speed, device, s["train_steps"], s["warmup"])
         return {
             "speed": speed.__dict__,

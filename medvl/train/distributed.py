@@ -40,13 +40,17 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 class SpeedConfig:
     """``train.speed``: options that make training faster on a GPU without changing what is trained.
 
-    All off by default. The CUDA-only ones (``channels_last``, ``fused_adamw``) are ignored on any other device,
-    with one log line, so a CPU run computes exactly what it computes without them. ``compile`` works on every
-    device (``nn.Module.compile`` in place: the state dict keeps its keys); the first steps then pay the compilation.
+    All off by default. The CUDA-only ones (``channels_last``, ``fused_adamw``, ``cudnn_benchmark``) are ignored on
+    any other device, with one log line, so a CPU run computes exactly what it computes without them. ``compile``
+    works on every device (``nn.Module.compile`` in place: the state dict keeps its keys); the first steps then
+    pay the compilation.
     """
 
     channels_last: bool = False  # CUDA: convolution weights (and so activations) in NHWC
     fused_adamw: bool = False  # CUDA: torch.optim.AdamW(fused=True), one kernel for the whole update
+    cudnn_benchmark: bool = (
+        False  # CUDA: cuDNN times its convolution algorithms per new shape, keeps the fastest
+    )
     compile: bool = False  # torch.compile the model's forward
     compile_mode: str = "default"  # torch.compile mode (reduce-overhead: CUDA graphs)
 
@@ -61,7 +65,7 @@ class SpeedConfig:
         """The options that apply on ``device``: CUDA-only ones switched off elsewhere (logged)."""
         if device.type == "cuda":
             return self
-        ignored = [name for name in ("channels_last", "fused_adamw") if getattr(self, name)]
+        ignored = [n for n in ("channels_last", "fused_adamw", "cudnn_benchmark") if getattr(self, n)]
         if ignored:
             logger.info(
                 "train.speed: %s only apply on a CUDA device; ignored on %s (training computes as without them)",
@@ -72,8 +76,11 @@ class SpeedConfig:
 
 
 def apply_speed_options(model: nn.Module, speed: SpeedConfig, device: torch.device) -> nn.Module:
-    """``model`` in channels-last memory format and compiled, as ``speed`` asks on ``device`` (in place)."""
+    """``model`` in channels-last memory format and compiled, as ``speed`` asks on ``device`` (in place).
+    ``cudnn_benchmark`` switches on ``torch.backends.cudnn.benchmark`` for the whole process."""
     speed = speed.on(device)
+    if speed.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
     if speed.channels_last:
         model.to(memory_format=torch.channels_last)
     if speed.compile:

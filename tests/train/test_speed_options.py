@@ -37,17 +37,26 @@ def test_speed_options_parse_and_validate():
 
 def test_cuda_only_options_are_ignored_on_the_cpu_with_a_log_line(caplog):
     conv = nn.Conv2d(3, 4, 3)
-    speed = SpeedConfig(channels_last=True, fused_adamw=True)
+    speed = SpeedConfig(channels_last=True, fused_adamw=True, cudnn_benchmark=True)
+    benchmark = torch.backends.cudnn.benchmark
     with caplog.at_level(logging.INFO, logger="medvl.train.distributed"):
         out = apply_speed_options(conv, speed, torch.device("cpu"))
     assert out is conv and conv.weight.is_contiguous()  # not channels-last
-    assert "channels_last, fused_adamw only apply on a CUDA device; ignored on cpu" in caplog.text
+    assert torch.backends.cudnn.benchmark == benchmark  # untouched on the CPU
+    assert (
+        "channels_last, fused_adamw, cudnn_benchmark only apply on a CUDA device; ignored on cpu"
+        in caplog.text
+    )
     assert adamw_options(speed, torch.device("cpu")) == {}
     assert adamw_options(speed, torch.device("cuda")) == {"fused": True}
     assert adamw_options(SpeedConfig(), torch.device("cuda")) == {}
     # on CUDA the option is applied (the memory format changes without a GPU too)
     assert speed.on(torch.device("cuda")) is speed
-    apply_speed_options(conv, SpeedConfig(channels_last=True), torch.device("cuda"))
+    try:
+        apply_speed_options(conv, SpeedConfig(channels_last=True, cudnn_benchmark=True), torch.device("cuda"))
+        assert torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
 
 
