@@ -21,7 +21,9 @@ floor (AdamW fused: fp32 weights, gradients and two moments read, three written,
 update, 12 bytes per weight), the operators per step (kernel launches in eager mode) and the time per launch at
 which launching alone would take as long as the eager ceiling.
 
-Bytes are counted as in a bf16 step (2 bytes per floating-point element; ``--bytes-per-float 4`` for fp32).
+Bytes are counted as in a bf16 step (2 bytes per floating-point element; ``--bytes-per-float 4`` for fp32), or,
+with ``--autocast``, as bf16 autocast moves them: the step runs under autocast (the CPU's policy where no GPU
+runs it, which like CUDA's keeps the norms in fp32) and each tensor counts at its own dtype, the casts included.
 Where no GPU is at hand, the step runs on fake tensors (shapes only, nothing computed), so the base sizes take
 seconds on a laptop; on CUDA (``--cuda``) it runs once for real. AdaMatch's forward reads a value on the host, so
 it runs for real on the CPU (``--batch`` makes it quicker: FLOPs and bytes per image hardly change with it,
@@ -86,9 +88,11 @@ CPU_ATTENTION = {  # the CPU's fused attention operators, which flop_counter's r
 }
 
 
-def tensor_bytes(tree, bytes_per_float: int) -> int:
+def tensor_bytes(tree, bytes_per_float: int | None) -> int:
+    """Bytes of the tensors in ``tree``: floating-point elements at ``bytes_per_float`` each (None: their own
+    dtype's size), others at their dtype's size."""
     return sum(
-        t.numel() * (bytes_per_float if t.is_floating_point() else t.element_size())
+        t.numel() * (bytes_per_float if bytes_per_float and t.is_floating_point() else t.element_size())
         for t in tree_flatten(tree)[0]
         if isinstance(t, torch.Tensor)
     )
@@ -97,7 +101,7 @@ def tensor_bytes(tree, bytes_per_float: int) -> int:
 class OpCounter(TorchDispatchMode):
     """Records ``(name, kind, flops, bytes)`` for every operator that runs under it and moves data."""
 
-    def __init__(self, bytes_per_float: int = 2):
+    def __init__(self, bytes_per_float: int | None = 2):
         super().__init__()
         self.bytes_per_float = bytes_per_float
         self.rows: list[tuple[str, str, int, int]] = []
@@ -120,7 +124,7 @@ class OpCounter(TorchDispatchMode):
         return out
 
 
-def count_ops(fn: Callable[[], None], bytes_per_float: int = 2) -> list[tuple[str, str, int, int]]:
+def count_ops(fn: Callable[[], None], bytes_per_float: int | None = 2) -> list[tuple[str, str, int, int]]:
     counter = OpCounter(bytes_per_float)
     with counter:
         fn()
@@ -242,6 +246,14 @@ def adamatch_step(preset: str, batch: int | None, device: torch.device, tmp: Pat
     return step, weights, batch
 
 
+def autocast(fn: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    def run():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            fn()
+
+    return run
+
+
 def report(stage: str, preset: str, batch: int, weights: int, rows, args) -> dict:
     chip = DEVICES[args.device_name]
     out = {
@@ -250,7 +262,8 @@ def report(stage: str, preset: str, batch: int, weights: int, rows, args) -> dic
         "preset": preset,
         "batch": batch,
         "trained_weights": weights,
-        "bytes_per_float": args.bytes_per_float,
+        "bytes_per_float": None if args.autocast else args.bytes_per_float,
+        "autocast": args.autocast,
         "device": args.device_name,
         **chip,
         **ceilings(rows, weights, batch, chip["peak_bf16"], chip["bandwidth"], ema=stage == "diffusion"),
@@ -302,6 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device-name", choices=sorted(DEVICES), default="H200")
     ap.add_argument("--bytes-per-float", type=int, choices=(2, 4), default=2)
     ap.add_argument(
+        "--autocast",
+        action="store_true",
+        help="run the step under bf16 autocast and count each tensor at its own dtype (casts and fp32 norms included)",
+    )
+    ap.add_argument(
         "--measured", type=float, default=None, help="a measured images/s to set beside the ceilings"
     )
     ap.add_argument(
@@ -319,7 +337,9 @@ def main(argv: list[str] | None = None) -> int:
                 fn, weights, batch = diffusion_step(args.preset, args.batch, device)
             else:
                 fn, weights, batch = adamatch_step(args.preset, args.batch, device, Path(tmp))
-            rows = count_ops(fn, args.bytes_per_float)
+            if args.autocast:  # bytes as bf16 autocast moves them, each tensor at its own dtype
+                fn = autocast(fn, device)
+            rows = count_ops(fn, None if args.autocast else args.bytes_per_float)
             r = report(stage, args.preset, batch, weights, rows, args)
             r["count_seconds"] = time.perf_counter() - t0
             print_table(r)
@@ -330,13 +350,14 @@ def main(argv: list[str] | None = None) -> int:
                 REPO
                 / "benchmarks"
                 / "results"
-                / f"roofline_{r['stage']}_{r['preset']}_{r['device'].lower()}.json"
+                / f"roofline_{r['stage']}_{r['preset']}_{r['device'].lower()}{'_autocast' if r['autocast'] else ''}.json"
             )
         else:
             path = (
                 args.out
                 if len(results) == 1
-                else args.out / f"roofline_{r['stage']}_{r['preset']}_{r['device'].lower()}.json"
+                else args.out
+                / f"roofline_{r['stage']}_{r['preset']}_{r['device'].lower()}{'_autocast' if r['autocast'] else ''}.json"
             )
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(r, indent=1) + "\n")

@@ -94,3 +94,17 @@ def test_tiny_diffusion_step_on_fake_tensors(tmp_path):
     assert not any("flash" in x[0] for x in rows)
     # the tiny preset's attention takes the math path on the CPU anyway: main's count is the same
     assert r["tflop_per_step"] * 1e12 == pytest.approx(counter.get_total_flops(), rel=1e-9)
+
+
+def test_autocast_counts_each_tensor_at_its_own_dtype(tmp_path):
+    out = tmp_path / "a.json"
+    args = ["--stage", "diffusion", "--preset", "tiny", "--batch", "2", "--autocast", "--out", str(out)]
+    assert roofline.main(args) == 0
+    r = json.loads(out.read_text())
+    assert r["autocast"] and r["bytes_per_float"] is None
+    fn, _, _ = roofline.diffusion_step("tiny", 2, torch.device("cpu"))
+    rows = roofline.count_ops(roofline.autocast(fn, torch.device("cpu")), None)
+    assert "_to_copy" in {x[0] for x in rows}  # autocast's casts are operators of their own
+    plain = roofline.count_ops(fn, 2)
+    assert len(rows) > len(plain) and sum(x[3] for x in rows) > sum(x[3] for x in plain)
+    assert r["ops_per_step"] == len(rows)
