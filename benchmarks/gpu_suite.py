@@ -19,9 +19,11 @@ Rows (random weights: speed does not depend on them):
   bf16 rate (:data:`PEAK_BF16`; unknown devices and the CPU: null). ``profile``: where the eager ``fast`` step's
   time goes at the preset's and the fastest batch (``benchmarks/kernel_profile.py``: the device's busy share of
   the wall time, busy time by kind of kernel, the top kernels), so that a low MFU comes with its reason.
+  ``roofline``: the same step's operators counted by ``benchmarks/roofline.py`` (bytes as the autocast step moves
+  them) and, on a chip it knows, the MFU an eager and a fused step could reach at most.
 * ``adamatch_train``: AdaMatch at ``configs/adamatch/<preset>.yaml`` sizes on batches of the suite's prepared
   dataset (augmentation and tokenising in the stage's collate), ``loop``, ``fast`` and ``compiled`` (as above, at
-  the preset's batch); images/s, MFU and the ``fast`` step's ``profile``.
+  the preset's batch); images/s, MFU, the ``fast`` step's ``profile`` and the ``roofline``.
 * ``sampling``: seconds per image at batch 8 and 64 (UNet only): the MONAI recipe (DDIM 50, fp32, guidance
   batched), the preset's default sampler, DPM-Solver++(2M) 10 steps in bf16 with guidance (``dpm_solver_10``),
   and the fastest sampler medvl has, a distilled student's (``fastest``: consistency sampling, ``--fast-steps``
@@ -153,6 +155,28 @@ def peak_flops(device_name: str) -> float | None:
         if name in device_name:
             return peak
     return None
+
+
+def roofline_row(s: dict, fn, weights: int, images: int, device: torch.device, ema: bool) -> dict:
+    """One call of ``fn`` (a forward + backward) counted as ``benchmarks/roofline.py`` counts it, each tensor at
+    its own dtype (bytes as the autocast step moves them), and, on a chip :data:`roofline.DEVICES` knows, the MFU
+    an eager and a fused step could reach at most, to read the measured MFU against. A failure (not with --tiny)
+    is recorded and leaves the row standing."""
+    try:
+        ops = roofline.count_ops(fn, None)
+    except Exception as exc:
+        if s is TINY:
+            raise
+        return {"error": repr(exc)[:1000]}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    chip = next((n for n in roofline.DEVICES if n in name), None)
+    out = {"operators": len(ops), "gb_per_step": sum(r[3] for r in ops) / 1e9, "chip": chip}
+    if chip is not None:
+        spec = roofline.DEVICES[chip]
+        c = roofline.ceilings(ops, weights, images, spec["peak_bf16"], spec["bandwidth"], ema=ema)
+        keep = ("eager_ms", "fused_ms", "optimiser_ms", "mfu_ceiling_eager", "mfu_ceiling_fused")
+        out.update({k: c[k] for k in keep}, launch_us_to_match_eager=c["launch_us_to_match_eager"])
+    return out
 
 
 def device_slug(device_name: str) -> str:
@@ -290,6 +314,9 @@ def diffusion_train(
 
     flops = count_flops(stepper(preset_batch)[1])
     per_image = flops / preset_batch  # FLOPs grow with the batch, image by image
+    ceiling = roofline_row(
+        s, stepper(preset_batch)[1], sum(p.numel() for p in params), preset_batch, device, True
+    )
 
     def measure(speed: SpeedConfig, batch: int) -> dict:
         t0 = time.perf_counter()
@@ -333,6 +360,7 @@ def diffusion_train(
         "latent": [3, s["latent"], s["latent"]],
         "flops_per_step": flops,
         "tflop_per_image": per_image / 1e12,
+        "roofline": ceiling,
         "variants": rows,
         "batch_sweep": sweep,
         "profile": profiles,
@@ -393,6 +421,7 @@ def adamatch_train(
         model.zero_grad(set_to_none=True)
 
     flops = count_flops(fwd_bwd)
+    ceiling = roofline_row(s, fwd_bwd, sum(p.numel() for p in params), bs, device, False)
 
     def measure(speed: SpeedConfig) -> dict:
         t0 = time.perf_counter()
@@ -419,6 +448,7 @@ def adamatch_train(
         "precision": precision,
         "image_size": stage.config.model.image_size,
         "flops_per_step": flops,
+        "roofline": ceiling,
         "variants": rows,
         "profile": {"fast": profile},
     }

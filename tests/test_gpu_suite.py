@@ -71,6 +71,10 @@ def test_gpu_suite_tiny_writes_every_key(tiny_suite):
     assert set(sweep) == {"batch_16"} and sweep["batch_16"]["images_per_s"] > 0
     assert rows["diffusion_train"]["best_batch"] in (8, 16)
     assert rows["diffusion_train"]["flops_per_step"] > 0 and rows["adamatch_train"]["flops_per_step"] > 0
+    for row in ("diffusion_train", "adamatch_train"):  # counted as roofline.py counts; no chip, no ceiling
+        ceiling = rows[row]["roofline"]
+        assert ceiling["operators"] > 50 and ceiling["gb_per_step"] > 0 and ceiling["chip"] is None, row
+        assert "mfu_ceiling_eager" not in ceiling
     for prof in [*rows["diffusion_train"]["profile"].values(), rows["adamatch_train"]["profile"]["fast"]]:
         assert (
             abs(sum(prof["share_by_kind"].values()) - 1) < 1e-6 and prof["top"]
@@ -93,6 +97,32 @@ def test_peak_rate_and_file_name_of_a_device():
     assert peak_flops("NVIDIA H200") == 989e12 and peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12 and peak_flops("NVIDIA L4") is None
     assert device_slug("NVIDIA H200") == "h200" and device_slug("cpu") == "cpu"
+
+
+def test_roofline_row_reads_the_chip_and_survives_a_failure(monkeypatch):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import roofline
+    import torch
+    from gpu_suite import FULL, TINY, roofline_row
+
+    lin = torch.nn.Linear(8, 8)
+
+    def step():
+        lin(torch.randn(4, 8)).sum().backward()
+        lin.zero_grad(set_to_none=True)
+
+    # a chip named like the device: the ceilings, from the same operators
+    monkeypatch.setitem(roofline.DEVICES, "cpu", {"peak_bf16": 1e12, "bandwidth": 1e11})
+    r = roofline_row(TINY, step, 72, 4, torch.device("cpu"), ema=False)
+    assert r["chip"] == "cpu" and r["operators"] == len(roofline.count_ops(step, None))
+    assert 0 < r["mfu_ceiling_eager"] <= r["mfu_ceiling_fused"] < 1
+
+    def broken():
+        raise RuntimeError("no meta kernel")
+
+    assert "no meta kernel" in roofline_row(FULL, broken, 72, 4, torch.device("cpu"), ema=False)["error"]
+    with pytest.raises(RuntimeError):  # the tiny run in the test suite fails loudly
+        roofline_row(TINY, broken, 72, 4, torch.device("cpu"), ema=False)
 
 
 def test_gpu_suite_leaves_out_rows_on_request(tmp_path, tiny_suite):
