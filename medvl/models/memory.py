@@ -123,7 +123,10 @@ class SharedMemory(nn.Module):
         except RuntimeError:  # inference-mode tensors keep no version counter: no cache
             return None
         device = self.memory.device.type
-        autocast = torch.is_autocast_enabled(device)
+        try:
+            autocast = torch.is_autocast_enabled(device)
+        except RuntimeError:  # a device type without autocast (the meta device): nothing to key on
+            autocast = False
         return weights, autocast, torch.get_autocast_dtype(device) if autocast else None
 
     def train(self, mode: bool = True) -> SharedMemory:

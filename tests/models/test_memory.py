@@ -39,6 +39,14 @@ def test_memory_matches_slow_reference_and_shapes():
     torch.testing.assert_close(attn.sum(-1), torch.ones(3, 4, 7))
 
 
+def test_frozen_memory_answers_on_the_meta_device():
+    # shapes only (sizing a model without allocating it): the cache's key has no autocast state to read there
+    with torch.device("meta"), torch.no_grad():
+        mem = SharedMemory(MemoryConfig(num_slots=16, dim=8, num_heads=2, topk=4)).eval()
+        out = mem(torch.randn(2, 3, 8))
+    assert out.shape == (2, 3, 8) and out.is_meta
+
+
 def test_topk_equal_to_slots_is_full_attention():
     torch.manual_seed(1)
     mem = SharedMemory(MemoryConfig(num_slots=12, dim=8, num_heads=2, topk=12, dropout=0.0)).eval()
