@@ -1,8 +1,9 @@
-"""How fast one training step could run: the FLOPs and memory traffic of its operators against a chip's limits.
+"""How fast a training step or a decode could run: its operators' FLOPs and memory traffic against a chip's limits.
 
     python benchmarks/roofline.py                          # diffusion + AdaMatch at the base presets, H200
     python benchmarks/roofline.py --stage diffusion --device-name H100 --measured 96.8
     python benchmarks/roofline.py --stage diffusion --preset tiny --batch 4 --device-name H200
+    python benchmarks/roofline.py --stage decode --batch 512     # report decoding, anchor size, beam 3, 100 tokens
 
 A measured MFU says how far a step is from the chip's peak, not how far it could get. This script records every
 operator of one forward + backward (``TorchDispatchMode``: the operators a GPU would launch kernels for, views
@@ -29,7 +30,13 @@ seconds on a laptop; on CUDA (``--cuda``) it runs once for real. AdaMatch's forw
 it runs for real on the CPU (``--batch`` makes it quicker: FLOPs and bytes per image hardly change with it,
 except the batch-squared matching term, reported as measured).
 
-Prints a table and writes ``benchmarks/results/roofline_<stage>_<preset>_<device>.json``.
+``--stage decode`` counts one ``ReportHead.generate`` of ``--batch`` reports instead (the R2GenCMN comparison
+size of ``decode_throughput.py``, beam 3, 100 tokens forced, trigram blocking), run for real on the CPU with the
+operators a GPU runs (its decoding switches; each word's memory query made afresh). Its images/s are reports/s;
+decoding trains nothing, so there is no optimiser floor, and its operators per token step say how much a launch
+may cost before the host, not the chip, sets the pace.
+
+Prints a table and writes ``benchmarks/results/roofline_<stage>_<preset>_b<batch>_<device>.json``.
 """
 
 from __future__ import annotations
@@ -59,6 +66,8 @@ DEVICES = {
     "H100": {"peak_bf16": 989e12, "bandwidth": 3.35e12},
     "A100": {"peak_bf16": 312e12, "bandwidth": 2.039e12},
 }
+STAGES = ("diffusion", "adamatch", "decode")
+DECODE_TOKENS = 100
 #: Kinds (``kernel_profile.kind_of``) whose operators a fusing compiler keeps as kernels of their own.
 MATRIX_KINDS = ("matmul", "conv", "attention")
 #: Operators that move no data (metadata, aliases) besides the views ``OpOverload.is_view`` names.
@@ -98,6 +107,19 @@ def tensor_bytes(tree, bytes_per_float: int | None) -> int:
     )
 
 
+def composite_only(func, args, kwargs) -> bool:
+    """Whether ``func`` runs as other operators on the device of its arguments (a composite with no kernel of its
+    own for the CPU or CUDA, such as ``linear`` or ``scaled_dot_product_attention``)."""
+    name = func.name()
+    if func.namespace == "prim" or not torch._C._dispatch_has_kernel_for_dispatch_key(
+        name, "CompositeImplicitAutograd"
+    ):
+        return False
+    tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+    key = "CUDA" if any(t.is_cuda for t in tensors) else "CPU"
+    return not torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
+
+
 class OpCounter(TorchDispatchMode):
     """Records ``(name, kind, flops, bytes)`` for every operator that runs under it and moves data."""
 
@@ -108,11 +130,18 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        packet = func._overloadpacket
+        if composite_only(func, args, kwargs):
+            # an operator with no kernel of its own for the device (seen here under inference mode) is counted by
+            # the operators it runs
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
         out = func(*args, **kwargs)
-        name = func._overloadpacket.__name__
+        name = packet.__name__
         if func.namespace == "prim" or func.is_view or name in FREE_OPS:
             return out
-        packet = func._overloadpacket
         if packet in flop_registry:
             flops = flop_registry[packet](*args, **kwargs, out_val=out)
         elif name in CPU_ATTENTION:
@@ -254,6 +283,43 @@ def autocast(fn: Callable[[], None], device: torch.device) -> Callable[[], None]
     return run
 
 
+def decode_call(
+    setting: str, batch: int, device: torch.device, tokens: int = DECODE_TOKENS, as_gpu: bool = True
+):
+    """One ``ReportHead.generate`` (beam 3, ``tokens`` tokens forced, trigram blocking) at
+    ``benchmarks/decode_throughput.py``'s ``setting`` (anchor: the R2GenCMN comparison size), for ``batch``
+    reports, running the operators a GPU runs: its decoding switches, and each word's memory query made afresh
+    (the CPU memoises it per word, reading the words on the host); ``as_gpu=False``: the CPU's own."""
+    import decode_throughput
+
+    from medvl.models import decoding
+
+    head = decode_throughput.build_head(setting, tokens, device)
+    feats, boxes, hints = decode_throughput.conditioning(batch, device)
+
+    def run():
+        kind = decoding._kind
+        if as_gpu:
+            decoding._kind = lambda d: "gpu"
+        try:
+            with torch.inference_mode():
+                out = head.generate(
+                    patch_features=feats,
+                    patch_boxes=boxes,
+                    keywords=hints,
+                    num_beams=3,
+                    max_new_tokens=tokens,
+                    min_new_tokens=tokens,
+                    no_repeat_ngram_size=3,
+                )
+        finally:
+            decoding._kind = kind
+        assert out.sequences.shape == (batch, tokens), out.sequences.shape
+
+    run()  # the steady state: the frozen memory's keys and values are projected once, by this first call
+    return run, 0, batch
+
+
 def report(stage: str, preset: str, batch: int, weights: int, rows, args) -> dict:
     chip = DEVICES[args.device_name]
     out = {
@@ -269,6 +335,11 @@ def report(stage: str, preset: str, batch: int, weights: int, rows, args) -> dic
         **ceilings(rows, weights, batch, chip["peak_bf16"], chip["bandwidth"], ema=stage == "diffusion"),
         "torch": torch.__version__,
     }
+    if stage == "decode":  # one call decodes `batch` reports: per minute, and per decoded token step
+        out["reports_per_min_ceiling_eager"] = 60 * out["images_per_s_ceiling_eager"]
+        out["reports_per_min_ceiling_fused"] = 60 * out["images_per_s_ceiling_fused"]
+        out["tokens"] = args.tokens
+        out["ops_per_token_step"] = out["ops_per_step"] / args.tokens
     if args.measured is not None:
         step_s = batch / args.measured
         out["measured_images_per_s"] = args.measured
@@ -307,11 +378,19 @@ def print_table(r: dict) -> None:
         )
 
 
+def result_name(r: dict) -> str:
+    tail = "_autocast" if r["autocast"] else ""
+    return f"roofline_{r['stage']}_{r['preset']}_b{r['batch']}_{r['device'].lower()}{tail}.json"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--stage", choices=("diffusion", "adamatch", "both"), default="both")
-    ap.add_argument("--preset", default="base")
-    ap.add_argument("--batch", type=int, default=None, help="default: the preset's")
+    ap.add_argument("--stage", nargs="+", choices=STAGES, default=["diffusion", "adamatch"])
+    ap.add_argument(
+        "--preset", default="base", help="a preset name; for decode, a decode_throughput.py setting"
+    )
+    ap.add_argument("--batch", type=int, default=None, help="default: the preset's (decode: 64)")
+    ap.add_argument("--tokens", type=int, default=DECODE_TOKENS, help="decode: tokens per report")
     ap.add_argument("--device-name", choices=sorted(DEVICES), default="H200")
     ap.add_argument("--bytes-per-float", type=int, choices=(2, 4), default=2)
     ap.add_argument(
@@ -325,18 +404,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--cuda", action="store_true", help="run the step on the GPU instead of fake tensors / CPU"
     )
-    ap.add_argument("--out", type=Path, default=None, help="JSON path (one stage) or folder (both)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (one stage) or folder (several)")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if args.cuda else "cpu")
-    stages = ("diffusion", "adamatch") if args.stage == "both" else (args.stage,)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for stage in stages:
+        for stage in args.stage:
             t0 = time.perf_counter()
             if stage == "diffusion":
                 fn, weights, batch = diffusion_step(args.preset, args.batch, device)
-            else:
+            elif stage == "adamatch":
                 fn, weights, batch = adamatch_step(args.preset, args.batch, device, Path(tmp))
+            else:
+                setting = "anchor" if args.preset == "base" else args.preset
+                fn, weights, batch = decode_call(setting, args.batch or 64, device, args.tokens)
             if args.autocast:  # bytes as bf16 autocast moves them, each tensor at its own dtype
                 fn = autocast(fn, device)
             rows = count_ops(fn, None if args.autocast else args.bytes_per_float)
@@ -346,19 +427,9 @@ def main(argv: list[str] | None = None) -> int:
             results.append(r)
     for r in results:
         if args.out is None:
-            path = (
-                REPO
-                / "benchmarks"
-                / "results"
-                / f"roofline_{r['stage']}_{r['preset']}_{r['device'].lower()}{'_autocast' if r['autocast'] else ''}.json"
-            )
+            path = REPO / "benchmarks" / "results" / result_name(r)
         else:
-            path = (
-                args.out
-                if len(results) == 1
-                else args.out
-                / f"roofline_{r['stage']}_{r['preset']}_{r['device'].lower()}{'_autocast' if r['autocast'] else ''}.json"
-            )
+            path = args.out if len(results) == 1 else args.out / result_name(r)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(r, indent=1) + "\n")
         print(f"wrote {path}")

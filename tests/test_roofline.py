@@ -56,6 +56,20 @@ def test_flops_are_flop_counter_mode_s_and_cpu_attention_is_counted_as_on_cuda()
     assert {r[1] for r in rows if "attention" in r[0]} == {"attention"}
 
 
+def test_operators_with_a_kernel_stay_whole_and_composites_are_counted_by_their_parts():
+    lin = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+
+    def train():
+        F.silu(lin(x)).sum().backward()
+
+    names = [r[0] for r in roofline.count_ops(train)]
+    assert "silu_backward" in names and "sigmoid" not in names  # its own kernel: one operator
+    with torch.inference_mode():  # linear reaches the counter whole here: counted as the addmm it runs
+        names = [r[0] for r in roofline.count_ops(lambda: lin(torch.randn(4, 8)))]
+    assert "addmm" in names and "linear" not in names
+
+
 def test_ceilings_follow_the_roofline():
     peak, bw = 100e12, 1e12
     rows = [
@@ -108,3 +122,24 @@ def test_autocast_counts_each_tensor_at_its_own_dtype(tmp_path):
     plain = roofline.count_ops(fn, 2)
     assert len(rows) > len(plain) and sum(x[3] for x in rows) > sum(x[3] for x in plain)
     assert r["ops_per_step"] == len(rows)
+
+
+def test_decode_counts_the_operators_a_gpu_runs(tmp_path):
+    out = tmp_path / "d.json"
+    args = ["--stage", "decode", "--preset", "tiny", "--batch", "2", "--tokens", "12", "--out", str(out)]
+    assert roofline.main(args) == 0
+    r = json.loads(out.read_text())
+    assert r["stage"] == "decode" and r["trained_weights"] == 0 and r["optimiser_ms"] == 0
+    assert r["reports_per_min_ceiling_eager"] == pytest.approx(60 * r["images_per_s_ceiling_eager"])
+    assert r["tokens"] == 12 and r["ops_per_token_step"] == r["ops_per_step"] / 12
+    # composite operators (inference mode) are counted by what they run, as FlopCounterMode counts them
+    gpu, _, _ = roofline.decode_call("tiny", 2, torch.device("cpu"), tokens=12)
+    with sdpa_kernel(SDPBackend.MATH):
+        rows = roofline.count_ops(gpu)
+        with FlopCounterMode(display=False) as counter:
+            gpu()
+    assert sum(x[2] for x in rows) == counter.get_total_flops() > 0
+    assert not {"linear", "scaled_dot_product_attention", "einsum"} & {x[0] for x in rows}
+    # the CPU's own decoding memoises each word's memory query: fewer products than the GPU's path
+    cpu, _, _ = roofline.decode_call("tiny", 2, torch.device("cpu"), tokens=12, as_gpu=False)
+    assert sum(x[2] for x in roofline.count_ops(cpu)) < sum(x[2] for x in roofline.count_ops(gpu))
