@@ -274,10 +274,10 @@ class BeamResult:
 
 
 def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Rows of dimension 1 of ``x`` (B, K, ...) at ``idx`` (B, K')."""
-    while idx.dim() < x.dim():
-        idx = idx.unsqueeze(-1)
-    return torch.take_along_dim(x, idx, dim=1)
+    """Rows of dimension 1 of ``x`` (B, K, ...) at ``idx`` (B, K'), which are never negative: one gather (where
+    ``take_along_dim`` also launches a kernel that wraps negative indices)."""
+    extra = x.shape[2:]
+    return torch.gather(x, 1, idx.view(*idx.shape, *(1,) * len(extra)).expand(*idx.shape, *extra))
 
 
 def beam_search(
