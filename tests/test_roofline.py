@@ -132,6 +132,9 @@ def test_decode_counts_the_operators_a_gpu_runs(tmp_path):
     assert r["stage"] == "decode" and r["trained_weights"] == 0 and r["optimiser_ms"] == 0
     assert r["reports_per_min_ceiling_eager"] == pytest.approx(60 * r["images_per_s_ceiling_eager"])
     assert r["tokens"] == 12 and r["ops_per_token_step"] == r["ops_per_step"] / 12
+    # the decoder's own steps (what a CUDA graph replays) and the search's bookkeeping around them
+    inside, outside = r["ops_per_token_step_in_decoder"], r["ops_per_token_step_outside_decoder"]
+    assert inside > 10 and outside > 10 and inside + outside == pytest.approx(r["ops_per_token_step"])
     # composite operators (inference mode) are counted by what they run, as FlopCounterMode counts them
     gpu, _, _ = roofline.decode_call("tiny", 2, torch.device("cpu"), tokens=12)
     with sdpa_kernel(SDPBackend.MATH):
