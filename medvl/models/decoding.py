@@ -318,7 +318,9 @@ def beam_search(
     running_parents = torch.full((batch, beams, max_length - prompt), -1, dtype=torch.int32, device=device)
     finished_parents = running_parents.clone()
     offsets = torch.arange(batch, device=device).view(-1, 1) * beams
-    stopped = torch.zeros((), dtype=torch.bool, device=device)
+    # whether every candidate ended at some step: the one stopping reason that does not last (the others, no
+    # report able to improve and every hypothesis finished, once true stay true), so only it is kept step by step
+    all_ended = torch.zeros((), dtype=torch.bool, device=device)
     cur = prompt
     while True:
         ids = running[:, :, :cur].reshape(batch * beams, cur)
@@ -356,9 +358,12 @@ def beam_search(
         best_possible = running_scores[:, :1] / ((cur - prompt) ** length_penalty)
         worst_done = torch.where(is_finished, torch.min(finished_scores, dim=1, keepdim=True)[0], -1.0e9)
         can_improve = can_improve & torch.any(best_possible > worst_done, dim=-1, keepdim=True)
-        stopped = stopped | ~(torch.any(can_improve) & ~torch.all(is_finished) & ~torch.all(ends))
-        if cur >= max_length or ((cur - prompt) % check_every == 0 and bool(stopped)):
+        all_ended = all_ended | torch.all(ends)
+        if cur >= max_length:
             break
+        if (cur - prompt) % check_every == 0:
+            if bool(all_ended | ~(torch.any(can_improve) & ~torch.all(is_finished))):
+                break
     best, best_scores, best_parents = finished[:, 0], finished_scores[:, 0], finished_parents[:, 0]
     length = prompt + int((best_parents + 1).bool().sum(dim=1).max())
     return BeamResult(sequences=best[:, :length], scores=best_scores)
