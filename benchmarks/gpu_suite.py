@@ -12,11 +12,11 @@ Rows (random weights: speed does not depend on them):
 * ``diffusion_train``: the diffusion head at ``configs/diffusion/<preset>.yaml`` sizes (UNet + report conditioner +
   frozen shared memory, from ``benchmarks/unet_scale_speed.py``): forward, backward, AdamW and EMA update in bf16
   at the preset's batch, as the training loop runs it (``loop``) and with ``train.speed`` channels-last, fused
-  AdamW and cuDNN autotuning (``fast``); ``fast`` again at 2, 4 and 8 times the preset's batch up to the first that runs out of memory
-  (``batch_sweep``); then compiled (``compiled``, with ``--compile``, the default on CUDA) at the batch that
+  AdamW and cuDNN autotuning (``fast``); ``fast`` again at 2, 4 and 8 times the preset's batch up to the first
+  that runs out of memory (``batch_sweep``); then compiled (``compiled``, with ``--compile``, the default on CUDA) at the batch that
   trained fastest (``best_batch``). Images/s and MFU: the FLOPs of one forward + backward at the preset's batch
   counted by ``torch.utils.flop_counter.FlopCounterMode`` (per image, times the batch), over the device's peak
-  bf16 rate (:data:`PEAK_BF16`; unknown devices and the CPU: null). ``profile``: where the eager ``fast`` step's
+  bf16 rate (``roofline.DEVICES``; unknown devices and the CPU: null). ``profile``: where the eager ``fast`` step's
   time goes at the preset's and the fastest batch (``benchmarks/kernel_profile.py``: the device's busy share of
   the wall time, busy time by kind of kernel, the top kernels), so that a low MFU comes with its reason.
   ``roofline``: the same step's operators counted by ``benchmarks/roofline.py`` (bytes as the autocast step moves
@@ -104,8 +104,6 @@ KEYS = (
     "loader_images_per_s",
     "prepare_images_per_s",
 )
-#: Dense bf16 peak FLOP/s by device name (the first name found in the device's name wins).
-PEAK_BF16 = {name: chip["peak_bf16"] for name, chip in roofline.DEVICES.items()}
 
 FULL = {
     "preset": "base",
@@ -151,10 +149,9 @@ LEARN_STAGES = ("adamatch", "report", "autoencoder", "diffusion")
 
 
 def peak_flops(device_name: str) -> float | None:
-    for name, peak in PEAK_BF16.items():
-        if name in device_name:
-            return peak
-    return None
+    """The dense bf16 peak FLOP/s of the chip :func:`roofline.chip_named` finds in ``device_name``, or None."""
+    chip = roofline.chip_named(device_name)
+    return roofline.DEVICES[chip]["peak_bf16"] if chip else None
 
 
 def roofline_row(s: dict, fn, weights: int, images: int, device: torch.device, ema: bool) -> dict:
@@ -169,7 +166,7 @@ def roofline_row(s: dict, fn, weights: int, images: int, device: torch.device, e
             raise
         return {"error": repr(exc)[:1000]}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    chip = next((n for n in roofline.DEVICES if n in name), None)
+    chip = roofline.chip_named(name)
     out = {"operators": len(ops), "gb_per_step": sum(r[3] for r in ops) / 1e9, "chip": chip}
     if chip is not None:
         spec = roofline.DEVICES[chip]
@@ -312,11 +309,10 @@ def diffusion_train(
 
         return step, fwd_bwd
 
-    flops = count_flops(stepper(preset_batch)[1])
+    fwd_bwd = stepper(preset_batch)[1]
+    flops = count_flops(fwd_bwd)
     per_image = flops / preset_batch  # FLOPs grow with the batch, image by image
-    ceiling = roofline_row(
-        s, stepper(preset_batch)[1], sum(p.numel() for p in params), preset_batch, device, True
-    )
+    ceiling = roofline_row(s, fwd_bwd, sum(p.numel() for p in params), preset_batch, device, True)
 
     def measure(speed: SpeedConfig, batch: int) -> dict:
         t0 = time.perf_counter()
@@ -712,7 +708,7 @@ def summarize(state: dict, quality: Path | None) -> dict:
     result["diffusion_train_mfu"] = best("diffusion_train", "mfu")
     result["adamatch_train_mfu"] = best("adamatch_train", "mfu")
     if peak is None:
-        why = "no peak bf16 rate for this device (benchmarks/gpu_suite.py PEAK_BF16)"
+        why = "no peak bf16 rate for this device (benchmarks/roofline.py DEVICES)"
         notes.setdefault("diffusion_train_mfu", why)
         notes.setdefault("adamatch_train_mfu", why)
     if rows.get("sampling"):

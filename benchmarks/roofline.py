@@ -50,7 +50,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
@@ -67,24 +67,20 @@ DEVICES = {
     "A100": {"peak_bf16": 312e12, "bandwidth": 2.039e12},
 }
 STAGES = ("diffusion", "adamatch", "decode")
+
+
+def chip_named(device_name: str) -> str | None:
+    """The :data:`DEVICES` entry whose name is in ``device_name`` ("NVIDIA H100 80GB HBM3" -> "H100"), or None."""
+    return next((name for name in DEVICES if name in device_name), None)
+
+
 DECODE_TOKENS = 100
 #: Kinds (``kernel_profile.kind_of``) whose operators a fusing compiler keeps as kernels of their own.
 MATRIX_KINDS = ("matmul", "conv", "attention")
-#: Operators that move no data (metadata, aliases) besides the views ``OpOverload.is_view`` names.
-FREE_OPS = {
-    "_unsafe_view",
-    "alias",
-    "detach",
-    "lift_fresh",
-    "t",
-    "expand",
-    "split",
-    "unbind",
-    "_to_copy_meta",
-}
-ADAMW_BYTES_PER_WEIGHT = (
-    28  # fused AdamW, fp32: weight, gradient, two moments read; weight, two moments written
-)
+#: Operators that move no data besides the views ``OpOverload.is_view`` names (a view not marked as one).
+FREE_OPS = {"_unsafe_view"}
+# fused AdamW, fp32: weight, gradient, two moments read; weight, two moments written
+ADAMW_BYTES_PER_WEIGHT = 28
 EMA_BYTES_PER_WEIGHT = 12  # EMA lerp, fp32: average and weight read, average written
 
 CPU_ATTENTION = {  # the CPU's fused attention operators, which flop_counter's registry does not list
@@ -174,22 +170,24 @@ def ceilings(
 
     eager_s = sum(roof(r) for r in rows)
     fused_s = sum(roof(r) for r in rows if r[1] in MATRIX_KINDS)
-    by_kind: dict[str, dict] = {}
-    for name, kind, f, b in rows:
-        k = by_kind.setdefault(kind, {"ops": 0, "tflop": 0.0, "gb": 0.0, "roofline_ms": 0.0})
-        k["ops"] += 1
-        k["tflop"] += f / 1e12
-        k["gb"] += b / 1e9
-        k["roofline_ms"] += roof((name, kind, f, b)) * 1e3
+
+    def totals(field: int) -> dict[str, dict]:
+        """The rows summed by name (``field`` 0) or kind (1), the largest roofline time first."""
+        out: dict[str, dict] = {}
+        for r in rows:
+            k = out.setdefault(
+                r[field], {"kind": r[1], "ops": 0, "tflop": 0.0, "gb": 0.0, "roofline_ms": 0.0}
+            )
+            k["ops"] += 1
+            k["tflop"] += r[2] / 1e12
+            k["gb"] += r[3] / 1e9
+            k["roofline_ms"] += roof(r) * 1e3
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]["roofline_ms"]))
+
+    by_kind = {kind: {k: v for k, v in t.items() if k != "kind"} for kind, t in totals(1).items()}
     for k in by_kind.values():
         k["share_of_eager"] = k["roofline_ms"] / 1e3 / eager_s if eager_s else None
-    by_name: dict[str, dict] = {}
-    for name, kind, f, b in rows:
-        k = by_name.setdefault(name, {"kind": kind, "ops": 0, "gb": 0.0, "roofline_ms": 0.0})
-        k["ops"] += 1
-        k["gb"] += b / 1e9
-        k["roofline_ms"] += roof((name, kind, f, b)) * 1e3
-    top = sorted(by_name.items(), key=lambda kv: -kv[1]["roofline_ms"])[:top_ops]
+    top = list(totals(0).items())[:top_ops]
     optimiser_s = weights * (ADAMW_BYTES_PER_WEIGHT + (EMA_BYTES_PER_WEIGHT if ema else 0)) / bandwidth
     return {
         "tflop_per_step": flops / 1e12,
@@ -205,7 +203,7 @@ def ceilings(
         "images_per_s_ceiling_eager": images / (eager_s + optimiser_s) if eager_s else None,
         "images_per_s_ceiling_fused": images / (fused_s + optimiser_s) if fused_s else None,
         "launch_us_to_match_eager": (eager_s + optimiser_s) / len(rows) * 1e6 if rows else None,
-        "by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1]["roofline_ms"])),
+        "by_kind": by_kind,
         "top_operators": [{"name": name, **k} for name, k in top],
     }
 
@@ -299,11 +297,14 @@ def decode_call(
 
     real_step = decoding.DecoderSteps.step
 
-    def counted_step(self, ids):  # the decoder's own operators, which a CUDA graph would replay in one launch
-        inner = OpCounter()
-        with inner:
-            out = real_step(self, ids)
-        run.step_ops.append(len(inner.rows))
+    def counted_step(self, ids):
+        """The step, and under :func:`count_ops` the number of its operators (what a CUDA graph would replay in
+        one launch), read off the counter's rows."""
+        counter = _get_current_dispatch_mode()
+        before = len(counter.rows) if isinstance(counter, OpCounter) else None
+        out = real_step(self, ids)
+        if before is not None:
+            run.step_ops.append(len(counter.rows) - before)
         return out
 
     def run():
@@ -328,7 +329,6 @@ def decode_call(
             decoding.DecoderSteps.step = real_step
         assert out.sequences.shape == (batch, tokens), out.sequences.shape
 
-    run.step_ops = []
     run()  # the steady state: the frozen memory's keys and values are projected once, by this first call
     return run, 0, batch
 
