@@ -48,9 +48,8 @@ class SpeedConfig:
 
     channels_last: bool = False  # CUDA: convolution weights (and so activations) in NHWC
     fused_adamw: bool = False  # CUDA: torch.optim.AdamW(fused=True), one kernel for the whole update
-    cudnn_benchmark: bool = (
-        False  # CUDA: cuDNN times its convolution algorithms per new shape, keeps the fastest
-    )
+    # CUDA: cuDNN times its convolution algorithms for each new shape and keeps the fastest
+    cudnn_benchmark: bool = False
     compile: bool = False  # torch.compile the model's forward
     compile_mode: str = "default"  # torch.compile mode (reduce-overhead: CUDA graphs)
 
