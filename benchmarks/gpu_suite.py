@@ -43,8 +43,12 @@ Rows (random weights: speed does not depend on them):
   of one report's and the first batch's decoding (``fast_profile``: how busy the device is between launches).
 * ``loader``: the prepared-dataset loader (the training loop's micro-batch loader with AdaMatch's collate) with
   the preset's ``train.num_workers``, images/s beside AdaMatch's training rate.
-* ``prepare``: ``medvl prepare mimic-cxr`` (``prepare_mimic``) on a generated MIMIC-CXR-JPG tree of full-size
-  (2500 x 3000) JPGs at 256 px with one worker per CPU, images/s (``benchmarks/prepare_throughput.py``'s tree).
+* ``prepare``: ``medvl prepare mimic-cxr`` (``prepare_mimic``) on a generated MIMIC-CXR tree of full-size
+  (2500 x 3000) JPGs with 12-bit DICOMs spread among them, at 256 px with one worker per CPU
+  (``benchmarks/prepare_scale.py``): images/s, the anonymous memory of the process and its workers over the run
+  (``memory``: flat when the second half peaks no higher than the first, ``growth_mb``), and a resume (``resume``):
+  the same command killed with SIGKILL once half its chunks are done, run again, decodes only the rest and writes
+  the same ``images.npy`` and ``index.csv`` byte for byte.
 * ``learn`` (``--learn-seconds``, 0 skips it): whether the presets learn. IU-Phantom built at 256 px (``--tiny``:
   60 studies at 64 px), then AdaMatch, the report head, the autoencoder and the diffusion head, each trained by
   ``medvl train`` with the preset for ``--learn-seconds`` (``train.max_seconds``; warm-up shortened to 50 steps, no
@@ -79,12 +83,12 @@ sys.path.insert(0, str(BENCH))  # the sibling benchmarks, imported as modules
 
 import decode_throughput  # noqa: E402
 import kernel_profile  # noqa: E402
+import prepare_scale  # noqa: E402
 import prepare_throughput  # noqa: E402
 import roofline  # noqa: E402
 import unet_scale_speed  # noqa: E402
 
 from medvl.config import resolve_config_path  # noqa: E402
-from medvl.data.mimic import prepare_mimic  # noqa: E402
 from medvl.models.diffusion import autocast_context  # noqa: E402
 from medvl.train.batches import MicroBatches, micro_batch_loader  # noqa: E402
 from medvl.train.distributed import SpeedConfig, adamw_options, apply_speed_options  # noqa: E402
@@ -117,7 +121,8 @@ FULL = {
     "decode_tokens": 100,
     "decode_batches": (64, 256, 512),
     "decode_variants": ("fast", "grouped", "graphed"),
-    "prepare_images": 384,
+    "prepare_images": 768,
+    "prepare_dicoms": 256,
     "prepare_distinct": 8,
     "prepare_shape": (prepare_throughput.H, prepare_throughput.W),
     "prepare_size": 256,
@@ -138,8 +143,9 @@ TINY = {
     "decode_batches": (2, 4),
     "decode_variants": ("fast", "grouped", "graphed", "generate"),
     "prepare_images": 24,
+    "prepare_dicoms": 8,
     "prepare_distinct": 2,
-    "prepare_shape": (300, 250),
+    "prepare_shape": (1200, 1000),  # large enough that the killed run is still running at half its chunks
     "prepare_size": 64,
     "loader_batches": 2,
     "learn_studies": 60,
@@ -364,9 +370,15 @@ def diffusion_train(
 
 
 def make_prepared(s: dict, tmp: Path) -> dict:
-    """A generated MIMIC-CXR-JPG tree (a quarter of it in the validate split) prepared with a worker per CPU."""
+    """A generated MIMIC-CXR tree of JPGs and DICOMs (a quarter of it in the validate split) prepared with a worker
+    per CPU into ``tmp / "prepared"``: rate, memory and a killed-and-resumed run (``prepare_scale.measure``)."""
     _, _, root = prepare_throughput.make_data(
-        tmp, s["prepare_images"], 0, shape=s["prepare_shape"], distinct=s["prepare_distinct"]
+        tmp,
+        s["prepare_images"],
+        s["prepare_dicoms"],
+        shape=s["prepare_shape"],
+        distinct=s["prepare_distinct"],
+        dicoms_in_tree=True,
     )
     split = root / "mimic-cxr-2.0.0-split.csv.gz"
     table = pd.read_csv(split, dtype=str)
@@ -378,18 +390,13 @@ def make_prepared(s: dict, tmp: Path) -> dict:
     ]
     for i, txt in enumerate(sorted(root.glob("files/*/*/*.txt"))):
         txt.write_text(f" FINAL REPORT\n FINDINGS: {reports[i % 2]} Finding number {i % 17}.\n")
-    workers = os.cpu_count() or 1
-    out = tmp / "prepared"
-    t0 = time.perf_counter()
-    result = prepare_mimic(root, out, size=s["prepare_size"], workers=workers)
-    seconds = time.perf_counter() - t0
+    row = prepare_scale.measure(root, tmp, s["prepare_size"], os.cpu_count() or 1)
     return {
-        "images": result.kept,
-        "workers": workers,
+        **row,
+        "jpgs": s["prepare_images"],
+        "dicoms": s["prepare_dicoms"],
+        "distinct": s["prepare_distinct"],
         "source_shape": list(s["prepare_shape"]),
-        "size": s["prepare_size"],
-        "seconds": seconds,
-        "images_per_s": result.kept / seconds,
     }
 
 
@@ -729,7 +736,17 @@ def summarize(state: dict, quality: Path | None) -> dict:
         rows["loader"]["adamatch_train_images_per_s"] = train
         rows["loader"]["loader_over_training"] = result["loader_images_per_s"] / train if train else None
     if rows.get("prepare"):
-        result["prepare_images_per_s"] = rows["prepare"]["images_per_s"]
+        prep = rows["prepare"]
+        result["prepare_images_per_s"] = prep["images_per_s"]
+        resume = prep["resume"]
+        result["prepare"] = {
+            "workers": prep["workers"],
+            "memory_peak_mb": prep["memory"].get("peak_mb"),
+            "memory_growth_mb": prep["memory"].get("growth_mb"),
+            "resumed_after_kill": resume["killed"] and resume["same_images"] and resume["same_index"],
+            "decoded_again": resume["decoded_again"],
+            "reused": resume["reused"],
+        }
     if rows.get("learn"):
         result["learn"] = {
             stage: {k: rows["learn"][stage][k] for k in ("steps", "finite", "learned")}

@@ -79,37 +79,59 @@ def timed(fn, items) -> tuple[float, list]:
 
 
 def make_data(
-    tmp: Path, n_jpg: int, n_dcm: int, *, shape: tuple[int, int] = (H, W), distinct: int = 0
+    tmp: Path,
+    n_jpg: int,
+    n_dcm: int,
+    *,
+    shape: tuple[int, int] = (H, W),
+    distinct: int = 0,
+    dicoms_in_tree: bool = False,
 ) -> tuple[list[Path], list[Path], Path]:
     """Chest-like files of ``shape`` (full size by default); JPGs placed in a MIMIC-CXR-JPG tree with its tables.
-    ``distinct`` > 0: JPGs after the first ``distinct`` are byte copies of those (same decoding cost, made fast)."""
+    ``distinct`` > 0: JPGs (and DICOMs) after the first ``distinct`` are byte copies of those (same decoding cost,
+    made fast). ``dicoms_in_tree``: the DICOMs go into the same tree as ``.dcm`` studies of their own (a tree that
+    mixes both, as ``prepare mimic-cxr`` accepts), else beside it."""
     h, w = shape
     rng = np.random.default_rng(0)
     bases = [synthetic_chest(h, w, seed=s, marker=True) for s in range(2)]
     root = tmp / "mimic-jpg"
     jpgs, dcms, meta = [], [], []
-    for i in range(n_jpg):
+
+    def tree_file(i: int, suffix: str) -> Path:
         subject, study, dicom_id = f"1{i:07d}", f"5{i:07d}", f"{i:08x}-bench"
         folder = root / f"files/p{subject[:2]}/p{subject}/s{study}"
         folder.mkdir(parents=True)
-        path = folder / f"{dicom_id}.jpg"
-        if 0 < distinct <= i:
-            shutil.copyfile(jpgs[i % distinct], path)
-        else:
-            unit = bases[i % 2] + rng.normal(0, 0.008, (h, w))  # fine texture: JPEG sizes near real films
-            Image.fromarray(np.rint(np.clip(unit, 0, 1) * 255).astype(np.uint8)).save(path, quality=95)
         (folder.parent / f"s{study}.txt").write_text(" FINAL REPORT\n FINDINGS: The lungs are clear.\n")
-        jpgs.append(path)
         meta.append((dicom_id, subject, study))
-    for i in range(n_dcm):
-        unit = bases[i % 2] + rng.normal(0, 0.008, (h, w))
-        ds = chest_dataset(
-            unit,
-            bits=12,
-            photometric="MONOCHROME1" if i % 2 else "MONOCHROME2",
-            window=(2048.0 if i % 2 == 0 else 2047.0, 3500.0),
-        )
-        dcms.append(write_dicom(ds, tmp / f"dicom_{i:03d}.dcm"))
+        return folder / f"{dicom_id}{suffix}"
+
+    kinds = [("jpg", i) for i in range(n_jpg)] + [("dcm", i) for i in range(n_dcm)]
+    if dicoms_in_tree:  # spread the DICOMs evenly through the tree, so each part of a run sees the same mix
+        kinds.sort(key=lambda item: (item[1] + 0.5) / (n_jpg if item[0] == "jpg" else n_dcm))
+    for position, (kind, i) in enumerate(kinds):
+        if kind == "jpg":
+            path = tree_file(position, ".jpg")
+            if 0 < distinct <= i:
+                shutil.copyfile(jpgs[i % distinct], path)
+            else:
+                unit = bases[i % 2] + rng.normal(0, 0.008, (h, w))  # fine texture: JPEG sizes near real films
+                Image.fromarray(np.rint(np.clip(unit, 0, 1) * 255).astype(np.uint8)).save(path, quality=95)
+            jpgs.append(path)
+            continue
+        path = tree_file(position, ".dcm") if dicoms_in_tree else tmp / f"dicom_{i:03d}.dcm"
+        if 0 < distinct <= i:
+            shutil.copyfile(dcms[i % distinct], path)
+        else:
+            unit = bases[i % 2] + rng.normal(0, 0.008, (h, w))
+            ds = chest_dataset(
+                unit,
+                bits=12,
+                photometric="MONOCHROME1" if i % 2 else "MONOCHROME2",
+                window=(2048.0 if i % 2 == 0 else 2047.0, 3500.0),
+            )
+            write_dicom(ds, path)
+        dcms.append(path)
+    root.mkdir(parents=True, exist_ok=True)
     ids = pd.DataFrame(meta, columns=["dicom_id", "subject_id", "study_id"])
     ids.assign(ViewPosition="PA").to_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz", index=False)
     ids.assign(split="train").to_csv(root / "mimic-cxr-2.0.0-split.csv.gz", index=False)

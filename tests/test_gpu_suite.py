@@ -81,6 +81,13 @@ def test_gpu_suite_tiny_writes_every_key(tiny_suite):
         )  # where the step's time goes
         assert prof["share_by_kind"]["conv"] > 0 and prof["device_busy_share"] is None  # the CPU: no device
     assert result["batches"]["diffusion_train"] == 8 and result["batches"]["sampling"] == [2, 4]
+    # the prepare row: a tree of JPGs and DICOMs, its memory sampled, then killed at half its chunks and resumed
+    prep = rows["prepare"]
+    assert prep["images"] == 32 and prep["skipped"] == 0 and prep["memory"]["peak_mb"] > 0
+    resume = prep["resume"]
+    assert resume["killed"] and 0 < resume["reused"] < 32, resume  # the rerun decoded only what was left
+    assert resume["decoded_again"] + resume["reused"] == 32 and resume["same_images"] and resume["same_index"]
+    assert result["prepare"]["resumed_after_kill"] is True
     # the learn row: every stage trained by `medvl train` on a fresh phantom, its loss curve finite
     learn = rows["learn"]
     for stage in ("adamatch", "report", "autoencoder", "diffusion"):
