@@ -58,6 +58,7 @@ Rows (random weights: speed does not depend on them):
 
 Writes ``benchmarks/results/gpu_suite_<device>.json``: the top-level keys :data:`KEYS` (a value a row could not
 measure is null, with the reason under ``notes``), the device, torch version, sizes and batches, and every row.
+``python benchmarks/suite_table.py RESULT.json`` writes the speed table of README and docs/results.md from it.
 """
 
 from __future__ import annotations

@@ -97,6 +97,26 @@ def test_gpu_suite_tiny_writes_every_key(tiny_suite):
     assert 0.0 <= learn["adamatch"]["val_pointing_game_prior"] <= 1.0
 
 
+def test_speed_table_reads_every_figure_from_the_json(tiny_suite):
+    """benchmarks/suite_table.py: README's speed table, each figure read from the suite's JSON."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from suite_table import table
+
+    text = table(tiny_suite)
+    rows = tiny_suite["rows"]
+    assert text.count("\n|") == 9 and "not measured" not in text  # after the header: a rule and 8 figures
+    assert f"{tiny_suite['decode_reports_per_min']:,.0f} reports/min" in text
+    assert f"**{tiny_suite['sampling_speedup_b8']:.1f}x**" in text
+    assert f"**{tiny_suite['sampling_speedup_b64']:.1f}x**" in text
+    assert f"{tiny_suite['diffusion_train_images_per_s']:,.1f} images/s" in text
+    assert (
+        f"{tiny_suite['prepare_images_per_s']:,.0f} images/s with 2 workers" in text
+        and "the same bytes" in text
+    )
+    assert f"{rows['learn']['report']['loss_last_mean']:.3f}" in text
+    assert tiny_suite["command"] in text
+
+
 def test_peak_rate_and_file_name_of_a_device():
     sys.path.insert(0, str(REPO / "benchmarks"))
     from gpu_suite import device_slug, peak_flops
@@ -142,6 +162,9 @@ def test_gpu_suite_leaves_out_rows_on_request(tmp_path, tiny_suite):
     assert result["rows"]["decode"]["rows"]["one_report"]["same_sequences"]
     assert result["decode_reports_per_min"] > 0 and result["sampling_speedup_b8"] is None
     assert not out.with_suffix(".partial.json").exists()
+    from suite_table import table
+
+    assert table(result).count("not measured: left out (--skip)") == 7  # 6 figures' rows and learn's
 
     # --summarize: one JSON from two runs, each row from the later run that measured it
     full = tmp_path / "full.json"
