@@ -36,6 +36,7 @@ from medvl.data.prepared import (
     STATE_DIR,
     to_uint8,
 )
+from medvl.data.workers import run_jobs
 from medvl.data.xray import problem_of
 from medvl.errors import DataError
 from medvl.text.chexpert import CHEXPERT_LABELS
@@ -164,7 +165,8 @@ def _reserve_disk(path: Path) -> None:
 
 
 def _pool_context() -> mp.context.BaseContext:
-    # fork starts workers instantly and nothing here holds threads; spawn where fork does not exist.
+    # fork starts workers instantly (a replacement for a dead worker too; it runs no code that shares a lock with
+    # the progress bar's thread); spawn where fork does not exist.
     return mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
 
 
@@ -183,7 +185,9 @@ def build_image_cache(
     """Decode and resize ``paths`` into ``out/images.npy`` (uint8 (N, S, S); row i is paths[i]).
 
     Resumable: each finished chunk leaves a done-marker in ``out/.prepare/``; a rerun with the same settings decodes
-    only chunks without one. A rerun with different image settings or a different ``selection`` (what chose the
+    only chunks without one. With several ``workers``, an image whose decoding ends its worker process (a codec's
+    crash, an out-of-memory kill) is found and skipped with the reason (:mod:`medvl.data.workers`); its chunk
+    leaves no marker, so a rerun tries that chunk again. A rerun with different image settings or a different ``selection`` (what chose the
     images: views, sections...) raises :class:`DataError` naming what changed.
     Returns (one outcome per path, number decoded now, number reused).
     """
@@ -274,18 +278,29 @@ def build_image_cache(
         record(k, results)
 
     decoded = sum(len(j.items) for j in todo)
-    # Workers are forked before the progress bar starts its monitor thread.
-    pool = _pool_context().Pool(processes=min(workers, len(todo))) if workers > 1 and len(todo) > 1 else None
-    try:
-        with tqdm(total=n, initial=reused, desc=desc, unit="img", mininterval=1.0, smoothing=0.1) as bar:
-            results_iter = pool.imap_unordered(_run_chunk, todo) if pool else map(_run_chunk, todo)
-            for k, results in results_iter:
+    with tqdm(total=n, initial=reused, desc=desc, unit="img", mininterval=1.0, smoothing=0.1) as bar:
+
+        def done(k: int, results: list, ended: dict[int, str]) -> None:
+            if ended:  # rows whose decoding ended a worker process: tried again by a rerun (no marker)
+                results = sorted(
+                    [
+                        *results,
+                        *(
+                            (row, False, f"decoding it ended its worker process ({how})", 0, 0)
+                            for row, how in ended.items()
+                        ),
+                    ]
+                )
+                record(k, results)
+            else:
                 finish(k, results)
-                bar.update(len(results))
-    finally:
-        if pool is not None:
-            pool.terminate()  # every result has arrived (or we are interrupted): stop the workers
-            pool.join()
+            bar.update(len(results))
+
+        if workers > 1 and len(todo) > 1:
+            run_jobs(todo, _run_chunk, workers, _pool_context(), done)
+        else:
+            for job in todo:
+                done(*_run_chunk(job), {})
     assert all(o is not None for o in outcomes)
     return outcomes, decoded, reused  # type: ignore[return-value]
 

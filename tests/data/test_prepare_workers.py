@@ -1,0 +1,139 @@
+"""Preparation with worker processes when one of them dies: an image whose decoding ends its worker (a codec's
+crash, the system's out-of-memory kill) is found, given up with the reason and tried again by a rerun; the rest
+of its chunk is kept, a worker that dies once is replaced, and nothing waits for ever."""
+
+from __future__ import annotations
+
+import faulthandler
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import medvl.data.ingest as ingest
+from medvl.data.testing import write_mimic_tree
+from medvl.data.workers import exit_text
+
+SIZE = 32
+
+# the stand-in decoders below are patched into the parent and reach the workers by fork
+pytestmark = pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="needs fork")
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory) -> list[str]:
+    spec = write_mimic_tree(tmp_path_factory.mktemp("tree"), image_format="mixed")
+    found = sorted(str(p) for p in spec.root.glob("files/**/*") if p.suffix in (".jpg", ".dcm"))
+    assert len(found) >= 6
+    return found[:6]
+
+
+@pytest.fixture(autouse=True)
+def no_hang():
+    faulthandler.dump_traceback_later(120, exit=True)  # a lost result would otherwise wait for ever
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+def cache(out: Path, paths: list[str], workers: int = 2):
+    outcomes, decoded, reused = ingest.build_image_cache(out, paths, size=SIZE, workers=workers, chunk_size=3)
+    return outcomes, decoded, reused, np.load(out / "images.npy")
+
+
+def test_an_image_that_crashes_its_worker_is_given_up_and_the_rest_kept(paths, tmp_path, monkeypatch):
+    ref_outcomes, *_, reference = cache(tmp_path / "reference", paths, workers=1)
+    real, bad = ingest._read_and_resize, paths[4]
+
+    def crashing(path, *args):
+        if path == bad:
+            faulthandler.disable()  # (no traceback printed by the test run's handler)
+            os.kill(os.getpid(), signal.SIGSEGV)  # as a codec's C code would
+        return real(path, *args)
+
+    monkeypatch.setattr(ingest, "_read_and_resize", crashing)
+    out = tmp_path / "out"
+    outcomes, decoded, _, images = cache(out, paths)
+    assert decoded == 6
+    assert not outcomes[4].ok and "ended its worker process (crashed with SIGSEGV)" in outcomes[4].reason
+    assert ingest.reason_kind(outcomes[4].reason) == "decoding it ended its worker process"
+    for row in (0, 1, 2, 3, 5):  # the other image of its chunk too
+        assert outcomes[row] == ref_outcomes[row], row
+        np.testing.assert_array_equal(images[row], reference[row])
+    # the chunk holding it leaves no marker, so a rerun tries that chunk again, and only it
+    markers = sorted(p.name for p in (out / ".prepare").glob("chunk_*.json"))
+    assert markers == ["chunk_0000000.json"]
+    monkeypatch.setattr(ingest, "_read_and_resize", real)
+    outcomes, decoded, reused, images = cache(out, paths)
+    assert (decoded, reused) == (3, 3) and outcomes == ref_outcomes
+    np.testing.assert_array_equal(images, reference)
+
+
+def test_a_worker_killed_once_is_replaced_and_nothing_is_lost(paths, tmp_path, monkeypatch):
+    ref_outcomes, *_, reference = cache(tmp_path / "reference", paths, workers=1)
+    real, flag = ingest._read_and_resize, tmp_path / "killed-once"
+
+    def killed_once(path, *args):
+        if path == paths[1] and not flag.exists():
+            flag.touch()
+            os.kill(os.getpid(), signal.SIGKILL)  # as the system does when memory runs out
+        return real(path, *args)
+
+    monkeypatch.setattr(ingest, "_read_and_resize", killed_once)
+    out = tmp_path / "out"
+    outcomes, decoded, _, images = cache(out, paths)
+    assert flag.exists() and decoded == 6 and outcomes == ref_outcomes
+    np.testing.assert_array_equal(images, reference)
+    assert len(list((out / ".prepare").glob("chunk_*.json"))) == 2
+
+
+def test_exit_text_names_the_signal():
+    assert exit_text(-signal.SIGKILL).startswith("killed by SIGKILL: most often")
+    assert exit_text(-signal.SIGSEGV) == "crashed with SIGSEGV"
+    assert exit_text(3) == "exited with code 3"
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+        except (OSError, NotADirectoryError):
+            continue
+        if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+            kids.append(int(entry.name))
+    return kids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads Linux's /proc")
+def test_workers_do_not_outlive_a_killed_parent(paths, tmp_path):
+    """The parent killed outright (no clean-up runs): its workers notice and end within seconds."""
+    script = (
+        "import sys, time\n"
+        "import medvl.data.ingest as ingest\n"
+        "ingest._read_and_resize = lambda *a: time.sleep(600)\n"
+        "print('go', flush=True)\n"
+        f"ingest.build_image_cache({str(tmp_path / 'out')!r}, {paths!r}, size=32, workers=2, chunk_size=3)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout.readline().strip() == "go"
+        deadline = time.monotonic() + 60
+        while len(workers := _children(parent.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(workers) == 2
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [w for w in workers if Path(f"/proc/{w}").exists()]
+    for w in left:
+        os.kill(w, signal.SIGKILL)
+    assert not left, "workers outlived their parent"
