@@ -113,6 +113,9 @@ class _ChunkJob:
     jpg_compatible: bool
 
 
+ENDED_WORKER = "decoding it ended its worker process"
+
+
 def reason_kind(reason: str) -> str:
     """A reason without its specifics (numbers, names after ';' or '('), for counting."""
     return reason.split(";")[0].split(" (")[0].strip()
@@ -285,10 +288,7 @@ def build_image_cache(
                 results = sorted(
                     [
                         *results,
-                        *(
-                            (row, False, f"decoding it ended its worker process ({how})", 0, 0)
-                            for row, how in ended.items()
-                        ),
+                        *((row, False, f"{ENDED_WORKER} ({how})", 0, 0) for row, how in ended.items()),
                     ]
                 )
                 record(k, results)
@@ -403,6 +403,12 @@ def finish_prepare(
         }
         regions = map_regions(raw, geometry)
     by_reason = Counter(reason_kind(r) for _, r in skipped)
+    if by_reason[ENDED_WORKER]:
+        notes = [
+            *notes,
+            f"{by_reason[ENDED_WORKER]} image(s) ended their worker process; rerunning the same command tries them "
+            "again (the rest is reused)",
+        ]
     meta = {
         **meta,
         "size": size,

@@ -61,7 +61,7 @@ def test_an_image_that_crashes_its_worker_is_given_up_and_the_rest_kept(paths, t
     outcomes, decoded, _, images = cache(out, paths)
     assert decoded == 6
     assert not outcomes[4].ok and "ended its worker process (crashed with SIGSEGV)" in outcomes[4].reason
-    assert ingest.reason_kind(outcomes[4].reason) == "decoding it ended its worker process"
+    assert ingest.reason_kind(outcomes[4].reason) == ingest.ENDED_WORKER
     for row in (0, 1, 2, 3, 5):  # the other image of its chunk too
         assert outcomes[row] == ref_outcomes[row], row
         np.testing.assert_array_equal(images[row], reference[row])
@@ -137,3 +137,26 @@ def test_workers_do_not_outlive_a_killed_parent(paths, tmp_path):
     for w in left:
         os.kill(w, signal.SIGKILL)
     assert not left, "workers outlived their parent"
+
+
+def test_prepare_lists_the_image_and_says_a_rerun_tries_it_again(tmp_path, monkeypatch):
+    from medvl.data.mimic import prepare_mimic
+
+    spec = write_mimic_tree(tmp_path / "tree", image_format="jpg")
+    real = ingest._read_and_resize
+    bad = str(spec.root / spec.path(spec.images[0]))
+
+    def crashing(path, *args):
+        if path == bad:
+            faulthandler.disable()
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return real(path, *args)
+
+    monkeypatch.setattr(ingest, "_read_and_resize", crashing)
+    result = prepare_mimic(spec.root, tmp_path / "out", size=SIZE, workers=2)
+    skipped = (tmp_path / "out" / "skipped.csv").read_text()
+    assert (
+        f"{spec.path(spec.images[0])},decoding it ended its worker process (crashed with SIGSEGV)" in skipped
+    )
+    assert result.skipped_by_reason[ingest.ENDED_WORKER] == 1
+    assert any("rerunning the same command tries them again" in note for note in result.notes)
