@@ -190,8 +190,8 @@ def build_image_cache(
     Resumable: each finished chunk leaves a done-marker in ``out/.prepare/``; a rerun with the same settings decodes
     only chunks without one. With several ``workers``, an image whose decoding ends its worker process (a codec's
     crash, an out-of-memory kill) is found and skipped with the reason (:mod:`medvl.data.workers`); its chunk
-    leaves no marker, so a rerun tries that chunk again. A rerun with different image settings or a different ``selection`` (what chose the
-    images: views, sections...) raises :class:`DataError` naming what changed.
+    leaves no marker, so a rerun tries that chunk again. A rerun with different image settings or a different
+    ``selection`` (what chose the images: views, sections...) raises :class:`DataError` naming what changed.
     Returns (one outcome per path, number decoded now, number reused).
     """
     out = Path(out)

@@ -19,6 +19,7 @@ import os
 import signal
 import threading
 import time
+import traceback
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
@@ -52,9 +53,18 @@ def _serve(conn: Connection, parent: int, fn: Callable[[Any], Any]) -> None:
     threading.Thread(target=_orphan_watch, args=(parent,), daemon=True).start()
     try:
         while (job := conn.recv()) is not None:
-            conn.send(fn(job))
+            try:
+                out = fn(job)
+            except Exception:  # an error, not a death: the parent raises it
+                out = _Failed(traceback.format_exc())
+            conn.send(out)
     except (KeyboardInterrupt, EOFError, BrokenPipeError):
         return  # Ctrl-C reaches the workers too; the parent reports it
+
+
+@dataclasses.dataclass(frozen=True)
+class _Failed:
+    traceback: str
 
 
 class _Worker:
@@ -128,6 +138,8 @@ def run_jobs(
                 if result is None and w.proc.is_alive():
                     continue  # still working
                 job, w.job = w.job, None
+                if isinstance(result, _Failed):
+                    raise RuntimeError(f"a worker process failed:\n{result.traceback}")
                 if result is not None:
                     k, results = result
                     if k not in sizes:

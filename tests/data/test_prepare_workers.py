@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -160,3 +161,37 @@ def test_prepare_lists_the_image_and_says_a_rerun_tries_it_again(tmp_path, monke
     )
     assert result.skipped_by_reason[ingest.ENDED_WORKER] == 1
     assert any("rerunning the same command tries them again" in note for note in result.notes)
+
+
+@dataclass(frozen=True)
+class Job:
+    index: int
+    items: tuple
+
+
+def test_run_jobs_raises_a_workers_error_instead_of_counting_it_a_death():
+    from medvl.data.workers import run_jobs
+
+    def broken(job):
+        raise OSError("the cache file went away")
+
+    with pytest.raises(RuntimeError, match="a worker process failed:(.|\n)*the cache file went away"):
+        run_jobs([Job(0, ((0, "a"),)), Job(1, ((1, "b"),))], broken, 2, mp.get_context("fork"), print)
+
+
+def test_run_jobs_gives_up_only_the_row_that_ends_its_worker():
+    from medvl.data.workers import run_jobs
+
+    def square(job):
+        for row, _ in job.items:
+            if row == 4:
+                os._exit(7)
+        return job.index, [(row, row * row) for row, _ in job.items]
+
+    finished = {}
+    jobs = [Job(k, tuple((r, str(r)) for r in range(3 * k, 3 * k + 3))) for k in range(3)]
+    run_jobs(
+        jobs, square, 2, mp.get_context("fork"), lambda k, res, ended: finished.update({k: (res, ended)})
+    )
+    assert finished[0] == ([(0, 0), (1, 1), (2, 4)], {}) and finished[2] == ([(6, 36), (7, 49), (8, 64)], {})
+    assert finished[1] == ([(3, 9), (5, 25)], {4: "exited with code 7"})
