@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from medvl.data.images import ResizeFit, ResizeGeometry, read_xray_with_meta, resize_geometry, resize_xray
+from medvl.data.images import ResizeFit, ResizeGeometry, resize_geometry
 from medvl.data.prepared import (
     CACHE_FILE,
     FORMAT,
@@ -34,8 +34,8 @@ from medvl.data.prepared import (
     SKIPPED_FILE,
     SPLITS,
     STATE_DIR,
-    to_uint8,
 )
+from medvl.data.scans import read_scan_file
 from medvl.data.workers import run_jobs
 from medvl.data.xray import problem_of
 from medvl.errors import DataError
@@ -124,10 +124,8 @@ def reason_kind(reason: str) -> str:
 def _read_and_resize(
     path: str, size: int, fit: str, jpg_compatible: bool
 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode (at reduced resolution where the format allows) and resize one image: (S, S) uint8, source shape."""
-    xray = read_xray_with_meta(path, jpg_compatible=jpg_compatible, min_side=size)
-    img = resize_xray(xray.pixels, size, fit=fit, source_shape=xray.shape)
-    return to_uint8(img), xray.shape
+    """One cache row: (S, S) uint8 and the source's shape, as inference reads the same file (load_scan)."""
+    return read_scan_file(path, size, fit=fit, jpg_compatible=jpg_compatible)
 
 
 def _run_chunk(job: _ChunkJob) -> tuple[int, list[tuple[int, bool, str, int, int]]]:

@@ -1,7 +1,9 @@
 """A chest X-ray handed to a model at inference: a file path or an array in, the model's input tensor out.
 
-Used by :class:`medvl.Pipeline` and :class:`medvl.inference.generate.ReportGenerator` alike, so that a scan given
-as a file and the same scan given as an array reach a model as the same tensor.
+Used by :class:`medvl.Pipeline` and :class:`medvl.inference.generate.ReportGenerator` alike. A file is read as
+``medvl prepare`` stores it in a prepared dataset (:func:`read_scan_file`: a big JPEG decoded at reduced
+resolution, resized, 8 bits a pixel), so a model sees a file at inference exactly as it saw the images it was
+trained and evaluated on. An array is taken as given (resized, not quantised).
 """
 
 from __future__ import annotations
@@ -11,20 +13,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medvl.data.images import read_xray, resize_xray
+from medvl.data.images import ResizeFit, read_xray_with_meta, resize_xray
+from medvl.data.prepared import from_uint8, to_uint8
 from medvl.data.xray import MAX_SIDE, MIN_SIDE
 from medvl.errors import InvalidImageError
 
-__all__ = ["ScanLike", "load_scan", "scan_array"]
+__all__ = ["ScanLike", "load_scan", "read_scan_file", "scan_array"]
 
 #: A scan: a DICOM / PNG / JPG path, or an (H, W) array in [-1024, 1024] (numpy or torch).
 ScanLike = str | Path | np.ndarray | torch.Tensor
 
 
 def load_scan(scan: ScanLike, size: int) -> torch.Tensor:
-    """A path (read with :func:`~medvl.data.images.read_xray`) or an (H, W) array in [-1024, 1024] (axes of
-    length 1 are dropped) -> (1, size, size) float32 tensor in medvl's convention, padded to a square by
-    :func:`~medvl.data.images.resize_xray` unless it is ``size`` x ``size`` already.
+    """A path or an (H, W) array in [-1024, 1024] (axes of length 1 are dropped) -> (1, size, size) float32 tensor
+    in medvl's convention, padded to a square by :func:`~medvl.data.images.resize_xray` unless it is ``size`` x
+    ``size`` already. A path is read by :func:`read_scan_file`: the tensor is the prepared dataset's image of that
+    file, bit for bit.
 
     An array may be float or integer (bool is refused); an (H, W, 3) or (H, W, 4) array whose colour channels
     agree (a grey image saved as colour) is read as its grey, one whose channels differ is refused. The array must
@@ -35,12 +39,26 @@ def load_scan(scan: ScanLike, size: int) -> torch.Tensor:
     :class:`~medvl.errors.ImageNotFoundError`, also a ``FileNotFoundError``, for a missing file).
     """
     if isinstance(scan, (str, Path)):
-        pixels = read_xray(scan)
+        pixels = from_uint8(read_scan_file(scan, size)[0])
     else:
         pixels = scan_array(scan)
-    if pixels.shape != (size, size):
-        pixels = resize_xray(pixels, size)
+        if pixels.shape != (size, size):
+            pixels = resize_xray(pixels, size)
     return torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).unsqueeze(0)
+
+
+def read_scan_file(
+    path: str | Path, size: int, *, fit: ResizeFit | str = ResizeFit.PAD, jpg_compatible: bool = False
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """A scan file as a prepared dataset holds it: (size, size) uint8 and the file's full-resolution (H, W).
+
+    Decoded at reduced resolution where the format allows (a JPEG through libjpeg's DCT scaling, keeping at least
+    ``size`` pixels a side), resized by :func:`~medvl.data.images.resize_xray` in the full-resolution frame, then
+    8 bits a pixel. ``medvl prepare`` writes exactly this into ``images.npy``.
+    """
+    xray = read_xray_with_meta(path, jpg_compatible=jpg_compatible, min_side=size)
+    img = resize_xray(xray.pixels, size, fit=fit, source_shape=xray.shape)
+    return to_uint8(img), xray.shape
 
 
 def scan_array(scan: np.ndarray | torch.Tensor | object, name: str = "scan array") -> np.ndarray:
