@@ -307,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
         "scans", type=Path, nargs="+", metavar="INPUT", help="DICOM, PNG or JPG file, folder, or CSV file"
     )
     g.add_argument("--run", type=Path, required=True, help="report run directory")
+    g.add_argument("--workers", type=_positive_int, default=1, help="processes reading scans (default: 1)")
     g.add_argument(
         "--beams",
         type=_positive_int,
@@ -545,7 +546,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "generate-report":
         from medvl.api import generate_report_command
 
-        keys = ("run", "beams", "explain", "explain_dir", "out", "sr", "image_column", "image_root")
+        keys = "run beams explain explain_dir out sr image_column image_root workers".split()
         return generate_report_command(args.scans, as_json=args.json, **{k: getattr(args, k) for k in keys})
     if args.command == "synthesize":
         from medvl.api import synthesize_command

@@ -173,3 +173,44 @@ def test_bad_arguments(runs, folder, tmp_path, monkeypatch, capsys):
     assert main(["generate-report", scan, "--run", str(runs.report), "--sr", str(tmp_path / "sr")]) == 2
     assert 'pip install "medvl[sr]"' in capsys.readouterr().err
     assert not (tmp_path / "sr").exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="forks the reading workers")
+def test_workers_read_the_same_and_a_crash_is_an_error_row(runs, folder, tmp_path, capsys, monkeypatch):
+    """--workers 2 writes the rows one process writes; a scan whose reading kills its worker is an error row
+    naming the signal, and the others keep their reports."""
+    import faulthandler
+    import os
+    import signal
+
+    import medvl.inference.scan_reader as scan_reader
+
+    root = folder["root"]
+    common = ["generate-report", str(root), "--run", str(runs.report), "--beams", "1"]
+    assert main([*common, "--out", str(tmp_path / "one.csv")]) == 2
+    assert main([*common, "--out", str(tmp_path / "two.csv"), "--workers", "2"]) == 2
+    one = pd.read_csv(tmp_path / "one.csv", dtype=str, keep_default_na=False)
+    two = pd.read_csv(tmp_path / "two.csv", dtype=str, keep_default_na=False)
+    pd.testing.assert_frame_equal(one, two)
+
+    real, victim = scan_reader.read_scan_file, root / "png" / "n1.png"
+
+    def crashing(path, size):
+        if str(path) == str(victim):
+            faulthandler.disable()
+            os.kill(os.getpid(), signal.SIGSEGV)  # reaches the forked workers, as a decoder's crash would
+        return real(path, size)
+
+    monkeypatch.setattr(scan_reader, "read_scan_file", crashing)
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "crash.csv"), "--workers", "2"]) == 2
+    crash = pd.read_csv(tmp_path / "crash.csv", dtype=str, keep_default_na=False).set_index("input")
+    row = crash.loc[str(victim)]
+    assert (
+        row["status"] == "error"
+        and "reading it ended its worker process (crashed with SIGSEGV)" in row["error"]
+    )
+    # the others: the same statuses and errors, and a report for each readable one
+    others, rest = one.set_index("input").drop(index=str(victim)), crash.drop(index=str(victim))
+    pd.testing.assert_frame_equal(rest[["status", "error"]], others[["status", "error"]])
+    assert (rest.loc[rest["status"] == "ok", "report"].str.strip() != "").all()

@@ -95,6 +95,95 @@ def _send(w: _Worker) -> None:
         pass  # it died meanwhile: the wait below sees it, and its job goes back in the queue
 
 
+class WorkerPool:
+    """``workers`` processes running ``fn`` on jobs, kept between :meth:`run` calls; a context manager."""
+
+    def __init__(self, fn: Callable[[Any], tuple[int, list]], workers: int, ctx: mp.context.BaseContext):
+        self.fn, self.workers, self.ctx = fn, max(1, workers), ctx
+        self.pool: list[_Worker] = []
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for w in self.pool:
+            w.stop()
+        self.pool = []
+
+    def run(self, jobs: Sequence[Any], finish: Callable[[int, list, dict[int, str]], None]) -> None:
+        """Run ``jobs``; ``finish(index, results, ended)`` for each whole job, in the order they complete.
+        ``ended`` maps the rows given up (each ended its worker twice, alone) to how the worker ended;
+        ``results`` holds only the other rows, in row order. An error raised by ``fn`` is raised here."""
+        queue: deque = deque(jobs)
+        parts: dict[int, dict[int, Any]] = {}  # split jobs: row -> result so far
+        sizes: dict[int, int] = {}
+        ended: dict[int, dict[int, str]] = {}
+        deaths: Counter = Counter()  # (job, row) -> how often that item, alone, ended its worker
+        slots = max(1, min(self.workers, len(queue)))
+        pool = self.pool
+        try:
+            while queue or any(w.job is not None for w in pool):
+                for w in [w for w in pool if w.job is None and not w.proc.is_alive()]:
+                    pool.remove(w)  # died idle (after sending its last result)
+                    w.stop()
+                for w in pool:
+                    if w.job is None and queue:
+                        w.job = queue.popleft()
+                        _send(w)
+                while len(pool) < slots and queue:
+                    w = _Worker(self.ctx, self.fn)
+                    w.job = queue.popleft()
+                    _send(w)
+                    pool.append(w)
+                busy = [w for w in pool if w.job is not None]
+                wait([w.conn for w in busy] + [w.proc.sentinel for w in busy])
+                for w in busy:
+                    result = None
+                    if w.conn.poll():
+                        try:
+                            result = w.conn.recv()
+                        except (EOFError, OSError):
+                            result = None
+                    if result is None and w.proc.is_alive():
+                        continue  # still working
+                    job, w.job = w.job, None
+                    if isinstance(result, _Failed):
+                        raise RuntimeError(f"a worker process failed:\n{result.traceback}")
+                    if result is not None:
+                        k, results = result
+                        if k not in sizes:
+                            finish(k, results, {})
+                            continue
+                        parts[k].update((r[0], r) for r in results)
+                    else:  # the worker died holding ``job``
+                        w.proc.join()
+                        how = exit_text(w.proc.exitcode)
+                        pool.remove(w)
+                        w.conn.close()
+                        k = job.index
+                        if k not in sizes:  # a job: its items one by one, to find the one that ends a worker
+                            sizes[k], parts[k], ended[k] = len(job.items), {}, {}
+                            queue.extendleft(
+                                dataclasses.replace(job, items=(item,)) for item in reversed(job.items)
+                            )
+                            continue
+                        row = job.items[0][0]
+                        deaths[k, row] += 1
+                        if deaths[k, row] < _ATTEMPTS:
+                            queue.appendleft(job)
+                            continue
+                        ended[k][row] = how
+                    if len(parts[k]) + len(ended[k]) == sizes[k]:
+                        finish(k, [parts[k][r] for r in sorted(parts[k])], ended.pop(k))
+                        del parts[k], sizes[k]
+        except BaseException:
+            self.close()  # interrupted or failed: no worker is left holding a job
+            raise
+
+
 def run_jobs(
     jobs: Sequence[Any],
     fn: Callable[[Any], tuple[int, list]],
@@ -102,71 +191,6 @@ def run_jobs(
     ctx: mp.context.BaseContext,
     finish: Callable[[int, list, dict[int, str]], None],
 ) -> None:
-    """Run ``jobs`` on ``workers`` processes; ``finish(index, results, ended)`` for each whole chunk, in the order
-    they complete. ``ended`` maps the rows given up (each ended its worker twice, alone) to how the worker ended;
-    ``results`` holds only the other rows, in row order."""
-    queue: deque = deque(jobs)
-    parts: dict[int, dict[int, Any]] = {}  # split chunks: row -> result so far
-    sizes: dict[int, int] = {}
-    ended: dict[int, dict[int, str]] = {}
-    deaths: Counter = Counter()  # (chunk, row) -> how often that image, alone, ended its worker
-    slots = max(1, min(workers, len(queue)))
-    pool: list[_Worker] = []
-    try:
-        while queue or any(w.job is not None for w in pool):
-            for w in [w for w in pool if w.job is None and not w.proc.is_alive()]:
-                pool.remove(w)  # died idle (after sending its last result)
-                w.stop()
-            for w in pool:
-                if w.job is None and queue:
-                    w.job = queue.popleft()
-                    _send(w)
-            while len(pool) < slots and queue:
-                w = _Worker(ctx, fn)
-                w.job = queue.popleft()
-                _send(w)
-                pool.append(w)
-            busy = [w for w in pool if w.job is not None]
-            wait([w.conn for w in busy] + [w.proc.sentinel for w in busy])
-            for w in busy:
-                result = None
-                if w.conn.poll():
-                    try:
-                        result = w.conn.recv()
-                    except (EOFError, OSError):
-                        result = None
-                if result is None and w.proc.is_alive():
-                    continue  # still working
-                job, w.job = w.job, None
-                if isinstance(result, _Failed):
-                    raise RuntimeError(f"a worker process failed:\n{result.traceback}")
-                if result is not None:
-                    k, results = result
-                    if k not in sizes:
-                        finish(k, results, {})
-                        continue
-                    parts[k].update((r[0], r) for r in results)
-                else:  # the worker died holding ``job``
-                    w.proc.join()
-                    how = exit_text(w.proc.exitcode)
-                    pool.remove(w)
-                    w.conn.close()
-                    k = job.index
-                    if k not in sizes:  # a chunk: its images one by one, to find the one that ends a worker
-                        sizes[k], parts[k], ended[k] = len(job.items), {}, {}
-                        queue.extendleft(
-                            dataclasses.replace(job, items=(item,)) for item in reversed(job.items)
-                        )
-                        continue
-                    row = job.items[0][0]
-                    deaths[k, row] += 1
-                    if deaths[k, row] < _ATTEMPTS:
-                        queue.appendleft(job)
-                        continue
-                    ended[k][row] = how
-                if len(parts[k]) + len(ended[k]) == sizes[k]:
-                    finish(k, [parts[k][r] for r in sorted(parts[k])], ended.pop(k))
-                    del parts[k], sizes[k]
-    finally:
-        for w in pool:
-            w.stop()
+    """``jobs`` on a :class:`WorkerPool` of ``workers`` processes, closed at the end (see :meth:`WorkerPool.run`)."""
+    with WorkerPool(fn, workers, ctx) as pool:
+        pool.run(jobs, finish)

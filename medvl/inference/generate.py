@@ -35,13 +35,11 @@ import pydicom
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pydicom.errors import InvalidDicomError
 from tqdm.auto import tqdm
 
-from medvl.data.images import sniff_format
 from medvl.data.scans import load_scan
-from medvl.data.xray import ImageFormat
 from medvl.errors import ConfigError, DataError, InvalidImageError, MedvlError, RunError
+from medvl.inference.scan_reader import ScanReader
 from medvl.models import report_head as rh
 from medvl.models.adamatch import AdaMatchRun
 from medvl.models.memory import SharedMemory
@@ -192,10 +190,9 @@ OUTPUT_COLUMNS = (
     "sop_instance_uid",
     "explanation",
 )
+
+
 #: The errors that make one scan an error row while the others go on (a missing file is an OSError).
-SCAN_ERRORS = (MedvlError, ValueError, OSError, InvalidDicomError)
-
-
 def collect_scans(
     inputs: Sequence[str | Path], *, image_column: str = "image", image_root: str | Path | None = None
 ) -> list[Path]:
@@ -254,19 +251,6 @@ class ScanResult:
         return tuple(str(h.get(k, "")) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
 
 
-def _dicom_header(path: Path) -> pydicom.Dataset | None:
-    with open(path, "rb") as fh:
-        head = fh.read(132)
-    if sniff_format(path, head) is not ImageFormat.DICOM:
-        return None
-    return pydicom.dcmread(path, stop_before_pixels=True)
-
-
-def _message(exc: BaseException, path: Path) -> str:
-    text = str(exc) or type(exc).__name__
-    return text if str(path) in text else f"{path}: {text}"
-
-
 def _finite(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
 
@@ -301,27 +285,30 @@ def generate_many(
     beams: int | None = None,
     explain_dir: str | Path | None = None,
     keep_images: bool = False,
+    workers: int = 1,
 ) -> Iterator[ScanResult]:
     """Reports for many scans, batch by batch (the run's ``generation.batch_size``), yielded in input order, with a
     progress bar on stderr. A scan that cannot be read (any reader error, a missing file) is a result with
     ``error`` set and the others go on. ``explain_dir``: one PNG per readable scan, ``NNNNN_<name>.png`` (its
-    position in ``scans``, from 1)."""
+    position in ``scans``, from 1). ``workers`` > 1: the scans are read in that many processes
+    (:class:`~medvl.inference.scan_reader.ScanReader`)."""
     paths = [Path(p) for p in scans]
     if explain_dir is not None:
         Path(explain_dir).mkdir(parents=True, exist_ok=True)
     width = max(5, len(str(len(paths))))
     step = max(1, gen.generation.batch_size)
-    with tqdm(total=len(paths), desc="generate-report", unit="scan", file=sys.stderr, mininterval=0.5) as bar:
+    with (
+        ScanReader(gen.image_size, workers) as reader,
+        tqdm(total=len(paths), desc="generate-report", unit="scan", file=sys.stderr, mininterval=0.5) as bar,
+    ):
         for start in range(0, len(paths), step):
             results, images = [], []
-            for path in paths[start : start + step]:
-                result = ScanResult(str(path))
-                try:
-                    image = load_scan(path, gen.image_size)
-                    result.header = _dicom_header(path)
-                except SCAN_ERRORS as exc:
-                    result.error = _message(exc, path)
-                    bar.write(f"medvl: error: {result.error}", file=sys.stderr)
+            for path, (image, header, error) in zip(
+                paths[start : start + step], reader.read(paths[start : start + step]), strict=True
+            ):
+                result = ScanResult(str(path), error=error, header=header)
+                if error:
+                    bar.write(f"medvl: error: {error}", file=sys.stderr)
                 else:
                     images.append(image)
                 results.append(result)
@@ -452,6 +439,7 @@ def generate_report_command(
     sr: str | Path | None = None,
     image_column: str = "image",
     image_root: str | Path | None = None,
+    workers: int = 1,
 ) -> int:
     """``medvl generate-report INPUT... --run RUN [--out FILE.csv|FILE.jsonl] [--explain-dir DIR] [--sr DIR] ...``.
 
@@ -464,7 +452,8 @@ def generate_report_command(
     non-finite numbers are null). Without ``out`` the reports go to standard output, as text or (``as_json``) one
     JSON list of ``{"scan", "report", "score", "tokens", "labels", "keywords", "image_size"}`` or
     ``{"scan", "error"}``. ``explain``: every readable scan's panel stacked in one PNG; ``explain_dir``: one PNG per
-    scan. ``sr``: one DICOM Basic Text SR per study of the DICOM scans (:mod:`medvl.inference.sr`).
+    scan. ``sr``: one DICOM Basic Text SR per study of the DICOM scans (:mod:`medvl.inference.sr`). ``workers``:
+    processes reading the scans (a scan whose reading ends its process is an error row saying so).
     """
     if explain is not None and Path(explain).suffix.lower() != ".png":
         raise InvalidImageError(f"--explain must name a .png file, got {explain}")
@@ -480,7 +469,7 @@ def generate_report_command(
     results: list[ScanResult] = []
     try:
         for result in generate_many(
-            gen, paths, beams=beams, explain_dir=explain_dir, keep_images=explain is not None
+            gen, paths, beams=beams, explain_dir=explain_dir, keep_images=explain is not None, workers=workers
         ):
             if writer is not None:
                 writer.write(result)
