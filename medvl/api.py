@@ -124,7 +124,9 @@ class Pipeline:
         return self.part("diffusion")
 
     # ---- inputs
-    def _batch(self, scans: ScanLike | Sequence[ScanLike], size: int) -> tuple[torch.Tensor, bool]:
+    def _batch(
+        self, scans: ScanLike | Sequence[ScanLike], size: int, jpg_compatible: bool = False
+    ) -> tuple[torch.Tensor, bool]:
         """One scan (a path, (H, W) or (1, H, W)) or many (a list, (B, H, W) or (B, 1, H, W))."""
         if isinstance(scans, (str, Path)):
             items, single = [scans], True
@@ -143,14 +145,14 @@ class Pipeline:
             items, single = list(scans), False
         if not items:
             raise InvalidImageError("no scans given")
-        return torch.stack([load_scan(s, size) for s in items]), single
+        return torch.stack([load_scan(s, size, jpg_compatible=jpg_compatible) for s in items]), single
 
     # ---- the four jobs
     def generate_report(self, scans: ScanLike | Sequence[ScanLike], beams: int | None = None):
         """Scan(s) -> :class:`~medvl.inference.generate.GeneratedReport` (one, or a list for a list of scans):
         the text, tokens, score and the AdaMatch keywords given as hints, with their boxes."""
         rep = self.reporter
-        images, single = self._batch(scans, rep.image_size)
+        images, single = self._batch(scans, rep.image_size, rep.jpg_compatible)  # DICOMs read as in training
         out = rep.generate(images, beams=beams)
         return out[0] if single else out
 

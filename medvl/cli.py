@@ -308,11 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--run", type=Path, required=True, help="report run directory")
     g.add_argument("--workers", type=_positive_int, default=1, help="processes reading scans (default: 1)")
+    g.add_argument("--beams", type=_positive_int, default=None, help="1 = greedy (default: the run's beams)")
     g.add_argument(
-        "--beams",
-        type=_positive_int,
+        "--jpg-compatible",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="beam width, 1 = greedy (default: the run's generation.beams)",
+        help="read DICOMs as MIMIC-CXR-JPG was made (default: as the run's training data were read)",
     )
     g.add_argument(
         "--out",
@@ -329,13 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OUT.png",
         help="also draw every scan's keyword boxes into this one PNG (default: none)",
     )
-    g.add_argument(
-        "--explain-dir",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="also draw one PNG per scan into this folder (default: none)",
-    )
+    g.add_argument("--explain-dir", type=Path, metavar="DIR", help="also draw one PNG per scan into DIR")
     g.add_argument(
         "--sr",
         type=Path,
@@ -546,7 +541,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "generate-report":
         from medvl.api import generate_report_command
 
-        keys = "run beams explain explain_dir out sr image_column image_root workers".split()
+        keys = "run beams explain explain_dir out sr image_column image_root workers jpg_compatible".split()
         return generate_report_command(args.scans, as_json=args.json, **{k: getattr(args, k) for k in keys})
     if args.command == "synthesize":
         from medvl.api import synthesize_command

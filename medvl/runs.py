@@ -128,6 +128,17 @@ def find_from_run(from_runs: Iterable[str | Path] | None, stage: str) -> Path:
     return found[0]
 
 
+def training_data(run_dir: str | Path) -> dict[str, Any]:
+    """The ``meta.json`` of the prepared dataset a finished run was trained on, as its ``stage.json`` records it
+    (source, size, ``jpg_compatible``, ``image_files``...); {} when the run records none."""
+    try:
+        data = read_stage_info(run_dir).get("data")
+    except RunError:
+        return {}
+    meta = data.get("meta") if isinstance(data, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
 def stages_of(from_runs: Iterable[str | Path] | None) -> list[tuple[str, Path]]:
     """``(stage, run)`` for each ``--from`` run, in the order given; :class:`RunError` for an unfinished one."""
     return [(read_stage_info(r)["stage"], Path(r)) for r in from_runs or []]

@@ -11,6 +11,7 @@ import sys
 import pandas as pd
 import pydicom
 import pytest
+import torch
 from PIL import Image
 from pydicom.uid import generate_uid
 
@@ -195,11 +196,11 @@ def test_workers_read_the_same_and_a_crash_is_an_error_row(runs, folder, tmp_pat
 
     real, victim = scan_reader.read_scan_file, root / "png" / "n1.png"
 
-    def crashing(path, size):
+    def crashing(path, size, **kwargs):
         if str(path) == str(victim):
             faulthandler.disable()
             os.kill(os.getpid(), signal.SIGSEGV)  # reaches the forked workers, as a decoder's crash would
-        return real(path, size)
+        return real(path, size, **kwargs)
 
     monkeypatch.setattr(scan_reader, "read_scan_file", crashing)
     capsys.readouterr()
@@ -214,3 +215,47 @@ def test_workers_read_the_same_and_a_crash_is_an_error_row(runs, folder, tmp_pat
     others, rest = one.set_index("input").drop(index=str(victim)), crash.drop(index=str(victim))
     pd.testing.assert_frame_equal(rest[["status", "error"]], others[["status", "error"]])
     assert (rest.loc[rest["status"] == "ok", "report"].str.strip() != "").all()
+
+
+def _run_with_data_meta(run, tmp_path, **meta):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    info = json.loads((copy / "stage.json").read_text())
+    info.setdefault("data", {}).setdefault("meta", {}).update(meta)
+    (copy / "stage.json").write_text(json.dumps(info))
+    return copy
+
+
+def test_dicoms_are_read_as_the_runs_training_data_were(runs, folder, tmp_path, monkeypatch, capsys):
+    """A run trained on a dataset prepared with --jpg-compatible reads DICOMs that way at inference too;
+    --no-jpg-compatible overrides it; a run trained on JPGs only is told about the flag when given DICOMs."""
+    import medvl.inference.generate as generate
+    from medvl.data.scans import load_scan
+
+    scan = folder["root"] / "a" / "pa.dcm"
+    assert ReportGenerator.load(runs.report).jpg_compatible is False
+    run = _run_with_data_meta(runs.report, tmp_path, jpg_compatible=True)
+    gen = ReportGenerator.load(run)
+    assert gen.jpg_compatible is True
+    as_jpg = load_scan(scan, gen.image_size, jpg_compatible=True)
+    assert torch.equal(gen.read([scan])[0], as_jpg)
+    assert not torch.equal(as_jpg, load_scan(scan, gen.image_size))
+
+    seen = []
+    real = generate.ScanReader
+
+    def recording(size, workers=1, jpg_compatible=False):
+        seen.append(jpg_compatible)
+        return real(size, workers, jpg_compatible)
+
+    monkeypatch.setattr(generate, "ScanReader", recording)
+    out = ["--out", str(tmp_path / "r.csv")]
+    assert main(["generate-report", str(scan), "--run", str(run), *out]) == 0
+    assert main(["generate-report", str(scan), "--run", str(run), "--no-jpg-compatible", *out]) == 0
+    assert seen == [True, False]
+    jpg_run = _run_with_data_meta(runs.report, tmp_path / "j", image_files={"jpg": 40})
+    capsys.readouterr()
+    assert main(["generate-report", str(scan), "--run", str(jpg_run), *out]) == 0
+    assert "trained on JPGs only; --jpg-compatible reads the DICOMs" in capsys.readouterr().err

@@ -24,11 +24,11 @@ __all__ = ["ScanLike", "load_scan", "read_scan_file", "scan_array"]
 ScanLike = str | Path | np.ndarray | torch.Tensor
 
 
-def load_scan(scan: ScanLike, size: int) -> torch.Tensor:
+def load_scan(scan: ScanLike, size: int, *, jpg_compatible: bool = False) -> torch.Tensor:
     """A path or an (H, W) array in [-1024, 1024] (axes of length 1 are dropped) -> (1, size, size) float32 tensor
     in medvl's convention, padded to a square by :func:`~medvl.data.images.resize_xray` unless it is ``size`` x
     ``size`` already. A path is read by :func:`read_scan_file`: the tensor is the prepared dataset's image of that
-    file, bit for bit.
+    file, bit for bit (``jpg_compatible``: of a dataset prepared with ``--jpg-compatible``).
 
     An array may be float or integer (bool is refused); an (H, W, 3) or (H, W, 4) array whose colour channels
     agree (a grey image saved as colour) is read as its grey, one whose channels differ is refused. The array must
@@ -39,7 +39,7 @@ def load_scan(scan: ScanLike, size: int) -> torch.Tensor:
     :class:`~medvl.errors.ImageNotFoundError`, also a ``FileNotFoundError``, for a missing file).
     """
     if isinstance(scan, (str, Path)):
-        pixels = from_uint8(read_scan_file(scan, size)[0])
+        pixels = from_uint8(read_scan_file(scan, size, jpg_compatible=jpg_compatible)[0])
     else:
         pixels = scan_array(scan)
         if pixels.shape != (size, size):

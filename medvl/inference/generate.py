@@ -45,6 +45,7 @@ from medvl.models.adamatch import AdaMatchRun
 from medvl.models.memory import SharedMemory
 from medvl.models.report_bundle import ReportHeadBundle
 from medvl.models.report_head import KeywordHints
+from medvl.runs import training_data
 
 
 @dataclass
@@ -78,6 +79,8 @@ class ReportGenerator:
         self.device = torch.device(device)
         self.image_size = report.image_size
         self.generation = report.generation
+        #: DICOMs read as MIMIC-CXR-JPG was made, as the run's training data were (``prepare --jpg-compatible``)
+        self.jpg_compatible = False
 
     @classmethod
     def load(cls, run: str | Path, device: str = "cpu") -> ReportGenerator:
@@ -94,7 +97,9 @@ class ReportGenerator:
             run, device=device, memory=memory, adamatch=adamatch_run.model
         )
         adamatch_run.model.eval()
-        return cls(report, adamatch_run, device)
+        gen = cls(report, adamatch_run, device)
+        gen.jpg_compatible = bool(training_data(run).get("jpg_compatible", False))
+        return gen
 
     @property
     def uses_keywords(self) -> bool:
@@ -102,7 +107,7 @@ class ReportGenerator:
 
     def read(self, paths: Sequence[str | Path]) -> torch.Tensor:
         """Scans -> (B, 1, S, S) at the run's size; the first unreadable file raises."""
-        return torch.stack([load_scan(p, self.image_size) for p in paths])
+        return torch.stack([load_scan(p, self.image_size, jpg_compatible=self.jpg_compatible) for p in paths])
 
     @torch.no_grad()
     def conditions(
@@ -251,6 +256,11 @@ class ScanResult:
         return tuple(str(h.get(k, "")) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
 
 
+def _trained_on_jpgs(run: str | Path) -> bool:
+    files = training_data(run).get("image_files")
+    return isinstance(files, dict) and bool(files.get("jpg")) and not files.get("dcm")
+
+
 def _finite(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
 
@@ -298,7 +308,7 @@ def generate_many(
     width = max(5, len(str(len(paths))))
     step = max(1, gen.generation.batch_size)
     with (
-        ScanReader(gen.image_size, workers) as reader,
+        ScanReader(gen.image_size, workers, gen.jpg_compatible) as reader,
         tqdm(total=len(paths), desc="generate-report", unit="scan", file=sys.stderr, mininterval=0.5) as bar,
     ):
         for start in range(0, len(paths), step):
@@ -440,6 +450,7 @@ def generate_report_command(
     image_column: str = "image",
     image_root: str | Path | None = None,
     workers: int = 1,
+    jpg_compatible: bool | None = None,
 ) -> int:
     """``medvl generate-report INPUT... --run RUN [--out FILE.csv|FILE.jsonl] [--explain-dir DIR] [--sr DIR] ...``.
 
@@ -454,6 +465,7 @@ def generate_report_command(
     ``{"scan", "error"}``. ``explain``: every readable scan's panel stacked in one PNG; ``explain_dir``: one PNG per
     scan. ``sr``: one DICOM Basic Text SR per study of the DICOM scans (:mod:`medvl.inference.sr`). ``workers``:
     processes reading the scans (a scan whose reading ends its process is an error row saying so).
+    ``jpg_compatible``: read DICOMs as MIMIC-CXR-JPG was made (None: as the run's training data were read).
     """
     if explain is not None and Path(explain).suffix.lower() != ".png":
         raise InvalidImageError(f"--explain must name a .png file, got {explain}")
@@ -465,6 +477,14 @@ def generate_report_command(
         require_highdicom()  # before the model loads
     paths = collect_scans(scans, image_column=image_column, image_root=image_root)
     gen = ReportGenerator.load(run)
+    if jpg_compatible is not None:
+        gen.jpg_compatible = jpg_compatible
+    elif _trained_on_jpgs(run) and any(p.suffix.lower() == ".dcm" for p in paths):
+        print(
+            "medvl: note: this run was trained on JPGs only; --jpg-compatible reads the DICOMs the way "
+            "MIMIC-CXR-JPG was made (without it: their VOI window)",
+            file=sys.stderr,
+        )
     writer = _RowWriter(Path(out)) if out is not None else None
     results: list[ScanResult] = []
     try:

@@ -44,9 +44,11 @@ def message(exc: BaseException, path: Path) -> str:
     return text if str(path) in text else f"{path}: {text}"
 
 
-def _read(path: Path, size: int) -> tuple[np.ndarray | None, pydicom.Dataset | None, str]:
+def _read(
+    path: Path, size: int, jpg_compatible: bool
+) -> tuple[np.ndarray | None, pydicom.Dataset | None, str]:
     try:
-        image, _ = read_scan_file(path, size)
+        image, _ = read_scan_file(path, size, jpg_compatible=jpg_compatible)
         return image, dicom_header(path), ""
     except SCAN_ERRORS as exc:
         return None, None, message(exc, path)
@@ -57,10 +59,11 @@ class _ReadJob:
     index: int
     items: tuple[tuple[int, str], ...]
     size: int
+    jpg_compatible: bool
 
 
 def _read_job(job: _ReadJob) -> tuple[int, list]:
-    return job.index, [(pos, *_read(Path(path), job.size)) for pos, path in job.items]
+    return job.index, [(pos, *_read(Path(path), job.size, job.jpg_compatible)) for pos, path in job.items]
 
 
 def _tensor(image: np.ndarray | None) -> torch.Tensor | None:
@@ -68,11 +71,11 @@ def _tensor(image: np.ndarray | None) -> torch.Tensor | None:
 
 
 class ScanReader:
-    """Reads scans at ``size`` pixels: in this process (``workers=1``) or in ``workers`` processes, kept until
-    :meth:`close` (a context manager)."""
+    """Reads scans at ``size`` pixels (DICOMs as MIMIC-CXR-JPG was made with ``jpg_compatible``): in this process
+    (``workers=1``) or in ``workers`` processes, kept until :meth:`close` (a context manager)."""
 
-    def __init__(self, size: int, workers: int = 1):
-        self.size = size
+    def __init__(self, size: int, workers: int = 1, jpg_compatible: bool = False):
+        self.size, self.jpg_compatible = size, jpg_compatible
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
         self.pool = WorkerPool(_read_job, workers, ctx) if workers > 1 else None
 
@@ -89,7 +92,7 @@ class ScanReader:
     def read(self, paths: Sequence[Path]) -> list[Read]:
         """Each scan's image and header, or its error message, in the order of ``paths``."""
         if self.pool is None:
-            return [self._as_read(*_read(Path(p), self.size)) for p in paths]
+            return [self._as_read(*_read(Path(p), self.size, self.jpg_compatible)) for p in paths]
         got: dict[int, Read] = {}
 
         def finish(k: int, results: list, ended: dict[int, str]) -> None:
@@ -98,7 +101,7 @@ class ScanReader:
             for pos, how in ended.items():
                 got[pos] = (None, None, f"{paths[pos]}: reading it ended its worker process ({how})")
 
-        jobs = [_ReadJob(i, ((i, str(p)),), self.size) for i, p in enumerate(paths)]  # one scan a job
+        jobs = [_ReadJob(i, ((i, str(p)),), self.size, self.jpg_compatible) for i, p in enumerate(paths)]
         self.pool.run(jobs, finish)
         return [got[i] for i in range(len(paths))]
 
