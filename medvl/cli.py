@@ -330,7 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OUT.png",
         help="also draw every scan's keyword boxes into this one PNG (default: none)",
     )
-    g.add_argument("--explain-dir", type=Path, metavar="DIR", help="also draw one PNG per scan into DIR")
+    g.add_argument(
+        "--explain-dir", type=Path, metavar="DIR", help="one PNG per scan into DIR (default: none)"
+    )
     g.add_argument(
         "--sr",
         type=Path,
