@@ -31,7 +31,7 @@ from medvl.data.scans import ScanLike, load_scan
 from medvl.errors import ConfigError, InvalidImageError, InvalidReportError, RunError
 from medvl.inference.explain import explain_command, explain_image
 from medvl.report.card import write_model_card
-from medvl.runs import find_runs, save_run_set
+from medvl.runs import find_runs, save_run_set, training_data
 from medvl.text.labeler import decode_report
 
 
@@ -113,6 +113,11 @@ class Pipeline:
                 raise RunError(f"no AdaMatch model among {sorted(self.runs)}")
         return self._parts["adamatch"]
 
+    def _adamatch_jpg_compatible(self) -> bool:
+        """Whether the run holding the AdaMatch model was trained on DICOMs read as MIMIC-CXR-JPG was made."""
+        stage = next((s for s in registry.holders("adamatch") if s in self.runs), None)
+        return stage is not None and bool(training_data(self.runs[stage]).get("jpg_compatible"))
+
     @property
     def reporter(self):
         """The :class:`~medvl.inference.generate.ReportGenerator` of the report run."""
@@ -181,7 +186,7 @@ class Pipeline:
         """Scan -> :class:`~medvl.inference.explain.Explanation`: ranked keywords with boxes, all adaptive boxes
         (P, 4), and the similarity map (S, S) of ``word``; drawn to ``out`` (PNG) when given."""
         run = self.adamatch
-        image = load_scan(scan, run.image_size)[0]
+        image = load_scan(scan, run.image_size, jpg_compatible=self._adamatch_jpg_compatible())[0]
         return explain_image(run, image, out=out, word=word, top_k=top_k)
 
     @torch.no_grad()
@@ -191,7 +196,7 @@ class Pipeline:
         if not isinstance(report, str) or not report.strip():
             raise InvalidReportError("the report is empty")
         run = self.adamatch
-        image = load_scan(scan, run.image_size).unsqueeze(0)
+        image = load_scan(scan, run.image_size, jpg_compatible=self._adamatch_jpg_compatible()).unsqueeze(0)
         patches = run.encode_images(image)
         tok = run.tokenizer.encode([report])
         tensors = {k: v.to(run.device) for k, v in tok.tensors().items()}

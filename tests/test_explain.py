@@ -70,3 +70,33 @@ def test_similarity_map_takes_the_best_covering_patch():
     assert m[0, 7] == pytest.approx(0.7)
     m2 = similarity_map(np.array([[0, 0, 0.5, 0.5]]), np.array([1.0]), 4)
     assert np.isnan(m2[3, 3])
+
+
+def test_explain_command_reads_a_dicom_as_the_runs_training_data_were(runs, tmp_path, monkeypatch):
+    """The scan reaches the model as load_scan gives it, DICOMs JPG-compatible for a run trained so."""
+    import json
+    import shutil
+
+    import medvl.inference.explain as explain
+    from medvl.data.dicom import write_dicom
+    from medvl.data.scans import load_scan
+    from medvl.data.testing import chest_dataset, synthetic_chest
+
+    scan = write_dicom(chest_dataset(synthetic_chest(70, 60, seed=4)), tmp_path / "scan.dcm")
+    run = tmp_path / "run"
+    shutil.copytree(runs["adaptive"], run)
+    stage = run / "stage.json"  # what `medvl train` records of the data it trained on
+    info = json.loads(stage.read_text()) if stage.exists() else {"stage": "adamatch"}
+    info.setdefault("data", {}).setdefault("meta", {})["jpg_compatible"] = True
+    stage.write_text(json.dumps(info))
+    seen = []
+    real = explain.explain_image
+    monkeypatch.setattr(
+        explain, "explain_image", lambda am, pixels, **kw: seen.append(pixels) or real(am, pixels, **kw)
+    )
+    for r in (runs["adaptive"], run):
+        assert explain_command(scan, run=r, out=tmp_path / "x.png") == 0
+    size = AdaMatchRun.from_pretrained(run).image_size
+    np.testing.assert_array_equal(np.asarray(seen[0]), load_scan(scan, size)[0].numpy())
+    np.testing.assert_array_equal(np.asarray(seen[1]), load_scan(scan, size, jpg_compatible=True)[0].numpy())
+    assert not np.array_equal(np.asarray(seen[0]), np.asarray(seen[1]))

@@ -200,14 +200,16 @@ def explain_image(
 
 def explain_command(scan: str | Path, *, run: str | Path, out: str | Path, word: str | None = None) -> int:
     """``medvl explain SCAN --run RUN --out OUT.png [--word W]``: prints the keywords, writes the PNG."""
-    from medvl.data.images import read_xray, resize_xray
+    from medvl.data.scans import load_scan
     from medvl.errors import InvalidImageError
+    from medvl.runs import training_data
 
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise InvalidImageError(f"--out must name a .png file, got {out}")
     am = AdaMatchRun.from_pretrained(run)
-    pixels = resize_xray(read_xray(scan), am.image_size)
+    # as the prepared dataset would hold the file (DICOMs read as the run's training data were)
+    pixels = load_scan(scan, am.image_size, jpg_compatible=bool(training_data(run).get("jpg_compatible")))[0]
     exp = explain_image(am, pixels, out=out, word=word)
     for kw in exp.keywords:
         box = ", ".join(f"{v:.3f}" for v in kw.box)
