@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,13 @@ def torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 def check(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    """A launch ended well; else its whole output is kept in a file (a rank's traceback can lie far above the
+    launcher's tail, which the message shows)."""
+    if proc.returncode != 0:
+        fd, path = tempfile.mkstemp(prefix="medvl_failed_launch_", suffix=".log")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"{proc.args}\n== stdout\n{proc.stdout}\n== stderr\n{proc.stderr}")
+        raise AssertionError(f"the launch failed; its whole output: {path}\n" + proc.stderr[-3000:])
 
 
 def load_ranks(dump: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
