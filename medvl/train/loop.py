@@ -519,6 +519,8 @@ def fit(
         precision=cfg.precision, grad_accum=cfg.grad_accum, find_unused_parameters=unused
     )
     stage_state = has_stage_state(stage)
+    # rank 0 writes into ``out`` next: a rank that starts late would otherwise find a run begun and refuse it
+    accelerator.wait_for_everyone()
     checkpoint = open_run_dir(
         accelerator, out, kind, resume=resume, config_dump=config_dump, with_stage_state=stage_state
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -43,8 +44,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--interrupt-at", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument(
+        "--late-rank1", type=float, default=0.0, help="rank 1 reaches fit() this many seconds after rank 0"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.late_rank1:
+        # the process group joined before fit(), as the real stages do when they build a vocabulary
+        from medvl.train.distributed import process_state
+
+        process_state()
+        if int(os.environ.get("RANK", "0")) == 1:
+            time.sleep(args.late_rank1)
     cfg = ToyConfig(
         model=ToyModelConfig(dropout=0.0, samples=40),
         train=TrainConfig(

@@ -110,3 +110,11 @@ def test_two_process_resume_is_exact(tmp_path):
     b0, b1 = load_ranks(resumed / "dump")
     for k in r0:
         assert torch.equal(r0[k], b0[k]) and torch.equal(r1[k], b1[k]), k
+
+
+def test_a_rank_that_reaches_fit_late_finds_no_run_begun(tmp_path):
+    """Every rank checks the run folder before rank 0 writes into it: a rank that starts late (a slow import, a
+    busy core) found rank 0's config there and refused the run as an unfinished one."""
+    (tmp_path / "dump").mkdir()
+    check(torchrun("--out", str(tmp_path / "run"), "--dump", str(tmp_path / "dump"), "--late-rank1", "3"))
+    assert json.loads((tmp_path / "run" / "stage.json").read_text())["world_size"] == 2
