@@ -17,6 +17,7 @@ AdaMatch. Which run gives which part is :data:`medvl.registry.STAGES`'s; parts l
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +114,7 @@ class Pipeline:
                 raise RunError(f"no AdaMatch model among {sorted(self.runs)}")
         return self._parts["adamatch"]
 
+    @functools.cached_property
     def _adamatch_jpg_compatible(self) -> bool:
         """Whether the run holding the AdaMatch model was trained on DICOMs read as MIMIC-CXR-JPG was made."""
         stage = next((s for s in registry.holders("adamatch") if s in self.runs), None)
@@ -186,7 +188,7 @@ class Pipeline:
         """Scan -> :class:`~medvl.inference.explain.Explanation`: ranked keywords with boxes, all adaptive boxes
         (P, 4), and the similarity map (S, S) of ``word``; drawn to ``out`` (PNG) when given."""
         run = self.adamatch
-        image = load_scan(scan, run.image_size, jpg_compatible=self._adamatch_jpg_compatible())[0]
+        image = load_scan(scan, run.image_size, jpg_compatible=self._adamatch_jpg_compatible)[0]
         return explain_image(run, image, out=out, word=word, top_k=top_k)
 
     @torch.no_grad()
@@ -196,7 +198,7 @@ class Pipeline:
         if not isinstance(report, str) or not report.strip():
             raise InvalidReportError("the report is empty")
         run = self.adamatch
-        image = load_scan(scan, run.image_size, jpg_compatible=self._adamatch_jpg_compatible()).unsqueeze(0)
+        image = load_scan(scan, run.image_size, jpg_compatible=self._adamatch_jpg_compatible).unsqueeze(0)
         patches = run.encode_images(image)
         tok = run.tokenizer.encode([report])
         tensors = {k: v.to(run.device) for k, v in tok.tensors().items()}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import time
 from collections import Counter
@@ -36,7 +35,7 @@ from medvl.data.prepared import (
     STATE_DIR,
 )
 from medvl.data.scans import read_scan_file
-from medvl.data.workers import run_jobs
+from medvl.data.workers import process_context, run_jobs
 from medvl.data.xray import problem_of
 from medvl.errors import DataError
 from medvl.text.chexpert import CHEXPERT_LABELS
@@ -165,12 +164,6 @@ def _reserve_disk(path: Path) -> None:
             raise OSError(exc.errno, f"{exc.strerror} (reserving the image cache)", str(path)) from None
 
 
-def _pool_context() -> mp.context.BaseContext:
-    # fork starts workers instantly (a replacement for a dead worker too; it runs no code that shares a lock with
-    # the progress bar's thread); spawn where fork does not exist.
-    return mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
-
-
 def build_image_cache(
     out: str | Path,
     paths: Sequence[str],
@@ -295,7 +288,7 @@ def build_image_cache(
             bar.update(len(results))
 
         if workers > 1 and len(todo) > 1:
-            run_jobs(todo, _run_chunk, workers, _pool_context(), done)
+            run_jobs(todo, _run_chunk, workers, process_context(), done)
         else:
             for job in todo:
                 done(*_run_chunk(job), {})

@@ -28,6 +28,12 @@ from typing import Any
 _ATTEMPTS = 2  # an image alone in a worker that ends it this many times is given up
 
 
+def process_context() -> mp.context.BaseContext:
+    """fork where it exists (workers start at once, a replacement for a dead one too; they run no code that shares
+    a lock with the parent's threads, such as a progress bar's), else spawn."""
+    return mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
+
+
 def exit_text(exitcode: int | None) -> str:
     """How a worker process ended, in words."""
     if exitcode is not None and exitcode < 0:

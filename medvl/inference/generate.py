@@ -197,7 +197,6 @@ OUTPUT_COLUMNS = (
 )
 
 
-#: The errors that make one scan an error row while the others go on (a missing file is an OSError).
 def collect_scans(
     inputs: Sequence[str | Path], *, image_column: str = "image", image_root: str | Path | None = None
 ) -> list[Path]:

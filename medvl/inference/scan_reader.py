@@ -8,7 +8,6 @@ saying so, and the other scans go on (:mod:`medvl.data.workers`).
 
 from __future__ import annotations
 
-import multiprocessing as mp
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +20,11 @@ from pydicom.errors import InvalidDicomError
 from medvl.data.images import sniff_format
 from medvl.data.prepared import from_uint8
 from medvl.data.scans import read_scan_file
-from medvl.data.workers import WorkerPool
+from medvl.data.workers import WorkerPool, process_context
 from medvl.data.xray import ImageFormat
 from medvl.errors import MedvlError
 
+#: The errors that make one scan an error row while the others go on (a missing file is an OSError).
 SCAN_ERRORS = (MedvlError, ValueError, OSError, InvalidDicomError)
 
 #: One scan read: its (1, S, S) image and DICOM header, or (None, None, the error message).
@@ -66,8 +66,9 @@ def _read_job(job: _ReadJob) -> tuple[int, list]:
     return job.index, [(pos, *_read(Path(path), job.size, job.jpg_compatible)) for pos, path in job.items]
 
 
-def _tensor(image: np.ndarray | None) -> torch.Tensor | None:
-    return None if image is None else torch.from_numpy(from_uint8(image)).unsqueeze(0)
+def _as_read(image: np.ndarray | None, header: pydicom.Dataset | None, error: str) -> Read:
+    """A worker's (uint8 image, header, error) as the model takes it."""
+    return (None if image is None else torch.from_numpy(from_uint8(image)).unsqueeze(0)), header, error
 
 
 class ScanReader:
@@ -76,8 +77,7 @@ class ScanReader:
 
     def __init__(self, size: int, workers: int = 1, jpg_compatible: bool = False):
         self.size, self.jpg_compatible = size, jpg_compatible
-        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
-        self.pool = WorkerPool(_read_job, workers, ctx) if workers > 1 else None
+        self.pool = WorkerPool(_read_job, workers, process_context()) if workers > 1 else None
 
     def __enter__(self) -> ScanReader:
         return self
@@ -92,19 +92,15 @@ class ScanReader:
     def read(self, paths: Sequence[Path]) -> list[Read]:
         """Each scan's image and header, or its error message, in the order of ``paths``."""
         if self.pool is None:
-            return [self._as_read(*_read(Path(p), self.size, self.jpg_compatible)) for p in paths]
+            return [_as_read(*_read(Path(p), self.size, self.jpg_compatible)) for p in paths]
         got: dict[int, Read] = {}
 
         def finish(k: int, results: list, ended: dict[int, str]) -> None:
             for pos, image, header, error in results:
-                got[pos] = self._as_read(image, header, error)
+                got[pos] = _as_read(image, header, error)
             for pos, how in ended.items():
                 got[pos] = (None, None, f"{paths[pos]}: reading it ended its worker process ({how})")
 
         jobs = [_ReadJob(i, ((i, str(p)),), self.size, self.jpg_compatible) for i, p in enumerate(paths)]
         self.pool.run(jobs, finish)
         return [got[i] for i in range(len(paths))]
-
-    @staticmethod
-    def _as_read(image: np.ndarray | None, header: pydicom.Dataset | None, error: str) -> Read:
-        return _tensor(image), header, error

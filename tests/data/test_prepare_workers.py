@@ -22,6 +22,8 @@ from medvl.data.testing import write_mimic_tree
 from medvl.data.workers import exit_text
 
 SIZE = 32
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from prepare_scale import _children  # noqa: E402  (the process tree from /proc)
 
 # the stand-in decoders below are patched into the parent and reach the workers by fork
 pytestmark = pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="needs fork")
@@ -99,18 +101,6 @@ def test_exit_text_names_the_signal():
     assert exit_text(3) == "exited with code 3"
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            stat = (entry / "stat").read_text()
-        except (OSError, NotADirectoryError):
-            continue
-        if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
-            kids.append(int(entry.name))
-    return kids
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads Linux's /proc")
 def test_workers_do_not_outlive_a_killed_parent(paths, tmp_path):
     """The parent killed outright (no clean-up runs): its workers notice and end within seconds."""
@@ -125,7 +115,7 @@ def test_workers_do_not_outlive_a_killed_parent(paths, tmp_path):
     try:
         assert parent.stdout.readline().strip() == "go"
         deadline = time.monotonic() + 60
-        while len(workers := _children(parent.pid)) < 2 and time.monotonic() < deadline:
+        while len(workers := _children().get(parent.pid, [])) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(workers) == 2
     finally:
