@@ -19,6 +19,7 @@ and a decoder whose attention is not PyTorch's scaled-dot-product attention.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GPT2LMHeadModel, LogitsProcessorList
+from transformers import GPT2LMHeadModel, GPT2Model, LogitsProcessorList
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from medvl.models.decoding_graphs import GraphedSteps
@@ -43,6 +44,9 @@ GROUPED_BEAMS = {"cpu": True, "gpu": False}
 # stays off until ``gpu_suite.py``'s ``graphed`` decode rows show it faster with the same sequences. On the CPU
 # there is no graph to replay: the switch there serves the tests.
 STATIC_STEPS = {"cpu": False, "gpu": False}
+# The name ``generate()`` takes a cache under: transformers 5.2x renamed ``past_key_values`` to ``cache`` (the old
+# name is deprecated there, and the only one earlier releases know).
+CACHE_ARG = "cache" if "cache" in inspect.signature(GPT2Model.forward).parameters else "past_key_values"
 
 
 def _kind(device: torch.device) -> str:
@@ -523,7 +527,7 @@ def decode(
     if use_cache and static_cache:
         cache_args["cache_implementation"] = "static"
     elif use_cache and num_beams > 1:
-        cache_args["cache"] = BeamCache(
+        cache_args[CACHE_ARG] = BeamCache(
             DynamicCache(config=decoder.config), DynamicCache(config=decoder.config)
         )
     out = decoder.generate(
