@@ -5,7 +5,12 @@
 
 Each finished row is written at once to ``<out>.partial.json`` (removed when the whole JSON is written), so a run
 cut short keeps what it measured; ``--skip ROW ...`` then leaves those rows out of a second run, and
-``--summarize FIRST.partial.json SECOND.json`` writes the JSON of both, running nothing.
+``--summarize FIRST.partial.json SECOND.json`` writes the JSON of both, running nothing. On a device lent for a
+fixed time, ``--budget-s SECONDS`` bounds the run: every row's essential part (what the top-level keys read) runs
+first, its optional parts (larger batches, compiled variants, profiles, roofline counts, extra samplers, decode's
+comparison variants, the static cache, the learn row's training time) only while their estimates and the rest's
+essentials fit, and an alarm stops the row in flight at the end, keeping what it measured. The JSON's ``budget``
+lists what was cut.
 
 Rows (random weights: speed does not depend on them):
 
@@ -65,13 +70,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -130,6 +138,28 @@ FULL = {
     "loader_batches": 12,
     "learn_studies": None,  # every study
     "learn_size": 256,
+    # --budget-s: guessed seconds on one H200 of each row's essential part (what the top-level keys read) and of
+    # each optional part (see Budget)
+    "essential_s": {
+        "prepare": 60,
+        "adamatch_train": 45,
+        "loader": 10,
+        "diffusion_train": 45,
+        "sampling": 110,
+        "decode": 40,
+    },
+    "extra_s": {
+        "roofline": 20,
+        "profile": 15,
+        "batch": 15,  # one larger batch of the diffusion sweep
+        "diffusion_compiled": 150,
+        "adamatch_compiled": 90,
+        "samplers": 30,  # one batch's extra samplers (DPM-Solver++ 10, CUDA graphs)
+        "decode_variants": 25,  # one batch's comparison variants (generate(), grouped, graphed)
+        "decode_static": 120,
+        "learn_fixed": 150,  # the learn row less its training: the phantom, the stages' start-up, evaluation
+        "learn_stage": 10,  # the least training per stage worth a learn row
+    },
 }
 TINY = {
     "preset": "tiny",
@@ -151,8 +181,86 @@ TINY = {
     "loader_batches": 2,
     "learn_studies": 60,
     "learn_size": 64,
+    "essential_s": {
+        "prepare": 20,
+        "adamatch_train": 5,
+        "loader": 2,
+        "diffusion_train": 10,
+        "sampling": 10,
+        "decode": 10,
+    },
+    "extra_s": {
+        "roofline": 2,
+        "profile": 2,
+        "batch": 3,
+        "diffusion_compiled": 60,
+        "adamatch_compiled": 30,
+        "samplers": 2,
+        "decode_variants": 3,
+        "decode_static": 10,
+        "learn_fixed": 40,
+        "learn_stage": 1,
+    },
 }
 LEARN_STAGES = ("adamatch", "report", "autoencoder", "diffusion")
+
+
+class OutOfTime(BaseException):
+    """The suite's time (``--budget-s``) ran out: raised by :meth:`Budget.alarm` in the row in flight. Not an
+    ``Exception``, so that a row's handlers of one failed variant let it through."""
+
+
+class Budget:
+    """``--budget-s``: the seconds the whole suite may take (a device lent for a fixed time; no limit without).
+
+    The essential part of each row (what the top-level keys read) starts whenever time is left. An optional part
+    (the roofline count, a profile, a larger batch, a compiled variant, the extra samplers, decode's comparison
+    variants, the static cache, the learn row) starts only when the time left covers its estimate
+    (``extra_s``) and the estimated essentials (``essential_s``) of the rows still to come (``to_come``); what is
+    left out is listed in ``cut``. At the end :meth:`alarm` stops the row in flight; what it measured stays."""
+
+    def __init__(self, seconds: float | None, s: dict, clock=time.monotonic):
+        self.seconds, self.clock = seconds, clock
+        self.deadline = None if seconds is None else clock() + seconds
+        self.essential, self.extra = s["essential_s"], s["extra_s"]
+        self.to_come: list[str] = []
+        self.cut: list[str] = []
+
+    def left(self) -> float:
+        return math.inf if self.deadline is None else self.deadline - self.clock()
+
+    def spare(self) -> float:
+        """The time left less the estimated essentials of the rows still to come."""
+        return self.left() - sum(self.essential.get(row, 0.0) for row in self.to_come)
+
+    def allows(self, part: str, kind: str | None = None, times: float = 1.0) -> bool:
+        """Whether the optional ``part`` (estimated at ``times`` x ``extra_s[kind or part]``) fits in
+        :meth:`spare`; a part that does not is named in ``cut``."""
+        if self.deadline is None or self.spare() >= times * self.extra[kind or part]:
+            return True
+        self.cut.append(part)
+        return False
+
+    @contextmanager
+    def alarm(self):
+        """Within: :class:`OutOfTime` at the deadline (SIGALRM: the main thread only; no alarm without a limit)."""
+        if self.deadline is None:
+            yield
+            return
+
+        def ring(signum, frame):
+            raise OutOfTime(f"the time budget ({self.seconds:g} s, --budget-s) ran out")
+
+        old = signal.signal(signal.SIGALRM, ring)
+        signal.setitimer(signal.ITIMER_REAL, max(self.left(), 1e-3))
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+
+
+UNLIMITED = Budget(None, {"essential_s": {}, "extra_s": {}})
 
 
 def peak_flops(device_name: str) -> float | None:
@@ -267,11 +375,16 @@ def out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def batch_sweep(measure, batches: list[int]) -> dict[str, dict]:
-    """``measure(batch)`` at each of ``batches`` in turn, up to the first that runs out of memory (recorded as
-    such; the larger ones are not tried). Other errors propagate."""
-    out: dict[str, dict] = {}
+def batch_sweep(
+    measure, batches: list[int], out: dict | None = None, fits=lambda batch: True
+) -> dict[str, dict]:
+    """``measure(batch)`` at each of ``batches`` in turn (into ``out``), up to the first that runs out of memory
+    (recorded as such; the larger ones are not tried) or that ``fits(batch)`` turns down. Other errors
+    propagate."""
+    out = {} if out is None else out
     for batch in batches:
+        if not fits(batch):
+            break
         oom = None
         try:
             out[f"batch_{batch}"] = measure(batch)
@@ -288,10 +401,17 @@ def batch_sweep(measure, batches: list[int]) -> dict[str, dict]:
 
 
 def diffusion_train(
-    s: dict, device: torch.device, precision: str, compile_: bool, peak: float | None
+    s: dict,
+    device: torch.device,
+    precision: str,
+    compile_: bool,
+    peak: float | None,
+    budget: Budget = UNLIMITED,
+    live: dict | None = None,
 ) -> dict:
-    """The UNet's training rate: ``loop`` and ``fast`` at the preset's batch, ``fast`` at larger batches up to
-    the first that does not fit (``batch_sweep``), then ``compiled`` at the batch that trained fastest."""
+    """The UNet's training rate: ``loop`` and ``fast`` at the preset's batch; then, as ``budget`` allows,
+    ``fast`` at larger batches up to the first that does not fit (``batch_sweep``), the eager step's profile,
+    ``compiled`` at the batch that trained fastest and the roofline count. Filled into ``live`` as measured."""
     torch.manual_seed(0)
     cfg, model, word_dim, keypatch_dim = unet_scale_speed.build(s["preset"], device, 3, s["preset"])
     preset_batch = cfg.train.batch_size
@@ -319,7 +439,6 @@ def diffusion_train(
     fwd_bwd = stepper(preset_batch)[1]
     flops = count_flops(fwd_bwd)
     per_image = flops / preset_batch  # FLOPs grow with the batch, image by image
-    ceiling = roofline_row(s, fwd_bwd, sum(p.numel() for p in params), preset_batch, device, True)
 
     def measure(speed: SpeedConfig, batch: int) -> dict:
         t0 = time.perf_counter()
@@ -338,36 +457,43 @@ def diffusion_train(
             "wall_s": time.perf_counter() - t0,
         }
 
+    out = {} if live is None else live
     rows: dict[str, dict] = {}
+    sweep: dict[str, dict] = {}
+    out.update(
+        preset=s["preset"],
+        batch=preset_batch,
+        best_batch=preset_batch,
+        precision=precision,
+        latent=[3, s["latent"], s["latent"]],
+        flops_per_step=flops,
+        tflop_per_image=per_image / 1e12,
+        variants=rows,
+        batch_sweep=sweep,
+        profile={},
+    )
     named = dict(variants(compile_))
     for name in ("loop", "fast"):
         rows[name] = measure(named[name], preset_batch)
-    sweep = batch_sweep(
-        lambda b: measure(named["fast"], b), [preset_batch * f for f in s["train_batch_factors"]]
+    batch_sweep(
+        lambda b: measure(named["fast"], b),
+        [preset_batch * f for f in s["train_batch_factors"]],
+        sweep,
+        fits=lambda b: budget.allows(f"diffusion_train.batch_{b}", "batch", b / preset_batch),
     )
     fitted = [r for r in [rows["fast"], *sweep.values()] if r["images_per_s"] is not None]
-    best_batch = max(fitted, key=lambda r: r["images_per_s"])["batch"]
-    profiles = {  # where the eager step's time goes, at the preset's batch and the fastest
-        f"fast_batch_{b}": train_profile(stepper(b)[0], params, named["fast"], device)
-        for b in dict.fromkeys([preset_batch, best_batch])
-    }
+    out["best_batch"] = best_batch = max(fitted, key=lambda r: r["images_per_s"])["batch"]
+    for b in dict.fromkeys([preset_batch, best_batch]):  # where the eager step's time goes
+        if budget.allows(f"diffusion_train.profile_batch_{b}", "profile", b / preset_batch):
+            out["profile"][f"fast_batch_{b}"] = train_profile(stepper(b)[0], params, named["fast"], device)
     model.zero_grad(set_to_none=True)
-    if compile_:
+    if budget.allows("diffusion_train.roofline", "roofline"):  # before compiling the model in place
+        weights = sum(p.numel() for p in params)
+        out["roofline"] = roofline_row(s, fwd_bwd, weights, preset_batch, device, True)
+    if compile_ and budget.allows("diffusion_train.compiled", "diffusion_compiled"):
         compiled = named["compiled"]
         rows["compiled"] = compiled_row(s, lambda: measure(compiled, best_batch), compiled, batch=best_batch)
-    return {
-        "preset": s["preset"],
-        "batch": preset_batch,
-        "best_batch": best_batch,
-        "precision": precision,
-        "latent": [3, s["latent"], s["latent"]],
-        "flops_per_step": flops,
-        "tflop_per_image": per_image / 1e12,
-        "roofline": ceiling,
-        "variants": rows,
-        "batch_sweep": sweep,
-        "profile": profiles,
-    }
+    return out
 
 
 def make_prepared(s: dict, tmp: Path) -> dict:
@@ -402,8 +528,17 @@ def make_prepared(s: dict, tmp: Path) -> dict:
 
 
 def adamatch_train(
-    s: dict, data: Path, device: torch.device, precision: str, compile_: bool, peak: float | None
+    s: dict,
+    data: Path,
+    device: torch.device,
+    precision: str,
+    compile_: bool,
+    peak: float | None,
+    budget: Budget = UNLIMITED,
+    live: dict | None = None,
 ) -> tuple[dict, object]:
+    """AdaMatch's training rate, ``loop`` and ``fast``; then, as ``budget`` allows, the ``fast`` step's profile,
+    the roofline count and ``compiled``. Filled into ``live`` as measured; returns it and the stage."""
     torch.manual_seed(0)
     stage = build_stage(config_path=resolve_config_path("adamatch", s["preset"]), overrides=[], data=data)
     model = stage.build_model().to(device)
@@ -425,7 +560,6 @@ def adamatch_train(
         model.zero_grad(set_to_none=True)
 
     flops = count_flops(fwd_bwd)
-    ceiling = roofline_row(s, fwd_bwd, sum(p.numel() for p in params), bs, device, False)
 
     def measure(speed: SpeedConfig) -> dict:
         t0 = time.perf_counter()
@@ -439,24 +573,29 @@ def adamatch_train(
             "wall_s": time.perf_counter() - t0,
         }
 
+    out = {} if live is None else live
+    rows: dict[str, dict] = {}
+    out.update(
+        preset=s["preset"],
+        batch=bs,
+        precision=precision,
+        image_size=stage.config.model.image_size,
+        flops_per_step=flops,
+        variants=rows,
+        profile={},
+    )
     named = dict(variants(compile_))
-    rows = {name: measure(named[name]) for name in ("loop", "fast")}
-    # where the eager step's time goes, before the model is compiled in place
-    profile = train_profile(step, params, named["fast"], device)
+    for name in ("loop", "fast"):
+        rows[name] = measure(named[name])
+    # where the eager step's time goes and the roofline count, before the model is compiled in place
+    if budget.allows("adamatch_train.profile", "profile"):
+        out["profile"]["fast"] = train_profile(step, params, named["fast"], device)
     model.zero_grad(set_to_none=True)
-    if compile_:
+    if budget.allows("adamatch_train.roofline", "roofline"):
+        out["roofline"] = roofline_row(s, fwd_bwd, sum(p.numel() for p in params), bs, device, False)
+    if compile_ and budget.allows("adamatch_train.compiled", "adamatch_compiled"):
         rows["compiled"] = compiled_row(s, lambda: measure(named["compiled"]), named["compiled"])
-    info = {
-        "preset": s["preset"],
-        "batch": bs,
-        "precision": precision,
-        "image_size": stage.config.model.image_size,
-        "flops_per_step": flops,
-        "roofline": ceiling,
-        "variants": rows,
-        "profile": {"fast": profile},
-    }
-    return info, stage
+    return out, stage
 
 
 def loader_rate(s: dict, stage, device: torch.device) -> dict:
@@ -475,8 +614,9 @@ def loader_rate(s: dict, stage, device: torch.device) -> dict:
     return {"batch": bs, "num_workers": workers, "batches": n, "images_per_s": bs * n / seconds}
 
 
-def learn(s: dict, tmp: Path, seconds: float) -> dict:
-    """Each stage of :data:`LEARN_STAGES` trained with the preset for ``seconds`` on a fresh IU-Phantom."""
+def learn(s: dict, tmp: Path, seconds: float, live: dict | None = None) -> dict:
+    """Each stage of :data:`LEARN_STAGES` trained with the preset for ``seconds`` on a fresh IU-Phantom (filled
+    into ``live`` stage by stage)."""
     import math
 
     from medvl import registry
@@ -490,7 +630,8 @@ def learn(s: dict, tmp: Path, seconds: float) -> dict:
     built = prepare_phantom(
         data, studies=s["learn_studies"], size=s["learn_size"], seed=0, workers=os.cpu_count() or 1
     )
-    out: dict = {
+    out = {} if live is None else live
+    out |= {
         "phantom": {
             "size": s["learn_size"],
             "seconds": time.perf_counter() - t0,
@@ -562,7 +703,12 @@ def rows_ci(rows: dict) -> str:
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "none"
 
 
-def sampling(s: dict, device: torch.device, fast_steps: int) -> dict:
+def sampling(
+    s: dict, device: torch.device, fast_steps: int, budget: Budget = UNLIMITED, live: dict | None = None
+) -> dict:
+    """Seconds per image of the MONAI recipe, the preset's default sampler and the fastest at every batch; then,
+    as ``budget`` allows, batch by batch, DPM-Solver++(2M) 10 steps and (on CUDA) the fastest replayed from CUDA
+    graphs. Filled into ``live`` as measured."""
     torch.manual_seed(0)
     cfg, model, word_dim, keypatch_dim = unet_scale_speed.build(s["preset"], device, 3, s["preset"])
     latent = (3, s["latent"], s["latent"])
@@ -571,72 +717,95 @@ def sampling(s: dict, device: torch.device, fast_steps: int) -> dict:
     specs = {
         "monai_recipe": ("ddim", 50, "fp32", g),
         "default": (cfg.sampler.name.value, cfg.sampler.steps, cfg.sampler.precision.value, g),
-        "dpm_solver_10": ("dpm_solver_2m", min(10, cfg.sampler.steps), half, g),
         # a distilled student (medvl train distill): the same UNet, guidance built in (one pass per step)
         "fastest": ("consistency", fast_steps, half, 1.0),
     }
-    out = {}
+    extras = {"dpm_solver_10": ("dpm_solver_2m", min(10, cfg.sampler.steps), half, g)}
+    # the fastest sampler also with the denoiser replayed from CUDA graphs (with --tiny on the CPU, where there is
+    # no graph, this runs the row's bookkeeping only)
+    graphed = {"fastest_graphed": specs["fastest"]} if device.type == "cuda" or s is TINY else {}
+    out = {} if live is None else live
+    feats, latents = {}, {}
+
+    def measure(batch: int, name: str, spec: tuple) -> None:
+        sampler, steps, precision, guidance = spec
+        row = unet_scale_speed.sample_row(
+            cfg,
+            model,
+            feats[batch],
+            latent,
+            sampler=sampler,
+            steps=steps,
+            guidance=guidance,
+            precision=precision,
+            repeats=s["sample_repeats"],
+            device=device,
+            graphs=name in graphed,
+            keep_latents=True,
+        )
+        latents[batch, name] = row.pop("latents")
+        keys = ("sampler", "steps", "guidance", "precision", "s_per_image", "first_call_s", "finite")
+        out[f"batch_{batch}"][name] = {k: row[k] for k in keys}
+
     for batch in s["sample_batches"]:
-        feats = unet_scale_speed.features(cfg, batch, word_dim, keypatch_dim, device, seed=1)
-        rows, latents = {}, {}
-        # the fastest sampler also with the denoiser replayed from CUDA graphs (with --tiny on the CPU, where
-        # there is no graph, this runs the row's bookkeeping only)
-        graphed = {"fastest_graphed": specs["fastest"]} if device.type == "cuda" or s is TINY else {}
-        for name, (sampler, steps, precision, guidance) in {**specs, **graphed}.items():
+        feats[batch] = unet_scale_speed.features(cfg, batch, word_dim, keypatch_dim, device, seed=1)
+        rows = out[f"batch_{batch}"] = {}
+        for name, spec in specs.items():
+            measure(batch, name, spec)
+        for name in ("fastest", "default"):
+            rows[f"speedup_recipe_over_{name}"] = (
+                rows["monai_recipe"]["s_per_image"] / rows[name]["s_per_image"]
+            )
+    for batch in s["sample_batches"]:
+        rows = out[f"batch_{batch}"]
+        if not budget.allows(f"sampling.batch_{batch}.extra_samplers", "samplers", batch / 8):
+            continue
+        for name, spec in {**extras, **graphed}.items():
             try:
-                row = unet_scale_speed.sample_row(
-                    cfg,
-                    model,
-                    feats,
-                    latent,
-                    sampler=sampler,
-                    steps=steps,
-                    guidance=guidance,
-                    precision=precision,
-                    repeats=s["sample_repeats"],
-                    device=device,
-                    graphs=name in graphed,
-                    keep_latents=True,
-                )
-            except Exception as exc:  # a failed capture leaves the eager rows standing (--tiny: raise)
+                measure(batch, name, spec)
+            except Exception as exc:  # a failed capture leaves the other rows standing (--tiny: raise)
                 if name not in graphed or s is TINY:
                     raise
                 rows[name] = {"error": repr(exc)[:1000]}
                 continue
-            latents[name] = row.pop("latents")
-            keys = ("sampler", "steps", "guidance", "precision", "s_per_image", "first_call_s", "finite")
-            rows[name] = {k: row[k] for k in keys}
-        for name in (n for n in graphed if n in latents):  # the same latents as without the graphs?
-            eager = latents[name.removesuffix("_graphed")]
-            rows[name]["same_latents"] = bool(torch.equal(latents[name], eager))
-            rows[name]["max_abs_diff"] = float((latents[name] - eager).abs().max())
+            if name in graphed:  # the same latents as without the graphs?
+                eager = latents[batch, name.removesuffix("_graphed")]
+                rows[name]["same_latents"] = bool(torch.equal(latents[batch, name], eager))
+                rows[name]["max_abs_diff"] = float((latents[batch, name] - eager).abs().max())
             rows[f"speedup_recipe_over_{name}"] = (
                 rows["monai_recipe"]["s_per_image"] / rows[name]["s_per_image"]
             )
-        rows["speedup_recipe_over_fastest"] = (
-            rows["monai_recipe"]["s_per_image"] / rows["fastest"]["s_per_image"]
-        )
-        rows["speedup_recipe_over_default"] = (
-            rows["monai_recipe"]["s_per_image"] / rows["default"]["s_per_image"]
-        )
-        out[f"batch_{batch}"] = rows
     return out
 
 
-def decoding(s: dict, device: torch.device, static: bool) -> dict:
+def decoding(
+    s: dict, device: torch.device, static: bool, budget: Budget = UNLIMITED, live: dict | None = None
+) -> dict:
+    """Report decoding: one report with every variant, then each batch of ``decode_batches``, with the comparison
+    variants as ``budget`` allows (else today's decoding alone), and the static cache's row. Filled into ``live``
+    as measured; the rates read from it by :func:`decode_rates`."""
     tokens = s["decode_tokens"]
     head = decode_throughput.build_head(s["decode_setting"], tokens, device)
     common = dict(beams=3, tokens=tokens, ngram=3, repeats=2, device=device)
     one = ("fast", "graphed", "generate", "plain")
-    rows = {
-        "one_report": decode_throughput.measure_decoding(head, 1, variants=one, profile=("fast",), **common)
-    }
+    out = {} if live is None else live
+    rows: dict[str, dict] = {}
+    out.update(setting=s["decode_setting"], beams=3, tokens=tokens, no_repeat_ngram_size=3, rows=rows)
+    rows["one_report"] = decode_throughput.measure_decoding(
+        head, 1, variants=one, profile=("fast",), **common
+    )
     for i, batch in enumerate(s["decode_batches"]):
+        scale = batch / s["decode_batches"][0]
+        full = budget.allows(f"decode.batch_{batch}.variants", "decode_variants", scale)
         rows[f"batch_{batch}"] = decode_throughput.measure_decoding(
-            head, batch, variants=s["decode_variants"], profile=("fast",) if i == 0 else (), **common
+            head,
+            batch,
+            variants=s["decode_variants"] if full else ("fast",),
+            profile=("fast",) if i == 0 else (),
+            **common,
         )
-    if static:
-        b = s["decode_batches"][0]
+    b = s["decode_batches"][0]
+    if static and budget.allows("decode.static", "decode_static"):
         try:  # the static cache (compiled by transformers on CUDA) beside the dynamic one, same sequences?
             rows[f"static_batch_{b}"] = decode_throughput.measure_decoding(
                 head, b, variants=("fast", "generate", "static"), **common
@@ -645,27 +814,29 @@ def decoding(s: dict, device: torch.device, static: bool) -> dict:
             if s is TINY:
                 raise
             rows[f"static_batch_{b}"] = {"error": repr(exc)[:1000]}
+    out.update(decode_rates(out))
+    return out
+
+
+def decode_rates(dec: dict) -> dict:
+    """The decode row's rates from its measured ``rows`` (also a row stopped part way): reports/min per batch
+    (``best_batch``: the fastest), with a report's beams as one query group (``grouped``: off by default on a GPU
+    until these figures show it exact and faster) and with fixed-shape steps replayed as CUDA graphs
+    (``graphed``: likewise), and the graphed latency of one report."""
+    rows = dec.get("rows", {})
     per_min = {k: 60 * r["fast_reports_per_s"] for k, r in rows.items() if k.startswith("batch_")}
-    # a report's beams as one query group (off by default on a GPU until this row shows it exact and faster)
     grouped = {k: 60 * r["grouped_reports_per_s"] for k, r in rows.items() if "grouped_reports_per_s" in r}
-    # fixed-shape steps replayed as CUDA graphs (off by default until these rows show them faster, same sequences)
     graphed = {k: 60 * r["graphed_reports_per_s"] for k, r in rows.items() if "graphed_reports_per_s" in r}
-    best = max(per_min, key=per_min.get)
     return {
-        "setting": s["decode_setting"],
-        "beams": 3,
-        "tokens": tokens,
-        "no_repeat_ngram_size": 3,
         "reports_per_min": per_min,
         "grouped_reports_per_min": grouped,
         "graphed_reports_per_min": graphed,
-        "graphed_one_report_s": rows["one_report"].get("graphed_s_per_batch"),
-        "best_batch": int(best.split("_")[1]),
-        "rows": rows,
+        "graphed_one_report_s": rows.get("one_report", {}).get("graphed_s_per_batch"),
+        "best_batch": int(max(per_min, key=per_min.get).split("_")[1]) if per_min else None,
     }
 
 
-ROWS = ("prepare", "adamatch_train", "loader", "diffusion_train", "sampling", "decode", "learn")
+ROWS = ("diffusion_train", "sampling", "decode", "prepare", "adamatch_train", "loader", "learn")  # run order
 
 
 def merge_partials(states: list[dict]) -> dict:
@@ -676,12 +847,14 @@ def merge_partials(states: list[dict]) -> dict:
     if len({(st["device"], st["tiny"]) for st in states}) != 1:
         raise SystemExit("--summarize: the files come from different devices or sizes")
     merged = {**states[-1], "rows": {}, "notes": {}, "wall_s": {}}
-    for st in states:
+    source: dict[str, int] = {}
+    for i, st in enumerate(states):
         for name in ROWS:
             if name in st["rows"]:
                 row = st["rows"][name]
                 if row is not None or merged["rows"].get(name) is None:
                     merged["rows"][name] = row
+                    source[name] = i
                     merged["wall_s"][name] = st["wall_s"].get(name)
                     merged["notes"].pop(name, None)
                     if name in st["notes"]:
@@ -693,6 +866,13 @@ def merge_partials(states: list[dict]) -> dict:
         if merged["notes"][name] == "left out (--skip)" and name not in merged["skip"]:
             del merged["notes"][name]
     merged["command"] = " ; ".join(st["command"] for st in states)
+    budgets = [st.get("budget", {"seconds": None, "cut": []}) for st in states]
+    merged["budget"] = {  # what the time budget cut from the rows kept, run by run
+        "seconds": [b["seconds"] for b in budgets],
+        "cut": [
+            part for i, b in enumerate(budgets) for part in b["cut"] if source.get(part.split(".")[0]) == i
+        ],
+    }
     return merged
 
 
@@ -707,7 +887,7 @@ def summarize(state: dict, quality: Path | None) -> dict:
         r = rows.get(row)
         if not r:
             return None
-        values = [v[key] for v in r["variants"].values() if v[key] is not None]
+        values = [v[key] for v in r.get("variants", {}).values() if v.get(key) is not None]
         return max(values) if values else None
 
     result: dict[str, object] = {k: None for k in KEYS}
@@ -719,18 +899,19 @@ def summarize(state: dict, quality: Path | None) -> dict:
         why = "no peak bf16 rate for this device (benchmarks/roofline.py DEVICES)"
         notes.setdefault("diffusion_train_mfu", why)
         notes.setdefault("adamatch_train_mfu", why)
-    if rows.get("sampling"):
-        b8, b64 = (f"batch_{b}" for b in s["sample_batches"])
-        result["sampling_speedup_b8"] = rows["sampling"][b8]["speedup_recipe_over_fastest"]
-        result["sampling_speedup_b64"] = rows["sampling"][b64]["speedup_recipe_over_fastest"]
+    sampled = rows.get("sampling") or {}
+    for b, key in zip(s["sample_batches"], ("sampling_speedup_b8", "sampling_speedup_b64"), strict=True):
+        result[key] = sampled.get(f"batch_{b}", {}).get("speedup_recipe_over_fastest")
     quality = quality or (None if state["tiny"] else RESULTS / "sampling_speed_seed7_validate_cpu.json")
     equal, why = equal_auroc_from(quality)
     result["sampling_equal_auroc"] = equal
     notes["sampling_equal_auroc"] = why
     if rows.get("decode"):
         dec = rows["decode"]
-        result["decode_reports_per_min"] = dec["reports_per_min"][f"batch_{dec['best_batch']}"]
-        result["decode_one_report_s"] = dec["rows"]["one_report"]["fast_s_per_batch"]
+        dec.update(decode_rates(dec))  # a row stopped part way has its rows only
+        if dec["best_batch"] is not None:
+            result["decode_reports_per_min"] = dec["reports_per_min"][f"batch_{dec['best_batch']}"]
+        result["decode_one_report_s"] = dec["rows"].get("one_report", {}).get("fast_s_per_batch")
     if rows.get("loader"):
         result["loader_images_per_s"] = rows["loader"]["images_per_s"]
         train = best("adamatch_train", "images_per_s")
@@ -752,6 +933,7 @@ def summarize(state: dict, quality: Path | None) -> dict:
         result["learn"] = {
             stage: {k: rows["learn"][stage][k] for k in ("steps", "finite", "learned")}
             for stage in LEARN_STAGES
+            if "learned" in rows["learn"].get(stage, {})
         }
     source = {
         "diffusion_train_images_per_s": "diffusion_train",
@@ -767,11 +949,12 @@ def summarize(state: dict, quality: Path | None) -> dict:
     for k in KEYS:
         if result[k] is None and k not in notes:
             row = source.get(k)
-            notes[k] = (
-                f"its row ({row}) was left out (--skip)"
-                if row in skip
-                else f"its row ({row}) failed: see notes"
-            )
+            if row in skip:
+                notes[k] = f"its row ({row}) was left out (--skip)"
+            elif rows.get(row) and "stopped" in rows[row]:
+                notes[k] = f"its row ({row}) was stopped before measuring it: {rows[row]['stopped']}"
+            else:
+                notes[k] = f"its row ({row}) did not run or failed: see notes"
     result.update(
         {
             "torch": state["torch"],
@@ -789,6 +972,7 @@ def summarize(state: dict, quality: Path | None) -> dict:
             "precision": state["precision"],
             "peak_bf16_flops": peak,
             "compile": state["compile"],
+            "budget": state.get("budget", {"seconds": None, "cut": []}),
             "skip": sorted(skip),
             "notes": notes,
             "wall_s": {**walls, "total": sum(walls.values())},
@@ -822,6 +1006,14 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=None,
         help="seconds of training per stage in the learn row (default 45; --tiny: 3; 0: skip the row)",
+    )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="seconds the whole run may take (default: no limit): the rows' optional parts run only while their "
+        "estimates and the essentials of the rows still to come fit, and the row in flight at the end is stopped "
+        "(what it measured stays); the JSON lists what was cut",
     )
     p.add_argument(
         "--skip",
@@ -892,17 +1084,31 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": walls,
     }
 
+    budget = Budget(args.budget_s, s)
+    budget.to_come = [r for r in ROWS if r not in skip]
+    state["budget"] = {"seconds": args.budget_s, "cut": budget.cut}
+
     def run(name: str, fn):
         if name in skip:
             return None
+        budget.to_come.remove(name)
         t0 = time.perf_counter()
-        try:
-            rows[name] = fn()
-        except Exception as exc:  # a row that fails is recorded, the others still run (--tiny: raise)
-            if args.tiny:
-                raise
+        live: dict = {}
+        if budget.left() <= 0:
             rows[name] = None
-            notes[name] = f"{type(exc).__name__}: {exc}"[:2000]
+            notes[name] = f"not run: the time budget ({args.budget_s:g} s, --budget-s) ran out"
+        else:
+            try:
+                with budget.alarm():
+                    rows[name] = fn(live)
+            except OutOfTime as exc:  # what the row measured stays, marked
+                rows[name] = {**live, "stopped": str(exc)} if live else None
+                notes[name] = f"stopped part way: {exc}"
+            except Exception as exc:  # a row that fails is recorded, the others still run (--tiny: raise)
+                if args.tiny:
+                    raise
+                rows[name] = None
+                notes[name] = f"{type(exc).__name__}: {exc}"[:2000]
         walls[name] = time.perf_counter() - t0
         if cuda:
             torch.cuda.empty_cache()
@@ -911,26 +1117,50 @@ def main(argv: list[str] | None = None) -> int:
         partial.write_text(json.dumps(state, indent=1, default=str))
         return rows[name]
 
+    def learn_row(live: dict) -> dict:
+        fixed, least = s["extra_s"]["learn_fixed"], s["extra_s"]["learn_stage"]
+        seconds = min(learn_seconds, (budget.left() - fixed) / len(LEARN_STAGES))
+        if seconds < least:
+            budget.cut.append("learn")
+            notes["learn"] = (
+                f"not run: too little of the time budget ({args.budget_s:g} s, --budget-s) was left"
+            )
+            return None
+        return learn(s, tmp, seconds, live)
+
     tmp = Path(tempfile.mkdtemp(prefix="medvl_gpu_suite_"))
     try:
-        prepared = run("prepare", lambda: make_prepared(s, tmp))
+        # the headline rows first: their optional parts get the spare time first
+        run(
+            "diffusion_train",
+            lambda live: diffusion_train(s, device, precision, compile_, peak, budget, live),
+        )
+        run("sampling", lambda live: sampling(s, device, args.fast_steps, budget, live))
+        run("decode", lambda live: decoding(s, device, static, budget, live))
+        prepared = run("prepare", lambda live: make_prepared(s, tmp))
         data = tmp / "prepared"
         stage_box: list = []
 
-        def adamatch_row():
-            info, stage = adamatch_train(s, data, device, precision, compile_, peak)
+        def adamatch_row(live: dict) -> dict:
+            info, stage = adamatch_train(s, data, device, precision, compile_, peak, budget, live)
             stage_box.append(stage)
             return info
 
-        if prepared is not None:
+        if prepared is None:
+            for name in ("adamatch_train", "loader"):
+                if name not in skip:
+                    budget.to_come.remove(name)
+                    notes[name] = "not run: it reads the prepare row's data"
+        else:
             run("adamatch_train", adamatch_row)
             if stage_box:
-                run("loader", lambda: loader_rate(s, stage_box[0], device))
-        run("diffusion_train", lambda: diffusion_train(s, device, precision, compile_, peak))
-        run("sampling", lambda: sampling(s, device, args.fast_steps))
-        run("decode", lambda: decoding(s, device, static))
+                run("loader", lambda live: loader_rate(s, stage_box[0], device))
+            elif "loader" in budget.to_come:
+                budget.to_come.remove("loader")
         if learn_seconds > 0:
-            run("learn", lambda: learn(s, tmp, learn_seconds))
+            run("learn", learn_row)
+        elif "learn" in budget.to_come:
+            budget.to_come.remove("learn")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -251,3 +251,109 @@ def test_kernel_kinds_of_typical_names():
     )
     assert kind_of("aten::native_group_norm") == "norm" and kind_of("aten::addmm") == "matmul"
     assert kind_of("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add<float>>") == "other"
+
+
+def test_budget_keeps_time_for_the_essentials_still_to_come():
+    """--budget-s: an optional part starts only when its estimate and the essentials of the rows after it fit;
+    what does not fit is listed; without a limit everything fits."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpu_suite import UNLIMITED, Budget
+
+    now = [0.0]
+    s = {"essential_s": {"sampling": 100, "decode": 40}, "extra_s": {"compiled": 50, "batch": 10}}
+    budget = Budget(200, s, clock=lambda: now[0])
+    budget.to_come = ["sampling", "decode"]
+    assert budget.spare() == 60 and budget.allows("diffusion_train.compiled", "compiled")
+    now[0] = 20.0  # 180 s left, 140 of them for the rows to come: 40 spare
+    assert not budget.allows("diffusion_train.compiled", "compiled")
+    assert budget.allows("diffusion_train.batch_32", "batch", times=4)  # four times 10 s
+    assert not budget.allows("diffusion_train.batch_64", "batch", times=8.0)
+    budget.to_come = ["decode"]  # once sampling has started, its reserve is free
+    assert budget.allows("sampling.extra", "compiled")
+    assert budget.cut == ["diffusion_train.compiled", "diffusion_train.batch_64"]
+    assert UNLIMITED.left() == float("inf") and UNLIMITED.allows("anything") and UNLIMITED.cut == []
+
+
+def test_budget_alarm_stops_what_runs_past_the_deadline():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import time
+
+    from gpu_suite import TINY, Budget, OutOfTime
+
+    budget = Budget(0.2, TINY)
+    measured = {}
+    with pytest.raises(OutOfTime, match="time budget"):
+        with budget.alarm():
+            measured["first"] = 1.0
+            try:  # a row's own handler of a failed variant does not swallow the alarm
+                time.sleep(5)
+            except Exception:
+                measured["swallowed"] = True
+    assert measured == {"first": 1.0}
+    with Budget(None, TINY).alarm():  # no limit: no alarm
+        time.sleep(0.01)
+
+
+def test_rows_measure_their_essentials_when_the_budget_allows_nothing_more():
+    """With no time for optional parts, each row still measures what the top-level keys read."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import torch
+    from gpu_suite import TINY, Budget, decoding, diffusion_train, sampling
+
+    torch.set_num_threads(1)
+    cpu = torch.device("cpu")
+    budget = Budget(3600, {**TINY, "extra_s": {k: 1e9 for k in TINY["extra_s"]}})
+    live: dict = {}
+    train = diffusion_train(TINY, cpu, "fp32", False, None, budget, live)
+    assert train is live and set(train["variants"]) == {"loop", "fast"}
+    assert train["variants"]["fast"]["images_per_s"] > 0 and train["batch_sweep"] == {}
+    assert train["profile"] == {} and "roofline" not in train and train["best_batch"] == train["batch"]
+    sampled = sampling(TINY, cpu, 2, budget)
+    for batch in ("batch_2", "batch_4"):
+        assert set(sampled[batch]) == {
+            "monai_recipe",
+            "default",
+            "fastest",
+            "speedup_recipe_over_fastest",
+            "speedup_recipe_over_default",
+        }
+    dec = decoding(TINY, cpu, True, budget)
+    assert dec["rows"]["one_report"]["same_sequences"] and "static_batch_2" not in dec["rows"]
+    for batch in ("batch_2", "batch_4"):
+        assert (
+            dec["rows"][batch]["fast_reports_per_s"] > 0 and "generate_s_per_batch" not in dec["rows"][batch]
+        )
+    assert dec["best_batch"] in (2, 4) and set(dec["reports_per_min"]) == {"batch_2", "batch_4"}
+    assert budget.cut == [
+        "diffusion_train.batch_16",
+        "diffusion_train.profile_batch_8",
+        "diffusion_train.roofline",
+        "sampling.batch_2.extra_samplers",
+        "sampling.batch_4.extra_samplers",
+        "decode.batch_2.variants",
+        "decode.batch_4.variants",
+        "decode.static",
+    ]
+
+
+def test_gpu_suite_out_of_time_still_writes_its_json(tmp_path):
+    """The row in flight at the end of --budget-s is stopped, the rows after it are not run, and the JSON says so
+    under every key's note."""
+    out = tmp_path / "suite.json"
+    result = run_tiny_suite(
+        out, "--budget-s", "0.5", "--skip", "prepare", "adamatch_train", "loader", "learn"
+    )
+    notes, rows = result["notes"], result["rows"]
+    assert notes["diffusion_train"].startswith("stopped part way: the time budget (0.5 s")
+    stopped = rows["diffusion_train"]
+    if stopped is None:  # stopped before it measured anything
+        assert result["diffusion_train_images_per_s"] is None
+    else:  # what it measured before the alarm stays, and the keys read it
+        measured = [v["images_per_s"] for v in stopped.get("variants", {}).values()]
+        assert "time budget" in stopped["stopped"]
+        assert result["diffusion_train_images_per_s"] == (max(measured) if measured else None)
+    for row in ("sampling", "decode"):
+        assert rows[row] is None and notes[row].startswith("not run: the time budget"), row
+    assert result["budget"]["seconds"] == 0.5
+    assert "sampling" in notes["sampling_speedup_b8"] and result["decode_reports_per_min"] is None
+    assert not out.with_suffix(".partial.json").exists()
