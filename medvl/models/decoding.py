@@ -54,6 +54,12 @@ def _kind(device: torch.device) -> str:
     return "cpu" if device.type == "cpu" else "gpu"
 
 
+def _scaling(attn: nn.Module) -> float | None:
+    """The scale a GPT-2 attention layer hands SDPA: its ``scaling`` (transformers 5), or SDPA's own default
+    (None), which transformers 4's SDPA path of GPT-2 uses."""
+    return getattr(attn, "scaling", None)
+
+
 def supported(decoder: GPT2LMHeadModel) -> bool:
     """Whether :class:`DecoderSteps` reproduces ``decoder``'s own forward pass."""
     cfg = decoder.config
@@ -165,10 +171,10 @@ class DecoderSteps:
                 self.cache[:, i, 1, :, t] = v.view(-1, self.heads, self.head_dim)
                 # (R, key / value, head, position, head_dim): the positions written, this one included
                 past, mask = self.cache[:, i, :, :, : t + 1], None
-            x = self._attend(self._heads(q), past[:, 0], past[:, 1], mask, attn.scaling, attn.c_proj) + x
+            x = self._attend(self._heads(q), past[:, 0], past[:, 1], mask, _scaling(attn), attn.c_proj) + x
             q = self._heads(_conv1d(cross.q_attn, _norm(block.ln_cross_attn, x)))
             ck, cv = self.cross_kv[i]
-            x = x + self._attend(q, ck, cv, self.cond_mask, cross.scaling, cross.c_proj, self.beams)
+            x = x + self._attend(q, ck, cv, self.cond_mask, _scaling(cross), cross.c_proj, self.beams)
             x = x + _conv1d(mlp.c_proj, mlp.act(_conv1d(mlp.c_fc, _norm(block.ln_2, x))))
         if static:
             self.t.add_(1)
@@ -523,11 +529,11 @@ def decode(
             embedder=embedder,
         )
     start = torch.full((cond.shape[0], 1), bos, dtype=torch.long, device=cond.device)
-    cache_args: dict[str, Any] = {}
+    options: dict[str, Any] = {"early_stopping": True} if num_beams > 1 else {}
     if use_cache and static_cache:
-        cache_args["cache_implementation"] = "static"
+        options["cache_implementation"] = "static"
     elif use_cache and num_beams > 1:
-        cache_args[CACHE_ARG] = BeamCache(
+        options[CACHE_ARG] = BeamCache(
             DynamicCache(config=decoder.config), DynamicCache(config=decoder.config)
         )
     out = decoder.generate(
@@ -549,8 +555,7 @@ def decode(
         output_scores=True,
         return_dict_in_generate=True,
         suppress_tokens=list(suppress_tokens),
-        early_stopping=True if num_beams > 1 else None,
-        **cache_args,
+        **options,
     )
     seqs = out.sequences[:, 1:]
     scores = out.sequences_scores if num_beams > 1 else greedy_scores(seqs, out.scores, eos)
