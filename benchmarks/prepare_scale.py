@@ -128,8 +128,13 @@ def kill_halfway(root: Path, out: Path, size: int, workers: int, timeout_s: floa
     cmd = [sys.executable, "-c", *cli, "prepare", "mimic-cxr", "--root", str(root), "--out", str(out)]
     cmd += ["--size", str(size), "--workers", str(workers)]
     state = out / ".prepare" / "state.json"
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    proc = subprocess.Popen(  # run outside any checkout, so that `-c` imports the installed medvl
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        cwd=out.parent,
     )
     done, chunks, t0 = 0, None, time.perf_counter()
     try:
