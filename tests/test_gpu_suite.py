@@ -357,3 +357,38 @@ def test_gpu_suite_out_of_time_still_writes_its_json(tmp_path):
     assert result["budget"]["seconds"] == 0.5
     assert "sampling" in notes["sampling_speedup_b8"] and result["decode_reports_per_min"] is None
     assert not out.with_suffix(".partial.json").exists()
+
+
+def test_training_rows_and_bf16_sampling_under_cuda_autocast(tmp_path):
+    """The suite's bf16 paths as a GPU runs them (tests.cuda_autocast: softmax, norms and losses in float32)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import torch
+    import unet_scale_speed
+    from gpu_suite import TINY, Budget, adamatch_train, diffusion_train
+
+    from tests.cuda_autocast import cuda_autocast
+    from tests.toydata import make_tiny_prepared
+
+    torch.set_num_threads(1)
+    cpu = torch.device("cpu")
+    budget = Budget(3600, {**TINY, "extra_s": {k: 1e9 for k in TINY["extra_s"]}})
+    data = make_tiny_prepared(tmp_path / "prepared")
+    with cuda_autocast():
+        train = diffusion_train(TINY, cpu, "bf16", False, None, budget)
+        ada, _ = adamatch_train(TINY, data, cpu, "bf16", False, None, budget)
+        cfg, model, word_dim, keypatch_dim = unet_scale_speed.build("tiny", cpu, 3, "tiny")
+        feats = unet_scale_speed.features(cfg, 2, word_dim, keypatch_dim, cpu)
+        row = unet_scale_speed.sample_row(
+            cfg,
+            model,
+            feats,
+            (3, 16, 16),
+            sampler="consistency",
+            steps=2,
+            guidance=1.0,
+            precision="bf16",
+            repeats=1,
+            device=cpu,
+        )
+    assert train["variants"]["fast"]["images_per_s"] > 0 and ada["variants"]["fast"]["images_per_s"] > 0
+    assert row["finite"]

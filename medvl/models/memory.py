@@ -77,8 +77,9 @@ class SharedMemory(nn.Module):
         # The k weights are scattered back to a dense (B, H, L, S) row and multiplied with the values, rather than
         # gathering the k value rows (``mem_v[heads, idx]``): the gather's backward is an accumulating index_put,
         # which PyTorch runs with unordered atomic adds on more than one CPU thread, so training was not
-        # reproducible run to run. scatter's backward is a gather, which is.
-        weights = torch.zeros_like(scores).scatter(-1, idx, attn)  # (B, H, L, S)
+        # reproducible run to run. scatter's backward is a gather, which is. The dense row takes the weights' dtype:
+        # CUDA's autocast runs softmax in float32 while the scores stay bf16 (CPU autocast keeps softmax in bf16).
+        weights = torch.zeros_like(scores, dtype=attn.dtype).scatter(-1, idx, attn)  # (B, H, L, S)
         out = torch.einsum("bhls,hsd->bhld", weights, mem_v)
         out = self.out_proj(out.transpose(1, 2).reshape(b, length, d))
         if return_scores:

@@ -84,7 +84,6 @@ def token_scores(
     ``s_t2i`` (Bi, Bt) = (weighted) mean over t2i words of the best patch; with ``word_best`` also the best
     patch similarity of every word in every image (Bi, Bt, W), for :func:`word_loss`. ``chunk`` images at a time.
     """
-    neg = torch.finfo(img.dtype).min
     t2i = t2i_mask.to(img.dtype)
     if t2i_weight is not None:
         t2i = t2i * t2i_weight.to(img.dtype)
@@ -93,7 +92,9 @@ def token_scores(
     out_i2t, out_t2i, out_best = [], [], []
     for a in range(0, img.shape[0], max(1, chunk)):
         s = torch.einsum("ipd,jwd->ijpw", img[a : a + chunk], txt)  # (c, Bt, P, W)
-        out_i2t.append(s.masked_fill(off, neg).amax(-1).mean(-1))
+        # the fill is the scores' own lowest value: under CUDA's autocast they are bf16 while img (normalised in
+        # float32 there) is not, and float32's lowest overflows bf16
+        out_i2t.append(s.masked_fill(off, torch.finfo(s.dtype).min).amax(-1).mean(-1))
         best = s.amax(2)  # (c, Bt, W)
         out_t2i.append((best * t2i).sum(-1) / n_t2i)
         if word_best:
