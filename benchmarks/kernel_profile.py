@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 #: Kernel / operator name patterns of each kind, tried in order (first match wins; lower-case names).
@@ -33,6 +34,26 @@ def kind_of(name: str) -> str:
     return "other"
 
 
+def timed_rows(events, cuda: bool, calls: int) -> list[tuple[str, str, float, int]]:
+    """(name, kind, seconds per call, count per call) of the profiler's averaged ``events``: on CUDA the kernels
+    alone (a CPU operator's device time is its kernels', already counted, and a user annotation such as the
+    optimiser's step range spans kernels counted too); on the CPU the aten operators' own time."""
+    rows = []
+    for event in events:
+        if cuda:
+            kernel = getattr(event, "device_type", None) == DeviceType.CUDA
+            if not kernel or getattr(event, "is_user_annotation", False):
+                continue
+            us = event.self_device_time_total
+        elif event.key.startswith("aten::"):
+            us = event.self_cpu_time_total
+        else:
+            continue
+        if us > 0:
+            rows.append((event.key, kind_of(event.key), us / 1e6 / calls, event.count // calls))
+    return rows
+
+
 def profile_calls(fn: Callable[[], None], device: torch.device, calls: int = 3, top: int = 12) -> dict:
     """``fn()`` called ``calls`` times under the profiler (after one call outside it): wall seconds per call,
     the device's busy share of the wall time (CUDA; null on the CPU), busy time by kind and the top names.
@@ -51,11 +72,7 @@ def profile_calls(fn: Callable[[], None], device: torch.device, calls: int = 3, 
         if cuda:
             torch.cuda.synchronize(device)
         wall = time.perf_counter() - t0
-    rows = []
-    for event in prof.key_averages():
-        us = event.self_device_time_total if cuda else event.self_cpu_time_total
-        if us > 0 and (cuda or event.key.startswith("aten::")):
-            rows.append((event.key, kind_of(event.key), us / 1e6 / calls, event.count // calls))
+    rows = timed_rows(prof.key_averages(), cuda, calls)
     busy = sum(r[2] for r in rows)
     by_kind: dict[str, float] = {}
     for _, kind, seconds, _ in rows:

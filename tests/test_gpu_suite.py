@@ -392,3 +392,38 @@ def test_training_rows_and_bf16_sampling_under_cuda_autocast(tmp_path):
         )
     assert train["variants"]["fast"]["images_per_s"] > 0 and ada["variants"]["fast"]["images_per_s"] > 0
     assert row["finite"]
+
+
+def test_a_cuda_profile_counts_each_kernel_once():
+    """The profiler lists a CPU operator with its kernels' device time, the kernels themselves, and user ranges
+    (the optimiser's step): only the kernels count, else the busy time comes out two or three times over."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from kernel_profile import timed_rows
+    from torch.autograd import DeviceType
+
+    def event(key, device, device_us, cpu_us=0.0, annotation=False):
+        return SimpleNamespace(
+            key=key,
+            device_type=device,
+            self_device_time_total=device_us,
+            self_cpu_time_total=cpu_us,
+            is_user_annotation=annotation,
+            count=6,
+        )
+
+    events = [
+        event("aten::cudnn_convolution", DeviceType.CPU, 300.0, cpu_us=40.0),
+        event("sm90_xmma_fprop_implicit_gemm_bf16", DeviceType.CUDA, 300.0),
+        event("Optimizer.step#AdamW.step", DeviceType.CUDA, 120.0, annotation=True),
+        event("multi_tensor_apply_kernel<FusedAdamW>", DeviceType.CUDA, 100.0),
+    ]
+    rows = timed_rows(events, cuda=True, calls=3)
+    assert [r[0] for r in rows] == [
+        "sm90_xmma_fprop_implicit_gemm_bf16",
+        "multi_tensor_apply_kernel<FusedAdamW>",
+    ]
+    assert abs(sum(r[2] for r in rows) - 400e-6 / 3) < 1e-12 and rows[0][1] == "conv" and rows[0][3] == 2
+    cpu = timed_rows(events, cuda=False, calls=3)  # the CPU: aten operators' own time
+    assert [r[0] for r in cpu] == ["aten::cudnn_convolution"] and abs(cpu[0][2] - 40e-6 / 3) < 1e-12
