@@ -65,8 +65,9 @@ def test_token_scores_under_cuda_autocast():
 
 
 def test_every_stage_trains_and_synthesises_in_bf16_under_cuda_autocast(tmp_path):
-    """AdaMatch, the report head, the autoencoder and the diffusion head: a few bf16 steps each with validation
-    (the loop's autocast, as on a GPU), then a scan synthesised with the preset's sampler in bf16."""
+    """AdaMatch, the report head, the autoencoder, the diffusion head and its distilled student: a few bf16 steps
+    each with validation (the loop's autocast, as on a GPU), then a scan synthesised in bf16 by the teacher's
+    sampler and by the student's."""
     from medvl import registry
     from medvl.data.phantom import prepare_phantom
     from medvl.runs import read_stage_info
@@ -76,7 +77,7 @@ def test_every_stage_trains_and_synthesises_in_bf16_under_cuda_autocast(tmp_path
     prepare_phantom(data, studies=40, size=64, seed=0)
     overrides = ["train.precision=bf16", "train.steps=3", "train.eval_every=0", "train.checkpoint_every=0"]
     with one_thread(), cuda_autocast():
-        for stage in ("adamatch", "report", "autoencoder", "diffusion"):
+        for stage in ("adamatch", "report", "autoencoder", "diffusion", "distill"):
             sources = [runs / src for src in registry.stage(stage).sources if (runs / src).is_dir()]
             run_stage(
                 stage, config="tiny", data=data, out=runs / stage, from_runs=sources, overrides=overrides
@@ -86,6 +87,11 @@ def test_every_stage_trains_and_synthesises_in_bf16_under_cuda_autocast(tmp_path
             assert info["steps"] == 3 and all(math.isfinite(v) for v in losses), stage
         from medvl.inference.synthesize import Synthesizer
 
-        synth = Synthesizer.load(runs / "diffusion")
-        images = synth.synthesize(["Small left pleural effusion."], seed=0, precision="bf16")
-    assert images.shape[0] == 1 and images.shape[-1] == images.shape[-2] and torch.isfinite(images).all()
+        images = [
+            Synthesizer.load(runs / run).synthesize(
+                ["Small left pleural effusion."], seed=0, precision="bf16"
+            )
+            for run in ("diffusion", "distill")
+        ]
+    for image in images:
+        assert image.shape[0] == 1 and image.shape[-1] == image.shape[-2] and torch.isfinite(image).all()
