@@ -233,13 +233,20 @@ class Budget:
         """The time left less the estimated essentials of the rows still to come."""
         return self.left() - sum(self.essential.get(row, 0.0) for row in self.to_come)
 
-    def allows(self, part: str, kind: str | None = None, times: float = 1.0) -> bool:
+    def allows(self, part: str, kind: str | None = None, times: float = 1.0, keep: float = 0.0) -> bool:
         """Whether the optional ``part`` (estimated at ``times`` x ``extra_s[kind or part]``) fits in
-        :meth:`spare`; a part that does not is named in ``cut``."""
-        if self.deadline is None or self.spare() >= times * self.extra[kind or part]:
+        :meth:`spare` less ``keep`` (seconds held for a later part that matters more); a part that does not is
+        named in ``cut``."""
+        if self.deadline is None or self.spare() - keep >= times * self.extra[kind or part]:
             return True
         self.cut.append(part)
         return False
+
+    def hold(self, kind: str, wanted: bool = True) -> float:
+        """Seconds to ``keep`` for the later part ``kind`` (a compiled variant): its estimate, if it fits now."""
+        if not wanted or self.deadline is None:
+            return 0.0
+        return self.extra[kind] if self.spare() >= self.extra[kind] else 0.0
 
     @contextmanager
     def alarm(self):
@@ -475,19 +482,22 @@ def diffusion_train(
     named = dict(variants(compile_))
     for name in ("loop", "fast"):
         rows[name] = measure(named[name], preset_batch)
+    keep = budget.hold("diffusion_compiled", compile_)  # the compiled variant before the other optional parts
     batch_sweep(
         lambda b: measure(named["fast"], b),
         [preset_batch * f for f in s["train_batch_factors"]],
         sweep,
-        fits=lambda b: budget.allows(f"diffusion_train.batch_{b}", "batch", b / preset_batch),
+        fits=lambda b: budget.allows(f"diffusion_train.batch_{b}", "batch", b / preset_batch, keep),
     )
     fitted = [r for r in [rows["fast"], *sweep.values()] if r["images_per_s"] is not None]
     out["best_batch"] = best_batch = max(fitted, key=lambda r: r["images_per_s"])["batch"]
     for b in dict.fromkeys([preset_batch, best_batch]):  # where the eager step's time goes
-        if budget.allows(f"diffusion_train.profile_batch_{b}", "profile", b / preset_batch):
+        if budget.allows(f"diffusion_train.profile_batch_{b}", "profile", b / preset_batch, keep):
             out["profile"][f"fast_batch_{b}"] = train_profile(stepper(b)[0], params, named["fast"], device)
     model.zero_grad(set_to_none=True)
-    if budget.allows("diffusion_train.roofline", "roofline"):  # before compiling the model in place
+    if budget.allows(
+        "diffusion_train.roofline", "roofline", keep=keep
+    ):  # before compiling the model in place
         weights = sum(p.numel() for p in params)
         out["roofline"] = roofline_row(s, fwd_bwd, weights, preset_batch, device, True)
     if compile_ and budget.allows("diffusion_train.compiled", "diffusion_compiled"):
@@ -587,11 +597,12 @@ def adamatch_train(
     named = dict(variants(compile_))
     for name in ("loop", "fast"):
         rows[name] = measure(named[name])
+    keep = budget.hold("adamatch_compiled", compile_)
     # where the eager step's time goes and the roofline count, before the model is compiled in place
-    if budget.allows("adamatch_train.profile", "profile"):
+    if budget.allows("adamatch_train.profile", "profile", keep=keep):
         out["profile"]["fast"] = train_profile(step, params, named["fast"], device)
     model.zero_grad(set_to_none=True)
-    if budget.allows("adamatch_train.roofline", "roofline"):
+    if budget.allows("adamatch_train.roofline", "roofline", keep=keep):
         out["roofline"] = roofline_row(s, fwd_bwd, sum(p.numel() for p in params), bs, device, False)
     if compile_ and budget.allows("adamatch_train.compiled", "adamatch_compiled"):
         rows["compiled"] = compiled_row(s, lambda: measure(named["compiled"]), named["compiled"])

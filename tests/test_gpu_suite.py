@@ -271,6 +271,13 @@ def test_budget_keeps_time_for_the_essentials_still_to_come():
     budget.to_come = ["decode"]  # once sampling has started, its reserve is free
     assert budget.allows("sampling.extra", "compiled")
     assert budget.cut == ["diffusion_train.compiled", "diffusion_train.batch_64"]
+    # time held for a compiled variant, when it fits, turns down the parts before it
+    budget.to_come, now[0] = ["decode"], 90.0  # 110 s left, 70 spare
+    assert budget.hold("compiled") == 50 and budget.hold("compiled", wanted=False) == 0
+    assert not budget.allows("diffusion_train.batch_32", "batch", times=4, keep=budget.hold("compiled"))
+    now[0] = 115.0  # 45 spare: the compiled variant no longer fits, nothing is held for it
+    assert budget.hold("compiled") == 0 and budget.allows("diffusion_train.batch_32", "batch", times=4)
+    assert UNLIMITED.hold("compiled") == 0
     assert UNLIMITED.left() == float("inf") and UNLIMITED.allows("anything") and UNLIMITED.cut == []
 
 
