@@ -1168,6 +1168,7 @@ def main(argv: list[str] | None = None) -> int:
                 run("loader", lambda live: loader_rate(s, stage_box[0], device))
             elif "loader" in budget.to_come:
                 budget.to_come.remove("loader")
+                notes["loader"] = "not run: it reads the adamatch_train row's stage"
         if learn_seconds > 0:
             run("learn", learn_row)
         elif "learn" in budget.to_come:
