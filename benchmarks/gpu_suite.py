@@ -682,7 +682,8 @@ def learn(s: dict, tmp: Path, seconds: float, live: dict | None = None) -> dict:
             "validation": info["best_metrics"],
         }
         out[stage]["learned"] = finite and out[stage]["loss_last_mean"] < out[stage]["loss_first_mean"]
-    rec = evaluate("adamatch", run=runs / "adamatch", data=data, split="validate")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # (the evaluation's own default is the CPU)
+    rec = evaluate("adamatch", run=runs / "adamatch", data=data, split="validate", device=device)
     out["adamatch"]["val_pointing_game"] = rec.get("localization.pointing_game")
     out["adamatch"]["val_pointing_game_prior"] = rec.get("localization.pointing_game_prior")
     out["adamatch"]["val_pointing_game_chance"] = rec.get("localization.pointing_game_chance")

@@ -90,7 +90,10 @@ class AdaMatchRun:
         if keywords is not None:
             self._kw_emb = keywords.embeddings.to(self.device)
         if keypatch_bank is not None:
-            self._bank_norm = F.normalize(keypatch_bank.features.to(self.device).float(), dim=-1)
+            # on the run's device once (a report's keypatches index them; copying the bank per call cost a step)
+            self._bank_features = keypatch_bank.features.to(self.device)
+            self._bank_boxes = keypatch_bank.boxes.to(self.device)
+            self._bank_norm = F.normalize(self._bank_features.float(), dim=-1)
 
     @property
     def embed_dim(self) -> int:
@@ -221,22 +224,19 @@ class AdaMatchRun:
         best, where = sim.max(1)  # (B, K)
         z = (best - self.keywords.mean.to(best)) / self.keywords.std.to(best)
         top = z.topk(min(top_k, z.shape[1]), dim=1)
-        out = []
-        for b in range(z.shape[0]):
-            row = []
-            for score, kw in zip(top.values[b].tolist(), top.indices[b].tolist(), strict=True):
-                p = int(where[b, kw])
-                row.append(
-                    Keyword(
-                        self.keywords.words[kw],
-                        float(score),
-                        float(best[b, kw]),
-                        tuple(float(v) for v in patches.boxes[b, p].tolist()),
-                        p,
-                    )
-                )
-            out.append(row)
-        return out
+        # gathered on the device and read by the host once (element by element, a GPU waited ~50 times an image)
+        at = where.gather(1, top.indices)  # (B, k) each keyword's best patch
+        boxes = patches.boxes.gather(1, at.unsqueeze(-1).expand(-1, -1, patches.boxes.shape[-1]))
+        values, kws, at, cosines, boxes = (
+            t.tolist() for t in (top.values, top.indices, at, best.gather(1, top.indices), boxes)
+        )
+        return [
+            [
+                Keyword(self.keywords.words[kw], float(z_), float(cos), tuple(float(v) for v in box), p)
+                for z_, kw, p, cos, box in zip(values[b], kws[b], at[b], cosines[b], boxes[b], strict=True)
+            ]
+            for b in range(len(values))
+        ]
 
     @torch.no_grad()
     def report_keypatches(
@@ -254,10 +254,9 @@ class AdaMatchRun:
         k = min(top_k, sim.shape[1])
         scores, idx = sim.topk(k, dim=1)
         idx_cpu = idx.cpu()
-        dev = self.device
         return Keypatches(
-            features=bank.features.to(dev)[idx],
-            boxes=bank.boxes.to(dev)[idx],
+            features=self._bank_features[idx],
+            boxes=self._bank_boxes[idx],
             scores=scores,
             words=[
                 [self.keywords.words[int(bank.word_index[i])] if self.keywords else "" for i in row]
