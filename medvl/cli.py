@@ -308,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--run", type=Path, required=True, help="report run directory")
     g.add_argument("--workers", type=_positive_int, default=1, help="processes reading scans (default: 1)")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     g.add_argument("--beams", type=_positive_int, default=None, help="1 = greedy (default: the run's beams)")
     g.add_argument(
         "--jpg-compatible",
@@ -543,7 +544,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "generate-report":
         from medvl.api import generate_report_command
 
-        keys = "run beams explain explain_dir out sr image_column image_root workers jpg_compatible".split()
+        keys = "run beams explain explain_dir out sr image_column image_root workers jpg_compatible device".split()
         return generate_report_command(args.scans, as_json=args.json, **{k: getattr(args, k) for k in keys})
     if args.command == "synthesize":
         from medvl.api import synthesize_command

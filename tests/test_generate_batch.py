@@ -259,3 +259,23 @@ def test_dicoms_are_read_as_the_runs_training_data_were(runs, folder, tmp_path, 
     capsys.readouterr()
     assert main(["generate-report", str(scan), "--run", str(jpg_run), *out]) == 0
     assert "trained on JPGs only; --jpg-compatible reads the DICOMs" in capsys.readouterr().err
+
+
+def test_device_is_cuda_when_available_unless_named(runs, folder, tmp_path, monkeypatch):
+    """generate-report runs its models on CUDA when there is one (as synthesize does); --device names another."""
+    import medvl.inference.generate as generate
+
+    seen = []
+    real = generate.ReportGenerator.load
+
+    def recording(run, device="cpu"):
+        seen.append(device)
+        return real(run, device="cpu")  # no GPU here: the models load on the CPU whatever was asked
+
+    monkeypatch.setattr(generate.ReportGenerator, "load", staticmethod(recording))
+    scan, out = folder["root"] / "a" / "pa.dcm", ["--out", str(tmp_path / "r.csv")]
+    assert main(["generate-report", str(scan), "--run", str(runs.report), *out]) == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert main(["generate-report", str(scan), "--run", str(runs.report), *out]) == 0
+    assert main(["generate-report", str(scan), "--run", str(runs.report), "--device", "cpu", *out]) == 0
+    assert seen == ["cpu", "cuda", "cpu"]

@@ -450,6 +450,7 @@ def generate_report_command(
     image_root: str | Path | None = None,
     workers: int = 1,
     jpg_compatible: bool | None = None,
+    device: str | None = None,
 ) -> int:
     """``medvl generate-report INPUT... --run RUN [--out FILE.csv|FILE.jsonl] [--explain-dir DIR] [--sr DIR] ...``.
 
@@ -465,6 +466,7 @@ def generate_report_command(
     scan. ``sr``: one DICOM Basic Text SR per study of the DICOM scans (:mod:`medvl.inference.sr`). ``workers``:
     processes reading the scans (a scan whose reading ends its process is an error row saying so).
     ``jpg_compatible``: read DICOMs as MIMIC-CXR-JPG was made (None: as the run's training data were read).
+    ``device``: where the models run (None: CUDA when available, else the CPU).
     """
     if explain is not None and Path(explain).suffix.lower() != ".png":
         raise InvalidImageError(f"--explain must name a .png file, got {explain}")
@@ -475,7 +477,7 @@ def generate_report_command(
 
         require_highdicom()  # before the model loads
     paths = collect_scans(scans, image_column=image_column, image_root=image_root)
-    gen = ReportGenerator.load(run)
+    gen = ReportGenerator.load(run, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if jpg_compatible is not None:
         gen.jpg_compatible = jpg_compatible
     elif _trained_on_jpgs(run) and any(p.suffix.lower() == ".dcm" for p in paths):
