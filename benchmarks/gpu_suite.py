@@ -757,17 +757,16 @@ def sampling(
         )
         latents[batch, name] = row.pop("latents")
         keys = ("sampler", "steps", "guidance", "precision", "s_per_image", "first_call_s", "finite")
-        out[f"batch_{batch}"][name] = {k: row[k] for k in keys}
+        rows = out[f"batch_{batch}"]
+        rows[name] = {k: row[k] for k in keys}
+        if name != "monai_recipe":  # the recipe is measured first at every batch
+            rows[f"speedup_recipe_over_{name}"] = rows["monai_recipe"]["s_per_image"] / row["s_per_image"]
 
     for batch in s["sample_batches"]:
         feats[batch] = unet_scale_speed.features(cfg, batch, word_dim, keypatch_dim, device, seed=1)
-        rows = out[f"batch_{batch}"] = {}
+        out[f"batch_{batch}"] = {}
         for name, spec in specs.items():
             measure(batch, name, spec)
-        for name in ("fastest", "default"):
-            rows[f"speedup_recipe_over_{name}"] = (
-                rows["monai_recipe"]["s_per_image"] / rows[name]["s_per_image"]
-            )
     for batch in s["sample_batches"]:
         rows = out[f"batch_{batch}"]
         if not budget.allows(f"sampling.batch_{batch}.extra_samplers", "samplers", batch / 8):
@@ -784,9 +783,6 @@ def sampling(
                 eager = latents[batch, name.removesuffix("_graphed")]
                 rows[name]["same_latents"] = bool(torch.equal(latents[batch, name], eager))
                 rows[name]["max_abs_diff"] = float((latents[batch, name] - eager).abs().max())
-            rows[f"speedup_recipe_over_{name}"] = (
-                rows["monai_recipe"]["s_per_image"] / rows[name]["s_per_image"]
-            )
     return out
 
 
@@ -1097,13 +1093,17 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     budget = Budget(args.budget_s, s)
-    budget.to_come = [r for r in ROWS if r not in skip]
+    budget.to_come = [r for r in ROWS if r not in skip and (r != "learn" or learn_seconds > 0)]
     state["budget"] = {"seconds": args.budget_s, "cut": budget.cut}
 
-    def run(name: str, fn):
+    def run(name: str, fn, missing: str | None = None):
+        """Row ``name`` (``missing``: why it cannot run, its input row having failed)."""
         if name in skip:
             return None
         budget.to_come.remove(name)
+        if missing:
+            notes[name] = missing
+            return None
         t0 = time.perf_counter()
         live: dict = {}
         if budget.left() <= 0:
@@ -1158,22 +1158,12 @@ def main(argv: list[str] | None = None) -> int:
             stage_box.append(stage)
             return info
 
-        if prepared is None:
-            for name in ("adamatch_train", "loader"):
-                if name not in skip:
-                    budget.to_come.remove(name)
-                    notes[name] = "not run: it reads the prepare row's data"
-        else:
-            run("adamatch_train", adamatch_row)
-            if stage_box:
-                run("loader", lambda live: loader_rate(s, stage_box[0], device))
-            elif "loader" in budget.to_come:
-                budget.to_come.remove("loader")
-                notes["loader"] = "not run: it reads the adamatch_train row's stage"
+        no_data = None if prepared is not None else "not run: it reads the prepare row's data"
+        run("adamatch_train", adamatch_row, no_data)
+        no_stage = None if stage_box else "not run: it reads the adamatch_train row's stage"
+        run("loader", lambda live: loader_rate(s, stage_box[0], device), no_data or no_stage)
         if learn_seconds > 0:
             run("learn", learn_row)
-        elif "learn" in budget.to_come:
-            budget.to_come.remove("learn")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
