@@ -32,7 +32,7 @@ from medvl.data.scans import ScanLike, load_scan
 from medvl.errors import ConfigError, InvalidImageError, InvalidReportError, RunError
 from medvl.inference.explain import explain_command, explain_image
 from medvl.report.card import write_model_card
-from medvl.runs import find_runs, save_run_set, training_data
+from medvl.runs import find_runs, save_run_set, trained_jpg_compatible
 from medvl.text.labeler import decode_report
 
 
@@ -118,7 +118,7 @@ class Pipeline:
     def _adamatch_jpg_compatible(self) -> bool:
         """Whether the run holding the AdaMatch model was trained on DICOMs read as MIMIC-CXR-JPG was made."""
         stage = next((s for s in registry.holders("adamatch") if s in self.runs), None)
-        return stage is not None and bool(training_data(self.runs[stage]).get("jpg_compatible"))
+        return stage is not None and trained_jpg_compatible(self.runs[stage])
 
     @property
     def reporter(self):

@@ -139,6 +139,12 @@ def training_data(run_dir: str | Path) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
+def trained_jpg_compatible(run_dir: str | Path) -> bool:
+    """Whether a run's training data read DICOMs as MIMIC-CXR-JPG was made (``medvl prepare --jpg-compatible``),
+    so that inference reads them the same way."""
+    return bool(training_data(run_dir).get("jpg_compatible"))
+
+
 def stages_of(from_runs: Iterable[str | Path] | None) -> list[tuple[str, Path]]:
     """``(stage, run)`` for each ``--from`` run, in the order given; :class:`RunError` for an unfinished one."""
     return [(read_stage_info(r)["stage"], Path(r)) for r in from_runs or []]

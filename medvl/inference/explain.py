@@ -202,14 +202,14 @@ def explain_command(scan: str | Path, *, run: str | Path, out: str | Path, word:
     """``medvl explain SCAN --run RUN --out OUT.png [--word W]``: prints the keywords, writes the PNG."""
     from medvl.data.scans import load_scan
     from medvl.errors import InvalidImageError
-    from medvl.runs import training_data
+    from medvl.runs import trained_jpg_compatible
 
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise InvalidImageError(f"--out must name a .png file, got {out}")
     am = AdaMatchRun.from_pretrained(run)
     # as the prepared dataset would hold the file (DICOMs read as the run's training data were)
-    pixels = load_scan(scan, am.image_size, jpg_compatible=bool(training_data(run).get("jpg_compatible")))[0]
+    pixels = load_scan(scan, am.image_size, jpg_compatible=trained_jpg_compatible(run))[0]
     exp = explain_image(am, pixels, out=out, word=word)
     for kw in exp.keywords:
         box = ", ".join(f"{v:.3f}" for v in kw.box)

@@ -45,7 +45,7 @@ from medvl.models.adamatch import AdaMatchRun
 from medvl.models.memory import SharedMemory
 from medvl.models.report_bundle import ReportHeadBundle
 from medvl.models.report_head import KeywordHints
-from medvl.runs import training_data
+from medvl.runs import trained_jpg_compatible, training_data
 
 
 @dataclass
@@ -98,7 +98,7 @@ class ReportGenerator:
         )
         adamatch_run.model.eval()
         gen = cls(report, adamatch_run, device)
-        gen.jpg_compatible = bool(training_data(run).get("jpg_compatible", False))
+        gen.jpg_compatible = trained_jpg_compatible(run)
         return gen
 
     @property
