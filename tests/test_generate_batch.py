@@ -278,4 +278,27 @@ def test_device_is_cuda_when_available_unless_named(runs, folder, tmp_path, monk
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert main(["generate-report", str(scan), "--run", str(runs.report), *out]) == 0
     assert main(["generate-report", str(scan), "--run", str(runs.report), "--device", "cpu", *out]) == 0
-    assert seen == ["cpu", "cuda", "cpu"]
+    assert [str(d) for d in seen] == ["cpu", "cuda", "cpu"]
+
+
+def test_a_device_this_machine_lacks_is_a_clear_error(runs, folder, tmp_path, monkeypatch, capsys):
+    scan, out = folder["root"] / "a" / "pa.dcm", tmp_path / "r.csv"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, says in (("gpu", "is not a device: use cpu, cuda or cuda:N"), ("cuda", "has no CUDA device")):
+        capsys.readouterr()
+        argv = [
+            "generate-report",
+            str(scan),
+            "--run",
+            str(runs.report),
+            "--device",
+            device,
+            "--out",
+            str(out),
+        ]
+        assert main(argv) == 2
+        assert says in capsys.readouterr().err and not out.exists()  # refused before anything was written
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    argv = ["generate-report", str(scan), "--run", str(runs.report), "--device", "cuda:3", "--out", str(out)]
+    assert main(argv) == 2 and "has 1 CUDA device(s)" in capsys.readouterr().err
