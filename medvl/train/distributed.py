@@ -134,6 +134,16 @@ def process_state() -> PartialState:
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
+def stage_device() -> torch.device:
+    """The device a stage puts its own models on: this process's under ``torchrun`` / ``accelerate launch``
+    (``LOCAL_RANK``; the CPU under ``accelerate launch --cpu`` even where a GPU is present), else the first GPU,
+    else the CPU."""
+    try:
+        return process_state().device
+    except Exception:  # accelerate not initialisable here: plain single-process device choice
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def is_sharded(accelerator: Accelerator) -> bool:
     """FSDP shards the weights: validation and saving then need them gathered on rank 0."""
     return accelerator.distributed_type == DistributedType.FSDP

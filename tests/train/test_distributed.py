@@ -118,3 +118,20 @@ def test_a_rank_that_reaches_fit_late_finds_no_run_begun(tmp_path):
     (tmp_path / "dump").mkdir()
     check(torchrun("--out", str(tmp_path / "run"), "--dump", str(tmp_path / "dump"), "--late-rank1", "3"))
     assert json.loads((tmp_path / "run" / "stage.json").read_text())["world_size"] == 2
+
+
+def test_stages_run_on_the_cpu_under_accelerate_launch_cpu_even_with_a_gpu():
+    """``accelerate launch --cpu`` sets ACCELERATE_USE_CPU: a stage's own models (the diffusion stage's frozen
+    autoencoder and AdaMatch, the report stage's) then stay on the CPU where a GPU is present. Run in a fresh
+    process, since Accelerate keeps the first answer for the whole process."""
+    code = (
+        "import torch\n"
+        "torch.cuda.is_available = lambda: True\n"
+        "from medvl.train.distributed import stage_device\n"
+        "print(stage_device())\n"
+    )
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    env.pop("LOCAL_RANK", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "cpu"

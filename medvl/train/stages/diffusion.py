@@ -48,7 +48,7 @@ from medvl.models.diffusion import (
 from medvl.models.memory import SharedMemory
 from medvl.models.pretrained import copy_component
 from medvl.runs import stages_of
-from medvl.train.distributed import unwrap
+from medvl.train.distributed import stage_device, unwrap
 from medvl.train.loop import TrainConfig
 from medvl.train.stages.scans import ScanDataConfig, select_scans
 
@@ -100,15 +100,6 @@ class SourceRuns:
     autoencoder: Path
     adamatch: Path
     memory: Path | None
-
-
-def _default_device() -> str:
-    """This process's GPU under torchrun / accelerate (``LOCAL_RANK``), else the first GPU, else CPU."""
-    import os
-
-    if not torch.cuda.is_available():
-        return "cpu"
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
 
 
 def resolve_source_runs(from_runs: list[Path] | None, need_memory: bool) -> SourceRuns:
@@ -226,7 +217,7 @@ class DiffusionStage:
         self.train = cfg.train
         self.data = Path(data)
         self.sources = sources
-        self.device = torch.device(device or _default_device())
+        self.device = torch.device(device) if device else stage_device()
         self.autoencoder = AutoencoderBundle.from_pretrained(sources.autoencoder, device=self.device)
         self.adamatch = AdaMatchRun.from_pretrained(sources.adamatch, device=self.device)
         if cfg.condition.layout == "zones" and not cfg.condition.layout_prior:

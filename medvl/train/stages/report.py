@@ -45,7 +45,7 @@ from medvl.models.report_head import (
 from medvl.models.report_labels import fit_pooled_labels
 from medvl.runs import find_from_run
 from medvl.train.batches import oversample_abnormal
-from medvl.train.distributed import process_state, unwrap
+from medvl.train.distributed import stage_device, unwrap
 from medvl.train.loop import TrainConfig, default_param_groups
 
 
@@ -201,7 +201,7 @@ class ReportStage:
         self.train: TrainConfig = config.train
         self.data = Path(data)
         self.adamatch_dir = Path(adamatch_dir)
-        self.device = _stage_device()
+        self.device = stage_device()
         self.adamatch_run = AdaMatchRun.from_pretrained(self.adamatch_dir, device=self.device)
         vocab = getattr(self.adamatch_run, "keywords", None)
         self.keyword_vocabulary = list(vocab.words) if vocab is not None else []
@@ -446,13 +446,6 @@ class ReportStage:
 
 def _finite(x: float) -> float:
     return 0.0 if not np.isfinite(x) else float(x)
-
-
-def _stage_device() -> torch.device:
-    try:
-        return process_state().device
-    except Exception:  # accelerate not initialisable here: plain single-process device choice
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def build_stage(
