@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import medvl.registry as registry
 from medvl.data.scans import ScanLike, load_scan
+from medvl.devices import resolve_device
 from medvl.errors import ConfigError, InvalidImageError, InvalidReportError, RunError
 from medvl.inference.explain import explain_command, explain_image
 from medvl.report.card import write_model_card
@@ -241,14 +242,15 @@ def evaluate(
     from medvl.eval import check_runs
     from medvl.eval import evaluate as evaluate_run
 
-    check_runs(kind, run)  # a wrong --run is an error before the classifier is trained
+    check_runs(kind, run)  # a wrong --run or --device is an error before the classifier is trained
+    options["device"] = resolve_device(options.get("device"))
     for option, kinds in (("features", ("diffusion",)), ("labeler", ("report", "cyclic"))):
         if options.get(option) and kind not in kinds:
             raise ConfigError(f"--{option} applies to `medvl evaluate {' | '.join(kinds)}`, not {kind}")
     if registry.evaluation(kind).uses_classifier and "classifier" not in options:
         from medvl.train.classifier import evaluation_classifier
 
-        options["classifier"] = evaluation_classifier(data)
+        options["classifier"] = evaluation_classifier(data, device=options["device"])
     return evaluate_run(kind, run=Path(run), data=Path(data), split=split, out=out, **options)
 
 

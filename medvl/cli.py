@@ -280,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", type=Path, required=True, help="prepared dataset")
     e.add_argument("--split", choices=["train", "validate", "test"], default="test", help="split to score")
     e.add_argument("--out", type=Path, required=True, help="metrics JSON file to write")
+    e.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     for flag, metavar, text in (
         ("--features", "xrv:PATH", "diffusion: also FID and label AUROC on torchxrayvision's DenseNet-121"),
         ("--labeler", "chexbert:CKPT[,bert=DIR]", "report, cyclic: also CE on CheXbert's labels"),
@@ -526,7 +527,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         if args.grounding and args.kind != "diffusion":
             raise ValueError("--grounding scores a diffusion run: use it with `medvl evaluate diffusion`")
-        options = {k: v for k in ("features", "labeler", "grounding") if (v := getattr(args, k))}
+        options = {k: v for k in ("features", "labeler", "grounding", "device") if (v := getattr(args, k))}
         metrics = evaluate(args.kind, run=args.run, data=args.data, split=args.split, out=args.out, **options)
         meta = metrics.get("meta") or {}
         print(

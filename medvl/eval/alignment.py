@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from medvl.config import config_hash
 from medvl.data.prepared import PreparedDataset
+from medvl.devices import resolve_device
 from medvl.errors import DataError
 from medvl.eval.bootstrap import CONVENTION as BOOTSTRAP_CONVENTION
 from medvl.eval.bootstrap import StudyResampler
@@ -338,9 +339,11 @@ def evaluate_adamatch(
     split: str = "test",
     out: Path | None = None,
     batch_size: int = 32,
-    device: str = "cpu",
+    device: str | torch.device | None = None,
 ) -> dict:
-    """Score an AdaMatch run on ``split`` of a prepared dataset; write the metrics file to ``out``."""
+    """Score an AdaMatch run on ``split`` of a prepared dataset; write the metrics file to ``out``. The model runs
+    on ``device`` (None: CUDA when available, else the CPU)."""
+    device = resolve_device(device)
     am = AdaMatchRun.from_pretrained(run, device=device)
     ds = PreparedDataset(data, split)
     if len(ds) == 0:

@@ -40,6 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medvl.data.prepared import PreparedDataset
+from medvl.devices import resolve_device
 from medvl.errors import DataError, RunError
 from medvl.eval import template_reports as templates
 from medvl.eval.bootstrap import CONVENTION as BOOTSTRAP_CONVENTION
@@ -300,8 +301,10 @@ def evaluate_report(
     out: Path | None = None,
     labeler: str | None = None,
     classifier: ClassifierLike | None = None,
+    device: str | torch.device | None = None,
 ) -> dict:
     """Score the report run ``run`` on ``split`` of the prepared dataset ``data``; see the module docstring.
+    Reports are decoded on ``device`` (None: CUDA when available, else the CPU).
     ``labeler="chexbert:CKPT[,bert=DIR]"`` adds ``ce_chexbert.*`` (:mod:`medvl.eval.chexbert`); ``classifier``
     (the dataset's evaluation classifier, :mod:`medvl.eval.classifier`) adds ``baselines.classifier_template.*``."""
     run, data = Path(run), Path(data)
@@ -309,7 +312,8 @@ def evaluate_report(
         run
     )  # a one-line RunError when RUN holds no report head (or an older layout)
     cfg = _run_config(run)
-    generator = ReportGenerator.load(run)
+    device = resolve_device(device)
+    generator = ReportGenerator.load(run, device=device)
     test = report_studies(data, split, cfg["data"])
     train = report_studies(data, "train", cfg["data"])
     references = [str(r) for r in test.index["report"]]
@@ -342,7 +346,10 @@ def evaluate_report(
     ablations = {}
     for name, path in find_ablations(run).items():
         ablations[name] = generate_for_split(
-            ReportGenerator.load(path), test, desc=f"ablation {name}", crossfit_thresholds=on_threshold_split
+            ReportGenerator.load(path, device=device),
+            test,
+            desc=f"ablation {name}",
+            crossfit_thresholds=on_threshold_split,
         )
     gen_labels = {name: label_reports(texts) for name, texts in {"": generated, **baselines}.items()}
     with NLGScorer() as scorer:

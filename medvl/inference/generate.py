@@ -38,6 +38,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from medvl.data.scans import load_scan
+from medvl.devices import resolve_device
 from medvl.errors import ConfigError, DataError, InvalidImageError, MedvlError, RunError
 from medvl.inference.scan_reader import ScanReader
 from medvl.models import report_head as rh
@@ -253,21 +254,6 @@ class ScanResult:
         if h is None:
             return "", "", ""
         return tuple(str(h.get(k, "")) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
-
-
-def _device(name: str | None) -> torch.device:
-    """``--device``: a device this machine has (None: CUDA when available, else the CPU); a clear error otherwise."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: this machine has no CUDA device (use cpu)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
 
 
 def _trained_on_jpgs(run: str | Path) -> bool:
@@ -491,7 +477,7 @@ def generate_report_command(
         from medvl.inference.sr import require_highdicom
 
         require_highdicom()  # before the model loads
-    where = _device(device)  # before the scans are searched and the model loads
+    where = resolve_device(device)  # before the scans are searched and the model loads
     paths = collect_scans(scans, image_column=image_column, image_root=image_root)
     gen = ReportGenerator.load(run, device=where)
     if jpg_compatible is not None:

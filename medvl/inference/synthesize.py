@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from medvl.data.dicom import grey_dicom, write_dicom
+from medvl.devices import resolve_device
 from medvl.errors import InvalidReportError, RunError
 from medvl.models.adamatch import AdaMatchRun
 from medvl.models.diffusion import (
@@ -103,7 +104,7 @@ class Synthesizer:
                 f"{run} is not a diffusion run (no {DiffusionBundle.DIRNAME}/); train one with "
                 "`medvl train diffusion`"
             )
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = resolve_device(device)
         memory_dir = run / SharedMemory.DIRNAME
         memory = SharedMemory.from_pretrained(memory_dir) if memory_dir.is_dir() else None
         head = DiffusionBundle.from_pretrained(head_dir, device, memory=memory)

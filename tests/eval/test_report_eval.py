@@ -7,6 +7,7 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
 from medvl.eval import evaluate, nlg
 from medvl.eval.classifier import ClassifierConfig, load_trained_classifier
@@ -118,3 +119,40 @@ def test_classifier_template_baseline_with_the_evaluation_classifier(runs, tmp_p
     refs = [str(r) for r in test.index["report"]]
     expected = ce_metrics(label_reports(refs), label_reports(texts))["ce.micro.f1"]
     assert saved[prefix + "ce.micro.f1"] == pytest.approx(expected)
+
+
+def test_reports_are_decoded_on_cuda_when_available_unless_named(runs, tmp_path, monkeypatch):
+    """``evaluate report`` decodes (the model and its ablations) on CUDA when there is one, as generate-report
+    does; ``device`` names another."""
+    import medvl.eval.report as report_eval
+
+    monkeypatch.setattr(nlg.shutil, "which", lambda name: None)
+    seen = []
+    real = report_eval.ReportGenerator.load
+
+    def recording(run, device="cpu"):
+        seen.append(str(device))
+        return real(run, device="cpu")  # no GPU here: the models load on the CPU whatever was asked
+
+    monkeypatch.setattr(report_eval.ReportGenerator, "load", staticmethod(recording))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    evaluate("report", run=runs.report, data=runs.data, split="test", out=tmp_path / "a.json")
+    assert seen == ["cuda", "cuda"]  # the model, then its no_memory ablation
+    seen.clear()
+    evaluate("report", run=runs.report, data=runs.data, split="test", out=tmp_path / "b.json", device="cpu")
+    assert seen == ["cpu", "cpu"]
+
+
+def test_evaluate_refuses_a_device_this_machine_lacks_before_any_work(runs, tmp_path, monkeypatch, capsys):
+    from medvl.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "report.json"
+    for kind in ("report", "adamatch"):
+        run = runs.report if kind == "report" else runs.adamatch
+        argv = ["evaluate", kind, "--run", str(run), "--data", str(runs.data), "--out", str(out)]
+        assert main([*argv, "--device", "cuda"]) == 2
+        assert "this machine has no CUDA device (use cpu)" in capsys.readouterr().err
+        assert main([*argv, "--device", "tpu0"]) == 2
+        assert "is not a device: use cpu, cuda or cuda:N" in capsys.readouterr().err
+        assert not out.exists()
