@@ -76,6 +76,7 @@ def _stage(name: str, data: Path, runs: dict[str, Path], overrides: list[str]):
         ("adamatch", ["model.word_loss_weight=0.5", "model.global_weight=0.1"], ["word_order"]),
         ("autoencoder", [], []),
         ("diffusion", [], []),
+        ("diffusion", ["data.cache_text=false"], []),
         ("distill", [], []),
     ],
 )
@@ -93,3 +94,32 @@ def test_a_training_step_reads_the_device_only_for_a_shape(name, overrides, read
     assert logs and all(
         isinstance(v, torch.Tensor) and v.ndim == 0 and not v.requires_grad for v in logs.values()
     )
+
+
+def test_a_diffusion_step_encoding_its_reports_copies_nothing_to_the_host(tiny_prepared, runs, monkeypatch):
+    """``data.cache_text: false`` (the ``base`` presets: MIMIC-CXR's word features do not fit in memory) encodes
+    each batch's reports in the step. The features stay on the device, rounded as the cache would round them: no
+    ``.cpu()`` (a copy the host waits for on a GPU), no list of values read back."""
+    from medvl.train.stages.diffusion import DiffusionStage
+
+    torch.manual_seed(0)
+    stage = _stage("diffusion", tiny_prepared, runs, ["data.cache_text=false"])
+    model = stage.build_model().train()
+    ds = stage.train_dataset()
+    batch = stage.collate([ds[i] for i in range(4)])
+    assert "report" in batch
+    cached = stage.encode_reports(list(batch["report"]))  # the CPU copy a cache holds
+    expected = cached.to("cpu", torch.float32).as_kwargs()
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("the step copied a tensor to the host")
+
+    monkeypatch.setattr(torch.Tensor, "cpu", refuse)
+    monkeypatch.setattr(torch.Tensor, "tolist", refuse)
+    given = DiffusionStage._features_kwargs(stage, batch, stage.device)
+    loss, _ = stage.training_step(model, batch)
+    loss.backward()
+    monkeypatch.undo()
+    assert given.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(given[key], value), key

@@ -240,10 +240,12 @@ class AdaMatchRun:
 
     @torch.no_grad()
     def report_keypatches(
-        self, texts: Sequence[str], top_k: int = 8, encoded: TextTokens | None = None
+        self, texts: Sequence[str], top_k: int = 8, encoded: TextTokens | None = None, words: bool = True
     ) -> Keypatches:
         """Top ``top_k`` bank patches per report by their best cosine with the report's affirmed words.
-        ``encoded``: :meth:`encode_reports` of ``texts`` when the caller has it already (not encoded again)."""
+        ``encoded``: :meth:`encode_reports` of ``texts`` when the caller has it already (not encoded again).
+        ``words=False`` leaves ``words`` empty and ``entries`` on the device: nothing is read by the host (the
+        diffusion stage's training step, which needs only the patches)."""
         bank = self.keypatch_bank
         if bank is None or not len(bank):
             raise RunError("this run has no keypatch bank")
@@ -253,14 +255,12 @@ class AdaMatchRun:
         sim = sim.masked_fill(~tok.match_mask.unsqueeze(-1), -2.0).amax(1)  # (B, N)
         k = min(top_k, sim.shape[1])
         scores, idx = sim.topk(k, dim=1)
-        idx_cpu = idx.cpu()
-        return Keypatches(
-            features=self._bank_features[idx],
-            boxes=self._bank_boxes[idx],
-            scores=scores,
-            words=[
-                [self.keywords.words[int(bank.word_index[i])] if self.keywords else "" for i in row]
-                for row in idx_cpu.tolist()
-            ],
-            entries=idx_cpu,
-        )
+        found = Keypatches(self._bank_features[idx], self._bank_boxes[idx], scores, [], idx)
+        if not words:
+            return found
+        found.entries = idx.cpu()
+        found.words = [
+            [self.keywords.words[int(bank.word_index[i])] if self.keywords else "" for i in row]
+            for row in found.entries.tolist()
+        ]
+        return found

@@ -121,14 +121,17 @@ class ReportEncoder:
         return int(self.run.embed_dim)
 
     @torch.no_grad()
-    def encode(self, texts: Sequence[str], batch_size: int = 64) -> ReportFeatures:
-        """Texts (B,) -> features on CPU, float32, padded / cut to ``max_tokens`` tokens."""
+    def encode(self, texts: Sequence[str], batch_size: int = 64, on_device: bool = False) -> ReportFeatures:
+        """Texts (B,) -> features, float32, padded / cut to ``max_tokens`` tokens: on the CPU (to be cached), or
+        with ``on_device`` left on the encoder's device, where the host never waits for the device (a training
+        step that encodes its batch's reports)."""
         parts = [
-            self._encode_batch(list(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)
+            self._encode_batch(list(texts[i : i + batch_size]), on_device)
+            for i in range(0, len(texts), batch_size)
         ]
         return ReportFeatures.cat(parts)
 
-    def _encode_batch(self, texts: list[str]) -> ReportFeatures:
+    def _encode_batch(self, texts: list[str], on_device: bool) -> ReportFeatures:
         model = self.run.model
         tokens = {k: v.to(self.device) for k, v in self.run.tokenize(texts).items()}
         attention = tokens["attention_mask"]
@@ -153,7 +156,7 @@ class ReportEncoder:
         words = words * mask.unsqueeze(-1)
         K = self.cfg.keypatches
         if K > 0:
-            kp = self.run.report_keypatches(texts, K, encoded=out)  # the text is encoded once
+            kp = self.run.report_keypatches(texts, K, encoded=out, words=False)  # the text is encoded once
             feats, boxes = kp.features.float(), kp.boxes.float()
             kmask = torch.isfinite(kp.scores)
             k = feats.shape[1]
@@ -164,15 +167,14 @@ class ReportEncoder:
             feats, boxes, kmask = feats[:, :K], boxes[:, :K], kmask[:, :K].bool()
         else:
             feats, boxes = words.new_zeros(b, 0, d), words.new_zeros(b, 0, 4)
-            kmask = torch.zeros(b, 0, dtype=torch.bool)
+            kmask = torch.zeros(b, 0, dtype=torch.bool, device=words.device)
         hint = (
             report_layout(texts, self.cfg.layout_prior, self.cfg.layout_grid)
             if self.cfg.layout == "zones"
             else report_sides(texts)
-        )
-        return ReportFeatures(
-            words.cpu(), mask.cpu(), kind.cpu(), feats.cpu(), boxes.cpu(), kmask.cpu(), hint
-        )
+        )  # from the text, on the CPU
+        features = ReportFeatures(words, mask, kind, feats, boxes, kmask, hint)
+        return features.to(words.device if on_device else "cpu")
 
 
 class ReportConditioner(nn.Module):

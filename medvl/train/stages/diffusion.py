@@ -267,8 +267,10 @@ class DiffusionStage:
             self._cache[split] = cached
         return self._cache[split]
 
-    def encode_reports(self, texts: list[str]) -> ReportFeatures:
-        feats = self.encoder.encode(texts, batch_size=self.config.data.encode_batch_size)
+    def encode_reports(self, texts: list[str], on_device: bool = False) -> ReportFeatures:
+        """Report features as the cache holds them (words and keypatches rounded to float16): on the CPU, or with
+        ``on_device`` left on the stage's device (``cache_text: false``, per training batch)."""
+        feats = self.encoder.encode(texts, batch_size=self.config.data.encode_batch_size, on_device=on_device)
         self._keypatch_dim = (
             feats.keypatches.shape[-1] if feats.keypatches.shape[1] else self.encoder.word_dim
         )
@@ -317,7 +319,9 @@ class DiffusionStage:
 
     def _features_kwargs(self, batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
         if "report" in batch:  # cache_text: false
-            return self.encode_reports(list(batch["report"])).to(device, torch.float32).as_kwargs()
+            # encoded where the step runs, with the cache's rounding: the host does not wait for the device
+            feats = self.encode_reports(list(batch["report"]), on_device=True)
+            return feats.to(device, torch.float32).as_kwargs()
         return {
             k: batch[k]
             for k in (
