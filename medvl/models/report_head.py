@@ -217,6 +217,20 @@ def keyword_hints(keywords: Sequence[Sequence[Any]], vocabulary: Sequence[str], 
     return KeywordHints(ids, scores, boxes, words)
 
 
+def device_keyword_hints(top: Any, top_k: int) -> KeywordHints:
+    """AdaMatch's :class:`~medvl.models.adamatch.run.TopKeywords` -> :class:`KeywordHints` on their device, with
+    nothing read by the host (``words`` left empty): what :func:`keyword_hints` gives for the same keywords when
+    the head's keyword vocabulary is the AdaMatch run's own, as in training (tested bit for bit)."""
+    b, k = top.index.shape
+    ids = top.index.new_zeros(b, top_k)
+    scores = top.score.new_zeros(b, top_k, dtype=torch.float32)
+    boxes = top.boxes.new_zeros(b, top_k, 4, dtype=torch.float32)
+    ids[:, :k] = top.index + 1  # 0 = none
+    scores[:, :k] = top.score.float()
+    boxes[:, :k] = top.boxes.float()
+    return KeywordHints(ids, scores, boxes, [[] for _ in range(b)])
+
+
 # ----------------------------------------------------------------------------------------------- model
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from medvl.errors import ConfigError, RunError
+from medvl.models import report_head as rh
 from medvl.models.memory import MemoryConfig, SharedMemory
 from medvl.models.report_bundle import ReportHeadBundle
 from medvl.models.report_head import (
@@ -542,6 +543,28 @@ def test_stage_without_precompute_matches_precomputed_features(runs):
         with torch.no_grad():
             losses.append(float(stage.training_step(model, batch)[0]))
     assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_keyword_hints_built_on_the_device_equal_the_host_ones(runs, autocast):
+    """The report stage's step builds its keyword hints on the device (nothing read by the host); they are those
+    the host builds from ``image_keywords``, bit for bit, also in bf16 and when fewer keywords exist than asked."""
+    from medvl.data.prepared import PreparedDataset
+    from medvl.models.adamatch import AdaMatchRun
+
+    am = AdaMatchRun.from_pretrained(runs.adamatch)
+    ds = PreparedDataset(runs.data, "train")
+    images = torch.stack([torch.from_numpy(ds.image(i)) for i in range(6)])[:, None]
+    vocabulary = list(am.keywords.words)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        patches = am.encode_images(images)
+        for k in (3, len(vocabulary) + 2):
+            on_host = rh.keyword_hints(am.image_keywords(None, top_k=k, patches=patches), vocabulary, k)
+            on_device = rh.device_keyword_hints(am.top_keywords(patches, k), k)
+            assert (on_device.ids > 0).sum() == min(k, len(vocabulary)) * 6
+            for name in ("ids", "scores", "boxes"):
+                a, b = getattr(on_device, name), getattr(on_host, name)
+                assert a.dtype == b.dtype and torch.equal(a, b), (name, k)
 
 
 def test_report_run_is_self_contained(runs):

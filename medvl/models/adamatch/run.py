@@ -36,7 +36,7 @@ from medvl.models.adamatch.patches import ImagePatches
 from medvl.models.pretrained import component_dir, load_weights, read_config, save_weights, write_config
 from medvl.text.tokenizer import ReportTokenizer
 
-__all__ = ["Keyword", "Keypatches", "AdaMatchRun"]
+__all__ = ["Keyword", "Keypatches", "TopKeywords", "AdaMatchRun"]
 
 TEXT_ENCODER_DIR = "text_encoder"
 TOKENIZER_DIR = "tokenizer"
@@ -66,6 +66,19 @@ class Keypatches:
     scores: torch.Tensor
     words: list[list[str]]
     entries: torch.Tensor
+
+
+@dataclass
+class TopKeywords:
+    """Each image's top keywords as device tensors (:meth:`AdaMatchRun.top_keywords`): ``index`` (B, k) into the
+    run's keyword vocabulary, ``score`` (B, k) the z-scored best-patch cosine they are ranked by, ``similarity``
+    (B, k) that cosine, ``patch`` (B, k) the best patch, ``boxes`` (B, k, 4) its box."""
+
+    index: torch.Tensor
+    score: torch.Tensor
+    similarity: torch.Tensor
+    patch: torch.Tensor
+    boxes: torch.Tensor
 
 
 class AdaMatchRun:
@@ -208,27 +221,34 @@ class AdaMatchRun:
         return F.normalize(patches.features, dim=-1) @ w
 
     @torch.no_grad()
-    def image_keywords(
-        self, images, top_k: int = 5, patches: ImagePatches | None = None
-    ) -> list[list[Keyword]]:
-        """Ranked keywords per image with the box of each keyword's best patch.
+    def top_keywords(self, patches: ImagePatches, top_k: int = 5) -> TopKeywords:
+        """The ``top_k`` keywords of each image, on the device (nothing is read by the host).
 
-        For each keyword the best patch (max cosine) is found; keywords are ranked by that cosine
-        z-scored against training images (so words present in every report do not always win).
-        """
+        For each keyword the best patch (max cosine) is found; keywords are ranked by that cosine z-scored
+        against training images (so words present in every report do not always win)."""
         if self.keywords is None or not len(self.keywords):
             raise RunError("this run has no keyword vocabulary")
-        if patches is None:
-            patches = self.encode_images(images)
         sim = F.normalize(patches.features, dim=-1) @ self._kw_emb.t()  # (B, P, K)
         best, where = sim.max(1)  # (B, K)
         z = (best - self.keywords.mean.to(best)) / self.keywords.std.to(best)
         top = z.topk(min(top_k, z.shape[1]), dim=1)
-        # gathered on the device and read by the host once (element by element, a GPU waited ~50 times an image)
         at = where.gather(1, top.indices)  # (B, k) each keyword's best patch
         boxes = patches.boxes.gather(1, at.unsqueeze(-1).expand(-1, -1, patches.boxes.shape[-1]))
+        return TopKeywords(top.indices, top.values, best.gather(1, top.indices), at, boxes)
+
+    @torch.no_grad()
+    def image_keywords(
+        self, images, top_k: int = 5, patches: ImagePatches | None = None
+    ) -> list[list[Keyword]]:
+        """Ranked keywords per image with the box of each keyword's best patch (:meth:`top_keywords`, read by
+        the host once per batch)."""
+        if self.keywords is None or not len(self.keywords):
+            raise RunError("this run has no keyword vocabulary")
+        if patches is None:
+            patches = self.encode_images(images)
+        top = self.top_keywords(patches, top_k)
         values, kws, at, cosines, boxes = (
-            t.tolist() for t in (top.values, top.indices, at, best.gather(1, top.indices), boxes)
+            t.tolist() for t in (top.score, top.index, top.patch, top.similarity, top.boxes)
         )
         return [
             [

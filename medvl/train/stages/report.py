@@ -316,11 +316,9 @@ class ReportStage:
                 del inputs["images"]
                 inputs.update(patch_features=patches.features, patch_boxes=patches.boxes)
             if m.use_keywords:
-                hints = rh.keyword_hints(
-                    self.adamatch_run.image_keywords(None, top_k=m.num_keywords, patches=patches),
-                    self.keyword_vocabulary,
-                    m.num_keywords,
-                ).to(images.device)
+                # the head's keyword vocabulary is the run's own (see __init__): hints built on the device
+                top = self.adamatch_run.top_keywords(patches, m.num_keywords)
+                hints = rh.device_keyword_hints(top, m.num_keywords).to(images.device)
                 inputs.update(keyword_ids=hints.ids, keyword_scores=hints.scores, keyword_boxes=hints.boxes)
         out = model(**inputs)
         logs = {k: out[k].detach() for k in ("loss", "lm_loss", "label_loss") if k in out}
