@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -45,6 +45,9 @@ from medvl.models.report_tokenizer import (
     detokenize,
     encode_reports,
 )
+
+if TYPE_CHECKING:
+    from medvl.models.adamatch.run import TopKeywords
 
 __all__ = [
     "ReportHeadConfig",
@@ -217,8 +220,8 @@ def keyword_hints(keywords: Sequence[Sequence[Any]], vocabulary: Sequence[str], 
     return KeywordHints(ids, scores, boxes, words)
 
 
-def device_keyword_hints(top: Any, top_k: int) -> KeywordHints:
-    """AdaMatch's :class:`~medvl.models.adamatch.run.TopKeywords` -> :class:`KeywordHints` on their device, with
+def device_keyword_hints(top: TopKeywords, top_k: int) -> KeywordHints:
+    """AdaMatch's :class:`TopKeywords` -> :class:`KeywordHints` on their device, with
     nothing read by the host (``words`` left empty): what :func:`keyword_hints` gives for the same keywords when
     the head's keyword vocabulary is the AdaMatch run's own, as in training (tested bit for bit)."""
     b, k = top.index.shape

@@ -29,6 +29,7 @@ from accelerate.utils import (
 )
 from torch import nn
 
+from medvl.devices import resolve_device
 from medvl.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ def stage_device() -> torch.device:
     try:
         return process_state().device
     except Exception:  # accelerate not initialisable here: plain single-process device choice
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return resolve_device(None)
 
 
 def is_sharded(accelerator: Accelerator) -> bool:

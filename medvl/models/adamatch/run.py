@@ -275,12 +275,12 @@ class AdaMatchRun:
         sim = sim.masked_fill(~tok.match_mask.unsqueeze(-1), -2.0).amax(1)  # (B, N)
         k = min(top_k, sim.shape[1])
         scores, idx = sim.topk(k, dim=1)
-        found = Keypatches(self._bank_features[idx], self._bank_boxes[idx], scores, [], idx)
+        features, boxes = self._bank_features[idx], self._bank_boxes[idx]
         if not words:
-            return found
-        found.entries = idx.cpu()
-        found.words = [
+            return Keypatches(features, boxes, scores, words=[], entries=idx)
+        entries = idx.cpu()
+        names = [
             [self.keywords.words[int(bank.word_index[i])] if self.keywords else "" for i in row]
-            for row in found.entries.tolist()
+            for row in entries.tolist()
         ]
-        return found
+        return Keypatches(features, boxes, scores, words=names, entries=entries)
